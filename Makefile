@@ -1,0 +1,40 @@
+# Set-up and the two commands of the README: `make demo` and `make test`.
+# Needs nothing but Python 3.10+ with venv; everything goes into .venv/ in the repo.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sam2pal-installed
+CORES ?= all
+
+# Every pip call below is pinned by constraints.txt (torch above all: an unpinned
+# torch pulls a multi-GB CUDA build).
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test lint clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet setuptools wheel "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# sam2 is a source package: build it against the torch above, without its CUDA-only
+	# torchvision (which would break `import peft`), and without the CUDA extension.
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install --quiet --no-build-isolation --no-deps "sam2==1.1.0"
+	$(BIN)/python -c "import torch, sam2, peft, sam2pal; print('sam2pal', sam2pal.__version__, 'with torch', torch.__version__)"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/snakemake --cores $(CORES)
+	@echo "Demo finished: see results/demo/ (predictions.json, measurements.csv, qc.csv, overlays/)"
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/snakemake --lint
+
+clean-demo:
+	rm -rf results/demo logs/demo

@@ -1,0 +1,66 @@
+"""Write files so that a crash never leaves a half-written output behind.
+
+Everything the package writes goes to a temporary file in the destination folder and is
+renamed over the destination only once complete (`os.replace` is atomic on POSIX).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """Open a temporary file next to `path`; on success rename it to `path`.
+
+    On an exception the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+        if "newline" not in open_kwargs and path.suffix == ".csv":
+            open_kwargs["newline"] = ""
+    try:
+        with open(tmp, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Give a temporary path (same folder, same suffix) that becomes `path` on success.
+
+    For writers that want a file name rather than a handle (PIL, OpenCV, pandas).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:
+    """Write `obj` as JSON, atomically."""
+    with atomic_write(path) as handle:
+        json.dump(obj, handle, indent=indent)
+        handle.write("\n")
