@@ -1,0 +1,76 @@
+"""Optional post-processing of predicted masks relative to the template structure.
+
+Both options are off by default. Sizes and positions are compared in relative image
+coordinates (fractions of the image width, height and area), so templates and targets
+may have different pixel sizes.
+
+* `area_growth_limit` G > 0: a predicted structure whose area is more than G times the
+  template structure's area has "exploded" (leaked into the background or a
+  neighbouring part); it is then cut to the template structure's bounding box, grown
+  by `pad` pixels on every side.
+* `always` (the `bbox_clamp` setting): every prediction is cut to that box. Useful for
+  standardised photo set-ups where the specimen sits in the same place every time.
+
+With several templates the reference area is the mean of the templates' areas and the
+box is the union of their boxes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StructureReference:
+    area_fraction: float  # structure area / image area
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of width/height
+
+    @classmethod
+    def from_masks(cls, masks: list[np.ndarray]) -> "StructureReference":
+        areas, boxes = [], []
+        for mask in masks:
+            height, width = mask.shape
+            ys, xs = np.nonzero(mask)
+            areas.append(len(xs) / float(height * width))
+            if len(xs):
+                boxes.append((xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height))
+        if not boxes:
+            return cls(0.0, (0.0, 0.0, 1.0, 1.0))
+        box = (
+            min(b[0] for b in boxes), min(b[1] for b in boxes),
+            max(b[2] for b in boxes), max(b[3] for b in boxes),
+        )
+        return cls(float(np.mean(areas)), box)
+
+    def pixel_box(self, height: int, width: int, pad: int) -> tuple[int, int, int, int]:
+        x0, y0, x1, y1 = self.box
+        return (
+            max(0, int(np.floor(x0 * width)) - pad),
+            max(0, int(np.floor(y0 * height)) - pad),
+            min(width, int(np.ceil(x1 * width)) + pad),
+            min(height, int(np.ceil(y1 * height)) + pad),
+        )
+
+
+def clamp_mask(
+    mask: np.ndarray,
+    reference: StructureReference,
+    area_growth_limit: float = 0.0,
+    pad: int = 10,
+    always: bool = False,
+) -> tuple[np.ndarray, bool]:
+    """Cut `mask` to the reference box when asked to; returns (mask, was_cut)."""
+    height, width = mask.shape
+    exploded = (
+        area_growth_limit > 0
+        and reference.area_fraction > 0
+        and mask.sum() / float(height * width) > area_growth_limit * reference.area_fraction
+    )
+    if not (always or exploded):
+        return mask, False
+    x0, y0, x1, y1 = reference.pixel_box(height, width, pad)
+    cut = np.zeros_like(mask)
+    cut[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+    return cut, bool(exploded or (cut != mask).any())
