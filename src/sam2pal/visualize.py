@@ -1,0 +1,141 @@
+"""Per-structure mask PNGs and overlay images from a COCO predictions file.
+
+Mask PNGs are named ``{image_stem}__{category}__{annotation_id}.png`` (8-bit, 0 and
+255), or ``{category}__{image_stem}__{annotation_id}.png`` with `category_prefix`, so
+that instances never collide. Overlays are JPEGs named ``{image_stem}.jpg``: the
+photo with each structure tinted in its category's colour, outlined, and labelled.
+
+Both write into a temporary folder renamed into place at the end, so an interrupted
+run leaves no half-filled output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from .evaluate import load_coco
+from .masks import decode_segmentation
+
+# Colour-blind-safe palette (Okabe-Ito), RGB.
+PALETTE = [
+    (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
+    (0, 114, 178), (213, 94, 0), (204, 121, 167), (120, 120, 120),
+]
+
+
+def category_colour(index: int) -> tuple[int, int, int]:
+    return PALETTE[index % len(PALETTE)]
+
+
+def safe_name(text: str) -> str:
+    """A category name usable in a file name (spaces and separators become '_')."""
+    keep = [c if (c.isalnum() or c in "-_.") else "_" for c in str(text)]
+    return "".join(keep).strip("._") or "structure"
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder next to `path` that replaces `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _by_image(coco: dict):
+    anns = defaultdict(list)
+    for ann in coco["annotations"]:
+        anns[ann["image_id"]].append(ann)
+    return anns
+
+
+def export_masks(pred_json, out_dir, category_prefix: bool = False) -> int:
+    """Write one PNG per annotation; returns the number written."""
+    from .images import unique_stems
+
+    coco = load_coco(pred_json)
+    names = {c["id"]: safe_name(c["name"]) for c in coco["categories"]}
+    stems = unique_stems([im["file_name"] for im in coco["images"]])
+    anns = _by_image(coco)
+    count = 0
+    with atomic_dir(out_dir) as tmp:
+        for image in coco["images"]:
+            stem = stems[image["file_name"]]
+            for ann in anns.get(image["id"], []):
+                mask = decode_segmentation(ann["segmentation"], image["height"], image["width"])
+                category = names[ann["category_id"]]
+                parts = [category, stem] if category_prefix else [stem, category]
+                name = "__".join(parts + [str(ann["id"])]) + ".png"
+                cv2.imwrite(str(tmp / name), mask.astype(np.uint8) * 255)
+                count += 1
+    return count
+
+
+def draw_overlay(image: np.ndarray, masks: list[tuple[np.ndarray, str, tuple[int, int, int]]],
+                 alpha: float = 0.45) -> np.ndarray:
+    """RGB image with each (mask, label, colour) tinted, outlined and labelled."""
+    out = image.astype(np.float32)
+    height, width = image.shape[:2]
+    thickness = max(1, round(min(height, width) / 300))
+    for mask, _, colour in masks:
+        out[mask] = (1 - alpha) * out[mask] + alpha * np.array(colour, np.float32)
+    out = out.clip(0, 255).astype(np.uint8)
+    font_scale = max(0.35, min(height, width) / 900)
+    for mask, label, colour in masks:
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, colour, thickness)
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            org = (int(xs.min()), max(int(ys.min()) - 4, 12))
+            cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+            cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, font_scale, colour, thickness, cv2.LINE_AA)
+    return out
+
+
+def write_overlays(pred_json, image_dir, out_dir, max_side: int = 1600, quality: int = 90) -> int:
+    """Write one overlay JPEG per image; returns the number written."""
+    from .images import read_image, unique_stems
+
+    coco = load_coco(pred_json)
+    order = {c["id"]: i for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    stems = unique_stems([im["file_name"] for im in coco["images"]])
+    anns = _by_image(coco)
+    count = 0
+    with atomic_dir(out_dir) as tmp:
+        for image_info in coco["images"]:
+            image = read_image(Path(image_dir) / image_info["file_name"])
+            masks = []
+            for ann in sorted(anns.get(image_info["id"], []), key=lambda a: (a["category_id"], a["id"])):
+                mask = decode_segmentation(ann["segmentation"], image_info["height"], image_info["width"])
+                label = names[ann["category_id"]]
+                if ann.get("cycle_iou") is not None:
+                    label += f" {ann['cycle_iou']:.2f}"
+                masks.append((mask, label, category_colour(order[ann["category_id"]])))
+            scale = min(1.0, max_side / max(image.shape[:2]))
+            if scale < 1.0:
+                size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+                image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+                masks = [(cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool), l, c)
+                         for m, l, c in masks]
+            overlay = draw_overlay(image, masks)
+            cv2.imwrite(str(tmp / f"{stems[image_info['file_name']]}.jpg"),
+                        cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+            count += 1
+    return count
