@@ -1,0 +1,408 @@
+"""The `sam2pal` command line.
+
+    sam2pal segment ...         segment a folder of images from templates (all steps)
+    sam2pal templates ...       check templates and write the normalised template file
+    sam2pal measure ...         measurement tables from a COCO predictions file
+    sam2pal evaluate ...        IoU / Dice of predictions against ground truth
+    sam2pal masks ...           one PNG per predicted structure
+    sam2pal overlays ...        overlay images
+    sam2pal download-model ...  fetch an official SAM 2.1 checkpoint
+    sam2pal make-demo ...       write a synthetic specimen collection
+
+`segment` accepts the flags of the script our users come from (sam2_pal_batch);
+options are accepted with underscores or dashes. Errors in the user's input are
+printed as one line, without a traceback, and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+TRAINING_FLAGS = [
+    "--pal_finetuning", "--use_lora", "--lora_rank", "--num_epochs", "--learning_rate",
+    "--accumulation_steps", "--training_json", "--training_images_dir",
+    "--max_images_per_epoch", "--adapter",
+]
+# Flags of the old tool that existed to limit drift along its pseudo-video. Every image
+# is segmented from the templates directly here, so there is no drift to limit.
+DRIFT_FLAGS = {
+    "--interleave_template": "every image is segmented directly from the template memory, "
+                             "so there is no drift to interleave against",
+    "--reanchor_every": "every image is segmented directly from the template memory, "
+                        "so there is nothing to re-anchor",
+    "--multi_mask": "all structures of the template file are always segmented",
+}
+
+
+def _flag(parser_or_group, name: str, **kwargs):
+    """Add an option under its underscore name and its dashed spelling."""
+    names = [name]
+    dashed = "--" + name[2:].replace("_", "-")
+    if dashed != name:
+        names.append(dashed)
+    return parser_or_group.add_argument(*names, **kwargs)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+# -- segment --------------------------------------------------------------------------
+
+
+def _segment_parser(sub):
+    p = sub.add_parser(
+        "segment",
+        help="segment a folder of specimen images from annotated templates",
+        description="Segment every image in --image_dir from one or more annotated templates, "
+        "and write predictions.json (COCO), measurements.csv, measurements_wide.csv, qc.csv and "
+        "skipped.csv to --output_dir.",
+    )
+    t = p.add_argument_group("templates")
+    _flag(t, "--template_image", help="the template photo (with --template_mask, or to pick one image of --template_json)")
+    _flag(t, "--template_mask", help="binary mask PNG of one structure on --template_image")
+    _flag(t, "--structure_name", help="name of the --template_mask structure (default: the mask file name without a trailing _mask)")
+    _flag(t, "--template_labels", help="treat --template_mask as a label map: 'VALUE=NAME,...', e.g. '1=head,2=pronotum'")
+    _flag(t, "--template_json", help="COCO JSON of the template(s): polygons or RLE, any number of structures and annotated images")
+    _flag(t, "--template_dir", help="folder of the --template_json images (default: next to the JSON, then --image_dir)")
+    _flag(t, "--max_templates", type=int, default=0, help="use at most this many annotated templates in memory (0: all)")
+
+    io = p.add_argument_group("input and output")
+    _flag(io, "--image_dir", required=True, help="folder of images to segment")
+    _flag(io, "--output_dir", required=True, help="folder for the results")
+    _flag(io, "--output_timestamp", action="store_true", help="write into a new OUTPUT_DIR/YYYYmmdd-HHMMSS/ subfolder")
+    _flag(io, "--save_masks", action="store_true", help="write one PNG per structure to OUTPUT_DIR/masks/")
+    _flag(io, "--output_category_prefix", action="store_true", help="mask PNG names start with the category: CATEGORY__IMAGE__ID.png")
+    io.add_argument("--save_vis", "--save-vis", "--visualize", action="store_true", dest="save_vis",
+                    help="write overlay images to OUTPUT_DIR/overlays/")
+    _flag(io, "--polygons", action="store_true", help="COCO segmentations as polygons instead of RLE (holes are lost)")
+    _flag(io, "--on_bad_image", choices=["skip", "fail"], default="skip",
+          help="unreadable images: list them in skipped.csv and go on (skip, default) or stop (fail)")
+
+    m = p.add_argument_group("model")
+    _flag(m, "--sam2_checkpoint", help="SAM2 checkpoint: a .pt file, an official name (sam2.1_hiera_tiny/small/base_plus/large) or 'random'")
+    m.add_argument("--sam2_config", "--sam2-config", "--model_cfg", "--model-cfg", dest="sam2_config",
+                   help="SAM2 config: a packaged name (sam2.1_hiera_l) or a yaml file (default: from the checkpoint)")
+    _flag(m, "--image_size", type=int, help="model input size (multiple of 32; default: the config's)")
+    _flag(m, "--checkpoint_dir", default="resources/checkpoints", help="where official checkpoints are kept")
+    _flag(m, "--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _flag(m, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
+
+    e = p.add_argument_group("propagation")
+    _flag(e, "--area_growth_limit", type=_non_negative_float, default=0.0,
+          help="cut a structure more than this many times larger than on the template to the template's box (0: off)")
+    _flag(e, "--area_clamp_pad", type=int, default=10, help="padding in pixels of that box")
+    _flag(e, "--bbox_clamp", action="store_true", help="always cut structures to the template's box (+ padding)")
+    _flag(e, "--no_cycle_consistency", action="store_true", help="skip the cycle-consistency QC score (faster)")
+    _flag(e, "--fill_hole_area", type=int, default=8, help="fill mask holes up to this many low-res pixels (0: off)")
+
+    ms = p.add_argument_group("measurements")
+    _flag(ms, "--px_per_mm", type=_positive_float, help="scale for millimetre columns")
+    _flag(ms, "--calibration_csv", help="per-image scale: CSV with columns file_name,px_per_mm")
+
+    old = p.add_argument_group("flags of the old tool")
+    for name in DRIFT_FLAGS:
+        if name == "--reanchor_every":
+            _flag(old, name, type=int, default=None, help=f"accepted; {DRIFT_FLAGS[name]}")
+        else:
+            _flag(old, name, action="store_true", default=None, help=f"accepted; {DRIFT_FLAGS[name]}")
+    for name in TRAINING_FLAGS:
+        _flag(old, name, nargs="?", const=True, default=None, help="palindrome fine-tuning: not yet implemented")
+    p.set_defaults(func=cmd_segment)
+
+
+def _default_structure_name(mask_path: str) -> str:
+    stem = Path(mask_path).stem
+    for suffix in ("_mask", "-mask", ".mask"):
+        if stem.lower().endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def _parse_labels(text: str) -> dict[int, str]:
+    labels = {}
+    for item in text.split(","):
+        value, sep, name = item.partition("=")
+        if not sep or not value.strip().isdigit() or not name.strip():
+            raise InputError(f"--template_labels: '{item}' is not VALUE=NAME (e.g. '1=head,2=pronotum')")
+        labels[int(value)] = name.strip()
+    return labels
+
+
+def _template_spec(args, out_dir: Path):
+    """(spec, image_dir) for `pipeline.prepare_templates` from the segment flags."""
+    if args.template_mask and args.template_json:
+        raise InputError("give either --template_mask or --template_json, not both")
+    if args.template_mask:
+        if not args.template_image:
+            raise InputError("--template_mask needs --template_image")
+        entry = {"image": args.template_image, "mask": args.template_mask}
+        if args.template_labels:
+            entry["labels"] = _parse_labels(args.template_labels)
+        else:
+            entry["structure"] = args.structure_name or _default_structure_name(args.template_mask)
+        return [entry], None
+    if not args.template_json:
+        raise InputError("give the templates: --template_json, or --template_image with --template_mask")
+    if not args.template_image:
+        image_dir = args.template_dir or (Path(args.template_json).parent if _json_images_beside(args.template_json) else args.image_dir)
+        return str(args.template_json), image_dir
+    # A template image given with a COCO file: that image (matched by file name, or the
+    # only annotated image of the file) is the template.
+    path = Path(args.template_json)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        annotated = {a["image_id"] for a in data["annotations"]}
+        images = [im for im in data["images"] if im["id"] in annotated]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a readable COCO file ({exc})") from None
+    wanted = Path(args.template_image).name
+    chosen = [im for im in images if Path(im["file_name"]).name == wanted]
+    if not chosen and len(images) == 1:
+        chosen = images
+    if not chosen:
+        raise InputError(f"{path}: no annotated image named {wanted} (annotated: {', '.join(im['file_name'] for im in images)})")
+    image = dict(chosen[0], path=str(Path(args.template_image).resolve()))
+    subset = dict(data, images=[image], annotations=[a for a in data["annotations"] if a["image_id"] == image["id"]])
+    subset_path = out_dir / "template_input.json"
+    from .atomic import write_json
+
+    write_json(subset_path, subset)
+    return str(subset_path), None
+
+
+def _json_images_beside(json_path) -> bool:
+    try:
+        data = json.loads(Path(json_path).read_text(encoding="utf-8"))
+        first = data["images"][0]["file_name"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return False
+    return (Path(json_path).parent / first).is_file()
+
+
+def _model_choice(args) -> tuple[str, str]:
+    from .registry import choose_config
+
+    checkpoint = args.sam2_checkpoint
+    if checkpoint is None:
+        raise InputError("give --sam2_checkpoint: a .pt file, an official name such as sam2.1_hiera_large, or 'random'")
+    return choose_config(args.sam2_config, checkpoint), checkpoint
+
+
+def cmd_segment(args) -> int:
+    from . import pipeline
+    from .measure import measure_coco
+    from .visualize import export_masks, write_overlays
+
+    used_training = [f for f in TRAINING_FLAGS if getattr(args, f[2:]) is not None]
+    if used_training:
+        raise InputError(
+            f"{', '.join(used_training)}: palindrome fine-tuning is not yet implemented in this version; "
+            "run without the training flags for zero-shot segmentation"
+        )
+    for flag, why in DRIFT_FLAGS.items():
+        if getattr(args, flag[2:]) not in (None, False):
+            print(f"note: {flag} has no effect here: {why}", file=sys.stderr)
+
+    out_dir = Path(args.output_dir)
+    if args.output_timestamp:
+        out_dir = out_dir / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config, checkpoint = _model_choice(args)
+    spec, template_image_dir = _template_spec(args, out_dir)
+    templates_json = out_dir / "templates.json"
+    pipeline.prepare_templates(spec, template_image_dir, templates_json, max_templates=args.max_templates)
+    names = pipeline.list_collection_images(args.image_dir)
+    if not names:
+        raise InputError(f"{args.image_dir}: no images found (extensions: jpg, jpeg, png, tif, tiff, bmp, webp)")
+    records = out_dir / "predictions.jsonl"
+    counts = pipeline.segment(
+        templates_json, args.image_dir, names, records, out_dir / "run.json", out_dir / "skipped.csv",
+        config=config, checkpoint=checkpoint, image_size=args.image_size, device=args.device,
+        threads=args.threads or None, on_bad_image=args.on_bad_image, checkpoint_dir=args.checkpoint_dir,
+        engine_settings={
+            "cycle_consistency": not args.no_cycle_consistency,
+            "fill_hole_area": args.fill_hole_area,
+            "area_growth_limit": args.area_growth_limit,
+            "area_clamp_pad": args.area_clamp_pad,
+            "bbox_clamp": args.bbox_clamp,
+        },
+    )
+    predictions = out_dir / "predictions.json"
+    pipeline.merge([records], templates_json, [out_dir / "run.json"], predictions, polygons=args.polygons)
+    pipeline.qc([records], templates_json, out_dir / "qc.csv")
+    measure_coco(predictions, out_dir / "measurements.csv", px_per_mm=args.px_per_mm,
+                 calibration_csv=args.calibration_csv, wide_csv=out_dir / "measurements_wide.csv")
+    if args.save_masks:
+        export_masks(predictions, out_dir / "masks", category_prefix=args.output_category_prefix)
+    if args.save_vis:
+        write_overlays(predictions, args.image_dir, out_dir / "overlays")
+    print(f"segmented {counts['segmented']} images, skipped {counts['skipped']}; results in {out_dir}")
+    return 0
+
+
+# -- small commands -------------------------------------------------------------------
+
+
+def cmd_templates(args) -> int:
+    from . import pipeline
+
+    spec = args.coco
+    if args.mask:
+        if not args.image:
+            raise InputError("--mask needs --image")
+        entry = {"image": args.image, "mask": args.mask}
+        if args.labels:
+            entry["labels"] = _parse_labels(args.labels)
+        else:
+            entry["structure"] = args.structure_name or _default_structure_name(args.mask)
+        spec = [entry]
+    if spec is None:
+        raise InputError("give --coco, or --image with --mask")
+    templates = pipeline.prepare_templates(spec, args.image_dir, args.out, template_files=args.template_files,
+                                           max_templates=args.max_templates)
+    n = sum(len(t.instances) for t in templates.images)
+    print(f"{len(templates.images)} template image(s), {n} structure instance(s), "
+          f"categories: {', '.join(templates.categories.values())}; written to {args.out}")
+    return 0
+
+
+def cmd_measure(args) -> int:
+    from .measure import measure_coco
+
+    summary = measure_coco(args.coco, args.out, px_per_mm=args.px_per_mm,
+                           calibration_csv=args.calibration_csv, wide_csv=args.wide)
+    print(f"measured {summary['n_annotations']} structures on {summary['n_images']} images -> {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    means = evaluate(args.gt, args.pred, args.out)
+    for category, iou in means.items():
+        print(f"{category}: mean IoU {iou:.3f}")
+    return 0
+
+
+def cmd_masks(args) -> int:
+    from .visualize import export_masks
+
+    n = export_masks(args.coco, args.out_dir, category_prefix=args.category_prefix)
+    print(f"wrote {n} mask PNGs to {args.out_dir}")
+    return 0
+
+
+def cmd_overlays(args) -> int:
+    from .visualize import write_overlays
+
+    n = write_overlays(args.coco, args.image_dir, args.out_dir, max_side=args.max_side)
+    print(f"wrote {n} overlays to {args.out_dir}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .download import download_model
+
+    path = download_model(args.name, args.dest)
+    print(f"{path}: ok")
+    return 0
+
+
+def cmd_make_demo(args) -> int:
+    from .synthetic import make_collection
+
+    result = make_collection(args.out_dir, n_images=args.n_images, n_templates=args.n_templates, seed=args.seed)
+    print(f"wrote a synthetic collection to {args.out_dir} ({result.get('n_images', args.n_images)} images)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="sam2pal", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"sam2pal {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _segment_parser(sub)
+
+    p = sub.add_parser("templates", help="check templates and write the normalised template file")
+    _flag(p, "--coco", help="COCO JSON of the templates")
+    _flag(p, "--image_dir", help="folder of the template images (default: next to the JSON)")
+    _flag(p, "--image", help="template photo, with --mask")
+    _flag(p, "--mask", help="mask PNG on --image (binary, or a label map with --labels)")
+    _flag(p, "--structure_name", help="name of the structure of a binary --mask")
+    _flag(p, "--labels", help="label map values: 'VALUE=NAME,...'")
+    _flag(p, "--template_files", nargs="+", help="use only these annotated images (file names)")
+    _flag(p, "--max_templates", type=int, default=0, help="use at most this many templates (0: all)")
+    _flag(p, "--out", required=True, help="normalised template file to write")
+    p.set_defaults(func=cmd_templates)
+
+    p = sub.add_parser("measure", help="measurement tables from COCO predictions")
+    _flag(p, "--coco", required=True, help="COCO predictions file")
+    _flag(p, "--out", required=True, help="long table (one row per structure)")
+    _flag(p, "--wide", help="also write the wide table (one row per specimen) here")
+    _flag(p, "--px_per_mm", type=_positive_float, help="scale for millimetre columns")
+    _flag(p, "--calibration_csv", help="per-image scale: CSV with columns file_name,px_per_mm")
+    p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("evaluate", help="IoU and Dice of predictions against ground truth")
+    _flag(p, "--gt", required=True, help="ground-truth COCO file")
+    _flag(p, "--pred", required=True, help="predictions COCO file")
+    _flag(p, "--out", required=True, help="metrics CSV to write")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("masks", help="one PNG per predicted structure")
+    _flag(p, "--coco", required=True, help="COCO predictions file")
+    _flag(p, "--out_dir", required=True, help="folder to write")
+    _flag(p, "--category_prefix", action="store_true", help="names start with the category")
+    p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser("overlays", help="overlay images of predictions")
+    _flag(p, "--coco", required=True, help="COCO predictions file")
+    _flag(p, "--image_dir", required=True, help="folder of the images")
+    _flag(p, "--out_dir", required=True, help="folder to write")
+    _flag(p, "--max_side", type=int, default=1600, help="longest side of the overlays in pixels")
+    p.set_defaults(func=cmd_overlays)
+
+    p = sub.add_parser("download-model", help="download an official SAM 2.1 checkpoint (checks its SHA-256)")
+    p.add_argument("name", help="sam2.1_hiera_tiny, sam2.1_hiera_small, sam2.1_hiera_base_plus or sam2.1_hiera_large")
+    p.add_argument("--dest", default="resources/checkpoints", help="folder to put it in")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("make-demo", help="write a synthetic specimen collection (images, templates, ground truth)")
+    p.add_argument("out_dir")
+    _flag(p, "--n_images", type=int, default=16)
+    _flag(p, "--n_templates", type=int, default=2)
+    _flag(p, "--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"sam2pal: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Glue for the workflow's scripts (workflow/scripts/*.py).
+
+`logged(snakemake)` sends the step's output to its log file. A user error
+(`InputError`) ends the step with its one-line message, both in the log and on the
+terminal where Snakemake runs; anything else keeps its traceback in the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import traceback
+
+
+@contextlib.contextmanager
+def logged(snakemake):
+    from .errors import InputError
+
+    terminal = sys.__stderr__
+    log_path = snakemake.log[0] if len(snakemake.log) else None
+    handle = open(log_path, "w", encoding="utf-8", buffering=1) if log_path else terminal
+    saved = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = handle
+    logging.basicConfig(stream=handle, level=logging.INFO, force=True)
+    try:
+        yield
+    except InputError as exc:
+        message = f"sam2pal: error in rule {snakemake.rule}: {exc}"
+        print(message, file=handle)
+        if handle is not terminal:
+            print(message, file=terminal)
+        sys.exit(1)
+    except BaseException:
+        traceback.print_exc(file=handle)
+        raise
+    finally:
+        sys.stdout, sys.stderr = saved
+        if handle is not terminal:
+            handle.close()

@@ -1,0 +1,119 @@
+# From per-image results to the files users read: COCO predictions, QC ranking,
+# measurement tables, metrics against ground truth, mask PNGs and overlays.
+
+
+rule merge_predictions:
+    input:
+        records="results/{collection}/propagate/predictions.jsonl",
+        run="results/{collection}/propagate/run.json",
+        templates="results/{collection}/templates.json",
+    output:
+        "results/{collection}/predictions.json",
+    params:
+        polygons=lambda wc: settings(wc.collection, "outputs")["polygons"],
+    log:
+        "logs/{collection}/merge_predictions.log",
+    conda:
+        "../../envs/tables.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    script:
+        "../scripts/merge_predictions.py"
+
+
+rule qc:
+    input:
+        records="results/{collection}/propagate/predictions.jsonl",
+        templates="results/{collection}/templates.json",
+    output:
+        "results/{collection}/qc.csv",
+    log:
+        "logs/{collection}/qc.log",
+    conda:
+        "../../envs/tables.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    script:
+        "../scripts/qc.py"
+
+
+rule measure:
+    input:
+        predictions="results/{collection}/predictions.json",
+        calibration=lambda wc: COLLECTIONS[wc.collection]["calibration_csv"] or [],
+    output:
+        long="results/{collection}/measurements.csv",
+        wide="results/{collection}/measurements_wide.csv",
+    params:
+        px_per_mm=lambda wc: COLLECTIONS[wc.collection]["px_per_mm"],
+    log:
+        "logs/{collection}/measure.log",
+    conda:
+        "../../envs/tables.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    script:
+        "../scripts/measure.py"
+
+
+rule evaluate:
+    input:
+        predictions="results/{collection}/predictions.json",
+        ground_truth=lambda wc: COLLECTIONS[wc.collection]["ground_truth"],
+    output:
+        "results/{collection}/metrics.csv",
+    log:
+        "logs/{collection}/evaluate.log",
+    conda:
+        "../../envs/tables.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    script:
+        "../scripts/evaluate.py"
+
+
+rule export_masks:
+    input:
+        "results/{collection}/predictions.json",
+    output:
+        directory("results/{collection}/masks"),
+    params:
+        category_prefix=lambda wc: settings(wc.collection, "outputs")["mask_category_prefix"],
+    log:
+        "logs/{collection}/export_masks.log",
+    conda:
+        "../../envs/tables.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    script:
+        "../scripts/export_masks.py"
+
+
+rule overlays:
+    input:
+        "results/{collection}/predictions.json",
+    output:
+        directory("results/{collection}/overlays"),
+    params:
+        image_dir=lambda wc: COLLECTIONS[wc.collection]["images"],
+        max_side=lambda wc: settings(wc.collection, "outputs")["overlay_max_side"],
+    log:
+        "logs/{collection}/overlays.log",
+    conda:
+        "../../envs/tables.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    script:
+        "../scripts/overlays.py"

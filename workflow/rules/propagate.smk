@@ -1,0 +1,32 @@
+# Segment every image of a collection from the template memory (GPU when there is
+# one). Results are written image by image; an interrupted run resumes where it
+# stopped.
+
+
+rule propagate:
+    input:
+        templates="results/{collection}/templates.json",
+        images=image_paths,
+        checkpoint=checkpoint_input,
+    output:
+        records="results/{collection}/propagate/predictions.jsonl",
+        run="results/{collection}/propagate/run.json",
+        skipped="results/{collection}/skipped.csv",
+    params:
+        image_dir=lambda wc: COLLECTIONS[wc.collection]["images"],
+        model=lambda wc: settings(wc.collection, "model"),
+        checkpoint_dir=config["model"]["checkpoint_dir"],
+        propagate=lambda wc: settings(wc.collection, "propagate"),
+    log:
+        "logs/{collection}/propagate.log",
+    benchmark:
+        "logs/{collection}/propagate.benchmark.tsv"
+    conda:
+        "../../envs/propagate.yaml"
+    threads: lambda wc: settings(wc.collection, "propagate")["threads"]
+    resources:
+        gpu=uses_gpu,
+        mem_mb=lambda wc: settings(wc.collection, "propagate")["mem_mb"],
+        runtime=lambda wc: settings(wc.collection, "propagate")["runtime"],
+    script:
+        "../scripts/propagate.py"

@@ -1,0 +1,25 @@
+# Load and validate a collection's templates (COCO or PNG masks), select those to
+# use, and write the normalised template file the later steps read.
+
+
+rule prepare_templates:
+    input:
+        template_files,
+    output:
+        "results/{collection}/templates.json",
+    params:
+        spec=lambda wc: COLLECTIONS[wc.collection]["templates"],
+        image_dir=lambda wc: COLLECTIONS[wc.collection]["template_images"]
+        or COLLECTIONS[wc.collection]["images"],
+        template_files=lambda wc: settings(wc.collection, "propagate")["template_files"],
+        max_templates=lambda wc: settings(wc.collection, "propagate")["max_templates"],
+    log:
+        "logs/{collection}/prepare_templates.log",
+    conda:
+        "../../envs/tables.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/prepare_templates.py"

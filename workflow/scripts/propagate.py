@@ -1,0 +1,33 @@
+"""Rule propagate: segment the collection's images from the template memory."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
+
+from sam2pal import pipeline  # noqa: E402
+from sam2pal.registry import choose_config  # noqa: E402
+from sam2pal.smk import logged  # noqa: E402
+
+with logged(snakemake):
+    model = snakemake.params.model
+    prop = snakemake.params.propagate
+    image_dir = snakemake.params.image_dir
+    counts = pipeline.segment(
+        snakemake.input.templates,
+        image_dir,
+        pipeline.relative_names(snakemake.input.images, image_dir),
+        snakemake.output.records,
+        snakemake.output.run,
+        snakemake.output.skipped,
+        config=choose_config(model["config"], model["checkpoint"]),
+        checkpoint=model["checkpoint"],
+        image_size=model["image_size"],
+        seed=model["seed"],
+        device=prop["device"],
+        threads=snakemake.threads,
+        on_bad_image=prop["on_bad_image"],
+        checkpoint_dir=snakemake.params.checkpoint_dir,
+        engine_settings={key: prop[key] for key in pipeline.DEFAULT_ENGINE_SETTINGS},
+    )
+    print(f"done: {counts}")
