@@ -93,5 +93,4 @@ def download_model(name: str, checkpoint_dir=DEFAULT_CHECKPOINT_DIR, timeout: fl
             f"cannot download {model.url} ({reason}); if this machine has no internet access, "
             f"download it on one that has and put it at {dest} (sha256 {model.sha256})"
         ) from None
-    os.chmod(dest, 0o644)
     return dest

@@ -1,0 +1,1075 @@
+"""Synthetic specimen photographs rendered from real beetle part masks.
+
+The demo collection, the tests and (later) model training need specimen photos with
+exact part ground truth. This module paints them from the vendored NEON beetle part
+masks (`sam2pal/data/neon_beetles_masks`, 181 hand-labelled label maps, MIT licence;
+Feng et al. 2025, arXiv 2501.06749; NEON data set doi 10.57967/hf/5252): every picture
+shows a real beetle outline, so thin curved antennae, legs and part boundaries are
+real shapes, and the ground truth is the placed label map itself.
+
+Rendering one specimen (`render_specimen`):
+
+1. pose: a random similarity transform (any rotation, optional mirror, a scale that
+   makes the beetle's longest extent fill a fraction of the canvas's shorter side, a
+   translation that keeps it fully inside); the label map is warped with
+   nearest-neighbour interpolation, so it only ever holds the values 0..5;
+2. substrate: paper / foam / gradient backdrop / coloured card (and a dark "slate"
+   kind kept out of the defaults), with fine grain, and a soft drop shadow of the
+   silhouette;
+3. clutter, never touching the specimen or its shadow: a specimen label with dark
+   hand-writing strokes, a pin head, a scale bar;
+4. the beetle: one colour per part from a carabid palette, a height field built from
+   per-part distance transforms (domed parts, dark seams between parts), elytral
+   striae that follow the elytra outline, punctures, micro-relief, then diffuse and
+   glossy (Blinn-Phong) lighting from one light direction;
+5. camera: a low-frequency illumination gradient with vignetting, a slight colour
+   cast, a slight blur and sensor noise.
+
+Every random choice comes from the `numpy.random.Generator` passed in, so the same
+seed gives the same image, bit for bit.
+
+Style options (`Style`, or a plain dict with the same keys) pin what would otherwise
+be drawn at random, so that a test collection can come from generator settings that a
+training collection never saw (for example train on `palettes=("black", "dark_brown")`
+and `backgrounds=("paper", "foam")`, then evaluate on `palettes=("metallic_blue",)`,
+`backgrounds=("card",)`). Choices are tuples of allowed values, drawn uniformly;
+ranges are (low, high) tuples, drawn uniformly:
+
+- ``palettes``: beetle colour families, names from `PALETTES`. The default leaves out
+  the two kept for held-out renders (``metallic_blue``, ``bronze``).
+- ``backgrounds``: substrate kinds, names from `BACKGROUNDS`. The default leaves out
+  ``slate`` (a dark substrate, kept for held-out renders).
+- ``background_color``: (R, G, B) 0-255 base colour of the substrate; ``None`` draws
+  one that suits the kind. When pinned it still varies by about 2 % per image.
+- ``light_angle``: direction the light comes from, in degrees (0 = from the right,
+  90 = from the top of the picture); ``None`` draws any direction. When pinned it
+  still varies by a few degrees per image.
+- ``clutter``: False turns every clutter item off.
+- ``clutter_items``: which items may appear, from ``("label", "pin", "scale_bar")``.
+- ``clutter_prob``: probability of each listed item (it is skipped when no free spot
+  is found).
+- ``scale_range``: fraction of the canvas's shorter side filled by the beetle's longest
+  extent (at most 0.95).
+- ``rotation_range``: rotation in degrees.
+- ``flip_prob``: probability of a mirror image.
+- ``textures``: surface detail from ``("noise", "punctures", "striae")``.
+- ``illumination``: strength of the low-frequency illumination gradient.
+- ``shadow_opacity``: darkness of the specimen's drop shadow ((0, 0) for none).
+- ``gloss``: multiplier on the palette's glossiness (0 gives matte beetles).
+- ``blur_sigma``: Gaussian blur of the whole photo, in pixels.
+- ``noise_sigma``: sensor noise, in 8-bit grey levels.
+
+`make_collection` writes one collection (JPEG images, COCO ground truth for all of
+them, COCO templates for the first few). A collection looks like one lab's photo
+series: it fixes the substrate kind and colour, the light direction and narrower
+lighting, blur and noise ranges once from the seed; the beetle mask, pose, palette,
+texture and clutter change from image to image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .atomic import atomic_path, atomic_write, write_json
+from .errors import InputError
+from .masks import encode_rle, mask_bbox
+
+PARTS = {1: "head", 2: "pronotum", 3: "elytra", 4: "antenna", 5: "legs"}
+
+_BODY = (1, 2, 3)
+_APPENDAGES = (4, 5)
+
+# ---------------------------------------------------------------------------------
+# palettes and substrates
+# ---------------------------------------------------------------------------------
+
+#: Beetle colour families (sRGB 0-255). ``body`` is head, pronotum, elytra; legs and
+#: antennae come in a dark and a light variant, the light one chosen with probability
+#: ``light_appendages``; ``sheen`` is the colour seen at grazing angles on metallic
+#: species (None: not metallic); ``gloss`` is the range of the specular strength.
+PALETTES: dict[str, dict] = {
+    "black": {
+        "body": ((31, 29, 29), (34, 31, 31), (27, 26, 27)),
+        "legs": ((38, 32, 30), (92, 55, 33)),
+        "antenna": ((46, 37, 31), (112, 70, 40)),
+        "light_appendages": 0.35,
+        "sheen": None,
+        "gloss": (0.35, 0.65),
+    },
+    "dark_brown": {
+        "body": ((66, 40, 25), (78, 49, 30), (62, 39, 24)),
+        "legs": ((78, 50, 32), (128, 78, 42)),
+        "antenna": ((88, 57, 35), (148, 94, 52)),
+        "light_appendages": 0.6,
+        "sheen": None,
+        "gloss": (0.2, 0.4),
+    },
+    "reddish": {
+        "body": ((80, 32, 18), (104, 42, 20), (94, 38, 19)),
+        "legs": ((100, 46, 24), (150, 80, 40)),
+        "antenna": ((108, 52, 28), (162, 94, 50)),
+        "light_appendages": 0.7,
+        "sheen": None,
+        "gloss": (0.25, 0.45),
+    },
+    "metallic_green": {
+        "body": ((27, 70, 37), (32, 78, 42), (24, 64, 34)),
+        "legs": ((40, 44, 32), (158, 104, 50)),
+        "antenna": ((44, 46, 36), (160, 108, 56)),
+        "light_appendages": 0.6,
+        "sheen": (30, 60, 110),
+        "gloss": (0.35, 0.6),
+    },
+    "metallic_blue": {
+        "body": ((27, 37, 80), (30, 42, 90), (25, 34, 76)),
+        "legs": ((28, 28, 34), (60, 50, 60)),
+        "antenna": ((32, 32, 38), (66, 56, 64)),
+        "light_appendages": 0.2,
+        "sheen": (84, 36, 100),
+        "gloss": (0.25, 0.45),
+    },
+    "bronze": {
+        "body": ((70, 52, 30), (80, 60, 34), (66, 48, 28)),
+        "legs": ((46, 36, 28), (110, 70, 38)),
+        "antenna": ((52, 40, 30), (120, 78, 42)),
+        "light_appendages": 0.3,
+        "sheen": (44, 80, 44),
+        "gloss": (0.2, 0.35),
+    },
+}
+
+DEFAULT_PALETTES = ("black", "dark_brown", "reddish", "metallic_green")
+
+#: Substrate kinds; ``slate`` (dark grey) is kept out of the defaults.
+BACKGROUNDS = ("paper", "foam", "gradient", "card", "slate")
+DEFAULT_BACKGROUNDS = ("paper", "foam", "gradient", "card")
+
+CLUTTER_ITEMS = ("label", "pin", "scale_bar")
+TEXTURES = ("noise", "punctures", "striae")
+
+_CARD_COLOURS = (
+    (176, 200, 222),  # light blue
+    (192, 212, 182),  # pale green
+    (162, 162, 160),  # mid grey
+    (214, 200, 172),  # beige
+    (230, 222, 186),  # pale cream
+)
+
+
+@dataclass(frozen=True)
+class Style:
+    """Generator settings; see the module docstring for what each field does."""
+
+    palettes: tuple[str, ...] = DEFAULT_PALETTES
+    backgrounds: tuple[str, ...] = DEFAULT_BACKGROUNDS
+    background_color: tuple[int, int, int] | None = None
+    light_angle: float | None = None
+    clutter: bool = True
+    clutter_items: tuple[str, ...] = CLUTTER_ITEMS
+    clutter_prob: float = 0.5
+    scale_range: tuple[float, float] = (0.35, 0.75)
+    rotation_range: tuple[float, float] = (0.0, 360.0)
+    flip_prob: float = 0.5
+    textures: tuple[str, ...] = TEXTURES
+    illumination: tuple[float, float] = (0.04, 0.14)
+    shadow_opacity: tuple[float, float] = (0.2, 0.45)
+    gloss: float = 1.0
+    blur_sigma: tuple[float, float] = (0.35, 0.75)
+    noise_sigma: tuple[float, float] = (1.0, 2.5)
+
+    def __post_init__(self) -> None:
+        def choices(name, allowed, allow_empty=False):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            value = tuple(value)
+            if not value and not allow_empty:
+                raise InputError(f"style: {name} must list at least one choice")
+            unknown = [v for v in value if v not in allowed]
+            if unknown:
+                raise InputError(
+                    f"style: unknown {name} {unknown}; choose from {list(allowed)}"
+                )
+            object.__setattr__(self, name, value)
+
+        def span(name, lo_min, hi_max):
+            value = getattr(self, name)
+            try:
+                lo, hi = (float(v) for v in value)
+            except (TypeError, ValueError):
+                raise InputError(f"style: {name} must be a (low, high) pair") from None
+            if not (lo_min <= lo <= hi <= hi_max):
+                raise InputError(
+                    f"style: {name} ({lo}, {hi}) must satisfy {lo_min} <= low <= high <= {hi_max}"
+                )
+            object.__setattr__(self, name, (lo, hi))
+
+        choices("palettes", PALETTES)
+        choices("backgrounds", BACKGROUNDS)
+        choices("clutter_items", CLUTTER_ITEMS, allow_empty=True)
+        choices("textures", TEXTURES, allow_empty=True)
+        span("scale_range", 0.01, 0.95)
+        span("rotation_range", -3600.0, 3600.0)
+        span("illumination", 0.0, 0.5)
+        span("shadow_opacity", 0.0, 1.0)
+        span("blur_sigma", 0.0, 5.0)
+        span("noise_sigma", 0.0, 50.0)
+        if self.background_color is not None:
+            try:
+                rgb = tuple(int(v) for v in self.background_color)
+            except (TypeError, ValueError):
+                rgb = ()
+            if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+                raise InputError("style: background_color must be three integers 0-255")
+            object.__setattr__(self, "background_color", rgb)
+        if self.light_angle is not None:
+            object.__setattr__(self, "light_angle", float(self.light_angle))
+        for name in ("clutter_prob", "flip_prob"):
+            value = float(getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise InputError(f"style: {name} must be between 0 and 1")
+            object.__setattr__(self, name, value)
+        if not float(self.gloss) >= 0.0:
+            raise InputError("style: gloss must be >= 0")
+        object.__setattr__(self, "gloss", float(self.gloss))
+        object.__setattr__(self, "clutter", bool(self.clutter))
+
+    @classmethod
+    def coerce(cls, style: "Style | Mapping | None") -> "Style":
+        """A `Style` from None (defaults), a `Style`, or a dict of field values."""
+        if style is None:
+            return cls()
+        if isinstance(style, cls):
+            return style
+        if isinstance(style, Mapping):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(style) - known)
+            if unknown:
+                raise InputError(f"style: unknown option(s) {unknown}; known: {sorted(known)}")
+            return cls(**dict(style))
+        raise InputError(f"style must be a dict or a Style, not {type(style).__name__}")
+
+
+@dataclass
+class Rendering:
+    """One rendered specimen with the facts a test or a training loop may need."""
+
+    image: np.ndarray  # H x W x 3 uint8 RGB
+    labels: np.ndarray  # H x W uint8, values 0..5 (PARTS)
+    clutter: np.ndarray  # H x W bool, pixels covered by clutter items
+    matrix: np.ndarray  # 2 x 3 affine map from source label-map pixels to the canvas
+    scale: float
+    angle: float
+    flipped: bool
+    palette: str
+    background: str
+
+
+# ---------------------------------------------------------------------------------
+# the vendored masks
+# ---------------------------------------------------------------------------------
+
+
+def _mask_root():
+    return resources.files("sam2pal").joinpath("data").joinpath("neon_beetles_masks")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_masks_cached() -> tuple[tuple[str, np.ndarray], ...]:
+    root = _mask_root()
+    entries = []
+    for species in root.iterdir():
+        if not species.is_dir():
+            continue
+        for item in species.iterdir():
+            if item.name.endswith(".png"):
+                entries.append((f"{species.name}/{item.name}", item))
+    entries.sort(key=lambda e: e[0])
+    out = []
+    for rel, item in entries:
+        with Image.open(io.BytesIO(item.read_bytes())) as im:
+            arr = np.array(im)
+        if arr.ndim != 2 or arr.dtype != np.uint8 or arr.max() > 5:
+            raise InputError(f"vendored beetle mask {rel} is not an 8-bit label map 0..5")
+        arr.setflags(write=False)
+        out.append((rel[: -len(".png")], arr))
+    if not out:
+        raise InputError("no vendored beetle masks found under sam2pal/data/neon_beetles_masks")
+    return tuple(out)
+
+
+def load_beetle_masks() -> list[tuple[str, np.ndarray]]:
+    """The vendored NEON beetle label maps as (name, label map), sorted by path.
+
+    Names are ``species/file`` without the extension, e.g. ``advena/beetle_100_475``.
+    Each label map is a fresh writable uint8 array (0 background, 1..5 as in PARTS).
+    """
+    return [(name, arr.copy()) for name, arr in _load_masks_cached()]
+
+
+# ---------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------
+
+
+def _check_size(size) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise InputError(f"size must be (width, height), got {size!r}") from None
+    if width < 64 or height < 64:
+        raise InputError(f"size must be at least 64 x 64 pixels, got {width} x {height}")
+    return width, height
+
+
+def _check_label_map(label_map) -> np.ndarray:
+    arr = np.asarray(label_map)
+    if arr.ndim != 2:
+        raise InputError(f"label map must be 2-D, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"label map must hold integers, got {arr.dtype}")
+    if arr.size == 0 or arr.min() < 0 or arr.max() > max(PARTS):
+        raise InputError(f"label map values must lie in 0..{max(PARTS)}")
+    if not (arr > 0).any():
+        raise InputError("label map has no foreground")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _uniform(rng: np.random.Generator, span: tuple[float, float]) -> float:
+    lo, hi = span
+    return float(lo) if hi <= lo else float(rng.uniform(lo, hi))
+
+
+def _value_noise(rng, shape, cell: float, octaves: int = 1, persistence: float = 0.5):
+    """Multi-octave value noise, float32 in about [-1, 1], smooth at scale `cell` px."""
+    height, width = shape
+    out = np.zeros((height, width), np.float32)
+    amp, total = 1.0, 0.0
+    for _ in range(octaves):
+        c = max(float(cell), 1.0)
+        gh = int(math.ceil(height / c)) + 2
+        gw = int(math.ceil(width / c)) + 2
+        grid = rng.random((gh, gw), dtype=np.float32) * 2.0 - 1.0
+        if c <= 1.0:
+            layer = grid[:height, :width]
+        else:
+            up = cv2.resize(
+                grid, (int(gw * c), int(gh * c)), interpolation=cv2.INTER_CUBIC
+            )
+            oy = int(rng.integers(0, max(1, int(c))))
+            ox = int(rng.integers(0, max(1, int(c))))
+            layer = up[oy : oy + height, ox : ox + width]
+        out += amp * layer
+        total += amp
+        amp *= persistence
+        cell = cell / 2.0
+    return out / total
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0:
+        return img
+    return cv2.GaussianBlur(img, (0, 0), sigmaX=float(sigma), borderType=cv2.BORDER_REFLECT)
+
+
+def _shift(mask: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    m = np.float32([[1, 0, dx], [0, 1, dy]])
+    h, w = mask.shape[:2]
+    return cv2.warpAffine(mask, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+
+
+def _disk(radius: int) -> np.ndarray:
+    radius = max(int(radius), 0)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+# ---------------------------------------------------------------------------------
+# pose
+# ---------------------------------------------------------------------------------
+
+
+def _placement(src: np.ndarray, angle: float, flipped: bool, frac: float, width: int,
+               height: int, rng, margin: float = 3.0) -> tuple[np.ndarray, float, np.ndarray]:
+    """Affine matrix (2x3), scale, and the unit body axis on the canvas."""
+    ys, xs = np.nonzero(src)
+    pts = np.stack([xs, ys], axis=1).astype(np.float32)
+    hull = cv2.convexHull(pts).reshape(-1, 2).astype(np.float64)
+    pixel = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    corners = (hull[:, None, :] + pixel).reshape(-1, 2)
+    centre = (corners.min(axis=0) + corners.max(axis=0)) / 2.0
+    theta = math.radians(angle)
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    lin = rot @ np.diag([-1.0, 1.0]) if flipped else rot
+    q = (corners - centre) @ lin.T
+    extent = float((q.max(axis=0) - q.min(axis=0)).max())
+    scale = frac * min(width, height) / extent
+    q *= scale
+    lo, hi = q.min(axis=0), q.max(axis=0)
+    tx = rng.uniform(margin - 0.5 - lo[0], width - 0.5 - margin - hi[0])
+    ty = rng.uniform(margin - 0.5 - lo[1], height - 0.5 - margin - hi[1])
+    a = scale * lin
+    t = np.array([tx, ty]) - a @ centre
+    matrix = np.hstack([a, t[:, None]])
+
+    # body axis (head/pronotum/elytra, or whatever of them is present) in source space
+    body = np.isin(src, _BODY)
+    if body.sum() < 10:
+        body = src > 0
+    by, bx = np.nonzero(body)
+    coords = np.stack([bx, by], axis=1).astype(np.float64)
+    coords -= coords.mean(axis=0)
+    _, vecs = np.linalg.eigh(coords.T @ coords)
+    axis = lin @ vecs[:, -1]
+    axis /= np.linalg.norm(axis)
+    return matrix, float(scale), axis
+
+
+# ---------------------------------------------------------------------------------
+# substrate
+# ---------------------------------------------------------------------------------
+
+
+def _draw_background_colour(kind: str, rng) -> tuple[int, int, int]:
+    if kind == "paper":
+        v = rng.uniform(222, 242)
+        return (int(v + rng.uniform(0, 6)), int(v), int(v - rng.uniform(6, 18)))
+    if kind == "foam":
+        v = rng.uniform(222, 240)
+        return (int(v - 2), int(v), int(v + rng.uniform(0, 4)))
+    if kind == "gradient":
+        v = rng.uniform(150, 200)
+        tint = rng.uniform(0, 10)
+        return (int(v - tint), int(v - tint / 3), int(v + tint / 2))
+    if kind == "card":
+        base = np.array(_CARD_COLOURS[int(rng.integers(len(_CARD_COLOURS)))], float)
+        base *= rng.uniform(0.95, 1.03)
+        return tuple(int(np.clip(v, 0, 255)) for v in base)
+    # slate
+    v = rng.uniform(52, 80)
+    return (int(v), int(v + 2), int(v + rng.uniform(2, 8)))
+
+
+def _background(kind: str, colour, rng, height: int, width: int) -> np.ndarray:
+    base = np.asarray(colour, np.float32) / 255.0
+    shape = (height, width)
+    if kind == "paper":
+        fibres = cv2.resize(
+            rng.random((height // 2 + 2, width // 14 + 2), dtype=np.float32) * 2 - 1,
+            (width, height), interpolation=cv2.INTER_LINEAR,
+        )
+        lum = 1 + 0.012 * _value_noise(rng, shape, 2, 2) + 0.01 * _value_noise(rng, shape, 30, 2)
+        lum += 0.008 * fibres
+    elif kind == "foam":
+        pores = (rng.random(shape, dtype=np.float32) < 0.02).astype(np.float32)
+        pores *= rng.uniform(0.03, 0.1, size=shape).astype(np.float32)
+        pores = _blur(pores, 0.8) * 2.5
+        lum = 1 + 0.02 * _value_noise(rng, shape, 7, 2) - pores
+    elif kind == "gradient":
+        phi = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        t = (xx - width / 2) * math.cos(phi) + (yy - height / 2) * math.sin(phi)
+        t /= 0.5 * max(width, height)
+        lum = 1 + rng.uniform(0.08, 0.18) * t + 0.006 * _value_noise(rng, shape, 2, 1)
+    elif kind == "card":
+        lum = 1 + 0.006 * _value_noise(rng, shape, 2, 2) + 0.012 * _value_noise(rng, shape, 40, 2)
+    else:  # slate
+        lum = 1 + 0.05 * _value_noise(rng, shape, 12, 3) + 0.02 * _value_noise(rng, shape, 1.5, 1)
+    return np.clip(base[None, None, :] * lum[..., None], 0, 1).astype(np.float32)
+
+
+def _illumination(rng, height: int, width: int, light_xy, strength: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    half = 0.5 * max(width, height)
+    t = ((xx - width / 2) * light_xy[0] + (yy - height / 2) * light_xy[1]) / half
+    r2 = ((xx - width / 2) ** 2 + (yy - height / 2) ** 2) / half**2
+    field = 1 + strength * t - rng.uniform(0.02, 0.08) * r2
+    field += 0.015 * _value_noise(rng, (height, width), max(width, height) / 3, 2)
+    return field.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------
+# clutter
+# ---------------------------------------------------------------------------------
+
+
+def _scribble(ink: np.ndarray, rng, x0: int, x1: int, y: int, char_h: int, thick: int) -> None:
+    """Dark hand-writing strokes along a base line: words of short up/down strokes."""
+    x = x0
+    while x < x1 - 4:
+        word = int(rng.integers(3, 9))
+        for _ in range(word):
+            if x >= x1 - 2:
+                break
+            top = y - int(rng.integers(max(1, char_h // 2), char_h + 1))
+            step = int(rng.integers(2, 4))
+            cv2.line(ink, (x, y), (x + step // 2, top), 1.0, thick, cv2.LINE_AA)
+            cv2.line(ink, (x + step // 2, top), (x + step, y), 1.0, thick, cv2.LINE_AA)
+            x += step
+        x += int(rng.integers(3, 6))
+
+
+def _rotate_patch(rgb: np.ndarray, alpha: np.ndarray, angle: float):
+    h, w = alpha.shape
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    cos, sin = abs(m[0, 0]), abs(m[0, 1])
+    nw, nh = int(math.ceil(h * sin + w * cos)) + 2, int(math.ceil(h * cos + w * sin)) + 2
+    m[0, 2] += nw / 2 - w / 2
+    m[1, 2] += nh / 2 - h / 2
+    rgb = cv2.warpAffine(rgb, m, (nw, nh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    alpha = cv2.warpAffine(alpha, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0)
+    return rgb, alpha
+
+
+def _label_patch(rng, width: int, height: int):
+    w = int(rng.uniform(0.2, 0.3) * width)
+    h = int(w * rng.uniform(0.38, 0.52))
+    cream = np.array([0.965, 0.955, 0.91], np.float32) * rng.uniform(0.95, 1.02)
+    rgb = np.ones((h, w, 3), np.float32) * cream
+    rgb *= (1 + 0.01 * _value_noise(rng, (h, w), 2, 1))[..., None]
+    ink = np.zeros((h, w), np.float32)
+    n_lines = int(rng.integers(3, 6))
+    pad = max(3, w // 14)
+    gap = (h - 2 * pad) / n_lines
+    char_h = max(3, int(gap * 0.55))
+    for j in range(n_lines):
+        y = int(pad + (j + 0.8) * gap)
+        x_end = w - pad - int(rng.integers(0, max(1, w // 3)))
+        _scribble(ink, rng, pad, x_end, y, char_h, 1)
+    if rng.random() < 0.4:
+        cv2.rectangle(ink, (1, 1), (w - 2, h - 2), 0.8, 1)
+    ink = np.clip(ink, 0, 1)
+    ink_colour = np.array([0.08, 0.08, 0.12], np.float32)
+    rgb = rgb * (1 - 0.85 * ink[..., None]) + 0.85 * ink[..., None] * ink_colour
+    alpha = np.ones((h, w), np.float32)
+    return _rotate_patch(rgb, alpha, rng.uniform(-6, 6))
+
+
+def _pin_patch(rng, width: int, height: int):
+    r = rng.uniform(4.0, 7.5) * min(width, height) / 360.0
+    size = int(2 * math.ceil(r) + 5)
+    c = (size - 1) / 2
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dx, dy = (xx - c) / r, (yy - c) / r
+    d2 = dx**2 + dy**2
+    alpha = np.clip((r - np.sqrt(d2) * r) + 0.5, 0, 1).astype(np.float32)
+    colours = ((20, 20, 22), (235, 235, 230), (190, 30, 30), (225, 190, 40), (40, 70, 170))
+    base = np.array(colours[int(rng.integers(len(colours)))], np.float32) / 255
+    nz = np.sqrt(np.clip(1 - d2, 0, 1))
+    hx, hy = -0.35, -0.4
+    spec = np.exp(-((dx - hx) ** 2 + (dy - hy) ** 2) / 0.05)
+    rgb = base[None, None] * (0.45 + 0.55 * nz)[..., None] + 0.7 * spec[..., None]
+    return np.clip(rgb, 0, 1).astype(np.float32), alpha
+
+
+def _scale_bar_patch(rng, width: int, height: int, dark_substrate: bool = False):
+    length = int(rng.uniform(0.12, 0.22) * width)
+    bar_h = max(3, int(round(0.012 * height)))
+    char_h = max(4, int(round(0.018 * height)))
+    h = bar_h + char_h + 6
+    rgb = np.zeros((h, length, 3), np.float32) + 0.05
+    alpha = np.zeros((h, length), np.float32)
+    alpha[:bar_h] = 1.0
+    if rng.random() < 0.5:  # alternating black and white segments inside a black frame
+        n = int(rng.integers(2, 6))
+        edges = np.linspace(1, length - 1, n + 1).astype(int)
+        for k in range(n):
+            if k % 2:
+                rgb[1 : bar_h - 1, edges[k] : edges[k + 1]] = 0.95
+    ink = np.zeros((h, length), np.float32)
+    text_w = max(8, length // 4)
+    x0 = (length - text_w) // 2
+    _scribble(ink, rng, x0, x0 + text_w, h - 2, char_h, 1)
+    ink = np.clip(ink, 0, 1)
+    alpha = np.maximum(alpha, ink)
+    if dark_substrate:  # a white bar reads on a dark substrate
+        rgb = 1.0 - rgb
+    return rgb, alpha
+
+
+def _place_patch(canvas, clutter, keepout, rgb, alpha, rng, light_xy, tries: int = 40) -> bool:
+    height, width = keepout.shape
+    ph, pw = alpha.shape
+    if ph + 4 > height or pw + 4 > width:
+        return False
+    support = cv2.dilate((alpha > 0.01).astype(np.uint8), _disk(4)) > 0
+    for _ in range(tries):
+        x = int(rng.integers(2, width - pw - 1))
+        y = int(rng.integers(2, height - ph - 1))
+        if (keepout[y : y + ph, x : x + pw] & support).any():
+            continue
+        # a faint contact shadow away from the light, then the item itself
+        full = np.zeros((height, width), np.float32)
+        full[y : y + ph, x : x + pw] = alpha
+        shadow = _blur(_shift(full, -1.5 * light_xy[0], -1.5 * light_xy[1]), 1.2)
+        canvas *= (1 - 0.3 * shadow * (1 - full))[..., None]
+        region = canvas[y : y + ph, x : x + pw]
+        region[:] = region * (1 - alpha[..., None]) + rgb * alpha[..., None]
+        clutter[y : y + ph, x : x + pw] |= alpha > 0.01
+        keepout[y : y + ph, x : x + pw] |= support
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------
+# the beetle
+# ---------------------------------------------------------------------------------
+
+
+def _specimen_colours(palette: Mapping, rng) -> dict[int, np.ndarray]:
+    """Per-part albedo (float 0..1): one jitter for the whole specimen, a little per part."""
+    hue, sat, val = rng.uniform(-8, 8), rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.2)
+    light = rng.random() < palette["light_appendages"]
+
+    def shade(rgb, extra):
+        px = np.array([[rgb]], np.float32) / 255.0
+        hsv = cv2.cvtColor(px, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0] + hue) % 360.0
+        hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0, 1)
+        hsv[..., 2] = np.clip(hsv[..., 2] * val * (1 + rng.uniform(-extra, extra)), 0, 1)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
+
+    out = {k: shade(palette["body"][k - 1], 0.06) for k in _BODY}
+    out[4] = shade(palette["antenna"][1 if light else 0], 0.08)
+    out[5] = shade(palette["legs"][1 if light else 0], 0.08)
+    return out
+
+
+def _elytra_coords(elytra: np.ndarray, axis: np.ndarray):
+    """Across-elytra coordinate normalised to [-1, 1] (suture at 0) and half-width in px."""
+    ys, xs = np.nonzero(elytra)
+    cx, cy = xs.mean(), ys.mean()
+    perp = np.array([-axis[1], axis[0]])
+    u = (xs - cx) * axis[0] + (ys - cy) * axis[1]
+    v = (xs - cx) * perp[0] + (ys - cy) * perp[1]
+    ub = np.round(u).astype(int)
+    ub -= ub.min()
+    nb = ub.max() + 1
+    vmax = np.full(nb, -np.inf)
+    vmin = np.full(nb, np.inf)
+    np.maximum.at(vmax, ub, v)
+    np.minimum.at(vmin, ub, v)
+    filled = np.isfinite(vmax)
+    idx = np.arange(nb)
+    vmax = np.interp(idx, idx[filled], vmax[filled])
+    vmin = np.interp(idx, idx[filled], vmin[filled])
+    k = np.ones(7) / 7
+    mid = np.convolve(np.pad((vmax + vmin) / 2, 3, mode="edge"), k, "valid")
+    half = np.convolve(np.pad((vmax - vmin) / 2, 3, mode="edge"), k, "valid")
+    half = np.maximum(half, 2.0)
+    vn = (v - mid[ub]) / half[ub]
+    return ys, xs, vn, half[ub]
+
+
+def _paint_beetle(labels: np.ndarray, axis: np.ndarray, palette_name: str, st: Style,
+                  rng, light3: np.ndarray) -> np.ndarray:
+    height, width = labels.shape
+    shape = (height, width)
+    palette = PALETTES[palette_name]
+    colours = _specimen_colours(palette, rng)
+    gloss = _uniform(rng, palette["gloss"]) * st.gloss
+    shininess = rng.uniform(12, 30)
+    textures = st.textures
+
+    fg = labels > 0
+    height_map = np.zeros(shape, np.float32)
+    darken = np.zeros(shape, np.float32)  # 0..1, pigment darkening (grooves, pits)
+
+    # elytral suture and striae
+    elytra = labels == 3
+    suture = np.zeros(shape, bool)
+    grooves = np.zeros(shape, np.float32)
+    if elytra.sum() > 30:
+        ys, xs, vn, half = _elytra_coords(elytra, axis)
+        dist_suture = np.abs(vn) * half
+        suture[ys, xs] = dist_suture < 0.9
+        grooves[ys, xs] = 0.8 * np.exp(-(dist_suture**2) / 0.8)
+        if "striae" in textures and rng.random() < 0.85:
+            n = int(rng.integers(7, 10))
+            depth = rng.uniform(0.35, 1.0)
+            pos = np.abs(vn) * (n + 0.5)
+            near = np.abs(pos - np.round(pos)) / (n + 0.5) * half  # px to nearest stria
+            striae = np.exp(-(near**2) / (2 * 0.55**2)) * (np.round(pos) >= 1)
+            grooves[ys, xs] = np.maximum(grooves[ys, xs], depth * striae)
+
+    for k in PARTS:
+        part = labels == k
+        if not part.any():
+            continue
+        d = cv2.distanceTransform(part.astype(np.uint8), cv2.DIST_L2, 5)
+        r = max(float(d.max()), 1.0)
+        t = np.clip(d / (0.85 * r), 0, 1)
+        flat = 0.45 if k in _BODY else 0.8
+        h = flat * r * np.sqrt(1 - (1 - t) ** 2)
+        height_map[part] = h[part]
+
+    if "noise" in textures:
+        relief = _value_noise(rng, shape, rng.uniform(1.5, 3.0), 2)
+        height_map += rng.uniform(0.05, 0.15) * relief * fg
+        darken += 0.08 * (_value_noise(rng, shape, rng.uniform(6, 14), 3) * 0.5 + 0.5)
+    if "punctures" in textures:
+        density = rng.uniform(0.01, 0.05)
+        pits = (rng.random(shape, dtype=np.float32) < density).astype(np.float32)
+        where = np.isin(labels, (1, 2)) | (elytra & (grooves > 0.3))
+        pits = _blur(pits * where, 0.7) * 3.0
+        height_map -= 0.4 * pits
+        darken += 0.4 * np.clip(pits, 0, 1)
+    height_map -= 0.6 * grooves
+    darken += 0.35 * grooves
+    height_map = _blur(height_map * fg, 0.8)
+
+    gx = cv2.Sobel(height_map, cv2.CV_32F, 1, 0, ksize=3) / 8.0
+    gy = cv2.Sobel(height_map, cv2.CV_32F, 0, 1, ksize=3) / 8.0
+    norm = np.sqrt(gx**2 + gy**2 + 1.0)
+    nx, ny, nz = -gx / norm, -gy / norm, 1.0 / norm
+    diffuse = np.clip(nx * light3[0] + ny * light3[1] + nz * light3[2], 0, 1)
+    half_vec = light3 + np.array([0.0, 0.0, 1.0])
+    half_vec /= np.linalg.norm(half_vec)
+    ndoth = np.clip(nx * half_vec[0] + ny * half_vec[1] + nz * half_vec[2], 0, 1)
+    spec = ndoth**shininess
+
+    albedo = np.zeros((height, width, 3), np.float32)
+    for k, rgb in colours.items():
+        albedo[labels == k] = rgb
+    if palette["sheen"] is not None:  # structural colour shifts at grazing angles
+        sheen = np.array(palette["sheen"], np.float32) / 255.0
+        mix = 0.7 * np.clip((1 - nz) * 2.5, 0, 1)[..., None] * np.isin(labels, _BODY)[..., None]
+        albedo = albedo * (1 - mix) + sheen * mix
+        spec_colour = 0.3 + 0.6 * albedo / np.maximum(albedo.max(axis=2, keepdims=True), 1e-3)
+    else:
+        spec_colour = np.full((1, 1, 3), 0.88, np.float32)
+    albedo *= np.clip(1 - darken, 0.2, 1)[..., None]
+    gloss_map = np.where(np.isin(labels, _APPENDAGES), 0.5 * gloss, gloss).astype(np.float32)
+    colour = albedo * (0.3 + 0.85 * diffuse)[..., None]
+    colour += (gloss_map * spec)[..., None] * spec_colour
+    return np.clip(colour, 0, 1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------
+# public rendering API
+# ---------------------------------------------------------------------------------
+
+
+def render_specimen_layers(label_map: np.ndarray, rng: np.random.Generator,
+                           size: tuple[int, int] = (480, 360),
+                           style: Style | Mapping | None = None) -> Rendering:
+    """Render one specimen photo; like `render_specimen` but returns a `Rendering`.
+
+    Uses exactly the same random draws as `render_specimen`, so for the same generator
+    state both give the same image and label map.
+    """
+    st = Style.coerce(style)
+    width, height = _check_size(size)
+    src = _check_label_map(label_map)
+
+    # pose and label map
+    angle = _uniform(rng, st.rotation_range)
+    flipped = bool(rng.random() < st.flip_prob)
+    frac = _uniform(rng, st.scale_range)
+    matrix, scale, axis = _placement(src, angle, flipped, frac, width, height, rng)
+    labels = cv2.warpAffine(
+        src, matrix, (width, height), flags=cv2.INTER_NEAREST,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+    )
+    fg = labels > 0
+
+    # light
+    if st.light_angle is None:
+        light_deg = rng.uniform(0.0, 360.0)
+    else:
+        light_deg = st.light_angle + rng.normal(0.0, 6.0)
+    light_xy = np.array([math.cos(math.radians(light_deg)), -math.sin(math.radians(light_deg))])
+    elevation = math.radians(rng.uniform(40, 60))
+    light3 = np.array([light_xy[0] * math.cos(elevation), light_xy[1] * math.cos(elevation),
+                       math.sin(elevation)])
+
+    # substrate and the specimen's drop shadow
+    kind = st.backgrounds[int(rng.integers(len(st.backgrounds)))]
+    if st.background_color is None:
+        bg_colour = _draw_background_colour(kind, rng)
+    else:
+        bg_colour = np.asarray(st.background_color, float) * rng.uniform(0.98, 1.02, 3)
+        bg_colour = np.clip(bg_colour, 0, 255)
+    canvas = _background(kind, bg_colour, rng, height, width)
+    opacity = _uniform(rng, st.shadow_opacity)
+    offset = rng.uniform(0.012, 0.03) * min(width, height)
+    shadow_sigma = rng.uniform(0.008, 0.02) * min(width, height)
+    fg_f = fg.astype(np.float32)
+    shadow = _blur(_shift(fg_f, -offset * light_xy[0], -offset * light_xy[1]), shadow_sigma)
+    canvas *= (1 - opacity * shadow)[..., None]
+
+    # clutter, kept clear of the specimen and its shadow
+    clutter = np.zeros((height, width), bool)
+    if st.clutter and st.clutter_items:
+        keepout = cv2.dilate(fg.astype(np.uint8), _disk(6)) > 0
+        keepout |= shadow > 0.05
+        makers = {"label": _label_patch, "pin": _pin_patch, "scale_bar": _scale_bar_patch}
+        dark = float(np.mean(bg_colour)) < 110
+        for item in st.clutter_items:
+            if rng.random() < st.clutter_prob:
+                if item == "scale_bar":
+                    rgb, alpha = _scale_bar_patch(rng, width, height, dark)
+                else:
+                    rgb, alpha = makers[item](rng, width, height)
+                _place_patch(canvas, clutter, keepout, rgb, alpha, rng, light_xy)
+
+    # the beetle on top
+    palette = st.palettes[int(rng.integers(len(st.palettes)))]
+    beetle = _paint_beetle(labels, axis, palette, st, rng, light3)
+    image = np.where(fg[..., None], beetle, canvas)
+
+    # camera
+    image *= _illumination(rng, height, width, light_xy, _uniform(rng, st.illumination))[..., None]
+    image *= (1 + rng.normal(0, 0.015, 3)).astype(np.float32)[None, None, :]
+    image = _blur(image, _uniform(rng, st.blur_sigma))
+    noise = _uniform(rng, st.noise_sigma) / 255.0
+    if noise > 0:
+        image = image + noise * rng.standard_normal(image.shape, dtype=np.float32)
+    image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Rendering(
+        image=image, labels=labels, clutter=clutter, matrix=matrix, scale=scale,
+        angle=float(angle), flipped=flipped, palette=palette, background=kind,
+    )
+
+
+def render_specimen(label_map: np.ndarray, rng: np.random.Generator,
+                    size: tuple[int, int] = (480, 360),
+                    style: Style | Mapping | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Render one specimen photo from a part label map.
+
+    Returns ``(image, labels)``: an H x W x 3 uint8 RGB photo of the beetle placed on
+    a canvas of ``size`` = (width, height), and the H x W uint8 label map of the parts
+    as placed (0 background, 1..5 as in PARTS): the exact ground truth of the photo.
+    All randomness comes from ``rng``; ``style`` (a `Style` or a dict of its fields)
+    pins generator settings.
+    """
+    r = render_specimen_layers(label_map, rng, size=size, style=style)
+    return r.image, r.labels
+
+
+# ---------------------------------------------------------------------------------
+# collections
+# ---------------------------------------------------------------------------------
+
+
+def collection_style(style: Style | Mapping | None, rng: np.random.Generator) -> Style:
+    """Pin the settings that stay fixed across one collection (one lab's photo series).
+
+    Substrate kind and colour and the light direction are chosen once (unless the
+    caller pinned them); illumination, blur and noise ranges shrink to a narrow band
+    inside the caller's range.
+    """
+    st = Style.coerce(style)
+    kind = st.backgrounds[int(rng.integers(len(st.backgrounds)))]
+    colour = st.background_color or _draw_background_colour(kind, rng)
+    light = st.light_angle if st.light_angle is not None else float(rng.uniform(0, 360))
+
+    def narrow(span, keep=0.3):
+        lo, hi = span
+        width = (hi - lo) * keep
+        start = lo + rng.uniform(0, 1) * (hi - lo - width)
+        return (start, start + width)
+
+    return dataclasses.replace(
+        st, backgrounds=(kind,), background_color=colour, light_angle=light,
+        illumination=narrow(st.illumination), blur_sigma=narrow(st.blur_sigma),
+        noise_sigma=narrow(st.noise_sigma),
+    )
+
+
+def _select_masks(mask_names: Sequence[str] | None) -> list[tuple[str, np.ndarray]]:
+    masks = list(_load_masks_cached())
+    if mask_names is None:
+        return masks
+    if isinstance(mask_names, str):
+        mask_names = [mask_names]
+    by_name = dict(masks)
+    unknown = [n for n in mask_names if n not in by_name]
+    if unknown:
+        raise InputError(
+            f"unknown beetle mask name(s) {unknown[:5]}; names look like 'advena/beetle_100_475'"
+        )
+    names = sorted(set(mask_names))
+    if not names:
+        raise InputError("mask_names is empty")
+    return [(n, by_name[n]) for n in names]
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def iter_collection(n_images: int = 16, seed: int = 0, size: tuple[int, int] = (480, 360),
+                    style: Style | Mapping | None = None,
+                    mask_names: Sequence[str] | None = None) -> Iterator[tuple[str, Rendering]]:
+    """Yield ``(mask_name, Rendering)`` for each image of a collection, in order.
+
+    This is what `make_collection` writes, without touching the disk. The collection
+    settings and the mask order come from ``seed``; image ``i`` has its own random
+    stream, so the first k images of a collection do not depend on ``n_images``.
+    Masks are used in a seeded permutation, cycling when ``n_images`` exceeds them.
+    """
+    seed = _check_seed(seed)
+    if int(n_images) < 1:
+        raise InputError(f"n_images must be at least 1, got {n_images}")
+    _check_size(size)
+    masks = _select_masks(mask_names)
+    coll_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+    order = coll_rng.permutation(len(masks))
+    st = collection_style(style, coll_rng)
+    for i in range(int(n_images)):
+        name, label_map = masks[int(order[i % len(masks)])]
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i + 1,)))
+        yield name, render_specimen_layers(label_map, rng, size=size, style=st)
+
+
+def _coco(images: list[dict], annotations: list[dict], description: str) -> dict:
+    return {
+        "info": {"description": description, "generator": "sam2pal.synthetic"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": k, "name": name, "supercategory": "beetle"} for k, name in PARTS.items()
+        ],
+    }
+
+
+_README = """\
+# Synthetic specimen collection
+
+{n_images} synthetic beetle specimen photos ({width} x {height} px, JPEG quality {quality}),
+rendered by `sam2pal.synthetic.make_collection` (seed {seed}) from real part masks of
+ground beetles: each photo is one real label map placed with a random pose on a
+painted substrate, coloured, textured and lit procedurally. The masks used are
+listed per image (`source_mask`) in `ground_truth.json`.
+
+- `images/`: the photos, `specimen_000.jpg` ...
+- `templates.json`: COCO annotations (compressed RLE) of the first {n_templates} images,
+  the annotated templates to propagate from;
+- `ground_truth.json`: the same COCO structure for all {n_images} images (templates
+  included), the exact part masks of every photo.
+
+Categories: {categories}.
+
+Regenerate with (OUT_DIR being this folder):
+
+    sam2pal make-demo OUT_DIR --n-images {n_images} --n-templates {n_templates} --seed {seed}
+
+(the same as `sam2pal.synthetic.make_collection(OUT_DIR, n_images={n_images},
+n_templates={n_templates}, seed={seed}, size=({width}, {height}))`{style_note}).
+
+The beetle masks are the NEON Beetle Part Masks, MIT licence (copyright 2025
+Imageomics Institute), published with "Static Segmentation by Tracking" (Feng et al.,
+2025, arXiv 2501.06749); the masks were drawn on the 2018 NEON Ethanol-preserved
+Ground Beetles data set (doi 10.57967/hf/5252). Please cite both if you use these
+images in a publication.
+"""
+
+
+def make_collection(out_dir, n_images: int = 16, n_templates: int = 2, seed: int = 0,
+                    size: tuple[int, int] = (480, 360), jpeg_quality: int = 92,
+                    style: Style | Mapping | None = None,
+                    mask_names: Sequence[str] | None = None) -> dict:
+    """Write a synthetic specimen collection to ``out_dir`` and return what was written.
+
+    Writes ``images/specimen_000.jpg`` ..., ``ground_truth.json`` (COCO: one annotation
+    per visible part of every image, compressed RLE segmentations, categories 1..5 as
+    in PARTS), ``templates.json`` (the same for the first ``n_templates`` images only)
+    and ``README.md``. Every file is written atomically; ``specimen_*.jpg`` files left
+    in ``images/`` by an earlier, larger collection are removed so that the folder
+    matches the ground truth. ``mask_names`` restricts the beetle masks used (names as
+    in `load_beetle_masks`).
+
+    Returns a dict with ``out_dir``, ``images_dir``, ``images`` (paths),
+    ``templates``, ``ground_truth``, ``readme`` (paths), ``n_images``, ``n_templates``,
+    ``n_annotations`` and ``n_template_annotations``.
+    """
+    n_images = int(n_images)
+    n_templates = int(n_templates)
+    if n_images < 1:
+        raise InputError(f"n_images must be at least 1, got {n_images}")
+    if not 0 <= n_templates <= n_images:
+        raise InputError(
+            f"n_templates must be between 0 and n_images ({n_images}), got {n_templates}"
+        )
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise InputError(f"jpeg_quality must be 1..100, got {jpeg_quality}")
+    width, height = _check_size(size)
+    st = Style.coerce(style)
+
+    out = Path(out_dir)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    coco_images, annotations, paths, written = [], [], [], set()
+    ann_id = 1
+    for i, (name, r) in enumerate(
+        iter_collection(n_images, seed=seed, size=(width, height), style=st, mask_names=mask_names)
+    ):
+        file_name = f"specimen_{i:03d}.jpg"
+        path = images_dir / file_name
+        with atomic_path(path) as tmp:
+            Image.fromarray(r.image).save(
+                tmp, format="JPEG", quality=int(jpeg_quality), optimize=True
+            )
+        paths.append(path)
+        written.add(file_name)
+        image_id = i + 1
+        coco_images.append({
+            "id": image_id, "file_name": file_name, "width": width, "height": height,
+            "source_mask": name,
+        })
+        for k in PARTS:
+            mask = r.labels == k
+            if not mask.any():
+                continue
+            annotations.append({
+                "id": ann_id, "image_id": image_id, "category_id": k,
+                "segmentation": encode_rle(mask), "area": int(mask.sum()),
+                "bbox": mask_bbox(mask), "iscrowd": 0,
+            })
+            ann_id += 1
+
+    for stale in images_dir.glob("specimen_*.jpg"):
+        if re.fullmatch(r"specimen_\d{3,}\.jpg", stale.name) and stale.name not in written:
+            stale.unlink()
+
+    template_ids = {img["id"] for img in coco_images[:n_templates]}
+    template_anns = [a for a in annotations if a["image_id"] in template_ids]
+    ground_truth = _coco(
+        coco_images, annotations, f"synthetic specimens, seed {seed}: ground truth"
+    )
+    templates = _coco(
+        coco_images[:n_templates], template_anns, f"synthetic specimens, seed {seed}: templates"
+    )
+    gt_path, tpl_path = out / "ground_truth.json", out / "templates.json"
+    readme_path = out / "README.md"
+    write_json(gt_path, ground_truth, indent=1)
+    write_json(tpl_path, templates, indent=1)
+    style_note = "" if style is None else ", with a custom style"
+    if mask_names is not None:
+        style_note += ", from a chosen subset of the masks"
+    with atomic_write(readme_path) as fh:
+        fh.write(_README.format(
+            n_images=n_images, n_templates=n_templates, seed=seed, width=width, height=height,
+            quality=int(jpeg_quality), style_note=style_note,
+            categories=", ".join(f"{k} {v}" for k, v in PARTS.items()),
+        ))
+    return {
+        "out_dir": out, "images_dir": images_dir, "images": paths,
+        "templates": tpl_path, "ground_truth": gt_path, "readme": readme_path,
+        "n_images": n_images, "n_templates": n_templates,
+        "n_annotations": len(annotations), "n_template_annotations": len(template_anns),
+    }
