@@ -1,0 +1,718 @@
+"""Morphometric measurements of predicted masks, and the measurement tables.
+
+`measure_mask` turns one binary mask into a handful of size and shape measures, all in
+pixels (see its docstring for what each one is). `measure_coco` reads a COCO predictions
+file written by the project and writes:
+
+* a long table, one row per predicted structure (annotation), and
+* optionally a wide table, one row per image (specimen), one column per structure and
+  measure, which is what most statistics software wants.
+
+With a scale (pixels per millimetre, for all images or per image from a calibration
+CSV) the tables also carry the measures in millimetres.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from scipy import sparse
+from scipy.sparse import csgraph
+from scipy.spatial.distance import pdist
+from skimage import measure as skmeasure
+from skimage.morphology import skeletonize
+
+from sam2pal.atomic import atomic_write
+from sam2pal.errors import InputError
+from sam2pal.masks import decode_segmentation
+
+__all__ = [
+    "MASK_MEASURES",
+    "MEASURE_COLUMNS",
+    "MM_COLUMNS",
+    "measure_mask",
+    "measure_coco",
+    "read_calibration",
+]
+
+#: The measures of `measure_mask`, in pixels (eccentricity and solidity have no unit).
+MASK_MEASURES = [
+    "area_px",
+    "perimeter_px",
+    "feret_max_px",
+    "feret_min_px",
+    "major_axis_px",
+    "minor_axis_px",
+    "eccentricity",
+    "solidity",
+    "curve_length_px",
+]
+
+#: Columns of the long measurement table, in this order.
+MEASURE_COLUMNS = ["file_name", "image_id", "annotation_id", "category", *MASK_MEASURES]
+
+#: Columns appended to the tables when a scale (pixels per millimetre) is known.
+MM_COLUMNS = ["area_mm2", "perimeter_mm", "feret_max_mm", "feret_min_mm", "curve_length_mm"]
+
+# which pixel measure each millimetre column comes from, and the power of the scale
+_MM_SOURCE = {
+    "area_mm2": ("area_px", 2),
+    "perimeter_mm": ("perimeter_px", 1),
+    "feret_max_mm": ("feret_max_px", 1),
+    "feret_min_mm": ("feret_min_px", 1),
+    "curve_length_mm": ("curve_length_px", 1),
+}
+
+# Curve length settings. _SMOOTH_SIGMA: Gaussian smoothing of the skeleton path, in path
+# samples (about one pixel each). _TRIM: each end of the path is cut back by this many
+# times the median half width before being prolonged to the outline. _REACH: path
+# length (px) over which the end directions are taken. _MARCH_STEP: step (px) of the
+# march from the path ends to the outline. Tuned on synthetic strokes (arcs, sine
+# waves, straight bars, 3 to 15 px thick), where the length comes within 3 %.
+_SMOOTH_SIGMA = 2.0
+_TRIM = 2.0
+_REACH = 1.0
+_MARCH_STEP = 0.05
+
+
+# --------------------------------------------------------------------------------------
+# one mask
+# --------------------------------------------------------------------------------------
+
+
+def measure_mask(mask: np.ndarray) -> dict:
+    """Size and shape measures of one binary mask, in pixels.
+
+    The whole mask is treated as one structure, even when it is made of several
+    separate pieces (connected components): area, perimeter, Feret diameters, the
+    ellipse axes, eccentricity and solidity use all its pixels. The curve length alone
+    is measured on the largest piece (8-connected), because a centre line only makes
+    sense for one piece.
+
+    Returns a dict of floats with the keys of `MASK_MEASURES`:
+
+    * ``area_px``: number of pixels.
+    * ``perimeter_px``: scikit-image's ``measure.perimeter`` (4-neighbourhood, the
+      estimator `regionprops` also uses): boundary pixels weighted by their local
+      configuration, i.e. a contour through the centres of the boundary pixels. It is
+      therefore a little shorter than the outline of the pixel squares (a 10 x 10 square
+      gives 36, not 40) and 0 for a single pixel. Holes add their own boundary.
+    * ``feret_max_px`` / ``feret_min_px``: largest and smallest caliper (Feret)
+      diameter: the widest and narrowest extent of the structure over all directions.
+      Measured on the convex hull of the pixel squares (pixel corners), so a w x h
+      pixel rectangle gives exactly sqrt(w^2 + h^2) and min(w, h).
+    * ``major_axis_px`` / ``minor_axis_px`` / ``eccentricity``: the axes of the ellipse
+      with the same second moments as the pixels (``regionprops`` axis_major_length,
+      axis_minor_length, eccentricity: 0 for a disc, towards 1 for elongated shapes).
+    * ``solidity``: pixel count over the pixel count of the convex hull (``regionprops``);
+      1 for convex shapes, lower for concave or fragmented ones.
+    * ``curve_length_px``: length of the centre line of the structure, for curved thin
+      parts (antennae, legs): the longest path through the skeleton of the largest
+      piece, smoothed to remove the pixel staircase, and prolonged at both ends along
+      its direction up to the outline (so a stroke with flat ends measures end to end).
+      For compact parts (head, elytra) it is the length of the skeleton's long axis,
+      close to the longest extent of the part along its midline.
+
+    An empty mask gives area 0 and NaN for every other measure.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be 2-D, got shape {mask.shape}")
+    mask = mask.astype(bool, copy=False)
+    out = {key: math.nan for key in MASK_MEASURES}
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        out["area_px"] = 0.0
+        return out
+    cols = np.flatnonzero(mask.any(axis=0))
+    # all measures are translation invariant: work on the bounding box, with a 1 px
+    # background margin so that the image edge reads as the structure's outline
+    crop = np.pad(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], 1)
+
+    out["area_px"] = float(np.count_nonzero(crop))
+    out["perimeter_px"] = float(skmeasure.perimeter(crop, neighborhood=4))
+    out["feret_max_px"], out["feret_min_px"] = feret_diameters(crop)
+    props = skmeasure.regionprops(crop.astype(np.uint8))[0]
+    out["major_axis_px"] = float(props.axis_major_length)
+    out["minor_axis_px"] = float(props.axis_minor_length)
+    out["eccentricity"] = float(props.eccentricity)
+    out["solidity"] = float(props.solidity)
+    out["curve_length_px"] = curve_length(crop)
+    return out
+
+
+def feret_diameters(mask: np.ndarray) -> tuple[float, float]:
+    """(max, min) caliper diameters of the pixel squares of a non-empty bool mask."""
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    # the hull of the pixel squares is the hull of the boundary pixel centres, grown by
+    # the square: its corners are among the corners of the hull's pixels
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    centres = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float32)
+    hull = cv2.convexHull(centres).reshape(-1, 2)
+    corners = (hull[:, None, :] + np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float32))
+    hull = cv2.convexHull(corners.reshape(-1, 2)).reshape(-1, 2).astype(np.float64)
+
+    feret_max = float(pdist(hull).max())
+    # rotating calipers: the narrowest width of a convex polygon is attained with one
+    # caliper flush against an edge; for each edge, the width is the largest distance
+    # of a vertex from the edge's line
+    edges = np.roll(hull, -1, axis=0) - hull
+    lengths = np.hypot(edges[:, 0], edges[:, 1])
+    keep = lengths > 0
+    edges, starts = edges[keep] / lengths[keep, None], hull[keep]
+    rel = hull[None, :, :] - starts[:, None, :]
+    dist = np.abs(rel[..., 0] * edges[:, None, 1] - rel[..., 1] * edges[:, None, 0])
+    feret_min = float(dist.max(axis=1).min())
+    return feret_max, feret_min
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def _skeleton_graph(skeleton: np.ndarray):
+    """Sparse 8-connected graph of skeleton pixels (weights 1 and sqrt 2)."""
+    coords = np.argwhere(skeleton)
+    index = np.full(skeleton.shape, -1, dtype=np.int64)
+    index[coords[:, 0], coords[:, 1]] = np.arange(len(coords))
+    padded = np.pad(index, 1, constant_values=-1)
+    src, dst, wts = [], [], []
+    for dr, dc, w in ((0, 1, 1.0), (1, 0, 1.0), (1, 1, math.sqrt(2)), (1, -1, math.sqrt(2))):
+        nbr = padded[coords[:, 0] + 1 + dr, coords[:, 1] + 1 + dc]
+        ok = nbr >= 0
+        src.append(np.flatnonzero(ok))
+        dst.append(nbr[ok])
+        wts.append(np.full(ok.sum(), w))
+    src, dst, wts = np.concatenate(src), np.concatenate(dst), np.concatenate(wts)
+    n = len(coords)
+    graph = sparse.coo_matrix((wts, (src, dst)), shape=(n, n)).tocsr()
+    return coords, graph
+
+
+def _longest_path(graph) -> np.ndarray:
+    """Node indices of a longest shortest path (repeated farthest-node sweeps)."""
+    start, best = 0, -1.0
+    for _ in range(4):
+        dist, pred = csgraph.dijkstra(graph, directed=False, indices=start,
+                                      return_predecessors=True)
+        dist[~np.isfinite(dist)] = -1.0
+        far = int(np.argmax(dist))
+        if dist[far] <= best:
+            break
+        best, path_pred, path_start, path_end = dist[far], pred, start, far
+        start = far
+    if best <= 0:
+        return np.array([0])
+    path = [path_end]
+    while path[-1] != path_start:
+        path.append(int(path_pred[path[-1]]))
+    return np.array(path[::-1])
+
+
+def _march_out(mask: np.ndarray, point: np.ndarray, direction: np.ndarray) -> float:
+    """Distance from `point` (row, col; pixel centres at integers) along `direction`
+    until the ray leaves the mask's pixel squares."""
+    norm = float(np.hypot(*direction))
+    if norm == 0:
+        return 0.0
+    direction = direction / norm
+    max_len = float(np.hypot(*mask.shape)) + 2.0
+    t = np.arange(0.0, max_len, _MARCH_STEP)
+    pts = np.floor(point[None, :] + t[:, None] * direction[None, :] + 0.5).astype(np.int64)
+    inside = (
+        (pts[:, 0] >= 0) & (pts[:, 0] < mask.shape[0])
+        & (pts[:, 1] >= 0) & (pts[:, 1] < mask.shape[1])
+    )
+    inside[inside] = mask[pts[inside, 0], pts[inside, 1]]
+    outside = np.flatnonzero(~inside)
+    if outside.size == 0:
+        return max_len
+    k = int(outside[0])
+    if k == 0:
+        return 0.0
+    return float(t[k] - _MARCH_STEP / 2)
+
+
+def curve_length(mask: np.ndarray) -> float:
+    """Centre-line length of the largest 8-connected piece of a bool mask (see
+    `measure_mask`)."""
+    comp = _largest_component(np.asarray(mask, bool))
+    if not comp.any():
+        return math.nan
+    comp = np.pad(comp, 1)
+    skeleton = skeletonize(comp)
+    coords, graph = _skeleton_graph(skeleton)
+    path = coords[_longest_path(graph)].astype(np.float64)
+
+    # the skeleton forks towards the corners of flat ends: trim each end back by about
+    # the local width, the prolongation below restores the length along the midline
+    dt = ndi.distance_transform_edt(comp)
+    half_width = dt[path[:, 0].astype(int), path[:, 1].astype(int)] - 0.5
+    path = _trim_ends(path, half_width)
+
+    smooth = _smooth_path(path)
+    steps = np.diff(smooth, axis=0)
+    length = float(np.hypot(steps[:, 0], steps[:, 1]).sum())
+
+    head_dir, tail_dir = _end_directions(smooth, comp)
+    length += _march_out(comp, smooth[0], head_dir)
+    length += _march_out(comp, smooth[-1], tail_dir)
+    return length
+
+
+def _smooth_path(path: np.ndarray) -> np.ndarray:
+    """Gaussian smoothing of the path coordinates, which removes the staircase of the
+    8-connected pixel path (raw, a line at 22.5 degrees reads ~8 % too long).
+
+    The path is first continued past each end by its point reflection through the end
+    point, so that the ends stay in place and keep their direction (a straight path
+    is left unchanged), instead of bunching up as with edge replication.
+    """
+    n = len(path)
+    if n < 3:
+        return path
+    pad = min(n - 1, int(math.ceil(4 * _SMOOTH_SIGMA)))
+    head = 2 * path[0] - path[pad:0:-1]
+    tail = 2 * path[-1] - path[-2 : -pad - 2 : -1]
+    padded = np.concatenate([head, path, tail])
+    smooth = ndi.gaussian_filter1d(padded, _SMOOTH_SIGMA, axis=0, mode="nearest")
+    return smooth[pad : pad + n]
+
+
+def _trim_ends(path: np.ndarray, half_width: np.ndarray) -> np.ndarray:
+    """Drop the path's end pieces, which wander into the corners of the outline.
+
+    Near an end, the skeleton is no midline: at a flat end it forks towards the two
+    corners, and it may hug the outline. Each end loses a piece of `_TRIM` times the
+    typical (median) half width of the structure, never more than a third of the path;
+    the prolongation to the outline restores the length along the midline.
+    """
+    if len(path) < 3:
+        return path
+    steps = np.hypot(*np.diff(path, axis=0).T)
+    arc = np.concatenate([[0.0], np.cumsum(steps)])
+    total = arc[-1]
+    cut = min(_TRIM * float(np.median(half_width)), total / 3.0)
+    keep = np.flatnonzero((arc >= cut) & (arc <= total - cut))
+    if len(keep) < 2:
+        return path
+    return path[keep[0] : keep[-1] + 1]
+
+
+def _end_directions(smooth: np.ndarray, comp: np.ndarray):
+    """Outward directions at the two ends of the smoothed centre line."""
+    steps = np.hypot(*np.diff(smooth, axis=0).T) if len(smooth) > 1 else np.zeros(0)
+    total = float(steps.sum())
+    if total < 2.0:
+        # a (near) point skeleton: a compact blob; go both ways along its long axis
+        props = skmeasure.regionprops(comp.astype(np.uint8))[0]
+        theta = props.orientation  # angle between the row axis and the major axis
+        axis = np.array([math.cos(theta), math.sin(theta)])
+        return -axis, axis
+    arc = np.concatenate([[0.0], np.cumsum(steps)])
+    reach = min(_REACH, total / 2.0)
+    i_head = int(np.searchsorted(arc, reach))
+    i_tail = int(np.searchsorted(arc, total - reach, side="right")) - 1
+    return smooth[0] - smooth[i_head], smooth[-1] - smooth[i_tail]
+
+
+# --------------------------------------------------------------------------------------
+# calibration
+# --------------------------------------------------------------------------------------
+
+
+def _positive_scale(value, where: str | None = None) -> float:
+    """A pixels-per-millimetre value as a positive finite float, else InputError
+    (`where` names the file and line it comes from, if any)."""
+    prefix = f"{where}: " if where else ""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{prefix}px_per_mm {value!r} is not a number") from None
+    if not math.isfinite(scale) or scale <= 0:
+        raise InputError(f"{prefix}px_per_mm must be a positive number (pixels per "
+                         f"millimetre), got {value!r}")
+    return scale
+
+
+def read_calibration(path: str | os.PathLike) -> dict[str, float]:
+    """Read a per-image scale table: a CSV with the columns ``file_name,px_per_mm``.
+
+    Other columns are allowed and ignored; rows left entirely empty are skipped.
+    Returns {file_name: px_per_mm}. Raises InputError naming the file (and the line)
+    when the file is missing, lacks a column, has a px_per_mm that is not a positive
+    number, or lists the same file_name twice.
+    """
+    path = Path(path)
+    try:
+        handle = open(path, newline="", encoding="utf-8-sig")  # tolerate Excel's BOM
+    except FileNotFoundError:
+        raise InputError(f"{path}: calibration file not found") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the calibration file ({err.strerror})") from None
+    scales: dict[str, float] = {}
+    first_line: dict[str, int] = {}
+    with handle:
+        try:
+            reader = csv.DictReader(handle)
+            header = [name.strip() for name in (reader.fieldnames or [])]
+            if not header:
+                raise InputError(f"{path}: empty calibration file, expected the columns "
+                                 "file_name,px_per_mm")
+            reader.fieldnames = header
+            missing = [col for col in ("file_name", "px_per_mm") if col not in header]
+            if missing:
+                raise InputError(f"{path}: missing column(s) {', '.join(missing)} "
+                                 f"(expected file_name,px_per_mm; found {','.join(header)})")
+            for row in reader:
+                line = reader.line_num
+                if all((value or "").strip() == "" for value in row.values()
+                       if isinstance(value, str)):
+                    continue
+                name = (row.get("file_name") or "").strip()
+                raw = (row.get("px_per_mm") or "").strip()
+                if not name:
+                    raise InputError(f"{path}, line {line}: empty file_name")
+                scale = _positive_scale(raw, f"{path}, line {line}")
+                if name in scales:
+                    raise InputError(f"{path}, line {line}: file_name {name!r} is listed "
+                                     f"twice (first on line {first_line[name]})")
+                scales[name] = scale
+                first_line[name] = line
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not a UTF-8 text (CSV) file") from None
+        except csv.Error as err:
+            raise InputError(f"{path}: not a readable CSV file ({err})") from None
+    return scales
+
+
+def _base_name(file_name: str) -> str:
+    return file_name.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+class _ScaleLookup:
+    """Scale of an image: its calibration row (same file_name, else the same base name
+    when that base name is unique in the calibration file), else the global scale."""
+
+    def __init__(self, calibration: dict[str, float] | None, default: float | None):
+        self.calibration = calibration or {}
+        self.default = default
+        by_base: dict[str, list[float]] = {}
+        for name, scale in self.calibration.items():
+            by_base.setdefault(_base_name(name), []).append(scale)
+        self.by_base = {base: s[0] for base, s in by_base.items() if len(s) == 1}
+
+    def __call__(self, file_name: str) -> float | None:
+        if file_name in self.calibration:
+            return self.calibration[file_name]
+        base = _base_name(file_name)
+        if base in self.by_base:
+            return self.by_base[base]
+        return self.default
+
+
+# --------------------------------------------------------------------------------------
+# COCO predictions -> tables
+# --------------------------------------------------------------------------------------
+
+
+def _id_key(value):
+    """Sort key for COCO ids (ints, or strings in some exports)."""
+    return (1, value) if isinstance(value, str) else (0, value)
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _check_id(value, what: str, path: Path):
+    if not _is_id(value):
+        raise InputError(f"{path}: {what} id {value!r} is neither an integer nor a string")
+    return value
+
+
+def _load_coco(path: Path):
+    """Read and check a COCO predictions file; return (images, categories, by_image).
+
+    images: list of image dicts sorted by file_name; categories: {id: name} in id
+    order; by_image: {image id: [annotation, ...]} sorted by category id, instance.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            coco = json.load(handle)
+    except FileNotFoundError:
+        raise InputError(f"{path}: COCO file not found") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 text (JSON) file") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, "
+                         f"column {err.colno})") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the COCO file ({err.strerror})") from None
+    if not isinstance(coco, dict):
+        raise InputError(f"{path}: a COCO file must hold a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if key not in coco:
+            raise InputError(f"{path}: missing the '{key}' list")
+        if not isinstance(coco[key], list):
+            raise InputError(f"{path}: '{key}' must be a list")
+
+    images: dict = {}
+    for i, image in enumerate(coco["images"]):
+        if not isinstance(image, dict):
+            raise InputError(f"{path}: images[{i}] is not an object")
+        for key in ("id", "file_name", "width", "height"):
+            if key not in image:
+                raise InputError(f"{path}: images[{i}] lacks '{key}'")
+        image_id = _check_id(image["id"], f"images[{i}]:", path)
+        if image_id in images:
+            raise InputError(f"{path}: image id {image_id!r} appears twice")
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise InputError(f"{path}: image {image_id!r} has no file_name")
+        for key in ("width", "height"):
+            value = image[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InputError(f"{path}: image {image_id!r} ({image['file_name']}) has "
+                                 f"{key} {value!r}, expected a positive integer")
+        images[image_id] = image
+
+    categories: dict = {}
+    for i, cat in enumerate(coco["categories"]):
+        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+            raise InputError(f"{path}: categories[{i}] needs an 'id' and a 'name'")
+        cat_id = _check_id(cat["id"], f"categories[{i}]:", path)
+        if cat_id in categories:
+            raise InputError(f"{path}: category id {cat_id!r} appears twice")
+        if not isinstance(cat["name"], str) or not cat["name"]:
+            raise InputError(f"{path}: category {cat_id!r} has no name")
+        categories[cat_id] = cat["name"]
+    categories = dict(sorted(categories.items(), key=lambda kv: _id_key(kv[0])))
+
+    by_image: dict = {image_id: [] for image_id in images}
+    seen: set = set()
+    for i, ann in enumerate(coco["annotations"]):
+        if not isinstance(ann, dict):
+            raise InputError(f"{path}: annotations[{i}] is not an object")
+        for key in ("id", "image_id", "category_id", "segmentation"):
+            if key not in ann:
+                label = f"annotation {ann['id']!r}" if "id" in ann else f"annotations[{i}]"
+                raise InputError(f"{path}: {label} lacks '{key}'")
+        ann_id = _check_id(ann["id"], f"annotations[{i}]:", path)
+        if ann_id in seen:
+            raise InputError(f"{path}: annotation id {ann_id!r} appears twice")
+        seen.add(ann_id)
+        if not _is_id(ann["image_id"]) or ann["image_id"] not in images:
+            raise InputError(f"{path}: annotation {ann_id!r} refers to image_id "
+                             f"{ann['image_id']!r}, which is not among the images")
+        if not _is_id(ann["category_id"]) or ann["category_id"] not in categories:
+            raise InputError(f"{path}: annotation {ann_id!r} refers to category_id "
+                             f"{ann['category_id']!r}, which is not among the categories")
+        instance = ann.get("instance")
+        if instance is not None and (isinstance(instance, bool) or not isinstance(instance, int)
+                                     or instance < 1):
+            raise InputError(f"{path}: annotation {ann_id!r} has instance {instance!r}, "
+                             "expected a positive integer")
+        by_image[ann["image_id"]].append(ann)
+
+    for image_id, anns in by_image.items():
+        groups: dict = {}
+        for ann in anns:
+            groups.setdefault(ann["category_id"], []).append(ann)
+        ordered = []
+        for cat_id in sorted(groups, key=_id_key):
+            group = groups[cat_id]
+            if all(ann.get("instance") is not None for ann in group):
+                group.sort(key=lambda a: (a["instance"], _id_key(a["id"])))
+            else:  # no (complete) instance ranks: the order of the annotation ids
+                group.sort(key=lambda a: _id_key(a["id"]))
+            ordered.extend(group)
+        by_image[image_id] = ordered
+
+    image_list = sorted(images.values(), key=lambda im: (im["file_name"], _id_key(im["id"])))
+    return image_list, categories, by_image
+
+
+def _measure_image(path: Path, image: dict, anns: list) -> list[dict]:
+    """Measures of the annotations of one image, decoding one mask at a time."""
+    results = []
+    for ann in anns:
+        try:
+            mask = decode_segmentation(ann["segmentation"], image["height"], image["width"])
+        except (ValueError, TypeError, KeyError) as err:
+            raise InputError(f"{path}: annotation {ann['id']!r} (image {image['file_name']}): "
+                             f"unreadable segmentation ({err})") from None
+        results.append(measure_mask(mask))
+        del mask
+    return results
+
+
+def _fmt(value) -> str:
+    """A table cell: integers and strings as they are, floats with 10 significant
+    digits, NaN / missing as an empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, str):
+        return value
+    value = float(value)
+    if not math.isfinite(value):
+        return ""
+    return repr(float(f"{value:.10g}"))
+
+
+def _mm_values(measures: dict, scale: float | None) -> list[float]:
+    if scale is None:
+        return [math.nan] * len(MM_COLUMNS)
+    return [measures[src] / scale**power for src, power in _MM_SOURCE.values()]
+
+
+def measure_coco(
+    coco_path: str | os.PathLike,
+    out_csv: str | os.PathLike,
+    px_per_mm: float | None = None,
+    calibration_csv: str | os.PathLike | None = None,
+    wide_csv: str | os.PathLike | None = None,
+    threads: int = 1,
+) -> dict:
+    """Measure every predicted mask of a COCO predictions file and write the tables.
+
+    Long table (`out_csv`): one row per annotation, sorted by file_name, then category
+    id, then instance (the annotation's ``instance`` rank, else the order of the
+    annotation ids), with the columns `MEASURE_COLUMNS`.
+
+    Scale: `px_per_mm` (pixels per millimetre) applies to every image;
+    `calibration_csv` (columns ``file_name,px_per_mm``) gives one per image and wins
+    over `px_per_mm`. A calibration row matches an image by its file_name, or else by
+    the bare file name (without folders) when that name is unique in the calibration
+    file. With either option, the columns `MM_COLUMNS` are appended (area / px_per_mm^2,
+    lengths / px_per_mm); images without a scale get empty millimetre cells.
+
+    Wide table (`wide_csv`, optional): one row per image, sorted by file_name, with
+    ``file_name, image_id`` and then, for each category in id order and each measure,
+    a column ``{category}_{measure}``; when some image holds several instances of a
+    category, its columns are ``{category}_{k}_{measure}`` for k = 1 .. the largest
+    count (k numbers the instances of the category on the image in the order of the
+    long table). Missing structures leave empty cells. Categories without any prediction
+    keep their (empty) columns, so tables from different runs line up.
+
+    Masks are decoded and measured one at a time, image by image (`threads` images in
+    parallel). Both tables are written atomically: on any error neither is left
+    half-written. Cells: floats with 10 significant digits, empty for NaN.
+
+    Returns {"n_images", "n_annotations", "calibrated", "images_without_scale"}.
+    Raises InputError (one line naming the file) on a bad COCO or calibration file
+    or a bad px_per_mm.
+    """
+    coco_path = Path(coco_path)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InputError(f"threads must be a positive integer, got {threads!r}")
+    default_scale = None if px_per_mm is None else _positive_scale(px_per_mm)
+    calibration = read_calibration(calibration_csv) if calibration_csv is not None else None
+    calibrated = default_scale is not None or calibration is not None
+    scale_of = _ScaleLookup(calibration, default_scale)
+
+    images, categories, by_image = _load_coco(coco_path)
+
+    names = list(categories.values())
+    if wide_csv is not None and len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})[0]
+        raise InputError(f"{coco_path}: several categories are named {dup!r}; the wide "
+                         "table needs distinct category names")
+
+    measures = MASK_MEASURES + (MM_COLUMNS if calibrated else [])
+    columns = MEASURE_COLUMNS + (MM_COLUMNS if calibrated else [])
+    wide_rows = []  # per image: {(category id, k): [measure values]}
+    n_annotations = 0
+    without_scale = 0
+
+    def job(image):
+        return _measure_image(coco_path, image, by_image[image["id"]])
+
+    with contextlib.ExitStack() as stack:
+        long_handle = stack.enter_context(atomic_write(out_csv, "w", newline=""))
+        wide_handle = (stack.enter_context(atomic_write(wide_csv, "w", newline=""))
+                       if wide_csv is not None else None)
+        writer = csv.writer(long_handle)
+        writer.writerow(columns)
+        if threads > 1 and len(images) > 1:
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=threads))
+            # on an error, drop the images not yet started instead of measuring them
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            results = pool.map(job, images)
+        else:
+            results = map(job, images)
+
+        for image, image_measures in zip(images, results):
+            scale = scale_of(image["file_name"]) if calibrated else None
+            if calibrated and scale is None:
+                without_scale += 1
+            cells: dict = {}
+            rank: dict = {}
+            for ann, values in zip(by_image[image["id"]], image_measures):
+                row_values = [values[key] for key in MASK_MEASURES]
+                if calibrated:
+                    row_values += _mm_values(values, scale)
+                writer.writerow(
+                    [_fmt(image["file_name"]), _fmt(image["id"]), _fmt(ann["id"]),
+                     categories[ann["category_id"]]] + [_fmt(v) for v in row_values]
+                )
+                k = rank[ann["category_id"]] = rank.get(ann["category_id"], 0) + 1
+                cells[(ann["category_id"], k)] = row_values
+                n_annotations += 1
+            if wide_handle is not None:
+                wide_rows.append((image, cells))
+
+        if wide_handle is not None:
+            _write_wide(wide_handle, wide_rows, categories, measures)
+
+    return {
+        "n_images": len(images),
+        "n_annotations": n_annotations,
+        "calibrated": calibrated,
+        "images_without_scale": without_scale,
+    }
+
+
+def _write_wide(handle, wide_rows, categories: dict, measures: list[str]) -> None:
+    most: dict = {cat_id: 0 for cat_id in categories}
+    for _, cells in wide_rows:
+        for cat_id, k in cells:
+            most[cat_id] = max(most[cat_id], k)
+    header = ["file_name", "image_id"]
+    slots = []  # (category id, k) in column order
+    for cat_id, name in categories.items():
+        if most[cat_id] <= 1:
+            header += [f"{name}_{m}" for m in measures]
+            slots.append((cat_id, 1))
+        else:
+            for k in range(1, most[cat_id] + 1):
+                header += [f"{name}_{k}_{m}" for m in measures]
+                slots.append((cat_id, k))
+    writer = csv.writer(handle)
+    writer.writerow(header)
+    empty = [""] * len(measures)
+    for image, cells in wide_rows:
+        row = [_fmt(image["file_name"]), _fmt(image["id"])]
+        for slot in slots:
+            values = cells.get(slot)
+            row += empty if values is None else [_fmt(v) for v in values]
+        writer.writerow(row)
