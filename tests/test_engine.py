@@ -1,0 +1,172 @@
+"""The propagation engine against the official SAM2 video predictor, and its contracts:
+one image-encoder pass per target, targets independent of each other, multi-template
+memory, and the post-processing helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import IMAGE_SIZE, blob_image, box_mask, save_jpeg, template_set
+from sam2pal.engine import Propagator, fill_holes
+from sam2pal.model import build_model
+from sam2pal.postprocess import StructureReference, clamp_mask
+
+H, W = 90, 140
+
+
+def _official_predictor(config: str, state_dict):
+    from sam2.build_sam import build_sam2_video_predictor
+
+    predictor = build_sam2_video_predictor(
+        config, None, device="cpu", hydra_overrides_extra=[f"++model.image_size={IMAGE_SIZE}"]
+    )
+    predictor.load_state_dict(state_dict)
+    # This machine has no SAM2 CUDA extension, so the official hole filling is a no-op
+    # (it warns and skips); the engine is compared with its own hole filling off.
+    predictor.fill_hole_area = 0
+    return predictor.eval()
+
+
+@pytest.mark.parametrize("config", ["configs/sam2.1/sam2.1_hiera_t.yaml", "configs/sam2/sam2_hiera_t.yaml"])
+def test_engine_equals_official_video_predictor(tmp_path, config):
+    """[template, target] as a 2-frame video: same low-res logits, same masks."""
+    model = build_model(config, "random", image_size=IMAGE_SIZE)
+    predictor = _official_predictor(config, model.state_dict())
+    rng = np.random.default_rng(0)
+    masks = {
+        (1, 1): box_mask(H, W, 30, 20, 100, 70),
+        (2, 1): box_mask(H, W, 40, 30, 60, 50),
+        (2, 2): box_mask(H, W, 80, 30, 110, 60),
+    }
+    engine_masks, official_masks = [], []
+    for target_seed in range(3):
+        video = tmp_path / f"video{target_seed}"
+        template = save_jpeg(video / "00000.jpg", blob_image(rng, H, W, [(30, 20, 100, 70, (200, 60, 40))]))
+        target = save_jpeg(video / "00001.jpg", blob_image(rng, H, W, [(25, 25, 95, 75, (190, 70, 50))]))
+        templates = template_set([(video / "00000.jpg", masks)], {1: "body", 2: "spot"})
+        engine = Propagator(model, templates, fill_hole_area=0, cycle_consistency=False)
+        ours = engine.predict(target)
+
+        state = predictor.init_state(str(video))
+        for obj_id, key in enumerate(sorted(masks)):
+            predictor.add_new_mask(state, 0, obj_id, masks[key])
+        theirs = {f: m for f, _, m in predictor.propagate_in_video(state)}[1]
+
+        group = engine.groups[0]
+        with torch.inference_mode():
+            feats = engine._features(engine._encode(target), len(group.objects))
+            low_res, _, _ = engine._track(feats, 1, 2, group.memory)
+        for obj_idx in range(len(masks)):
+            official_low = state["output_dict_per_obj"][obj_idx]["non_cond_frame_outputs"][1]["pred_masks"]
+            torch.testing.assert_close(low_res[obj_idx : obj_idx + 1], official_low, atol=1e-4, rtol=1e-4)
+        for obj_idx, pred in enumerate(ours):
+            engine_masks.append(pred.mask)
+            official_masks.append((theirs[obj_idx, 0] > 0).numpy())
+    for ours_mask, official_mask in zip(engine_masks, official_masks):
+        assert ours_mask.shape == (H, W)
+        assert np.array_equal(ours_mask, official_mask)
+    assert any(m.any() for m in engine_masks)
+
+
+class EncoderCalls:
+    """Counts image-encoder forward passes with a forward hook."""
+
+    def __init__(self, model):
+        self.count = 0
+        self.handle = model.image_encoder.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.count += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+def _two_templates(tmp_path, rng):
+    t1 = save_jpeg(tmp_path / "t1.jpg", blob_image(rng, H, W, [(30, 20, 100, 70, (200, 60, 40))]))
+    t2 = save_jpeg(tmp_path / "t2.jpg", blob_image(rng, 100, 120, [(20, 20, 90, 80, (200, 60, 40))]))
+    entries = [
+        (tmp_path / "t1.jpg", {(1, 1): box_mask(H, W, 30, 20, 100, 70), (2, 1): box_mask(H, W, 40, 30, 60, 50)}),
+        # the second template lacks structure 2 and is another size
+        (tmp_path / "t2.jpg", {(1, 1): box_mask(100, 120, 20, 20, 90, 80)}),
+    ]
+    return template_set(entries, {1: "body", 2: "spot"}), (t1, t2)
+
+
+def test_one_encoder_pass_per_target(tmp_path, tiny_model):
+    rng = np.random.default_rng(1)
+    templates, _ = _two_templates(tmp_path, rng)
+    calls = EncoderCalls(tiny_model)
+    try:
+        engine = Propagator(tiny_model, templates, cycle_consistency=True)
+        assert calls.count == 2  # each template encoded once, at set-up
+        targets = [blob_image(rng, 80 + 10 * i, 110) for i in range(5)]
+        for target in targets:
+            engine.predict(target)
+        assert calls.count == 2 + len(targets)
+    finally:
+        calls.close()
+
+
+def test_multi_template_memory_and_groups(tmp_path, tiny_model):
+    rng = np.random.default_rng(2)
+    templates, _ = _two_templates(tmp_path, rng)
+    engine = Propagator(tiny_model, templates)
+    # structure (1,1) is on both templates, (2,1) on the first only: two groups
+    layout = sorted((tuple(g.objects), tuple(g.templates)) for g in engine.groups)
+    assert layout == [(((1, 1),), (0, 1)), (((2, 1),), (0,))]
+    both = next(g for g in engine.groups if g.templates == [0, 1])
+    assert sorted(both.memory["cond_frame_outputs"]) == [0, 1]
+    preds = engine.predict(blob_image(rng, 70, 100))
+    assert [(p.category_id, p.instance) for p in preds] == [(1, 1), (2, 1)]
+    for p in preds:
+        assert p.mask.shape == (70, 100) and p.mask.dtype == bool
+        assert 0.0 <= p.object_score <= 1.0
+        assert 0.0 <= p.cycle_iou <= 1.0
+        assert 0.0 <= p.score <= 1.0
+
+
+def test_targets_are_independent_of_order(tmp_path, tiny_model):
+    rng = np.random.default_rng(3)
+    templates, _ = _two_templates(tmp_path, rng)
+    targets = [blob_image(rng, 90, 120, [(10 + 5 * i, 10, 60 + 5 * i, 60, (200, 60, 40))]) for i in range(4)]
+    forward = Propagator(tiny_model, templates).predict
+    first = [forward(t) for t in targets]
+    backward = Propagator(tiny_model, templates).predict
+    second = [backward(t) for t in reversed(targets)][::-1]
+    for a_list, b_list in zip(first, second):
+        for a, b in zip(a_list, b_list):
+            assert np.array_equal(a.mask, b.mask)
+            assert a.predicted_iou == b.predicted_iou and a.cycle_iou == b.cycle_iou
+
+
+def test_fill_holes_fills_only_small_holes():
+    logits = torch.full((1, 1, 32, 32), 5.0)
+    logits[0, 0, 5:7, 5:7] = -3.0  # 4-pixel hole
+    logits[0, 0, 15:25, 15:25] = -3.0  # 100-pixel hole
+    filled = fill_holes(logits, max_area=8)
+    assert (filled[0, 0, 5:7, 5:7] == 0.1).all()
+    assert (filled[0, 0, 15:25, 15:25] == -3.0).all()
+    assert torch.equal(fill_holes(logits, 0), logits)
+
+
+def test_clamp_relative_to_template_structure():
+    template = box_mask(100, 200, 50, 20, 100, 60)  # 2000 px of 20000 = 10%
+    ref = StructureReference.from_masks([template])
+    # target twice the size: relative box maps to (100,40)-(200,120)
+    target = np.zeros((200, 400), bool)
+    target[40:120, 100:200] = True  # same relative area: untouched
+    out, cut = clamp_mask(target, ref, area_growth_limit=2.0, pad=5)
+    assert not cut and np.array_equal(out, target)
+    exploded = target.copy()
+    exploded[:, :] = True  # 100% of the image > 2 x 10%
+    out, cut = clamp_mask(exploded, ref, area_growth_limit=2.0, pad=5)
+    assert cut
+    ys, xs = np.nonzero(out)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (95, 204, 35, 124)
+    out, cut = clamp_mask(exploded, ref, area_growth_limit=0.0, pad=5)
+    assert not cut and out.all()  # off by default
+    out, cut = clamp_mask(exploded, ref, pad=0, always=True)
+    assert cut and out.sum() == 100 * 80
