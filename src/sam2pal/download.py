@@ -65,9 +65,9 @@ def missing_message(model: OfficialModel, path: Path) -> str:
     )
 
 
-def download_model(name: str, checkpoint_dir=DEFAULT_CHECKPOINT_DIR, timeout: float = 60.0) -> Path:
+def download_model(name: str | OfficialModel, checkpoint_dir=DEFAULT_CHECKPOINT_DIR, timeout: float = 60.0) -> Path:
     """Download an official checkpoint into `checkpoint_dir`, checking size and SHA-256."""
-    model = official_model(name)
+    model = name if isinstance(name, OfficialModel) else official_model(name)
     if model is None:
         raise InputError(f"'{name}' is not an official SAM 2.1 model name")
     dest = official_checkpoint_path(model, checkpoint_dir)

@@ -136,15 +136,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, config_label: str = "") -> None:
     state = read_state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    own = model.state_dict()
+    reshaped = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or reshaped:
         parts = []
+        if reshaped:
+            k = reshaped[0]
+            parts.append(
+                f"{len(reshaped)} weights of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                f"{tuple(own[k].shape)} in the model)"
+            )
         if missing:
             parts.append(f"{len(missing)} weights missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         what = f" config {config_label}" if config_label else " model config"
         raise InputError(f"{path}: checkpoint does not fit the{what}: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
 
 
 def set_object_present_bias(model, bias: float = 10.0) -> None:

@@ -1,0 +1,140 @@
+"""`sam2pal` on the command line, as users of the old script call it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from sam2pal.cli import main
+
+DEMO = REPO / "resources" / "demo"
+
+
+@pytest.fixture()
+def specimens(tmp_path):
+    folder = tmp_path / "specimens"
+    folder.mkdir()
+    for name in ("specimen_003.jpg", "specimen_004.jpg"):
+        shutil.copy(DEMO / "images" / name, folder / name)
+    return folder
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sam2pal.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_segment_with_template_json_and_old_flags(tmp_path, specimens):
+    out = tmp_path / "out"
+    result = run_cli(
+        "segment", "--template_json", DEMO / "templates.json", "--template_dir", DEMO / "images",
+        "--image_dir", specimens, "--output_dir", out, "--sam2_checkpoint", "random", "--model_cfg", "sam2.1_hiera_t",
+        "--image_size", "64", "--save_masks", "--visualize", "--output_category_prefix", "--px_per_mm", "20",
+        "--area_growth_limit", "3", "--area_clamp_pad", "5", "--device", "cpu", "--interleave_template",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--interleave_template has no effect" in result.stderr
+    for name in ("predictions.json", "measurements.csv", "measurements_wide.csv", "qc.csv", "skipped.csv"):
+        assert (out / name).is_file(), name
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions["info"]["settings"]["area_growth_limit"] == 3.0
+    assert predictions["info"]["settings"]["area_clamp_pad"] == 5
+    assert sorted(im["file_name"] for im in predictions["images"]) == ["specimen_003.jpg", "specimen_004.jpg"]
+    header = next(csv.reader(open(out / "measurements.csv")))
+    assert header[-1] == "curve_length_mm"
+    masks = sorted(p.name for p in (out / "masks").glob("*.png"))
+    assert masks and all(name.split("__")[0] in {"head", "pronotum", "elytra", "antenna", "legs"} for name in masks)
+    assert len(list((out / "overlays").glob("*.jpg"))) == 2
+
+
+def test_segment_with_template_image_and_mask(tmp_path, specimens):
+    gt = json.loads((DEMO / "ground_truth.json").read_text())
+    image = next(im for im in gt["images"] if im["file_name"] == "specimen_000.jpg")
+    from sam2pal.masks import decode_segmentation
+
+    antenna = np.zeros((image["height"], image["width"]), bool)
+    for ann in gt["annotations"]:
+        if ann["image_id"] == image["id"] and ann["category_id"] == 4:
+            antenna |= decode_segmentation(ann["segmentation"], image["height"], image["width"])
+    Image.fromarray(antenna.astype(np.uint8) * 255).save(tmp_path / "antenna_mask.png")
+    out = tmp_path / "out"
+    code = main(["segment", "--template_image", str(DEMO / "images" / "specimen_000.jpg"),
+                 "--template_mask", str(tmp_path / "antenna_mask.png"), "--image_dir", str(specimens),
+                 "--output_dir", str(out), "--sam2_checkpoint", "random", "--image_size", "64",
+                 "--output_timestamp", "--no_cycle_consistency"])
+    assert code == 0
+    (run_dir,) = out.iterdir()  # the timestamped folder
+    predictions = json.loads((run_dir / "predictions.json").read_text())
+    assert [c["name"] for c in predictions["categories"]] == ["antenna"]
+    assert all(a["cycle_iou"] is None for a in predictions["annotations"])
+
+
+def test_segment_template_image_picks_one_image_of_the_json(tmp_path, specimens):
+    out = tmp_path / "out"
+    code = main(["segment", "--template_json", str(DEMO / "templates.json"),
+                 "--template_image", str(DEMO / "images" / "specimen_001.jpg"), "--image_dir", str(specimens),
+                 "--output_dir", str(out), "--sam2_checkpoint", "random", "--image_size", "64",
+                 "--no_cycle_consistency"])
+    assert code == 0
+    templates = json.loads((out / "templates.json").read_text())
+    assert [im["file_name"] for im in templates["images"]] == ["specimen_001.jpg"]
+
+
+@pytest.mark.parametrize("flags", [["--pal_finetuning"], ["--use_lora", "--lora_rank", "8"], ["--num_epochs", "5"]])
+def test_training_flags_say_not_yet_implemented(tmp_path, specimens, flags):
+    out = tmp_path / "out"
+    result = run_cli("segment", "--template_json", DEMO / "templates.json", "--image_dir", specimens,
+                     "--output_dir", out, "--sam2_checkpoint", "random", *flags)
+    assert result.returncode == 2
+    assert "not yet implemented" in result.stderr and flags[0] in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (out / "predictions.json").exists()
+
+
+def test_user_errors_are_one_line(tmp_path, specimens):
+    bad_mask = tmp_path / "small_mask.png"
+    Image.fromarray(np.full((10, 10), 255, np.uint8)).save(bad_mask)
+    cases = [
+        (["--template_image", DEMO / "images" / "specimen_000.jpg", "--template_mask", bad_mask,
+          "--sam2_checkpoint", "random"], "small_mask.png"),
+        (["--template_json", DEMO / "templates.json"], "--sam2_checkpoint"),
+        (["--template_json", DEMO / "templates.json", "--sam2_checkpoint", tmp_path / "finetuned.pt"], "finetuned.pt"),
+        (["--template_json", tmp_path / "missing.json", "--sam2_checkpoint", "random"], "missing.json"),
+    ]
+    for extra, needle in cases:
+        result = run_cli("segment", "--image_dir", specimens, "--output_dir", tmp_path / "o", *extra)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("sam2pal: error:"), result.stderr
+
+
+def test_measure_and_evaluate_commands(tmp_path):
+    gt = DEMO / "ground_truth.json"
+    result = run_cli("measure", "--coco", gt, "--out", tmp_path / "m.csv", "--wide", tmp_path / "w.csv",
+                     "--px-per-mm", "10")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert len(rows) == len(json.loads(gt.read_text())["annotations"])
+    assert float(rows[0]["area_mm2"]) == pytest.approx(float(rows[0]["area_px"]) / 100)
+    result = run_cli("evaluate", "--gt", gt, "--pred", gt, "--out", tmp_path / "metrics.csv")
+    assert result.returncode == 0, result.stderr
+    means = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["level"] == "category_mean"]
+    assert all(float(r["iou"]) == 1.0 for r in means)
+
+
+def test_version_and_help():
+    assert run_cli("--version").stdout.startswith("sam2pal ")
+    help_text = run_cli("segment", "--help").stdout
+    for flag in ("--template_image", "--template_mask", "--template_json", "--image_dir", "--output_dir",
+                 "--sam2_checkpoint", "--sam2_config", "--model_cfg", "--save_masks", "--save_vis", "--visualize",
+                 "--area_growth_limit", "--area_clamp_pad", "--output_timestamp", "--output_category_prefix",
+                 "--device"):
+        assert flag in help_text, flag

@@ -1,0 +1,172 @@
+"""The Snakemake workflow, run for real: the demo config in a temporary folder, several
+collections in one config (COCO and PNG templates, an unreadable image), reruns, the
+dry-run and the linter, and clear errors for bad configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from pycocotools.coco import COCO
+
+from conftest import REPO
+
+DEMO = REPO / "resources" / "demo"
+
+
+def snakemake(workdir, *args, check=True):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--workflow-profile", "none", "--cores", "2", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=workdir)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def absolute_demo_config():
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    demo = config["collections"]["demo"]
+    for key in ("images", "templates", "ground_truth"):
+        demo[key] = str(REPO / demo[key])
+    return config
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README's demo config, run in a temporary folder."""
+    workdir = tmp_path_factory.mktemp("demo")
+    config = absolute_demo_config()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(workdir, "--configfile", "config.yaml")
+    return workdir, config
+
+
+def test_demo_run_outputs(demo_run):
+    workdir, config = demo_run
+    out = workdir / "results" / "demo"
+    for name in ("predictions.json", "measurements.csv", "measurements_wide.csv", "qc.csv", "skipped.csv", "metrics.csv"):
+        assert (out / name).is_file(), name
+    coco = COCO(str(out / "predictions.json"))
+    n_images = len(list((DEMO / "images").iterdir()))
+    assert len(coco.getImgIds()) == n_images
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["head", "pronotum", "elytra", "antenna", "legs"]
+    info = coco.dataset["info"]
+    assert info["model"]["checkpoint"] == "random" and info["model"]["image_size"] == config["model"]["image_size"]
+    assert info["templates"]["images"] == ["specimen_000.jpg", "specimen_001.jpg"]
+    assert "torch" in info["versions"] and "sam2" in info["versions"]
+
+    with open(out / "measurements.csv") as handle:
+        header = next(csv.reader(handle))
+    assert header == ["file_name", "image_id", "annotation_id", "category", "area_px", "perimeter_px",
+                      "feret_max_px", "feret_min_px", "major_axis_px", "minor_axis_px", "eccentricity",
+                      "solidity", "curve_length_px", "area_mm2", "perimeter_mm", "feret_max_mm",
+                      "feret_min_mm", "curve_length_mm"]
+    wide = list(csv.DictReader(open(out / "measurements_wide.csv")))
+    assert len(wide) == n_images and "antenna_curve_length_px" in wide[0]
+    qc = list(csv.DictReader(open(out / "qc.csv")))
+    assert len(qc) == n_images and [int(r["rank"]) for r in qc] == list(range(1, n_images + 1))
+    scores = [float(r["qc_score"]) for r in qc]
+    assert scores == sorted(scores)
+    metrics = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["level"] == "category_mean"]
+    assert sorted(r["category"] for r in metrics) == ["antenna", "elytra", "head", "legs", "pronotum"]
+    assert len(list((out / "masks").glob("*.png"))) == len(coco.dataset["annotations"])
+    assert len(list((out / "overlays").glob("*.jpg"))) == n_images
+    assert (workdir / "logs" / "demo" / "propagate.log").read_text().strip()
+
+
+def test_rerun_has_nothing_to_do_and_measure_settings_do_not_resegment(demo_run):
+    workdir, config = demo_run
+    assert "Nothing to be done" in snakemake(workdir, "--configfile", "config.yaml", "-n").stdout
+    config = json.loads(json.dumps(config))
+    config["collections"]["demo"]["px_per_mm"] = 12.5
+    (workdir / "changed.yaml").write_text(yaml.safe_dump(config))
+    plan = snakemake(workdir, "--configfile", "changed.yaml", "-n").stdout
+    assert "measure" in plan and "propagate" not in plan.split("Job stats:")[1]
+
+
+def test_several_collections_png_templates_and_a_bad_image(tmp_path):
+    """A second collection with PNG templates (binary and label map), an image that
+    cannot be read, and its own model settings, next to a COCO-templated one."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    for name in ("specimen_002.jpg", "specimen_003.jpg", "specimen_004.jpg"):
+        shutil.copy(DEMO / "images" / name, images / name)
+    (images / "broken.jpg").write_bytes((DEMO / "images" / "specimen_005.jpg").read_bytes()[:2000])
+    gt = json.loads((DEMO / "ground_truth.json").read_text())
+    image = next(im for im in gt["images"] if im["file_name"] == "specimen_000.jpg")
+    from sam2pal.masks import decode_segmentation
+
+    labels = np.zeros((image["height"], image["width"]), np.uint8)
+    for ann in gt["annotations"]:
+        if ann["image_id"] == image["id"]:
+            labels[decode_segmentation(ann["segmentation"], image["height"], image["width"])] = ann["category_id"]
+    Image.fromarray(((labels == 4) * 255).astype(np.uint8)).save(tmp_path / "antenna_mask.png")
+    labels[~np.isin(labels, [1, 3])] = 0  # a label map of head (1) and elytra (3)
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    config = {
+        "collections": {
+            "coco_set": {"images": str(images), "templates": str(DEMO / "templates.json"),
+                         "template_images": str(DEMO / "images"),
+                         "propagate": {"cycle_consistency": False}},
+            "png_set": {
+                "images": str(images),
+                "templates": [
+                    {"image": str(DEMO / "images" / "specimen_000.jpg"), "mask": str(tmp_path / "labels.png"),
+                     "labels": {"1": "head", "3": "elytra"}},
+                    {"image": str(DEMO / "images" / "specimen_000.jpg"), "mask": str(tmp_path / "antenna_mask.png"),
+                     "structure": "antenna"},
+                ],
+                "model": {"image_size": 64},
+            },
+        },
+        "model": {"checkpoint": "random", "image_size": 128},
+        "outputs": {"save_overlays": False},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, "--configfile", "config.yaml")
+    for collection, n_categories in (("coco_set", 5), ("png_set", 3)):
+        out = tmp_path / "results" / collection
+        skipped = list(csv.DictReader(open(out / "skipped.csv")))
+        assert [r["file_name"] for r in skipped] == ["broken.jpg"] and "cannot read image" in skipped[0]["reason"]
+        coco = COCO(str(out / "predictions.json"))
+        assert len(coco.getImgIds()) == 3 and len(coco.getCatIds()) == n_categories
+        qc = list(csv.DictReader(open(out / "qc.csv")))
+        assert qc[0]["file_name"] == "broken.jpg" and qc[0]["status"] == "skipped"
+    png = json.loads((tmp_path / "results" / "png_set" / "predictions.json").read_text())
+    assert [c["name"] for c in png["categories"]] == ["head", "elytra", "antenna"]
+    assert png["info"]["model"]["image_size"] == 64
+    coco_set = json.loads((tmp_path / "results" / "coco_set" / "predictions.json").read_text())
+    assert all(a["cycle_iou"] is None for a in coco_set["annotations"])
+
+
+def test_dry_run_and_lint_of_the_repository_config():
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", "1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "propagate" in dry.stdout
+    lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert lint.returncode == 0, lint.stdout[-3000:] + lint.stderr[-3000:]
+    assert "Congratulations" in lint.stdout + lint.stderr
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"collections": {"x": {"images": "/nonexistent/folder", "templates": "t.json"}}}, "/nonexistent/folder"),
+        ({"collections": {"x": {"images": "."}}}, "templates"),
+        ({"collections": {"x": {"images": ".", "templates": "t.json"}}, "propagate": {"device": "gpu"}}, "device"),
+    ],
+)
+def test_bad_config_gives_a_clear_error(tmp_path, change, message):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(change))
+    result = snakemake(tmp_path, "--configfile", "config.yaml", "-n", check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
