@@ -43,7 +43,7 @@ def test_engine_equals_official_video_predictor(tmp_path, config):
     engine_masks, official_masks = [], []
     for target_seed in range(3):
         video = tmp_path / f"video{target_seed}"
-        template = save_jpeg(video / "00000.jpg", blob_image(rng, H, W, [(30, 20, 100, 70, (200, 60, 40))]))
+        save_jpeg(video / "00000.jpg", blob_image(rng, H, W, [(30, 20, 100, 70, (200, 60, 40))]))
         target = save_jpeg(video / "00001.jpg", blob_image(rng, H, W, [(25, 25, 95, 75, (190, 70, 50))]))
         templates = template_set([(video / "00000.jpg", masks)], {1: "body", 2: "spot"})
         engine = Propagator(model, templates, fill_hole_area=0, cycle_consistency=False)

@@ -33,7 +33,8 @@ from sam2pal.measure import (
     read_calibration,
 )
 
-REAL_MASKS = Path("/work/shared/data/neon_beetles_masks")
+# the NEON beetle part masks, vendored in the package for the synthetic generator
+REAL_MASKS = Path(__file__).resolve().parents[1] / "src" / "sam2pal" / "data" / "neon_beetles_masks"
 HEAD, PRONOTUM, ELYTRA, ANTENNA, LEGS = 1, 2, 3, 4, 5
 
 

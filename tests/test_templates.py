@@ -278,7 +278,7 @@ def test_coco_file_not_found(tmp_path):
 def test_coco_size_mismatch(tmp_path):
     message = coco_error(tmp_path, images=[image_entry(1, "t1.png", width=50, height=32)])
     assert "image 1 ('t1.png')" in message
-    assert f"50x32" in message and f"{W}x{H}" in message and "swapped" not in message
+    assert "50x32" in message and f"{W}x{H}" in message and "swapped" not in message
 
 
 def test_coco_size_swapped_by_exif_rotation(tmp_path):

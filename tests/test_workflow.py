@@ -89,6 +89,14 @@ def test_rerun_has_nothing_to_do_and_measure_settings_do_not_resegment(demo_run)
     (workdir / "changed.yaml").write_text(yaml.safe_dump(config))
     plan = snakemake(workdir, "--configfile", "changed.yaml", "-n").stdout
     assert "measure" in plan and "propagate" not in plan.split("Job stats:")[1]
+    config["collections"]["demo"]["px_per_mm"] = 20.0
+    config["propagate"] = dict(config.get("propagate", {}), threads=1, runtime=30)
+    (workdir / "resources.yaml").write_text(yaml.safe_dump(config))
+    assert "Nothing to be done" in snakemake(workdir, "--configfile", "resources.yaml", "-n").stdout
+    config["propagate"]["area_growth_limit"] = 2.5
+    (workdir / "masks.yaml").write_text(yaml.safe_dump(config))
+    plan = snakemake(workdir, "--configfile", "masks.yaml", "-n").stdout
+    assert "propagate" in plan.split("Job stats:")[1]
 
 
 def test_several_collections_png_templates_and_a_bad_image(tmp_path):

@@ -145,24 +145,31 @@ def _parse_labels(text: str) -> dict[int, str]:
     return labels
 
 
+def _png_entry(image, mask, labels, structure_name, image_flag: str, mask_flag: str) -> dict:
+    """A PNG template entry: a binary mask of one structure, or a label map."""
+    if not image:
+        raise InputError(f"{mask_flag} needs {image_flag}")
+    entry = {"image": image, "mask": mask}
+    if labels:
+        entry["labels"] = _parse_labels(labels)
+    else:
+        entry["structure"] = structure_name or _default_structure_name(mask)
+    return entry
+
+
 def _template_spec(args, out_dir: Path):
     """(spec, image_dir) for `pipeline.prepare_templates` from the segment flags."""
     if args.template_mask and args.template_json:
         raise InputError("give either --template_mask or --template_json, not both")
     if args.template_mask:
-        if not args.template_image:
-            raise InputError("--template_mask needs --template_image")
-        entry = {"image": args.template_image, "mask": args.template_mask}
-        if args.template_labels:
-            entry["labels"] = _parse_labels(args.template_labels)
-        else:
-            entry["structure"] = args.structure_name or _default_structure_name(args.template_mask)
+        entry = _png_entry(args.template_image, args.template_mask, args.template_labels, args.structure_name,
+                           "--template_image", "--template_mask")
         return [entry], None
     if not args.template_json:
         raise InputError("give the templates: --template_json, or --template_image with --template_mask")
     if not args.template_image:
-        image_dir = args.template_dir or (Path(args.template_json).parent if _json_images_beside(args.template_json) else args.image_dir)
-        return str(args.template_json), image_dir
+        # the loader also looks next to the JSON file
+        return str(args.template_json), args.template_dir or args.image_dir
     # A template image given with a COCO file: that image (matched by file name, or the
     # only annotated image of the file) is the template.
     path = Path(args.template_json)
@@ -185,15 +192,6 @@ def _template_spec(args, out_dir: Path):
 
     write_json(subset_path, subset)
     return str(subset_path), None
-
-
-def _json_images_beside(json_path) -> bool:
-    try:
-        data = json.loads(Path(json_path).read_text(encoding="utf-8"))
-        first = data["images"][0]["file_name"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return False
-    return (Path(json_path).parent / first).is_file()
 
 
 def _model_choice(args) -> tuple[str, str]:
@@ -265,14 +263,7 @@ def cmd_templates(args) -> int:
 
     spec = args.coco
     if args.mask:
-        if not args.image:
-            raise InputError("--mask needs --image")
-        entry = {"image": args.image, "mask": args.mask}
-        if args.labels:
-            entry["labels"] = _parse_labels(args.labels)
-        else:
-            entry["structure"] = args.structure_name or _default_structure_name(args.mask)
-        spec = [entry]
+        spec = [_png_entry(args.image, args.mask, args.labels, args.structure_name, "--image", "--mask")]
     if spec is None:
         raise InputError("give --coco, or --image with --mask")
     templates = pipeline.prepare_templates(spec, args.image_dir, args.out, template_files=args.template_files,

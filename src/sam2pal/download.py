@@ -11,7 +11,6 @@ copy fetched elsewhere.
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path

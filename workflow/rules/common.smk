@@ -76,6 +76,24 @@ def checkpoint_input(wildcards):
     return [] if path is None else [path]
 
 
+# The propagate settings that change the masks: editing these re-segments a
+# collection; threads, memory and runtime do not.
+MASK_SETTINGS = (
+    "device",
+    "cycle_consistency",
+    "fill_hole_area",
+    "area_growth_limit",
+    "area_clamp_pad",
+    "bbox_clamp",
+    "on_bad_image",
+)
+
+
+def propagate_params(wildcards):
+    prop = settings(wildcards.collection, "propagate")
+    return {key: prop[key] for key in MASK_SETTINGS}
+
+
 def uses_gpu(wildcards):
     return 0 if settings(wildcards.collection, "propagate")["device"] == "cpu" else 1
 

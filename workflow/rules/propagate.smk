@@ -16,7 +16,7 @@ rule propagate:
         image_dir=lambda wc: COLLECTIONS[wc.collection]["images"],
         model=lambda wc: settings(wc.collection, "model"),
         checkpoint_dir=config["model"]["checkpoint_dir"],
-        propagate=lambda wc: settings(wc.collection, "propagate"),
+        propagate=propagate_params,
     log:
         "logs/{collection}/propagate.log",
     benchmark:
