@@ -163,6 +163,19 @@ def test_coco_image_lookup(tmp_path):
     assert load_coco_templates(path).images[0].path == photos / "drawer1" / "t1.png"
 
 
+def test_coco_file_names_with_a_tool_folder_in_front(tmp_path):
+    """CVAT / Label Studio exports put their own folders before the photo's name."""
+    photo(tmp_path / "photos" / "t1.png")
+    path = write_coco(
+        tmp_path / "export.json",
+        [image_entry(1, "/data/upload/1/t1.png")],
+        [ann(1, 1, 1, [square(2, 2, 20, 20)])],
+    )
+    ts = load_coco_templates(path, image_dir=tmp_path / "photos")
+    assert ts.images[0].path == tmp_path / "photos" / "t1.png"
+    assert ts.images[0].file_name == "/data/upload/1/t1.png"
+
+
 def test_round_trip(collection, tmp_path):
     path, _ = collection
     ts = load_coco_templates(path)

@@ -14,7 +14,9 @@ images are in the collection or on their order, and shards can run anywhere.
 Several templates sit in the memory bank at once as conditioning frames (frames
 0..K-1, the target is frame K), the way the official video predictor would hold a
 video whose first K frames were annotated; SAM2 attends to all of them. With one
-template this reproduces `SAM2VideoPredictor` on the video [template, target]: the
+template this reproduces `SAM2VideoPredictor` on the video [template, target] (up to
+floating-point rounding, since the official predictor runs objects one at a time and
+the engine batches them): the
 template's mask goes in through `add_new_mask` (resized with antialiasing, thresholded
 at 0.5), its memory is encoded from the binarised mask and stored in bfloat16, and the
 target's low-resolution logits are resized to the image size and thresholded at 0.

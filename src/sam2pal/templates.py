@@ -277,6 +277,13 @@ def _locate_image(
     if image_dir is not None:
         candidates.append(_absolute(Path(image_dir) / relative))
     candidates.append(_absolute(json_dir / relative))
+    # annotation tools often write a folder of their own in front of the name
+    # ("images/sp01.jpg", "/data/upload/1/sp01.jpg"): also try the bare name
+    base = Path(relative).name
+    if base != relative:
+        if image_dir is not None:
+            candidates.append(_absolute(Path(image_dir) / base))
+        candidates.append(_absolute(json_dir / base))
     candidates = list(dict.fromkeys(candidates))
     for candidate in candidates:
         if candidate.is_file():
