@@ -119,6 +119,109 @@ def fill_holes(low_res_logits: torch.Tensor, max_area: int) -> torch.Tensor:
     return torch.where(hole_tensor, torch.full_like(low_res_logits, 0.1), low_res_logits)
 
 
+# -- SAM2 steps shared by the engine and the palindrome trainer ---------------------------
+
+
+def expand_features(model, backbone: dict, batch: int):
+    """Backbone output of one image expanded to `batch` objects and flattened for
+    tracking: (vision_feats, vision_pos_embeds, feat_sizes)."""
+    expanded = {
+        "backbone_fpn": [f.expand(batch, -1, -1, -1) for f in backbone["backbone_fpn"]],
+        "vision_pos_enc": [p.expand(batch, -1, -1, -1) for p in backbone["vision_pos_enc"]],
+    }
+    _, feats, pos, sizes = model._prepare_backbone_features(expanded)
+    return feats, pos, sizes
+
+
+def binary_mask_input(masks: np.ndarray, image_size: int, device) -> torch.Tensor:
+    """(B, H, W) bool masks -> (B, 1, S, S) binary float, as `add_new_mask` does."""
+    tensor = torch.from_numpy(masks[:, None].astype(np.float32)).to(device)
+    if tensor.shape[-2:] != (image_size, image_size):
+        tensor = F.interpolate(
+            tensor, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
+        tensor = (tensor >= 0.5).float()
+    return tensor
+
+
+def conditioning_frame(
+    model, feats, frame_idx: int, num_frames: int, mask_inputs: torch.Tensor,
+    fill_hole_area: int = 0, memory_dtype: torch.dtype | None = torch.bfloat16,
+) -> dict:
+    """A conditioning frame's output with its memory encoded, as the official
+    predictor's `add_new_mask` followed by `propagate_in_video_preflight` makes it.
+
+    `mask_inputs` (B, 1, S, S) may be soft (probabilities): gradients then flow from the
+    memory back into it (the palindrome's phase 2). `memory_dtype` None keeps the
+    memory features in the compute dtype (training); bfloat16 is what the official
+    predictor stores.
+    """
+    vision_feats, vision_pos, sizes = feats
+    _, sam_outputs, _, _ = model._track_step(
+        frame_idx=frame_idx,
+        is_init_cond_frame=True,
+        current_vision_feats=vision_feats,
+        current_vision_pos_embeds=vision_pos,
+        feat_sizes=sizes,
+        point_inputs=None,
+        mask_inputs=mask_inputs,
+        output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
+        num_frames=num_frames,
+        track_in_reverse=False,
+        prev_sam_mask_logits=None,
+    )
+    _, _, _, low_res_masks, _, obj_ptr, object_score_logits = sam_outputs
+    pred_masks = fill_holes(low_res_masks, fill_hole_area)
+    image_size = int(model.image_size)
+    high_res = F.interpolate(pred_masks, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    maskmem_features, maskmem_pos_enc = model._encode_new_memory(
+        current_vision_feats=vision_feats,
+        feat_sizes=sizes,
+        pred_masks_high_res=high_res,
+        object_score_logits=object_score_logits,
+        is_mask_from_pts=True,
+    )
+    if memory_dtype is not None:
+        maskmem_features = maskmem_features.to(memory_dtype)
+    return {
+        "maskmem_features": maskmem_features,
+        "maskmem_pos_enc": maskmem_pos_enc,
+        "pred_masks": pred_masks,
+        "obj_ptr": obj_ptr,
+        "object_score_logits": object_score_logits,
+    }
+
+
+def track_frame(model, feats, frame_idx: int, num_frames: int, memory: dict, fill_hole_area: int = 0):
+    """Track a non-conditioning frame from `memory`.
+
+    Returns the low-resolution mask logits (B, 1, S/4, S/4), SAM2's predicted IoU (B,)
+    and its object-score logits (B,).
+    """
+    vision_feats, vision_pos, sizes = feats
+    _, sam_outputs, _, _ = model._track_step(
+        frame_idx=frame_idx,
+        is_init_cond_frame=False,
+        current_vision_feats=vision_feats,
+        current_vision_pos_embeds=vision_pos,
+        feat_sizes=sizes,
+        point_inputs=None,
+        mask_inputs=None,
+        output_dict=memory,
+        num_frames=num_frames,
+        track_in_reverse=False,
+        prev_sam_mask_logits=None,
+    )
+    _, _, ious, low_res_masks, _, _, object_score_logits = sam_outputs
+    low_res = fill_holes(low_res_masks.float(), fill_hole_area)
+    return low_res, ious.float().max(dim=1).values, object_score_logits.float()[:, 0]
+
+
+def new_memory(cond_frames: dict) -> dict:
+    """A fresh SAM2 output dict holding only the given conditioning frames."""
+    return {"cond_frame_outputs": dict(cond_frames), "non_cond_frame_outputs": {}}
+
+
 class Propagator:
     """Segments target images from a template set with a SAM2 model.
 
@@ -194,60 +297,7 @@ class Propagator:
         return self.model.forward_image(preprocess(rgb, self.image_size, self.device))
 
     def _features(self, backbone: dict, batch: int):
-        """Backbone output expanded to `batch` objects and flattened for tracking."""
-        expanded = {
-            "backbone_fpn": [f.expand(batch, -1, -1, -1) for f in backbone["backbone_fpn"]],
-            "vision_pos_enc": [p.expand(batch, -1, -1, -1) for p in backbone["vision_pos_enc"]],
-        }
-        _, feats, pos, sizes = self.model._prepare_backbone_features(expanded)
-        return feats, pos, sizes
-
-    def _mask_input(self, masks: np.ndarray) -> torch.Tensor:
-        """(B, H, W) bool masks -> (B, 1, S, S) binary float, as `add_new_mask` does."""
-        tensor = torch.from_numpy(masks[:, None].astype(np.float32)).to(self.device)
-        if tensor.shape[-2:] != (self.image_size, self.image_size):
-            tensor = F.interpolate(
-                tensor, size=(self.image_size, self.image_size),
-                mode="bilinear", align_corners=False, antialias=True,
-            )
-            tensor = (tensor >= 0.5).float()
-        return tensor
-
-    def _conditioning_frame(self, feats, frame_idx: int, num_frames: int, mask_inputs) -> dict:
-        """A conditioning frame's output with its memory encoded, like
-        `add_new_mask` followed by `propagate_in_video_preflight`."""
-        vision_feats, vision_pos, sizes = feats
-        out = self.model.track_step(
-            frame_idx=frame_idx,
-            is_init_cond_frame=True,
-            current_vision_feats=vision_feats,
-            current_vision_pos_embeds=vision_pos,
-            feat_sizes=sizes,
-            point_inputs=None,
-            mask_inputs=mask_inputs,
-            output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
-            num_frames=num_frames,
-            run_mem_encoder=False,
-        )
-        pred_masks = fill_holes(out["pred_masks"], self.fill_hole_area)
-        high_res = F.interpolate(
-            pred_masks, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-        )
-        maskmem_features, maskmem_pos_enc = self.model._encode_new_memory(
-            current_vision_feats=vision_feats,
-            feat_sizes=sizes,
-            pred_masks_high_res=high_res,
-            object_score_logits=out["object_score_logits"],
-            is_mask_from_pts=True,
-        )
-        return {
-            # stored in bfloat16, as the official predictor stores memories
-            "maskmem_features": maskmem_features.to(torch.bfloat16),
-            "maskmem_pos_enc": maskmem_pos_enc,
-            "pred_masks": pred_masks,
-            "obj_ptr": out["obj_ptr"],
-            "object_score_logits": out["object_score_logits"],
-        }
+        return expand_features(self.model, backbone, batch)
 
     def _template_memory(self, group: _Group) -> dict:
         num_frames = len(group.templates) + 1
@@ -255,31 +305,14 @@ class Propagator:
         for frame_idx, t_index in enumerate(group.templates):
             tmpl = self._templates[t_index]
             masks = np.stack([tmpl.masks[key] for key in group.objects])
-            feats = self._features(tmpl.backbone, len(group.objects))
-            cond[frame_idx] = self._conditioning_frame(
-                feats, frame_idx, num_frames, self._mask_input(masks)
+            cond[frame_idx] = conditioning_frame(
+                self.model, self._features(tmpl.backbone, len(group.objects)), frame_idx, num_frames,
+                binary_mask_input(masks, self.image_size, self.device), self.fill_hole_area,
             )
-        return {"cond_frame_outputs": cond, "non_cond_frame_outputs": {}}
+        return new_memory(cond)
 
     def _track(self, feats, frame_idx: int, num_frames: int, memory: dict):
-        """Track a non-conditioning frame from `memory`: low-res logits, IoU, object logit."""
-        vision_feats, vision_pos, sizes = feats
-        _, sam_outputs, _, _ = self.model._track_step(
-            frame_idx=frame_idx,
-            is_init_cond_frame=False,
-            current_vision_feats=vision_feats,
-            current_vision_pos_embeds=vision_pos,
-            feat_sizes=sizes,
-            point_inputs=None,
-            mask_inputs=None,
-            output_dict=memory,
-            num_frames=num_frames,
-            track_in_reverse=False,
-            prev_sam_mask_logits=None,
-        )
-        _, _, ious, low_res_masks, _, _, object_score_logits = sam_outputs
-        low_res = fill_holes(low_res_masks.float(), self.fill_hole_area)
-        return low_res, ious.float().max(dim=1).values, object_score_logits.float()[:, 0]
+        return track_frame(self.model, feats, frame_idx, num_frames, memory, self.fill_hole_area)
 
     def _to_image_masks(self, low_res: torch.Tensor, size: tuple[int, int]) -> list[np.ndarray]:
         """Low-res logits (B, 1, h, w) -> B bool masks at `size`, one at a time."""
@@ -295,8 +328,7 @@ class Propagator:
             F.interpolate(low_res, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
             > 0
         ).float()
-        target_cond = self._conditioning_frame(feats, 0, 2, mask_in)
-        memory = {"cond_frame_outputs": {0: target_cond}, "non_cond_frame_outputs": {}}
+        memory = new_memory({0: conditioning_frame(self.model, feats, 0, 2, mask_in, self.fill_hole_area)})
         totals = np.zeros(len(group.objects))
         for t_index in group.templates:
             tmpl = self._templates[t_index]
