@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -23,6 +24,7 @@ def _umask() -> int:
 # Temporary files are created private (0600); finished files get the usual
 # permissions (0666 minus the umask) so that colleagues on a shared server can read them.
 _FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -77,3 +79,22 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:
     with atomic_write(path) as handle:
         json.dump(obj, handle, indent=indent)
         handle.write("\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder next to `path` that replaces `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, _DIR_MODE)
+    try:
+        yield tmp
+        for child in tmp.rglob("*"):  # some writers create files private (0600)
+            os.chmod(child, _DIR_MODE if child.is_dir() else _FILE_MODE)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

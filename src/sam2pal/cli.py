@@ -1,6 +1,7 @@
 """The `sam2pal` command line.
 
     sam2pal segment ...         segment a folder of images from templates (all steps)
+    sam2pal finetune ...        adapt SAM2 to a collection (palindrome self-training)
     sam2pal templates ...       check templates and write the normalised template file
     sam2pal measure ...         measurement tables from a COCO predictions file
     sam2pal evaluate ...        IoU / Dice of predictions against ground truth
@@ -24,11 +25,6 @@ from pathlib import Path
 
 from .errors import InputError
 
-TRAINING_FLAGS = [
-    "--pal_finetuning", "--use_lora", "--lora_rank", "--num_epochs", "--learning_rate",
-    "--accumulation_steps", "--training_json", "--training_images_dir",
-    "--max_images_per_epoch", "--adapter",
-]
 # Flags of the old tool that existed to limit drift along its pseudo-video. Every image
 # is segmented from the templates directly here, so there is no drift to limit.
 DRIFT_FLAGS = {
@@ -66,14 +62,7 @@ def _non_negative_float(text: str) -> float:
 # -- segment --------------------------------------------------------------------------
 
 
-def _segment_parser(sub):
-    p = sub.add_parser(
-        "segment",
-        help="segment a folder of specimen images from annotated templates",
-        description="Segment every image in --image_dir from one or more annotated templates, "
-        "and write predictions.json (COCO), measurements.csv, measurements_wide.csv, qc.csv and "
-        "skipped.csv to --output_dir.",
-    )
+def _template_args(p, for_training: bool = False):
     t = p.add_argument_group("templates")
     _flag(t, "--template_image", help="the template photo (with --template_mask, or to pick one image of --template_json)")
     _flag(t, "--template_mask", help="binary mask PNG of one structure on --template_image")
@@ -83,6 +72,70 @@ def _segment_parser(sub):
     _flag(t, "--template_dir", help="folder of the --template_json images (default: next to the JSON, then --image_dir)")
     _flag(t, "--max_templates", type=int, default=0, help="use at most this many annotated templates in memory (0: all)")
 
+
+def _model_args(p):
+    m = p.add_argument_group("model")
+    _flag(m, "--sam2_checkpoint", help="SAM2 checkpoint: a .pt file, an official name (sam2.1_hiera_tiny/small/base_plus/large) or 'random'")
+    m.add_argument("--sam2_config", "--sam2-config", "--model_cfg", "--model-cfg", dest="sam2_config",
+                   help="SAM2 config: a packaged name (sam2.1_hiera_l) or a yaml file (default: from the checkpoint)")
+    _flag(m, "--image_size", type=int, help="model input size (multiple of 32; default: the config's)")
+    _flag(m, "--checkpoint_dir", default="resources/checkpoints", help="where official checkpoints are kept")
+    _flag(m, "--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _flag(m, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
+
+
+# Fine-tuning options: (flag, argparse keywords, FinetuneSettings field or None). Their
+# defaults are None so that `segment` can tell which ones were given.
+FINETUNE_FLAGS = [
+    ("--use_lora", dict(action="store_true", default=None, help="LoRA fine-tuning (recommended; without it, `segment` fine-tunes fully, as the old tool did)"), None),
+    ("--lora_rank", dict(type=int, help="LoRA rank (default 8)"), "lora_rank"),
+    ("--lora_alpha", dict(type=float, help="LoRA alpha (default 16)"), "lora_alpha"),
+    ("--lora_dropout", dict(type=float, help="LoRA dropout (default 0)"), "lora_dropout"),
+    ("--targets", dict(nargs="+", help="SAM2 parts to adapt (default: memory_attention sam_mask_decoder memory_encoder; also image_encoder, obj_ptr_proj, sam_prompt_encoder)"), "targets"),
+    ("--num_epochs", dict(type=int, help="training epochs (default 10)"), "num_epochs"),
+    ("--learning_rate", dict(type=_positive_float, help="learning rate (default 1e-4 with LoRA, 5e-6 for full fine-tuning)"), "learning_rate"),
+    ("--accumulation_steps", dict(type=int, help="gradient accumulation steps (default 4)"), "accumulation_steps"),
+    ("--max_images_per_epoch", dict(type=int, help="unlabelled images per epoch (default 100)"), "max_images_per_epoch"),
+    ("--schedule", dict(choices=["cosine", "constant"], help="learning-rate schedule after warm-up (default cosine)"), "schedule"),
+    ("--warmup_steps", dict(type=int, help="warm-up optimizer steps (default 5)"), "warmup_steps"),
+    ("--holdout_fraction", dict(type=float, help="share of the unlabelled images held out to pick the best epoch (default 0.1)"), "holdout_fraction"),
+    ("--no_feature_cache", dict(action="store_true", default=None, help="re-encode images every step instead of caching the frozen encoder's features"), None),
+    ("--merge_checkpoint", dict(action="store_true", default=None, help="also write merged.pt: a full checkpoint with the LoRA weights folded in"), "merge_checkpoint"),
+    ("--seed", dict(type=int, help="training seed (default 0): the same seed gives the same adapter on a CPU"), "seed"),
+    ("--training_json", dict(help="COCO JSON of more annotated training templates"), None),
+    ("--training_images_dir", dict(help="folder of the --training_json photos"), None),
+    ("--ground_truth", dict(help="COCO ground truth of some unlabelled images: the real IoU picks the best epoch"), None),
+]
+
+
+def _finetune_args(p, title: str):
+    g = p.add_argument_group(title)
+    for flag, kwargs, _ in FINETUNE_FLAGS:
+        _flag(g, flag, **kwargs)
+    return g
+
+
+def _finetune_settings(args, lora: bool) -> dict:
+    settings = {"mode": "lora" if lora else "full"}
+    for flag, _, field_name in FINETUNE_FLAGS:
+        value = getattr(args, flag[2:])
+        if field_name and value is not None:
+            settings[field_name] = value
+    if args.no_feature_cache:
+        settings["cache_features"] = False
+    return settings
+
+
+def _segment_parser(sub):
+    p = sub.add_parser(
+        "segment",
+        help="segment a folder of specimen images from annotated templates",
+        description="Segment every image in --image_dir from one or more annotated templates, "
+        "and write predictions.json (COCO), measurements.csv, measurements_wide.csv, qc.csv and "
+        "skipped.csv to --output_dir. With --pal_finetuning, first adapt SAM2 to the images by "
+        "palindrome self-training (the adapter goes to OUTPUT_DIR/finetune/).",
+    )
+    _template_args(p)
     io = p.add_argument_group("input and output")
     _flag(io, "--image_dir", required=True, help="folder of images to segment")
     _flag(io, "--output_dir", required=True, help="folder for the results")
@@ -94,15 +147,7 @@ def _segment_parser(sub):
     _flag(io, "--polygons", action="store_true", help="COCO segmentations as polygons instead of RLE (holes are lost)")
     _flag(io, "--on_bad_image", choices=["skip", "fail"], default="skip",
           help="unreadable images: list them in skipped.csv and go on (skip, default) or stop (fail)")
-
-    m = p.add_argument_group("model")
-    _flag(m, "--sam2_checkpoint", help="SAM2 checkpoint: a .pt file, an official name (sam2.1_hiera_tiny/small/base_plus/large) or 'random'")
-    m.add_argument("--sam2_config", "--sam2-config", "--model_cfg", "--model-cfg", dest="sam2_config",
-                   help="SAM2 config: a packaged name (sam2.1_hiera_l) or a yaml file (default: from the checkpoint)")
-    _flag(m, "--image_size", type=int, help="model input size (multiple of 32; default: the config's)")
-    _flag(m, "--checkpoint_dir", default="resources/checkpoints", help="where official checkpoints are kept")
-    _flag(m, "--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    _flag(m, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
+    _model_args(p)
 
     e = p.add_argument_group("propagation")
     _flag(e, "--area_growth_limit", type=_non_negative_float, default=0.0,
@@ -116,15 +161,36 @@ def _segment_parser(sub):
     _flag(ms, "--px_per_mm", type=_positive_float, help="scale for millimetre columns")
     _flag(ms, "--calibration_csv", help="per-image scale: CSV with columns file_name,px_per_mm")
 
+    ft = _finetune_args(p, "palindrome fine-tuning (with --pal_finetuning)")
+    _flag(ft, "--pal_finetuning", action="store_true", help="fine-tune SAM2 on --image_dir before segmenting it")
+    _flag(ft, "--adapter", help="segment with an adapter folder from an earlier fine-tuning (no training)")
+
     old = p.add_argument_group("flags of the old tool")
     for name in DRIFT_FLAGS:
         if name == "--reanchor_every":
             _flag(old, name, type=int, default=None, help=f"accepted; {DRIFT_FLAGS[name]}")
         else:
             _flag(old, name, action="store_true", default=None, help=f"accepted; {DRIFT_FLAGS[name]}")
-    for name in TRAINING_FLAGS:
-        _flag(old, name, nargs="?", const=True, default=None, help="palindrome fine-tuning: not yet implemented")
     p.set_defaults(func=cmd_segment)
+
+
+def _finetune_parser(sub):
+    p = sub.add_parser(
+        "finetune",
+        help="adapt SAM2 to a collection by palindrome self-training (LoRA by default)",
+        description="Palindrome self-training on the unlabelled images of --image_dir from the annotated "
+        "templates. Writes OUTPUT_DIR/adapter/ (the best epoch on held-out images), adapter_last/, "
+        "training_log.csv and training_curves.png; use the adapter with `segment --adapter` or the "
+        "workflow's finetune.adapter.",
+    )
+    _template_args(p)
+    io = p.add_argument_group("input and output")
+    _flag(io, "--image_dir", required=True, help="folder of unlabelled images of the collection")
+    _flag(io, "--output_dir", required=True, help="folder for the adapter and training logs")
+    _model_args(p)
+    _finetune_args(p, "training")
+    _flag(p, "--full", action="store_true", help="full fine-tuning of the --targets instead of LoRA")
+    p.set_defaults(func=cmd_finetune)
 
 
 def _default_structure_name(mask_path: str) -> str:
@@ -208,12 +274,11 @@ def cmd_segment(args) -> int:
     from .measure import measure_coco
     from .visualize import export_masks, write_overlays
 
-    used_training = [f for f in TRAINING_FLAGS if getattr(args, f[2:]) is not None]
-    if used_training:
-        raise InputError(
-            f"{', '.join(used_training)}: palindrome fine-tuning is not yet implemented in this version; "
-            "run without the training flags for zero-shot segmentation"
-        )
+    given = [flag for flag, _, _ in FINETUNE_FLAGS if getattr(args, flag[2:]) is not None]
+    if given and not args.pal_finetuning:
+        raise InputError(f"{', '.join(given)}: training options need --pal_finetuning")
+    if args.pal_finetuning and args.adapter:
+        raise InputError("give either --pal_finetuning (train a new adapter) or --adapter (use one), not both")
     for flag, why in DRIFT_FLAGS.items():
         if getattr(args, flag[2:]) not in (None, False):
             print(f"note: {flag} has no effect here: {why}", file=sys.stderr)
@@ -226,14 +291,17 @@ def cmd_segment(args) -> int:
     spec, template_image_dir = _template_spec(args, out_dir)
     templates_json = out_dir / "templates.json"
     pipeline.prepare_templates(spec, template_image_dir, templates_json, max_templates=args.max_templates)
-    names = pipeline.list_collection_images(args.image_dir)
-    if not names:
-        raise InputError(f"{args.image_dir}: no images found (extensions: jpg, jpeg, png, tif, tiff, bmp, webp)")
+    names = _collection_images(args.image_dir)
+    adapter = args.adapter
+    if args.pal_finetuning:
+        adapter = _train(args, out_dir / "finetune", templates_json, names, config, checkpoint,
+                         lora=bool(args.use_lora)) / "adapter"
     records = out_dir / "predictions.jsonl"
     counts = pipeline.segment(
         templates_json, args.image_dir, names, records, out_dir / "run.json", out_dir / "skipped.csv",
         config=config, checkpoint=checkpoint, image_size=args.image_size, device=args.device,
         threads=args.threads or None, on_bad_image=args.on_bad_image, checkpoint_dir=args.checkpoint_dir,
+        adapter=adapter,
         engine_settings={
             "cycle_consistency": not args.no_cycle_consistency,
             "fill_hole_area": args.fill_hole_area,
@@ -252,6 +320,47 @@ def cmd_segment(args) -> int:
     if args.save_vis:
         write_overlays(predictions, args.image_dir, out_dir / "overlays")
     print(f"segmented {counts['segmented']} images, skipped {counts['skipped']}; results in {out_dir}")
+    return 0
+
+
+def _collection_images(image_dir) -> list[str]:
+    from .pipeline import list_collection_images
+
+    names = list_collection_images(image_dir)
+    if not names:
+        raise InputError(f"{image_dir}: no images found (extensions: jpg, jpeg, png, tif, tiff, bmp, webp)")
+    return names
+
+
+def _train(args, out_dir: Path, templates_json, pool_names, config, checkpoint, lora: bool) -> Path:
+    from . import pipeline
+
+    if args.training_images_dir and not args.training_json:
+        raise InputError("--training_images_dir needs --training_json")
+    extra = [(args.training_json, args.training_images_dir or Path(args.training_json).parent)] if args.training_json else []
+    pipeline.finetune(
+        templates_json, args.image_dir, pool_names, out_dir, config=config, checkpoint=checkpoint,
+        image_size=args.image_size, device=args.device, threads=args.threads or None,
+        settings=_finetune_settings(args, lora), ground_truth=args.ground_truth, extra_templates=extra,
+        checkpoint_dir=args.checkpoint_dir, log=lambda msg: print(msg, file=sys.stderr),
+    )
+    return out_dir
+
+
+def cmd_finetune(args) -> int:
+    from . import pipeline
+
+    if args.full and args.use_lora:
+        raise InputError("give either --full or --use_lora, not both")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config, checkpoint = _model_choice(args)
+    spec, template_image_dir = _template_spec(args, out_dir)
+    templates_json = out_dir / "templates.json"
+    pipeline.prepare_templates(spec, template_image_dir, templates_json, max_templates=args.max_templates)
+    names = _collection_images(args.image_dir)
+    _train(args, out_dir, templates_json, names, config, checkpoint, lora=not args.full)
+    print(f"adapter written to {out_dir / 'adapter'} (last epoch: {out_dir / 'adapter_last'})")
     return 0
 
 
@@ -331,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sam2pal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _segment_parser(sub)
+    _finetune_parser(sub)
 
     p = sub.add_parser("templates", help="check templates and write the normalised template file")
     _flag(p, "--coco", help="COCO JSON of the templates")

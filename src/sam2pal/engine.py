@@ -342,12 +342,17 @@ class Propagator:
     # -- public -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def predict(self, image: np.ndarray) -> list[StructurePrediction]:
-        """All structures on one RGB uint8 image, in `self.objects` order."""
-        height, width = image.shape[:2]
+    def predict(self, image, backbone: dict | None = None) -> list[StructurePrediction]:
+        """All structures on one RGB uint8 image, in `self.objects` order.
+
+        `backbone`: the image's image-encoder output when already computed (the
+        trainer's feature cache); `image` may then be just its (height, width).
+        """
+        height, width = image[:2] if isinstance(image, tuple) else image.shape[:2]
         results: dict[ObjectKey, StructurePrediction] = {}
         with autocast(self.device):
-            backbone = self._encode(image)
+            if backbone is None:
+                backbone = self._encode(image)
             for group in self.groups:
                 feats = self._features(backbone, len(group.objects))
                 num_frames = len(group.templates) + 1

@@ -42,7 +42,7 @@ def load_coco(path: str | os.PathLike) -> dict:
     return data
 
 
-def _category_masks(data: dict, path: Path) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray]]]:
+def category_masks(data: dict, path: Path) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray]]]:
     """{file_name: image} and {file_name: {category name: union mask}}."""
     names = {c["id"]: c["name"] for c in data["categories"]}
     images = {im["id"]: im for im in data["images"]}
@@ -67,8 +67,8 @@ def _category_masks(data: dict, path: Path) -> tuple[dict[str, dict], dict[str, 
 def evaluate(gt_json: str | os.PathLike, pred_json: str | os.PathLike, out_csv: str | os.PathLike) -> dict:
     """Write metrics.csv; returns {category: mean IoU}."""
     gt_path, pred_path = Path(gt_json), Path(pred_json)
-    gt_images, gt_masks = _category_masks(load_coco(gt_path), gt_path)
-    pred_images, pred_masks = _category_masks(load_coco(pred_path), pred_path)
+    gt_images, gt_masks = category_masks(load_coco(gt_path), gt_path)
+    pred_images, pred_masks = category_masks(load_coco(pred_path), pred_path)
 
     rows = []
     per_category: dict[str, list[tuple[float, float]]] = defaultdict(list)

@@ -55,6 +55,31 @@ def prepare_templates(spec, image_dir, out_json, base_dir=None, template_files=N
     return templates
 
 
+def load_model(config, checkpoint, image_size, seed, device, checkpoint_dir=None):
+    """The SAM2 model of a run and its provenance (config, checkpoint, their SHA-256,
+    and `base_id`, the identity adapters are checked against)."""
+    from .adapters import base_id
+    from .download import DEFAULT_CHECKPOINT_DIR, resolve_checkpoint
+    from .model import build_model, file_sha256, resolve_config
+
+    ckpt = resolve_checkpoint(checkpoint, checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
+    config_path = resolve_config(config)
+    ckpt_sha = None if ckpt == "random" else file_sha256(ckpt)
+    config_sha = file_sha256(config_path)
+    model = build_model(config_path, ckpt, image_size=image_size, device=device, seed=seed)
+    info = {
+        "config": str(config),
+        "config_file": str(config_path),
+        "config_sha256": config_sha,
+        "checkpoint": ckpt if ckpt == "random" else str(Path(ckpt).resolve()),
+        "checkpoint_sha256": ckpt_sha,
+        "image_size": int(model.image_size),
+        "seed": seed,
+        "base_id": base_id(ckpt, ckpt_sha, config_sha, seed),
+    }
+    return model, info
+
+
 def _settings_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -77,17 +102,20 @@ def segment(
     checkpoint_dir=None,
     progress: bool = True,
     log=None,
+    adapter=None,
 ) -> dict:
     """Segment `file_names` of `image_dir` from the prepared templates.
+
+    `adapter`: a folder written by `finetune` (LoRA or fully fine-tuned weights),
+    applied on top of the checkpoint it was trained from.
 
     Writes the per-image results (`out_jsonl`), the run's provenance (`run_json`) and,
     when given, `skipped_csv`. Returns the counts.
     """
     import torch
 
-    from .download import DEFAULT_CHECKPOINT_DIR, resolve_checkpoint
     from .engine import Propagator
-    from .model import build_model, file_sha256, resolve_config, resolve_device
+    from .model import file_sha256, resolve_device
     from .propagate import run_propagation, write_skipped
     from .templates import load_coco_templates
 
@@ -99,20 +127,14 @@ def segment(
     if unknown:
         raise InputError(f"unknown propagation setting(s): {', '.join(sorted(unknown))}")
     torch_device = resolve_device(device)
-    ckpt = resolve_checkpoint(checkpoint, checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
-    config_path = resolve_config(config)
-    ckpt_sha = None if ckpt == "random" else file_sha256(ckpt)
     templates = load_coco_templates(templates_json)
-    model = build_model(config_path, ckpt, image_size=image_size, device=torch_device, seed=seed)
-    model_info = {
-        "config": str(config),
-        "config_file": str(config_path),
-        "config_sha256": file_sha256(config_path),
-        "checkpoint": ckpt if ckpt == "random" else str(Path(ckpt).resolve()),
-        "checkpoint_sha256": ckpt_sha,
-        "image_size": int(model.image_size),
-        "seed": seed,
-    }
+    model, model_info = load_model(config, checkpoint, image_size, seed, torch_device, checkpoint_dir)
+    if adapter:
+        from .adapters import adapter_kind, adapter_sha256, load_adapter
+
+        model = load_adapter(model, adapter, model_info["base_id"])
+        model_info.update(adapter=str(Path(adapter).resolve()), adapter_kind=adapter_kind(adapter),
+                          adapter_sha256=adapter_sha256(adapter))
     templates_info = {
         "file": str(Path(templates_json).resolve()),
         "sha256": file_sha256(templates_json),
@@ -192,3 +214,101 @@ def list_collection_images(image_dir, recursive: bool = False) -> list[str]:
 def relative_names(paths, image_dir) -> list[str]:
     root = os.path.abspath(image_dir)
     return [Path(os.path.relpath(os.path.abspath(p), root)).as_posix() for p in paths]
+
+
+def training_templates(templates_json, extra=()):
+    """The prepared templates plus extra training templates (COCO files with image
+    folders), whose categories are matched by name; structures the prepared templates
+    do not have are left out (and listed in the returned notes)."""
+    from .templates import TemplateSet, load_coco_templates
+
+    base = load_coco_templates(templates_json)
+    by_name = {name: cid for cid, name in base.categories.items()}
+    images = list(base.images)
+    notes = []
+    known = {str(Path(t.path).resolve()) for t in images}
+    for json_path, image_dir in extra:
+        more = load_coco_templates(json_path, image_dir)
+        for image in more.images:
+            if str(Path(image.path).resolve()) in known:
+                continue
+            kept = []
+            for inst in image.instances:
+                name = more.categories[inst.category_id]
+                if name in by_name:
+                    inst.category_id = by_name[name]
+                    kept.append(inst)
+                else:
+                    notes.append(f"{json_path}: {image.file_name}: structure {name!r} is not in the templates; left out")
+            if kept:
+                image.instances = kept
+                images.append(image)
+                known.add(str(Path(image.path).resolve()))
+    return TemplateSet(categories=dict(base.categories), images=images), notes
+
+
+def finetune(
+    templates_json,
+    pool_dir,
+    pool_names: list[str],
+    out_dir,
+    config: str = "sam2.1_hiera_t",
+    checkpoint="random",
+    image_size: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int | None = None,
+    settings: dict | None = None,
+    ground_truth=None,
+    extra_templates=(),
+    checkpoint_dir=None,
+    log=print,
+) -> dict:
+    """Palindrome fine-tuning on a collection; writes the adapter folder `out_dir`.
+
+    `pool_names` (relative to `pool_dir`) are the unlabelled specimens; the template
+    photos among them are left out. `ground_truth`: a COCO file whose masks give the
+    real IoU on held-out specimens. `extra_templates`: [(COCO json, image folder)].
+    """
+    import torch
+
+    from .evaluate import category_masks, load_coco
+    from .model import resolve_device
+    from .pal import FinetuneSettings, Trainer
+
+    started = now()
+    if threads:
+        torch.set_num_threads(int(threads))
+    train_settings = FinetuneSettings.from_dict(settings)
+    torch_device = resolve_device(device)
+    model, model_info = load_model(config, checkpoint, image_size, seed, torch_device, checkpoint_dir)
+    templates, notes = training_templates(templates_json, extra_templates)
+    for note in notes:
+        log(note)
+    pool = {name: Path(pool_dir) / name for name in pool_names}
+    truth = {}
+    if ground_truth:
+        gt_path = Path(ground_truth)
+        _, masks = category_masks(load_coco(gt_path), gt_path)
+        truth = {name: masks[name] for name in pool_names if name in masks}
+    trainer = Trainer(model, templates, pool, train_settings, ground_truth=truth, log=log)
+    metadata = {
+        "sam2pal_version": package_versions().get("sam2pal"),
+        "created": started,
+        "base_id": model_info["base_id"],
+        "base_checkpoint": model_info["checkpoint"],
+        "base_checkpoint_sha256": model_info["checkpoint_sha256"],
+        "model_config": model_info["config"],
+        "model_config_sha256": model_info["config_sha256"],
+        "image_size": model_info["image_size"],
+        "model_seed": seed,
+        "templates": [t.file_name for t in templates.images],
+        "pool": {"dir": str(Path(pool_dir).resolve()), "train": len(trainer.train_keys),
+                 "holdout": trainer.holdout},
+        "device": str(torch_device),
+        "host": socket.gethostname(),
+        "versions": package_versions(),
+    }
+    result = trainer.train(out_dir, metadata)
+    log(f"best epoch {result['best_epoch']} (score {result['best_score']}); adapter in {Path(out_dir) / 'adapter'}")
+    return result

@@ -11,17 +11,12 @@ run leaves no half-filled output folder.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator
-
 import cv2
 import numpy as np
 
+from .atomic import atomic_dir
 from .evaluate import load_coco
 from .masks import decode_segmentation
 
@@ -40,22 +35,6 @@ def safe_name(text: str) -> str:
     """A category name usable in a file name (spaces and separators become '_')."""
     keep = [c if (c.isalnum() or c in "-_.") else "_" for c in str(text)]
     return "".join(keep).strip("._") or "structure"
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary folder next to `path` that replaces `path` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _by_image(coco: dict):

@@ -14,6 +14,29 @@ from sam2pal.images import list_images  # noqa: E402
 from sam2pal.registry import OFFICIAL_MODELS, RANDOM_CHECKPOINT, official_model  # noqa: E402
 
 COLLECTIONS = config["collections"]
+SECTIONS = ("model", "propagate", "outputs", "finetune")
+
+
+def _check_overrides():
+    """Each collection's overrides, merged into the global sections, must satisfy
+    those sections' schemas (unknown keys, wrong types and values are errors)."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(open(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"))
+    for name, entry in COLLECTIONS.items():
+        for section in SECTIONS:
+            if not entry.get(section):
+                continue
+            merged = dict(config[section], **entry[section])
+            try:
+                jsonschema.validate(merged, schema["properties"][section])
+            except jsonschema.ValidationError as exc:
+                where = ".".join(str(p) for p in exc.absolute_path) or section
+                raise WorkflowError(f"collections.{name}.{section}: {where}: {exc.message}")
+
+
+_check_overrides()
 
 
 wildcard_constraints:
@@ -30,26 +53,84 @@ def settings(collection, section):
 _IMAGES = {}
 
 
-def image_names(collection):
-    """Relative file names of a collection's images (listed once per run)."""
-    if collection not in _IMAGES:
-        entry = COLLECTIONS[collection]
+def folder_images(collection, folder):
+    """Relative file names of the images in a folder (listed once per run)."""
+    key = (collection, folder)
+    if key not in _IMAGES:
         try:
-            names = list_images(entry["images"], recursive=entry["recursive"])
+            names = list_images(folder, recursive=COLLECTIONS[collection]["recursive"])
         except InputError as exc:
             raise WorkflowError(f"collection {collection}: {exc}")
         if not names:
             raise WorkflowError(
-                f"collection {collection}: no images in {entry['images']} "
-                "(jpg, jpeg, png, tif, tiff, bmp, webp)"
+                f"collection {collection}: no images in {folder} (jpg, jpeg, png, tif, tiff, bmp, webp)"
             )
-        _IMAGES[collection] = names
-    return _IMAGES[collection]
+        _IMAGES[key] = names
+    return _IMAGES[key]
+
+
+def image_names(collection):
+    return folder_images(collection, COLLECTIONS[collection]["images"])
 
 
 def image_paths(wildcards):
     folder = COLLECTIONS[wildcards.collection]["images"]
     return [os.path.join(folder, name) for name in image_names(wildcards.collection)]
+
+
+# -- fine-tuning -------------------------------------------------------------------------
+
+# finetune keys that are about the workflow rather than the training itself
+FINETUNE_WORKFLOW_KEYS = (
+    "enabled",
+    "adapter",
+    "pool_images",
+    "training_templates",
+    "training_template_images",
+    "threads",
+    "mem_mb",
+    "runtime",
+)
+
+
+def finetune_settings(wildcards):
+    """The training settings (editing any other setting does not retrain)."""
+    ft = settings(wildcards.collection, "finetune")
+    return {k: v for k, v in ft.items() if k not in FINETUNE_WORKFLOW_KEYS}
+
+
+def pool_folder(collection):
+    return settings(collection, "finetune")["pool_images"] or COLLECTIONS[collection]["images"]
+
+
+def pool_paths(wildcards):
+    folder = pool_folder(wildcards.collection)
+    return [os.path.join(folder, n) for n in folder_images(wildcards.collection, folder)]
+
+
+def training_template_files(wildcards):
+    extra = settings(wildcards.collection, "finetune")["training_templates"]
+    return [extra] if extra else []
+
+
+def adapter_folder(collection):
+    """The adapter a collection is segmented with: trained here, given, or none."""
+    ft = settings(collection, "finetune")
+    if ft["enabled"] and ft["adapter"]:
+        raise WorkflowError(
+            f"collection {collection}: finetune.enabled trains a new adapter and finetune.adapter "
+            "reuses one; set only one of them"
+        )
+    if ft["enabled"]:
+        return f"results/{collection}/finetune/adapter"
+    return ft["adapter"]
+
+
+def adapter_input(wildcards):
+    ft = settings(wildcards.collection, "finetune")
+    if ft["enabled"]:
+        return [f"results/{wildcards.collection}/finetune"]
+    return [ft["adapter"]] if ft["adapter"] else []
 
 
 def template_files(wildcards):

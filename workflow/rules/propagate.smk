@@ -8,6 +8,7 @@ rule propagate:
         templates="results/{collection}/templates.json",
         images=image_paths,
         checkpoint=checkpoint_input,
+        adapter=adapter_input,
     output:
         records="results/{collection}/propagate/predictions.jsonl",
         run="results/{collection}/propagate/run.json",
@@ -17,6 +18,7 @@ rule propagate:
         model=lambda wc: settings(wc.collection, "model"),
         checkpoint_dir=config["model"]["checkpoint_dir"],
         propagate=propagate_params,
+        adapter=lambda wc: adapter_folder(wc.collection),
     log:
         "logs/{collection}/propagate.log",
     benchmark:

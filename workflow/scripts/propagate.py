@@ -28,6 +28,7 @@ with logged(snakemake):
         threads=snakemake.threads,
         on_bad_image=prop["on_bad_image"],
         checkpoint_dir=snakemake.params.checkpoint_dir,
+        adapter=snakemake.params.adapter,
         engine_settings={key: prop[key] for key in pipeline.DEFAULT_ENGINE_SETTINGS},
     )
     print(f"done: {counts}")

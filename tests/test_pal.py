@@ -1,0 +1,195 @@
+"""Palindrome fine-tuning: gradients, the memory reset, LoRA leaving the base weights
+alone, adapters (save/load, merged checkpoint, base check), seeds, and the loss going
+down. Random weights at 64 px (object score biased to "present", see conftest)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO
+from sam2pal.adapters import adapter_kind, load_adapter, read_metadata
+from sam2pal.engine import Propagator
+from sam2pal.errors import InputError
+from sam2pal.images import list_images, read_image
+from sam2pal.model import build_model
+from sam2pal.pal import FinetuneSettings, Trainer
+from sam2pal.templates import load_coco_templates
+
+DEMO = REPO / "resources" / "demo"
+SIZE = 64
+BASE = "random:test"
+
+
+def fresh_model():
+    return build_model("sam2.1_hiera_t", "random", image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def templates():
+    return load_coco_templates(DEMO / "templates.json", DEMO / "images").select(max_templates=1)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    names = list_images(DEMO / "images")[:8]
+    return {name: DEMO / "images" / name for name in names}
+
+
+def make_trainer(templates, pool, **settings):
+    defaults = dict(num_epochs=1, max_images_per_epoch=4, accumulation_steps=2, warmup_steps=0,
+                    holdout_fraction=0.3, seed=0)
+    return Trainer(fresh_model(), templates, pool, FinetuneSettings(**{**defaults, **settings}), log=lambda *_: None)
+
+
+def lora_grads(trainer):
+    return {n: p.grad.clone() for n, p in trainer.sam.named_parameters() if "lora_" in n and p.grad is not None}
+
+
+def test_gradients_reach_lora_through_the_soft_phase1_mask(templates, pool):
+    trainer = make_trainer(templates, pool)
+    tmpl, key = trainer.templates[0], trainer.train_keys[0]
+    truth = tmpl.mask_input
+
+    def loss_with(mask_fn, seed=1):
+        torch.manual_seed(seed)  # same dropout masks in both runs
+        trainer.sam.zero_grad(set_to_none=True)
+        logits1, _, _, feats1 = trainer.phase1(tmpl, trainer._backbone(tmpl.key), trainer._backbone(key))
+        logits0, _ = trainer.phase2(tmpl, trainer._backbone(tmpl.key), feats1, mask_fn(trainer.soft_mask(logits1)))
+        high = F.interpolate(logits0, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+        loss = F.binary_cross_entropy_with_logits(high, truth)
+        (to_phase1,) = torch.autograd.grad(loss, logits1, retain_graph=True, allow_unused=True)
+        loss.backward()
+        return (torch.zeros_like(logits1) if to_phase1 is None else to_phase1), lora_grads(trainer)
+
+    soft_g, soft_lora = loss_with(lambda m: m)
+    detached_g, detached_lora = loss_with(lambda m: m.detach())
+    zero_g, zero_lora = loss_with(lambda m: m * 0)
+    assert soft_g.abs().sum() > 0  # the loss on the template reaches the phase-1 prediction
+    assert zero_g.abs().sum() == 0  # ... only through the soft mask
+    assert any(g.abs().sum() > 0 for n, g in soft_lora.items() if "lora_B" in n)
+    # the phase-1 path adds to the LoRA gradients; with the mask zeroed it adds nothing
+    assert any(not torch.equal(soft_lora[n], detached_lora[n]) for n in soft_lora)
+    zero_detached_g, zero_detached_lora = loss_with(lambda m: m.detach() * 0)
+    assert all(torch.allclose(zero_lora[n], zero_detached_lora[n]) for n in zero_lora)
+
+
+def test_memory_is_reset_between_the_phases(templates, pool):
+    trainer = make_trainer(templates, pool)
+    tmpl, key = trainer.templates[0], trainer.train_keys[0]
+    x0, x1 = trainer._backbone(tmpl.key), trainer._backbone(key)
+    with torch.no_grad():
+        logits1, _, memory1, feats1 = trainer.phase1(tmpl, x0, x1)
+        soft = trainer.soft_mask(logits1)
+        torch.manual_seed(3)
+        before, _ = trainer.phase2(tmpl, x0, feats1, soft)
+        for frame in memory1["cond_frame_outputs"].values():  # perturb all of phase 1's memory
+            frame["maskmem_features"] += 100.0
+            frame["obj_ptr"] += 100.0
+        torch.manual_seed(3)
+        after, _ = trainer.phase2(tmpl, x0, feats1, soft)
+        torch.manual_seed(3)
+        other_mask, _ = trainer.phase2(tmpl, x0, feats1, 1 - soft)
+    assert torch.equal(before, after)
+    assert not torch.equal(before, other_mask)  # phase 2 does depend on the soft mask
+
+
+def test_lora_training_leaves_base_weights_untouched(templates, pool, tmp_path):
+    trainer = make_trainer(templates, pool, learning_rate=1e-2)
+    base = {n: p.detach().clone() for n, p in trainer.sam.named_parameters() if "lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in trainer.sam.named_parameters() if "lora_B" in n}
+    trainer.train(tmp_path / "ft", {"base_id": BASE})
+    after = dict(trainer.sam.named_parameters())
+    assert all(torch.equal(after[n], base[n]) for n in base)
+    assert any(not torch.equal(after[n], lora_before[n]) for n in lora_before)
+
+
+def test_adapter_round_trip_and_merged_checkpoint(templates, pool, tmp_path):
+    trainer = make_trainer(templates, pool, learning_rate=1e-2, num_epochs=2, merge_checkpoint=True)
+    trainer.train(tmp_path / "ft", {"base_id": BASE})
+    last = tmp_path / "ft" / "adapter_last"
+    assert adapter_kind(last) == "lora" and read_metadata(last)["epoch"] == 2
+    assert (tmp_path / "ft" / "adapter").is_dir() and (tmp_path / "ft" / "training_curves.png").is_file()
+    image = read_image(DEMO / "images" / "specimen_009.jpg")
+
+    trainer.sam.eval()
+    trained = Propagator(trainer.sam, templates).predict(image)
+    loaded = Propagator(load_adapter(fresh_model(), last, BASE, merge=False), templates).predict(image)
+    for a, b in zip(trained, loaded):
+        assert np.array_equal(a.mask, b.mask) and a.predicted_iou == b.predicted_iou and a.cycle_iou == b.cycle_iou
+
+    from sam2.build_sam import build_sam2
+
+    official = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", str(tmp_path / "ft" / "merged.pt"), device="cpu",
+                          hydra_overrides_extra=[f"++model.image_size={SIZE}"])
+    merged = Propagator(official, templates).predict(image)
+    for a, b in zip(trained, merged):
+        assert (a.mask != b.mask).mean() < 0.001
+        assert abs(a.predicted_iou - b.predicted_iou) < 1e-3
+
+
+def test_adapter_on_other_base_weights_fails(templates, pool, tmp_path):
+    trainer = make_trainer(templates, pool)
+    trainer.train(tmp_path / "ft", {"base_id": BASE})
+    with pytest.raises(InputError, match="trained on other base weights"):
+        load_adapter(fresh_model(), tmp_path / "ft" / "adapter", "0123456789abcdef" * 4)
+
+
+def test_same_seed_same_adapter_on_cpu(templates, pool, tmp_path):
+    for run in ("a", "b"):
+        make_trainer(templates, pool, learning_rate=1e-2).train(tmp_path / run, {"base_id": BASE})
+    make_trainer(templates, pool, learning_rate=1e-2, seed=7).train(tmp_path / "c", {"base_id": BASE})
+    weights = {run: (tmp_path / run / "adapter_last" / "adapter_model.safetensors").read_bytes() for run in "abc"}
+    assert weights["a"] == weights["b"]
+    assert weights["a"] != weights["c"]
+
+
+def test_short_training_lowers_the_palindrome_loss(templates, pool, tmp_path):
+    trainer = make_trainer(templates, pool, learning_rate=2e-3, num_epochs=6, max_images_per_epoch=5,
+                           accumulation_steps=1, holdout_fraction=0)
+
+    def fixed_loss():
+        torch.manual_seed(11)
+        with torch.no_grad():
+            return float(np.mean([trainer.palindrome_loss(t, k)[0].item()
+                                  for t in trainer.templates for k in trainer.train_keys]))
+
+    before = fixed_loss()
+    result = trainer.train(tmp_path / "ft", {"base_id": BASE})
+    after = fixed_loss()
+    assert after < before - 0.01, (before, after)
+    losses = [row["train_loss"] for row in result["history"][1:]]
+    assert losses[-1] < losses[0]
+
+
+def test_features_are_encoded_once(templates, pool, tmp_path):
+    trainer = make_trainer(templates, pool, num_epochs=3)
+    result = trainer.train(tmp_path / "ft", {"base_id": BASE})
+    n_images = len(trainer.train_keys) + len(trainer.holdout) + len(trainer.templates)
+    assert result["encoder_calls"] == n_images
+    uncached = make_trainer(templates, pool, num_epochs=1, cache_features=False, holdout_fraction=0)
+    calls = uncached.train(tmp_path / "nc", {"base_id": BASE})["encoder_calls"]
+    assert calls == 2 * 4  # template and target encoded again at every step
+
+
+def test_full_fine_tuning_writes_a_checkpoint(templates, pool, tmp_path):
+    trainer = make_trainer(templates, pool, mode="full", targets=["sam_mask_decoder"], learning_rate=1e-3)
+    frozen = {n: p.detach().clone() for n, p in trainer.sam.named_parameters() if not n.startswith("sam_mask_decoder")}
+    trainer.train(tmp_path / "ft", {"base_id": BASE})
+    assert adapter_kind(tmp_path / "ft" / "adapter_last") == "full"
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.sam.named_parameters() if n in frozen)
+    model = load_adapter(fresh_model(), tmp_path / "ft" / "adapter_last", "any")
+    for n, p in trainer.sam.named_parameters():
+        assert torch.equal(p, model.state_dict()[n])
+
+
+def test_bad_settings():
+    with pytest.raises(InputError, match="mode must be lora or full"):
+        FinetuneSettings(mode="half")
+    with pytest.raises(InputError, match="unknown targets"):
+        FinetuneSettings(targets=["memory_attention", "legs"])
+    with pytest.raises(InputError, match="unknown finetune setting"):
+        FinetuneSettings.from_dict({"epochs": 3})
+    assert FinetuneSettings().lr == 1e-4 and FinetuneSettings(mode="full").lr == 5e-6
