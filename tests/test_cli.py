@@ -88,13 +88,46 @@ def test_segment_template_image_picks_one_image_of_the_json(tmp_path, specimens)
     assert [im["file_name"] for im in templates["images"]] == ["specimen_001.jpg"]
 
 
-@pytest.mark.parametrize("flags", [["--pal_finetuning"], ["--use_lora", "--lora_rank", "8"], ["--num_epochs", "5"]])
-def test_training_flags_say_not_yet_implemented(tmp_path, specimens, flags):
+def test_segment_with_pal_finetuning_then_reuse_the_adapter(tmp_path, specimens):
+    """The old tool's fine-tuning flags train an adapter; --adapter segments with it later."""
+    out = tmp_path / "out"
+    common = ["--template_json", DEMO / "templates.json", "--template_dir", DEMO / "images", "--image_dir", specimens,
+              "--sam2_checkpoint", "random", "--image_size", "64", "--no_cycle_consistency"]
+    result = run_cli("segment", *common, "--output_dir", out, "--pal_finetuning", "--use_lora", "--lora_rank", "4",
+                     "--num_epochs", "1", "--learning_rate", "1e-3", "--accumulation_steps", "1",
+                     "--max_images_per_epoch", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = out / "finetune" / "adapter"
+    meta = json.loads((adapter / "sam2pal_adapter.json").read_text())
+    assert meta["kind"] == "lora" and meta["settings"]["lora_rank"] == 4 and meta["settings"]["num_epochs"] == 1
+    first = json.loads((out / "predictions.json").read_text())["info"]["model"]
+    assert first["adapter_kind"] == "lora" and len(first["adapter_sha256"]) == 64
+
+    again = tmp_path / "again"
+    result = run_cli("segment", *common, "--output_dir", again, "--adapter", adapter)
+    assert result.returncode == 0, result.stderr[-3000:]
+    second = json.loads((again / "predictions.json").read_text())
+    assert second["info"]["model"]["adapter_sha256"] == first["adapter_sha256"]
+    assert not (again / "finetune").exists()
+
+
+def test_finetune_command(tmp_path, specimens):
+    result = run_cli("finetune", "--template_json", DEMO / "templates.json", "--template_dir", DEMO / "images",
+                     "--image_dir", specimens, "--output_dir", tmp_path / "ft", "--sam2_checkpoint", "random",
+                     "--image_size", "64", "--num_epochs", "1", "--max_images_per_epoch", "1", "--full",
+                     "--targets", "sam_mask_decoder")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "ft" / "adapter" / "model.pt").is_file()
+    assert (tmp_path / "ft" / "training_log.csv").is_file()
+
+
+@pytest.mark.parametrize("flags", [["--use_lora"], ["--lora_rank", "8"], ["--num_epochs", "5"]])
+def test_training_options_need_pal_finetuning(tmp_path, specimens, flags):
     out = tmp_path / "out"
     result = run_cli("segment", "--template_json", DEMO / "templates.json", "--image_dir", specimens,
                      "--output_dir", out, "--sam2_checkpoint", "random", *flags)
     assert result.returncode == 2
-    assert "not yet implemented" in result.stderr and flags[0] in result.stderr
+    assert "need --pal_finetuning" in result.stderr and flags[0] in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (out / "predictions.json").exists()
 

@@ -193,3 +193,26 @@ def test_bad_settings():
     with pytest.raises(InputError, match="unknown finetune setting"):
         FinetuneSettings.from_dict({"epochs": 3})
     assert FinetuneSettings().lr == 1e-4 and FinetuneSettings(mode="full").lr == 5e-6
+
+
+def test_training_pool_is_a_bounded_seeded_sample(templates, pool):
+    a = make_trainer(templates, pool, max_pool_images=3, holdout_fraction=0.2)
+    b = make_trainer(templates, pool, max_pool_images=3, holdout_fraction=0.2)
+    assert len(a.train_keys) == 3 and len(a.holdout) == 1
+    assert a.train_keys == b.train_keys and a.holdout == b.holdout
+    assert not set(a.train_keys) & set(a.holdout)
+    assert "specimen_000.jpg" not in a.train_keys + a.holdout  # the template photo
+    assert len(a.cache.store) == 3 + 1 + 1  # training, held-out and template images only
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(templates, pool):
+    grads = {}
+    for flag in (False, True):
+        trainer = make_trainer(templates, pool, gradient_checkpointing=flag, attention_dropout=0.1)
+        torch.manual_seed(5)
+        loss, _ = trainer.palindrome_loss(trainer.templates[0], trainer.train_keys[0])
+        loss.backward()
+        grads[flag] = lora_grads(trainer)
+    assert grads[True].keys() == grads[False].keys()
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-6)

@@ -30,6 +30,12 @@ def snakemake(workdir, *args, check=True):
     return result
 
 
+def planned_jobs(stdout: str) -> set[str]:
+    """Rule names in the job-stats table of a dry-run."""
+    table = stdout.split("Job stats:")[1].split("total")[0]
+    return {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
+
+
 def absolute_demo_config():
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     demo = config["collections"]["demo"]
@@ -87,16 +93,15 @@ def test_rerun_has_nothing_to_do_and_measure_settings_do_not_resegment(demo_run)
     config = json.loads(json.dumps(config))
     config["collections"]["demo"]["px_per_mm"] = 12.5
     (workdir / "changed.yaml").write_text(yaml.safe_dump(config))
-    plan = snakemake(workdir, "--configfile", "changed.yaml", "-n").stdout
-    assert "measure" in plan and "propagate" not in plan.split("Job stats:")[1]
+    plan = planned_jobs(snakemake(workdir, "--configfile", "changed.yaml", "-n").stdout)
+    assert "measure" in plan and "propagate" not in plan
     config["collections"]["demo"]["px_per_mm"] = 20.0
     config["propagate"] = dict(config.get("propagate", {}), threads=1, runtime=30)
     (workdir / "resources.yaml").write_text(yaml.safe_dump(config))
     assert "Nothing to be done" in snakemake(workdir, "--configfile", "resources.yaml", "-n").stdout
     config["propagate"]["area_growth_limit"] = 2.5
     (workdir / "masks.yaml").write_text(yaml.safe_dump(config))
-    plan = snakemake(workdir, "--configfile", "masks.yaml", "-n").stdout
-    assert "propagate" in plan.split("Job stats:")[1]
+    assert "propagate" in planned_jobs(snakemake(workdir, "--configfile", "masks.yaml", "-n").stdout)
 
 
 def test_several_collections_png_templates_and_a_bad_image(tmp_path):
@@ -178,3 +183,74 @@ def test_bad_config_gives_a_clear_error(tmp_path, change, message):
     result = snakemake(tmp_path, "--configfile", "config.yaml", "-n", check=False)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+def test_finetune_in_the_workflow(tmp_path):
+    """finetune.enabled trains an adapter that propagate uses; another collection reuses
+    it without training; editing propagation settings does not retrain."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    for name in sorted(p.name for p in (DEMO / "images").iterdir())[:6]:
+        shutil.copy(DEMO / "images" / name, images / name)
+    collection = {"images": str(images), "templates": str(DEMO / "templates.json"),
+                  "template_images": str(DEMO / "images"), "ground_truth": str(DEMO / "ground_truth.json")}
+    config = {
+        "collections": {"trained": dict(collection, finetune={"enabled": True})},
+        "model": {"checkpoint": "random", "image_size": 64},
+        "propagate": {"cycle_consistency": False},
+        "finetune": {"num_epochs": 1, "max_images_per_epoch": 2, "accumulation_steps": 1, "lora_rank": 4},
+        "outputs": {"save_overlays": False},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, "--configfile", "config.yaml")
+    finetune = tmp_path / "results" / "trained" / "finetune"
+    for name in ("adapter/adapter_model.safetensors", "adapter/sam2pal_adapter.json",
+                 "adapter_last/adapter_model.safetensors", "training_log.csv", "training_curves.png"):
+        assert (finetune / name).is_file(), name
+    log = list(csv.DictReader(open(finetune / "training_log.csv")))
+    assert [r["epoch"] for r in log] == ["0", "1"] and log[1]["val_iou"]  # ground truth gives the real IoU
+    info = json.loads((tmp_path / "results" / "trained" / "predictions.json").read_text())["info"]["model"]
+    assert info["adapter_kind"] == "lora"
+    assert (tmp_path / "logs" / "trained" / "finetune.benchmark.tsv").is_file()
+
+    config["propagate"]["area_growth_limit"] = 3.0
+    (tmp_path / "edit.yaml").write_text(yaml.safe_dump(config))
+    plan = planned_jobs(snakemake(tmp_path, "--configfile", "edit.yaml", "-n").stdout)
+    assert "propagate" in plan and "finetune" not in plan
+    config["finetune"]["num_epochs"] = 2
+    (tmp_path / "retrain.yaml").write_text(yaml.safe_dump(config))
+    assert "finetune" in planned_jobs(snakemake(tmp_path, "--configfile", "retrain.yaml", "-n").stdout)
+
+    reuse = {"collections": {"reused": dict(collection, finetune={"adapter": str(finetune / "adapter")})},
+             "model": config["model"], "propagate": config["propagate"], "outputs": config["outputs"]}
+    (tmp_path / "reuse.yaml").write_text(yaml.safe_dump(reuse))
+    snakemake(tmp_path, "--configfile", "reuse.yaml")
+    assert not (tmp_path / "results" / "reused" / "finetune").exists()
+    reused = json.loads((tmp_path / "results" / "reused" / "predictions.json").read_text())["info"]["model"]
+    assert reused["adapter_sha256"] == info["adapter_sha256"]
+
+    both = json.loads(json.dumps(reuse))
+    both["collections"]["reused"]["finetune"]["enabled"] = True
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(both))
+    result = snakemake(tmp_path, "--configfile", "both.yaml", "-n", check=False)
+    assert result.returncode != 0 and "set only one of them" in result.stdout + result.stderr
+
+
+def test_finetune_pool_from_a_coco_file(tmp_path):
+    """finetune.pool_images may be a COCO file listing which photos to train on."""
+    images = sorted(p.name for p in (DEMO / "images").iterdir())
+    pool = {"images": [{"id": i, "file_name": n, "width": 480, "height": 360} for i, n in enumerate(images[4:7])],
+            "annotations": [], "categories": []}
+    (tmp_path / "pool.json").write_text(json.dumps(pool))
+    config = {"collections": {"c": {"images": str(DEMO / "images"), "templates": str(DEMO / "templates.json"),
+                                    "finetune": {"enabled": True, "pool_images": str(tmp_path / "pool.json")}}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(tmp_path, "--configfile", "config.yaml", "-n", "--forceall").stdout
+    block = out.split("rule finetune:")[1].split("output:")[0]
+    listed = {name for name in images if name in block}
+    assert listed == set(images[4:7])
+
+    pool["images"].append({"id": 99, "file_name": "not_there.jpg", "width": 1, "height": 1})
+    (tmp_path / "pool.json").write_text(json.dumps(pool))
+    result = snakemake(tmp_path, "--configfile", "config.yaml", "-n", check=False)
+    assert result.returncode != 0 and "not_there.jpg" in result.stdout + result.stderr

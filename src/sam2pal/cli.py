@@ -96,10 +96,12 @@ FINETUNE_FLAGS = [
     ("--learning_rate", dict(type=_positive_float, help="learning rate (default 1e-4 with LoRA, 5e-6 for full fine-tuning)"), "learning_rate"),
     ("--accumulation_steps", dict(type=int, help="gradient accumulation steps (default 4)"), "accumulation_steps"),
     ("--max_images_per_epoch", dict(type=int, help="unlabelled images per epoch (default 100)"), "max_images_per_epoch"),
+    ("--max_pool_images", dict(type=int, help="train on at most this many unlabelled images, a seeded sample (default 200)"), "max_pool_images"),
     ("--schedule", dict(choices=["cosine", "constant"], help="learning-rate schedule after warm-up (default cosine)"), "schedule"),
     ("--warmup_steps", dict(type=int, help="warm-up optimizer steps (default 5)"), "warmup_steps"),
     ("--holdout_fraction", dict(type=float, help="share of the unlabelled images held out to pick the best epoch (default 0.1)"), "holdout_fraction"),
     ("--no_feature_cache", dict(action="store_true", default=None, help="re-encode images every step instead of caching the frozen encoder's features"), None),
+    ("--gradient_checkpointing", dict(action="store_true", default=None, help="less memory, slower steps (recompute memory-attention activations)"), "gradient_checkpointing"),
     ("--merge_checkpoint", dict(action="store_true", default=None, help="also write merged.pt: a full checkpoint with the LoRA weights folded in"), "merge_checkpoint"),
     ("--seed", dict(type=int, help="training seed (default 0): the same seed gives the same adapter on a CPU"), "seed"),
     ("--training_json", dict(help="COCO JSON of more annotated training templates"), None),
@@ -287,11 +289,7 @@ def cmd_segment(args) -> int:
     if args.output_timestamp:
         out_dir = out_dir / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    config, checkpoint = _model_choice(args)
-    spec, template_image_dir = _template_spec(args, out_dir)
-    templates_json = out_dir / "templates.json"
-    pipeline.prepare_templates(spec, template_image_dir, templates_json, max_templates=args.max_templates)
-    names = _collection_images(args.image_dir)
+    config, checkpoint, templates_json, names = _prepare(args, out_dir)
     adapter = args.adapter
     if args.pal_finetuning:
         adapter = _train(args, out_dir / "finetune", templates_json, names, config, checkpoint,
@@ -323,13 +321,18 @@ def cmd_segment(args) -> int:
     return 0
 
 
-def _collection_images(image_dir) -> list[str]:
-    from .pipeline import list_collection_images
+def _prepare(args, out_dir: Path):
+    """(config, checkpoint, normalised template file, image names) for segment/finetune."""
+    from .pipeline import list_collection_images, prepare_templates
 
-    names = list_collection_images(image_dir)
+    config, checkpoint = _model_choice(args)
+    spec, template_image_dir = _template_spec(args, out_dir)
+    templates_json = out_dir / "templates.json"
+    prepare_templates(spec, template_image_dir, templates_json, max_templates=args.max_templates)
+    names = list_collection_images(args.image_dir)
     if not names:
-        raise InputError(f"{image_dir}: no images found (extensions: jpg, jpeg, png, tif, tiff, bmp, webp)")
-    return names
+        raise InputError(f"{args.image_dir}: no images found (extensions: jpg, jpeg, png, tif, tiff, bmp, webp)")
+    return config, checkpoint, templates_json, names
 
 
 def _train(args, out_dir: Path, templates_json, pool_names, config, checkpoint, lora: bool) -> Path:
@@ -348,17 +351,12 @@ def _train(args, out_dir: Path, templates_json, pool_names, config, checkpoint, 
 
 
 def cmd_finetune(args) -> int:
-    from . import pipeline
 
     if args.full and args.use_lora:
         raise InputError("give either --full or --use_lora, not both")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config, checkpoint = _model_choice(args)
-    spec, template_image_dir = _template_spec(args, out_dir)
-    templates_json = out_dir / "templates.json"
-    pipeline.prepare_templates(spec, template_image_dir, templates_json, max_templates=args.max_templates)
-    names = _collection_images(args.image_dir)
+    config, checkpoint, templates_json, names = _prepare(args, out_dir)
     _train(args, out_dir, templates_json, names, config, checkpoint, lora=not args.full)
     print(f"adapter written to {out_dir / 'adapter'} (last epoch: {out_dir / 'adapter_last'})")
     return 0

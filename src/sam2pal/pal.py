@@ -33,6 +33,7 @@ picks the best adapter. The last one is kept too.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import random
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .adapters import DEFAULT_LORA_COMPONENTS, LORA_COMPONENTS, add_lora, save_adapter, save_merged_checkpoint
 from .atomic import atomic_path, atomic_write
@@ -74,6 +76,7 @@ class FinetuneSettings:
     weight_decay: float = 0.01
     num_epochs: int = 10
     max_images_per_epoch: int = 100
+    max_pool_images: int = 200  # unlabelled photos trained on (a seeded sample of the pool)
     accumulation_steps: int = 4
     schedule: str = "cosine"  # cosine | constant (both after a linear warm-up)
     warmup_steps: int = 5  # optimizer steps
@@ -84,6 +87,11 @@ class FinetuneSettings:
     holdout_fraction: float = 0.1
     max_holdout: int = 16
     cache_features: bool = True
+    # SAM2 trains with dropout 0.1 inside attention; that forces attention to build its
+    # full matrices (no memory-efficient kernel): off unless asked for
+    attention_dropout: float = 0.0
+    # recompute memory-attention activations in the backward pass: less memory, slower
+    gradient_checkpointing: bool = False
     merge_checkpoint: bool = False
     seed: int = 0
 
@@ -93,11 +101,13 @@ class FinetuneSettings:
             problems.append(f"mode must be lora or full, not {self.mode!r}")
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be cosine or constant, not {self.schedule!r}")
-        for name in ("lora_rank", "num_epochs", "max_images_per_epoch", "accumulation_steps"):
+        for name in ("lora_rank", "num_epochs", "max_images_per_epoch", "max_pool_images", "accumulation_steps"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.learning_rate is not None and self.learning_rate <= 0:
             problems.append("learning_rate must be > 0")
+        if not 0 <= self.attention_dropout < 1:
+            problems.append("attention_dropout must be in [0, 1)")
         if not 0 <= self.holdout_fraction < 1:
             problems.append("holdout_fraction must be in [0, 1)")
         unknown = set(self.targets) - set(LORA_COMPONENTS)
@@ -185,6 +195,13 @@ class _TrainingTemplate:
     mask_input: torch.Tensor  # (B, 1, S, S) binary
 
 
+def _checkpointed(forward, *args, **kwargs):
+    """Run a layer under activation checkpointing (dropout masks are replayed)."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - soft Dice, per object, averaged."""
     prob = torch.sigmoid(logits).flatten(1)
@@ -233,11 +250,18 @@ class Trainer:
                 trainable = name.split(".")[0] in settings.targets
                 param.requires_grad_(trainable and not (in_features and "image_encoder" not in settings.targets))
         trainable_encoder = "image_encoder" in settings.targets
+        for module in self.sam.modules():
+            if hasattr(module, "dropout_p"):  # SAM2's attention modules
+                module.dropout_p = float(settings.attention_dropout)
+        if settings.gradient_checkpointing:
+            for layer in self.sam.memory_attention.layers:
+                layer.forward = functools.partial(_checkpointed, layer.forward)
         self.params = [p for p in self.sam.parameters() if p.requires_grad]
         if not self.params:
             raise InputError("finetune: nothing to train (check targets)")
 
-        # the pool, minus the template photos, split into training and held-out images
+        # the pool, minus the template photos: a seeded sample of held-out images and of
+        # at most max_pool_images training images (a collection may hold 100,000)
         template_paths = {str(Path(t.path).resolve()) for t in templates.images}
         keys = sorted(k for k, p in pool.items() if str(Path(p).resolve()) not in template_paths)
         self.paths = {k: Path(pool[k]) for k in keys}
@@ -246,7 +270,7 @@ class Trainer:
         if len(keys) >= 2 and settings.holdout_fraction > 0:
             n_holdout = min(settings.max_holdout, max(1, round(len(keys) * settings.holdout_fraction)))
         self.holdout = sorted(keys[i] for i in order[:n_holdout])
-        self.train_keys = sorted(keys[i] for i in order[n_holdout:])
+        self.train_keys = sorted(keys[i] for i in order[n_holdout : n_holdout + settings.max_pool_images])
         if not self.train_keys:
             raise InputError("finetune: no unlabelled images to train on (the pool holds only templates)")
 

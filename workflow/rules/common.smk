@@ -100,12 +100,35 @@ def finetune_settings(wildcards):
 
 
 def pool_folder(collection):
-    return settings(collection, "finetune")["pool_images"] or COLLECTIONS[collection]["images"]
+    """Folder of the unlabelled training photos: `finetune.pool_images` if it is a
+    folder, else the collection's images (a COCO file there lists which of them)."""
+    source = settings(collection, "finetune")["pool_images"]
+    if source and not source.lower().endswith(".json"):
+        return source
+    return COLLECTIONS[collection]["images"]
+
+
+def pool_names(collection):
+    source = settings(collection, "finetune")["pool_images"]
+    folder = pool_folder(collection)
+    if not (source and source.lower().endswith(".json")):
+        return folder_images(collection, folder)
+    import json
+
+    try:
+        with open(source, encoding="utf-8") as handle:
+            names = sorted({image["file_name"] for image in json.load(handle)["images"]})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise WorkflowError(f"{source}: cannot read the images of this COCO file ({exc})")
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise WorkflowError(f"{source}: {len(missing)} listed photo(s) not in {folder}, e.g. {missing[0]}")
+    return names
 
 
 def pool_paths(wildcards):
     folder = pool_folder(wildcards.collection)
-    return [os.path.join(folder, n) for n in folder_images(wildcards.collection, folder)]
+    return [os.path.join(folder, n) for n in pool_names(wildcards.collection)]
 
 
 def training_template_files(wildcards):
