@@ -27,17 +27,24 @@ def official_checkpoint_path(model: OfficialModel, checkpoint_dir=DEFAULT_CHECKP
     return Path(checkpoint_dir) / model.file_name
 
 
-def resolve_checkpoint(value, checkpoint_dir=DEFAULT_CHECKPOINT_DIR, verify: bool = True) -> str:
-    """A checkpoint setting -> a file path or ``"random"``.
+def resolve_checkpoint(value, checkpoint_dir=DEFAULT_CHECKPOINT_DIR) -> str:
+    """A checkpoint setting -> a file path or ``"random"`` (see `resolve_checkpoint_digest`)."""
+    return resolve_checkpoint_digest(value, checkpoint_dir)[0]
 
-    Official names resolve to their local file, which must exist (and, with `verify`,
-    carry the published SHA-256); other values must be existing files.
+
+def resolve_checkpoint_digest(value, checkpoint_dir=DEFAULT_CHECKPOINT_DIR) -> tuple[str, str | None]:
+    """A checkpoint setting -> (file path or ``"random"``, the file's SHA-256 or None).
+
+    Official names resolve to their local file, which must exist and carry the
+    published SHA-256; other values must be existing files. The file is hashed once
+    (a large checkpoint takes seconds).
     """
     text = str(value).strip() if value is not None else RANDOM_CHECKPOINT
     if text == RANDOM_CHECKPOINT:
-        return RANDOM_CHECKPOINT
+        return RANDOM_CHECKPOINT, None
     if Path(text).expanduser().is_file():
-        return str(Path(text).expanduser())
+        path = Path(text).expanduser()
+        return str(path), file_sha256(path)
     model = official_model(text)
     if model is None:
         raise InputError(
@@ -47,14 +54,13 @@ def resolve_checkpoint(value, checkpoint_dir=DEFAULT_CHECKPOINT_DIR, verify: boo
     path = official_checkpoint_path(model, checkpoint_dir)
     if not path.is_file():
         raise InputError(missing_message(model, path))
-    if verify:
-        digest = file_sha256(path)
-        if digest != model.sha256:
-            raise InputError(
-                f"{path}: not the official {model.file_name} (sha256 {digest[:12]}..., expected "
-                f"{model.sha256[:12]}...); delete it and download it again from {model.url}"
-            )
-    return str(path)
+    digest = file_sha256(path)
+    if digest != model.sha256:
+        raise InputError(
+            f"{path}: not the official {model.file_name} (sha256 {digest[:12]}..., expected "
+            f"{model.sha256[:12]}...); delete it and download it again from {model.url}"
+        )
+    return str(path), digest
 
 
 def missing_message(model: OfficialModel, path: Path) -> str:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .masks import mask_iou
 from .model import autocast
 from .postprocess import StructureReference, clamp_mask
 
@@ -94,6 +95,11 @@ def preprocess(image: np.ndarray, image_size: int, device: torch.device) -> torc
     tensor -= torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
     tensor /= torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
     return tensor.unsqueeze(0).to(device)
+
+
+def encode_image(model, image: np.ndarray) -> dict:
+    """One image-encoder pass (batch 1) on an RGB uint8 image, on the model's device."""
+    return model.forward_image(preprocess(image, int(model.image_size), model.device))
 
 
 def fill_holes(low_res_logits: torch.Tensor, max_area: int) -> torch.Tensor:
@@ -294,7 +300,7 @@ class Propagator:
 
     def _encode(self, rgb: np.ndarray) -> dict:
         """One image-encoder pass (batch 1)."""
-        return self.model.forward_image(preprocess(rgb, self.image_size, self.device))
+        return encode_image(self.model, rgb)
 
     def _features(self, backbone: dict, batch: int):
         return expand_features(self.model, backbone, batch)
@@ -334,9 +340,7 @@ class Propagator:
             tmpl = self._templates[t_index]
             back, _, _ = self._track(self._features(tmpl.backbone, len(group.objects)), 1, 2, memory)
             for i, (key, pred) in enumerate(zip(group.objects, self._to_image_masks(back, tmpl.size))):
-                truth = tmpl.masks[key]
-                union = np.logical_or(pred, truth).sum()
-                totals[i] += np.logical_and(pred, truth).sum() / union if union else 1.0
+                totals[i] += mask_iou(pred, tmpl.masks[key])
         return (totals / len(group.templates)).tolist()
 
     # -- public -----------------------------------------------------------------------

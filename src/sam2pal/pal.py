@@ -51,12 +51,13 @@ from .engine import (
     Propagator,
     binary_mask_input,
     conditioning_frame,
+    encode_image,
     expand_features,
     new_memory,
-    preprocess,
     track_frame,
 )
 from .errors import InputError
+from .masks import mask_iou
 from .model import autocast
 
 LOG_COLUMNS = ["epoch", "optimizer_steps", "train_loss", "learning_rate", "val_cycle_iou", "val_iou", "seconds"]
@@ -164,9 +165,8 @@ class FeatureCache:
 
     def _encode(self, image: np.ndarray) -> dict:
         self.encoder_calls += 1
-        tensor = preprocess(image, int(self.model.image_size), self.device)
         with autocast(self.device):
-            return self.model.forward_image(tensor)
+            return encode_image(self.model, image)
 
     def add(self, key: str, image: np.ndarray) -> None:
         self.sizes[key] = image.shape[:2]
@@ -361,8 +361,7 @@ class Trainer:
                     for p in preds:
                         if self.categories.get(p.category_id) == name:
                             pred |= p.mask
-                    union = np.logical_or(pred, mask).sum()
-                    ious.append(np.logical_and(pred, mask).sum() / union if union else 1.0)
+                    ious.append(mask_iou(pred, mask))
         del engine
         release_inference_tensors(self.sam)
         self.sam.train()

@@ -59,12 +59,11 @@ def load_model(config, checkpoint, image_size, seed, device, checkpoint_dir=None
     """The SAM2 model of a run and its provenance (config, checkpoint, their SHA-256,
     and `base_id`, the identity adapters are checked against)."""
     from .adapters import base_id
-    from .download import DEFAULT_CHECKPOINT_DIR, resolve_checkpoint
+    from .download import DEFAULT_CHECKPOINT_DIR, resolve_checkpoint_digest
     from .model import build_model, file_sha256, resolve_config
 
-    ckpt = resolve_checkpoint(checkpoint, checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
+    ckpt, ckpt_sha = resolve_checkpoint_digest(checkpoint, checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
     config_path = resolve_config(config)
-    ckpt_sha = None if ckpt == "random" else file_sha256(ckpt)
     config_sha = file_sha256(config_path)
     model = build_model(config_path, ckpt, image_size=image_size, device=device, seed=seed)
     info = {
