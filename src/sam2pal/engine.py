@@ -228,6 +228,39 @@ def new_memory(cond_frames: dict) -> dict:
     return {"cond_frame_outputs": dict(cond_frames), "non_cond_frame_outputs": {}}
 
 
+def logits_to_masks(low_res: torch.Tensor, size: tuple[int, int], threshold: float = 0.0) -> list[np.ndarray]:
+    """Low-res logits (B, 1, h, w) -> B bool masks at `size` (height, width), resized one
+    at a time (bilinear, as the official predictor does) to bound memory on large images."""
+    masks = []
+    for b in range(low_res.shape[0]):
+        full = F.interpolate(low_res[b : b + 1].float(), size=size, mode="bilinear", align_corners=False)
+        masks.append((full[0, 0] > threshold).cpu().numpy())
+    return masks
+
+
+def cycle_ious(model, feats, low_res: torch.Tensor, references, fill_hole_area: int = 0,
+               threshold: float = 0.0) -> list[float]:
+    """Label-free quality of predicted masks: the target, with its predicted masks
+    (`low_res`, B objects), becomes the conditioning frame of a fresh memory, and each
+    reference image is tracked back from it; returns per object the IoU with the
+    reference's known mask, averaged over the references.
+
+    `references`: [(backbone of the reference image, [B bool masks])].
+    """
+    image_size = int(model.image_size)
+    mask_in = (
+        F.interpolate(low_res.float(), size=(image_size, image_size), mode="bilinear", align_corners=False) > 0
+    ).float()
+    batch = low_res.shape[0]
+    memory = new_memory({0: conditioning_frame(model, feats, 0, 2, mask_in, fill_hole_area)})
+    totals = np.zeros(batch)
+    for backbone, masks in references:
+        back, _, _ = track_frame(model, expand_features(model, backbone, batch), 1, 2, memory, fill_hole_area)
+        for i, pred in enumerate(logits_to_masks(back, masks[0].shape, threshold)):
+            totals[i] += mask_iou(pred, masks[i])
+    return (totals / max(len(references), 1)).tolist()
+
+
 class Propagator:
     """Segments target images from a template set with a SAM2 model.
 
@@ -321,27 +354,14 @@ class Propagator:
         return track_frame(self.model, feats, frame_idx, num_frames, memory, self.fill_hole_area)
 
     def _to_image_masks(self, low_res: torch.Tensor, size: tuple[int, int]) -> list[np.ndarray]:
-        """Low-res logits (B, 1, h, w) -> B bool masks at `size`, one at a time."""
-        masks = []
-        for b in range(low_res.shape[0]):
-            full = F.interpolate(low_res[b : b + 1], size=size, mode="bilinear", align_corners=False)
-            masks.append((full[0, 0] > self.mask_threshold).cpu().numpy())
-        return masks
+        return logits_to_masks(low_res, size, self.mask_threshold)
 
     def _cycle_iou(self, group: _Group, feats, low_res: torch.Tensor) -> list[float]:
-        """Track each template back from the target's predicted masks (fresh memory)."""
-        mask_in = (
-            F.interpolate(low_res, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-            > 0
-        ).float()
-        memory = new_memory({0: conditioning_frame(self.model, feats, 0, 2, mask_in, self.fill_hole_area)})
-        totals = np.zeros(len(group.objects))
-        for t_index in group.templates:
-            tmpl = self._templates[t_index]
-            back, _, _ = self._track(self._features(tmpl.backbone, len(group.objects)), 1, 2, memory)
-            for i, (key, pred) in enumerate(zip(group.objects, self._to_image_masks(back, tmpl.size))):
-                totals[i] += mask_iou(pred, tmpl.masks[key])
-        return (totals / len(group.templates)).tolist()
+        references = [
+            (self._templates[t].backbone, [self._templates[t].masks[key] for key in group.objects])
+            for t in group.templates
+        ]
+        return cycle_ious(self.model, feats, low_res, references, self.fill_hole_area, self.mask_threshold)
 
     # -- public -----------------------------------------------------------------------
 
