@@ -1073,3 +1073,262 @@ def make_collection(out_dir, n_images: int = 16, n_templates: int = 2, seed: int
         "n_images": n_images, "n_templates": n_templates,
         "n_annotations": len(annotations), "n_template_annotations": len(template_anns),
     }
+
+
+# ---------------------------------------------------------------------------------
+# video
+# ---------------------------------------------------------------------------------
+
+#: SeedSequence spawn key of the video streams; collections use (0,) and (i + 1,)
+_VIDEO_KEY = 0x5649
+
+
+def _video_rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_VIDEO_KEY, stream)))
+
+
+def _hull_corners(labels: np.ndarray) -> np.ndarray:
+    """Pixel corners of the convex hull of the foreground, (N, 2) x/y: for bounds checks."""
+    ys, xs = np.nonzero(labels)
+    hull = cv2.convexHull(np.stack([xs, ys], axis=1).astype(np.float32)).reshape(-1, 2)
+    pixel = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+    return (hull.astype(np.float64)[:, None, :] + pixel).reshape(-1, 2)
+
+
+def _body_angle(labels: np.ndarray) -> float:
+    """Direction (radians) of the long axis of the specimen's foreground."""
+    ys, xs = np.nonzero(labels)
+    coords = np.stack([xs, ys], axis=1).astype(np.float64)
+    coords -= coords.mean(axis=0)
+    _, vecs = np.linalg.eigh(coords.T @ coords)
+    return math.atan2(vecs[1, -1], vecs[0, -1])
+
+
+@dataclass(frozen=True)
+class _Motion:
+    """Smooth motion of the specimen over a clip: turn, drift, breathing stretch."""
+
+    centre: np.ndarray  # x, y of the specimen at frame 0
+    target: np.ndarray  # where the drift takes the centre by the last frame
+    degrees_per_frame: float
+    stretch: float  # amplitude of the anisotropic scale
+    period: float  # frames per stretch cycle
+    axis: float  # body axis (radians) along which the stretch acts
+    n_frames: int
+
+    def matrix(self, t: int, damp: float = 1.0) -> np.ndarray:
+        """2 x 3 map from frame-0 canvas pixels to frame `t` (the identity at t = 0)."""
+        progress = t / max(self.n_frames - 1, 1)
+        theta = math.radians(self.degrees_per_frame * t * damp)
+        wave = math.sin(2 * math.pi * t / self.period) * self.stretch * damp
+        c, s = math.cos(self.axis), math.sin(self.axis)
+        body = np.array([[c, -s], [s, c]])
+        stretch = body @ np.diag([1 + wave, 1 - 0.5 * wave]) @ body.T
+        rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+        lin = rot @ stretch
+        moved = self.centre + (self.target - self.centre) * progress * damp
+        shift = moved - lin @ self.centre
+        return np.hstack([lin, shift[:, None]])
+
+
+def _video_motion(labels: np.ndarray, n_frames: int, rng, width: int, height: int,
+                  margin: float = 3.0) -> tuple[_Motion, float]:
+    """Draw a motion, and the largest damping (<= 1) that keeps the specimen in frame."""
+    corners = _hull_corners(labels)
+    centre = (corners.min(axis=0) + corners.max(axis=0)) / 2.0
+    middle = np.array([width / 2.0, height / 2.0])
+    jitter = rng.uniform(-0.08, 0.08, 2) * np.array([width, height])
+    # head for (about) the middle of the frame; never stand still, so that every
+    # frame's ground truth differs from its neighbours' (a shifted frame id shows)
+    target = middle + jitter
+    if np.linalg.norm(target - centre) < 1.5 * (n_frames - 1):
+        angle = rng.uniform(0, 2 * math.pi)
+        target = centre + 1.5 * (n_frames - 1) * np.array([math.cos(angle), math.sin(angle)])
+        target = np.clip(target, middle - 0.2 * np.array([width, height]),
+                         middle + 0.2 * np.array([width, height]))
+    motion = _Motion(
+        centre=centre, target=target,
+        degrees_per_frame=float(rng.choice([-1.0, 1.0]) * rng.uniform(2.0, 4.0)),
+        stretch=float(rng.uniform(0.04, 0.08)), period=float(rng.uniform(12.0, 20.0)),
+        axis=_body_angle(labels), n_frames=n_frames,
+    )
+    lo = np.array([margin - 0.5, margin - 0.5])
+    hi = np.array([width - 0.5 - margin, height - 0.5 - margin])
+    for damp in (1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.1, 0.05, 0.0):
+        inside = True
+        for t in range(n_frames):
+            m = motion.matrix(t, damp)
+            q = corners @ m[:, :2].T + m[:, 2]
+            if (q < lo).any() or (q > hi).any():
+                inside = False
+                break
+        if inside:
+            return motion, damp
+    return motion, 0.0  # unreachable: damp 0 is the frame-0 pose, placed inside
+
+
+def _fill_outside(image: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """Give every background pixel the colour of the nearest foreground pixel.
+
+    Bilinear warping of the specimen then never mixes substrate colour into its edge.
+    """
+    _, index = cv2.distanceTransformWithLabels(
+        (~fg).astype(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
+    )
+    ys, xs = np.nonzero(fg)
+    lut_y = np.zeros(index.max() + 1, np.int64)
+    lut_x = np.zeros(index.max() + 1, np.int64)
+    lut_y[index[ys, xs]] = ys
+    lut_x[index[ys, xs]] = xs
+    return image[lut_y[index], lut_x[index]]
+
+
+def _video_coco_image(t: int, image_id: int, fps: float, width: int, height: int, name: str) -> dict:
+    return {
+        "id": image_id, "file_name": f"{t:05d}.jpg", "width": width, "height": height,
+        "frame_index": t, "time_s": round(t / fps, 6), "source_mask": name,
+    }
+
+
+def _part_annotations(labels: np.ndarray, image_id: int, first_id: int) -> list[dict]:
+    anns = []
+    for k in PARTS:
+        mask = labels == k
+        if mask.any():
+            anns.append({
+                "id": first_id + len(anns), "image_id": image_id, "category_id": k,
+                "segmentation": encode_rle(mask), "area": int(mask.sum()),
+                "bbox": mask_bbox(mask), "iscrowd": 0,
+            })
+    return anns
+
+
+def render_video_frames(n_frames: int = 24, seed: int = 0, size: tuple[int, int] = (320, 240),
+                        mask_name: str | None = None) -> tuple[str, Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """Render a clip of one moving specimen: ``(mask_name, iterator of (image, labels))``.
+
+    The specimen is rendered once (`render_specimen_layers`, its pose is frame 0) on a
+    substrate drawn separately, then frame ``t`` warps it with a smooth affine map: a
+    turn of 2-4 degrees per frame, a drift towards the middle of the frame, and a
+    stretch along the body axis that swells and shrinks (the deformation). The label
+    map is warped with nearest-neighbour interpolation and is the exact ground truth;
+    the motion is damped when needed so that the specimen stays fully inside every
+    frame. A drop shadow follows the specimen; illumination, blur and fresh sensor
+    noise are applied per frame, as a camera would.
+    """
+    seed = _check_seed(seed)
+    n_frames = int(n_frames)
+    if n_frames < 1:
+        raise InputError(f"n_frames must be at least 1, got {n_frames}")
+    width, height = _check_size(size)
+    if mask_name is None:
+        masks = [(n, m) for n, m in _load_masks_cached() if set(np.unique(m)) == {0, *PARTS}]
+        name, label_map = masks[int(_video_rng(seed, 0).integers(len(masks)))]
+    else:
+        name, label_map = _select_masks([mask_name])[0]
+
+    st = collection_style(None, _video_rng(seed, 1))
+    pose = dataclasses.replace(
+        st, clutter=False, shadow_opacity=(0.0, 0.0), illumination=(0.0, 0.0),
+        blur_sigma=(0.0, 0.0), noise_sigma=(0.0, 0.0), scale_range=(0.4, 0.45),
+    )
+    r = render_specimen_layers(label_map, _video_rng(seed, 2), size=(width, height), style=pose)
+    fg0 = r.labels > 0
+    beetle = _fill_outside(r.image.astype(np.float32) / 255.0, fg0)
+
+    rng = _video_rng(seed, 3)
+    motion, damp = _video_motion(r.labels, n_frames, rng, width, height)
+    substrate = _background(st.backgrounds[0], st.background_color, rng, height, width)
+    light = math.radians(st.light_angle)
+    light_xy = np.array([math.cos(light), -math.sin(light)])
+    opacity = _uniform(rng, st.shadow_opacity)
+    offset = rng.uniform(0.012, 0.03) * min(width, height)
+    shadow_sigma = rng.uniform(0.008, 0.02) * min(width, height)
+    illumination = _illumination(rng, height, width, light_xy, _uniform(rng, st.illumination))
+    blur = _uniform(rng, st.blur_sigma)
+    noise = _uniform(rng, st.noise_sigma) / 255.0
+
+    def frames() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        noise_rng = _video_rng(seed, 4)
+        for t in range(n_frames):
+            m = motion.matrix(t, damp).astype(np.float64)
+            labels = cv2.warpAffine(r.labels, m, (width, height), flags=cv2.INTER_NEAREST,
+                                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            colour = cv2.warpAffine(beetle, m, (width, height), flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_REPLICATE)
+            fg = labels > 0
+            shadow = _blur(_shift(fg.astype(np.float32), -offset * light_xy[0], -offset * light_xy[1]),
+                           shadow_sigma)
+            image = substrate * (1 - opacity * shadow)[..., None]
+            image = np.where(fg[..., None], colour, image) * illumination[..., None]
+            image = _blur(image, blur)
+            if noise > 0:
+                image = image + noise * noise_rng.standard_normal(image.shape, dtype=np.float32)
+            yield np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), labels
+
+    return name, frames()
+
+
+def make_video(out_dir, n_frames: int = 24, fps: float = 8, seed: int = 0,
+               size: tuple[int, int] = (320, 240), keyframes: Sequence[int] = (0,),
+               mask_name: str | None = None, codec: str = "libx264") -> dict:
+    """Write a synthetic clip of one moving specimen with its exact per-frame ground truth.
+
+    Writes ``out_dir/video.mp4`` (``codec``, yuv420p, crf 18, ``fps`` frames per
+    second; frames from `render_video_frames`), ``ground_truth.json`` (COCO: image
+    ``id`` = frame index, ``file_name`` ``00000.jpg`` ... as `sam2pal.video.extract_frames`
+    names them, one compressed-RLE annotation per visible part per frame, annotation
+    ids from 1) and ``keyframes.json`` (the same for the ``keyframes`` frames only).
+    Image ids in keyframes.json are 1000 + frame index, deliberately not the frame
+    index: code must match annotations to frames by file name. The size must be even
+    (yuv420p). Deterministic for a seed.
+
+    Returns a dict with ``out_dir``, ``video``, ``ground_truth``, ``keyframes`` (paths),
+    ``keyframe_indices``, ``n_frames``, ``fps``, ``size``, ``mask_name`` and ``labels``
+    (the per-frame uint8 label maps, 0 background, 1..5 as in PARTS).
+    """
+    from .video import write_video
+
+    width, height = _check_size(size)
+    if width % 2 or height % 2:
+        raise InputError(f"video size must be even (yuv420p), got {width} x {height}")
+    n_frames = int(n_frames)
+    if n_frames < 1:
+        raise InputError(f"n_frames must be at least 1, got {n_frames}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise InputError(f"fps must be a positive number, got {fps!r}")
+    try:
+        keys = sorted({int(k) for k in keyframes})
+    except (TypeError, ValueError):
+        raise InputError(f"keyframes must be frame indices, got {keyframes!r}") from None
+    if not keys or keys[0] < 0 or keys[-1] >= n_frames:
+        raise InputError(f"keyframes must be frame indices in 0..{n_frames - 1}, got {list(keyframes)!r}")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name, frames = render_video_frames(n_frames, seed=seed, size=(width, height), mask_name=mask_name)
+    labels: list[np.ndarray] = []
+
+    def images() -> Iterator[np.ndarray]:
+        for image, lab in frames:
+            labels.append(lab)
+            yield image
+
+    video_path = out / "video.mp4"
+    write_video(images(), video_path, fps=fps, crf=18, codec=codec)
+
+    gt_images, gt_anns, kf_images, kf_anns = [], [], [], []
+    for t, lab in enumerate(labels):
+        gt_images.append(_video_coco_image(t, t, fps, width, height, name))
+        gt_anns += _part_annotations(lab, t, len(gt_anns) + 1)
+        if t in keys:
+            kf_images.append(_video_coco_image(t, 1000 + t, fps, width, height, name))
+            kf_anns += _part_annotations(lab, 1000 + t, len(kf_anns) + 1)
+    gt_path, kf_path = out / "ground_truth.json", out / "keyframes.json"
+    write_json(gt_path, _coco(gt_images, gt_anns, f"synthetic video, seed {seed}: ground truth"), indent=1)
+    write_json(kf_path, _coco(kf_images, kf_anns, f"synthetic video, seed {seed}: keyframes"), indent=1)
+    return {
+        "out_dir": out, "video": video_path, "ground_truth": gt_path, "keyframes": kf_path,
+        "keyframe_indices": keys, "n_frames": n_frames, "fps": fps, "size": (width, height),
+        "mask_name": name, "labels": labels,
+    }
