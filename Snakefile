@@ -19,6 +19,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
+include: "workflow/rules/frames.smk"
 include: "workflow/rules/templates.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/propagate.smk"

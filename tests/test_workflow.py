@@ -38,9 +38,10 @@ def planned_jobs(stdout: str) -> set[str]:
 
 def absolute_demo_config():
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    demo = config["collections"]["demo"]
-    for key in ("images", "templates", "ground_truth"):
-        demo[key] = str(REPO / demo[key])
+    for collection in config["collections"].values():
+        for key in ("images", "video", "frames", "templates", "ground_truth"):
+            if collection.get(key):
+                collection[key] = str(REPO / collection[key])
     return config
 
 
@@ -85,6 +86,17 @@ def test_demo_run_outputs(demo_run):
     assert len(list((out / "masks").glob("*.png"))) == len(coco.dataset["annotations"])
     assert len(list((out / "overlays").glob("*.jpg"))) == n_images
     assert (workdir / "logs" / "demo" / "propagate.log").read_text().strip()
+
+
+def test_demo_video_outputs(demo_run):
+    """The demo's video: 32 frames tracked from keyframes 8 and 24, with an overlay video."""
+    workdir, _ = demo_run
+    out = workdir / "results" / "demo_video"
+    coco = COCO(str(out / "predictions.json"))
+    assert sorted(coco.getImgIds()) == list(range(32))
+    assert {a["image_id"] for a in coco.loadAnns(coco.getAnnIds()) if a.get("keyframe")} == {8, 24}
+    assert (out / "overlay.mp4").stat().st_size > 0 and (out / "metrics.csv").is_file()
+    assert not (out / "overlays").exists()
 
 
 def test_rerun_has_nothing_to_do_and_measure_settings_do_not_resegment(demo_run):

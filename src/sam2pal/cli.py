@@ -1,6 +1,7 @@
 """The `sam2pal` command line.
 
     sam2pal segment ...         segment a folder of images from templates (all steps)
+    sam2pal video ...           segment a video from annotated keyframes (all steps)
     sam2pal finetune ...        adapt SAM2 to a collection (palindrome self-training)
     sam2pal templates ...       check templates and write the normalised template file
     sam2pal measure ...         measurement tables from a COCO predictions file
@@ -10,8 +11,9 @@
     sam2pal download-model ...  fetch an official SAM 2.1 checkpoint
     sam2pal make-demo ...       write a synthetic specimen collection
 
-`segment` accepts the flags of the script our users come from (sam2_pal_batch);
-options are accepted with underscores or dashes. Errors in the user's input are
+`segment` accepts the flags of the script our users come from (sam2_pal_batch), and
+`video` those of its video script (sam2_finetune_palindrome_video); options are
+accepted with underscores or dashes. Errors in the user's input are
 printed as one line, without a traceback, and the command exits with status 2.
 """
 
@@ -84,6 +86,26 @@ def _model_args(p):
     _flag(m, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
 
 
+def _engine_args(p, reference: str):
+    e = p.add_argument_group("propagation")
+    _flag(e, "--area_growth_limit", type=_non_negative_float, default=0.0,
+          help=f"cut a structure more than this many times larger than on {reference} to its box (0: off)")
+    _flag(e, "--area_clamp_pad", type=int, default=10, help="padding in pixels of that box")
+    _flag(e, "--bbox_clamp", action="store_true", help=f"always cut structures to the box on {reference} (+ padding)")
+    _flag(e, "--no_cycle_consistency", action="store_true", help="skip the cycle-consistency QC score (faster)")
+    _flag(e, "--fill_hole_area", type=int, default=8, help="fill mask holes up to this many low-res pixels (0: off)")
+
+
+def _engine_settings(args) -> dict:
+    return {
+        "cycle_consistency": not args.no_cycle_consistency,
+        "fill_hole_area": args.fill_hole_area,
+        "area_growth_limit": args.area_growth_limit,
+        "area_clamp_pad": args.area_clamp_pad,
+        "bbox_clamp": args.bbox_clamp,
+    }
+
+
 # Fine-tuning options: (flag, argparse keywords, FinetuneSettings field or None). Their
 # defaults are None so that `segment` can tell which ones were given.
 FINETUNE_FLAGS = [
@@ -113,7 +135,10 @@ FINETUNE_FLAGS = [
 def _finetune_args(p, title: str):
     g = p.add_argument_group(title)
     for flag, kwargs, _ in FINETUNE_FLAGS:
-        _flag(g, flag, **kwargs)
+        if flag == "--num_epochs":
+            g.add_argument("--num_epochs", "--num-epochs", "--epochs", dest="num_epochs", **kwargs)
+        else:
+            _flag(g, flag, **kwargs)
     return g
 
 
@@ -151,13 +176,7 @@ def _segment_parser(sub):
           help="unreadable images: list them in skipped.csv and go on (skip, default) or stop (fail)")
     _model_args(p)
 
-    e = p.add_argument_group("propagation")
-    _flag(e, "--area_growth_limit", type=_non_negative_float, default=0.0,
-          help="cut a structure more than this many times larger than on the template to the template's box (0: off)")
-    _flag(e, "--area_clamp_pad", type=int, default=10, help="padding in pixels of that box")
-    _flag(e, "--bbox_clamp", action="store_true", help="always cut structures to the template's box (+ padding)")
-    _flag(e, "--no_cycle_consistency", action="store_true", help="skip the cycle-consistency QC score (faster)")
-    _flag(e, "--fill_hole_area", type=int, default=8, help="fill mask holes up to this many low-res pixels (0: off)")
+    _engine_args(p, "the template")
 
     ms = p.add_argument_group("measurements")
     _flag(ms, "--px_per_mm", type=_positive_float, help="scale for millimetre columns")
@@ -193,6 +212,141 @@ def _finetune_parser(sub):
     _finetune_args(p, "training")
     _flag(p, "--full", action="store_true", help="full fine-tuning of the --targets instead of LoRA")
     p.set_defaults(func=cmd_finetune)
+
+
+def _video_parser(sub):
+    p = sub.add_parser(
+        "video",
+        help="segment every frame of a video from annotated keyframes",
+        description="Extract the frames of --input (or read --video_dir), segment every frame from the "
+        "keyframes annotated in --annotations (SAM2's video memory, from every keyframe backwards and "
+        "forwards), and write OUTPUT_DIR/frames/ (00000.jpg ...), frames.csv, predictions.json (COCO; "
+        "image id = frame index), measurements.csv, measurements_wide.csv, qc.csv and, on request, "
+        "overlay.mp4. With --use_lora, first adapt SAM2 to the video by palindrome self-training "
+        "(keyframes as templates, the other frames unlabelled).",
+    )
+    io = p.add_argument_group("input and output")
+    _flag(io, "--input", help="video file (frames are extracted into OUTPUT_DIR/frames/)")
+    _flag(io, "--video_dir", help="folder of frames extracted beforehand (00000.jpg ... or any names in natural order)")
+    _flag(io, "--annotations", required=True, help="COCO JSON of the keyframes: annotations on any frames, matched by file name")
+    _flag(io, "--output_dir", required=True, help="folder for the results")
+    _flag(io, "--export_predictions", default="predictions.json",
+          help="name of the COCO predictions file (relative names go in OUTPUT_DIR; default predictions.json)")
+    _flag(io, "--save_masks", action="store_true", help="write one PNG per structure and frame to OUTPUT_DIR/masks/")
+    _flag(io, "--overlay_video", action="store_true", help="write OUTPUT_DIR/overlay.mp4: the frames with their masks drawn on")
+    _flag(io, "--on_bad_image", choices=["skip", "fail"], default="skip",
+          help="unreadable frames: list them in skipped.csv and go on (skip, default) or stop (fail)")
+
+    fr = p.add_argument_group("frame extraction (with --input)")
+    _flag(fr, "--fps", type=_positive_float, help="frames per second to extract (default: every frame); "
+          "with --video_dir, the frame rate for the time column")
+    _flag(fr, "--start", type=_non_negative_float, help="start time in seconds")
+    _flag(fr, "--end", type=_positive_float, help="end time in seconds")
+    _flag(fr, "--max_frames", type=int, help="extract at most this many frames")
+    _flag(fr, "--max_size", type=int, help="longest side of the extracted frames in pixels (never enlarged)")
+    _flag(fr, "--image_format", choices=["jpg", "png"], default="jpg", help="frame files: jpg (default) or png (lossless)")
+
+    _model_args(p)
+    _flag(p, "--mode", choices=["video", "independent"], default="video",
+          help="video: SAM2's memory through time (default); independent: each frame from the keyframes only")
+    _engine_args(p, "the previous frame (video mode) or the keyframes (independent mode)")
+    ms = p.add_argument_group("measurements")
+    _flag(ms, "--px_per_mm", type=_positive_float, help="scale for millimetre columns")
+
+    ft = _finetune_args(p, "palindrome fine-tuning (with --use_lora or --full_finetune)")
+    _flag(ft, "--full_finetune", action="store_true", help="full fine-tuning instead of LoRA")
+    _flag(ft, "--skip_training", action="store_true", help="do not train (segment with --checkpoint, or the base model)")
+    _flag(ft, "--checkpoint", help="trained weights to segment with: an adapter folder (OUTPUT_DIR/finetune/adapter "
+          "of an earlier run) or a merged .pt checkpoint")
+    _flag(ft, "--train_only", action="store_true", help="train and stop (no segmentation)")
+    p.set_defaults(func=cmd_video)
+
+
+def _trained_weights(path: str | None, checkpoint: str):
+    """(checkpoint, adapter) for --checkpoint: an adapter folder, or a full checkpoint."""
+    if not path:
+        return checkpoint, None
+    target = Path(path)
+    if target.is_dir():
+        from .adapters import adapter_kind
+
+        try:
+            adapter_kind(target)
+        except InputError as exc:
+            raise InputError(f"--checkpoint {target}: not an adapter folder ({exc})") from None
+        return checkpoint, target
+    if target.is_file():
+        return str(target), None
+    raise InputError(f"--checkpoint {target}: no such adapter folder or checkpoint file")
+
+
+def cmd_video(args) -> int:
+    from . import pipeline
+    from .measure import measure_coco
+    from .video import extract_frames, frames_from_dir
+    from .visualize import export_masks, write_overlay_video
+
+    if bool(args.input) == bool(args.video_dir):
+        raise InputError("give the video: --input VIDEO_FILE or --video_dir FRAMES_FOLDER (one of them)")
+    if args.full_finetune and args.use_lora:
+        raise InputError("give either --use_lora or --full_finetune, not both")
+    train = bool(args.use_lora or args.full_finetune) and not args.skip_training
+    given = [flag for flag, _, _ in FINETUNE_FLAGS if flag != "--use_lora" and getattr(args, flag[2:]) is not None]
+    if given and not (args.use_lora or args.full_finetune):
+        raise InputError(f"{', '.join(given)}: training options need --use_lora (or --full_finetune)")
+    if args.skip_training and (args.use_lora or args.full_finetune or given):
+        print("note: --skip_training: no training; the training options are not used", file=sys.stderr)
+    if train and args.checkpoint:
+        raise InputError("--checkpoint segments with earlier trained weights: add --skip_training, "
+                         "or drop --checkpoint to train new ones")
+    if args.train_only and not train:
+        raise InputError("--train_only needs --use_lora (or --full_finetune) without --skip_training")
+    if args.video_dir and any(v is not None for v in (args.start, args.end, args.max_frames, args.max_size)):
+        raise InputError("--start, --end, --max_frames and --max_size apply to --input videos, not to --video_dir")
+
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config, checkpoint = _model_choice(args)
+    checkpoint, adapter = _trained_weights(args.checkpoint, checkpoint)
+    manifest = out_dir / "frames.csv"
+    if args.input:
+        frames_dir = out_dir / "frames"
+        rows = extract_frames(args.input, frames_dir, manifest, fps=args.fps, start=args.start, end=args.end,
+                              max_frames=args.max_frames, max_size=args.max_size, image_format=args.image_format)
+    else:
+        frames_dir = Path(args.video_dir)
+        rows = frames_from_dir(frames_dir, manifest, fps=args.fps)
+    print(f"{len(rows)} frames in {frames_dir}", file=sys.stderr)
+    templates_json = out_dir / "templates.json"
+    pipeline.prepare_templates(str(args.annotations), frames_dir, templates_json)
+    names = [row.file for row in rows]
+    if train:
+        adapter = _train(args, out_dir / "finetune", templates_json, frames_dir, names, config, checkpoint,
+                         lora=not args.full_finetune) / "adapter"
+        if args.train_only:
+            print(f"adapter written to {adapter}")
+            return 0
+    records = out_dir / "predictions.jsonl"
+    counts = pipeline.segment_video(
+        templates_json, frames_dir, manifest, records, out_dir / "run.json", out_dir / "skipped.csv",
+        mode=args.mode, config=config, checkpoint=checkpoint, image_size=args.image_size, device=args.device,
+        threads=args.threads or None, on_bad_image=args.on_bad_image, checkpoint_dir=args.checkpoint_dir,
+        adapter=adapter, engine_settings=_engine_settings(args),
+    )
+    predictions = Path(args.export_predictions)
+    if not predictions.is_absolute():
+        predictions = out_dir / predictions
+    pipeline.merge([records], templates_json, [out_dir / "run.json"], predictions)
+    pipeline.qc([records], templates_json, out_dir / "qc.csv")
+    measure_coco(predictions, out_dir / "measurements.csv", px_per_mm=args.px_per_mm,
+                 wide_csv=out_dir / "measurements_wide.csv")
+    if args.save_masks:
+        export_masks(predictions, out_dir / "masks")
+    if args.overlay_video:
+        write_overlay_video(predictions, frames_dir, out_dir / "overlay.mp4", fps=None, manifest_csv=manifest)
+    print(f"segmented {counts['segmented']} frames ({counts['keyframes']} keyframes), skipped "
+          f"{counts['skipped']}; predictions in {predictions}")
+    return 0
 
 
 def _default_structure_name(mask_path: str) -> str:
@@ -292,21 +446,14 @@ def cmd_segment(args) -> int:
     config, checkpoint, templates_json, names = _prepare(args, out_dir)
     adapter = args.adapter
     if args.pal_finetuning:
-        adapter = _train(args, out_dir / "finetune", templates_json, names, config, checkpoint,
+        adapter = _train(args, out_dir / "finetune", templates_json, args.image_dir, names, config, checkpoint,
                          lora=bool(args.use_lora)) / "adapter"
     records = out_dir / "predictions.jsonl"
     counts = pipeline.segment(
         templates_json, args.image_dir, names, records, out_dir / "run.json", out_dir / "skipped.csv",
         config=config, checkpoint=checkpoint, image_size=args.image_size, device=args.device,
         threads=args.threads or None, on_bad_image=args.on_bad_image, checkpoint_dir=args.checkpoint_dir,
-        adapter=adapter,
-        engine_settings={
-            "cycle_consistency": not args.no_cycle_consistency,
-            "fill_hole_area": args.fill_hole_area,
-            "area_growth_limit": args.area_growth_limit,
-            "area_clamp_pad": args.area_clamp_pad,
-            "bbox_clamp": args.bbox_clamp,
-        },
+        adapter=adapter, engine_settings=_engine_settings(args),
     )
     predictions = out_dir / "predictions.json"
     pipeline.merge([records], templates_json, [out_dir / "run.json"], predictions, polygons=args.polygons)
@@ -335,14 +482,14 @@ def _prepare(args, out_dir: Path):
     return config, checkpoint, templates_json, names
 
 
-def _train(args, out_dir: Path, templates_json, pool_names, config, checkpoint, lora: bool) -> Path:
+def _train(args, out_dir: Path, templates_json, pool_dir, pool_names, config, checkpoint, lora: bool) -> Path:
     from . import pipeline
 
     if args.training_images_dir and not args.training_json:
         raise InputError("--training_images_dir needs --training_json")
     extra = [(args.training_json, args.training_images_dir or Path(args.training_json).parent)] if args.training_json else []
     pipeline.finetune(
-        templates_json, args.image_dir, pool_names, out_dir, config=config, checkpoint=checkpoint,
+        templates_json, pool_dir, pool_names, out_dir, config=config, checkpoint=checkpoint,
         image_size=args.image_size, device=args.device, threads=args.threads or None,
         settings=_finetune_settings(args, lora), ground_truth=args.ground_truth, extra_templates=extra,
         checkpoint_dir=args.checkpoint_dir, log=lambda msg: print(msg, file=sys.stderr),
@@ -357,7 +504,7 @@ def cmd_finetune(args) -> int:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config, checkpoint, templates_json, names = _prepare(args, out_dir)
-    _train(args, out_dir, templates_json, names, config, checkpoint, lora=not args.full)
+    _train(args, out_dir, templates_json, args.image_dir, names, config, checkpoint, lora=not args.full)
     print(f"adapter written to {out_dir / 'adapter'} (last epoch: {out_dir / 'adapter_last'})")
     return 0
 
@@ -423,9 +570,31 @@ def cmd_download(args) -> int:
     return 0
 
 
-def cmd_make_demo(args) -> int:
-    from .synthetic import make_collection
+DEMO_VIDEO_README = """# Demo video (synthetic)
 
+`video.mp4`: {n_frames} frames at {fps} fps ({width} x {height}) of one beetle that turns,
+drifts and flexes, rendered by `sam2pal make-demo --video` (seed {seed}) from a real NEON
+beetle part mask ({mask_name}; MIT licence, see src/sam2pal/data/neon_beetles_masks).
+
+- `keyframes.json`: COCO annotations of the keyframes {keyframes} (files `00008.jpg` ...,
+  as the frames are named when extracted; matched by file name).
+- `ground_truth.json`: the exact part masks of every frame (image id = frame index).
+"""
+
+
+def cmd_make_demo(args) -> int:
+    from .synthetic import make_collection, make_video
+
+    if args.video:
+        keyframes = (8, 24)
+        result = make_video(args.out_dir, n_frames=32, fps=8, seed=args.seed, size=(320, 240), keyframes=keyframes)
+        from .atomic import atomic_write
+
+        with atomic_write(Path(args.out_dir) / "README.md") as handle:
+            handle.write(DEMO_VIDEO_README.format(n_frames=32, fps=8, width=320, height=240, seed=args.seed,
+                                                  mask_name=result["mask_name"], keyframes=list(keyframes)))
+        print(f"wrote a synthetic video to {result['video']} (keyframes {list(keyframes)})")
+        return 0
     result = make_collection(args.out_dir, n_images=args.n_images, n_templates=args.n_templates, seed=args.seed)
     print(f"wrote a synthetic collection to {args.out_dir} ({result.get('n_images', args.n_images)} images)")
     return 0
@@ -438,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sam2pal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _segment_parser(sub)
+    _video_parser(sub)
     _finetune_parser(sub)
 
     p = sub.add_parser("templates", help="check templates and write the normalised template file")
@@ -489,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--n_images", type=int, default=16)
     _flag(p, "--n_templates", type=int, default=2)
     _flag(p, "--seed", type=int, default=0)
+    _flag(p, "--video", action="store_true", help="write the demo video (video.mp4, keyframes.json, ground_truth.json) instead")
     p.set_defaults(func=cmd_make_demo)
     return parser
 

@@ -4,13 +4,16 @@
   (the first 48 bits of its SHA-1), so ids do not change when images are added to a
   collection or when it is split into shards. Two names with the same id would be an
   error (about one chance in 10^5 for a million images).
+* Video frames are the exception: a frame's image id is its 0-based frame index, the
+  number in its file name (`00012.jpg` is image 12), and its image entry also carries
+  `frame_index` and `time_s` (seconds into the video).
 * Annotation ids run 1..N in (file name, category id, instance) order.
 * Structures predicted absent (empty masks) are left out of the annotations (qc.csv
   reports them); images that could not be read are left out of the images.
 * Each annotation carries COCO's `segmentation` (compressed RLE, or polygons on
   request: polygons cannot carry holes), `area` (pixels), `bbox`, `score`, `iscrowd`
   0, and our QC fields `instance`, `predicted_iou`, `object_score`, `cycle_iou`,
-  `clamped`.
+  `clamped` (and `keyframe`: true where the mask is a video keyframe's annotation).
 
 The file is written as a stream (two passes over the per-image files), so merging
 does not hold a collection's masks in memory.
@@ -36,6 +39,14 @@ def image_id(file_name: str) -> int:
     return int.from_bytes(hashlib.sha1(file_name.encode("utf-8")).digest()[:6], "big")
 
 
+def record_image_id(record: dict) -> int:
+    """A result record's COCO image id: its frame index for a video frame, else the
+    hash of its file name."""
+    if record.get("frame_index") is not None:
+        return int(record["frame_index"])
+    return image_id(record["file_name"])
+
+
 def _sorted_records(paths: list[Path]) -> Iterator[dict]:
     """Records of several file-name-sorted result files, merged in file-name order."""
     streams = [((r["file_name"], i, r) for r in read_records(p)) for i, p in enumerate(paths)]
@@ -56,8 +67,8 @@ def _annotations(record: dict, polygons: bool) -> Iterator[dict]:
         if polygons:
             mask = decode_segmentation(segmentation, record["height"], record["width"])
             segmentation = mask_to_polygons(mask)
-        yield {
-            "image_id": image_id(record["file_name"]),
+        ann = {
+            "image_id": record_image_id(record),
             "category_id": s["category_id"],
             "segmentation": segmentation,
             "area": s["area"],
@@ -70,6 +81,9 @@ def _annotations(record: dict, polygons: bool) -> Iterator[dict]:
             "cycle_iou": s["cycle_iou"],
             "clamped": s["clamped"],
         }
+        if s.get("keyframe"):
+            ann["keyframe"] = True
+        yield ann
 
 
 def merge_predictions(
@@ -96,7 +110,7 @@ def merge_predictions(
             if "skipped" in record:
                 counts["skipped"] += 1
                 continue
-            iid = image_id(record["file_name"])
+            iid = record_image_id(record)
             if iid in seen_ids:
                 raise InputError(
                     f"{record['file_name']}: image id collides with {seen_ids[iid]}; rename one of them"
@@ -104,6 +118,8 @@ def merge_predictions(
             seen_ids[iid] = record["file_name"]
             entry = {"id": iid, "file_name": record["file_name"],
                      "width": record["width"], "height": record["height"]}
+            if record.get("frame_index") is not None:
+                entry.update(frame_index=int(record["frame_index"]), time_s=record.get("time_s"))
             out.write(("" if first else ", ") + json.dumps(entry))
             first = False
             counts["images"] += 1

@@ -61,6 +61,7 @@ MASK_MEASURES = [
 MEASURE_COLUMNS = ["file_name", "image_id", "annotation_id", "category", *MASK_MEASURES]
 
 #: Columns appended to the tables when a scale (pixels per millimetre) is known.
+FRAME_COLUMNS = ["frame_index", "time_s"]  # after image_id, for video frames
 MM_COLUMNS = ["area_mm2", "perimeter_mm", "feret_max_mm", "feret_min_mm", "curve_length_mm"]
 
 # which pixel measure each millimetre column comes from, and the power of the scale
@@ -597,7 +598,9 @@ def measure_coco(
 
     Long table (`out_csv`): one row per annotation, sorted by file_name, then category
     id, then instance (the annotation's ``instance`` rank, else the order of the
-    annotation ids), with the columns `MEASURE_COLUMNS`.
+    annotation ids), with the columns `MEASURE_COLUMNS`. For the frames of a video
+    (images that carry `frame_index`), ``frame_index, time_s`` follow ``image_id`` in
+    both tables.
 
     Scale: `px_per_mm` (pixels per millimetre) applies to every image;
     `calibration_csv` (columns ``file_name,px_per_mm``) gives one per image and wins
@@ -640,6 +643,9 @@ def measure_coco(
 
     measures = MASK_MEASURES + (MM_COLUMNS if calibrated else [])
     columns = MEASURE_COLUMNS + (MM_COLUMNS if calibrated else [])
+    # video frames (predictions of a video collection) also get their index and time
+    frame_columns = FRAME_COLUMNS if any("frame_index" in image for image in images) else []
+    columns = columns[:2] + frame_columns + columns[2:]
     wide_rows = []  # per image: {(category id, k): [measure values]}
     n_annotations = 0
     without_scale = 0
@@ -672,8 +678,9 @@ def measure_coco(
                 if calibrated:
                     row_values += _mm_values(values, scale)
                 writer.writerow(
-                    [_fmt(image["file_name"]), _fmt(image["id"]), _fmt(ann["id"]),
-                     categories[ann["category_id"]]] + [_fmt(v) for v in row_values]
+                    [_fmt(image["file_name"]), _fmt(image["id"])]
+                    + [_fmt(image.get(c)) for c in frame_columns]
+                    + [_fmt(ann["id"]), categories[ann["category_id"]]] + [_fmt(v) for v in row_values]
                 )
                 k = rank[ann["category_id"]] = rank.get(ann["category_id"], 0) + 1
                 cells[(ann["category_id"], k)] = row_values
@@ -682,7 +689,7 @@ def measure_coco(
                 wide_rows.append((image, cells))
 
         if wide_handle is not None:
-            _write_wide(wide_handle, wide_rows, categories, measures)
+            _write_wide(wide_handle, wide_rows, categories, measures, frame_columns)
 
     return {
         "n_images": len(images),
@@ -692,12 +699,12 @@ def measure_coco(
     }
 
 
-def _write_wide(handle, wide_rows, categories: dict, measures: list[str]) -> None:
+def _write_wide(handle, wide_rows, categories: dict, measures: list[str], frame_columns=()) -> None:
     most: dict = {cat_id: 0 for cat_id in categories}
     for _, cells in wide_rows:
         for cat_id, k in cells:
             most[cat_id] = max(most[cat_id], k)
-    header = ["file_name", "image_id"]
+    header = ["file_name", "image_id", *frame_columns]
     slots = []  # (category id, k) in column order
     for cat_id, name in categories.items():
         if most[cat_id] <= 1:
@@ -711,7 +718,7 @@ def _write_wide(handle, wide_rows, categories: dict, measures: list[str]) -> Non
     writer.writerow(header)
     empty = [""] * len(measures)
     for image, cells in wide_rows:
-        row = [_fmt(image["file_name"]), _fmt(image["id"])]
+        row = [_fmt(image["file_name"]), _fmt(image["id"])] + [_fmt(image.get(c)) for c in frame_columns]
         for slot in slots:
             values = cells.get(slot)
             row += empty if values is None else [_fmt(v) for v in values]

@@ -83,6 +83,65 @@ def _settings_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _engine_settings(engine_settings: dict | None) -> dict:
+    settings = {**DEFAULT_ENGINE_SETTINGS, **(engine_settings or {})}
+    unknown = set(settings) - set(DEFAULT_ENGINE_SETTINGS)
+    if unknown:
+        raise InputError(f"unknown propagation setting(s): {', '.join(sorted(unknown))}")
+    return settings
+
+
+def _run_model(config, checkpoint, image_size, seed, device, threads, checkpoint_dir, adapter):
+    """The model of a segmentation run, with its adapter applied, and its provenance."""
+    import torch
+
+    from .model import resolve_device
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch_device = resolve_device(device)
+    model, model_info = load_model(config, checkpoint, image_size, seed, torch_device, checkpoint_dir)
+    if adapter:
+        from .adapters import adapter_kind, adapter_sha256, load_adapter
+
+        model = load_adapter(model, adapter, model_info["base_id"])
+        model_info.update(adapter=str(Path(adapter).resolve()), adapter_kind=adapter_kind(adapter),
+                          adapter_sha256=adapter_sha256(adapter))
+    return model, model_info, torch_device
+
+
+def _templates_info(templates_json, templates) -> dict:
+    from .model import file_sha256
+
+    return {
+        "file": str(Path(templates_json).resolve()),
+        "sha256": file_sha256(templates_json),
+        "images": [t.file_name for t in templates.images],
+        "categories": {str(k): v for k, v in templates.categories.items()},
+    }
+
+
+def _write_run_json(run_json, started, torch_device, model_info, templates_info, settings, image_dir,
+                    counts, **extra) -> None:
+    import torch
+
+    write_json(run_json, {
+        "sam2pal_version": package_versions().get("sam2pal"),
+        "started": started,
+        "finished": now(),
+        "host": socket.gethostname(),
+        "device": str(torch_device),
+        "device_name": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else platform.processor() or "cpu",
+        "model": model_info,
+        "templates": templates_info,
+        "settings": settings,
+        "image_dir": str(Path(image_dir).resolve()),
+        **extra,
+        "counts": counts,
+        "versions": package_versions(),
+    }, indent=2)
+
+
 def segment(
     templates_json,
     image_dir,
@@ -102,66 +161,205 @@ def segment(
     progress: bool = True,
     log=None,
     adapter=None,
+    record_extra=None,
 ) -> dict:
     """Segment `file_names` of `image_dir` from the prepared templates.
 
     `adapter`: a folder written by `finetune` (LoRA or fully fine-tuned weights),
-    applied on top of the checkpoint it was trained from.
+    applied on top of the checkpoint it was trained from. `record_extra`: a function
+    (record -> record) applied to each per-image record before it is written.
 
     Writes the per-image results (`out_jsonl`), the run's provenance (`run_json`) and,
     when given, `skipped_csv`. Returns the counts.
     """
-    import torch
-
     from .engine import Propagator
-    from .model import file_sha256, resolve_device
     from .propagate import run_propagation, write_skipped
     from .templates import load_coco_templates
 
     started = now()
-    if threads:
-        torch.set_num_threads(int(threads))
-    settings = {**DEFAULT_ENGINE_SETTINGS, **(engine_settings or {})}
-    unknown = set(settings) - set(DEFAULT_ENGINE_SETTINGS)
-    if unknown:
-        raise InputError(f"unknown propagation setting(s): {', '.join(sorted(unknown))}")
-    torch_device = resolve_device(device)
+    settings = _engine_settings(engine_settings)
     templates = load_coco_templates(templates_json)
-    model, model_info = load_model(config, checkpoint, image_size, seed, torch_device, checkpoint_dir)
-    if adapter:
-        from .adapters import adapter_kind, adapter_sha256, load_adapter
-
-        model = load_adapter(model, adapter, model_info["base_id"])
-        model_info.update(adapter=str(Path(adapter).resolve()), adapter_kind=adapter_kind(adapter),
-                          adapter_sha256=adapter_sha256(adapter))
-    templates_info = {
-        "file": str(Path(templates_json).resolve()),
-        "sha256": file_sha256(templates_json),
-        "images": [t.file_name for t in templates.images],
-        "categories": {str(k): v for k, v in templates.categories.items()},
-    }
+    model, model_info, torch_device = _run_model(config, checkpoint, image_size, seed, device, threads,
+                                                 checkpoint_dir, adapter)
+    templates_info = _templates_info(templates_json, templates)
     key = _settings_key({"model": model_info, "templates": templates_info["sha256"], "settings": settings})
     propagator = Propagator(model, templates, **settings)
     counts = run_propagation(
         propagator, image_dir, file_names, out_jsonl, settings_key=key,
-        on_bad_image=on_bad_image, progress=progress, log=log,
+        on_bad_image=on_bad_image, progress=progress, log=log, transform=record_extra,
     )
     if skipped_csv is not None:
         write_skipped([out_jsonl], skipped_csv)
-    write_json(run_json, {
-        "sam2pal_version": package_versions().get("sam2pal"),
-        "started": started,
-        "finished": now(),
-        "host": socket.gethostname(),
-        "device": str(torch_device),
-        "device_name": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else platform.processor() or "cpu",
-        "model": model_info,
-        "templates": templates_info,
-        "settings": settings,
-        "image_dir": str(Path(image_dir).resolve()),
-        "counts": counts,
-        "versions": package_versions(),
-    }, indent=2)
+    _write_run_json(run_json, started, torch_device, model_info, templates_info, settings, image_dir, counts)
+    return counts
+
+
+# -- video collections -------------------------------------------------------------------
+
+VIDEO_MODES = ("video", "independent")
+
+
+def keyframes_of(templates, frames, templates_json) -> dict[int, dict]:
+    """{frame index: {(category_id, instance): mask}} of the templates (keyframes),
+    matched to the frames by file name (the path inside the frames folder, else the
+    bare name), never by COCO image id."""
+    by_name = {row.file: row.index for row in frames}
+    by_base = {}
+    for row in frames:
+        by_base.setdefault(Path(row.file).name, []).append(row.index)
+    keyframes: dict[int, dict] = {}
+    for image in templates.images:
+        name = Path(image.file_name.replace("\\", "/"))
+        index = by_name.get(name.as_posix())
+        if index is None and len(by_base.get(name.name, [])) == 1:
+            index = by_base[name.name][0]
+        if index is None:
+            raise InputError(
+                f"{templates_json}: keyframe {image.file_name!r} is not a frame of this video "
+                f"(frames are named like {frames[0].file!r}; see frames.csv)"
+            )
+        if index in keyframes:
+            raise InputError(f"{templates_json}: frame {frames[index].file!r} is annotated twice")
+        keyframes[index] = {(inst.category_id, inst.instance): inst.mask for inst in image.instances}
+    return keyframes
+
+
+def _frame_fields(row) -> dict:
+    return {"frame_index": row.index, "time_s": row.time_s}
+
+
+def _keyframe_structures(masks: dict) -> list[dict]:
+    from .engine import StructurePrediction
+    from .propagate import structure_record
+
+    records = []
+    for (cid, inst), mask in sorted(masks.items()):
+        pred = StructurePrediction(category_id=cid, instance=inst, mask=mask, predicted_iou=1.0, object_score=1.0)
+        records.append({**structure_record(pred), "keyframe": True})
+    return records
+
+
+def segment_video(
+    templates_json,
+    frames_dir,
+    manifest_csv,
+    out_jsonl,
+    run_json,
+    skipped_csv=None,
+    mode: str = "video",
+    config: str = "sam2.1_hiera_t",
+    checkpoint="random",
+    image_size: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int | None = None,
+    engine_settings: dict | None = None,
+    on_bad_image: str = "skip",
+    checkpoint_dir=None,
+    progress: bool = True,
+    log=None,
+    adapter=None,
+) -> dict:
+    """Segment every frame of a video (frames and their manifest from `sam2pal.video`)
+    from its keyframes (the prepared templates).
+
+    mode "video": SAM2's temporal memory, from every keyframe backwards and forwards
+    (`sam2pal.temporal`); "independent": each frame from the keyframes only, like
+    photos. Either way a keyframe's annotated structures are output as annotated
+    (flagged `keyframe`), and each record carries the frame's index and time.
+    """
+    import sys
+
+    from .templates import load_coco_templates
+    from .video import read_manifest
+
+    if mode not in VIDEO_MODES:
+        raise InputError(f"unknown video mode {mode!r} (use {' or '.join(VIDEO_MODES)})")
+    if on_bad_image not in ("skip", "fail"):
+        raise InputError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
+    frames = read_manifest(manifest_csv)
+    if not frames:
+        raise InputError(f"{manifest_csv}: the video has no frames")
+    templates = load_coco_templates(templates_json)
+    keyframes = keyframes_of(templates, frames, templates_json)
+    row_of = {row.file: row for row in frames}
+    names = [row.file for row in frames]
+
+    def add_frame(record: dict) -> dict:
+        row = row_of[record["file_name"]]
+        record.update(_frame_fields(row))
+        if row.index in keyframes and "structures" in record:
+            annotated = {(cid, inst) for cid, inst in keyframes[row.index]}
+            kept = [s for s in record["structures"] if (s["category_id"], s["instance"]) not in annotated]
+            record["structures"] = sorted(kept + _keyframe_structures(keyframes[row.index]),
+                                          key=lambda s: (s["category_id"], s["instance"]))
+        return record
+
+    if mode == "independent":
+        counts = segment(
+            templates_json, frames_dir, names, out_jsonl, run_json, skipped_csv, config=config,
+            checkpoint=checkpoint, image_size=image_size, seed=seed, device=device, threads=threads,
+            engine_settings=engine_settings, on_bad_image=on_bad_image, checkpoint_dir=checkpoint_dir,
+            progress=progress, log=log, adapter=adapter, record_extra=add_frame,
+        )
+        return {**counts, "keyframes": len(keyframes)}
+
+    from tqdm import tqdm
+
+    from .images import read_image
+    from .propagate import PARTIAL_SUFFIX, _finalise, structure_record, write_skipped
+    from .temporal import VideoPropagator
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    started = now()
+    settings = _engine_settings(engine_settings)
+    model, model_info, torch_device = _run_model(config, checkpoint, image_size, seed, device, threads,
+                                                 checkpoint_dir, adapter)
+    templates_info = _templates_info(templates_json, templates)
+    frames_dir = Path(frames_dir)
+    propagator = VideoPropagator(
+        model, keyframes, len(frames), lambda i: read_image(frames_dir / frames[i].file), **settings
+    )
+    out = Path(out_jsonl)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    counts = {"images": len(frames), "segmented": 0, "skipped": 0, "resumed": 0,
+              "keyframes": len(keyframes)}
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps({"partial_of": out.name, "settings": "video"}) + "\n")
+        bar = tqdm(total=len(frames), desc=f"track {out.parent.parent.name or 'video'}", unit="frame",
+                   disable=not progress, file=sys.stderr, mininterval=5.0)
+        for result in propagator.run():
+            row = frames[result.index]
+            if result.skipped is not None:
+                if on_bad_image == "fail":
+                    raise InputError(result.skipped)
+                record = {"file_name": row.file, "skipped": result.skipped}
+                counts["skipped"] += 1
+                log(f"skipped {row.file}: {result.skipped}")
+            else:
+                structures = []
+                for pred in result.predictions:
+                    entry = structure_record(pred)
+                    if (pred.category_id, pred.instance) in result.keyframe_objects:
+                        entry["keyframe"] = True
+                    structures.append(entry)
+                height, width = result.size
+                record = {"file_name": row.file, "width": int(width), "height": int(height),
+                          "structures": structures}
+                counts["segmented"] += 1
+            record.update(_frame_fields(row))
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            bar.update(1)
+        bar.close()
+    _finalise(partial, out)
+    if skipped_csv is not None:
+        write_skipped([out_jsonl], skipped_csv)
+    _write_run_json(run_json, started, torch_device, model_info, templates_info, settings, frames_dir, counts,
+                    video={"mode": mode, "frames": len(frames), "keyframes": sorted(keyframes),
+                           "manifest": str(Path(manifest_csv).resolve()),
+                           "peak_state_mb": round(propagator.peak_state_bytes / 2**20, 1)})
     return counts
 
 

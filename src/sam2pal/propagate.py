@@ -139,8 +139,12 @@ def run_propagation(
     progress: bool = True,
     prefetch: int = 4,
     log=None,
+    transform: Callable[[dict], dict] | None = None,
 ) -> dict:
     """Segment `file_names` (relative to `image_dir`) and write `out_jsonl`.
+
+    transform: applied to each record before it is written (e.g. adds a video frame's
+    index and time).
 
     on_bad_image: "skip" records an unreadable image as skipped and goes on; "fail"
     raises its ImageReadError (the partial file is kept for the next run).
@@ -197,6 +201,8 @@ def run_propagation(
                     "structures": [structure_record(p) for p in predictions],
                 }
                 counts["segmented"] += 1
+            if transform is not None:
+                record = transform(record)
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             bar.update(1)

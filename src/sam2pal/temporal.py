@@ -47,7 +47,6 @@ from .engine import (
     expand_features,
     fill_holes,
     logits_to_masks,
-    new_memory,
 )
 from .errors import ImageReadError
 from .model import autocast

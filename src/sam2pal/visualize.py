@@ -87,34 +87,66 @@ def draw_overlay(image: np.ndarray, masks: list[tuple[np.ndarray, str, tuple[int
     return out
 
 
-def write_overlays(pred_json, image_dir, out_dir, max_side: int = 1600, quality: int = 90) -> int:
-    """Write one overlay JPEG per image; returns the number written."""
-    from .images import read_image, unique_stems
+def _overlays(coco: dict, image_dir, max_side: int):
+    """(image entry, overlay RGB) for each image of a COCO predictions file, in order."""
+    from .images import read_image
 
-    coco = load_coco(pred_json)
     order = {c["id"]: i for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
     names = {c["id"]: c["name"] for c in coco["categories"]}
-    stems = unique_stems([im["file_name"] for im in coco["images"]])
     anns = _by_image(coco)
+    for image_info in coco["images"]:
+        image = read_image(Path(image_dir) / image_info["file_name"])
+        masks = []
+        for ann in sorted(anns.get(image_info["id"], []), key=lambda a: (a["category_id"], a["id"])):
+            mask = decode_segmentation(ann["segmentation"], image_info["height"], image_info["width"])
+            label = names[ann["category_id"]]
+            if ann.get("keyframe"):
+                label += " (keyframe)"
+            elif ann.get("cycle_iou") is not None:
+                label += f" {ann['cycle_iou']:.2f}"
+            masks.append((mask, label, category_colour(order[ann["category_id"]])))
+        scale = min(1.0, max_side / max(image.shape[:2]))
+        if scale < 1.0:
+            size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+            masks = [(cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool), lab, c)
+                     for m, lab, c in masks]
+        yield image_info, draw_overlay(image, masks)
+
+
+def write_overlays(pred_json, image_dir, out_dir, max_side: int = 1600, quality: int = 90) -> int:
+    """Write one overlay JPEG per image; returns the number written."""
+    from .images import unique_stems
+
+    coco = load_coco(pred_json)
+    stems = unique_stems([im["file_name"] for im in coco["images"]])
     count = 0
     with atomic_dir(out_dir) as tmp:
-        for image_info in coco["images"]:
-            image = read_image(Path(image_dir) / image_info["file_name"])
-            masks = []
-            for ann in sorted(anns.get(image_info["id"], []), key=lambda a: (a["category_id"], a["id"])):
-                mask = decode_segmentation(ann["segmentation"], image_info["height"], image_info["width"])
-                label = names[ann["category_id"]]
-                if ann.get("cycle_iou") is not None:
-                    label += f" {ann['cycle_iou']:.2f}"
-                masks.append((mask, label, category_colour(order[ann["category_id"]])))
-            scale = min(1.0, max_side / max(image.shape[:2]))
-            if scale < 1.0:
-                size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
-                image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-                masks = [(cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool), l, c)
-                         for m, l, c in masks]
-            overlay = draw_overlay(image, masks)
+        for image_info, overlay in _overlays(coco, image_dir, max_side):
             cv2.imwrite(str(tmp / f"{stems[image_info['file_name']]}.jpg"),
                         cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
             count += 1
     return count
+
+
+def video_fps(frames, default: float = 10.0) -> float:
+    """Frame rate of a frame manifest, from its timestamps (`default` without them)."""
+    times = [row.time_s for row in frames if row.time_s is not None]
+    if len(times) >= 2 and times[-1] > times[0]:
+        return (len(times) - 1) / (times[-1] - times[0])
+    return float(default)
+
+
+def write_overlay_video(pred_json, image_dir, out_mp4, fps: float | None = None, max_side: int = 1600,
+                        manifest_csv=None) -> int:
+    """An H.264 video of the overlays of a video collection's frames, in frame order
+    (frames that could not be read are left out). `fps` defaults to the frame rate of
+    the manifest's timestamps. Frames are drawn and encoded one at a time. Returns the
+    number of frames written."""
+    from .video import read_manifest, write_video
+
+    coco = load_coco(pred_json)
+    coco["images"] = sorted(coco["images"], key=lambda im: (im.get("frame_index", 0), im["file_name"]))
+    if fps is None:
+        fps = video_fps(read_manifest(manifest_csv)) if manifest_csv else 10.0
+    return write_video((overlay for _, overlay in _overlays(coco, image_dir, max_side)), out_mp4, fps)

@@ -14,7 +14,22 @@ from sam2pal.images import list_images  # noqa: E402
 from sam2pal.registry import OFFICIAL_MODELS, RANDOM_CHECKPOINT, official_model  # noqa: E402
 
 COLLECTIONS = config["collections"]
-SECTIONS = ("model", "propagate", "outputs", "finetune")
+SECTIONS = ("model", "propagate", "outputs", "finetune", "video_options")
+SOURCES = ("images", "video", "frames")
+
+
+def _check_sources():
+    """A collection is a folder of photos, a video file or a folder of video frames."""
+    for name, entry in COLLECTIONS.items():
+        given = [key for key in SOURCES if entry.get(key)]
+        if len(given) != 1:
+            raise WorkflowError(
+                f"collections.{name}: give exactly one of images (a photo folder), video (a video "
+                f"file) or frames (a folder of video frames); found {', '.join(given) or 'none'}"
+            )
+
+
+_check_sources()
 
 
 def _check_overrides():
@@ -69,13 +84,74 @@ def folder_images(collection, folder):
     return _IMAGES[key]
 
 
+# -- photos and video frames -------------------------------------------------------------
+
+
+def kind(collection):
+    """"images" (photos), "video" (a video file) or "frames" (extracted frames)."""
+    return next(key for key in SOURCES if COLLECTIONS[collection].get(key))
+
+
+def is_video(collection):
+    return kind(collection) != "images"
+
+
+def collections_of(*kinds):
+    """Wildcard pattern matching the collections of the given kinds (or nothing)."""
+    names = [name for name in COLLECTIONS if kind(name) in kinds]
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+def image_dir(collection):
+    """The folder a collection's images (or frames) are read from."""
+    source = kind(collection)
+    if source == "video":
+        return f"results/{collection}/frames"
+    return COLLECTIONS[collection][source]
+
+
+def frame_manifest(collection):
+    """frames.csv of a video collection; for an extracted video, after the
+    extract_frames checkpoint has run (so the frames are known)."""
+    if kind(collection) == "video":
+        return checkpoints.extract_frames.get(collection=collection).output.manifest
+    return f"results/{collection}/frames.csv"
+
+
+def frame_names(collection):
+    from sam2pal.video import read_manifest
+
+    try:
+        return [row.file for row in read_manifest(frame_manifest(collection))]
+    except InputError as exc:
+        raise WorkflowError(f"collection {collection}: {exc}")
+
+
 def image_names(collection):
-    return folder_images(collection, COLLECTIONS[collection]["images"])
+    if kind(collection) == "video":
+        return frame_names(collection)
+    return folder_images(collection, image_dir(collection))
 
 
 def image_paths(wildcards):
-    folder = COLLECTIONS[wildcards.collection]["images"]
+    folder = image_dir(wildcards.collection)
     return [os.path.join(folder, name) for name in image_names(wildcards.collection)]
+
+
+def manifest_input(wildcards):
+    """frames.csv for a video collection (nothing for photos)."""
+    if not is_video(wildcards.collection):
+        return []
+    return [frame_manifest(wildcards.collection)]
+
+
+def video_settings(wildcards):
+    return settings(wildcards.collection, "video_options")
+
+
+def extraction_settings(wildcards):
+    """The settings that change the extracted frames (the mode does not)."""
+    return {k: v for k, v in video_settings(wildcards).items() if k != "mode"}
 
 
 # -- fine-tuning -------------------------------------------------------------------------
@@ -105,13 +181,15 @@ def pool_folder(collection):
     source = settings(collection, "finetune")["pool_images"]
     if source and not source.lower().endswith(".json"):
         return source
-    return COLLECTIONS[collection]["images"]
+    return image_dir(collection)
 
 
 def pool_names(collection):
     source = settings(collection, "finetune")["pool_images"]
     folder = pool_folder(collection)
     if not (source and source.lower().endswith(".json")):
+        if not source:
+            return image_names(collection)
         return folder_images(collection, folder)
     import json
 
@@ -216,6 +294,10 @@ def all_outputs():
         if entry.get("ground_truth"):
             outputs.append(f"{base}/metrics.csv")
         out = settings(name, "outputs")
+        if is_video(name):
+            outputs.append(f"{base}/frames.csv")
+            if out["overlay_video"]:
+                outputs.append(f"{base}/overlay.mp4")
         if out["save_masks"]:
             outputs.append(f"{base}/masks")
         if out["save_overlays"]:

@@ -1,5 +1,6 @@
 # From per-image results to the files users read: COCO predictions, QC ranking,
-# measurement tables, metrics against ground truth, mask PNGs and overlays.
+# measurement tables, metrics against ground truth, mask PNGs, overlays and, for a
+# video, an overlay video.
 
 
 rule merge_predictions:
@@ -105,7 +106,7 @@ rule overlays:
     output:
         directory("results/{collection}/overlays"),
     params:
-        image_dir=lambda wc: COLLECTIONS[wc.collection]["images"],
+        image_dir=lambda wc: image_dir(wc.collection),
         max_side=lambda wc: settings(wc.collection, "outputs")["overlay_max_side"],
     log:
         "logs/{collection}/overlays.log",
@@ -117,3 +118,27 @@ rule overlays:
         runtime=60,
     script:
         "../scripts/overlays.py"
+
+
+rule overlay_video:
+    input:
+        predictions="results/{collection}/predictions.json",
+        frames=manifest_input,
+    output:
+        "results/{collection}/overlay.mp4",
+    wildcard_constraints:
+        collection=collections_of("video", "frames"),
+    params:
+        image_dir=lambda wc: image_dir(wc.collection),
+        fps=lambda wc: settings(wc.collection, "outputs")["overlay_video_fps"],
+        max_side=lambda wc: settings(wc.collection, "outputs")["overlay_max_side"],
+    log:
+        "logs/{collection}/overlay_video.log",
+    conda:
+        "../../envs/tables.yaml"
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    script:
+        "../scripts/overlay_video.py"

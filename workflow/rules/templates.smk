@@ -1,16 +1,18 @@
 # Load and validate a collection's templates (COCO or PNG masks), select those to
-# use, and write the normalised template file the later steps read.
+# use, and write the normalised template file the later steps read. For a video the
+# templates are its keyframes, found among the frames by file name.
 
 
 rule prepare_templates:
     input:
-        template_files,
+        templates=template_files,
+        frames=manifest_input,
     output:
         "results/{collection}/templates.json",
     params:
         spec=lambda wc: COLLECTIONS[wc.collection]["templates"],
         image_dir=lambda wc: COLLECTIONS[wc.collection]["template_images"]
-        or COLLECTIONS[wc.collection]["images"],
+        or image_dir(wc.collection),
         template_files=lambda wc: settings(wc.collection, "propagate")["template_files"],
         max_templates=lambda wc: settings(wc.collection, "propagate")["max_templates"],
     log:

@@ -13,13 +13,7 @@ with logged(snakemake):
     model = snakemake.params.model
     prop = snakemake.params.propagate
     image_dir = snakemake.params.image_dir
-    counts = pipeline.segment(
-        snakemake.input.templates,
-        image_dir,
-        pipeline.relative_names(snakemake.input.images, image_dir),
-        snakemake.output.records,
-        snakemake.output.run,
-        snakemake.output.skipped,
+    common = dict(
         config=choose_config(model["config"], model["checkpoint"]),
         checkpoint=model["checkpoint"],
         image_size=model["image_size"],
@@ -31,4 +25,15 @@ with logged(snakemake):
         adapter=snakemake.params.adapter,
         engine_settings={key: prop[key] for key in pipeline.DEFAULT_ENGINE_SETTINGS},
     )
+    outputs = (snakemake.output.records, snakemake.output.run, snakemake.output.skipped)
+    if snakemake.params.video_mode:
+        counts = pipeline.segment_video(
+            snakemake.input.templates, image_dir, snakemake.input.frames[0], *outputs,
+            mode=snakemake.params.video_mode, **common,
+        )
+    else:
+        counts = pipeline.segment(
+            snakemake.input.templates, image_dir, pipeline.relative_names(snakemake.input.images, image_dir),
+            *outputs, **common,
+        )
     print(f"done: {counts}")

@@ -1,0 +1,49 @@
+# Video collections: the frames a video is segmented on, and their manifest
+# (frames.csv: index, file, time_s). Frames are named 00000.jpg, 00001.jpg ... (0-based,
+# SAM2's convention) so that keyframes can be annotated on them; run
+#   snakemake --cores 1 results/<collection>/frames.csv
+# first to get the frames to annotate.
+
+
+checkpoint extract_frames:
+    input:
+        lambda wc: COLLECTIONS[wc.collection]["video"],
+    output:
+        frames=directory("results/{collection}/frames"),
+        manifest="results/{collection}/frames.csv",
+    wildcard_constraints:
+        collection=collections_of("video"),
+    params:
+        video=extraction_settings,
+    log:
+        "logs/{collection}/extract_frames.log",
+    conda:
+        "../../envs/tables.yaml"
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    script:
+        "../scripts/extract_frames.py"
+
+
+rule index_frames:
+    input:
+        image_paths,
+    output:
+        "results/{collection}/frames.csv",
+    wildcard_constraints:
+        collection=collections_of("frames"),
+    params:
+        frames=lambda wc: image_dir(wc.collection),
+        fps=lambda wc: video_settings(wc)["fps"],
+    log:
+        "logs/{collection}/index_frames.log",
+    conda:
+        "../../envs/tables.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../scripts/index_frames.py"
