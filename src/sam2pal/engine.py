@@ -198,14 +198,11 @@ def conditioning_frame(
     }
 
 
-def track_frame(model, feats, frame_idx: int, num_frames: int, memory: dict, fill_hole_area: int = 0):
-    """Track a non-conditioning frame from `memory`.
-
-    Returns the low-resolution mask logits (B, 1, S/4, S/4), SAM2's predicted IoU (B,)
-    and its object-score logits (B,).
-    """
+def track_step(model, feats, frame_idx: int, num_frames: int, memory: dict, reverse: bool = False):
+    """SAM2's tracking step on a non-conditioning frame (no memory encoding):
+    returns its (current_out, sam_outputs)."""
     vision_feats, vision_pos, sizes = feats
-    _, sam_outputs, _, _ = model._track_step(
+    current_out, sam_outputs, _, _ = model._track_step(
         frame_idx=frame_idx,
         is_init_cond_frame=False,
         current_vision_feats=vision_feats,
@@ -215,9 +212,19 @@ def track_frame(model, feats, frame_idx: int, num_frames: int, memory: dict, fil
         mask_inputs=None,
         output_dict=memory,
         num_frames=num_frames,
-        track_in_reverse=False,
+        track_in_reverse=reverse,
         prev_sam_mask_logits=None,
     )
+    return current_out, sam_outputs
+
+
+def track_frame(model, feats, frame_idx: int, num_frames: int, memory: dict, fill_hole_area: int = 0):
+    """Track a non-conditioning frame from `memory`.
+
+    Returns the low-resolution mask logits (B, 1, S/4, S/4), SAM2's predicted IoU (B,)
+    and its object-score logits (B,).
+    """
+    _, sam_outputs = track_step(model, feats, frame_idx, num_frames, memory)
     _, _, ious, low_res_masks, _, _, object_score_logits = sam_outputs
     low_res = fill_holes(low_res_masks.float(), fill_hole_area)
     return low_res, ious.float().max(dim=1).values, object_score_logits.float()[:, 0]

@@ -47,6 +47,7 @@ from .engine import (
     expand_features,
     fill_holes,
     logits_to_masks,
+    track_step,
 )
 from .errors import ImageReadError
 from .model import autocast
@@ -84,20 +85,8 @@ def track_and_remember(model, feats, frame_idx: int, num_frames: int, memory: di
     Returns (low-res logits (B, 1, h, w) after hole filling, predicted IoU (B,),
     object-score logits (B,), the frame's compact output to keep in memory).
     """
-    vision_feats, vision_pos, sizes = feats
-    current_out, sam_outputs, _, _ = model._track_step(
-        frame_idx=frame_idx,
-        is_init_cond_frame=False,
-        current_vision_feats=vision_feats,
-        current_vision_pos_embeds=vision_pos,
-        feat_sizes=sizes,
-        point_inputs=None,
-        mask_inputs=None,
-        output_dict=memory,
-        num_frames=num_frames,
-        track_in_reverse=reverse,
-        prev_sam_mask_logits=None,
-    )
+    vision_feats, _, sizes = feats
+    current_out, sam_outputs = track_step(model, feats, frame_idx, num_frames, memory, reverse)
     _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
     model._encode_memory_in_output(
         vision_feats, sizes, None, True, high_res_masks, object_score_logits, current_out
