@@ -600,6 +600,56 @@ def cmd_make_demo(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    import torch
+
+    from .pretrain import PretrainSettings, pretrain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    values = {k: getattr(args, k) for k in (
+        "steps", "episodes_per_step", "learning_rate", "image_size", "low_res_size", "low_res_steps", "seed",
+    )}
+    record = pretrain(PretrainSettings(**values), args.out_dir, config=args.config, device=args.device,
+                      name=args.name, resume=not args.restart, workers=args.workers, stop_after=args.stop_after)
+    if record is None:
+        return 0
+    print(f"wrote {Path(args.out_dir) / record['checkpoint']} (sha256 {record['checkpoint_sha256']}, "
+          f"{record['seconds'] / 60:.1f} min)")
+    return 0
+
+
+def _pretrain_parser(sub):
+    from .pretrain import PretrainSettings
+
+    d = PretrainSettings()
+    p = sub.add_parser(
+        "pretrain",
+        help="train the small sam2pal-micro SAM2 from scratch on synthetic specimens",
+        description="Train a SAM2 (the real SAM2Base; by default the reduced sam2pal-micro config) from "
+        "random weights on synthetic specimen episodes: annotated template(s) in memory, the target's part "
+        "masks as supervision. The defaults reproduce the shipped resources/models/sam2pal-micro.pt "
+        "(about an hour on 2 CPU cores). Writes NAME.pt, NAME.yaml, NAME.training.json and "
+        "NAME.training.csv to --out_dir; an interrupted run resumes from NAME.state.pt.",
+    )
+    _flag(p, "--out_dir", default="resources/models", help="folder to write the model to")
+    _flag(p, "--name", default="sam2pal-micro", help="file name stem of the model")
+    _flag(p, "--config", help="SAM2 model yaml (default: resources/models/sam2pal-micro.yaml)")
+    _flag(p, "--steps", type=int, default=d.steps, help="optimizer steps")
+    _flag(p, "--episodes_per_step", type=int, default=d.episodes_per_step, help="episodes in one batch")
+    _flag(p, "--learning_rate", type=_positive_float, default=d.learning_rate, help="peak AdamW learning rate")
+    _flag(p, "--image_size", type=int, default=d.image_size, help="model input size (the final steps)")
+    _flag(p, "--low_res_size", type=int, default=d.low_res_size, help="input size of the first --low_res_steps")
+    _flag(p, "--low_res_steps", type=int, default=d.low_res_steps, help="steps trained at --low_res_size")
+    _flag(p, "--seed", type=int, default=d.seed, help="seed of the episodes and of the weights")
+    _flag(p, "--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _flag(p, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
+    _flag(p, "--workers", type=int, default=0, help="processes rendering episodes beside the training (0: none)")
+    _flag(p, "--restart", action="store_true", help="ignore a saved NAME.state.pt and start afresh")
+    _flag(p, "--stop_after", type=int, help="stop once this many steps are done (resume later)")
+    p.set_defaults(func=cmd_pretrain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -609,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     _segment_parser(sub)
     _video_parser(sub)
     _finetune_parser(sub)
+    _pretrain_parser(sub)
 
     p = sub.add_parser("templates", help="check templates and write the normalised template file")
     _flag(p, "--coco", help="COCO JSON of the templates")

@@ -18,7 +18,7 @@ from pathlib import Path
 from .atomic import atomic_path
 from .errors import InputError
 from .model import file_sha256
-from .registry import RANDOM_CHECKPOINT, OfficialModel, official_model
+from .registry import MICRO_MODEL, RANDOM_CHECKPOINT, OfficialModel, micro_model_files, official_model
 
 DEFAULT_CHECKPOINT_DIR = Path("resources") / "checkpoints"
 
@@ -45,11 +45,16 @@ def resolve_checkpoint_digest(value, checkpoint_dir=DEFAULT_CHECKPOINT_DIR) -> t
     if Path(text).expanduser().is_file():
         path = Path(text).expanduser()
         return str(path), file_sha256(path)
+    if text == MICRO_MODEL:
+        path = micro_model_files()[0]
+        if not path.is_file():
+            raise InputError(f"{path}: the sam2pal-micro checkpoint is missing from this copy of sam2-pal")
+        return str(path), file_sha256(path)
     model = official_model(text)
     if model is None:
         raise InputError(
             f"{text}: checkpoint file not found (give a .pt file path, an official model name "
-            "such as sam2.1_hiera_tiny, or 'random')"
+            "such as sam2.1_hiera_tiny, sam2pal-micro, or 'random')"
         )
     path = official_checkpoint_path(model, checkpoint_dir)
     if not path.is_file():

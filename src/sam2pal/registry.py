@@ -81,6 +81,17 @@ for _m in list(OFFICIAL_MODELS.values()):
 
 RANDOM_CHECKPOINT = "random"
 
+# The small model trained in this project (`sam2pal pretrain`), shipped in the source tree.
+MICRO_MODEL = "sam2pal-micro"
+# SHA-256 of resources/models/sam2pal-micro.pt as shipped (see resources/models/README.md)
+MICRO_SHA256 = ""
+
+
+def micro_model_files() -> tuple[Path, Path]:
+    """(checkpoint, config) of the shipped sam2pal-micro model."""
+    folder = Path(__file__).resolve().parents[2] / "resources" / "models"
+    return folder / f"{MICRO_MODEL}.pt", folder / f"{MICRO_MODEL}.yaml"
+
 
 def official_model(name: str) -> OfficialModel | None:
     """The official model a checkpoint value names, or None if it names none."""
@@ -91,12 +102,20 @@ def official_model(name: str) -> OfficialModel | None:
 
 def config_for_checkpoint(checkpoint) -> str | None:
     """The config that goes with a checkpoint value when none is given, if known:
-    an official model's own config, the tiny config for random weights."""
+    an official model's own config, the tiny config for random weights, sam2pal-micro's
+    config, or a yaml file of the same name next to the checkpoint file."""
     text = str(checkpoint).strip() if checkpoint is not None else RANDOM_CHECKPOINT
     if text == RANDOM_CHECKPOINT:
         return "configs/sam2.1/sam2.1_hiera_t.yaml"
+    if text in (MICRO_MODEL, f"{MICRO_MODEL}.pt"):
+        return str(micro_model_files()[1])
     model = official_model(text) or official_model(Path(text).name)
-    return model.config if model else None
+    if model:
+        return model.config
+    sibling = Path(text).expanduser().with_suffix(".yaml")
+    if Path(text).suffix == ".pt" and sibling.is_file():  # a config saved next to its checkpoint
+        return str(sibling)
+    return None
 
 
 def choose_config(config, checkpoint) -> str:

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from sam2pal.errors import InputError  # noqa: E402
 from sam2pal.images import list_images  # noqa: E402
-from sam2pal.registry import OFFICIAL_MODELS, RANDOM_CHECKPOINT, official_model  # noqa: E402
+from sam2pal.registry import MICRO_MODEL, OFFICIAL_MODELS, RANDOM_CHECKPOINT, micro_model_files, official_model  # noqa: E402
 
 COLLECTIONS = config["collections"]
 SECTIONS = ("model", "propagate", "outputs", "finetune", "video_options")
@@ -247,6 +247,8 @@ def checkpoint_file(collection):
     value = str(settings(collection, "model")["checkpoint"])
     if value == RANDOM_CHECKPOINT:
         return None
+    if value == MICRO_MODEL:
+        return str(micro_model_files()[0])
     model = official_model(value)
     if model is not None and not os.path.isfile(value):
         return os.path.join(config["model"]["checkpoint_dir"], model.file_name)

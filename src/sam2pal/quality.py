@@ -1,0 +1,161 @@
+"""Segmentation quality on held-out synthetic collections (`benchmarks/quality.py`).
+
+A held-out collection is drawn from generator settings that training never saw:
+palettes (metallic blue, bronze) and a substrate (slate) kept out of
+`sam2pal pretrain`, poses outside its mix (aligned head-up series, small specimens),
+and only the NEON beetle masks held out of training (`pretrain.split_masks`).
+
+For each collection the first `n_templates` images are the annotated templates and
+the rest are the targets; every method is scored on the same targets:
+
+* zero-shot: SAM2 memory from the first template only;
+* several templates: all `n_templates` in memory;
+* palindrome: LoRA palindrome fine-tuning on the collection's unlabelled images
+  (template 1 only, no labels; the best epoch chosen by cycle IoU on held-out
+  images), then as zero-shot.
+
+Scores are per-structure IoU against the exact masks, and "body", the union of head,
+pronotum and elytra. `rank_correlation` measures how well the label-free cycle IoU
+ranks predictions by their true IoU (Spearman).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .masks import decode_segmentation, mask_iou
+from .synthetic import PARTS, make_collection
+
+BODY_PARTS = ("head", "pronotum", "elytra")
+STRUCTURES = ("body", *PARTS.values())
+LARGE = ("body", "head", "pronotum", "elytra")
+THIN = ("antenna", "legs")
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    name: str
+    style: dict
+    seed: int
+    description: str
+
+
+HELD_OUT = (
+    HeldOut("blue_slate", {"palettes": ("metallic_blue",), "backgrounds": ("slate",)}, 101,
+            "metallic blue beetles on dark slate, any pose"),
+    HeldOut("bronze_aligned", {"palettes": ("bronze",), "backgrounds": ("card",), "rotation_range": (75.0, 105.0),
+                               "flip_prob": 0.0, "scale_range": (0.6, 0.85)}, 102,
+            "bronze beetles on card, an aligned head-up series"),
+    HeldOut("small_mixed", {"palettes": ("metallic_blue", "bronze"), "backgrounds": ("foam", "slate"),
+                            "scale_range": (0.22, 0.32), "clutter_prob": 0.9}, 103,
+            "small blue or bronze specimens with much clutter"),
+)
+
+
+def held_out_masks() -> list[str]:
+    from .pretrain import split_masks
+
+    return [name for name, _ in split_masks()[1]]
+
+
+def make_held_out(out_dir, spec: HeldOut, n_images: int, n_templates: int) -> dict:
+    """Write one held-out collection (images, templates.json, ground_truth.json)."""
+    return make_collection(out_dir, n_images=n_images, n_templates=n_templates, seed=spec.seed,
+                           style=spec.style, mask_names=held_out_masks())
+
+
+def _truth(ground_truth: Path) -> dict[str, dict[str, np.ndarray]]:
+    data = json.loads(Path(ground_truth).read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    images = {img["id"]: img for img in data["images"]}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for ann in data["annotations"]:
+        img = images[ann["image_id"]]
+        mask = decode_segmentation(ann["segmentation"], img["height"], img["width"])
+        out.setdefault(img["file_name"], {})[names[ann["category_id"]]] = mask
+    return out
+
+
+def _with_body(masks: dict[str, np.ndarray], shape) -> dict[str, np.ndarray]:
+    body = np.zeros(shape, bool)
+    for part in BODY_PARTS:
+        if part in masks:
+            body |= masks[part]
+    return {**masks, "body": body}
+
+
+@dataclass
+class Scores:
+    """Per-prediction rows: image, structure, iou, cycle_iou (None when not computed)."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def mean_iou(self, structure: str | None = None) -> float:
+        values = [r["iou"] for r in self.rows if structure is None or r["structure"] == structure]
+        return float(np.mean(values)) if values else float("nan")
+
+    def mean_parts(self) -> float:
+        """Mean IoU over the five parts (body left out: it would count them twice)."""
+        return float(np.mean([r["iou"] for r in self.rows if r["structure"] != "body"]))
+
+    def table(self) -> dict[str, float]:
+        return {s: round(self.mean_iou(s), 3) for s in STRUCTURES} | {"mean": round(self.mean_parts(), 3)}
+
+
+def score_collection(model, coll_dir, n_templates: int, targets_from: int, cycle: bool = False) -> Scores:
+    """Segment the targets (images from index `targets_from` on) of a collection made by
+    `make_held_out` from its first `n_templates` templates; IoU against the truth."""
+    from .engine import Propagator
+    from .images import read_image
+    from .templates import load_coco_templates
+
+    coll_dir = Path(coll_dir)
+    templates = load_coco_templates(coll_dir / "templates.json", coll_dir / "images")
+    templates = templates.select(max_templates=n_templates)
+    truth = _truth(coll_dir / "ground_truth.json")
+    engine = Propagator(model, templates, cycle_consistency=cycle)
+    names = {cid: name for cid, name in templates.categories.items()}
+    scores = Scores()
+    files = sorted(truth)[targets_from:]
+    for file_name in files:
+        image = read_image(coll_dir / "images" / file_name)
+        preds = engine.predict(image)
+        masks = {names[p.category_id]: p.mask for p in preds}
+        cycles = {names[p.category_id]: p.cycle_iou for p in preds}
+        pred = _with_body(masks, image.shape[:2])
+        gt = _with_body(truth[file_name], image.shape[:2])
+        for structure in STRUCTURES:
+            if structure not in gt or not gt[structure].any() or structure not in pred:
+                continue
+            scores.rows.append({
+                "image": file_name, "structure": structure, "iou": float(mask_iou(pred[structure], gt[structure])),
+                "cycle_iou": cycles.get(structure),
+            })
+    return scores
+
+
+def rank_correlation(scores: Scores) -> float:
+    """Spearman correlation of cycle IoU with the true IoU over a collection's part
+    predictions (ties get their mean rank)."""
+    rows = [r for r in scores.rows if r["structure"] != "body" and r["cycle_iou"] is not None]
+    if len(rows) < 3:
+        return float("nan")
+    a = _ranks(np.array([r["cycle_iou"] for r in rows], float))
+    b = _ranks(np.array([r["iou"] for r in rows], float))
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    order = values.argsort(kind="stable")
+    ranks = np.empty(len(values), float)
+    ranks[order] = np.arange(len(values), dtype=float)
+    for v in np.unique(values):  # mean rank of ties
+        tie = values == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
