@@ -18,6 +18,8 @@ from pycocotools.coco import COCO
 
 from conftest import REPO
 
+from sam2pal.registry import MICRO_SHA256
+
 DEMO = REPO / "resources" / "demo"
 
 
@@ -65,7 +67,9 @@ def test_demo_run_outputs(demo_run):
     assert len(coco.getImgIds()) == n_images
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["head", "pronotum", "elytra", "antenna", "legs"]
     info = coco.dataset["info"]
-    assert info["model"]["checkpoint"] == "random" and info["model"]["image_size"] == config["model"]["image_size"]
+    # the shipped sam2pal-micro, at its own input size
+    assert info["model"]["checkpoint"].endswith("resources/models/sam2pal-micro.pt")
+    assert info["model"]["image_size"] == 384 and info["model"]["checkpoint_sha256"] == MICRO_SHA256
     assert info["templates"]["images"] == ["specimen_000.jpg", "specimen_001.jpg"]
     assert "torch" in info["versions"] and "sam2" in info["versions"]
 
@@ -83,6 +87,8 @@ def test_demo_run_outputs(demo_run):
     assert scores == sorted(scores)
     metrics = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["level"] == "category_mean"]
     assert sorted(r["category"] for r in metrics) == ["antenna", "elytra", "head", "legs", "pronotum"]
+    iou = {r["category"]: float(r["iou"]) for r in metrics}
+    assert iou["elytra"] >= 0.5, iou  # real masks: random weights stay below 0.1
     assert len(list((out / "masks").glob("*.png"))) == len(coco.dataset["annotations"])
     assert len(list((out / "overlays").glob("*.jpg"))) == n_images
     assert (workdir / "logs" / "demo" / "propagate.log").read_text().strip()

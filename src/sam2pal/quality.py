@@ -21,13 +21,13 @@ ranks predictions by their true IoU (Spearman).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .masks import decode_segmentation, mask_iou
+from .evaluate import category_masks, load_coco
+from .masks import mask_iou
 from .synthetic import PARTS, make_collection
 
 BODY_PARTS = ("head", "pronotum", "elytra")
@@ -68,18 +68,6 @@ def make_held_out(out_dir, spec: HeldOut, n_images: int, n_templates: int) -> di
                            style=spec.style, mask_names=held_out_masks())
 
 
-def _truth(ground_truth: Path) -> dict[str, dict[str, np.ndarray]]:
-    data = json.loads(Path(ground_truth).read_text())
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    images = {img["id"]: img for img in data["images"]}
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for ann in data["annotations"]:
-        img = images[ann["image_id"]]
-        mask = decode_segmentation(ann["segmentation"], img["height"], img["width"])
-        out.setdefault(img["file_name"], {})[names[ann["category_id"]]] = mask
-    return out
-
-
 def _with_body(masks: dict[str, np.ndarray], shape) -> dict[str, np.ndarray]:
     body = np.zeros(shape, bool)
     for part in BODY_PARTS:
@@ -116,7 +104,8 @@ def score_collection(model, coll_dir, n_templates: int, targets_from: int, cycle
     coll_dir = Path(coll_dir)
     templates = load_coco_templates(coll_dir / "templates.json", coll_dir / "images")
     templates = templates.select(max_templates=n_templates)
-    truth = _truth(coll_dir / "ground_truth.json")
+    gt_path = coll_dir / "ground_truth.json"
+    _, truth = category_masks(load_coco(gt_path), gt_path)
     engine = Propagator(model, templates, cycle_consistency=cycle)
     names = {cid: name for cid, name in templates.categories.items()}
     scores = Scores()
