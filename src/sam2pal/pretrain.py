@@ -54,24 +54,11 @@ from .engine import binary_mask_input, conditioning_frame, new_memory, preproces
 from .errors import InputError
 from .model import autocast, build_model, file_sha256, resolve_device
 from .procedural import procedural_insect
+from .registry import MICRO_MODEL, micro_model_files
 from .synthetic import DEFAULT_BACKGROUNDS, DEFAULT_PALETTES, PARTS, Style, collection_style, load_beetle_masks
 from .synthetic import render_specimen_layers
 
-MICRO_NAME = "sam2pal-micro"
 LOG_COLUMNS = ["step", "loss", "focal", "dice", "iou_head", "object", "target_iou", "learning_rate", "seconds"]
-
-
-def models_dir() -> Path:
-    """resources/models of the source tree (the shipped micro model lives there)."""
-    return Path(__file__).resolve().parents[2] / "resources" / "models"
-
-
-def micro_config() -> Path:
-    return models_dir() / f"{MICRO_NAME}.yaml"
-
-
-def micro_checkpoint() -> Path:
-    return models_dir() / f"{MICRO_NAME}.pt"
 
 
 def split_masks(held_out_every: int = 6) -> tuple[list, list]:
@@ -384,7 +371,7 @@ class _Run:
         self.model, self.optimizer, self.params, self.size = model, optimizer, params, size
 
 
-def pretrain(settings: PretrainSettings, out_dir, config=None, device: str = "auto", name: str = MICRO_NAME,
+def pretrain(settings: PretrainSettings, out_dir, config=None, device: str = "auto", name: str = MICRO_MODEL,
              resume: bool = False, workers: int = 0, stop_after: int | None = None, log=print) -> dict | None:
     """Train from random weights; returns the training record (also written as JSON).
 
@@ -394,7 +381,7 @@ def pretrain(settings: PretrainSettings, out_dir, config=None, device: str = "au
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = Path(config) if config else micro_config()
+    config = Path(config) if config else micro_model_files()[1]
     if not config.is_file():
         raise InputError(f"{config}: model config file not found")
     dev = resolve_device(device)
