@@ -90,7 +90,7 @@ def test_video_collections_in_the_workflow(tmp_path, clip):
             assert np.array_equal(found[(f"{k:05d}.jpg", a["category_id"])], truth[k] == a["category_id"])
     tracked = coco.loadAnns(coco.getAnnIds(imgIds=[0, 1, 2, 3]))  # before the first keyframe
     assert tracked and not any(a.get("keyframe") for a in tracked)
-    run = json.loads((out / "propagate" / "run.json").read_text())
+    run = json.loads((out / "propagate" / "shard-0-of-1.run.json").read_text())
     assert run["video"]["mode"] == "video" and run["video"]["keyframes"] == [4, 9]
     assert run["model"]["adapter_kind"] == "lora"  # trained on the video's frames
 

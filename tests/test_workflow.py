@@ -91,7 +91,7 @@ def test_demo_run_outputs(demo_run):
     assert iou["elytra"] >= 0.5, iou  # real masks: random weights stay below 0.1
     assert len(list((out / "masks").glob("*.png"))) == len(coco.dataset["annotations"])
     assert len(list((out / "overlays").glob("*.jpg"))) == n_images
-    assert (workdir / "logs" / "demo" / "propagate.log").read_text().strip()
+    assert (workdir / "logs" / "demo" / "propagate" / "shard-0-of-1.log").read_text().strip()
 
 
 def test_demo_video_outputs(demo_run):

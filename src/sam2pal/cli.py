@@ -336,7 +336,8 @@ def cmd_video(args) -> int:
     predictions = Path(args.export_predictions)
     if not predictions.is_absolute():
         predictions = out_dir / predictions
-    pipeline.merge([records], templates_json, [out_dir / "run.json"], predictions)
+    pipeline.merge([records], templates_json, [out_dir / "run.json"], predictions,
+                   provenance_json=out_dir / "provenance.json")
     pipeline.qc([records], templates_json, out_dir / "qc.csv")
     measure_coco(predictions, out_dir / "measurements.csv", px_per_mm=args.px_per_mm,
                  wide_csv=out_dir / "measurements_wide.csv")
@@ -456,7 +457,8 @@ def cmd_segment(args) -> int:
         adapter=adapter, engine_settings=_engine_settings(args),
     )
     predictions = out_dir / "predictions.json"
-    pipeline.merge([records], templates_json, [out_dir / "run.json"], predictions, polygons=args.polygons)
+    pipeline.merge([records], templates_json, [out_dir / "run.json"], predictions, polygons=args.polygons,
+                   provenance_json=out_dir / "provenance.json")
     pipeline.qc([records], templates_json, out_dir / "qc.csv")
     measure_coco(predictions, out_dir / "measurements.csv", px_per_mm=args.px_per_mm,
                  calibration_csv=args.calibration_csv, wide_csv=out_dir / "measurements_wide.csv")

@@ -162,12 +162,18 @@ def segment(
     log=None,
     adapter=None,
     record_extra=None,
+    reuse=(),
+    run_extra: dict | None = None,
 ) -> dict:
     """Segment `file_names` of `image_dir` from the prepared templates.
 
     `adapter`: a folder written by `finetune` (LoRA or fully fine-tuned weights),
     applied on top of the checkpoint it was trained from. `record_extra`: a function
     (record -> record) applied to each per-image record before it is written.
+    `reuse`: earlier results [(records .jsonl, its run.json)] whose records are taken
+    as they are, instead of segmenting again, where they were made with the same
+    model, templates and settings and the image has not changed since (the shards of
+    another shard count). `run_extra`: more fields for `run_json`.
 
     Writes the per-image results (`out_jsonl`), the run's provenance (`run_json`) and,
     when given, `skipped_csv`. Returns the counts.
@@ -184,14 +190,43 @@ def segment(
     templates_info = _templates_info(templates_json, templates)
     key = _settings_key({"model": model_info, "templates": templates_info["sha256"], "settings": settings})
     propagator = Propagator(model, templates, **settings)
+    reused = reusable_records(reuse, key, image_dir, file_names, log)
     counts = run_propagation(
         propagator, image_dir, file_names, out_jsonl, settings_key=key,
-        on_bad_image=on_bad_image, progress=progress, log=log, transform=record_extra,
+        on_bad_image=on_bad_image, progress=progress, log=log, transform=record_extra, reused=reused,
     )
     if skipped_csv is not None:
         write_skipped([out_jsonl], skipped_csv)
-    _write_run_json(run_json, started, torch_device, model_info, templates_info, settings, image_dir, counts)
+    _write_run_json(run_json, started, torch_device, model_info, templates_info, settings, image_dir, counts,
+                    settings_key=key, **(run_extra or {}))
     return counts
+
+
+def reusable_records(reuse, key: str, image_dir, file_names, log=None) -> list[dict]:
+    """Records of `file_names` in earlier result files made with the same settings
+    `key`, for images not modified since (skipped images are tried again)."""
+    from .propagate import read_records
+
+    wanted = set(file_names)
+    found: dict[str, dict] = {}
+    for records_path, run_path in reuse:
+        try:
+            with open(run_path, encoding="utf-8") as handle:
+                same = json.load(handle).get("settings_key") == key
+            made = os.path.getmtime(records_path)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not same:
+            continue
+        for record in read_records(records_path):
+            name = record.get("file_name")
+            if name in wanted and name not in found and "skipped" not in record:
+                try:
+                    if os.path.getmtime(Path(image_dir) / name) <= made:
+                        found[name] = record
+                except OSError:
+                    continue
+    return [found[name] for name in file_names if name in found]
 
 
 # -- video collections -------------------------------------------------------------------
@@ -259,6 +294,7 @@ def segment_video(
     progress: bool = True,
     log=None,
     adapter=None,
+    run_extra: dict | None = None,
 ) -> dict:
     """Segment every frame of a video (frames and their manifest from `sam2pal.video`)
     from its keyframes (the prepared templates).
@@ -300,7 +336,7 @@ def segment_video(
             templates_json, frames_dir, names, out_jsonl, run_json, skipped_csv, config=config,
             checkpoint=checkpoint, image_size=image_size, seed=seed, device=device, threads=threads,
             engine_settings=engine_settings, on_bad_image=on_bad_image, checkpoint_dir=checkpoint_dir,
-            progress=progress, log=log, adapter=adapter, record_extra=add_frame,
+            progress=progress, log=log, adapter=adapter, record_extra=add_frame, run_extra=run_extra,
         )
         return {**counts, "keyframes": len(keyframes)}
 
@@ -357,6 +393,7 @@ def segment_video(
     if skipped_csv is not None:
         write_skipped([out_jsonl], skipped_csv)
     _write_run_json(run_json, started, torch_device, model_info, templates_info, settings, frames_dir, counts,
+                    **(run_extra or {}),
                     video={"mode": mode, "frames": len(frames), "keyframes": sorted(keyframes),
                            "manifest": str(Path(manifest_csv).resolve()),
                            "peak_state_mb": round(propagator.peak_state_bytes / 2**20, 1)})
@@ -372,27 +409,97 @@ def categories_of(templates_json) -> tuple[dict[int, str], set[int]]:
     return categories, multi
 
 
-def merge(records, templates_json, run_jsons, out_json, polygons: bool = False) -> dict:
-    """COCO predictions from per-image results, with the run's provenance in `info`."""
-    from .coco import merge_predictions
+def workflow_version(root=None) -> dict:
+    """The git commit of the sam2-pal checkout that ran (and whether it had local
+    edits), or nulls when it is not a git checkout."""
+    import subprocess
 
-    categories, _ = categories_of(templates_json)
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    info = {"path": str(root), "git_commit": None, "git_dirty": None}
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=30)
+        if head.returncode == 0:
+            info["git_commit"] = head.stdout.strip()
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=60)
+            info["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def provenance(run_jsons, config: dict | None = None, collection: str | None = None, workflow_root=None) -> dict:
+    """What produced a collection's masks, from the run files of its shards: the model
+    (checkpoint and config with their SHA-256, image size, seed), the adapter and its
+    SHA-256, the templates, the settings, `config` (the workflow settings that shape the
+    masks), package versions, the sam2-pal git commit, and when, where and on which
+    device each shard ran. The same dict is the `info` of predictions.json."""
     runs = []
     for path in run_jsons:
-        with open(path, encoding="utf-8") as handle:
-            runs.append(json.load(handle))
-    first = runs[0] if runs else {}
-    info = {
+        try:
+            with open(path, encoding="utf-8") as handle:
+                runs.append((str(path), json.load(handle)))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read this run file ({exc})") from None
+    first = runs[0][1] if runs else {}
+    for path, run in runs[1:]:
+        for key in ("model", "templates", "settings"):
+            if run.get(key) != first.get(key):
+                raise InputError(f"{path}: segmented with other {key} than {runs[0][0]}; rerun the collection")
+    model = first.get("model") or {}
+    adapter = None
+    if model.get("adapter"):
+        adapter = {k: model.get(f"adapter{s}") for k, s in (("path", ""), ("kind", "_kind"), ("sha256", "_sha256"))}
+    shards = [{"shard": run.get("shard"), **{k: run.get(k) for k in
+                                              ("started", "finished", "host", "device", "device_name", "counts")}}
+              for _, run in runs]
+    totals: dict[str, int] = {}
+    for shard in shards:
+        for key, value in (shard["counts"] or {}).items():
+            if isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+    started = [s["started"] for s in shards if s["started"]]
+    finished = [s["finished"] for s in shards if s["finished"]]
+    return {
         "description": "sam2-pal predictions",
         "version": first.get("sam2pal_version"),
+        "collection": collection,
         "date_created": now(),
-        "model": first.get("model"),
+        "started": min(started) if started else None,
+        "finished": max(finished) if finished else None,
+        "config": config,
+        "model": model,
+        "adapter": adapter,
+        "seeds": {"model": model.get("seed"), **({"finetune": config["finetune"].get("seed")}
+                                                  if config and config.get("finetune") else {})},
         "templates": first.get("templates"),
         "settings": first.get("settings"),
+        "video": first.get("video"),
         "versions": first.get("versions"),
-        "runs": [{k: r.get(k) for k in ("started", "finished", "host", "device", "device_name", "counts")} for r in runs],
+        "workflow": workflow_version(workflow_root),
+        "hosts": sorted({s["host"] for s in shards if s["host"]}),
+        "devices": sorted({f"{s['device']} ({s['device_name']})" for s in shards if s["device"]}),
+        "counts": totals,
+        "runs": shards,
     }
-    return merge_predictions(records, categories, out_json, info=info, polygons=polygons)
+
+
+def merge(records, templates_json, run_jsons, out_json, polygons: bool = False, provenance_json=None,
+          config: dict | None = None, collection: str | None = None, skipped_csv=None) -> dict:
+    """COCO predictions from per-image results (one file per shard), with the run's
+    provenance in `info` and, when asked, in `provenance_json`; and `skipped_csv`."""
+    from .coco import merge_predictions
+    from .propagate import write_skipped
+
+    categories, _ = categories_of(templates_json)
+    info = provenance(run_jsons, config=config, collection=collection)
+    counts = merge_predictions(records, categories, out_json, info=info, polygons=polygons)
+    if skipped_csv is not None:
+        write_skipped(records, skipped_csv)
+    if provenance_json is not None:
+        write_json(provenance_json, info, indent=2)
+    return counts
 
 
 def qc(records, templates_json, out_csv) -> int:

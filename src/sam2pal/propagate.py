@@ -140,11 +140,12 @@ def run_propagation(
     prefetch: int = 4,
     log=None,
     transform: Callable[[dict], dict] | None = None,
+    reused: Iterable[dict] = (),
 ) -> dict:
     """Segment `file_names` (relative to `image_dir`) and write `out_jsonl`.
 
     transform: applied to each record before it is written (e.g. adds a video frame's
-    index and time).
+    index and time). reused: finished records of some of the images, taken as they are.
 
     on_bad_image: "skip" records an unreadable image as skipped and goes on; "fail"
     raises its ImageReadError (the partial file is kept for the next run).
@@ -167,6 +168,15 @@ def run_propagation(
     else:
         with open(partial, "w", encoding="utf-8") as handle:
             handle.write(json.dumps({"partial_of": out.name, "settings": settings_key}) + "\n")
+    n_reused = 0
+    with open(partial, "a", encoding="utf-8") as handle:
+        for record in reused:
+            if record["file_name"] not in done:
+                handle.write(json.dumps(record) + "\n")
+                done.add(record["file_name"])
+                n_reused += 1
+    if n_reused:
+        log(f"reused {n_reused} image(s) already segmented with the same settings")
     todo = [name for name in file_names if name not in done]
 
     def load(name: str):
@@ -176,7 +186,8 @@ def run_propagation(
         except ImageReadError as exc:
             return None, exc
 
-    counts = {"images": len(file_names), "segmented": 0, "skipped": 0, "resumed": len(done)}
+    counts = {"images": len(file_names), "segmented": 0, "skipped": 0, "resumed": len(done) - n_reused,
+              "reused": n_reused}
     with open(partial, "a", encoding="utf-8") as handle, ThreadPoolExecutor(max_workers=2) as pool:
         pending = [pool.submit(load, name) for name in todo[:prefetch]]
         bar = tqdm(total=len(todo), desc=f"segment {out.parent.name or 'images'}", unit="img",

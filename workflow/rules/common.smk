@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
+from sam2pal import shards as sharding  # noqa: E402
 from sam2pal.errors import InputError  # noqa: E402
 from sam2pal.images import list_images  # noqa: E402
 from sam2pal.registry import MICRO_MODEL, OFFICIAL_MODELS, RANDOM_CHECKPOINT, micro_model_files, official_model  # noqa: E402
@@ -56,6 +57,7 @@ _check_overrides()
 
 wildcard_constraints:
     collection="|".join(re.escape(name) for name in COLLECTIONS),
+    shard=r"[0-9]+-of-[0-9]+",
 
 
 def settings(collection, section):
@@ -278,6 +280,75 @@ def propagate_params(wildcards):
     return {key: prop[key] for key in MASK_SETTINGS}
 
 
+# -- shards ------------------------------------------------------------------------------
+
+_SHARDS = {}
+
+
+def collection_shards(collection):
+    """{shard label: image names} (sam2pal.shards). A video is one shard: tracking runs
+    through its frames in order."""
+    if collection not in _SHARDS:
+        if is_video(collection):
+            _SHARDS[collection] = {sharding.label(0, 1): image_names(collection)}
+        else:
+            size = settings(collection, "propagate")["shard_size"]
+            _SHARDS[collection] = sharding.assign(image_names(collection), size)
+    return _SHARDS[collection]
+
+
+def shard_image_paths(wildcards):
+    shards = collection_shards(wildcards.collection)
+    if wildcards.shard not in shards:
+        raise WorkflowError(
+            f"collection {wildcards.collection} has no shard {wildcards.shard} "
+            f"(it has {len(shards)}: {next(iter(shards))} ...)"
+        )
+    folder = image_dir(wildcards.collection)
+    return [os.path.join(folder, name) for name in shards[wildcards.shard]]
+
+
+def shard_results(suffix):
+    """Input function: every shard's result file of a collection."""
+
+    def files(wildcards):
+        return [
+            f"results/{wildcards.collection}/propagate/shard-{label}{suffix}"
+            for label in collection_shards(wildcards.collection)
+        ]
+
+    return files
+
+
+def related_results(wildcards):
+    """Results of the overlapping shards under another shard count, reused where
+    they were made with the same settings (see sam2pal.shards)."""
+    base = f"results/{wildcards.collection}/propagate/shard-"
+    return [(f"{base}{label}.jsonl", f"{base}{label}.run.json") for label in sharding.related_shards(wildcards.shard)]
+
+
+def provenance_config(wildcards):
+    """The settings that shape a collection's masks, recorded in provenance.json
+    (threads, memory, outputs and measurement settings are left out: editing them
+    does not rerun the merge)."""
+    name = wildcards.collection
+    entry = COLLECTIONS[name]
+    prop = settings(name, "propagate")
+    recorded = {
+        "collection": {key: entry.get(key) for key in (*SOURCES, "recursive", "templates", "template_images")},
+        "model": settings(name, "model"),
+        "propagate": {key: prop[key] for key in (*MASK_SETTINGS, "template_files", "max_templates")},
+    }
+    if is_video(name):
+        recorded["video_options"] = video_settings(wildcards)
+    ft = settings(name, "finetune")
+    if ft["enabled"]:
+        recorded["finetune"] = finetune_settings(wildcards)
+    elif ft["adapter"]:
+        recorded["finetune"] = {"adapter": ft["adapter"]}
+    return recorded
+
+
 def uses_gpu(wildcards):
     return 0 if settings(wildcards.collection, "propagate")["device"] == "cpu" else 1
 
@@ -288,6 +359,7 @@ def all_outputs():
         base = f"results/{name}"
         outputs += [
             f"{base}/predictions.json",
+            f"{base}/provenance.json",
             f"{base}/measurements.csv",
             f"{base}/measurements_wide.csv",
             f"{base}/qc.csv",

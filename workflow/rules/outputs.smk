@@ -1,17 +1,21 @@
-# From per-image results to the files users read: COCO predictions, QC ranking,
+# From per-shard results to the files users read: COCO predictions and their
+# provenance, QC ranking,
 # measurement tables, metrics against ground truth, mask PNGs, overlays and, for a
 # video, an overlay video.
 
 
 rule merge_predictions:
     input:
-        records="results/{collection}/propagate/predictions.jsonl",
-        run="results/{collection}/propagate/run.json",
+        records=shard_results(".jsonl"),
+        runs=shard_results(".run.json"),
         templates="results/{collection}/templates.json",
     output:
-        "results/{collection}/predictions.json",
+        predictions="results/{collection}/predictions.json",
+        provenance="results/{collection}/provenance.json",
+        skipped="results/{collection}/skipped.csv",
     params:
         polygons=lambda wc: settings(wc.collection, "outputs")["polygons"],
+        config=provenance_config,
     log:
         "logs/{collection}/merge_predictions.log",
     conda:
@@ -26,7 +30,7 @@ rule merge_predictions:
 
 rule qc:
     input:
-        records="results/{collection}/propagate/predictions.jsonl",
+        records=shard_results(".jsonl"),
         templates="results/{collection}/templates.json",
     output:
         "results/{collection}/qc.csv",

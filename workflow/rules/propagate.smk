@@ -1,20 +1,21 @@
 # Segment every image of a collection from the template memory (GPU when there is
-# one). Results are written image by image; an interrupted photo run resumes where
-# it stopped. A video is tracked through time from its keyframes (video.mode: video)
-# or frame by frame from them (independent).
+# one), one job per shard of images (propagate.shard_size; see sam2pal.shards): adding
+# images reruns only the shards they land in. Each job loads the model once and writes
+# its results image by image; an interrupted photo shard resumes where it stopped. A
+# video is one shard, tracked through time from its keyframes (video.mode: video) or
+# frame by frame from them (independent).
 
 
 rule propagate:
     input:
         templates="results/{collection}/templates.json",
-        images=image_paths,
+        images=shard_image_paths,
         frames=manifest_input,
         checkpoint=checkpoint_input,
         adapter=adapter_input,
     output:
-        records="results/{collection}/propagate/predictions.jsonl",
-        run="results/{collection}/propagate/run.json",
-        skipped="results/{collection}/skipped.csv",
+        records="results/{collection}/propagate/shard-{shard}.jsonl",
+        run="results/{collection}/propagate/shard-{shard}.run.json",
     params:
         image_dir=lambda wc: image_dir(wc.collection),
         video_mode=lambda wc: video_settings(wc)["mode"] if is_video(wc.collection) else None,
@@ -22,10 +23,11 @@ rule propagate:
         checkpoint_dir=config["model"]["checkpoint_dir"],
         propagate=propagate_params,
         adapter=lambda wc: adapter_folder(wc.collection),
+        reuse=related_results,
     log:
-        "logs/{collection}/propagate.log",
+        "logs/{collection}/propagate/shard-{shard}.log",
     benchmark:
-        "logs/{collection}/propagate.benchmark.tsv"
+        "logs/{collection}/propagate/shard-{shard}.benchmark.tsv"
     conda:
         "../../envs/propagate.yaml"
     threads: lambda wc: settings(wc.collection, "propagate")["threads"]

@@ -1,4 +1,5 @@
-"""Rule merge_predictions: COCO predictions file with provenance in its info."""
+"""Rule merge_predictions: COCO predictions file (provenance in its info),
+provenance.json and skipped.csv, from the results of every shard."""
 
 import sys
 from pathlib import Path
@@ -10,10 +11,14 @@ from sam2pal.smk import logged  # noqa: E402
 
 with logged(snakemake):
     counts = pipeline.merge(
-        [snakemake.input.records],
+        snakemake.input.records,
         snakemake.input.templates,
-        [snakemake.input.run],
-        snakemake.output[0],
+        snakemake.input.runs,
+        snakemake.output.predictions,
         polygons=snakemake.params.polygons,
+        provenance_json=snakemake.output.provenance,
+        config=snakemake.params.config,
+        collection=snakemake.wildcards.collection,
+        skipped_csv=snakemake.output.skipped,
     )
     print(f"done: {counts}")

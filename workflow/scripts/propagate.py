@@ -1,4 +1,5 @@
-"""Rule propagate: segment the collection's images from the template memory."""
+"""Rule propagate: segment one shard of a collection's images from the template memory
+(the model is loaded once per shard)."""
 
 import sys
 from pathlib import Path
@@ -25,15 +26,16 @@ with logged(snakemake):
         adapter=snakemake.params.adapter,
         engine_settings={key: prop[key] for key in pipeline.DEFAULT_ENGINE_SETTINGS},
     )
-    outputs = (snakemake.output.records, snakemake.output.run, snakemake.output.skipped)
+    outputs = (snakemake.output.records, snakemake.output.run)
+    shard = {"shard": snakemake.wildcards.shard}
     if snakemake.params.video_mode:
         counts = pipeline.segment_video(
             snakemake.input.templates, image_dir, snakemake.input.frames[0], *outputs,
-            mode=snakemake.params.video_mode, **common,
+            mode=snakemake.params.video_mode, run_extra=shard, **common,
         )
     else:
         counts = pipeline.segment(
             snakemake.input.templates, image_dir, pipeline.relative_names(snakemake.input.images, image_dir),
-            *outputs, **common,
+            *outputs, reuse=snakemake.params.reuse, run_extra=shard, **common,
         )
     print(f"done: {counts}")

@@ -9,5 +9,5 @@ from sam2pal import pipeline  # noqa: E402
 from sam2pal.smk import logged  # noqa: E402
 
 with logged(snakemake):
-    rows = pipeline.qc([snakemake.input.records], snakemake.input.templates, snakemake.output[0])
+    rows = pipeline.qc(snakemake.input.records, snakemake.input.templates, snakemake.output[0])
     print(f"{rows} images ranked")
