@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -203,27 +204,33 @@ def cuda_device_count() -> int:
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """`auto` (CUDA if visible, else CPU), `cpu`, `cuda` or `cuda:i`."""
+    """`auto` (a free CUDA GPU if one is visible, else CPU), `cpu`, `cuda` (a free
+    visible GPU) or `cuda:i` (that one). "Free" means not claimed by another sam2-pal
+    job on this machine (`sam2pal.gpu`); asking for CUDA where none is visible is an
+    error, at once."""
     if isinstance(spec, torch.device):
         return spec
     text = (spec or "auto").strip().lower()
-    if text == "auto":
-        return torch.device("cuda") if cuda_device_count() else torch.device("cpu")
-    if text == "cpu":
+    if text not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", text):
+        raise InputError(f"device '{spec}' is not cpu, auto, cuda or cuda:N")
+    if text == "cpu" or (text == "auto" and not cuda_device_count()):
         return torch.device("cpu")
-    if text == "cuda" or text.startswith("cuda:"):
-        count = cuda_device_count()
-        if count == 0:
-            raise InputError(f"device '{spec}' asked for, but no CUDA GPU is visible on this machine")
-        if ":" in text:
-            try:
-                index = int(text.split(":", 1)[1])
-            except ValueError:
-                raise InputError(f"device '{spec}' is not cpu, auto, cuda or cuda:N") from None
-            if not 0 <= index < count:
-                raise InputError(f"device '{spec}' asked for, but only {count} CUDA GPU(s) are visible")
+    count = cuda_device_count()
+    if count == 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise InputError(
+            f"device '{spec}' asked for, but no CUDA GPU is visible on this machine"
+            + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+            + "; run this step on a GPU node, or set propagate.device to cpu or auto"
+        )
+    if ":" in text:
+        index = int(text.split(":", 1)[1])
+        if not 0 <= index < count:
+            raise InputError(f"device '{spec}' asked for, but only {count} CUDA GPU(s) are visible")
         return torch.device(text)
-    raise InputError(f"device '{spec}' is not cpu, auto, cuda or cuda:N")
+    from .gpu import claim_cuda_device
+
+    return torch.device(f"cuda:{claim_cuda_device()}")
 
 
 def autocast(device: torch.device):
