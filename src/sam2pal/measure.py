@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from array import array
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
+import ijson
 import numpy as np
 from scipy import ndimage as ndi
 from scipy import sparse
@@ -448,34 +449,79 @@ def _check_id(value, what: str, path: Path):
     return value
 
 
-def _load_coco(path: Path):
-    """Read and check a COCO predictions file; return (images, categories, by_image).
+def _json_error(path: Path, err) -> InputError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return InputError(f"{path}: not valid JSON ({first})")
 
-    images: list of image dicts sorted by file_name; categories: {id: name} in id
-    order; by_image: {image id: [annotation, ...]} sorted by category id, instance.
-    """
+
+@contextlib.contextmanager
+def _coco_events(path: Path, prefix: str | None = None):
+    """The JSON events of a COCO file (or the items under `prefix`), as a stream, with
+    read and parse errors turned into one-line InputErrors naming the file."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            coco = json.load(handle)
+        handle = open(path, "rb")
     except FileNotFoundError:
         raise InputError(f"{path}: COCO file not found") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not a UTF-8 text (JSON) file") from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, "
-                         f"column {err.colno})") from None
     except OSError as err:
         raise InputError(f"{path}: cannot read the COCO file ({err.strerror})") from None
-    if not isinstance(coco, dict):
-        raise InputError(f"{path}: a COCO file must hold a JSON object")
-    for key in ("images", "annotations", "categories"):
-        if key not in coco:
-            raise InputError(f"{path}: missing the '{key}' list")
-        if not isinstance(coco[key], list):
-            raise InputError(f"{path}: '{key}' must be a list")
+    try:
+        with handle:
+            if prefix is None:
+                yield ijson.parse(handle, use_float=True)
+            else:
+                yield ijson.items(handle, prefix, use_float=True)
+    except ijson.JSONError as err:
+        raise _json_error(path, err) from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 text (JSON) file") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the COCO file ({err.strerror})") from None
 
+
+def _scan_coco(path: Path) -> tuple[list, list]:
+    """First pass over a COCO file: check its top level, and return its images and
+    categories (the annotations are streamed by a second pass)."""
+    kinds: dict = {}
+    lists: dict = {"images": [], "categories": []}
+    builder = item_of = key = None
+    expect_value = False
+    with _coco_events(path) as events:
+        first = next(events, None)
+        if first is None:
+            raise InputError(f"{path}: not valid JSON (the file is empty)")
+        if first[1] != "start_map":
+            for _ in events:  # a broken file is "not valid JSON" before "not an object"
+                pass
+            raise InputError(f"{path}: a COCO file must hold a JSON object")
+        for prefix, event, value in events:
+            if builder is not None:
+                builder.event(event, value)
+                if prefix == item_of and event in ("end_map", "end_array"):
+                    lists[item_of[:-5]].append(builder.value)
+                    builder = None
+                continue
+            if expect_value:
+                kinds[key] = event
+                expect_value = False
+            if prefix == "" and event == "map_key":
+                key, expect_value = value, True
+            elif prefix in ("images.item", "categories.item") and kinds.get(prefix[:-5]) == "start_array":
+                if event in ("start_map", "start_array"):
+                    builder, item_of = ijson.ObjectBuilder(), prefix
+                    builder.event(event, value)
+                else:
+                    lists[prefix[:-5]].append(value)
+    for key in ("images", "annotations", "categories"):
+        if key not in kinds:
+            raise InputError(f"{path}: missing the '{key}' list")
+        if kinds[key] != "start_array":
+            raise InputError(f"{path}: '{key}' must be a list")
+    return lists["images"], lists["categories"]
+
+
+def _check_images(path: Path, raw: list) -> dict:
     images: dict = {}
-    for i, image in enumerate(coco["images"]):
+    for i, image in enumerate(raw):
         if not isinstance(image, dict):
             raise InputError(f"{path}: images[{i}] is not an object")
         for key in ("id", "file_name", "width", "height"):
@@ -492,9 +538,12 @@ def _load_coco(path: Path):
                 raise InputError(f"{path}: image {image_id!r} ({image['file_name']}) has "
                                  f"{key} {value!r}, expected a positive integer")
         images[image_id] = image
+    return images
 
+
+def _check_categories(path: Path, raw: list) -> dict:
     categories: dict = {}
-    for i, cat in enumerate(coco["categories"]):
+    for i, cat in enumerate(raw):
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
             raise InputError(f"{path}: categories[{i}] needs an 'id' and a 'name'")
         cat_id = _check_id(cat["id"], f"categories[{i}]:", path)
@@ -503,64 +552,127 @@ def _load_coco(path: Path):
         if not isinstance(cat["name"], str) or not cat["name"]:
             raise InputError(f"{path}: category {cat_id!r} has no name")
         categories[cat_id] = cat["name"]
-    categories = dict(sorted(categories.items(), key=lambda kv: _id_key(kv[0])))
+    return dict(sorted(categories.items(), key=lambda kv: _id_key(kv[0])))
 
-    by_image: dict = {image_id: [] for image_id in images}
-    seen: set = set()
-    for i, ann in enumerate(coco["annotations"]):
-        if not isinstance(ann, dict):
-            raise InputError(f"{path}: annotations[{i}] is not an object")
-        for key in ("id", "image_id", "category_id", "segmentation"):
-            if key not in ann:
-                label = f"annotation {ann['id']!r}" if "id" in ann else f"annotations[{i}]"
-                raise InputError(f"{path}: {label} lacks '{key}'")
-        ann_id = _check_id(ann["id"], f"annotations[{i}]:", path)
-        if ann_id in seen:
-            raise InputError(f"{path}: annotation id {ann_id!r} appears twice")
-        seen.add(ann_id)
-        if not _is_id(ann["image_id"]) or ann["image_id"] not in images:
-            raise InputError(f"{path}: annotation {ann_id!r} refers to image_id "
-                             f"{ann['image_id']!r}, which is not among the images")
-        if not _is_id(ann["category_id"]) or ann["category_id"] not in categories:
-            raise InputError(f"{path}: annotation {ann_id!r} refers to category_id "
-                             f"{ann['category_id']!r}, which is not among the categories")
-        instance = ann.get("instance")
-        if instance is not None and (isinstance(instance, bool) or not isinstance(instance, int)
-                                     or instance < 1):
-            raise InputError(f"{path}: annotation {ann_id!r} has instance {instance!r}, "
-                             "expected a positive integer")
-        by_image[ann["image_id"]].append(ann)
 
-    for image_id, anns in by_image.items():
+def _check_annotation(path: Path, i: int, ann, images: dict, categories: dict, seen: set) -> None:
+    if not isinstance(ann, dict):
+        raise InputError(f"{path}: annotations[{i}] is not an object")
+    for key in ("id", "image_id", "category_id", "segmentation"):
+        if key not in ann:
+            label = f"annotation {ann['id']!r}" if "id" in ann else f"annotations[{i}]"
+            raise InputError(f"{path}: {label} lacks '{key}'")
+    ann_id = _check_id(ann["id"], f"annotations[{i}]:", path)
+    if ann_id in seen:
+        raise InputError(f"{path}: annotation id {ann_id!r} appears twice")
+    seen.add(ann_id)
+    if not _is_id(ann["image_id"]) or ann["image_id"] not in images:
+        raise InputError(f"{path}: annotation {ann_id!r} refers to image_id "
+                         f"{ann['image_id']!r}, which is not among the images")
+    if not _is_id(ann["category_id"]) or ann["category_id"] not in categories:
+        raise InputError(f"{path}: annotation {ann_id!r} refers to category_id "
+                         f"{ann['category_id']!r}, which is not among the categories")
+    instance = ann.get("instance")
+    if instance is not None and (isinstance(instance, bool) or not isinstance(instance, int) or instance < 1):
+        raise InputError(f"{path}: annotation {ann_id!r} has instance {instance!r}, "
+                         "expected a positive integer")
+
+
+def _measure_annotation(path: Path, image: dict, ann: dict) -> list[float]:
+    """The `MASK_MEASURES` of one annotation's mask."""
+    try:
+        mask = decode_segmentation(ann["segmentation"], image["height"], image["width"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise InputError(f"{path}: annotation {ann['id']!r} (image {image['file_name']}): "
+                         f"unreadable segmentation ({err})") from None
+    values = measure_mask(mask)
+    return [float(values[key]) for key in MASK_MEASURES]
+
+
+def _batches(iterable, size: int):
+    batch = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _Measured:
+    """Every annotation's ids and measures, compactly (no masks): the state between
+    the streamed pass over the annotations and the writing of the tables."""
+
+    def __init__(self):
+        self.ids: list = []  # (annotation id, image id, category id, instance or None)
+        self.values = array("d")
+
+    def add(self, ann: dict, values: list[float]) -> None:
+        self.ids.append((ann["id"], ann["image_id"], ann["category_id"], ann.get("instance")))
+        self.values.extend(values)
+
+    def row(self, index: int) -> list[float]:
+        n = len(MASK_MEASURES)
+        return list(self.values[index * n:(index + 1) * n])
+
+    def by_image(self) -> dict:
+        """{image id: [annotation index ...]} in table order: by category id, then
+        instance (when every annotation of the category has one), else annotation id."""
         groups: dict = {}
-        for ann in anns:
-            groups.setdefault(ann["category_id"], []).append(ann)
-        ordered = []
-        for cat_id in sorted(groups, key=_id_key):
-            group = groups[cat_id]
-            if all(ann.get("instance") is not None for ann in group):
-                group.sort(key=lambda a: (a["instance"], _id_key(a["id"])))
-            else:  # no (complete) instance ranks: the order of the annotation ids
-                group.sort(key=lambda a: _id_key(a["id"]))
-            ordered.extend(group)
-        by_image[image_id] = ordered
+        for index, (_, image_id, cat_id, _) in enumerate(self.ids):
+            groups.setdefault(image_id, {}).setdefault(cat_id, []).append(index)
+        ordered: dict = {}
+        for image_id, cats in groups.items():
+            out = []
+            for cat_id in sorted(cats, key=_id_key):
+                group = cats[cat_id]
+                if all(self.ids[k][3] is not None for k in group):
+                    group.sort(key=lambda k: (self.ids[k][3], _id_key(self.ids[k][0])))
+                else:
+                    group.sort(key=lambda k: _id_key(self.ids[k][0]))
+                out.extend(group)
+            ordered[image_id] = out
+        return ordered
 
-    image_list = sorted(images.values(), key=lambda im: (im["file_name"], _id_key(im["id"])))
-    return image_list, categories, by_image
+
+def _measure_task(task) -> list[float]:
+    path, image, ann = task
+    return _measure_annotation(path, image, ann)
 
 
-def _measure_image(path: Path, image: dict, anns: list) -> list[dict]:
-    """Measures of the annotations of one image, decoding one mask at a time."""
-    results = []
-    for ann in anns:
-        try:
-            mask = decode_segmentation(ann["segmentation"], image["height"], image["width"])
-        except (ValueError, TypeError, KeyError) as err:
-            raise InputError(f"{path}: annotation {ann['id']!r} (image {image['file_name']}): "
-                             f"unreadable segmentation ({err})") from None
-        results.append(measure_mask(mask))
-        del mask
-    return results
+def _measure_stream(path: Path, images: dict, categories: dict, threads: int) -> _Measured:
+    """Second pass: stream the annotations, check each, measure its mask (in `threads`
+    worker processes when more than one: the measures are Python-bound) and keep only
+    its ids and measures."""
+    measured = _Measured()
+    seen: set = set()
+
+    def tasks():
+        with _coco_events(path, "annotations.item") as annotations:
+            for i, ann in enumerate(annotations):
+                _check_annotation(path, i, ann, images, categories, seen)
+                image = images[ann["image_id"]]
+                yield path, {k: image[k] for k in ("file_name", "height", "width")}, \
+                    {"id": ann["id"], "image_id": ann["image_id"], "category_id": ann["category_id"],
+                     "instance": ann.get("instance"), "segmentation": ann["segmentation"]}
+
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if threads > 1:
+            import multiprocessing
+
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=threads,
+                                                           mp_context=multiprocessing.get_context("spawn")))
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        for batch in _batches(tasks(), 256 * threads):
+            if pool is not None:
+                results = pool.map(_measure_task, batch, chunksize=32)
+            else:
+                results = map(_measure_task, batch)
+            for (_, _, ann), values in zip(batch, results):
+                measured.add(ann, values)
+    return measured
 
 
 def _fmt(value) -> str:
@@ -617,9 +729,13 @@ def measure_coco(
     long table). Missing structures leave empty cells. Categories without any prediction
     keep their (empty) columns, so tables from different runs line up.
 
-    Masks are decoded and measured one at a time, image by image (`threads` images in
-    parallel). Both tables are written atomically: on any error neither is left
-    half-written. Cells: floats with 10 significant digits, empty for NaN.
+    The file is streamed, never loaded whole: a first pass reads its images and
+    categories, a second its annotations one at a time, decoding and measuring each
+    mask (in `threads` processes) and keeping only its ids and measures; the tables are
+    then written image by image. So a collection of 100,000 images x 5 structures is
+    measured in a few hundred MB of memory (benchmarks/merge_measure.py). Both tables
+    are written atomically: on any error neither is left half-written. Cells: floats
+    with 10 significant digits, empty for NaN.
 
     Returns {"n_images", "n_annotations", "calibrated", "images_without_scale"}.
     Raises InputError (one line naming the file) on a bad COCO or calibration file
@@ -633,7 +749,11 @@ def measure_coco(
     calibrated = default_scale is not None or calibration is not None
     scale_of = _ScaleLookup(calibration, default_scale)
 
-    images, categories, by_image = _load_coco(coco_path)
+    raw_images, raw_categories = _scan_coco(coco_path)
+    images_by_id = _check_images(coco_path, raw_images)
+    categories = _check_categories(coco_path, raw_categories)
+    del raw_images, raw_categories
+    images = sorted(images_by_id.values(), key=lambda im: (im["file_name"], _id_key(im["id"])))
 
     names = list(categories.values())
     if wide_csv is not None and len(set(names)) != len(names):
@@ -646,50 +766,44 @@ def measure_coco(
     # video frames (predictions of a video collection) also get their index and time
     frame_columns = FRAME_COLUMNS if any("frame_index" in image for image in images) else []
     columns = columns[:2] + frame_columns + columns[2:]
-    wide_rows = []  # per image: {(category id, k): [measure values]}
+
+    measured = _measure_stream(coco_path, images_by_id, categories, threads)
+    order = measured.by_image()
     n_annotations = 0
     without_scale = 0
 
-    def job(image):
-        return _measure_image(coco_path, image, by_image[image["id"]])
+    def image_cells(image):
+        """{(category id, k): row values} of an image, and its long-table rows."""
+        scale = scale_of(image["file_name"]) if calibrated else None
+        cells, rows, rank = {}, [], {}
+        for index in order.get(image["id"], ()):
+            ann_id, _, cat_id, _ = measured.ids[index]
+            values = measured.row(index)
+            row_values = values + (_mm_values(dict(zip(MASK_MEASURES, values)), scale) if calibrated else [])
+            rows.append((ann_id, cat_id, row_values))
+            k = rank[cat_id] = rank.get(cat_id, 0) + 1
+            cells[(cat_id, k)] = row_values
+        return scale, cells, rows
 
     with contextlib.ExitStack() as stack:
         long_handle = stack.enter_context(atomic_write(out_csv, "w", newline=""))
-        wide_handle = (stack.enter_context(atomic_write(wide_csv, "w", newline=""))
-                       if wide_csv is not None else None)
         writer = csv.writer(long_handle)
         writer.writerow(columns)
-        if threads > 1 and len(images) > 1:
-            pool = stack.enter_context(ThreadPoolExecutor(max_workers=threads))
-            # on an error, drop the images not yet started instead of measuring them
-            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-            results = pool.map(job, images)
-        else:
-            results = map(job, images)
-
-        for image, image_measures in zip(images, results):
-            scale = scale_of(image["file_name"]) if calibrated else None
+        for image in images:
+            scale, _, rows = image_cells(image)
             if calibrated and scale is None:
                 without_scale += 1
-            cells: dict = {}
-            rank: dict = {}
-            for ann, values in zip(by_image[image["id"]], image_measures):
-                row_values = [values[key] for key in MASK_MEASURES]
-                if calibrated:
-                    row_values += _mm_values(values, scale)
+            for ann_id, cat_id, row_values in rows:
                 writer.writerow(
                     [_fmt(image["file_name"]), _fmt(image["id"])]
                     + [_fmt(image.get(c)) for c in frame_columns]
-                    + [_fmt(ann["id"]), categories[ann["category_id"]]] + [_fmt(v) for v in row_values]
+                    + [_fmt(ann_id), categories[cat_id]] + [_fmt(v) for v in row_values]
                 )
-                k = rank[ann["category_id"]] = rank.get(ann["category_id"], 0) + 1
-                cells[(ann["category_id"], k)] = row_values
                 n_annotations += 1
-            if wide_handle is not None:
-                wide_rows.append((image, cells))
-
-        if wide_handle is not None:
-            _write_wide(wide_handle, wide_rows, categories, measures, frame_columns)
+        if wide_csv is not None:
+            wide_handle = stack.enter_context(atomic_write(wide_csv, "w", newline=""))
+            _write_wide(wide_handle, ((image, image_cells(image)[1]) for image in images),
+                        categories, measures, frame_columns, most=_most_instances(measured, order))
 
     return {
         "n_images": len(images),
@@ -699,11 +813,23 @@ def measure_coco(
     }
 
 
-def _write_wide(handle, wide_rows, categories: dict, measures: list[str], frame_columns=()) -> None:
-    most: dict = {cat_id: 0 for cat_id in categories}
-    for _, cells in wide_rows:
-        for cat_id, k in cells:
-            most[cat_id] = max(most[cat_id], k)
+def _most_instances(measured: _Measured, order: dict) -> dict:
+    """{category id: the most annotations of it on one image}."""
+    most: dict = {}
+    for indices in order.values():
+        count: dict = {}
+        for index in indices:
+            cat_id = measured.ids[index][2]
+            count[cat_id] = count.get(cat_id, 0) + 1
+        for cat_id, n in count.items():
+            most[cat_id] = max(most.get(cat_id, 0), n)
+    return most
+
+
+def _write_wide(handle, wide_rows, categories: dict, measures: list[str], frame_columns=(), most=None) -> None:
+    """The wide table from (image, {(category id, k): values}) rows, streamed;
+    `most`: {category id: the most instances on one image}."""
+    most = {cat_id: (most or {}).get(cat_id, 0) for cat_id in categories}
     header = ["file_name", "image_id", *frame_columns]
     slots = []  # (category id, k) in column order
     for cat_id, name in categories.items():

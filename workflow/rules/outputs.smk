@@ -59,7 +59,7 @@ rule measure:
         "logs/{collection}/measure.log",
     conda:
         "../../envs/tables.yaml"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=4000,
         runtime=120,

@@ -15,5 +15,6 @@ with logged(snakemake):
         px_per_mm=snakemake.params.px_per_mm,
         calibration_csv=snakemake.input.calibration or None,
         wide_csv=snakemake.output.wide,
+        threads=snakemake.threads,
     )
     print(f"done: {summary}")
