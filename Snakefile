@@ -17,6 +17,9 @@ configfile: "config/config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/frames.smk"
@@ -24,9 +27,10 @@ include: "workflow/rules/templates.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/propagate.smk"
 include: "workflow/rules/outputs.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True

@@ -9,6 +9,7 @@ import filecmp
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -58,7 +59,7 @@ def _config(images):
                                    "template_images": str(DEMO / "images"), "px_per_mm": 10.0}},
         "model": {"checkpoint": "sam2pal-micro", "image_size": 64},
         "propagate": {"shard_size": 3, "device": "cpu", "threads": 1},
-        "outputs": {"save_overlays": False, "save_masks": True},
+        "outputs": {"save_overlays": False, "save_masks": True, "gallery_size": 3},
     }
 
 
@@ -118,13 +119,22 @@ def test_sharded_runs_reruns_provenance_and_determinism(tmp_path):
     assert a["images"] == b["images"] and a["annotations"] == b["annotations"]
     assert a["info"]["model"]["checkpoint_sha256"] == b["info"]["model"]["checkpoint_sha256"]
 
+    # the HTML report of a finished run: QC, gallery, measurements, provenance
+    gallery = sorted(p.name for p in (other / "report" / "gallery").iterdir() if not p.name.startswith("."))
+    assert [g.split("_")[0] for g in gallery] == ["random"] * 3 + ["worst"] * 3  # 3 of each
+    assert gallery[3].startswith("worst_01_" + Path(list(csv.DictReader(open(other / "qc.csv")))[0]["file_name"]).stem)
+    snakemake(runs["b"][0], "--configfile", "config.yaml", "--report", "report.html")
+    html = (runs["b"][0] / "report.html").read_text(errors="replace")
+    for name in ("qc_scores.png", "qc_worst.csv", "measurements.png", "provenance.json", "worst_01_"):
+        assert name in html, name
+
     # a measurement setting, threads or memory: no segmentation job, no merge
     assert "Nothing to be done" in snakemake(workdir, "--configfile", "config.yaml", "-n").stdout
     edited = json.loads(json.dumps(config))
     edited["collections"]["drawer"]["px_per_mm"] = 12.0
     edited["propagate"].update(threads=2, mem_mb=4000, runtime=60)
     plan = planned_jobs(snakemake(workdir, "--configfile", _write(workdir, edited, "edited.yaml"), "-n").stdout)
-    assert plan == {"measure", "all"}, plan
+    assert plan == {"measure", "report_figures", "all"}, plan
 
     # an added image reruns its own shard only, then the merge and what follows it
     _collection(workdir / "photos", names + ["added_a.jpg"])

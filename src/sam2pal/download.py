@@ -15,9 +15,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .atomic import atomic_path
+from .atomic import atomic_path, file_sha256
 from .errors import InputError
-from .model import file_sha256
 from .registry import MICRO_MODEL, RANDOM_CHECKPOINT, OfficialModel, micro_model_files, official_model
 
 DEFAULT_CHECKPOINT_DIR = Path("resources") / "checkpoints"

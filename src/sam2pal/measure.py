@@ -662,8 +662,11 @@ def _measure_stream(path: Path, images: dict, categories: dict, threads: int) ->
         if threads > 1:
             import multiprocessing
 
+            # fork where there is one: "spawn" would rerun the main script of a Snakemake
+            # job in each worker. Nothing here has started threads or used OpenCV yet.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=threads,
-                                                           mp_context=multiprocessing.get_context("spawn")))
+                                                           mp_context=multiprocessing.get_context(method)))
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         for batch in _batches(tasks(), 256 * threads):
             if pool is not None:

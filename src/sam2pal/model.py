@@ -22,13 +22,13 @@ the config (`VIDEO_PREDICTOR_OVERRIDES`), so that our engine reproduces
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from pathlib import Path
 
 import torch
 
+from .atomic import file_sha256  # noqa: F401  (part of this module's interface)
 from .errors import InputError
 from .registry import (  # noqa: F401  (re-exported)
     OFFICIAL_MODELS,
@@ -104,14 +104,6 @@ def load_model_config(config: str | os.PathLike, image_size: int | None = None):
     cfg = OmegaConf.merge(cfg, {"model": VIDEO_PREDICTOR_OVERRIDES})
     OmegaConf.resolve(cfg)
     return cfg
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -12,7 +12,13 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from sam2pal import shards as sharding  # noqa: E402
 from sam2pal.errors import InputError  # noqa: E402
 from sam2pal.images import list_images  # noqa: E402
-from sam2pal.registry import MICRO_MODEL, OFFICIAL_MODELS, RANDOM_CHECKPOINT, micro_model_files, official_model  # noqa: E402
+from sam2pal.registry import (
+    MICRO_MODEL,
+    OFFICIAL_MODELS,
+    RANDOM_CHECKPOINT,
+    micro_model_files,
+    official_model,
+)  # noqa: E402
 
 COLLECTIONS = config["collections"]
 SECTIONS = ("model", "propagate", "outputs", "finetune", "video_options")
@@ -39,7 +45,9 @@ def _check_overrides():
     import jsonschema
     import yaml
 
-    schema = yaml.safe_load(open(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"))
+    schema = yaml.safe_load(
+        open(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+    )
     for name, entry in COLLECTIONS.items():
         for section in SECTIONS:
             if not entry.get(section):
@@ -49,7 +57,9 @@ def _check_overrides():
                 jsonschema.validate(merged, schema["properties"][section])
             except jsonschema.ValidationError as exc:
                 where = ".".join(str(p) for p in exc.absolute_path) or section
-                raise WorkflowError(f"collections.{name}.{section}: {where}: {exc.message}")
+                raise WorkflowError(
+                    f"collections.{name}.{section}: {where}: {exc.message}"
+                )
 
 
 _check_overrides()
@@ -90,7 +100,8 @@ def folder_images(collection, folder):
 
 
 def kind(collection):
-    """"images" (photos), "video" (a video file) or "frames" (extracted frames)."""
+    """The kind of a collection: "images" (photos), "video" (a video file) or
+    "frames" (extracted frames)."""
     return next(key for key in SOURCES if COLLECTIONS[collection].get(key))
 
 
@@ -197,12 +208,18 @@ def pool_names(collection):
 
     try:
         with open(source, encoding="utf-8") as handle:
-            names = sorted({image["file_name"] for image in json.load(handle)["images"]})
+            names = sorted(
+                {image["file_name"] for image in json.load(handle)["images"]}
+            )
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise WorkflowError(f"{source}: cannot read the images of this COCO file ({exc})")
+        raise WorkflowError(
+            f"{source}: cannot read the images of this COCO file ({exc})"
+        )
     missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
     if missing:
-        raise WorkflowError(f"{source}: {len(missing)} listed photo(s) not in {folder}, e.g. {missing[0]}")
+        raise WorkflowError(
+            f"{source}: {len(missing)} listed photo(s) not in {folder}, e.g. {missing[0]}"
+        )
     return names
 
 
@@ -324,7 +341,10 @@ def related_results(wildcards):
     """Results of the overlapping shards under another shard count, reused where
     they were made with the same settings (see sam2pal.shards)."""
     base = f"results/{wildcards.collection}/propagate/shard-"
-    return [(f"{base}{label}.jsonl", f"{base}{label}.run.json") for label in sharding.related_shards(wildcards.shard)]
+    return [
+        (f"{base}{label}.jsonl", f"{base}{label}.run.json")
+        for label in sharding.related_shards(wildcards.shard)
+    ]
 
 
 def provenance_config(wildcards):
@@ -335,9 +355,15 @@ def provenance_config(wildcards):
     entry = COLLECTIONS[name]
     prop = settings(name, "propagate")
     recorded = {
-        "collection": {key: entry.get(key) for key in (*SOURCES, "recursive", "templates", "template_images")},
+        "collection": {
+            key: entry.get(key)
+            for key in (*SOURCES, "recursive", "templates", "template_images")
+        },
         "model": settings(name, "model"),
-        "propagate": {key: prop[key] for key in (*MASK_SETTINGS, "template_files", "max_templates")},
+        "propagate": {
+            key: prop[key]
+            for key in (*MASK_SETTINGS, "template_files", "max_templates")
+        },
     }
     if is_video(name):
         recorded["video_options"] = video_settings(wildcards)
@@ -376,4 +402,13 @@ def all_outputs():
             outputs.append(f"{base}/masks")
         if out["save_overlays"]:
             outputs.append(f"{base}/overlays")
+        if out["report"]:
+            outputs += [
+                f"{base}/report/qc_scores.png",
+                f"{base}/report/measurements.png",
+            ]
+            if out["gallery_size"]:
+                outputs.append(f"{base}/report/gallery")
+            if settings(name, "finetune")["enabled"]:
+                outputs.append(f"{base}/report/training_curves.png")
     return outputs

@@ -12,13 +12,6 @@ rule finetune:
         training_templates=training_template_files,
     output:
         directory("results/{collection}/finetune"),
-    params:
-        pool_dir=lambda wc: pool_folder(wc.collection),
-        model=lambda wc: settings(wc.collection, "model"),
-        checkpoint_dir=config["model"]["checkpoint_dir"],
-        device=lambda wc: settings(wc.collection, "propagate")["device"],
-        training=finetune_settings,
-        training_template_images=lambda wc: settings(wc.collection, "finetune")["training_template_images"],
     log:
         "logs/{collection}/finetune.log",
     benchmark:
@@ -30,5 +23,14 @@ rule finetune:
         gpu=uses_gpu,
         mem_mb=lambda wc: settings(wc.collection, "finetune")["mem_mb"],
         runtime=lambda wc: settings(wc.collection, "finetune")["runtime"],
+    params:
+        pool_dir=lambda wc: pool_folder(wc.collection),
+        model=lambda wc: settings(wc.collection, "model"),
+        checkpoint_dir=config["model"]["checkpoint_dir"],
+        device=lambda wc: settings(wc.collection, "propagate")["device"],
+        training=finetune_settings,
+        training_template_images=lambda wc: settings(wc.collection, "finetune")[
+            "training_template_images"
+        ],
     script:
         "../scripts/finetune.py"

@@ -11,18 +11,18 @@ checkpoint extract_frames:
     output:
         frames=directory("results/{collection}/frames"),
         manifest="results/{collection}/frames.csv",
-    wildcard_constraints:
-        collection=collections_of("video"),
-    params:
-        video=extraction_settings,
     log:
         "logs/{collection}/extract_frames.log",
+    wildcard_constraints:
+        collection=collections_of("video"),
     conda:
         "../../envs/tables.yaml"
     threads: 2
     resources:
         mem_mb=2000,
         runtime=120,
+    params:
+        video=extraction_settings,
     script:
         "../scripts/extract_frames.py"
 
@@ -32,18 +32,18 @@ rule index_frames:
         image_paths,
     output:
         "results/{collection}/frames.csv",
-    wildcard_constraints:
-        collection=collections_of("frames"),
-    params:
-        frames=lambda wc: image_dir(wc.collection),
-        fps=lambda wc: video_settings(wc)["fps"],
     log:
         "logs/{collection}/index_frames.log",
+    wildcard_constraints:
+        collection=collections_of("frames"),
     conda:
         "../../envs/tables.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        frames=lambda wc: image_dir(wc.collection),
+        fps=lambda wc: video_settings(wc)["fps"],
     script:
         "../scripts/index_frames.py"

@@ -6,13 +6,13 @@
 rule download_model:
     output:
         os.path.join(config["model"]["checkpoint_dir"], "{model_file}"),
-    wildcard_constraints:
-        model_file="|".join(re.escape(m.file_name) for m in OFFICIAL_MODELS.values()),
     log:
         "logs/download_model/{model_file}.log",
+    wildcard_constraints:
+        model_file="|".join(re.escape(m.file_name) for m in OFFICIAL_MODELS.values()),
+    localrule: True
     conda:
         "../../envs/download.yaml"
-    localrule: True
     threads: 1
     resources:
         runtime=60,

@@ -11,11 +11,13 @@ rule merge_predictions:
         templates="results/{collection}/templates.json",
     output:
         predictions="results/{collection}/predictions.json",
-        provenance="results/{collection}/provenance.json",
+        provenance=report(
+            "results/{collection}/provenance.json",
+            caption="../report/provenance.rst",
+            category="{collection}",
+            subcategory="Provenance",
+        ),
         skipped="results/{collection}/skipped.csv",
-    params:
-        polygons=lambda wc: settings(wc.collection, "outputs")["polygons"],
-        config=provenance_config,
     log:
         "logs/{collection}/merge_predictions.log",
     conda:
@@ -24,6 +26,9 @@ rule merge_predictions:
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        polygons=lambda wc: settings(wc.collection, "outputs")["polygons"],
+        config=provenance_config,
     script:
         "../scripts/merge_predictions.py"
 
@@ -53,8 +58,6 @@ rule measure:
     output:
         long="results/{collection}/measurements.csv",
         wide="results/{collection}/measurements_wide.csv",
-    params:
-        px_per_mm=lambda wc: COLLECTIONS[wc.collection]["px_per_mm"],
     log:
         "logs/{collection}/measure.log",
     conda:
@@ -63,6 +66,8 @@ rule measure:
     resources:
         mem_mb=4000,
         runtime=120,
+    params:
+        px_per_mm=lambda wc: COLLECTIONS[wc.collection]["px_per_mm"],
     script:
         "../scripts/measure.py"
 
@@ -72,7 +77,12 @@ rule evaluate:
         predictions="results/{collection}/predictions.json",
         ground_truth=lambda wc: COLLECTIONS[wc.collection]["ground_truth"],
     output:
-        "results/{collection}/metrics.csv",
+        report(
+            "results/{collection}/metrics.csv",
+            caption="../report/metrics.rst",
+            category="{collection}",
+            subcategory="Metrics",
+        ),
     log:
         "logs/{collection}/evaluate.log",
     conda:
@@ -90,8 +100,6 @@ rule export_masks:
         "results/{collection}/predictions.json",
     output:
         directory("results/{collection}/masks"),
-    params:
-        category_prefix=lambda wc: settings(wc.collection, "outputs")["mask_category_prefix"],
     log:
         "logs/{collection}/export_masks.log",
     conda:
@@ -100,6 +108,10 @@ rule export_masks:
     resources:
         mem_mb=2000,
         runtime=60,
+    params:
+        category_prefix=lambda wc: settings(wc.collection, "outputs")[
+            "mask_category_prefix"
+        ],
     script:
         "../scripts/export_masks.py"
 
@@ -109,9 +121,6 @@ rule overlays:
         "results/{collection}/predictions.json",
     output:
         directory("results/{collection}/overlays"),
-    params:
-        image_dir=lambda wc: image_dir(wc.collection),
-        max_side=lambda wc: settings(wc.collection, "outputs")["overlay_max_side"],
     log:
         "logs/{collection}/overlays.log",
     conda:
@@ -120,6 +129,9 @@ rule overlays:
     resources:
         mem_mb=2000,
         runtime=60,
+    params:
+        image_dir=lambda wc: image_dir(wc.collection),
+        max_side=lambda wc: settings(wc.collection, "outputs")["overlay_max_side"],
     script:
         "../scripts/overlays.py"
 
@@ -130,19 +142,19 @@ rule overlay_video:
         frames=manifest_input,
     output:
         "results/{collection}/overlay.mp4",
-    wildcard_constraints:
-        collection=collections_of("video", "frames"),
-    params:
-        image_dir=lambda wc: image_dir(wc.collection),
-        fps=lambda wc: settings(wc.collection, "outputs")["overlay_video_fps"],
-        max_side=lambda wc: settings(wc.collection, "outputs")["overlay_max_side"],
     log:
         "logs/{collection}/overlay_video.log",
+    wildcard_constraints:
+        collection=collections_of("video", "frames"),
     conda:
         "../../envs/tables.yaml"
     threads: 2
     resources:
         mem_mb=2000,
         runtime=120,
+    params:
+        image_dir=lambda wc: image_dir(wc.collection),
+        fps=lambda wc: settings(wc.collection, "outputs")["overlay_video_fps"],
+        max_side=lambda wc: settings(wc.collection, "outputs")["overlay_max_side"],
     script:
         "../scripts/overlay_video.py"

@@ -16,14 +16,6 @@ rule propagate:
     output:
         records="results/{collection}/propagate/shard-{shard}.jsonl",
         run="results/{collection}/propagate/shard-{shard}.run.json",
-    params:
-        image_dir=lambda wc: image_dir(wc.collection),
-        video_mode=lambda wc: video_settings(wc)["mode"] if is_video(wc.collection) else None,
-        model=lambda wc: settings(wc.collection, "model"),
-        checkpoint_dir=config["model"]["checkpoint_dir"],
-        propagate=propagate_params,
-        adapter=lambda wc: adapter_folder(wc.collection),
-        reuse=related_results,
     log:
         "logs/{collection}/propagate/shard-{shard}.log",
     benchmark:
@@ -35,5 +27,15 @@ rule propagate:
         gpu=uses_gpu,
         mem_mb=lambda wc: settings(wc.collection, "propagate")["mem_mb"],
         runtime=lambda wc: settings(wc.collection, "propagate")["runtime"],
+    params:
+        image_dir=lambda wc: image_dir(wc.collection),
+        video_mode=lambda wc: (
+            video_settings(wc)["mode"] if is_video(wc.collection) else None
+        ),
+        model=lambda wc: settings(wc.collection, "model"),
+        checkpoint_dir=config["model"]["checkpoint_dir"],
+        propagate=propagate_params,
+        adapter=lambda wc: adapter_folder(wc.collection),
+        reuse=related_results,
     script:
         "../scripts/propagate.py"

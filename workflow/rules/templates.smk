@@ -9,12 +9,6 @@ rule prepare_templates:
         frames=manifest_input,
     output:
         "results/{collection}/templates.json",
-    params:
-        spec=lambda wc: COLLECTIONS[wc.collection]["templates"],
-        image_dir=lambda wc: COLLECTIONS[wc.collection]["template_images"]
-        or image_dir(wc.collection),
-        template_files=lambda wc: settings(wc.collection, "propagate")["template_files"],
-        max_templates=lambda wc: settings(wc.collection, "propagate")["max_templates"],
     log:
         "logs/{collection}/prepare_templates.log",
     conda:
@@ -23,5 +17,11 @@ rule prepare_templates:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        spec=lambda wc: COLLECTIONS[wc.collection]["templates"],
+        image_dir=lambda wc: COLLECTIONS[wc.collection]["template_images"]
+        or image_dir(wc.collection),
+        template_files=lambda wc: settings(wc.collection, "propagate")["template_files"],
+        max_templates=lambda wc: settings(wc.collection, "propagate")["max_templates"],
     script:
         "../scripts/prepare_templates.py"
