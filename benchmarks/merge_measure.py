@@ -14,9 +14,9 @@ own process, so that its peak RSS is its own:
             step that reads the file whole would hold at least (the measure step did,
             before it streamed)
 
-Prints seconds and peak RSS per step (the step's process, the largest of its worker
-processes, and the total: process + threads x worker) and each total as a multiple of
-json.load's;
+Prints seconds and peak RSS per step (the step's process; for measure also the largest
+of its worker processes and the total, process + threads x worker; the other steps'
+only child process is a short `git` call) and each total as a multiple of json.load's;
 writes benchmarks/out/merge_measure.json.
 
     .venv/bin/python benchmarks/merge_measure.py                 # 100,000 images
@@ -160,8 +160,9 @@ def main(argv=None) -> int:
     for step in ("merge", "qc", "measure", "json.load"):
         results[step] = run_step(step, work, args.threads)
         print(f"  {step:10s} {results[step]['seconds']:8.1f} s  peak {results[step]['peak_mb']:8.1f} MB", flush=True)
-    for r in results.values():  # the step's process plus its worker processes at their peaks
-        r["total_peak_mb"] = round(r["peak_mb"] + (args.threads * r["worker_peak_mb"] if r["worker_peak_mb"] else 0), 1)
+    for step, r in results.items():  # measure's process plus its worker processes at their peaks
+        workers = args.threads * r["worker_peak_mb"] if step == "measure" and args.threads > 1 else 0
+        r["total_peak_mb"] = round(r["peak_mb"] + workers, 1)
     size_mb = os.path.getsize(work / "predictions.json") / 2**20
     base = results["json.load"]["peak_mb"]
     print(f"\npredictions.json: {size_mb:.0f} MB, {results['merge']['result']['annotations']} annotations")

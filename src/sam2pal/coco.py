@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 from .atomic import atomic_write
 from .errors import InputError
 from .masks import decode_segmentation, mask_to_polygons
+from .progress import progress
 from .propagate import read_records
 
 
@@ -125,7 +126,8 @@ def merge_predictions(
             counts["images"] += 1
         out.write('], "annotations": [')
         next_id = 1
-        for record in _sorted_records(paths):
+        for record in progress(_sorted_records(paths), total=counts["images"] + counts["skipped"],
+                               desc="merge", unit="img"):
             if "skipped" in record:
                 continue
             for ann in _annotations(record, polygons):

@@ -35,6 +35,7 @@ from skimage.morphology import skeletonize
 from sam2pal.atomic import atomic_write
 from sam2pal.errors import InputError
 from sam2pal.masks import decode_segmentation
+from sam2pal.progress import progress
 
 __all__ = [
     "MASK_MEASURES",
@@ -668,6 +669,7 @@ def _measure_stream(path: Path, images: dict, categories: dict, threads: int) ->
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=threads,
                                                            mp_context=multiprocessing.get_context(method)))
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        bar = progress(total=None, desc="measure", unit="mask")
         for batch in _batches(tasks(), 256 * threads):
             if pool is not None:
                 results = pool.map(_measure_task, batch, chunksize=32)
@@ -675,6 +677,8 @@ def _measure_stream(path: Path, images: dict, categories: dict, threads: int) ->
                 results = map(_measure_task, batch)
             for (_, _, ann), values in zip(batch, results):
                 measured.add(ann, values)
+            bar.update(len(batch))
+        bar.close()
     return measured
 
 

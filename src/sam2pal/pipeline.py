@@ -340,9 +340,8 @@ def segment_video(
         )
         return {**counts, "keyframes": len(keyframes)}
 
-    from tqdm import tqdm
-
     from .images import read_image
+    from .progress import progress as progress_bar
     from .propagate import PARTIAL_SUFFIX, _finalise, structure_record, write_skipped
     from .temporal import VideoPropagator
 
@@ -363,8 +362,8 @@ def segment_video(
               "keyframes": len(keyframes)}
     with open(partial, "w", encoding="utf-8") as handle:
         handle.write(json.dumps({"partial_of": out.name, "settings": "video"}) + "\n")
-        bar = tqdm(total=len(frames), desc=f"track {out.parent.parent.name or 'video'}", unit="frame",
-                   disable=not progress, file=sys.stderr, mininterval=5.0)
+        bar = progress_bar(total=len(frames), desc=f"track {out.parent.parent.name or 'video'}", unit="frame",
+                           disable=not progress)
         for result in propagator.run():
             row = frames[result.index]
             if result.skipped is not None:

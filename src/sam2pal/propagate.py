@@ -150,7 +150,7 @@ def run_propagation(
     on_bad_image: "skip" records an unreadable image as skipped and goes on; "fail"
     raises its ImageReadError (the partial file is kept for the next run).
     """
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
     if read_image is None:
         from .images import read_image
@@ -190,8 +190,8 @@ def run_propagation(
               "reused": n_reused}
     with open(partial, "a", encoding="utf-8") as handle, ThreadPoolExecutor(max_workers=2) as pool:
         pending = [pool.submit(load, name) for name in todo[:prefetch]]
-        bar = tqdm(total=len(todo), desc=f"segment {out.parent.name or 'images'}", unit="img",
-                   disable=not progress, file=sys.stderr, mininterval=5.0)
+        bar = progress_bar(total=len(todo), desc=f"segment {out.stem or 'images'}", unit="img",
+                           disable=not progress)
         for i, name in enumerate(todo):
             image, error = pending[i].result()
             pending[i] = None

@@ -82,7 +82,12 @@ def write_gallery(pred_json, qc_csv, image_dir, out_dir, size: int = 12, seed: i
 
     picks = gallery_selection(read_qc(qc_csv), size, seed)
     subset = coco_subset(pred_json, [name for _, _, name in picks])
-    overlays = {info["file_name"]: overlay for info, overlay in _overlays(subset, image_dir, max_side)}
+    by_image = {im["id"]: [] for im in subset["images"]}
+    for ann in subset["annotations"]:
+        by_image[ann["image_id"]].append(ann)
+    groups = ((im, by_image[im["id"]]) for im in subset["images"])
+    overlays = {info["file_name"]: overlay for info, overlay in _overlays(subset["categories"], groups, image_dir,
+                                                                           max_side)}
     stems = unique_stems([name for _, _, name in picks])
     count = 0
     with atomic_dir(out_dir) as tmp:

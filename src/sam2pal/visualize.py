@@ -6,19 +6,23 @@ that instances never collide. Overlays are JPEGs named ``{image_stem}.jpg``: the
 photo with each structure tinted in its category's colour, outlined, and labelled.
 
 Both write into a temporary folder renamed into place at the end, so an interrupted
-run leaves no half-filled output folder.
+run leaves no half-filled output folder. Both read the predictions file as a stream,
+image by image (`image_groups`), so a collection of any size needs no more memory
+than one image.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+
 import cv2
 import numpy as np
 
 from .atomic import atomic_dir
 from .evaluate import load_coco
 from .masks import decode_segmentation
+from .progress import progress
 
 # Colour-blind-safe palette (Okabe-Ito), RGB.
 PALETTE = [
@@ -44,19 +48,64 @@ def _by_image(coco: dict):
     return anns
 
 
+def image_groups(pred_json):
+    """(categories, images, iterator of (image, [its annotations])) of a COCO file, in
+    the order of its images. Streamed (ijson) when the annotations come grouped by image
+    in that order, as the project's predictions files have them; any other file is
+    loaded whole."""
+    import ijson
+
+    def items(prefix):
+        with open(pred_json, "rb") as handle:
+            yield from ijson.items(handle, prefix, use_float=True)
+
+    try:
+        images = list(items("images.item"))
+        categories = list(items("categories.item"))
+        position = {im["id"]: i for i, im in enumerate(images)}
+        ordered, last = True, -1
+        for image_id in items("annotations.item.image_id"):
+            at = position.get(image_id, -1)
+            if at < last:
+                ordered = False
+                break
+            last = at
+    except (ijson.JSONError, KeyError, TypeError, OSError):
+        ordered = False  # let load_coco say what is wrong with the file
+    if not ordered:
+        coco = load_coco(pred_json)
+        anns = _by_image(coco)
+        return coco["categories"], coco["images"], ((im, anns.get(im["id"], [])) for im in coco["images"])
+
+    def groups():
+        index, group = 0, []
+        for ann in items("annotations.item"):
+            at = position.get(ann["image_id"])
+            if at is None:
+                continue
+            while index < at:
+                yield images[index], group
+                index, group = index + 1, []
+            group.append(ann)
+        while index < len(images):
+            yield images[index], group
+            index, group = index + 1, []
+
+    return categories, images, groups()
+
+
 def export_masks(pred_json, out_dir, category_prefix: bool = False) -> int:
     """Write one PNG per annotation; returns the number written."""
     from .images import unique_stems
 
-    coco = load_coco(pred_json)
-    names = {c["id"]: safe_name(c["name"]) for c in coco["categories"]}
-    stems = unique_stems([im["file_name"] for im in coco["images"]])
-    anns = _by_image(coco)
+    categories, images, groups = image_groups(pred_json)
+    names = {c["id"]: safe_name(c["name"]) for c in categories}
+    stems = unique_stems([im["file_name"] for im in images])
     count = 0
     with atomic_dir(out_dir) as tmp:
-        for image in coco["images"]:
+        for image, anns in progress(groups, total=len(images), desc="masks", unit="img"):
             stem = stems[image["file_name"]]
-            for ann in anns.get(image["id"], []):
+            for ann in anns:
                 mask = decode_segmentation(ann["segmentation"], image["height"], image["width"])
                 category = names[ann["category_id"]]
                 parts = [category, stem] if category_prefix else [stem, category]
@@ -87,17 +136,16 @@ def draw_overlay(image: np.ndarray, masks: list[tuple[np.ndarray, str, tuple[int
     return out
 
 
-def _overlays(coco: dict, image_dir, max_side: int):
-    """(image entry, overlay RGB) for each image of a COCO predictions file, in order."""
+def _overlays(categories, groups, image_dir, max_side: int):
+    """(image entry, overlay RGB) for each (image, annotations) of `groups`."""
     from .images import read_image
 
-    order = {c["id"]: i for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    anns = _by_image(coco)
-    for image_info in coco["images"]:
+    order = {c["id"]: i for i, c in enumerate(sorted(categories, key=lambda c: c["id"]))}
+    names = {c["id"]: c["name"] for c in categories}
+    for image_info, anns in groups:
         image = read_image(Path(image_dir) / image_info["file_name"])
         masks = []
-        for ann in sorted(anns.get(image_info["id"], []), key=lambda a: (a["category_id"], a["id"])):
+        for ann in sorted(anns, key=lambda a: (a["category_id"], a["id"])):
             mask = decode_segmentation(ann["segmentation"], image_info["height"], image_info["width"])
             label = names[ann["category_id"]]
             if ann.get("keyframe"):
@@ -118,11 +166,12 @@ def write_overlays(pred_json, image_dir, out_dir, max_side: int = 1600, quality:
     """Write one overlay JPEG per image; returns the number written."""
     from .images import unique_stems
 
-    coco = load_coco(pred_json)
-    stems = unique_stems([im["file_name"] for im in coco["images"]])
+    categories, images, groups = image_groups(pred_json)
+    stems = unique_stems([im["file_name"] for im in images])
     count = 0
     with atomic_dir(out_dir) as tmp:
-        for image_info, overlay in _overlays(coco, image_dir, max_side):
+        groups = progress(groups, total=len(images), desc="overlays", unit="img")
+        for image_info, overlay in _overlays(categories, groups, image_dir, max_side):
             cv2.imwrite(str(tmp / f"{stems[image_info['file_name']]}.jpg"),
                         cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
             count += 1
@@ -146,7 +195,11 @@ def write_overlay_video(pred_json, image_dir, out_mp4, fps: float | None = None,
     from .video import read_manifest, write_video
 
     coco = load_coco(pred_json)
-    coco["images"] = sorted(coco["images"], key=lambda im: (im.get("frame_index", 0), im["file_name"]))
+    anns = _by_image(coco)
+    images = sorted(coco["images"], key=lambda im: (im.get("frame_index", 0), im["file_name"]))
     if fps is None:
         fps = video_fps(read_manifest(manifest_csv)) if manifest_csv else 10.0
-    return write_video((overlay for _, overlay in _overlays(coco, image_dir, max_side)), out_mp4, fps)
+    groups = progress(((im, anns.get(im["id"], [])) for im in images), total=len(images), desc="video",
+                      unit="frame")
+    return write_video((overlay for _, overlay in _overlays(coco["categories"], groups, image_dir, max_side)),
+                       out_mp4, fps)
