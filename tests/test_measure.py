@@ -626,6 +626,24 @@ def test_bad_coco_is_an_input_error_and_leaves_nothing(coco_case, tmp_path, how,
     _no_outputs(tmp_path, out.name, wide.name)
 
 
+def test_streamed_coco_in_any_key_order(coco_case, tmp_path):
+    """The file is streamed: its top-level keys may come in any order (annotations
+    before images), with the same tables as a result."""
+    coco_path, coco, _ = coco_case
+    measure_coco(coco_path, tmp_path / "long.csv", wide_csv=tmp_path / "wide.csv")
+    turned = tmp_path / "turned.json"
+    turned.write_text(json.dumps({"annotations": coco["annotations"], "info": {"x": [1, {"y": 2}]},
+                                  "categories": coco["categories"], "images": coco["images"]}))
+    measure_coco(turned, tmp_path / "long2.csv", wide_csv=tmp_path / "wide2.csv", threads=2)
+    assert (tmp_path / "long.csv").read_text() == (tmp_path / "long2.csv").read_text()
+    assert (tmp_path / "wide.csv").read_text() == (tmp_path / "wide2.csv").read_text()
+    for text, message in (("[]", "must hold a JSON object"), ('{"images": {}, "annotations": [], "categories": []}',
+                                                             "'images' must be a list"), ("", "not valid JSON")):
+        turned.write_text(text)
+        with pytest.raises(InputError, match=message):
+            measure_coco(turned, tmp_path / "long3.csv")
+
+
 def test_missing_or_invalid_coco_file(tmp_path):
     out = tmp_path / "long.csv"
     with pytest.raises(InputError, match="not found"):

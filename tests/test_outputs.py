@@ -188,6 +188,31 @@ def test_overlays(tmp_path, records):
     assert np.abs(overlay.astype(int) - 128).max() > 40  # structures are drawn
 
 
+def test_masks_and_overlays_from_a_file_in_any_order(tmp_path, records):
+    """Masks and overlays read predictions.json as a stream when its annotations come
+    image by image (as merged), and a file in another order gives the same result."""
+    import json
+
+    from sam2pal.visualize import image_groups
+
+    path, _ = records
+    pred = tmp_path / "pred.json"
+    merge_predictions([path], CATEGORIES, pred)
+    coco = json.loads(pred.read_text())
+    shuffled = tmp_path / "shuffled.json"
+    reordered = {"annotations": list(reversed(coco["annotations"])), "categories": coco["categories"],
+                 "images": coco["images"]}
+    shuffled.write_text(json.dumps(reordered))
+    streamed = [(im["file_name"], [a["id"] for a in anns]) for im, anns in image_groups(pred)[2]]
+    loaded = [(im["file_name"], sorted(a["id"] for a in anns)) for im, anns in image_groups(shuffled)[2]]
+    assert streamed == loaded == [("a.jpg", [1, 2]), ("b.jpg", [3, 4, 5])]
+    for source in (pred, shuffled):
+        out = tmp_path / f"masks_{source.stem}"
+        assert export_masks(source, out) == 5
+    assert sorted(p.name for p in (tmp_path / "masks_pred").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "masks_shuffled").iterdir())
+
+
 def test_decode_helpers_round_trip():
     m = ring(40, 50, 25, 20, 15, 5)
     assert np.array_equal(decode_segmentation(encode_rle(m), 40, 50), m)

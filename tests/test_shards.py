@@ -91,7 +91,9 @@ def test_sharded_runs_reruns_provenance_and_determinism(tmp_path):
     for label, members in layout.items():
         records = [json.loads(line) for line in open(out / "propagate" / f"shard-{label}.jsonl")]
         assert [r["file_name"] for r in records] == sorted(members)
-        assert (workdir / "logs" / "drawer" / "propagate" / f"shard-{label}.log").is_file()
+        log = (workdir / "logs" / "drawer" / "propagate" / f"shard-{label}.log").read_text()
+        # a progress line per update (not carriage-return redraws)
+        assert f"segment shard-{label}: 100%" in log and "\r" not in log
 
     # provenance: in provenance.json and in the COCO info
     prov = json.loads((out / "provenance.json").read_text())

@@ -230,6 +230,9 @@ def test_finetune_in_the_workflow(tmp_path):
     info = json.loads((tmp_path / "results" / "trained" / "predictions.json").read_text())["info"]["model"]
     assert info["adapter_kind"] == "lora"
     assert (tmp_path / "logs" / "trained" / "finetune.benchmark.tsv").is_file()
+    report = tmp_path / "results" / "trained" / "report"
+    assert (report / "training_curves.png").stat().st_size > 0
+    assert list(csv.DictReader(open(report / "training_log.csv"))) == log
 
     config["propagate"]["area_growth_limit"] = 3.0
     (tmp_path / "edit.yaml").write_text(yaml.safe_dump(config))
