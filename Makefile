@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES)
-	@echo "Demo finished: see results/demo/ (predictions.json, measurements.csv, qc.csv, overlays/)"
+	@echo "Demo finished: see results/demo/ (predictions.json, provenance.json, measurements.csv, qc.csv, overlays/)"
+	@echo "HTML report: $(BIN)/snakemake --report report.html"
 
 test: install
 	$(BIN)/python -m pytest

@@ -96,6 +96,52 @@ def test_every_rule_runs_in_a_pinned_env_and_gpu_rules_in_the_torch_one():
         assert (env == "propagate.yaml") == (rule in GPU_RULES), rule
 
 
+# the module each pinned package is imported as
+IMPORT_NAMES = {"pillow": "PIL", "opencv-python-headless": "cv2", "scikit-image": "skimage", "pyyaml": "yaml",
+                "imageio-ffmpeg": "imageio_ffmpeg", "ffmpeg-python": "ffmpeg", "hydra-core": "hydra",
+                "huggingface-hub": "huggingface_hub"}
+# the sam2pal modules each env's rules import (through their scripts)
+ENV_MODULES = {
+    "download.yaml": ["download", "registry", "smk"],
+    "tables.yaml": ["pipeline", "coco", "qc", "measure", "templates", "video", "evaluate", "visualize", "report",
+                    "shards", "smk"],
+    "propagate.yaml": ["pipeline", "engine", "model", "adapters", "pal", "temporal", "gpu", "registry", "smk"],
+}
+GUARD = r"""
+import importlib.abc, sys
+allowed = set(sys.argv[1].split(",")) - {""}
+
+class Guard(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        top = name.split(".")[0]
+        if top in allowed or top in sys.stdlib_module_names or top == "sam2pal":
+            return None
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").startswith(("importlib", "_frozen")):
+            frame = frame.f_back
+        caller = frame.f_globals.get("__name__", "") if frame is not None else ""
+        if caller.startswith("sam2pal"):
+            raise ImportError(f"{caller} imports {name}, which its conda env does not have")
+        return None
+
+sys.meta_path.insert(0, Guard())
+sys.path.insert(0, sys.argv[2])
+for module in sys.argv[3].split(","):
+    __import__("sam2pal." + module)
+"""
+
+
+@pytest.mark.parametrize("env", sorted(ENV_MODULES))
+def test_env_has_what_its_rules_import(env):
+    """Importing the modules of an env's rules, with every third-party package that
+    the env lacks made unimportable for sam2pal's own code."""
+    _, pins = _env(REPO / "envs" / env)
+    allowed = {IMPORT_NAMES.get(name, name.replace("-", "_")) for name in pins}
+    result = subprocess.run([sys.executable, "-c", GUARD, ",".join(sorted(allowed)), str(REPO / "src"),
+                             ",".join(ENV_MODULES[env])], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_snakemake_files_are_formatted():
     result = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow/"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)

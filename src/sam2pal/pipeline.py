@@ -458,6 +458,9 @@ def provenance(run_jsons, config: dict | None = None, collection: str | None = N
         for key, value in (shard["counts"] or {}).items():
             if isinstance(value, int):
                 totals[key] = totals.get(key, 0) + value
+    seeds = {"model": model.get("seed")}
+    if config and "seed" in (config.get("finetune") or {}):
+        seeds["finetune"] = config["finetune"]["seed"]
     started = [s["started"] for s in shards if s["started"]]
     finished = [s["finished"] for s in shards if s["finished"]]
     return {
@@ -470,8 +473,7 @@ def provenance(run_jsons, config: dict | None = None, collection: str | None = N
         "config": config,
         "model": model,
         "adapter": adapter,
-        "seeds": {"model": model.get("seed"), **({"finetune": config["finetune"].get("seed")}
-                                                  if config and config.get("finetune") else {})},
+        "seeds": seeds,
         "templates": first.get("templates"),
         "settings": first.get("settings"),
         "video": first.get("video"),
