@@ -1,7 +1,7 @@
 """Figures and tables of the HTML report (`snakemake --report report.html`).
 
 * a gallery of overlays: the worst images by QC score and a seeded random sample,
-  drawn from predictions.json streamed for only those images;
+  drawn from predictions.json streamed image by image (`visualize.image_groups`);
 * the QC score distribution, and the head of the QC ranking as a table;
 * the distributions of the measurements, per structure;
 * the fine-tuning curves, where the collection was fine-tuned.
@@ -56,38 +56,19 @@ def gallery_selection(qc_rows: list[dict], size: int, seed: int = 0) -> list[tup
     return picks
 
 
-def coco_subset(pred_json, file_names) -> dict:
-    """The images of `file_names` and their annotations from a predictions file, read
-    as a stream."""
-    import ijson
-
-    wanted = set(file_names)
-    with open(pred_json, "rb") as handle:
-        images = [im for im in ijson.items(handle, "images.item", use_float=True) if im["file_name"] in wanted]
-    ids = {im["id"] for im in images}
-    with open(pred_json, "rb") as handle:
-        annotations = [a for a in ijson.items(handle, "annotations.item", use_float=True) if a["image_id"] in ids]
-    with open(pred_json, "rb") as handle:
-        categories = list(ijson.items(handle, "categories.item"))
-    return {"images": images, "annotations": annotations, "categories": categories}
-
-
 def write_gallery(pred_json, qc_csv, image_dir, out_dir, size: int = 12, seed: int = 0, max_side: int = 800) -> int:
     """Overlays of the worst and of randomly picked images, named
     `worst_01_<image>.jpg` ... `random_01_<image>.jpg`; returns how many."""
     import cv2
 
     from .images import unique_stems
-    from .visualize import _overlays
+    from .visualize import _overlays, image_groups
 
     picks = gallery_selection(read_qc(qc_csv), size, seed)
-    subset = coco_subset(pred_json, [name for _, _, name in picks])
-    by_image = {im["id"]: [] for im in subset["images"]}
-    for ann in subset["annotations"]:
-        by_image[ann["image_id"]].append(ann)
-    groups = ((im, by_image[im["id"]]) for im in subset["images"])
-    overlays = {info["file_name"]: overlay for info, overlay in _overlays(subset["categories"], groups, image_dir,
-                                                                           max_side)}
+    wanted = {name for _, _, name in picks}
+    categories, _, groups = image_groups(pred_json)
+    groups = ((image, anns) for image, anns in groups if image["file_name"] in wanted)
+    overlays = {info["file_name"]: overlay for info, overlay in _overlays(categories, groups, image_dir, max_side)}
     stems = unique_stems([name for _, _, name in picks])
     count = 0
     with atomic_dir(out_dir) as tmp:
