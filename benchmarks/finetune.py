@@ -9,8 +9,13 @@ in its own process so that its peak memory is its own:
   re-encode   the same step, but both images go through the (frozen) encoder each step
   official    SAM2's own training style: both images re-encoded each step with gradients
               through the image encoder (LoRA on it too), as when the encoder is trained
+  cached+dropout        `cached` with SAM2's attention dropout (0.1) on, as SAM2 trains
+                        (`finetune.attention_dropout`)
+  cached+checkpointing  `cached` with gradient checkpointing of the memory attention
+                        (`finetune.gradient_checkpointing`)
 
-Prints seconds per step, the ratios and peak memory; writes benchmarks/out/finetune.json.
+Prints seconds per step, the ratios and peak memory; writes
+benchmarks/results/finetune-<cpu|cuda>-<image size>.json (`--record`).
 
     .venv/bin/python benchmarks/finetune.py                     # 512 px, hiera-t, CPU
     .venv/bin/python benchmarks/finetune.py --image-size 1024 --device cuda
@@ -29,12 +34,16 @@ import tempfile
 import time
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "out"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import Recorder  # noqa: E402
+
 VARIANTS = {
     "cached": {"cache_features": True},
     "re-encode": {"cache_features": False},
     "official": {"cache_features": False,
                  "targets": ["image_encoder", "memory_attention", "sam_mask_decoder", "memory_encoder"]},
+    "cached+dropout": {"cache_features": True, "attention_dropout": 0.1},
+    "cached+checkpointing": {"cache_features": True, "gradient_checkpointing": True},
 }
 
 
@@ -91,6 +100,8 @@ def main():
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--worker", choices=sorted(VARIANTS))
     parser.add_argument("--data")
+    parser.add_argument("--record", default=None,
+                        help="result name (default finetune-<cpu|cuda>-<image size>)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -98,6 +109,7 @@ def main():
 
     from sam2pal.synthetic import make_collection
 
+    recorder = Recorder(args.record or f"finetune-{args.device.split(':')[0]}-{args.image_size}", args, args.device)
     scratch = Path(tempfile.mkdtemp(prefix="sam2pal_ftbench_"))
     try:
         make_collection(scratch, n_images=args.steps + 3, n_templates=1, seed=0, size=(480, 360))
@@ -118,17 +130,16 @@ def main():
                 results[name] = {"failed": (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]}
             print(f"{name}: {results[name]}", flush=True)
         base = results.get("cached", {}).get("s_per_step")
-        print(f"\n{'variant':<12}{'s/step':>9}{'vs cached':>11}{'peak RSS MB':>13}{'trainable':>12}")
+        print(f"\n{'variant':<22}{'s/step':>9}{'vs cached':>11}{'peak RSS MB':>13}{'trainable':>12}")
         for name, r in results.items():
             if "failed" in r:
-                print(f"{name:<12}  failed: {r['failed']}")
+                print(f"{name:<22}  failed: {r['failed']}")
                 continue
             ratio = f"{r['s_per_step'] / base:>10.2f}x" if base else f"{'':>11}"
             extra = f"{r['peak_gpu_mb']:>10.0f} GPU MB" if "peak_gpu_mb" in r else ""
-            print(f"{name:<12}{r['s_per_step']:>9.3f}{ratio}{r['peak_rss_mb']:>13.0f}"
+            print(f"{name:<22}{r['s_per_step']:>9.3f}{ratio}{r['peak_rss_mb']:>13.0f}"
                   f"{r['trainable_params']:>12,}{extra}")
-        OUT.mkdir(exist_ok=True)
-        (OUT / "finetune.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        recorder.write({"variants": results})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -17,7 +17,7 @@ own process, so that its peak RSS is its own:
 Prints seconds and peak RSS per step (the step's process; for measure also the largest
 of its worker processes and the total, process + threads x worker; the other steps'
 only child process is a short `git` call) and each total as a multiple of json.load's;
-writes benchmarks/out/merge_measure.json.
+writes benchmarks/results/merge_measure.json (`--record`).
 
     .venv/bin/python benchmarks/merge_measure.py                 # 100,000 images
     .venv/bin/python benchmarks/merge_measure.py --images 5000   # a quick look
@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = Path(__file__).resolve().parent / "out"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import Recorder  # noqa: E402
 STRUCTURES = ["head", "pronotum", "elytra", "antenna", "legs"]
 
 STEP = r"""
@@ -147,9 +148,11 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=160)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="folder for the files (default: a temp folder)")
+    parser.add_argument("--record", default="merge_measure", help="result name in benchmarks/results/")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
 
+    recorder = Recorder(args.record, args)
     work = args.work or Path(tempfile.mkdtemp(prefix="sam2pal-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -170,10 +173,8 @@ def main(argv=None) -> int:
     for step, r in results.items():
         print(f"{step:10s} {r['seconds']:8.1f} {r['peak_mb']:9.1f} {r['worker_peak_mb']:11.1f} "
               f"{r['total_peak_mb']:9.1f} {r['total_peak_mb'] / base:12.2f}x")
-    OUT.mkdir(exist_ok=True)
-    (OUT / "merge_measure.json").write_text(json.dumps(
-        {"images": args.images, "structures": len(STRUCTURES), "shards": args.shards, "threads": args.threads,
-         "predictions_mb": round(size_mb, 1), "steps": results}, indent=2))
+    recorder.write({"images": args.images, "structures": len(STRUCTURES), "shards": args.shards,
+                    "threads": args.threads, "predictions_mb": round(size_mb, 1), "steps": results})
     return 0
 
 

@@ -12,7 +12,7 @@ segment N targets from one template with S structures:
 
 Each runs in its own process so that its peak RSS is its own; the engine and the long
 video also run at 4N targets to show how memory grows with N. Prints per-target times,
-the ratios, and peak RSS; writes benchmarks/out/propagate.json.
+the ratios, and peak RSS; writes benchmarks/results/propagate-<cpu|cuda>.json (`--record`).
 
     .venv/bin/python benchmarks/propagate.py                 # N=12, 512 px, hiera-t
     .venv/bin/python benchmarks/propagate.py --n 16 --image-size 1024 --device cuda
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parent / "out"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import Recorder  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -178,6 +179,7 @@ def main():
     parser.add_argument("--data")
     parser.add_argument("--masks-out", default="")
     parser.add_argument("--cycle", action="store_true")
+    parser.add_argument("--record", default=None, help="result name (default propagate-cpu or propagate-cuda)")
     args = parser.parse_args()
 
     if args.worker:
@@ -191,6 +193,7 @@ def main():
         print(json.dumps(result))
         return
 
+    recorder = Recorder(args.record or f"propagate-{args.device.split(':')[0]}", args, args.device)
     scratch = Path(tempfile.mkdtemp(prefix="sam2pal_bench_"))
     try:
         data = make_data(scratch / "collection", 4 * args.n, args.seed)
@@ -222,10 +225,8 @@ def main():
               f"{results['long-video@4N']['peak_rss_mb'] / results['long-video']['peak_rss_mb']:.2f}x")
         print(f"engine vs official per-image masks: {differing} differing pixels "
               f"over {len(ours.files)} masks")
-        OUT.mkdir(exist_ok=True)
-        (OUT / "propagate.json").write_text(json.dumps(
-            {"args": {k: v for k, v in vars(args).items() if not k.startswith(("worker", "data", "masks"))},
-             "results": results, "differing_pixels": differing}, indent=2))
+        pixels = sum(int(ours[k].size) for k in ours.files)
+        recorder.write({"methods": results, "differing_pixels": differing, "pixels": pixels})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -16,7 +16,8 @@ correlation >= 0.5.
     .venv/bin/python benchmarks/quality.py                 # sam2pal-micro, ~10 min on 2 cores
     .venv/bin/python benchmarks/quality.py --checkpoint random --no-finetune   # the floor
 
-Writes benchmarks/out/quality/results.json (and the collections and adapters).
+Writes benchmarks/results/quality-<checkpoint>.json (`--record`; the collections and
+adapters go to benchmarks/out/quality/).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from sam2pal.pipeline import _run_model, finetune, prepare_templates  # noqa: E402
 from sam2pal.quality import HELD_OUT, LARGE, STRUCTURES, THIN, make_held_out, rank_correlation, score_collection  # noqa: E402
 from sam2pal.registry import choose_config  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from record import Recorder  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,7 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "quality"))
+    ap.add_argument("--record", default=None, help="result name (default quality-<checkpoint>)")
     args = ap.parse_args(argv)
+    recorder = Recorder(args.record or f"quality-{Path(args.checkpoint).stem}", args, args.device)
 
     out = Path(args.out)
     config = choose_config(args.config, args.checkpoint)
@@ -96,8 +102,10 @@ def main(argv=None) -> int:
     results["goals"] = _goals(results)
     for line in results["goals"]["lines"]:
         print(line)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\n{results['seconds']:.0f} s; wrote {out / 'results.json'}")
+    recorder.write(results)
+    print(f"\n{results['seconds']:.0f} s")
     return 0
 
 

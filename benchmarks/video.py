@@ -13,7 +13,7 @@ structures, tracked forwards through the whole clip:
 
 Each run is its own process so that its peak RSS (and peak GPU memory) is its own.
 Prints s/frame, the ratios, peak memory at N and 4N, and how many mask pixels differ
-between the two at N; writes benchmarks/out/video.json.
+between the two at N; writes benchmarks/results/video-<cpu|cuda>.json (`--record`).
 
     .venv/bin/python benchmarks/video.py                       # N=40, 256 px, CPU
     .venv/bin/python benchmarks/video.py --n 200 --image-size 1024 --device cuda
@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parent / "out"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import Recorder  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -155,6 +156,7 @@ def main():
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--data")
     parser.add_argument("--masks-out", default="")
+    parser.add_argument("--record", default=None, help="result name (default video-cpu or video-cuda)")
     args = parser.parse_args()
 
     if args.worker:
@@ -168,6 +170,7 @@ def main():
         print(json.dumps(result))
         return
 
+    recorder = Recorder(args.record or f"video-{args.device.split(':')[0]}", args, args.device)
     scratch = Path(tempfile.mkdtemp(prefix="sam2pal_video_bench_"))
     try:
         data = make_clip(scratch / "frames", 4 * args.n, args.seed, tuple(args.frame_size))
@@ -200,10 +203,7 @@ def main():
         print(f"state held by ours: {results['temporal']['state_mb']:.1f} MB at {args.n} frames, "
               f"{results['temporal@4N']['state_mb']:.1f} MB at {4 * args.n}")
         print(f"ours vs official masks at {args.n} frames: {differing} differing pixels of {pixels}")
-        OUT.mkdir(exist_ok=True)
-        (OUT / "video.json").write_text(json.dumps(
-            {"args": {k: v for k, v in vars(args).items() if not k.startswith(("worker", "data", "masks"))},
-             "results": results, "differing_pixels": differing, "pixels": pixels}, indent=2))
+        recorder.write({"methods": results, "differing_pixels": differing, "pixels": pixels})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -1,0 +1,310 @@
+"""Write the README's figures from the committed benchmark records.
+
+Every measured figure in README.md (and in the model card, resources/models/README.md)
+sits in a block between
+
+    <!-- figures:NAME -->
+    ...
+    <!-- /figures:NAME -->
+
+and each block is rendered here from `benchmarks/results/*.json` (written by the
+benchmarks through `record.py`), ending with the record it comes from: the command, the
+date and the machine. So a figure in the README can only change by rerunning a benchmark
+and this script.
+
+    .venv/bin/python benchmarks/readme_figures.py            # rewrite the blocks
+    .venv/bin/python benchmarks/readme_figures.py --check    # exit 1 if the README differs
+
+`tests/test_readme_figures.py` runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import RESULTS, ROOT, load  # noqa: E402
+
+README = ROOT / "README.md"
+# the documents with figure blocks, and the path from each to the repository root
+DOCUMENTS = {README: "", ROOT / "resources" / "models" / "README.md": "../../"}
+BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+_ROOT_LINK = [""]  # the relative path from the document being rendered to the repository root
+
+
+def source(*names: str) -> str:
+    """The closing line of a block: which record(s), which command, when, where."""
+    parts = []
+    for name in names:
+        rec = load(name)
+        m = rec["machine"]
+        where = f"{m['cpu_count']} x {m['cpu']}" + (f", {m['gpu']}" if m.get("gpu") else "")
+        load_avg = rec.get("load_average_at_start")
+        busy = f", load average {load_avg[0]:.1f} at the start" if load_avg else ""
+        v = rec["versions"]
+        parts.append(f"[`benchmarks/results/{name}.json`]({_ROOT_LINK[0]}benchmarks/results/{name}.json): "
+                     f"`{rec['command']}`, {rec['started'][:10]}, {where}{busy}, "
+                     f"torch {v.get('torch', '?')}, sam2 {v.get('sam2', '?')}")
+    return "*Source: " + "; ".join(parts) + ".*\n"
+
+
+def mb(value: float) -> str:
+    return f"{value:,.0f} MB"
+
+
+# --------------------------------------------------------------------------------------
+# blocks
+# --------------------------------------------------------------------------------------
+
+
+def quality() -> str:
+    rec = load("quality-sam2pal-micro")
+    res = rec["results"]
+    structures = ["body", "head", "pronotum", "elytra", "antenna", "legs"]
+    lines = ["| collection | method | " + " | ".join(structures) + " | mean of parts |",
+             "|---|---|" + "---|" * (len(structures) + 1)]
+    gains_pal, gains_multi, corr = [], [], []
+    for name, entry in res["collections"].items():
+        methods = entry["methods"]
+        zero = methods["zero-shot (1 template)"]
+        for i, (method, table) in enumerate(methods.items()):
+            label = {"zero-shot (1 template)": "zero-shot"}.get(method, method.replace(" (1 template)", ""))
+            lines.append(f"| {name if i == 0 else ''} | {label} | "
+                         + " | ".join(f"{table[s]:.3f}" for s in structures) + f" | {table['mean']:.3f} |")
+            if method.startswith("palindrome"):
+                gains_pal.append(100 * (table["mean"] - zero["mean"]))
+            elif method != "zero-shot (1 template)":
+                gains_multi.append(100 * (table["mean"] - zero["mean"]))
+        corr.append(f"{entry['rank_correlation']:.3f} on {name}")
+    args = rec["args"]
+    text = ["Measured with `benchmarks/quality.py` (sam2pal-micro; "
+            f"{next(iter(res['collections'].values()))['targets']} targets per collection, "
+            f"{args['n_templates']} templates for the multi-template row, "
+            f"{args['epochs']} fine-tuning epochs):", "", *lines, ""]
+    text.append("Cycle-IoU rank correlation with the true IoU (zero-shot, the five parts): "
+                + ", ".join(corr) + ".")
+
+    def span(values):
+        lo, hi = min(values), max(values)
+        return f"{lo:+.1f}" if round(lo, 1) == round(hi, 1) else f"{lo:+.1f} to {hi:+.1f}"
+
+    if gains_pal:
+        text.append(f"Palindrome fine-tuning changed the mean IoU of the parts by {span(gains_pal)} points "
+                    "(goal: +3 on every collection)"
+                    + (f", a second and third template by {span(gains_multi)} points." if gains_multi else "."))
+    large = [min(e["methods"]["zero-shot (1 template)"][s] for s in ("body", "head", "pronotum", "elytra"))
+             for e in res["collections"].values()]
+    thin = [min(e["methods"]["zero-shot (1 template)"][s] for s in ("antenna", "legs"))
+            for e in res["collections"].values()]
+    text.append(f"Worst large structure per collection (zero-shot): "
+                f"{', '.join(f'{x:.2f}' for x in large)} (goal 0.80); worst thin structure: "
+                f"{', '.join(f'{x:.2f}' for x in thin)} (goal 0.50).")
+    names = ["quality-sam2pal-micro"]
+    if (RESULTS / "quality-random.json").exists():
+        rnd = load("quality-random")["results"]["collections"]
+        zero = [e["methods"]["zero-shot (1 template)"] for e in rnd.values()]
+        targets = next(iter(rnd.values()))["targets"]
+        text.append(f"Random weights, for scale ({targets} targets each, same collections): body "
+                    + " / ".join(f"{z['body']:.2f}" for z in zero) + ", mean of parts "
+                    + " / ".join(f"{z['mean']:.2f}" for z in zero) + ".")
+        names.append("quality-random")
+    return "\n".join(text) + "\n\n" + source(*names)
+
+
+def propagate() -> str:
+    rec = load("propagate-cpu")
+    res, args = rec["results"], rec["args"]
+    m = res["methods"]
+    labels = {
+        "engine": "sam2-pal engine",
+        "engine+cycle": "sam2-pal engine with cycle-consistency QC",
+        "per-image": "official predictor, a [template, target] video per photo",
+        "long-video": "official predictor, one video of all photos (the old tool's way)",
+        "engine@4N": "sam2-pal engine",
+        "long-video@4N": "official predictor, one video of all photos",
+    }
+    base = m["engine"]["per_target_s"]
+    lines = [f"Measured with `benchmarks/propagate.py` (hiera-t at {args['image_size']} px, random weights, "
+             f"{args['structures']} structures, 480x360 synthetic specimens; each method in its own process):",
+             "", "| method | targets | s / target | relative | peak RSS |", "|---|---|---|---|---|"]
+    for key, label in labels.items():
+        r = m[key]
+        lines.append(f"| {label} | {r['n']} | {r['per_target_s']:.2f} | {r['per_target_s'] / base:.2f}x "
+                     f"| {mb(r['peak_rss_mb'])} |")
+    lines += ["",
+              f"From {args['n']} to {4 * args['n']} photos the engine's peak memory changed "
+              f"{m['engine@4N']['peak_rss_mb'] / m['engine']['peak_rss_mb']:.2f}x and one long video's "
+              f"{m['long-video@4N']['peak_rss_mb'] / m['long-video']['peak_rss_mb']:.2f}x. The template memory "
+              f"took {m['engine']['setup_s']:.1f} s once. The engine's masks differed from the official "
+              f"predictor's (a video per photo) in {res['differing_pixels']:,} of {res['pixels']:,} pixels.",
+              "", source("propagate-cpu")]
+    return "\n".join(lines)
+
+
+def finetune() -> str:
+    rec = load("finetune-cpu-512")
+    res, args = rec["results"]["variants"], rec["args"]
+    labels = {
+        "cached": "cached image features (the default)",
+        "re-encode": "re-encoding both photos every step",
+        "official": "SAM2's own training style (re-encode, gradients through the image encoder)",
+        "cached+dropout": "cached, with SAM2's attention dropout (`finetune.attention_dropout: 0.1`)",
+        "cached+checkpointing": "cached, with `finetune.gradient_checkpointing`",
+    }
+    base = res["cached"]["s_per_step"]
+    lines = [f"Measured with `benchmarks/finetune.py` (hiera-t at {args['image_size']} px, "
+             f"{args['structures']} structures, LoRA rank 8, {args['steps']} timed steps after a warm-up; "
+             "each variant in its own process):", "",
+             "| training step | s / step | relative | peak RSS |", "|---|---|---|---|"]
+    for key, label in labels.items():
+        r = res.get(key)
+        if r is None:
+            continue
+        if "failed" in r:
+            lines.append(f"| {label} | failed: {r['failed']} | | |")
+            continue
+        lines.append(f"| {label} | {r['s_per_step']:.2f} | {r['s_per_step'] / base:.2f}x | {mb(r['peak_rss_mb'])} |")
+    return "\n".join(lines) + "\n\n" + source("finetune-cpu-512")
+
+
+def finetune_step() -> str:
+    rec = load("finetune-cpu-512")
+    r = rec["results"]["variants"]["cached"]
+    m = rec["machine"]
+    return (f"on {m['cpu_count']} CPU cores a training step at {rec['args']['image_size']} px took "
+            f"{r['s_per_step']:.1f} s and {r['peak_rss_mb'] / 1024:.1f} GB of memory "
+            "(*Speed*), so 10 epochs of 100 photos take about "
+            f"{10 * 100 * r['s_per_step'] / 3600:.1f} hours; at 1024 px a step costs several times more.\n")
+
+
+def video() -> str:
+    rec = load("video-cpu")
+    res, args = rec["results"], rec["args"]
+    m = res["methods"]
+    labels = {"temporal": "sam2-pal temporal tracker", "official": "official predictor (its defaults)",
+              "temporal@4N": "sam2-pal temporal tracker", "official@4N": "official predictor"}
+    base = m["temporal"]["per_frame_s"]
+    lines = [f"Measured with `benchmarks/video.py` (hiera-t at {args['image_size']} px, random weights, "
+             f"{args['structures']} structures, a synthetic {args['frame_size'][0]}x{args['frame_size'][1]} "
+             "clip tracked forwards from keyframe 0; each run in its own process):", "",
+             "| method | frames | s / frame | relative | peak RSS |", "|---|---|---|---|---|"]
+    for key, label in labels.items():
+        r = m[key]
+        lines.append(f"| {label} | {r['n']} | {r['per_frame_s']:.2f} | {r['per_frame_s'] / base:.2f}x "
+                     f"| {mb(r['peak_rss_mb'])} |")
+    lines += ["",
+              f"From {args['n']} to {4 * args['n']} frames the tracker's peak memory changed "
+              f"{m['temporal@4N']['peak_rss_mb'] / m['temporal']['peak_rss_mb']:.2f}x (it holds "
+              f"{m['temporal']['state_mb']:.1f} MB of SAM2 state at {args['n']} frames, "
+              f"{m['temporal@4N']['state_mb']:.1f} MB at {4 * args['n']}), the official predictor's "
+              f"{m['official@4N']['peak_rss_mb'] / m['official']['peak_rss_mb']:.2f}x: it loads every frame "
+              "up front and keeps every frame's memory. Their masks differed in "
+              f"{res['differing_pixels']:,} of {res['pixels']:,} pixels.", "", source("video-cpu")]
+    return "\n".join(lines)
+
+
+def merge_measure() -> str:
+    rec = load("merge_measure")
+    res = rec["results"]
+    steps = res["steps"]
+    base = steps["json.load"]["total_peak_mb"]
+    labels = {
+        "merge": f"merge ({res['shards']} shards -> predictions.json, {res['predictions_mb']:.0f} MB)",
+        "qc": "qc",
+        "measure": f"measure ({res['threads']} worker processes)",
+        "json.load": "`json.load` of predictions.json, for comparison",
+    }
+    lines = [f"Measured with `benchmarks/merge_measure.py`: a synthetic collection of {res['images']:,} photos x "
+             f"{res['structures']} structures ({res['images'] * res['structures']:,} masks, "
+             f"{rec['args']['width']}x{rec['args']['height']} px, made-up shard results; no model runs), "
+             "each step in its own process:", "",
+             "| step | seconds | peak memory (with workers) | vs. loading predictions.json whole |",
+             "|---|---|---|---|"]
+    for key, label in labels.items():
+        r = steps[key]
+        lines.append(f"| {label} | {r['seconds']:.1f} | {mb(r['total_peak_mb'])} | {r['total_peak_mb'] / base:.2f}x |")
+    n_masks = res["images"] * res["structures"]
+    per_mask_ms = 1000 * steps["measure"]["seconds"] * res["threads"] / n_masks
+    lines += ["", f"The measure step spent about {per_mask_ms:.1f} ms of CPU per mask.", "", source("merge_measure")]
+    return "\n".join(lines)
+
+
+def quality_card() -> str:
+    """The model card's summary of the same record."""
+    res = load("quality-sam2pal-micro")["results"]
+    structures = ["body", "head", "pronotum", "elytra", "antenna", "legs"]
+    lines = ["| collection | zero-shot " + " | ".join(structures)
+             + " | several templates, mean of parts | palindrome LoRA gain | cycle-IoU rank corr. |",
+             "|---|" + "---|" * (len(structures) + 3)]
+    for name, entry in res["collections"].items():
+        methods = entry["methods"]
+        zero = methods["zero-shot (1 template)"]
+        multi = next((t for m, t in methods.items() if m.endswith("templates")), None)
+        gain = entry.get("palindrome_gain")
+        cells = [f"{name} ({entry['description']})", *(f"{zero[s]:.3f}" for s in structures),
+                 f"{multi['mean']:.3f}" if multi else "",
+                 f"{100 * gain:+.1f} pts" if gain is not None else "",
+                 f"{entry['rank_correlation']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + source("quality-sam2pal-micro")
+
+
+BLOCKS = {
+    "quality": quality,
+    "quality-card": quality_card,
+    "propagate": propagate,
+    "finetune": finetune,
+    "finetune-step": finetune_step,
+    "video": video,
+    "merge-measure": merge_measure,
+}
+
+
+def render(text: str) -> str:
+    def replace(match):
+        name = match.group("name")
+        if name not in BLOCKS:
+            raise SystemExit(f"README.md: unknown figures block {name!r} (known: {', '.join(BLOCKS)})")
+        body = BLOCKS[name]()
+        return match.group(1) + body + match.group(4)
+
+    return BLOCK.sub(replace, text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if a document differs from the records")
+    args = ap.parse_args(argv)
+    status = 0
+    for path, root_link in DOCUMENTS.items():
+        _ROOT_LINK[0] = root_link
+        name = path.relative_to(ROOT)
+        text = path.read_text()
+        new = render(text)
+        if args.check:
+            if new != text:
+                sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
+                                                           str(name), f"{name} (from benchmarks/results)"))
+                print(f"{name}: figures differ from benchmarks/results: run benchmarks/readme_figures.py")
+                status = 1
+            else:
+                print(f"{name}: {len(BLOCK.findall(text))} figure blocks agree with benchmarks/results")
+        elif new != text:
+            path.write_text(new)
+            print(f"{name}: figures rewritten")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
