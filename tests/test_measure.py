@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from scipy import integrate
 from scipy import ndimage as ndi
-from skimage.draw import disk
+from skimage.draw import disk, line
 from skimage.morphology import skeletonize
 
 from sam2pal.errors import InputError
@@ -279,6 +279,80 @@ def test_curve_length_of_compact_shapes_is_their_long_axis():
     assert measure_mask(round_)["curve_length_px"] == pytest.approx(80, rel=0.03)
 
 
+def _box(h, w):
+    mask = np.zeros((h + 6, w + 6), bool)
+    mask[3 : 3 + h, 2 : 2 + w] = True
+    return mask
+
+
+def _within_feret(mask):
+    result = measure_mask(mask)
+    assert result["curve_length_px"] <= result["feret_max_px"], \
+        f"curve length {result['curve_length_px']} > max Feret {result['feret_max_px']}"
+    return result["curve_length_px"]
+
+
+@pytest.mark.parametrize("h,w", [(4, 10), (10, 4), (3, 10), (4, 12), (6, 12), (8, 15), (15, 10),
+                                 (2, 5), (2, 2), (5, 5), (1, 1), (1, 2), (2, 1), (1, 3)])
+def test_curve_length_of_small_rectangles_is_their_long_side(h, w):
+    # the skeleton of a short bar forks into its corners; it measures its long side
+    assert _within_feret(_box(h, w)) == pytest.approx(max(h, w), abs=0.02)
+
+
+def test_curve_length_of_a_square_is_within_its_extent():
+    for side in (3, 8, 15, 40):
+        assert side <= _within_feret(_box(side, side)) <= side * math.sqrt(2)
+
+
+def test_curve_length_of_discs_and_ellipses():
+    for radius in (2, 3, 5, 10, 25):
+        mask = np.zeros((2 * radius + 7, 2 * radius + 7), bool)
+        mask[disk((radius + 3, radius + 3), radius)] = True
+        # disk() keeps the pixels closer than the radius: 2 r - 1 pixels across
+        assert _within_feret(mask) == pytest.approx(2 * radius - 1, abs=0.5), radius
+    t = np.linspace(0.0, 2 * np.pi, 720, endpoint=False)
+    for major, minor in ((60, 24), (40, 30), (100, 50), (80, 12)):
+        for angle in (0, 20, 45, 70, 90, 135):
+            a = math.radians(angle)
+            x, y = major / 2 * np.cos(t), minor / 2 * np.sin(t)
+            outline = np.stack([math.cos(a) * x - math.sin(a) * y,
+                                math.sin(a) * x + math.cos(a) * y], axis=1) + 0.3
+            assert _within_feret(rasterise(outline)) == pytest.approx(major, rel=0.03), \
+                (major, minor, angle)
+
+
+def test_curve_length_of_one_and_two_pixels():
+    one = np.zeros((5, 5), bool)
+    one[2, 2] = True
+    assert _within_feret(one) == pytest.approx(1.0)
+    diagonal = np.zeros((5, 5), bool)
+    diagonal[1, 1] = diagonal[2, 2] = True
+    # corner to corner of the two touching squares: the max Feret diameter itself
+    assert _within_feret(diagonal) == pytest.approx(2 * math.sqrt(2))
+
+
+def test_curve_length_of_one_pixel_lines():
+    for n in (4, 10, 37):
+        row = np.zeros((5, n + 4), bool)
+        row[2, 2 : 2 + n] = True
+        assert _within_feret(row) == pytest.approx(n)
+        assert _within_feret(row.T) == pytest.approx(n)
+        diagonal = np.zeros((n + 4, n + 4), bool)
+        diagonal[np.arange(n) + 2, np.arange(n) + 2] = True
+        assert _within_feret(diagonal) == pytest.approx(n * math.sqrt(2))
+        assert _within_feret(diagonal[::-1]) == pytest.approx(n * math.sqrt(2))
+    # slanted lines (8-connected staircases) of 40 px between the end pixel centres:
+    # they measure from the outline of one end pixel to that of the other
+    for angle in range(0, 91, 5):
+        a = math.radians(angle)
+        r1, c1 = round(40 * math.sin(a)), round(40 * math.cos(a))
+        mask = np.zeros((50, 50), bool)
+        rr, cc = line(3, 3, 3 + r1, 3 + c1)
+        mask[rr, cc] = True
+        centres = math.hypot(r1, c1)
+        assert centres <= _within_feret(mask) <= centres * 1.04, angle
+
+
 # --------------------------------------------------------------------------------------
 # real masks
 # --------------------------------------------------------------------------------------
@@ -322,6 +396,40 @@ def test_real_masks_consistent_measures():
         elytra = measure_mask(labels == ELYTRA)
         assert 0.7 * elytra["feret_max_px"] <= elytra["curve_length_px"] \
             <= 1.3 * elytra["feret_max_px"], name
+
+
+def test_real_parts_curve_length_within_feret_unless_a_bent_band():
+    """Every vendored NEON part: the curve length is at most the max Feret diameter,
+    except where the largest piece is a band (at least about four times as long as it
+    is wide at its widest) whose centre line bends: a hooked antenna (e.g.
+    torvus/beetle_118_1273), legs with their knees, two antennae touching at their
+    bases. Such a centre line is longer than the part's widest extent by geometry, but
+    not longer than half the piece's outline (the band's two sides, one on each side of
+    the centre line, plus its ends)."""
+    if not REAL_MASKS.is_dir():
+        pytest.skip(f"real masks not available at {REAL_MASKS}")
+    from PIL import Image
+
+    files = sorted(REAL_MASKS.rglob("*.png"))
+    parts = 0
+    for path in files:
+        labels = np.array(Image.open(path))
+        for part in (HEAD, PRONOTUM, ELYTRA, ANTENNA, LEGS):
+            mask = labels == part
+            if not mask.any():
+                continue
+            parts += 1
+            result = measure_mask(mask)
+            if result["curve_length_px"] <= result["feret_max_px"]:
+                continue
+            where = (f"{path.relative_to(REAL_MASKS)} part {part}: curve length "
+                     f"{result['curve_length_px']:.1f} > max Feret {result['feret_max_px']:.1f}")
+            pieces, _ = ndi.label(mask, structure=np.ones((3, 3), bool))
+            piece = pieces == np.argmax(np.bincount(pieces.ravel())[1:]) + 1
+            widest = 2 * ndi.distance_transform_edt(np.pad(piece, 1)).max() - 1
+            assert np.count_nonzero(piece) >= 4 * widest**2, f"{where}, on a compact piece"
+            assert result["curve_length_px"] <= measure_mask(piece)["perimeter_px"] / 2, where
+    assert parts >= len(files) > 100
 
 
 def test_real_antenna_curve_length_between_feret_and_skeleton():
@@ -535,6 +643,88 @@ def test_wide_table_without_multiple_instances_has_plain_names(coco_case, tmp_pa
     assert header == (["file_name", "image_id"]
                       + [f"{c}_{m}" for c in ("head", "left antenna", "legs")
                          for m in MASK_MEASURES])
+
+
+def _antenna_coco(tmp_path, anns):
+    """A predictions file with images a.jpg (id 1), b.jpg (id 2) and the categories
+    antenna (id 1) and head (id 2); `anns`: (annotation id, image id, category id,
+    instance or None, mask)."""
+    annotations = []
+    for ann_id, image_id, cat_id, instance, mask in anns:
+        ann = {"id": ann_id, "image_id": image_id, "category_id": cat_id,
+               "segmentation": encode_rle(mask), "bbox": [0, 0, 1, 1], "area": 1}
+        if instance is not None:
+            ann["instance"] = instance
+        annotations.append(ann)
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": W, "height": H},
+                       {"id": 2, "file_name": "b.jpg", "width": W, "height": H}],
+            "annotations": annotations,
+            "categories": [{"id": 1, "name": "antenna"}, {"id": 2, "name": "head"}]}
+    path = tmp_path / "predictions.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def test_wide_table_columns_follow_the_instance_number(tmp_path):
+    # a.jpg: both antennae; b.jpg: only antenna 2 was found (and a head)
+    path = _antenna_coco(tmp_path, [
+        (1, 1, 1, 1, _bar(10, 14, 10, 80)),
+        (2, 1, 1, 2, _bar(30, 36, 10, 60)),
+        (3, 2, 1, 2, _bar(50, 53, 20, 110)),
+        (4, 2, 2, 1, _bar(60, 80, 40, 70)),
+    ])
+    wide = tmp_path / "wide.csv"
+    measure_coco(path, tmp_path / "long.csv", wide_csv=wide)
+    table = pd.read_csv(wide).set_index("file_name")
+    long = pd.read_csv(tmp_path / "long.csv").set_index("annotation_id")
+    assert list(table.columns) == (["image_id"] + [f"antenna_{k}_{m}" for k in (1, 2) for m in MASK_MEASURES]
+                                   + [f"head_{m}" for m in MASK_MEASURES])
+    for m in MASK_MEASURES:
+        assert table.loc["a.jpg", f"antenna_1_{m}"] == pytest.approx(long.loc[1, m])
+        assert table.loc["a.jpg", f"antenna_2_{m}"] == pytest.approx(long.loc[2, m])
+        assert table.loc["b.jpg", f"antenna_2_{m}"] == pytest.approx(long.loc[3, m])
+        assert table.loc["b.jpg", f"head_{m}"] == pytest.approx(long.loc[4, m])
+    # antenna 1 was not found on b.jpg: its cells are empty
+    assert table.loc["b.jpg", [f"antenna_1_{m}" for m in MASK_MEASURES]].isna().all()
+    assert table.loc["b.jpg", "antenna_2_area_px"] == 3 * 90
+
+
+def test_wide_table_instance_columns_come_from_the_largest_instance_number(tmp_path):
+    # never more than one antenna per image, but one of them is instance 2: the table
+    # has the columns of both instances, and nothing of instance 2 lands in those of 1
+    path = _antenna_coco(tmp_path, [
+        (1, 1, 1, 1, _bar(10, 14, 10, 80)),
+        (2, 2, 1, 2, _bar(50, 53, 20, 110)),
+    ])
+    wide = tmp_path / "wide.csv"
+    measure_coco(path, tmp_path / "long.csv", wide_csv=wide)
+    table = pd.read_csv(wide).set_index("file_name")
+    assert list(table.columns) == (["image_id"] + [f"antenna_{k}_{m}" for k in (1, 2) for m in MASK_MEASURES]
+                                   + [f"head_{m}" for m in MASK_MEASURES])
+    assert table.loc["a.jpg", "antenna_1_area_px"] == 4 * 70
+    assert table.loc["b.jpg", "antenna_2_area_px"] == 3 * 90
+    assert pd.isna(table.loc["a.jpg", "antenna_2_area_px"])
+    assert pd.isna(table.loc["b.jpg", "antenna_1_area_px"])
+
+
+@pytest.mark.parametrize("second_instance,fragment", [
+    (1, "annotations 1 and 2 are both instance 1 of 'antenna'"),
+    (None, "annotation 1 of 'antenna' has an 'instance' and annotation 2 has none"),
+])
+def test_wide_table_refuses_ambiguous_instances(tmp_path, second_instance, fragment):
+    path = _antenna_coco(tmp_path, [
+        (1, 2, 1, 1, _bar(10, 14, 10, 80)),
+        (2, 2, 1, second_instance, _bar(30, 36, 10, 60)),
+    ])
+    out, wide = tmp_path / "long.csv", tmp_path / "wide.csv"
+    with pytest.raises(InputError) as info:
+        measure_coco(path, out, wide_csv=wide)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "b.jpg" in message and fragment in message
+    _no_outputs(tmp_path, out.name, wide.name)
+    # the long table alone has no columns per instance: it lists both
+    measure_coco(path, out)
+    assert list(pd.read_csv(out)["annotation_id"]) == [1, 2]
 
 
 def test_threads_give_the_same_tables(coco_case, tmp_path):

@@ -75,16 +75,24 @@ _MM_SOURCE = {
     "curve_length_mm": ("curve_length_px", 1),
 }
 
-# Curve length settings. _SMOOTH_SIGMA: Gaussian smoothing of the skeleton path, in path
-# samples (about one pixel each). _TRIM: each end of the path is cut back by this many
-# times the median half width before being prolonged to the outline. _REACH: path
-# length (px) over which the end directions are taken. _MARCH_STEP: step (px) of the
-# march from the path ends to the outline. Tuned on synthetic strokes (arcs, sine
+# Curve length settings. _BAND: a piece is a band (measured along its centre line) when
+# its area is at least this many times the square of its largest width, i.e. when it is
+# at least about this many widths long; else it is compact (measured along its long
+# axis). _SMOOTH_SIGMA: Gaussian smoothing of the skeleton path, in path samples (about
+# one pixel each). _TRIM: each end of the path is cut back by this many times the
+# median half width before being prolonged to the outline. _REACH: path length (px)
+# over which the end directions are taken. _STRAIGHT: a centre line at most this much
+# (relative) longer than the distance between its two ends is straight, and measures
+# that distance (on the smoothed pixel path, straight strokes read 0.1 to 0.6 % long,
+# short thick ones up to about 1 %). _GAP: gaps (px) along a prolongation that are
+# crossed, the staircase of a thin slanted line. Tuned on synthetic strokes (arcs, sine
 # waves, straight bars, 3 to 15 px thick), where the length comes within 3 %.
+_BAND = 4.0
 _SMOOTH_SIGMA = 2.0
 _TRIM = 2.0
 _REACH = 1.0
-_MARCH_STEP = 0.05
+_STRAIGHT = 0.01
+_GAP = 1.0
 
 
 # --------------------------------------------------------------------------------------
@@ -118,12 +126,29 @@ def measure_mask(mask: np.ndarray) -> dict:
       axis_minor_length, eccentricity: 0 for a disc, towards 1 for elongated shapes).
     * ``solidity``: pixel count over the pixel count of the convex hull (``regionprops``);
       1 for convex shapes, lower for concave or fragmented ones.
-    * ``curve_length_px``: length of the centre line of the structure, for curved thin
-      parts (antennae, legs): the longest path through the skeleton of the largest
-      piece, smoothed to remove the pixel staircase, and prolonged at both ends along
-      its direction up to the outline (so a stroke with flat ends measures end to end).
-      For compact parts (head, elytra) it is the length of the skeleton's long axis,
-      close to the longest extent of the part along its midline.
+    * ``curve_length_px``: the length of the structure along its midline, the length to
+      use for curved thin parts (antennae, legs). Measured on the largest piece, in one
+      of two ways:
+
+      - A *band*, a piece at least about four times as long as it is wide at its widest
+        (area >= 4 x the square of the diameter of the largest disc inside it), is
+        measured along its centre line: the longest path through its skeleton, its two
+        ends cut back (there the skeleton forks into the corners) and smoothed (to
+        remove the pixel staircase), then prolonged straight at both ends to the
+        outline, so a stroke with flat ends measures end to end. A centre line within
+        1 % of the distance between its two ends is straight and measures that
+        distance. Only a centre line that bends (an arched antenna, a leg with its
+        knee, two antennae touching at their bases) measures longer than the maximum
+        Feret diameter, as it must.
+      - A *compact* piece (head, pronotum, elytra, a blob, a short stub), whose
+        skeleton branches into every corner and bump and is no midline, is measured
+        along its long axis: its extent (caliper width) along the major axis of its
+        ellipse. That is never more than the maximum Feret diameter: a rectangle gives
+        its long side, a disc its diameter, an ellipse its major axis.
+
+      For a straight piece both give its length; they differ only for a short, thick,
+      bent piece, which is measured along its long axis. A single pixel measures 1, a
+      one-pixel line its number of pixels (times sqrt 2 on the diagonal).
 
     An empty mask gives area 0 and NaN for every other measure.
     """
@@ -153,8 +178,9 @@ def measure_mask(mask: np.ndarray) -> dict:
     return out
 
 
-def feret_diameters(mask: np.ndarray) -> tuple[float, float]:
-    """(max, min) caliper diameters of the pixel squares of a non-empty bool mask."""
+def _pixel_hull(mask: np.ndarray) -> np.ndarray:
+    """Vertices (x, y) of the convex hull of the pixel squares of a non-empty bool mask
+    (pixel (r, c) is the square [c, c+1] x [r, r+1])."""
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
     # the hull of the pixel squares is the hull of the boundary pixel centres, grown by
     # the square: its corners are among the corners of the hull's pixels
@@ -162,8 +188,12 @@ def feret_diameters(mask: np.ndarray) -> tuple[float, float]:
     centres = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float32)
     hull = cv2.convexHull(centres).reshape(-1, 2)
     corners = (hull[:, None, :] + np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float32))
-    hull = cv2.convexHull(corners.reshape(-1, 2)).reshape(-1, 2).astype(np.float64)
+    return cv2.convexHull(corners.reshape(-1, 2)).reshape(-1, 2).astype(np.float64)
 
+
+def feret_diameters(mask: np.ndarray) -> tuple[float, float]:
+    """(max, min) caliper diameters of the pixel squares of a non-empty bool mask."""
+    hull = _pixel_hull(mask)
     feret_max = float(pdist(hull).max())
     # rotating calipers: the narrowest width of a convex polygon is attained with one
     # caliper flush against an edge; for each edge, the width is the largest distance
@@ -226,54 +256,124 @@ def _longest_path(graph) -> np.ndarray:
     return np.array(path[::-1])
 
 
-def _march_out(mask: np.ndarray, point: np.ndarray, direction: np.ndarray) -> float:
-    """Distance from `point` (row, col; pixel centres at integers) along `direction`
-    until the ray leaves the mask's pixel squares."""
-    norm = float(np.hypot(*direction))
-    if norm == 0:
+def _ray_exit(mask: np.ndarray, point: np.ndarray, direction: np.ndarray) -> float:
+    """Distance from `point` (row, col; pixel centres at integers) along the unit vector
+    `direction` to where the ray leaves the mask's pixel squares for good, computed
+    exactly: the ray is followed cell by cell through the pixel grid. Gaps shorter than
+    `_GAP` along the ray, between the steps of a thin slanted line, are crossed (they
+    are the pixel staircase, not the outline); where the ray passes through a corner at
+    which two pixels touch diagonally it goes on into the diagonal one. 0 when the point
+    is not on a mask pixel."""
+    d = (float(direction[0]), float(direction[1]))
+    if d == (0.0, 0.0):
         return 0.0
-    direction = direction / norm
-    max_len = float(np.hypot(*mask.shape)) + 2.0
-    t = np.arange(0.0, max_len, _MARCH_STEP)
-    pts = np.floor(point[None, :] + t[:, None] * direction[None, :] + 0.5).astype(np.int64)
-    inside = (
-        (pts[:, 0] >= 0) & (pts[:, 0] < mask.shape[0])
-        & (pts[:, 1] >= 0) & (pts[:, 1] < mask.shape[1])
-    )
-    inside[inside] = mask[pts[inside, 0], pts[inside, 1]]
-    outside = np.flatnonzero(~inside)
-    if outside.size == 0:
-        return max_len
-    k = int(outside[0])
-    if k == 0:
+    p = (float(point[0]), float(point[1]))
+    cell = [int(math.floor(p[0] + 0.5)), int(math.floor(p[1] + 0.5))]
+    rows, cols = mask.shape
+
+    def inside() -> bool:
+        return 0 <= cell[0] < rows and 0 <= cell[1] < cols and bool(mask[cell[0], cell[1]])
+
+    if not inside():
         return 0.0
-    return float(t[k] - _MARCH_STEP / 2)
+    step, t_next, t_step = [0, 0], [math.inf, math.inf], [math.inf, math.inf]
+    for a in (0, 1):
+        if d[a] > 0:
+            step[a], t_next[a], t_step[a] = 1, (cell[a] + 0.5 - p[a]) / d[a], 1.0 / d[a]
+        elif d[a] < 0:
+            step[a], t_next[a], t_step[a] = -1, (cell[a] - 0.5 - p[a]) / d[a], -1.0 / d[a]
+    left = None  # where the ray last left the mask, while it is outside
+    while True:
+        t = min(t_next)
+        if left is not None and t - left >= _GAP:
+            return left
+        # crossing a row and a column edge at once (within rounding): through a corner
+        both = abs(t_next[0] - t_next[1]) <= 1e-9 * max(1.0, t)
+        for a in (0, 1):
+            if both or t_next[a] == t:
+                cell[a] += step[a]
+                t_next[a] += t_step[a]
+        if not (0 <= cell[0] < rows and 0 <= cell[1] < cols):
+            return t if left is None else left
+        if inside():
+            left = None
+        elif left is None:
+            left = t
+
+
+def _principal_axis(comp: np.ndarray) -> np.ndarray:
+    """Unit vector (row, col) of the long axis of the second-moment ellipse of a mask's
+    pixels (along the columns when the pixels have no long axis, e.g. a square)."""
+    coords = np.argwhere(comp).astype(np.float64)
+    if len(coords) < 2:
+        return np.array([0.0, 1.0])
+    cov = np.cov(coords, rowvar=False)
+    values, vectors = np.linalg.eigh(cov)
+    if values[1] - values[0] <= 1e-9 * max(values[1], 1e-12):
+        return np.array([0.0, 1.0])
+    return vectors[:, 1]
 
 
 def curve_length(mask: np.ndarray) -> float:
-    """Centre-line length of the largest 8-connected piece of a bool mask (see
-    `measure_mask`)."""
+    """Midline length of the largest 8-connected piece of a bool mask (see
+    `measure_mask`): the centre-line length of a band (`_band_length`), else the extent
+    along the long axis of a compact piece (`_axis_extent`)."""
     comp = _largest_component(np.asarray(mask, bool))
     if not comp.any():
         return math.nan
     comp = np.pad(comp, 1)
-    skeleton = skeletonize(comp)
-    coords, graph = _skeleton_graph(skeleton)
+    hull = _pixel_hull(comp)
+    feret_max = float(pdist(hull).max())
+    dt = ndi.distance_transform_edt(comp)
+    # the largest width: the diameter of the largest disc of pixel squares inside
+    width = 2.0 * float(dt.max()) - 1.0
+    if np.count_nonzero(comp) < _BAND * width**2:
+        return _axis_extent(comp, hull, feret_max)
+    coords, graph = _skeleton_graph(skeletonize(comp))
     path = coords[_longest_path(graph)].astype(np.float64)
+    # local half width: distance from the skeleton pixel's centre to the outline
+    half_width = dt[path[:, 0].astype(int), path[:, 1].astype(int)] - 0.5
+    return _band_length(comp, path, half_width, feret_max)
 
+
+def _axis_extent(comp: np.ndarray, hull: np.ndarray, feret_max: float) -> float:
+    """Extent of the pixel squares along the long axis (their caliper width in that
+    direction): at most the largest Feret diameter, which is the largest caliper width
+    over all directions (min() only absorbs rounding)."""
+    axis = _principal_axis(comp)
+    # hull vertices are (x, y) = (col, row)
+    along = hull[:, 1] * axis[0] + hull[:, 0] * axis[1]
+    return min(float(along.max() - along.min()), feret_max)
+
+
+def _band_length(comp: np.ndarray, path: np.ndarray, half_width: np.ndarray,
+                 feret_max: float) -> float:
+    """Centre-line length of a band: the skeleton path with its ends cut back, smoothed,
+    and prolonged straight to the outline at both ends."""
     # the skeleton forks towards the corners of flat ends: trim each end back by about
     # the local width, the prolongation below restores the length along the midline
-    dt = ndi.distance_transform_edt(comp)
-    half_width = dt[path[:, 0].astype(int), path[:, 1].astype(int)] - 0.5
     path = _trim_ends(path, half_width)
-
     smooth = _smooth_path(path)
     steps = np.diff(smooth, axis=0)
-    length = float(np.hypot(steps[:, 0], steps[:, 1]).sum())
-
-    head_dir, tail_dir = _end_directions(smooth, comp)
-    length += _march_out(comp, smooth[0], head_dir)
-    length += _march_out(comp, smooth[-1], tail_dir)
+    inner = float(np.hypot(steps[:, 0], steps[:, 1]).sum())
+    if inner < 2.0:
+        # (nearly) a point: the centre line is the chord along the long axis through the
+        # path's middle pixel
+        centre, axis = path[len(path) // 2], _principal_axis(comp)
+        return min(_ray_exit(comp, centre, axis) + _ray_exit(comp, centre, -axis), feret_max)
+    head_dir, tail_dir = _end_directions(smooth)
+    head_out = _ray_exit(comp, smooth[0], head_dir)
+    tail_out = _ray_exit(comp, smooth[-1], tail_dir)
+    length = inner + head_out + tail_out
+    # the two ends of the centre line, on the outline
+    head = smooth[0] + head_out * head_dir
+    tail = smooth[-1] + tail_out * tail_dir
+    chord = float(np.hypot(*(head - tail)))
+    if length <= (1.0 + _STRAIGHT) * chord:
+        # a straight centre line: its length is the distance between its ends, which,
+        # two points of the piece, are at most the largest Feret diameter apart (min()
+        # only absorbs rounding); what the path adds on top is pixel noise
+        return min(chord, feret_max)
     return length
 
 
@@ -282,16 +382,15 @@ def _smooth_path(path: np.ndarray) -> np.ndarray:
     8-connected pixel path (raw, a line at 22.5 degrees reads ~8 % too long).
 
     The path is first continued past each end by its point reflection through the end
-    point, so that the ends stay in place and keep their direction (a straight path
-    is left unchanged), instead of bunching up as with edge replication.
+    point (repeated for a short path), so that the ends stay in place and keep their
+    direction (a straight path is left unchanged), instead of bunching up as with edge
+    replication.
     """
     n = len(path)
     if n < 3:
         return path
-    pad = min(n - 1, int(math.ceil(4 * _SMOOTH_SIGMA)))
-    head = 2 * path[0] - path[pad:0:-1]
-    tail = 2 * path[-1] - path[-2 : -pad - 2 : -1]
-    padded = np.concatenate([head, path, tail])
+    pad = int(math.ceil(4 * _SMOOTH_SIGMA))
+    padded = np.pad(path, ((pad, pad), (0, 0)), mode="reflect", reflect_type="odd")
     smooth = ndi.gaussian_filter1d(padded, _SMOOTH_SIGMA, axis=0, mode="nearest")
     return smooth[pad : pad + n]
 
@@ -316,21 +415,20 @@ def _trim_ends(path: np.ndarray, half_width: np.ndarray) -> np.ndarray:
     return path[keep[0] : keep[-1] + 1]
 
 
-def _end_directions(smooth: np.ndarray, comp: np.ndarray):
-    """Outward directions at the two ends of the smoothed centre line."""
-    steps = np.hypot(*np.diff(smooth, axis=0).T) if len(smooth) > 1 else np.zeros(0)
+def _end_directions(smooth: np.ndarray):
+    """Outward unit directions at the two ends of the smoothed centre line (zero where
+    the line has no direction)."""
+    steps = np.hypot(*np.diff(smooth, axis=0).T)
     total = float(steps.sum())
-    if total < 2.0:
-        # a (near) point skeleton: a compact blob; go both ways along its long axis
-        props = skmeasure.regionprops(comp.astype(np.uint8))[0]
-        theta = props.orientation  # angle between the row axis and the major axis
-        axis = np.array([math.cos(theta), math.sin(theta)])
-        return -axis, axis
     arc = np.concatenate([[0.0], np.cumsum(steps)])
     reach = min(_REACH, total / 2.0)
     i_head = int(np.searchsorted(arc, reach))
     i_tail = int(np.searchsorted(arc, total - reach, side="right")) - 1
-    return smooth[0] - smooth[i_head], smooth[-1] - smooth[i_tail]
+    out = []
+    for vector in (smooth[0] - smooth[i_head], smooth[-1] - smooth[i_tail]):
+        norm = float(np.hypot(*vector))
+        out.append(vector / norm if norm > 0 else np.zeros(2))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -730,11 +828,17 @@ def measure_coco(
 
     Wide table (`wide_csv`, optional): one row per image, sorted by file_name, with
     ``file_name, image_id`` and then, for each category in id order and each measure,
-    a column ``{category}_{measure}``; when some image holds several instances of a
-    category, its columns are ``{category}_{k}_{measure}`` for k = 1 .. the largest
-    count (k numbers the instances of the category on the image in the order of the
-    long table). Missing structures leave empty cells. Categories without any prediction
-    keep their (empty) columns, so tables from different runs line up.
+    a column ``{category}_{measure}``; for a category with several instances, the
+    columns ``{category}_{k}_{measure}`` for k = 1 .. its largest instance number in the
+    file. k is the annotation's ``instance`` (the project writes the instance number of
+    the templates), so on an image where only the second antenna was found, its values
+    are in the ``antenna_2_`` columns and the ``antenna_1_`` ones are empty.
+    Annotations without ``instance`` (a file from elsewhere) are numbered on each image
+    1, 2, ... per category, in annotation id order. Missing structures leave empty
+    cells. Categories without any prediction keep their (empty) columns, so tables from
+    different runs line up. Two annotations of the same category and instance on one
+    image, or annotations of a category with and without ``instance`` on one image,
+    are an InputError (only when the wide table is asked for).
 
     The file is streamed, never loaded whole: a first pass reads its images and
     categories, a second its annotations one at a time, decoding and measuring each
@@ -776,20 +880,23 @@ def measure_coco(
 
     measured = _measure_stream(coco_path, images_by_id, categories, threads)
     order = measured.by_image()
+    # the wide table's column set (k) of each annotation, checked before writing anything
+    slot, most = _wide_slots(coco_path, measured, order, images_by_id, categories) \
+        if wide_csv is not None else ({}, {})
     n_annotations = 0
     without_scale = 0
 
     def image_cells(image):
         """{(category id, k): row values} of an image, and its long-table rows."""
         scale = scale_of(image["file_name"]) if calibrated else None
-        cells, rows, rank = {}, [], {}
+        cells, rows = {}, []
         for index in order.get(image["id"], ()):
             ann_id, _, cat_id, _ = measured.ids[index]
             values = measured.row(index)
             row_values = values + (_mm_values(dict(zip(MASK_MEASURES, values)), scale) if calibrated else [])
             rows.append((ann_id, cat_id, row_values))
-            k = rank[cat_id] = rank.get(cat_id, 0) + 1
-            cells[(cat_id, k)] = row_values
+            if index in slot:
+                cells[(cat_id, slot[index])] = row_values
         return scale, cells, rows
 
     with contextlib.ExitStack() as stack:
@@ -810,7 +917,7 @@ def measure_coco(
         if wide_csv is not None:
             wide_handle = stack.enter_context(atomic_write(wide_csv, "w", newline=""))
             _write_wide(wide_handle, ((image, image_cells(image)[1]) for image in images),
-                        categories, measures, frame_columns, most=_most_instances(measured, order))
+                        categories, measures, frame_columns, most=most)
 
     return {
         "n_images": len(images),
@@ -820,22 +927,50 @@ def measure_coco(
     }
 
 
-def _most_instances(measured: _Measured, order: dict) -> dict:
-    """{category id: the most annotations of it on one image}."""
+def _wide_slots(path: Path, measured: _Measured, order: dict, images: dict, categories: dict):
+    """The wide table's column set of each annotation: ({annotation index: k},
+    {category id: the largest k}).
+
+    k is the annotation's ``instance`` number, so instance 2 stays in the instance-2
+    columns on an image where instance 1 was not found. Where none of the annotations
+    of a category on an image carries ``instance`` (a file from elsewhere), they are
+    numbered 1, 2, ... in annotation id order. InputError when, on one image, a category
+    mixes annotations with and without ``instance``, or holds two annotations of the
+    same instance (each would need the same cells).
+    """
+    slot: dict = {}
     most: dict = {}
-    for indices in order.values():
-        count: dict = {}
-        for index in indices:
-            cat_id = measured.ids[index][2]
-            count[cat_id] = count.get(cat_id, 0) + 1
-        for cat_id, n in count.items():
-            most[cat_id] = max(most.get(cat_id, 0), n)
-    return most
+    for image_id, indices in order.items():
+        by_category: dict = {}
+        for index in indices:  # by category, then instance or annotation id
+            by_category.setdefault(measured.ids[index][2], []).append(index)
+        for cat_id, group in by_category.items():
+            name = images[image_id]["file_name"]
+            with_instance = [measured.ids[i][0] for i in group if measured.ids[i][3] is not None]
+            without = [measured.ids[i][0] for i in group if measured.ids[i][3] is None]
+            if with_instance and without:
+                raise InputError(
+                    f"{path}: image {name}: annotation {with_instance[0]!r} of "
+                    f"{categories[cat_id]!r} has an 'instance' and annotation {without[0]!r} "
+                    "has none; give it to all annotations of the category on the image, or to none")
+            taken: dict = {}  # k: annotation id
+            for rank, index in enumerate(group, start=1):
+                ann_id, _, _, instance = measured.ids[index]
+                k = rank if instance is None else instance
+                if k in taken:
+                    raise InputError(
+                        f"{path}: image {name}: annotations {taken[k]!r} and {ann_id!r} are "
+                        f"both instance {k} of {categories[cat_id]!r}; the wide table has one "
+                        "set of columns per instance")
+                taken[k] = ann_id
+                slot[index] = k
+                most[cat_id] = max(most.get(cat_id, 0), k)
+    return slot, most
 
 
 def _write_wide(handle, wide_rows, categories: dict, measures: list[str], frame_columns=(), most=None) -> None:
     """The wide table from (image, {(category id, k): values}) rows, streamed;
-    `most`: {category id: the most instances on one image}."""
+    `most`: {category id: the largest k}."""
     most = {cat_id: (most or {}).get(cat_id, 0) for cat_id in categories}
     header = ["file_name", "image_id", *frame_columns]
     slots = []  # (category id, k) in column order
