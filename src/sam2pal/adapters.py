@@ -8,9 +8,18 @@ An adapter folder, as `sam2pal finetune` and the workflow's `finetune` rule writ
 
 `sam2pal_adapter.json` records the base checkpoint's identity (`base_id`: the SHA-256
 of the checkpoint file, or ``random:<config sha256>:<seed>`` for random weights), the
-model config, image size, categories, training settings, seed and metrics per epoch.
-Loading an adapter onto another base checkpoint fails with a clear message: LoRA
-weights only make sense on the weights they were trained on.
+model config and its SHA-256, the image size, categories, training settings, seed and
+metrics per epoch. An adapter of either kind is used only with what it was trained
+with: the same base checkpoint, image size and model config (`check_adapter`); anything
+else fails with a one-line message naming what differs. A LoRA adapter only makes sense
+on the weights it was trained on; a fully fine-tuned model and a merged checkpoint
+(`merged.pt`) replace those weights, but were tuned for one image size and config.
+
+Full checkpoints we write (`model.pt` of a full adapter, `merged.pt`) are in the
+official format, ``{"model": state_dict}``, plus a ``"sam2pal"`` entry (`CHECKPOINT_KEY`)
+with the image size, config and base they were trained with; `sam2pal.model` refuses
+to load them at another image size or with another config (SAM2's own loader ignores
+the entry).
 
 LoRA goes on the `nn.Linear` layers of the chosen components of SAM2
 (`memory_attention`, `sam_mask_decoder`, `memory_encoder` by default; `image_encoder`,
@@ -32,6 +41,7 @@ from .errors import InputError
 METADATA_FILE = "sam2pal_adapter.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHTS = "model.pt"
+CHECKPOINT_KEY = "sam2pal"  # what a full checkpoint we write records about its training
 DEFAULT_LORA_COMPONENTS = ("memory_attention", "sam_mask_decoder", "memory_encoder")
 LORA_COMPONENTS = DEFAULT_LORA_COMPONENTS + ("image_encoder", "obj_ptr_proj", "sam_prompt_encoder")
 
@@ -110,37 +120,79 @@ def save_adapter(model, folder: str | os.PathLike, metadata: dict, kind: str) ->
     The folder is filled under a temporary name and renamed into place.
     """
     folder = Path(folder)
+    sam = model.base_model.model if kind == "lora" else model
+    # the image size is the model's own, whatever the caller's metadata says
+    metadata = dict(metadata, kind=kind, image_size=int(sam.image_size))
     with atomic_dir(folder) as tmp:
         if kind == "lora":
             model.save_pretrained(str(tmp))
         else:
-            torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, tmp / FULL_WEIGHTS)
+            torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        CHECKPOINT_KEY: checkpoint_record(metadata)}, tmp / FULL_WEIGHTS)
         write_json(tmp / METADATA_FILE, metadata, indent=2)
     return folder
 
 
-def load_adapter(model, folder: str | os.PathLike, expected_base: str, merge: bool = True):
+def checkpoint_record(metadata: dict) -> dict:
+    """What a full checkpoint we write records about its training (`CHECKPOINT_KEY`)."""
+    keys = ("image_size", "model_config", "model_config_sha256", "base_id", "base_checkpoint",
+            "base_checkpoint_sha256", "kind", "epoch", "sam2pal_version")
+    return {key: metadata[key] for key in keys if metadata.get(key) is not None}
+
+
+def check_adapter(folder, meta: dict, base: str, image_size: int, config_sha256: str | None = None) -> None:
+    """Refuse an adapter (`meta`: its `sam2pal_adapter.json`) trained on other base
+    weights (`base`, see `base_id`), at another image size or with another model
+    config (compared when both are known) than this run's, naming what differs."""
+    trained = {"base": meta.get("base_id"), "size": meta.get("image_size"),
+               "config": meta.get("model_config_sha256")}
+    run = {"base": base, "size": int(image_size), "config": config_sha256}
+    differs = [key for key in ("base", "size") if trained[key] != run[key]]
+    if trained["config"] and run["config"] and trained["config"] != run["config"]:
+        differs.append("config")
+    if not differs:
+        return
+    hint = []
+    if "base" in differs:
+        hint.append(f"checkpoint {meta.get('base_checkpoint') or _short(trained['base'])}")
+    if "size" in differs and trained["size"]:
+        hint.append(f"image size {trained['size']}")
+    if "config" in differs:
+        hint.append(f"model config {meta.get('model_config') or 'of sha256 ' + str(trained['config'])[:12] + '...'}")
+    raise InputError(
+        f"{folder}: adapter was trained on {_describe(trained, differs)}; this run uses "
+        f"{_describe(run, differs)}; use the adapter with the {', '.join(hint) or 'model'} it was trained with"
+    )
+
+
+def _describe(identity: dict, differs) -> str:
+    parts = [_short(identity["base"]) if identity["base"] else "unknown weights (no base_id recorded)"]
+    size = identity["size"]
+    parts.append(f"at image size {size}" if size else "at an unrecorded image size")
+    if "config" in differs:
+        parts.append(f"with model config sha256 {str(identity['config'])[:12]}...")
+    return " ".join(parts)
+
+
+def load_adapter(model, folder: str | os.PathLike, expected_base: str, merge: bool = True,
+                 config_sha256: str | None = None):
     """`model` (a SAM2Base) with the adapter of `folder` applied, in eval mode.
 
-    LoRA adapters must have been trained on the same base weights (`expected_base`,
-    see `base_id`). With `merge`, LoRA weights are folded into the base weights (no
-    extra cost at inference); without, the LoRA layers stay separate.
+    Adapters of both kinds must have been trained on the same base weights
+    (`expected_base`, see `base_id`), at the model's image size and, when
+    `config_sha256` is given, with the same model config (`check_adapter`). With
+    `merge`, LoRA weights are folded into the base weights (no extra cost at
+    inference); without, the LoRA layers stay separate.
     """
     folder = Path(folder)
     meta = read_metadata(folder)
     kind = adapter_kind(folder)
+    check_adapter(folder, meta, expected_base, int(model.image_size), config_sha256)
     if kind == "full":
         from .model import load_checkpoint
 
         load_checkpoint(model, folder / FULL_WEIGHTS)
         return model.eval()
-    trained_on = meta.get("base_id")
-    if trained_on != expected_base:
-        raise InputError(
-            f"{folder}: adapter was trained on other base weights ({_short(trained_on)}) than the "
-            f"checkpoint given ({_short(expected_base)}); use the checkpoint it was trained on "
-            f"({meta.get('base_checkpoint', 'see ' + METADATA_FILE)})"
-        )
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, str(folder))
@@ -152,20 +204,23 @@ def load_adapter(model, folder: str | os.PathLike, expected_base: str, merge: bo
 def _short(identity) -> str:
     text = str(identity)
     if text.startswith("random:"):
-        return "random weights"
-    return f"sha256 {text[:12]}..."
+        return f"random weights (seed {text.rsplit(':', 1)[-1]})"
+    return f"checkpoint sha256 {text[:12]}..."
 
 
-def save_merged_checkpoint(peft_model, path: str | os.PathLike) -> Path:
+def save_merged_checkpoint(peft_model, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """A full checkpoint in the official format (`{"model": ...}`) with the LoRA
     weights folded in; loads with `sam2.build_sam.build_sam2`. Leaves `peft_model`
-    as it was."""
+    as it was. It records the image size (and from `metadata`, the adapter's, the
+    config and base) under `CHECKPOINT_KEY`: `sam2pal.model` uses it only at that
+    image size and with that config."""
     import copy
 
     from .atomic import atomic_path
 
     merged = copy.deepcopy(peft_model).merge_and_unload()
     state = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
+    record = checkpoint_record(dict(metadata or {}, kind="merged", image_size=int(merged.image_size)))
     with atomic_path(path) as tmp:
-        torch.save({"model": state}, tmp)
+        torch.save({"model": state, CHECKPOINT_KEY: record}, tmp)
     return Path(path)

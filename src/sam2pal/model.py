@@ -108,6 +108,12 @@ def load_model_config(config: str | os.PathLike, image_size: int | None = None):
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict of an official-format checkpoint (``{"model": state_dict}``)."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, what sam2-pal recorded about its training) of a checkpoint file; the
+    record is empty for official checkpoints (see `sam2pal.adapters.CHECKPOINT_KEY`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint file not found")
@@ -117,18 +123,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        return payload["model"]
+        record = payload.get("sam2pal")
+        return payload["model"], record if isinstance(record, dict) else {}
     if isinstance(payload, dict) and payload and all(
         isinstance(v, torch.Tensor) for v in payload.values()
     ):
-        return payload  # a bare state dict
+        return payload, {}  # a bare state dict
     raise InputError(
         f"{path}: not a SAM2 checkpoint (expected a dict with a 'model' state dict)"
     )
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, config_label: str = "") -> None:
-    state = read_state_dict(path)
+def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, config_label: str = "",
+                    config_sha256: str | None = None) -> None:
+    """Load a checkpoint file into `model`. A checkpoint sam2-pal fine-tuned (a full
+    adapter's model.pt, merged.pt) is refused at another image size than it was trained
+    at, or with another model config (when `config_sha256` is given)."""
+    state, record = read_checkpoint(path)
+    _check_fine_tuned(path, record, int(model.image_size), config_sha256)
     own = model.state_dict()
     reshaped = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in state]
@@ -148,6 +160,20 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, config_labe
         what = f" config {config_label}" if config_label else " model config"
         raise InputError(f"{path}: checkpoint does not fit the{what}: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
+
+
+def _check_fine_tuned(path, record: dict, image_size: int, config_sha256: str | None) -> None:
+    differs = []
+    trained_size = record.get("image_size")
+    if trained_size is not None and int(trained_size) != image_size:
+        differs.append(f"at image size {trained_size} (this run: {image_size})")
+    trained_config = record.get("model_config_sha256")
+    if trained_config and config_sha256 and trained_config != config_sha256:
+        name = record.get("model_config") or "a model config"
+        differs.append(f"with {name}, sha256 {trained_config[:12]}... (this run's config: {config_sha256[:12]}...)")
+    if differs:
+        raise InputError(f"{path}: checkpoint fine-tuned by sam2-pal {' and '.join(differs)}; "
+                         "use it with the image size and model config it was trained with")
 
 
 def set_object_present_bias(model, bias: float = 10.0) -> None:
@@ -185,7 +211,8 @@ def build_model(
                 f"checkpoint '{checkpoint}' is an official model name: resolve it to a file "
                 "first (the workflow's download_model rule or `sam2pal download-model`)"
             )
-        load_checkpoint(model, checkpoint, config_label=str(config))
+        load_checkpoint(model, checkpoint, config_label=str(config),
+                        config_sha256=file_sha256(resolve_config(config)))
     model = model.to(resolve_device(device))
     model.eval()
     return model
