@@ -38,3 +38,12 @@ def logged(snakemake):
         sys.stdout, sys.stderr = saved
         if handle is not terminal:
             handle.close()
+
+
+def collection_settings(snakemake, section: str) -> dict:
+    """A config section with the job's collection's own overrides applied, read from
+    the config inside the job: for settings that must not be rule params (Snakemake
+    reruns a job when a param changes), such as the device."""
+    config = snakemake.config
+    entry = config["collections"][snakemake.wildcards.collection]
+    return {**config[section], **(entry.get(section) or {})}

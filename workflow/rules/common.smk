@@ -64,6 +64,54 @@ def _check_overrides():
 
 _check_overrides()
 
+# video_options that choose how frames are extracted from a video file
+EXTRACTION_KEYS = ("start", "end", "max_frames", "max_size", "image_format")
+
+
+def _check_unused_settings():
+    """Settings that would be accepted and do nothing are refused: extraction options
+    of a folder of frames (used as it is), video options of a photo collection, and a
+    per-collection model.checkpoint_dir (one folder for the whole run)."""
+    import yaml
+
+    schema = yaml.safe_load(
+        open(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+    )
+    defaults = {
+        key: spec.get("default")
+        for key, spec in schema["properties"]["video_options"]["properties"].items()
+    }
+    for name, entry in COLLECTIONS.items():
+        if "checkpoint_dir" in (entry.get("model") or {}):
+            raise WorkflowError(
+                f"collections.{name}.model.checkpoint_dir: the folder of official checkpoints is one "
+                "for the whole run; set model.checkpoint_dir at the top level (or give this "
+                "collection's model.checkpoint as a file path)"
+            )
+        own = entry.get("video_options") or {}
+        if entry.get("images") and own:
+            raise WorkflowError(
+                f"collections.{name}.video_options: {name} is a folder of photos; video_options "
+                "apply to video and frames collections only"
+            )
+        if not entry.get("frames"):
+            continue
+        merged = dict(config["video_options"], **own)
+        for key in EXTRACTION_KEYS:
+            if merged.get(key) != defaults[key]:
+                where = (
+                    f"collections.{name}.video_options.{key}"
+                    if key in own
+                    else f"video_options.{key} (set for all collections: set it under the video collections instead)"
+                )
+                raise WorkflowError(
+                    f"{where}: {key} chooses how frames are extracted from a video file, but "
+                    f"collection {name} is a folder of frames, used as it is; remove it"
+                )
+
+
+_check_unused_settings()
+
 
 wildcard_constraints:
     collection="|".join(re.escape(name) for name in COLLECTIONS),
@@ -280,9 +328,9 @@ def checkpoint_input(wildcards):
 
 
 # The propagate settings that change the masks: editing these re-segments a
-# collection; threads, memory and runtime do not.
+# collection; device, threads, memory, runtime and shard_size do not (the jobs read
+# the device from the config; each shard's run file records the one it ran on).
 MASK_SETTINGS = (
-    "device",
     "cycle_consistency",
     "fill_hole_area",
     "area_growth_limit",
@@ -303,14 +351,16 @@ _SHARDS = {}
 
 
 def collection_shards(collection):
-    """{shard label: image names} (sam2pal.shards). A video is one shard: tracking runs
-    through its frames in order."""
+    """{shard label: image names} (sam2pal.shards: a finished collection keeps its
+    layout). A video is one shard: tracking runs through its frames in order."""
     if collection not in _SHARDS:
         if is_video(collection):
             _SHARDS[collection] = {sharding.label(0, 1): image_names(collection)}
         else:
             size = settings(collection, "propagate")["shard_size"]
-            _SHARDS[collection] = sharding.assign(image_names(collection), size)
+            _SHARDS[collection] = sharding.assign(
+                image_names(collection), size, f"results/{collection}/propagate"
+            )
     return _SHARDS[collection]
 
 
@@ -335,16 +385,6 @@ def shard_results(suffix):
         ]
 
     return files
-
-
-def related_results(wildcards):
-    """Results of the overlapping shards under another shard count, reused where
-    they were made with the same settings (see sam2pal.shards)."""
-    base = f"results/{wildcards.collection}/propagate/shard-"
-    return [
-        (f"{base}{label}.jsonl", f"{base}{label}.run.json")
-        for label in sharding.related_shards(wildcards.shard)
-    ]
 
 
 def provenance_config(wildcards):

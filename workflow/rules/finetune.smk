@@ -1,6 +1,7 @@
 # Palindrome fine-tuning of SAM2 on a collection's unlabelled images (when
 # finetune.enabled): the adapter it writes is what `propagate` segments with. Editing
-# propagation, measurement or output settings does not retrain.
+# propagation (propagate.device included: the job reads it from the config),
+# measurement or output settings does not retrain.
 
 
 rule finetune:
@@ -27,7 +28,6 @@ rule finetune:
         pool_dir=lambda wc: pool_folder(wc.collection),
         model=lambda wc: settings(wc.collection, "model"),
         checkpoint_dir=config["model"]["checkpoint_dir"],
-        device=lambda wc: settings(wc.collection, "propagate")["device"],
         training=finetune_settings,
         training_template_images=lambda wc: settings(wc.collection, "finetune")[
             "training_template_images"

@@ -1,9 +1,12 @@
 # Segment every image of a collection from the template memory (GPU when there is
 # one), one job per shard of images (propagate.shard_size; see sam2pal.shards): adding
-# images reruns only the shards they land in. Each job loads the model once and writes
-# its results image by image; an interrupted photo shard resumes where it stopped. A
-# video is one shard, tracked through time from its keyframes (video.mode: video) or
-# frame by frame from them (independent).
+# images reruns only the shards they land in, and a finished collection keeps its
+# shards when shard_size changes. Each job loads the model once, takes the finished
+# results of its images from earlier shard files instead of segmenting them again,
+# and writes its results image by image; an interrupted photo shard resumes where it
+# stopped. The device is read from the config inside the job (changing it reruns
+# nothing). A video is one shard, tracked through time from its keyframes
+# (video.mode: video) or frame by frame from them (independent).
 
 
 rule propagate:
@@ -36,6 +39,5 @@ rule propagate:
         checkpoint_dir=config["model"]["checkpoint_dir"],
         propagate=propagate_params,
         adapter=lambda wc: adapter_folder(wc.collection),
-        reuse=related_results,
     script:
         "../scripts/propagate.py"

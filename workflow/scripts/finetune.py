@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
 
 from sam2pal import pipeline  # noqa: E402
 from sam2pal.registry import choose_config  # noqa: E402
-from sam2pal.smk import logged  # noqa: E402
+from sam2pal.smk import collection_settings, logged  # noqa: E402
 
 with logged(snakemake):
     model = snakemake.params.model
@@ -23,7 +23,8 @@ with logged(snakemake):
         checkpoint=model["checkpoint"],
         image_size=model["image_size"],
         seed=model["seed"],
-        device=snakemake.params.device,
+        # read here, not a rule param: changing the device does not retrain
+        device=collection_settings(snakemake, "propagate")["device"],
         threads=snakemake.threads,
         settings=snakemake.params.training,
         ground_truth=snakemake.input.ground_truth or None,
