@@ -118,7 +118,13 @@ def test_finetune_command(tmp_path, specimens):
                      "--targets", "sam_mask_decoder")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "ft" / "adapter" / "model.pt").is_file()
-    assert (tmp_path / "ft" / "training_log.csv").is_file()
+    log = list(csv.DictReader(open(tmp_path / "ft" / "training_log.csv")))
+    assert [r["epoch"] for r in log] == ["0", "1"] and not any(r["val_iou"] for r in log)  # no ground truth
+    assert all(0 <= float(r["val_cycle_iou"]) <= 1 for r in log)
+    # the record metrics.csv reads: one of the two photos held out, chosen by the cycle IoU
+    selection = json.loads((tmp_path / "ft" / "adapter" / "sam2pal_adapter.json").read_text())["selection"]
+    assert selection["by"] == "cycle_iou" and not selection["ground_truth_images"]
+    assert len(selection["holdout"]) == 1 and selection["holdout"][0] in ("specimen_003.jpg", "specimen_004.jpg")
 
 
 @pytest.mark.parametrize("flags", [["--use_lora"], ["--lora_rank", "8"], ["--num_epochs", "5"]])
@@ -171,3 +177,116 @@ def test_version_and_help():
                  "--area_growth_limit", "--area_clamp_pad", "--output_timestamp", "--output_category_prefix",
                  "--device"):
         assert flag in help_text, flag
+
+
+# -- flags that would change nothing are refused -------------------------------------------
+
+
+def _refused(capsys, argv, needle):
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sam2pal: error:") and needle in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--output_category_prefix"], "--output_category_prefix names the mask PNGs: add --save_masks"),
+        (["--structure_name", "head"], "--structure_name names the structures of a --template_mask"),
+        (["--template_labels", "1=head"], "--template_labels names the structures of a --template_mask"),
+        (["--seed", "3", "--sam2_checkpoint", "sam2.1_hiera_tiny"], "here nothing is random"),
+    ],
+)
+def test_segment_refuses_flags_that_do_nothing(tmp_path, specimens, capsys, extra, needle):
+    argv = ["segment", "--template_json", str(DEMO / "templates.json"), "--image_dir", str(specimens),
+            "--output_dir", str(tmp_path / "out"), *extra]
+    if "--sam2_checkpoint" not in extra:
+        argv += ["--sam2_checkpoint", "random"]
+    _refused(capsys, argv, needle)
+    assert not (tmp_path / "out" / "predictions.json").exists()
+
+
+def test_template_dir_with_a_mask_and_templates_flags_are_refused(tmp_path, specimens, capsys):
+    image = str(DEMO / "images" / "specimen_000.jpg")
+    _refused(capsys, ["segment", "--template_image", image, "--template_mask", str(tmp_path / "m.png"),
+                      "--template_dir", str(DEMO / "images"), "--image_dir", str(specimens),
+                      "--output_dir", str(tmp_path / "out"), "--sam2_checkpoint", "random"],
+             "--template_dir is the folder of the --template_json photos")
+    _refused(capsys, ["templates", "--coco", str(DEMO / "templates.json"), "--structure_name", "head",
+                      "--out", str(tmp_path / "t.json")], "--structure_name goes with --mask")
+    _refused(capsys, ["templates", "--coco", str(DEMO / "templates.json"), "--mask", str(tmp_path / "m.png"),
+                      "--image", image, "--out", str(tmp_path / "t.json")], "either --coco or --mask")
+    assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--image_format", "png"], "--video_dir frames are used as they are"),
+        (["--max_size", "256"], "--video_dir frames are used as they are"),
+        (["--seed", "3", "--sam2_checkpoint", "sam2.1_hiera_tiny"], "here nothing is random"),
+    ],
+)
+def test_video_refuses_flags_that_do_nothing(tmp_path, specimens, capsys, extra, needle):
+    argv = ["video", "--video_dir", str(specimens), "--annotations", str(DEMO / "templates.json"),
+            "--output_dir", str(tmp_path / "out"), *extra]
+    if "--sam2_checkpoint" not in extra:
+        argv += ["--sam2_checkpoint", "random"]
+    _refused(capsys, argv, needle)
+    assert not (tmp_path / "out" / "frames.csv").exists()
+
+
+def _masks(predictions):
+    from sam2pal.masks import decode_segmentation
+
+    coco = json.loads(predictions.read_text())
+    images = {im["id"]: im for im in coco["images"]}
+    return coco, {(images[a["image_id"]]["file_name"], a["category_id"], a["instance"]):
+                  decode_segmentation(a["segmentation"], images[a["image_id"]]["height"], images[a["image_id"]]["width"])
+                  for a in coco["annotations"]}
+
+
+def test_seed_seeds_random_weights(tmp_path, specimens):
+    """With --sam2_checkpoint random, --seed chooses the weights: the same seed gives the
+    same masks, another seed other weights (recorded in the provenance)."""
+    runs = {}
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        out = tmp_path / name
+        code = main(["segment", "--template_json", str(DEMO / "templates.json"), "--template_dir", str(DEMO / "images"),
+                     "--max_templates", "1", "--image_dir", str(specimens), "--output_dir", str(out),
+                     "--sam2_checkpoint", "random", "--model_cfg", "sam2.1_hiera_t", "--image_size", "64",
+                     "--no_cycle_consistency", "--device", "cpu", "--seed", seed])
+        assert code == 0
+        runs[name] = _masks(out / "predictions.json")
+    assert [runs[n][0]["info"]["model"]["seed"] for n in "abc"] == [1, 1, 2]
+    base = {n: runs[n][0]["info"]["model"]["base_id"] for n in "abc"}
+    assert base["a"] == base["b"] != base["c"]
+    same, other = runs["b"][1], runs["c"][1]
+    assert same.keys() == runs["a"][1].keys() and all(np.array_equal(same[k], runs["a"][1][k]) for k in same)
+    assert any(not np.array_equal(other[k], same[k]) for k in same)
+
+
+def test_too_many_bad_files_stop_segment_with_their_list(tmp_path, specimens):
+    folder = tmp_path / "drawer"
+    folder.mkdir()
+    shutil.copy(specimens / "specimen_003.jpg", folder / "good.jpg")
+    (folder / "cut.jpg").write_bytes((specimens / "specimen_004.jpg").read_bytes()[:2500])
+    (folder / "notes.jpg").write_text("not a photo")
+    (folder / "empty.png").write_bytes(b"")
+    common = ["segment", "--template_json", DEMO / "templates.json", "--template_dir", DEMO / "images",
+              "--max_templates", "1", "--image_dir", folder, "--sam2_checkpoint", "random",
+              "--model_cfg", "sam2.1_hiera_t", "--image_size", "64", "--no_cycle_consistency", "--device", "cpu"]
+    out = tmp_path / "out"
+    result = run_cli(*common, "--output_dir", out)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"sam2pal: error: {folder}: 3 of 4 images are bad image files (75%")
+    assert error.endswith(f"(all of them in {out / 'skipped.csv'})")
+    assert all(name in error for name in ("cut.jpg", "notes.jpg", "empty.png")) and "good.jpg" not in error
+    assert sorted(r["file_name"] for r in csv.DictReader(open(out / "skipped.csv"))) == \
+        ["cut.jpg", "empty.png", "notes.jpg"]
+    assert not (out / "predictions.json").exists() and not (out / "measurements.csv").exists()
+
+    result = run_cli(*common, "--output_dir", out, "--max_skipped_fraction", "0.8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads((out / "predictions.json").read_text())["images"]) == 1

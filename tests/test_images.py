@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import os
 import struct
+import subprocess
+import sys
+import tempfile
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,10 +17,12 @@ import pytest
 import tifffile
 from PIL import Image
 
+from sam2pal import images
 from sam2pal.errors import ImageReadError, InputError
 from sam2pal.images import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
+    ImageAccessError,
     image_stem,
     list_images,
     read_image,
@@ -324,9 +332,166 @@ def test_text_file_named_jpg(tmp_path):
         read_image_size(path)
 
 
-def test_missing_file_and_folder(tmp_path):
-    assert_read_error(tmp_path / "absent.jpg", "file not found")
-    assert_read_error(tmp_path, "is a directory")
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    assert_read_error(path, "empty file")
+    with pytest.raises(ImageReadError, match="empty file"):
+        read_image_size(path)
+
+
+def retype_tiff_tag(data: bytes, tag: int, new_type: int) -> bytes:
+    """A little-endian TIFF with the field type of `tag` in its first IFD changed."""
+    out = bytearray(data)
+    ifd = struct.unpack_from("<I", out, 4)[0]
+    for k in range(struct.unpack_from("<H", out, ifd)[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", out, entry)[0] == tag:
+            struct.pack_into("<H", out, entry + 2, new_type)
+            return bytes(out)
+    raise KeyError(tag)
+
+
+@pytest.mark.parametrize("tag, new_type", [(256, 2), (273, 12)])  # width as text, strip offsets as double
+def test_corrupt_tiff_fields_are_bad_images(tmp_path, tag, new_type):
+    """Decoders raise other exceptions than OSError on corrupt files (here Pillow's
+    ValueError and TypeError): those are bad image files too."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, rgb_pattern(32, 40))
+    path = tmp_path / "corrupt.tif"
+    path.write_bytes(retype_tiff_tag(buffer.getvalue(), tag, new_type))
+    message = assert_read_error(path)
+    assert "\n" not in message
+
+
+def assert_access_error(path, fragment):
+    """A file that cannot be read at all is not a bad image: another error, one line."""
+    for reader in (read_image, read_image_size):
+        with pytest.raises(ImageAccessError) as info:
+            reader(path)
+        assert not isinstance(info.value, ImageReadError)
+        message = str(info.value)
+        assert message.startswith(f"{path}: cannot read the file (") and fragment in message
+        assert "\n" not in message
+
+
+def test_missing_file_folder_and_broken_link_are_not_bad_images(tmp_path):
+    assert_access_error(tmp_path / "absent.jpg", "file not found")
+    folder = tmp_path / "x.jpg"
+    folder.mkdir()
+    assert_access_error(folder, "is a folder")
+    link = tmp_path / "link.jpg"
+    link.symlink_to(tmp_path / "moved_away.jpg")
+    assert_access_error(link, "broken link")
+    assert "moved_away.jpg" in str(pytest.raises(ImageAccessError, read_image, link).value)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux /proc")
+def test_input_output_error_is_not_a_bad_image(tmp_path):
+    # reading /proc/self/mem at offset 0 fails with EIO, as a failing disk or a
+    # disconnected network drive does
+    link = tmp_path / "scan.tif"
+    link.symlink_to("/proc/self/mem")
+    assert_access_error(link, "Input/output error")
+
+
+def read_as_unprivileged_user(path) -> str:
+    """The error `read_image(path)` gives in a child process switched to user nobody
+    (root reads every file, whatever its permissions)."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no exec, so it needs no access to the interpreter's files
+        status = 1
+        try:
+            os.close(reader)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                read_image(path)
+                message = "read"
+            except ImageAccessError as exc:
+                message = f"{type(exc).__name__} {exc}"
+            os.write(writer, message.encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as handle:
+        message = handle.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, message
+    return message
+
+
+def test_permission_denied_is_not_a_bad_image():
+    folder = Path(tempfile.mkdtemp())  # outside pytest's private temporary folder
+    path = folder / "locked.jpg"
+    try:
+        Image.fromarray(rgb_pattern()).save(path)
+        read_image(path)
+        path.chmod(0)
+        if os.geteuid() != 0:
+            assert_access_error(path, "permission denied")
+        else:
+            folder.chmod(0o755)
+            message = read_as_unprivileged_user(path)
+            assert message == f"ImageAccessError {path}: cannot read the file (permission denied)"
+    finally:
+        path.unlink(missing_ok=True)
+        folder.rmdir()
+
+
+def big_png(path, width: int, height: int) -> None:
+    """An RGB PNG of zeros: a small file that decodes to width x height x 3 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (1 + 3 * width)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+MEMORY_CHECK = """
+import resource, sys
+from sam2pal.images import ImageAccessError, read_image
+with open("/proc/self/statm") as handle:
+    in_use = int(handle.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (in_use + 48 * 2**20, resource.RLIM_INFINITY))
+try:
+    read_image(sys.argv[1])
+except ImageAccessError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_out_of_memory_is_not_a_bad_image(tmp_path):
+    """A photo too large for the memory left stops the run: it is not a bad file."""
+    path = tmp_path / "large_scan.png"
+    big_png(path, 6000, 6000)  # 108 MB of pixels, in a 0.1 MB file
+    result = subprocess.run([sys.executable, "-c", MEMORY_CHECK, str(path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"ImageAccessError {path}: cannot read the file (not enough memory to decode it)"
+
+
+def test_a_fault_in_the_reader_is_not_a_bad_image(tmp_path, monkeypatch):
+    """An error raised by this program's own code (here a stand-in for a bug in the
+    pixel conversion) propagates as it is, with a note naming the file."""
+    path = tmp_path / "photo.png"
+    Image.fromarray(rgb_pattern()).save(path)
+
+    def faulty(img):
+        raise KeyError("mode")
+
+    monkeypatch.setattr(images, "_pil_to_rgb", faulty)
+    with pytest.raises(KeyError) as info:
+        read_image(path)
+    assert not isinstance(info.value, InputError)
+    assert any(str(path) in note for note in info.value.__notes__)
 
 
 def png_header_only(width, height) -> bytes:

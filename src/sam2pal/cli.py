@@ -61,6 +61,17 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
+MAX_SKIPPED_HELP = ("stop, listing them, when more than this share of the images (and at least two) are bad "
+                    "files (default 0.2; 1: never)")
+
+
 # -- segment --------------------------------------------------------------------------
 
 
@@ -86,12 +97,13 @@ def _model_args(p):
     _flag(m, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
 
 
-def _engine_args(p, reference: str):
+def _engine_args(p, reference: str, cut_note: str = ""):
     e = p.add_argument_group("propagation")
     _flag(e, "--area_growth_limit", type=_non_negative_float, default=0.0,
-          help=f"cut a structure more than this many times larger than on {reference} to its box (0: off)")
+          help=f"cut a structure more than this many times larger than on {reference} to its box (0: off){cut_note}")
     _flag(e, "--area_clamp_pad", type=int, default=10, help="padding in pixels of that box")
-    _flag(e, "--bbox_clamp", action="store_true", help=f"always cut structures to the box on {reference} (+ padding)")
+    _flag(e, "--bbox_clamp", action="store_true",
+          help=f"always cut structures to the box on {reference} (+ padding){cut_note}")
     _flag(e, "--no_cycle_consistency", action="store_true", help="skip the cycle-consistency QC score (faster)")
     _flag(e, "--fill_hole_area", type=int, default=8, help="fill mask holes up to this many low-res pixels (0: off)")
 
@@ -125,7 +137,8 @@ FINETUNE_FLAGS = [
     ("--no_feature_cache", dict(action="store_true", default=None, help="re-encode images every step instead of caching the frozen encoder's features"), None),
     ("--gradient_checkpointing", dict(action="store_true", default=None, help="less memory, slower steps (recompute memory-attention activations)"), "gradient_checkpointing"),
     ("--merge_checkpoint", dict(action="store_true", default=None, help="also write merged.pt: a full checkpoint with the LoRA weights folded in"), "merge_checkpoint"),
-    ("--seed", dict(type=int, help="training seed (default 0): the same seed gives the same adapter on a CPU"), "seed"),
+    ("--seed", dict(type=int, help="seed (default 0) of the training (the same seed gives the same adapter on a "
+                                   "CPU) and of the weights of --sam2_checkpoint random"), "seed"),
     ("--training_json", dict(help="COCO JSON of more annotated training templates"), None),
     ("--training_images_dir", dict(help="folder of the --training_json photos"), None),
     ("--ground_truth", dict(help="COCO ground truth of some unlabelled images: the real IoU picks the best epoch"), None),
@@ -173,7 +186,9 @@ def _segment_parser(sub):
                     help="write overlay images to OUTPUT_DIR/overlays/")
     _flag(io, "--polygons", action="store_true", help="COCO segmentations as polygons instead of RLE (holes are lost)")
     _flag(io, "--on_bad_image", choices=["skip", "fail"], default="skip",
-          help="unreadable images: list them in skipped.csv and go on (skip, default) or stop (fail)")
+          help="bad image files (truncated, corrupt, not an image): list them in skipped.csv and go on (skip, "
+          "default) or stop (fail); a file that cannot be read at all (missing, no permission) always stops")
+    _flag(io, "--max_skipped_fraction", type=_fraction, default=0.2, help=MAX_SKIPPED_HELP)
     _model_args(p)
 
     _engine_args(p, "the template")
@@ -235,7 +250,10 @@ def _video_parser(sub):
     _flag(io, "--save_masks", action="store_true", help="write one PNG per structure and frame to OUTPUT_DIR/masks/")
     _flag(io, "--overlay_video", action="store_true", help="write OUTPUT_DIR/overlay.mp4: the frames with their masks drawn on")
     _flag(io, "--on_bad_image", choices=["skip", "fail"], default="skip",
-          help="unreadable frames: list them in skipped.csv and go on (skip, default) or stop (fail)")
+          help="bad frame files (truncated, corrupt): list them in skipped.csv and go on (skip, default) or "
+          "stop (fail); a file that cannot be read at all (missing, no permission) always stops")
+    _flag(io, "--max_skipped_fraction", type=_fraction, default=0.2,
+          help=MAX_SKIPPED_HELP.replace("images", "frames"))
 
     fr = p.add_argument_group("frame extraction (with --input)")
     _flag(fr, "--fps", type=_positive_float, help="frames per second to extract (default: every frame); "
@@ -244,12 +262,13 @@ def _video_parser(sub):
     _flag(fr, "--end", type=_positive_float, help="end time in seconds")
     _flag(fr, "--max_frames", type=int, help="extract at most this many frames")
     _flag(fr, "--max_size", type=int, help="longest side of the extracted frames in pixels (never enlarged)")
-    _flag(fr, "--image_format", choices=["jpg", "png"], default="jpg", help="frame files: jpg (default) or png (lossless)")
+    _flag(fr, "--image_format", choices=["jpg", "png"], help="frame files: jpg (default) or png (lossless)")
 
     _model_args(p)
     _flag(p, "--mode", choices=["video", "independent"], default="video",
           help="video: SAM2's memory through time (default); independent: each frame from the keyframes only")
-    _engine_args(p, "the previous frame (video mode) or the keyframes (independent mode)")
+    _engine_args(p, "the previous frame (video mode) or the keyframes (independent mode)",
+                 cut_note="; in video mode the cut mask is also what SAM2 keeps in its memory for the next frames")
     ms = p.add_argument_group("measurements")
     _flag(ms, "--px_per_mm", type=_positive_float, help="scale for millimetre columns")
 
@@ -291,7 +310,11 @@ def cmd_video(args) -> int:
     if args.full_finetune and args.use_lora:
         raise InputError("give either --use_lora or --full_finetune, not both")
     train = bool(args.use_lora or args.full_finetune) and not args.skip_training
-    given = [flag for flag, _, _ in FINETUNE_FLAGS if flag != "--use_lora" and getattr(args, flag[2:]) is not None]
+    random_weights = _random_weights(args) and not (args.checkpoint and Path(args.checkpoint).is_file())
+    given = [flag for flag, _, _ in FINETUNE_FLAGS if flag != "--use_lora" and getattr(args, flag[2:]) is not None
+             and not (flag == "--seed" and random_weights)]
+    if args.seed is not None and not (train or random_weights):
+        raise InputError(_SEED_UNUSED.format(train="--use_lora or --full_finetune"))
     if given and not (args.use_lora or args.full_finetune):
         raise InputError(f"{', '.join(given)}: training options need --use_lora (or --full_finetune)")
     if args.skip_training and (args.use_lora or args.full_finetune or given):
@@ -301,8 +324,10 @@ def cmd_video(args) -> int:
                          "or drop --checkpoint to train new ones")
     if args.train_only and not train:
         raise InputError("--train_only needs --use_lora (or --full_finetune) without --skip_training")
-    if args.video_dir and any(v is not None for v in (args.start, args.end, args.max_frames, args.max_size)):
-        raise InputError("--start, --end, --max_frames and --max_size apply to --input videos, not to --video_dir")
+    if args.video_dir and any(v is not None for v in (args.start, args.end, args.max_frames, args.max_size,
+                                                       args.image_format)):
+        raise InputError("--start, --end, --max_frames, --max_size and --image_format choose how frames are "
+                         "extracted from an --input video; --video_dir frames are used as they are")
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +337,8 @@ def cmd_video(args) -> int:
     if args.input:
         frames_dir = out_dir / "frames"
         rows = extract_frames(args.input, frames_dir, manifest, fps=args.fps, start=args.start, end=args.end,
-                              max_frames=args.max_frames, max_size=args.max_size, image_format=args.image_format)
+                              max_frames=args.max_frames, max_size=args.max_size,
+                              image_format=args.image_format or "jpg")
     else:
         frames_dir = Path(args.video_dir)
         rows = frames_from_dir(frames_dir, manifest, fps=args.fps)
@@ -329,13 +355,15 @@ def cmd_video(args) -> int:
     records = out_dir / "predictions.jsonl"
     counts = pipeline.segment_video(
         templates_json, frames_dir, manifest, records, out_dir / "run.json", out_dir / "skipped.csv",
-        mode=args.mode, config=config, checkpoint=checkpoint, image_size=args.image_size, device=args.device,
-        threads=args.threads or None, on_bad_image=args.on_bad_image, checkpoint_dir=args.checkpoint_dir,
+        mode=args.mode, config=config, checkpoint=checkpoint, image_size=args.image_size, seed=_model_seed(args),
+        device=args.device, threads=args.threads or None, on_bad_image=args.on_bad_image,
+        max_skipped_fraction=args.max_skipped_fraction, checkpoint_dir=args.checkpoint_dir,
         adapter=adapter, engine_settings=_engine_settings(args),
     )
     predictions = Path(args.export_predictions)
     if not predictions.is_absolute():
         predictions = out_dir / predictions
+    _check_skipped(args, records, frames_dir, out_dir)
     pipeline.merge([records], templates_json, [out_dir / "run.json"], predictions,
                    provenance_json=out_dir / "provenance.json")
     pipeline.qc([records], templates_json, out_dir / "qc.csv")
@@ -348,6 +376,17 @@ def cmd_video(args) -> int:
     print(f"segmented {counts['segmented']} frames ({counts['keyframes']} keyframes), skipped "
           f"{counts['skipped']}; predictions in {predictions}")
     return 0
+
+
+def _check_skipped(args, records, image_dir, out_dir: Path) -> None:
+    """--max_skipped_fraction on the whole collection: stops, pointing to skipped.csv,
+    when too many images are bad files."""
+    from .propagate import TooManySkipped, check_skipped
+
+    try:
+        check_skipped([records], args.max_skipped_fraction, image_dir)
+    except TooManySkipped as exc:
+        raise TooManySkipped(f"{exc} (all of them in {out_dir / 'skipped.csv'})", exc.skipped) from None
 
 
 def _default_structure_name(mask_path: str) -> str:
@@ -384,6 +423,14 @@ def _template_spec(args, out_dir: Path):
     """(spec, image_dir) for `pipeline.prepare_templates` from the segment flags."""
     if args.template_mask and args.template_json:
         raise InputError("give either --template_mask or --template_json, not both")
+    if not args.template_mask:
+        for flag in ("--structure_name", "--template_labels"):
+            if getattr(args, flag[2:]) is not None:
+                raise InputError(f"{flag} names the structures of a --template_mask; "
+                                 "with --template_json they are the categories of the COCO file")
+    elif args.template_dir is not None:
+        raise InputError("--template_dir is the folder of the --template_json photos; "
+                         "with --template_mask give the photo as --template_image")
     if args.template_mask:
         entry = _png_entry(args.template_image, args.template_mask, args.template_labels, args.structure_name,
                            "--template_image", "--template_mask")
@@ -417,6 +464,22 @@ def _template_spec(args, out_dir: Path):
     return str(subset_path), None
 
 
+_SEED_UNUSED = ("--seed seeds the training ({train}) and the weights of --sam2_checkpoint random; "
+                "here nothing is random, so it would change nothing")
+
+
+def _random_weights(args) -> bool:
+    from .registry import RANDOM_CHECKPOINT
+
+    return str(args.sam2_checkpoint).strip() == RANDOM_CHECKPOINT
+
+
+def _model_seed(args) -> int:
+    """The seed of the model's weights when they are random (--seed, default 0); it is
+    recorded with the model and in adapters trained on it."""
+    return args.seed if args.seed is not None else 0
+
+
 def _model_choice(args) -> tuple[str, str]:
     from .registry import choose_config
 
@@ -431,9 +494,14 @@ def cmd_segment(args) -> int:
     from .measure import measure_coco
     from .visualize import export_masks, write_overlays
 
-    given = [flag for flag, _, _ in FINETUNE_FLAGS if getattr(args, flag[2:]) is not None]
+    given = [flag for flag, _, _ in FINETUNE_FLAGS if getattr(args, flag[2:]) is not None
+             and not (flag == "--seed" and _random_weights(args))]
+    if args.seed is not None and not (args.pal_finetuning or _random_weights(args)):
+        raise InputError(_SEED_UNUSED.format(train="--pal_finetuning"))
     if given and not args.pal_finetuning:
         raise InputError(f"{', '.join(given)}: training options need --pal_finetuning")
+    if args.output_category_prefix and not args.save_masks:
+        raise InputError("--output_category_prefix names the mask PNGs: add --save_masks to write them")
     if args.pal_finetuning and args.adapter:
         raise InputError("give either --pal_finetuning (train a new adapter) or --adapter (use one), not both")
     for flag, why in DRIFT_FLAGS.items():
@@ -452,11 +520,13 @@ def cmd_segment(args) -> int:
     records = out_dir / "predictions.jsonl"
     counts = pipeline.segment(
         templates_json, args.image_dir, names, records, out_dir / "run.json", out_dir / "skipped.csv",
-        config=config, checkpoint=checkpoint, image_size=args.image_size, device=args.device,
-        threads=args.threads or None, on_bad_image=args.on_bad_image, checkpoint_dir=args.checkpoint_dir,
+        config=config, checkpoint=checkpoint, image_size=args.image_size, seed=_model_seed(args),
+        device=args.device, threads=args.threads or None, on_bad_image=args.on_bad_image,
+        max_skipped_fraction=args.max_skipped_fraction, checkpoint_dir=args.checkpoint_dir,
         adapter=adapter, engine_settings=_engine_settings(args),
     )
     predictions = out_dir / "predictions.json"
+    _check_skipped(args, records, args.image_dir, out_dir)
     pipeline.merge([records], templates_json, [out_dir / "run.json"], predictions, polygons=args.polygons,
                    provenance_json=out_dir / "provenance.json")
     pipeline.qc([records], templates_json, out_dir / "qc.csv")
@@ -492,7 +562,7 @@ def _train(args, out_dir: Path, templates_json, pool_dir, pool_names, config, ch
     extra = [(args.training_json, args.training_images_dir or Path(args.training_json).parent)] if args.training_json else []
     pipeline.finetune(
         templates_json, pool_dir, pool_names, out_dir, config=config, checkpoint=checkpoint,
-        image_size=args.image_size, device=args.device, threads=args.threads or None,
+        image_size=args.image_size, seed=_model_seed(args), device=args.device, threads=args.threads or None,
         settings=_finetune_settings(args, lora), ground_truth=args.ground_truth, extra_templates=extra,
         checkpoint_dir=args.checkpoint_dir, log=lambda msg: print(msg, file=sys.stderr),
     )
@@ -518,6 +588,13 @@ def cmd_templates(args) -> int:
     from . import pipeline
 
     spec = args.coco
+    if args.mask and args.coco:
+        raise InputError("give either --coco or --mask, not both")
+    if not args.mask:
+        for flag in ("--image", "--structure_name", "--labels"):
+            if getattr(args, flag[2:]) is not None:
+                raise InputError(f"{flag} goes with --mask (a PNG mask template); a --coco file names its own "
+                                 "photos and structures")
     if args.mask:
         spec = [_png_entry(args.image, args.mask, args.labels, args.structure_name, "--image", "--mask")]
     if spec is None:
@@ -542,9 +619,10 @@ def cmd_measure(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
-    means = evaluate(args.gt, args.pred, args.out)
+    means = evaluate(args.gt, args.pred, args.out, templates=args.templates, finetune_record=args.finetune_record,
+                     log=print)
     for category, iou in means.items():
-        print(f"{category}: mean IoU {iou:.3f}")
+        print(f"{category}: mean IoU {iou:.3f} (targets)")
     return 0
 
 
@@ -687,6 +765,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--gt", required=True, help="ground-truth COCO file")
     _flag(p, "--pred", required=True, help="predictions COCO file")
     _flag(p, "--out", required=True, help="metrics CSV to write")
+    _flag(p, "--templates", help="the templates file the predictions were made with (templates.json in the output "
+                                 "folder): structures annotated there are scored as role template (keyframe in a "
+                                 "video), not in the target means")
+    _flag(p, "--finetune_record", help="the adapter the predictions were made with (its folder, or the folder "
+                                       "finetune wrote): its training templates and, when the ground truth picked "
+                                       "its epoch, its hold-out images are scored apart from the targets")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("masks", help="one PNG per predicted structure")

@@ -19,8 +19,19 @@
 - CMYK is converted to RGB.
 
 The whole file is decoded, so a truncated or corrupt photo fails here rather than
-later. Any failure raises `ImageReadError` with the one-line message
-``<path>: cannot read image (<reason>)``.
+later. Failures are of two kinds, because a run skips the first and stops on the second:
+
+- A bad image file: empty, truncated, corrupt, not an image, a format or pixel type
+  that cannot be read, or larger than the pixel limit below. Raises `ImageReadError`,
+  ``<path>: cannot read image (<reason>)``. These are what the image decoders (Pillow,
+  tifffile, OpenCV) report about a file's content.
+- A file that cannot be read at all, whatever it holds: missing (a broken link, a file
+  that vanished, a disconnected drive), no permission, a folder, an input/output error,
+  or not enough memory to decode it. Raises `ImageAccessError`,
+  ``<path>: cannot read the file (<reason>)``.
+
+Any other exception is a fault in this program, not in the file: it is raised as it is,
+with a note naming the file.
 
 Pillow refuses images above `PIL.Image.MAX_IMAGE_PIXELS` pixels as possible
 "decompression bombs" (it warns above that number and refuses above twice it). Museum
@@ -52,34 +63,93 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+class ImageAccessError(InputError):
+    """An image file that cannot be read for a reason other than its content (missing,
+    no permission, a folder, an input/output error, not enough memory): never skipped."""
+
+
 class _Unsupported(Exception):
     """A decodable file whose content this module does not handle (the reason)."""
 
 
-def _fail(path, reason: str) -> ImageReadError:
+# Packages whose exceptions are about the file being decoded (see `_is_bad_file`).
+_DECODER_PACKAGES = ("PIL", "tifffile", "imagecodecs", "cv2")
+
+
+def _one_line(reason) -> str:
     reason = " ".join(str(reason).split()) or "unknown error"
-    if len(reason) > 200:
-        reason = reason[:197] + "..."
-    return ImageReadError(f"{path}: cannot read image ({reason})")
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
+def _raised_in_decoder(exc: BaseException) -> bool:
+    """True when the innermost frame of `exc` is in an image decoder package."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return module.split(".")[0] in _DECODER_PACKAGES
+
+
+def _is_bad_file(exc: BaseException) -> bool:
+    """True when `exc` says the file's content is not a readable image.
+
+    Operating-system errors carry an errno (no such file, permission denied, I/O
+    error...); Pillow's decoder errors ("image file is truncated", "broken data
+    stream", "decoder error") are OSErrors without one. Other exceptions count when a
+    decoder raised them on the file's bytes (Pillow's own fuzzing sees SyntaxError,
+    ValueError, EOFError, struct.error and more from corrupt files; tifffile raises
+    TiffFileError, a ValueError); raised in this module they are a fault here.
+    """
+    import zlib
+
+    if isinstance(exc, (_Unsupported, UnidentifiedImageError, Image.DecompressionBombError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno is None
+    if isinstance(exc, MemoryError):
+        return False
+    if isinstance(exc, (zlib.error, struct.error)) or type(exc).__module__.split(".")[0] == "cv2":
+        return True
+    return _raised_in_decoder(exc)
+
+
+def _fail(path, reason: str) -> ImageReadError:
+    return ImageReadError(f"{path}: cannot read image ({_one_line(reason)})")
+
+
+def _access_reason(exc: BaseException, path) -> str:
+    if isinstance(exc, MemoryError):
+        return "not enough memory to decode it"
+    if isinstance(exc, FileNotFoundError):
+        if os.path.islink(path):
+            return f"file not found: a broken link to {os.readlink(path)}"
+        return "file not found: it was moved or deleted, or its drive is not connected"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _raise_for(exc: Exception, path):
+    """Raise the error `read_image` and `read_image_size` give for `exc` (module docstring)."""
+    if _is_bad_file(exc):
+        raise _fail(path, _reason(exc)) from exc
+    if isinstance(exc, (OSError, MemoryError)):
+        raise ImageAccessError(f"{path}: cannot read the file ({_one_line(_access_reason(exc, path))})") from exc
+    exc.add_note(f"(while reading the image {path})")
+    raise exc
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "file not found"
-    if isinstance(exc, IsADirectoryError):
-        return "is a directory"
-    if isinstance(exc, PermissionError):
-        return "permission denied"
+    """Why a bad image file cannot be read, in words."""
     if isinstance(exc, UnidentifiedImageError):
         return "not an image file, or a format that cannot be read"
     if isinstance(exc, Image.DecompressionBombError):
         return f"larger than the {2 * (Image.MAX_IMAGE_PIXELS or 0):,}-pixel limit"
-    if isinstance(exc, MemoryError):
-        return "not enough memory to decode it"
-    text = str(exc)
-    if isinstance(exc, _Unsupported):
-        return text
-    return text or type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 # -- pixel conversions ----------------------------------------------------------------
@@ -166,6 +236,21 @@ def _magic(path) -> bytes:
         return handle.read(26)
 
 
+def _tag(value, what: str) -> int:
+    """A TIFF header value as an int; a malformed one makes the file a bad image."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise _Unsupported(f"invalid {what} in the TIFF header") from None
+
+
+def _check_pixels(width: int, height: int) -> None:
+    """Pillow's decompression-bomb limit, for the files tifffile decodes."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > 2 * limit:
+        raise Image.DecompressionBombError(f"{width} x {height} pixels")
+
+
 def _read_tifffile(path) -> np.ndarray:
     """First page of a TIFF with tifffile, orientation tag applied, as RGB uint8."""
     import tifffile
@@ -174,11 +259,12 @@ def _read_tifffile(path) -> np.ndarray:
         if not tif.pages:
             raise _Unsupported("TIFF file without pages")
         page = tif.pages[0]
+        _check_pixels(_tag(page.imagewidth, "width"), _tag(page.imagelength, "height"))
         data = page.asarray()
         axes = page.axes
         tag = page.tags.get(_ORIENTATION_TAG)
-        orientation = int(tag.value) if tag is not None else 1
-        photometric = int(page.photometric)
+        orientation = _tag(tag.value, "orientation") if tag is not None else 1
+        photometric = _tag(page.photometric, "photometric interpretation")
     if "S" in axes and axes.index("S") != len(axes) - 1:
         data = np.moveaxis(data, axes.index("S"), -1)
     data = np.squeeze(data) if data.ndim > 3 else data
@@ -237,15 +323,15 @@ def _bits_per_sample(img: Image.Image) -> int:
         return 8
     bits = tags.get(258, 8)
     if isinstance(bits, (tuple, list)):
-        return max(int(b) for b in bits) if bits else 8
-    return int(bits)
+        return max(_tag(b, "bits per sample") for b in bits) if bits else 8
+    return _tag(bits, "bits per sample")
 
 
 def _tiff_tags(img: Image.Image) -> tuple[int, int, int, bool]:
     """(raw width, raw height, orientation, colour with more than 8 bits) of a TIFF."""
     tags = img.tag_v2
-    width, height = int(tags[256]), int(tags[257])
-    orientation = int(tags.get(_ORIENTATION_TAG, 1) or 1)
+    width, height = _tag(tags.get(256), "width"), _tag(tags.get(257), "height")
+    orientation = _tag(tags.get(_ORIENTATION_TAG, 1) or 1, "orientation")
     high_bit_color = img.mode in ("RGB", "RGBA", "LA") and _bits_per_sample(img) > 8
     return width, height, orientation, high_bit_color
 
@@ -265,35 +351,47 @@ def _read_tiff(path) -> np.ndarray:
         with Image.open(path) as img:
             _, _, orientation, high_bit_color = _tiff_tags(img)
     except Exception as exc:  # noqa: BLE001 - a TIFF that Pillow cannot open
+        if not _is_bad_file(exc):
+            raise
         try:
             return _read_tifffile(path)
-        except Exception:  # noqa: BLE001
+        except Exception as other:  # noqa: BLE001
+            if not _is_bad_file(other):
+                raise
             raise exc from None
     if orientation != 1 or high_bit_color:
         try:
             return _read_tifffile(path)
         except Exception as exc:  # noqa: BLE001
+            if not _is_bad_file(exc):
+                raise
             tried_tifffile = exc
     try:
         with Image.open(path) as img:
             img.load()
             return _pil_to_rgb(ImageOps.exif_transpose(img))
     except Exception as exc:  # noqa: BLE001
-        if tried_tifffile is not None:
-            raise exc from None
+        if tried_tifffile is not None or not _is_bad_file(exc):
+            raise
         try:  # float RGB, some sample formats
             return _read_tifffile(path)
-        except Exception:  # noqa: BLE001
+        except Exception as other:  # noqa: BLE001
+            if not _is_bad_file(other):
+                raise
             raise exc from None
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read a photo as an upright RGB uint8 array (H, W, 3); see the module docstring.
 
-    Raises ImageReadError ("<path>: cannot read image (<reason>)") on any failure.
+    Raises ImageReadError ("<path>: cannot read image (<reason>)") for a bad image
+    file and ImageAccessError ("<path>: cannot read the file (<reason>)") for a file
+    that cannot be read at all.
     """
     try:
         magic = _magic(path)
+        if not magic:
+            raise _Unsupported("empty file (0 bytes)")
         if magic[:4] in _TIFF_MAGIC:
             rgb = _read_tiff(path)
         else:
@@ -308,8 +406,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                     rgb = _read_png16_color(path, img.getexif().get(_ORIENTATION_TAG, 1))
                 else:
                     rgb = _pil_to_rgb(ImageOps.exif_transpose(img))
-    except Exception as exc:  # noqa: BLE001 - every decoder failure becomes one message
-        raise _fail(path, _reason(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - sorted by _raise_for (MemoryError included)
+        _raise_for(exc, path)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise _fail(path, f"unexpected decoded shape {rgb.shape} {rgb.dtype}")
     # arrays viewing Pillow's buffer are read-only; callers may draw on the result
@@ -340,25 +438,31 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of a photo after EXIF orientation, from its header where possible.
 
     Agrees with the shape of `read_image` (width = shape[1], height = shape[0]).
-    Raises ImageReadError on failure. A truncated file whose header is intact is not
-    detected here (only `read_image` decodes the pixels).
+    Raises ImageReadError or ImageAccessError as `read_image` does. A truncated file
+    whose header is intact is not detected here (only `read_image` decodes the pixels).
     """
     try:
         magic = _magic(path)
+        if not magic:
+            raise _Unsupported("empty file (0 bytes)")
         if magic[:4] in _TIFF_MAGIC:
             try:
                 with Image.open(path) as img:
                     width, height, orientation, _ = _tiff_tags(img)
             except Exception as exc:  # noqa: BLE001
+                if not _is_bad_file(exc):
+                    raise
                 import tifffile
 
                 try:
                     with tifffile.TiffFile(path) as tif:
                         page = tif.pages[0]
-                        height, width = int(page.imagelength), int(page.imagewidth)
+                        height, width = _tag(page.imagelength, "height"), _tag(page.imagewidth, "width")
                         tag = page.tags.get(_ORIENTATION_TAG)
-                        orientation = int(tag.value) if tag is not None else 1
-                except Exception:  # noqa: BLE001
+                        orientation = _tag(tag.value, "orientation") if tag is not None else 1
+                except Exception as other:  # noqa: BLE001
+                    if not _is_bad_file(other):
+                        raise
                     raise exc from None
         else:
             with Image.open(path) as img:
@@ -374,8 +478,8 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
         if orientation in (5, 6, 7, 8):
             width, height = height, width
         return int(width), int(height)
-    except Exception as exc:  # noqa: BLE001
-        raise _fail(path, _reason(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - sorted by _raise_for (MemoryError included)
+        _raise_for(exc, path)
 
 
 # -- folders and output names ---------------------------------------------------------

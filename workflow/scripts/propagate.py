@@ -7,8 +7,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
 
 from sam2pal import pipeline  # noqa: E402
+from sam2pal import shards as sharding  # noqa: E402
 from sam2pal.registry import choose_config  # noqa: E402
-from sam2pal.smk import logged  # noqa: E402
+from sam2pal.smk import collection_settings, logged  # noqa: E402
 
 with logged(snakemake):
     model = snakemake.params.model
@@ -19,9 +20,12 @@ with logged(snakemake):
         checkpoint=model["checkpoint"],
         image_size=model["image_size"],
         seed=model["seed"],
-        device=prop["device"],
+        # read here, not a rule param: changing the device reruns nothing
+        device=collection_settings(snakemake, "propagate")["device"],
         threads=snakemake.threads,
         on_bad_image=prop["on_bad_image"],
+        # read here too: changing the limit re-segments nothing
+        max_skipped_fraction=collection_settings(snakemake, "propagate")["max_skipped_fraction"],
         checkpoint_dir=snakemake.params.checkpoint_dir,
         adapter=snakemake.params.adapter,
         engine_settings={key: prop[key] for key in pipeline.DEFAULT_ENGINE_SETTINGS},
@@ -34,8 +38,12 @@ with logged(snakemake):
             mode=snakemake.params.video_mode, run_extra=shard, **common,
         )
     else:
+        names = pipeline.relative_names(snakemake.input.images, image_dir)
+        folder = Path(snakemake.output.records).parent
         counts = pipeline.segment(
-            snakemake.input.templates, image_dir, pipeline.relative_names(snakemake.input.images, image_dir),
-            *outputs, reuse=snakemake.params.reuse, run_extra=shard, **common,
+            snakemake.input.templates, image_dir, names, *outputs,
+            reuse=sharding.reusable_results(folder, snakemake.wildcards.shard),
+            run_extra=dict(shard, images_sha256=sharding.names_digest(names)), **common,
         )
+        sharding.keep_done(*outputs)
     print(f"done: {counts}")
