@@ -76,6 +76,10 @@ rule evaluate:
     input:
         predictions="results/{collection}/predictions.json",
         ground_truth=lambda wc: COLLECTIONS[wc.collection]["ground_truth"],
+        # templates (keyframes) and the adapter's record of the true masks its
+        # training saw: those rows are scored apart from the targets
+        templates="results/{collection}/templates.json",
+        finetune=adapter_input,
     output:
         report(
             "results/{collection}/metrics.csv",

@@ -1,4 +1,5 @@
-"""Rule evaluate: IoU and Dice against the collection's ground truth."""
+"""Rule evaluate: IoU and Dice against the collection's ground truth; templates,
+keyframes and images whose true masks the fine-tuning saw are scored apart."""
 
 import sys
 from pathlib import Path
@@ -9,5 +10,13 @@ from sam2pal.evaluate import evaluate  # noqa: E402
 from sam2pal.smk import logged  # noqa: E402
 
 with logged(snakemake):
-    means = evaluate(snakemake.input.ground_truth, snakemake.input.predictions, snakemake.output[0])
-    print(f"mean IoU per structure: {means}")
+    finetune = snakemake.input.finetune
+    means = evaluate(
+        snakemake.input.ground_truth,
+        snakemake.input.predictions,
+        snakemake.output[0],
+        templates=snakemake.input.templates,
+        finetune_record=finetune[0] if finetune else None,
+        log=print,
+    )
+    print(f"mean IoU per structure (targets): {means}")
