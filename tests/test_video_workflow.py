@@ -18,6 +18,7 @@ from sam2pal.cli import main
 from sam2pal.masks import decode_segmentation
 from sam2pal.synthetic import make_video
 from sam2pal.video import count_frames, read_video_frames
+from test_evaluate import check_metrics_file
 from test_workflow import planned_jobs, snakemake
 
 N_FRAMES = 12
@@ -100,7 +101,16 @@ def test_video_collections_in_the_workflow(tmp_path, clip):
     assert all(float(r["time_s"]) == pytest.approx(int(r["frame_index"]) / FPS, abs=1e-3) for r in rows)
     wide = list(csv.DictReader(open(out / "measurements_wide.csv")))
     assert [int(r["frame_index"]) for r in wide] == list(range(N_FRAMES))
-    assert (out / "metrics.csv").is_file()
+    # metrics: keyframes (output as annotated) and the fine-tuning hold-out frame whose
+    # ground truth picked the epoch are scored apart from the targets
+    selection = json.loads((out / "finetune" / "adapter" / "sam2pal_adapter.json").read_text())["selection"]
+    assert selection["by"] == "ground_truth_iou" and len(selection["ground_truth_images"]) == 1
+    roles = {name: "finetune_holdout" for name in selection["ground_truth_images"]}
+    roles.update({"00004.jpg": "keyframe", "00009.jpg": "keyframe"})
+    rows = check_metrics_file(out / "metrics.csv", clip["ground_truth"], out / "predictions.json", roles)
+    assert all(float(r["iou"]) == 1.0 for r in rows if r["role"] == "keyframe")
+    assert {r["n_images"] for r in rows if r["level"] == "category_mean" and r["role"] == "target"} == {
+        str(N_FRAMES - 3)}
     assert count_frames(out / "overlay.mp4") == N_FRAMES
     finetune_log = json.loads((out / "finetune" / "adapter" / "sam2pal_adapter.json").read_text())
     assert finetune_log["templates"] == ["00004.jpg", "00009.jpg"]
@@ -210,3 +220,87 @@ def test_cli_video_keyframe_not_a_frame(tmp_path, clip, capsys):
     assert code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sam2pal: error")]
     assert len(err) == 1 and "00099.jpg" in err[0] and "bad.json" in err[0]
+
+
+# -- an interrupted video run resumes with the same results -------------------------------
+
+
+@pytest.fixture(scope="module")
+def spread_keyframes(tmp_path_factory, clip):
+    """The clip's frames, with structure 1 first annotated on frame 4 and the others on
+    frame 9 (so frames 4..8 are tracked backwards first, their results spilled to disk),
+    and the records of an uninterrupted run."""
+    from sam2pal import pipeline
+    from sam2pal.video import extract_frames
+
+    folder = tmp_path_factory.mktemp("spread")
+    frames, manifest = folder / "frames", folder / "frames.csv"
+    extract_frames(clip["video"], frames, manifest)
+    keyframes = json.loads(open(clip["keyframes"]).read())
+    names = {im["id"]: im["file_name"] for im in keyframes["images"]}
+    keyframes["annotations"] = [a for a in keyframes["annotations"]
+                                if names[a["image_id"]] != "00004.jpg" or a["category_id"] == 1]
+    assert {a["category_id"] for a in keyframes["annotations"]} != {1}
+    (folder / "keyframes.json").write_text(json.dumps(keyframes))
+    templates = folder / "templates.json"
+    pipeline.prepare_templates(str(folder / "keyframes.json"), frames, templates)
+    common = dict(mode="video", checkpoint="random", image_size=64, device="cpu", progress=False,
+                  on_bad_image="fail", checkpoint_seconds=0,
+                  engine_settings={"cycle_consistency": False, "bbox_clamp": True})
+
+    def run(out, log=None, **changes):
+        settings = {**common, **changes}
+        return pipeline.segment_video(templates, frames, manifest, out / "records.jsonl", out / "run.json",
+                                      log=log, **settings)
+
+    run(folder / "reference")
+    return {"frames": frames, "run": run, "reference": (folder / "reference" / "records.jsonl").read_bytes()}
+
+
+@pytest.mark.parametrize("broken, kept", [(6, 0), (10, 10)])
+def test_interrupted_video_resumes_with_the_same_results(tmp_path, spread_keyframes, broken, kept):
+    """A run stopped by an unreadable frame (on_bad_image: fail), rerun once the frame
+    is back, goes on from its last checkpoint and writes exactly the records of an
+    uninterrupted run. Frame 6 stops it in the backward sweep (nothing written yet,
+    the spilled frames 8 and 7 kept), frame 10 in the forward sweep (10 frames kept)."""
+    from sam2pal.errors import InputError
+
+    data = spread_keyframes
+    frame = data["frames"] / f"{broken:05d}.jpg"
+    good = frame.read_bytes()
+    out = tmp_path / "run"
+    partial = out / "records.jsonl.partial"
+    try:
+        frame.write_bytes(b"not a picture")
+        with pytest.raises(InputError, match=f"{broken:05d}.jpg"):
+            data["run"](out)
+    finally:
+        frame.write_bytes(good)
+    assert partial.is_file() and (out / "records.jsonl.partial.state").is_file()
+    assert not (out / "records.jsonl").exists()
+
+    logs = []
+    counts = data["run"](out, log=logs.append)
+    assert any(line.startswith("resuming") for line in logs), logs
+    assert counts["resumed"] == kept and counts["segmented"] == N_FRAMES - kept
+    assert (out / "records.jsonl").read_bytes() == data["reference"]
+    assert sorted(p.name for p in out.iterdir()) == ["records.jsonl", "run.json"]
+
+
+def test_an_interrupted_video_is_not_resumed_with_other_settings(tmp_path, spread_keyframes):
+    from sam2pal.errors import InputError
+
+    data = spread_keyframes
+    frame = data["frames"] / "00010.jpg"
+    good = frame.read_bytes()
+    out = tmp_path / "run"
+    try:
+        frame.write_bytes(b"not a picture")
+        with pytest.raises(InputError):
+            data["run"](out)
+    finally:
+        frame.write_bytes(good)
+    logs = []
+    counts = data["run"](out, log=logs.append, engine_settings={"cycle_consistency": False, "fill_hole_area": 0})
+    assert not any(line.startswith("resuming") for line in logs)
+    assert counts["resumed"] == 0 and counts["segmented"] == N_FRAMES
