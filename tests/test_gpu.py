@@ -1,5 +1,6 @@
-"""The CUDA path (bf16 autocast, device selection). Skipped without a CUDA GPU; run
-with `python -m pytest -m gpu` on a GPU machine."""
+"""The CUDA path (bf16 autocast, device selection, SAM2's hole-filling kernel).
+Skipped without a CUDA GPU, so CI (no GPU) never runs them; run with
+`python -m pytest -m gpu` on a GPU machine."""
 
 from __future__ import annotations
 
@@ -60,3 +61,27 @@ def test_cuda_video_tracking_agrees_with_cpu():
         results[device] = [r.predictions[0] for r in tracker.run()]
     for cpu, gpu in zip(results["cpu"][1:], results["cuda"][1:]):
         assert mask_iou(gpu.mask, cpu.mask) > 0.9
+
+
+def test_hole_filling_equals_sam2_cuda_kernel():
+    """SAM2's hole filling with its CUDA kernel, where the extension is built, against
+    the engine's `fill_holes` and against the CPU stand-in the CPU tests give the
+    official predictor (test_engine.connected_components_8)."""
+    pytest.importorskip("sam2._C", reason="SAM2's CUDA extension (sam2._C) is not built")
+    from sam2.utils.misc import fill_holes_in_mask_scores, get_connected_components
+
+    from sam2pal.engine import fill_holes
+    from test_engine import connected_components_8
+
+    rng = np.random.default_rng(2)
+    # blobs and specks of every size on 64 x 64 low-res masks
+    logits = torch.from_numpy(rng.normal(0, 1, (6, 1, 64, 64)).astype(np.float32))
+    logits = torch.nn.functional.avg_pool2d(logits, 3, 1, 1) + torch.linspace(-0.3, 0.3, 6)[:, None, None, None]
+    background = (logits <= 0).cuda()
+    labels, areas = get_connected_components(background)
+    cpu_labels, cpu_areas = connected_components_8(background.cpu())
+    assert torch.equal(areas.cpu().long(), cpu_areas.long())
+    assert torch.equal(labels.cpu() > 0, cpu_labels > 0)
+    official = fill_holes_in_mask_scores(logits.cuda(), 8).cpu()
+    assert not torch.equal(official, logits)  # holes were filled
+    assert torch.equal(fill_holes(logits.cuda(), 8).cpu(), official)

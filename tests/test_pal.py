@@ -17,6 +17,7 @@ from sam2pal.images import list_images, read_image
 from sam2pal.model import build_model
 from sam2pal.pal import FinetuneSettings, Trainer
 from sam2pal.templates import load_coco_templates
+from test_engine import EncoderCalls
 
 DEMO = REPO / "resources" / "demo"
 SIZE = 64
@@ -38,10 +39,11 @@ def pool():
     return {name: DEMO / "images" / name for name in names}
 
 
-def make_trainer(templates, pool, **settings):
+def make_trainer(templates, pool, model=None, **settings):
     defaults = dict(num_epochs=1, max_images_per_epoch=4, accumulation_steps=2, warmup_steps=0,
                     holdout_fraction=0.3, seed=0)
-    return Trainer(fresh_model(), templates, pool, FinetuneSettings(**{**defaults, **settings}), log=lambda *_: None)
+    model = fresh_model() if model is None else model
+    return Trainer(model, templates, pool, FinetuneSettings(**{**defaults, **settings}), log=lambda *_: None)
 
 
 def lora_grads(trainer):
@@ -76,24 +78,48 @@ def test_gradients_reach_lora_through_the_soft_phase1_mask(templates, pool):
     assert all(torch.allclose(zero_lora[n], zero_detached_lora[n]) for n in zero_lora)
 
 
-def test_memory_is_reset_between_the_phases(templates, pool):
+def test_phase2_sees_only_the_target_and_its_soft_mask(templates, pool):
+    """The memory reset. Within a training step, phase 2 sees the target and its soft
+    phase-1 mask and nothing else of phase 1: changing what phase 1 remembered of the
+    template (its memory features and object pointer) after phase 1 ran leaves the
+    step's loss unchanged, while changing the soft mask changes it; and phase 2's
+    memory attention attends to as many memory tokens (one conditioning frame) as
+    phase 1's."""
     trainer = make_trainer(templates, pool)
     tmpl, key = trainer.templates[0], trainer.train_keys[0]
-    x0, x1 = trainer._backbone(tmpl.key), trainer._backbone(key)
-    with torch.no_grad():
-        logits1, _, memory1, feats1 = trainer.phase1(tmpl, x0, x1)
-        soft = trainer.soft_mask(logits1)
+    phase1 = trainer.phase1
+    tokens = []  # memory tokens per memory-attention call (memory is sequence-first)
+    hook = trainer.sam.memory_attention.register_forward_pre_hook(
+        lambda _module, _args, kwargs: tokens.append(kwargs["memory"].shape[0]), with_kwargs=True)
+
+    def step(change_memory=False, change_mask=False):
+        def phase1_then_change(*args):
+            logits, object_logits, memory, feats = phase1(*args)
+            if change_memory:
+                for frame in memory["cond_frame_outputs"].values():
+                    frame["maskmem_features"] = frame["maskmem_features"] + 100.0
+                    frame["obj_ptr"] = frame["obj_ptr"] + 100.0
+            if change_mask:
+                logits = -logits
+            return logits, object_logits, memory, feats
+
+        trainer.phase1 = phase1_then_change
+        tokens.clear()
         torch.manual_seed(3)
-        before, _ = trainer.phase2(tmpl, x0, feats1, soft)
-        for frame in memory1["cond_frame_outputs"].values():  # perturb all of phase 1's memory
-            frame["maskmem_features"] += 100.0
-            frame["obj_ptr"] += 100.0
-        torch.manual_seed(3)
-        after, _ = trainer.phase2(tmpl, x0, feats1, soft)
-        torch.manual_seed(3)
-        other_mask, _ = trainer.phase2(tmpl, x0, feats1, 1 - soft)
-    assert torch.equal(before, after)
-    assert not torch.equal(before, other_mask)  # phase 2 does depend on the soft mask
+        with torch.no_grad():
+            loss, _ = trainer.palindrome_loss(tmpl, key)
+        return loss, list(tokens)
+
+    try:
+        loss, calls = step()
+        changed_memory, _ = step(change_memory=True)
+        changed_mask, _ = step(change_mask=True)
+    finally:
+        hook.remove()
+        del trainer.phase1
+    assert len(calls) == 2 and calls[1] == calls[0]  # phase 1, phase 2: one frame each
+    assert torch.equal(changed_memory, loss)
+    assert not torch.equal(changed_mask, loss)  # phase 2 does depend on the soft mask
 
 
 def test_lora_training_leaves_base_weights_untouched(templates, pool, tmp_path):
@@ -133,7 +159,7 @@ def test_adapter_round_trip_and_merged_checkpoint(templates, pool, tmp_path):
 def test_adapter_on_other_base_weights_fails(templates, pool, tmp_path):
     trainer = make_trainer(templates, pool)
     trainer.train(tmp_path / "ft", {"base_id": BASE})
-    with pytest.raises(InputError, match="trained on other base weights"):
+    with pytest.raises(InputError, match="adapter was trained on random weights .* this run uses checkpoint sha256"):
         load_adapter(fresh_model(), tmp_path / "ft" / "adapter", "0123456789abcdef" * 4)
 
 
@@ -164,14 +190,31 @@ def test_short_training_lowers_the_palindrome_loss(templates, pool, tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_features_are_encoded_once(templates, pool, tmp_path):
-    trainer = make_trainer(templates, pool, num_epochs=3)
-    result = trainer.train(tmp_path / "ft", {"base_id": BASE})
-    n_images = len(trainer.train_keys) + len(trainer.holdout) + len(trainer.templates)
-    assert result["encoder_calls"] == n_images
-    uncached = make_trainer(templates, pool, num_epochs=1, cache_features=False, holdout_fraction=0)
-    calls = uncached.train(tmp_path / "nc", {"base_id": BASE})["encoder_calls"]
-    assert calls == 2 * 4  # template and target encoded again at every step
+def test_each_image_is_encoded_once_in_training_and_validation(templates, pool, tmp_path):
+    """Image-encoder passes counted at the encoder (a forward hook), from the trainer's
+    set-up to the end of training, the validations (before training and after every
+    epoch) included. With the frozen encoder's features cached, each template,
+    training and held-out photo is encoded exactly once; without the cache, each step
+    encodes its template and its target, and each validation the templates and the
+    held-out photos. Both give the same validation numbers."""
+    counts, trainers = {}, {}
+    for cached in (True, False):
+        model = fresh_model()
+        calls = EncoderCalls(model)
+        try:
+            trainer = make_trainer(templates, pool, model=model, num_epochs=3 if cached else 1,
+                                   cache_features=cached)
+            trainer.train(tmp_path / str(cached), {"base_id": BASE})
+        finally:
+            calls.close()
+        counts[cached], trainers[cached] = calls.count, trainer
+    n_templates, n_holdout = len(trainers[True].templates), len(trainers[True].holdout)
+    assert n_templates == 1 and n_holdout == 2
+    assert counts[True] == n_templates + len(trainers[True].train_keys) + n_holdout
+    steps = min(len(trainers[False].train_keys), 4)  # one epoch of max_images_per_epoch=4
+    validations = 2  # before training and after the epoch
+    assert counts[False] == 2 * steps + validations * (n_templates + n_holdout)
+    assert trainers[True].history[0]["val_cycle_iou"] == trainers[False].history[0]["val_cycle_iou"]
 
 
 def test_full_fine_tuning_writes_a_checkpoint(templates, pool, tmp_path):
@@ -180,7 +223,7 @@ def test_full_fine_tuning_writes_a_checkpoint(templates, pool, tmp_path):
     trainer.train(tmp_path / "ft", {"base_id": BASE})
     assert adapter_kind(tmp_path / "ft" / "adapter_last") == "full"
     assert all(torch.equal(p, frozen[n]) for n, p in trainer.sam.named_parameters() if n in frozen)
-    model = load_adapter(fresh_model(), tmp_path / "ft" / "adapter_last", "any")
+    model = load_adapter(fresh_model(), tmp_path / "ft" / "adapter_last", BASE)
     for n, p in trainer.sam.named_parameters():
         assert torch.equal(p, model.state_dict()[n])
 

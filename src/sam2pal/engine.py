@@ -13,13 +13,17 @@ images are in the collection or on their order, and shards can run anywhere.
 
 Several templates sit in the memory bank at once as conditioning frames (frames
 0..K-1, the target is frame K), the way the official video predictor would hold a
-video whose first K frames were annotated; SAM2 attends to all of them. With one
-template this reproduces `SAM2VideoPredictor` on the video [template, target] (up to
-floating-point rounding, since the official predictor runs objects one at a time and
-the engine batches them): the
-template's mask goes in through `add_new_mask` (resized with antialiasing, thresholded
-at 0.5), its memory is encoded from the binarised mask and stored in bfloat16, and the
-target's low-resolution logits are resized to the image size and thresholded at 0.
+video whose first K frames were annotated; SAM2 attends to all of them. This
+reproduces `SAM2VideoPredictor` on the video [template 1, ..., template K, target]
+with masks on its first K frames (up to floating-point rounding, since the official
+predictor runs objects one at a time and the engine batches them): each template's
+mask goes in through `add_new_mask` (resized with antialiasing, thresholded at 0.5),
+its memory is encoded from the binarised mask (holes filled, see below) and stored in
+bfloat16, and the target's low-resolution logits are resized to the image size and
+thresholded at 0. `fill_hole_area` (default 8, as `build_sam2_video_predictor` sets
+it) fills small background holes where the official predictor does: in the
+templates' low-resolution masks before their memory is encoded, and in the target's
+prediction.
 
 A structure is identified by (category id, instance rank). When not every template
 shows every structure, structures are grouped by the set of templates that show them
@@ -280,6 +284,9 @@ class Propagator:
     fill_hole_area: fill background holes up to this many low-resolution pixels, as
         SAM2's video predictor does (8 there); 0 disables.
     cycle_consistency: compute the cycle IoU (costs one memory pass per template).
+    backbones: the template images' image-encoder outputs, in `templates.images`
+        order, when already computed (the trainer's feature cache); the template
+        images are then neither read nor encoded again.
     area_growth_limit, area_clamp_pad, bbox_clamp: post-processing relative to the
         template structure (see `sam2pal.postprocess.clamp_mask`); off by default.
     """
@@ -295,6 +302,7 @@ class Propagator:
         area_clamp_pad: int = 10,
         bbox_clamp: bool = False,
         mask_threshold: float = 0.0,
+        backbones: list[dict] | None = None,
     ):
         if read_image is None:
             from .images import read_image
@@ -309,13 +317,17 @@ class Propagator:
         self.mask_threshold = float(mask_threshold)
         self.categories = dict(templates.categories)
 
+        if backbones is not None and len(backbones) != len(templates.images):
+            raise ValueError(f"{len(backbones)} template backbones for {len(templates.images)} template images")
         self._templates: list[_Template] = []
         with torch.inference_mode(), autocast(self.device):
-            for tmpl in templates.images:
-                rgb = read_image(tmpl.path)
+            for index, tmpl in enumerate(templates.images):
                 masks = {(inst.category_id, inst.instance): inst.mask for inst in tmpl.instances}
-                backbone = self._encode(rgb)
-                self._templates.append(_Template(rgb.shape[:2], backbone, masks))
+                if backbones is None:
+                    rgb = read_image(tmpl.path)
+                    self._templates.append(_Template(rgb.shape[:2], self._encode(rgb), masks))
+                else:
+                    self._templates.append(_Template((tmpl.height, tmpl.width), backbones[index], masks))
 
         keys = sorted({k for t in self._templates for k in t.masks})
         if not keys:

@@ -18,9 +18,9 @@ structure towards "present", in both phases) matters: when SAM2 says "no object"
 masks are replaced by a constant and no gradient reaches the mask decoder.
 
 With the image encoder frozen (the default: LoRA on memory attention, mask decoder and
-memory encoder), the encoder's output for every training image is computed once and
-reused in every epoch (`FeatureCache`), so a step costs only the memory and decoder
-passes.
+memory encoder), the encoder's output for every image (templates, training and
+held-out photos) is computed once and reused in every epoch and every validation
+(`FeatureCache`), so a step costs only the memory and decoder passes.
 
 Unlabelled specimens come from the collection (or another folder); a few are held
 out. After every epoch the engine segments the held-out specimens and the mean
@@ -161,10 +161,8 @@ class FeatureCache:
         self.pos: list[torch.Tensor] | None = None
         self.sizes: dict[str, tuple[int, int]] = {}
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.encoder_calls = 0
 
     def _encode(self, image: np.ndarray) -> dict:
-        self.encoder_calls += 1
         with autocast(self.device):
             return encode_image(self.model, image)
 
@@ -346,8 +344,11 @@ class Trainer:
         if not self.holdout:
             return {"val_cycle_iou": None, "val_iou": None}
         self.sam.eval()
+        # the templates' features come from the cache too: every image of the training
+        # (templates, training and held-out photos) goes through the image encoder once
+        backbones = [self._backbone(t.key) for t in self.templates] if self.cache.enabled else None
         engine = Propagator(self.sam, self.template_set, read_image=self.read_image,
-                            fill_hole_area=0, cycle_consistency=True)
+                            fill_hole_area=0, cycle_consistency=True, backbones=backbones)
         cycles, ious = [], []
         for key in self.holdout:
             backbone = self._backbone(key) if self.cache.enabled else None
@@ -366,6 +367,26 @@ class Trainer:
         release_inference_tensors(self.sam)
         self.sam.train()
         return {"val_cycle_iou": float(np.mean(cycles)), "val_iou": float(np.mean(ious)) if ious else None}
+
+    def labels_record(self) -> dict:
+        """Which images' true masks the training saw, for `sam2pal_adapter.json` (read
+        by `sam2pal.evaluate`, which scores those images apart from the targets).
+
+        selection.by: "ground_truth_iou" when the real IoU on `ground_truth_images` (the
+        held-out images with ground truth) picks the best epoch, "cycle_iou" when the
+        label-free cycle IoU does, null without held-out images. training_templates:
+        {file name: structure names} of the templates whose masks the loss is taken on.
+        """
+        with_truth = [key for key in self.holdout if self.ground_truth.get(key)]
+        by = ("ground_truth_iou" if with_truth else "cycle_iou") if self.holdout else None
+        structures = {}
+        for t in self.template_set.images:
+            names = {self.categories.get(inst.category_id) for inst in t.instances}
+            structures.setdefault(t.file_name, set()).update(n for n in names if n)
+        return {
+            "selection": {"by": by, "holdout": list(self.holdout), "ground_truth_images": with_truth},
+            "training_templates": {name: sorted(cats) for name, cats in sorted(structures.items())},
+        }
 
     @staticmethod
     def score(metrics: dict) -> float | None:
@@ -402,7 +423,8 @@ class Trainer:
 
         def save(folder: str, epoch: int):
             meta = dict(metadata, kind=kind, epoch=epoch, history=self.history,
-                        settings=asdict(s), categories={str(k): v for k, v in self.categories.items()})
+                        settings=asdict(s), categories={str(k): v for k, v in self.categories.items()},
+                        **self.labels_record())
             save_adapter(weights, out_dir / folder, meta, kind)
 
         start = time.perf_counter()
@@ -449,11 +471,10 @@ class Trainer:
         self.sam.eval()
         save("adapter_last", s.num_epochs)
         if s.merge_checkpoint and kind == "lora":
-            save_merged_checkpoint(self.peft_model, out_dir / "merged.pt")
+            save_merged_checkpoint(self.peft_model, out_dir / "merged.pt", metadata)
         self._write_logs(out_dir)
         self._plot(out_dir / "training_curves.png")
-        return {"best_epoch": best_epoch, "best_score": best_score, "history": self.history,
-                "encoder_calls": self.cache.encoder_calls}
+        return {"best_epoch": best_epoch, "best_score": best_score, "history": self.history}
 
     def _write_logs(self, out_dir: Path) -> None:
         with atomic_write(out_dir / "training_log.csv") as handle:
