@@ -17,6 +17,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import REPO
+from test_evaluate import check_metrics_file
 
 from sam2pal.registry import MICRO_SHA256
 
@@ -85,8 +86,16 @@ def test_demo_run_outputs(demo_run):
     assert len(qc) == n_images and [int(r["rank"]) for r in qc] == list(range(1, n_images + 1))
     scores = [float(r["qc_score"]) for r in qc]
     assert scores == sorted(scores)
-    metrics = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["level"] == "category_mean"]
+    # metrics: the template photos, segmented with themselves in memory, are not targets
+    rows = check_metrics_file(out / "metrics.csv", DEMO / "ground_truth.json", out / "predictions.json",
+                              {"specimen_000.jpg": "template", "specimen_001.jpg": "template"})
+    metrics = [r for r in rows if r["level"] == "category_mean" and r["role"] == "target"]
     assert sorted(r["category"] for r in metrics) == ["antenna", "elytra", "head", "legs", "pronotum"]
+    truth = json.loads((DEMO / "ground_truth.json").read_text())
+    names = {c["id"]: c["name"] for c in truth["categories"]}
+    with_truth = {name: len({a["image_id"] for a in truth["annotations"] if names[a["category_id"]] == name})
+                  for name in names.values()}
+    assert {r["category"]: int(r["n_images"]) for r in metrics} == {k: n - 2 for k, n in with_truth.items()}
     iou = {r["category"]: float(r["iou"]) for r in metrics}
     assert iou["elytra"] >= 0.5, iou  # real masks: random weights stay below 0.1
     assert len(list((out / "masks").glob("*.png"))) == len(coco.dataset["annotations"])
@@ -101,8 +110,13 @@ def test_demo_video_outputs(demo_run):
     coco = COCO(str(out / "predictions.json"))
     assert sorted(coco.getImgIds()) == list(range(32))
     assert {a["image_id"] for a in coco.loadAnns(coco.getAnnIds()) if a.get("keyframe")} == {8, 24}
-    assert (out / "overlay.mp4").stat().st_size > 0 and (out / "metrics.csv").is_file()
+    assert (out / "overlay.mp4").stat().st_size > 0
     assert not (out / "overlays").exists()
+    # metrics: the keyframes, output as annotated (IoU 1), are scored apart from the targets
+    rows = check_metrics_file(out / "metrics.csv", REPO / "resources" / "demo_video" / "ground_truth.json",
+                              out / "predictions.json", {"00008.jpg": "keyframe", "00024.jpg": "keyframe"})
+    assert all(float(r["iou"]) == 1.0 for r in rows if r["role"] == "keyframe")
+    assert {r["n_images"] for r in rows if r["level"] == "category_mean" and r["role"] == "target"} == {"30"}
 
 
 def test_rerun_has_nothing_to_do_and_measure_settings_do_not_resegment(demo_run):
@@ -194,6 +208,19 @@ def test_dry_run_and_lint_of_the_repository_config():
         ({"collections": {"x": {"images": "/nonexistent/folder", "templates": "t.json"}}}, "/nonexistent/folder"),
         ({"collections": {"x": {"images": "."}}}, "templates"),
         ({"collections": {"x": {"images": ".", "templates": "t.json"}}, "propagate": {"device": "gpu"}}, "device"),
+        # settings that would be accepted and do nothing
+        ({"collections": {"x": {"frames": ".", "templates": "t.json", "video_options": {"max_size": 512}}}},
+         "collections.x.video_options.max_size: max_size chooses how frames are extracted from a video file"),
+        ({"collections": {"x": {"frames": ".", "templates": "t.json"}}, "video_options": {"image_format": "png"}},
+         "video_options.image_format (set for all collections"),
+        ({"collections": {"x": {"frames": ".", "templates": "t.json", "video_options": {"start": 2.0}}}},
+         "collection x is a folder of frames"),
+        ({"collections": {"x": {"images": ".", "templates": "t.json", "video_options": {"fps": 5}}}},
+         "collections.x.video_options: x is a folder of photos"),
+        ({"collections": {"x": {"images": ".", "templates": "t.json", "model": {"checkpoint_dir": "ckpt"}}}},
+         "collections.x.model.checkpoint_dir: the folder of official checkpoints is one for the whole run"),
+        ({"collections": {"x": {"images": ".", "templates": "t.json"}}, "propagate": {"max_skipped_fraction": 1.5}},
+         "max_skipped_fraction"),
     ],
 )
 def test_bad_config_gives_a_clear_error(tmp_path, change, message):
@@ -234,6 +261,20 @@ def test_finetune_in_the_workflow(tmp_path):
     assert (report / "training_curves.png").stat().st_size > 0
     assert list(csv.DictReader(open(report / "training_log.csv"))) == log
 
+    # metrics: the templates (copies in the collection, matched by name) and the hold-out
+    # image whose ground truth picked the best epoch are scored apart from the targets
+    selection = json.loads((finetune / "adapter" / "sam2pal_adapter.json").read_text())["selection"]
+    assert selection["by"] == "ground_truth_iou" and selection["ground_truth_images"] == selection["holdout"]
+    roles = {name: "finetune_holdout" for name in selection["holdout"]}
+    roles.update({"specimen_000.jpg": "template", "specimen_001.jpg": "template"})
+    results = tmp_path / "results" / "trained"
+    rows = check_metrics_file(results / "metrics.csv", DEMO / "ground_truth.json", results / "predictions.json", roles)
+    assert {r["role"] for r in rows} == {"target", "template", "finetune_holdout"}
+
+    # the jobs read the device from the config: changing it retrains and re-segments nothing
+    config["propagate"]["device"] = "cpu"
+    (tmp_path / "device.yaml").write_text(yaml.safe_dump(config))
+    assert "Nothing to be done" in snakemake(tmp_path, "--configfile", "device.yaml", "-n").stdout
     config["propagate"]["area_growth_limit"] = 3.0
     (tmp_path / "edit.yaml").write_text(yaml.safe_dump(config))
     plan = planned_jobs(snakemake(tmp_path, "--configfile", "edit.yaml", "-n").stdout)
@@ -249,6 +290,8 @@ def test_finetune_in_the_workflow(tmp_path):
     assert not (tmp_path / "results" / "reused" / "finetune").exists()
     reused = json.loads((tmp_path / "results" / "reused" / "predictions.json").read_text())["info"]["model"]
     assert reused["adapter_sha256"] == info["adapter_sha256"]
+    results = tmp_path / "results" / "reused"  # the given adapter's record counts the same
+    check_metrics_file(results / "metrics.csv", DEMO / "ground_truth.json", results / "predictions.json", roles)
 
     both = json.loads(json.dumps(reuse))
     both["collections"]["reused"]["finetune"]["enabled"] = True
@@ -275,3 +318,44 @@ def test_finetune_pool_from_a_coco_file(tmp_path):
     (tmp_path / "pool.json").write_text(json.dumps(pool))
     result = snakemake(tmp_path, "--configfile", "config.yaml", "-n", check=False)
     assert result.returncode != 0 and "not_there.jpg" in result.stdout + result.stderr
+
+
+def test_too_many_bad_files_stop_the_collection_at_the_merge(tmp_path):
+    """Shards skip bad files; the merge, which sees the whole collection, stops with
+    their list when more than propagate.max_skipped_fraction of it is bad. Raising
+    the limit then merges without segmenting anything again."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    for name in ("specimen_002.jpg", "specimen_003.jpg"):
+        shutil.copy(DEMO / "images" / name, images / name)
+    (images / "cut.jpg").write_bytes((DEMO / "images" / "specimen_004.jpg").read_bytes()[:3000])
+    (images / "notes.jpg").write_text("not a photo")
+    (images / "empty.png").write_bytes(b"")
+    config = {
+        "collections": {"drawer": {"images": str(images), "templates": str(DEMO / "templates.json"),
+                                   "template_images": str(DEMO / "images")}},
+        "model": {"checkpoint": "random", "image_size": 64},
+        "propagate": {"shard_size": 2, "cycle_consistency": False},
+        "outputs": {"save_overlays": False, "report": False},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "--configfile", "config.yaml", check=False)
+    assert result.returncode != 0
+    out = tmp_path / "results" / "drawer"
+    assert len(list((out / "propagate").glob("shard-*-of-4.jsonl"))) == 4  # every shard ran
+    assert not (out / "predictions.json").exists()
+    error = [line for line in result.stderr.splitlines() if "error in rule merge_predictions" in line]
+    assert len(error) == 1, result.stderr[-3000:]
+    assert "collection drawer: 3 of 5 images are bad image files (60%" in error[0]
+    assert all(name in error[0] for name in ("cut.jpg", "notes.jpg", "empty.png"))
+    log = (tmp_path / "logs" / "drawer" / "merge_predictions.log").read_text()
+    assert all(f"  {name}: cannot read image" in log for name in ("cut.jpg", "notes.jpg", "empty.png"))
+
+    config["collections"]["drawer"]["propagate"] = {"max_skipped_fraction": 0.7}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    plan = planned_jobs(snakemake(tmp_path, "--configfile", "config.yaml", "-n").stdout)
+    assert "merge_predictions" in plan and "propagate" not in plan
+    snakemake(tmp_path, "--configfile", "config.yaml")
+    skipped = list(csv.DictReader(open(out / "skipped.csv")))
+    assert sorted(r["file_name"] for r in skipped) == ["cut.jpg", "empty.png", "notes.jpg"]
+    assert len(COCO(str(out / "predictions.json")).getImgIds()) == 2

@@ -104,7 +104,7 @@ def _run_model(config, checkpoint, image_size, seed, device, threads, checkpoint
     if adapter:
         from .adapters import adapter_kind, adapter_sha256, load_adapter
 
-        model = load_adapter(model, adapter, model_info["base_id"])
+        model = load_adapter(model, adapter, model_info["base_id"], config_sha256=model_info["config_sha256"])
         model_info.update(adapter=str(Path(adapter).resolve()), adapter_kind=adapter_kind(adapter),
                           adapter_sha256=adapter_sha256(adapter))
     return model, model_info, torch_device
@@ -164,6 +164,7 @@ def segment(
     record_extra=None,
     reuse=(),
     run_extra: dict | None = None,
+    max_skipped_fraction: float | None = 0.2,
 ) -> dict:
     """Segment `file_names` of `image_dir` from the prepared templates.
 
@@ -172,14 +173,20 @@ def segment(
     (record -> record) applied to each per-image record before it is written.
     `reuse`: earlier results [(records .jsonl, its run.json)] whose records are taken
     as they are, instead of segmenting again, where they were made with the same
-    model, templates and settings and the image has not changed since (the shards of
-    another shard count). `run_extra`: more fields for `run_json`.
+    model, templates and settings and the image has not changed since (finished
+    shards, `sam2pal.shards.reusable_results`); `run_json` then lists, as
+    `reused_from`, the runs that segmented them. `run_extra`: more fields for `run_json`.
+
+    Bad image files are skipped (`on_bad_image` "fail": stop at the first). The run
+    stops early with `propagate.TooManySkipped`, after writing `skipped_csv` when
+    given, when the images read show that more than `max_skipped_fraction` of the
+    collection is bad (`propagate.SkipLimit`); `merge` checks the whole collection.
 
     Writes the per-image results (`out_jsonl`), the run's provenance (`run_json`) and,
     when given, `skipped_csv`. Returns the counts.
     """
     from .engine import Propagator
-    from .propagate import run_propagation, write_skipped
+    from .propagate import TooManySkipped, run_propagation, write_skipped, write_skipped_rows
     from .templates import load_coco_templates
 
     started = now()
@@ -191,10 +198,20 @@ def segment(
     key = _settings_key({"model": model_info, "templates": templates_info["sha256"], "settings": settings})
     propagator = Propagator(model, templates, **settings)
     reused = reusable_records(reuse, key, image_dir, file_names, log)
-    counts = run_propagation(
-        propagator, image_dir, file_names, out_jsonl, settings_key=key,
-        on_bad_image=on_bad_image, progress=progress, log=log, transform=record_extra, reused=reused,
-    )
+    try:
+        counts = run_propagation(
+            propagator, image_dir, file_names, out_jsonl, settings_key=key,
+            on_bad_image=on_bad_image, progress=progress, log=log, transform=record_extra, reused=reused,
+            max_skipped_fraction=max_skipped_fraction,
+        )
+    except TooManySkipped as exc:
+        if skipped_csv is None:
+            raise
+        write_skipped_rows(exc.skipped, skipped_csv)
+        raise TooManySkipped(f"{exc} (all of them in {skipped_csv})", exc.skipped) from None
+    sources = _reused_from(out_jsonl)
+    if sources:
+        run_extra = dict(run_extra or {}, reused_from=sources)
     if skipped_csv is not None:
         write_skipped([out_jsonl], skipped_csv)
     _write_run_json(run_json, started, torch_device, model_info, templates_info, settings, image_dir, counts,
@@ -202,9 +219,15 @@ def segment(
     return counts
 
 
+# what a reused record keeps of the run that segmented it (`segmented_by`)
+SOURCE_FIELDS = ("shard", "host", "device", "device_name", "started", "finished")
+
+
 def reusable_records(reuse, key: str, image_dir, file_names, log=None) -> list[dict]:
     """Records of `file_names` in earlier result files made with the same settings
-    `key`, for images not modified since (skipped images are tried again)."""
+    `key`, for images not modified since (skipped images are tried again); the first
+    file that has an image wins. Each record keeps, as `segmented_by`, the shard, host,
+    device and times of the run that segmented it."""
     from .propagate import read_records
 
     wanted = set(file_names)
@@ -212,21 +235,37 @@ def reusable_records(reuse, key: str, image_dir, file_names, log=None) -> list[d
     for records_path, run_path in reuse:
         try:
             with open(run_path, encoding="utf-8") as handle:
-                same = json.load(handle).get("settings_key") == key
+                run = json.load(handle)
+            same = run.get("settings_key") == key
             made = os.path.getmtime(records_path)
         except (OSError, ValueError, AttributeError):
             continue
         if not same:
             continue
+        source = {field: run.get(field) for field in SOURCE_FIELDS}
         for record in read_records(records_path):
             name = record.get("file_name")
             if name in wanted and name not in found and "skipped" not in record:
                 try:
                     if os.path.getmtime(Path(image_dir) / name) <= made:
-                        found[name] = record
+                        found[name] = record if "segmented_by" in record else dict(record, segmented_by=source)
                 except OSError:
                     continue
     return [found[name] for name in file_names if name in found]
+
+
+def _reused_from(records_path) -> list[dict]:
+    """The earlier runs whose results a result file took (`segmented_by`), with the
+    number of images taken from each."""
+    from .propagate import read_records
+
+    sources: dict[str, dict] = {}
+    for record in read_records(records_path):
+        source = record.get("segmented_by")
+        if source:
+            entry = sources.setdefault(json.dumps(source, sort_keys=True), dict(source, images=0))
+            entry["images"] += 1
+    return sorted(sources.values(), key=lambda s: (str(s.get("shard")), str(s.get("finished"))))
 
 
 # -- video collections -------------------------------------------------------------------
@@ -295,6 +334,8 @@ def segment_video(
     log=None,
     adapter=None,
     run_extra: dict | None = None,
+    checkpoint_seconds: float = 60.0,
+    max_skipped_fraction: float | None = 0.2,
 ) -> dict:
     """Segment every frame of a video (frames and their manifest from `sam2pal.video`)
     from its keyframes (the prepared templates).
@@ -303,9 +344,15 @@ def segment_video(
     (`sam2pal.temporal`); "independent": each frame from the keyframes only, like
     photos. Either way a keyframe's annotated structures are output as annotated
     (flagged `keyframe`), and each record carries the frame's index and time.
-    """
-    import sys
 
+    In video mode an interrupted run resumes from its last checkpoint (saved every
+    `checkpoint_seconds`) with the same results as an uninterrupted run
+    (`sam2pal.temporal.track_video`).
+
+    `max_skipped_fraction` stops an independent-mode run early as `segment` does; in
+    video mode frames are read in time order, which is no fair sample of the video,
+    so only `merge` applies it.
+    """
     from .templates import load_coco_templates
     from .video import read_manifest
 
@@ -337,58 +384,51 @@ def segment_video(
             checkpoint=checkpoint, image_size=image_size, seed=seed, device=device, threads=threads,
             engine_settings=engine_settings, on_bad_image=on_bad_image, checkpoint_dir=checkpoint_dir,
             progress=progress, log=log, adapter=adapter, record_extra=add_frame, run_extra=run_extra,
+            max_skipped_fraction=max_skipped_fraction,
         )
         return {**counts, "keyframes": len(keyframes)}
 
     from .images import read_image
-    from .progress import progress as progress_bar
-    from .propagate import PARTIAL_SUFFIX, _finalise, structure_record, write_skipped
-    from .temporal import VideoPropagator
+    from .model import file_sha256
+    from .propagate import structure_record, write_skipped
+    from .temporal import VideoPropagator, track_video
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
     started = now()
     settings = _engine_settings(engine_settings)
     model, model_info, torch_device = _run_model(config, checkpoint, image_size, seed, device, threads,
                                                  checkpoint_dir, adapter)
     templates_info = _templates_info(templates_json, templates)
     frames_dir = Path(frames_dir)
+    # a checkpoint is only resumed from with the same model, keyframes, settings, frames
+    # (a re-extraction rewrites the manifest) and kind of device
+    key = _settings_key({"model": model_info, "templates": templates_info["sha256"], "settings": settings,
+                         "mode": mode, "frames_dir": str(frames_dir.resolve()),
+                         "manifest": file_sha256(manifest_csv), "manifest_mtime_ns": os.stat(manifest_csv).st_mtime_ns,
+                         "device": torch_device.type})
     propagator = VideoPropagator(
         model, keyframes, len(frames), lambda i: read_image(frames_dir / frames[i].file), **settings
     )
-    out = Path(out_jsonl)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    counts = {"images": len(frames), "segmented": 0, "skipped": 0, "resumed": 0,
-              "keyframes": len(keyframes)}
-    with open(partial, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps({"partial_of": out.name, "settings": "video"}) + "\n")
-        bar = progress_bar(total=len(frames), desc=f"track {out.parent.parent.name or 'video'}", unit="frame",
-                           disable=not progress)
-        for result in propagator.run():
-            row = frames[result.index]
-            if result.skipped is not None:
-                if on_bad_image == "fail":
-                    raise InputError(result.skipped)
-                record = {"file_name": row.file, "skipped": result.skipped}
-                counts["skipped"] += 1
-                log(f"skipped {row.file}: {result.skipped}")
-            else:
-                structures = []
-                for pred in result.predictions:
-                    entry = structure_record(pred)
-                    if (pred.category_id, pred.instance) in result.keyframe_objects:
-                        entry["keyframe"] = True
-                    structures.append(entry)
-                height, width = result.size
-                record = {"file_name": row.file, "width": int(width), "height": int(height),
-                          "structures": structures}
-                counts["segmented"] += 1
-            record.update(_frame_fields(row))
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            bar.update(1)
-        bar.close()
-    _finalise(partial, out)
+
+    def record_of(result) -> dict:
+        row = frames[result.index]
+        if result.skipped is not None:
+            record = {"file_name": row.file, "skipped": result.skipped}
+        else:
+            structures = []
+            for pred in result.predictions:
+                entry = structure_record(pred)
+                if (pred.category_id, pred.instance) in result.keyframe_objects:
+                    entry["keyframe"] = True
+                structures.append(entry)
+            height, width = result.size
+            record = {"file_name": row.file, "width": int(width), "height": int(height), "structures": structures}
+        record.update(_frame_fields(row))
+        return record
+
+    counts = track_video(propagator, out_jsonl, record_of, key, on_bad_image=on_bad_image, progress=progress,
+                         log=log, checkpoint_seconds=checkpoint_seconds,
+                         desc=Path(out_jsonl).parent.parent.name or "video")
+    counts["keyframes"] = len(keyframes)
     if skipped_csv is not None:
         write_skipped([out_jsonl], skipped_csv)
     _write_run_json(run_json, started, torch_device, model_info, templates_info, settings, frames_dir, counts,
@@ -451,8 +491,10 @@ def provenance(run_jsons, config: dict | None = None, collection: str | None = N
     if model.get("adapter"):
         adapter = {k: model.get(f"adapter{s}") for k, s in (("path", ""), ("kind", "_kind"), ("sha256", "_sha256"))}
     shards = [{"shard": run.get("shard"), **{k: run.get(k) for k in
-                                              ("started", "finished", "host", "device", "device_name", "counts")}}
+                                              ("started", "finished", "host", "device", "device_name", "counts")},
+               "reused_from": run.get("reused_from") or []}
               for _, run in runs]
+    ran = shards + [source for shard in shards for source in shard["reused_from"]]
     totals: dict[str, int] = {}
     for shard in shards:
         for key, value in (shard["counts"] or {}).items():
@@ -479,20 +521,29 @@ def provenance(run_jsons, config: dict | None = None, collection: str | None = N
         "video": first.get("video"),
         "versions": first.get("versions"),
         "workflow": workflow_version(workflow_root),
-        "hosts": sorted({s["host"] for s in shards if s["host"]}),
-        "devices": sorted({f"{s['device']} ({s['device_name']})" for s in shards if s["device"]}),
+        "hosts": sorted({s["host"] for s in ran if s.get("host")}),
+        "devices": sorted({f"{s['device']} ({s.get('device_name')})" for s in ran if s.get("device")}),
         "counts": totals,
         "runs": shards,
     }
 
 
 def merge(records, templates_json, run_jsons, out_json, polygons: bool = False, provenance_json=None,
-          config: dict | None = None, collection: str | None = None, skipped_csv=None) -> dict:
+          config: dict | None = None, collection: str | None = None, skipped_csv=None,
+          max_skipped_fraction: float | None = None, log=None) -> dict:
     """COCO predictions from per-image results (one file per shard), with the run's
-    provenance in `info` and, when asked, in `provenance_json`; and `skipped_csv`."""
-    from .coco import merge_predictions
-    from .propagate import write_skipped
+    provenance in `info` and, when asked, in `provenance_json`; and `skipped_csv`.
 
+    With `max_skipped_fraction`, first checks the whole collection: when more than
+    that share of its images were skipped, every skipped file goes to `log` and
+    `propagate.TooManySkipped` is raised before anything is written."""
+    import sys
+
+    from .coco import merge_predictions
+    from .propagate import check_skipped, write_skipped
+
+    check_skipped(records, max_skipped_fraction, f"collection {collection}" if collection else Path(out_json).parent,
+                  log=log or (lambda msg: print(msg, file=sys.stderr)))
     categories, _ = categories_of(templates_json)
     info = provenance(run_jsons, config=config, collection=collection)
     counts = merge_predictions(records, categories, out_json, info=info, polygons=polygons)
