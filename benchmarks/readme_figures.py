@@ -182,10 +182,12 @@ def finetune_step() -> str:
     rec = load("finetune-cpu-512")
     r = rec["results"]["variants"]["cached"]
     m = rec["machine"]
+    load_avg = (rec.get("load_average_at_start") or [0.0])[0]
+    busy = f", on a machine busy with other work (load average {load_avg:.1f})" if load_avg > m["cpu_count"] else ""
     return (f"on {m['cpu_count']} CPU cores a training step at {rec['args']['image_size']} px took "
-            f"{r['s_per_step']:.1f} s and {r['peak_rss_mb'] / 1024:.1f} GB of memory "
+            f"{r['s_per_step']:.1f} s and {r['peak_rss_mb'] / 1024:.1f} GB of memory{busy} "
             "(*Speed*), so 10 epochs of 100 photos take about "
-            f"{10 * 100 * r['s_per_step'] / 3600:.1f} hours; at 1024 px a step costs several times more.\n")
+            f"{10 * 100 * r['s_per_step'] / 3600:.1f} hours; a larger `model.image_size` costs more per step, a smaller one less.\n")
 
 
 def video() -> str:
