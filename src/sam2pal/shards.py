@@ -95,18 +95,16 @@ def result_files(folder: str | os.PathLike, text: str) -> tuple[Path, Path]:
     return folder / f"shard-{text}.jsonl", folder / f"shard-{text}.run.json"
 
 
-def layouts(folder: str | os.PathLike) -> dict[int, float]:
-    """{shard count: time of its newest run file} of the complete layouts in `folder`:
-    those whose every shard has its records and run file."""
-    folder = Path(folder)
-    found: dict[int, set[int]] = {}
+def _finished(where: Path):
+    """(directory entry, label, index, count) of every shard records file in `where`
+    whose run file is there too (a finished shard); nothing when `where` is missing."""
     try:
-        entries = list(os.scandir(folder))
+        entries = list(os.scandir(where))
     except FileNotFoundError:
-        return {}
+        return
     names = {entry.name for entry in entries}
-    for name in names:
-        match = RESULT.match(name)
+    for entry in entries:
+        match = RESULT.match(entry.name)
         if not match:
             continue
         try:
@@ -114,7 +112,16 @@ def layouts(folder: str | os.PathLike) -> dict[int, float]:
         except ValueError:
             continue
         if f"shard-{match.group(1)}.run.json" in names:
-            found.setdefault(count, set()).add(index)
+            yield entry, match.group(1), index, count
+
+
+def layouts(folder: str | os.PathLike) -> dict[int, float]:
+    """{shard count: time of its newest run file} of the complete layouts in `folder`:
+    those whose every shard has its records and run file."""
+    folder = Path(folder)
+    found: dict[int, set[int]] = {}
+    for _, _, index, count in _finished(folder):
+        found.setdefault(count, set()).add(index)
     complete = {}
     for count, indices in found.items():
         if len(indices) == count:
@@ -172,22 +179,10 @@ def reusable_results(folder: str | os.PathLike, text: str) -> list[tuple[str, st
     folder = Path(folder)
     found, seen = [], set()
     for where in (folder, folder / DONE):
-        try:
-            entries = list(os.scandir(where))
-        except FileNotFoundError:
-            continue
-        present = {entry.name for entry in entries}
-        for entry in entries:
-            match = RESULT.match(entry.name)
-            if not match:
+        for entry, found_label, _, count in _finished(where):
+            if found_label not in overlapping(text, count):
                 continue
-            try:
-                _, count = parse_label(match.group(1))
-            except ValueError:
-                continue
-            run = f"shard-{match.group(1)}.run.json"
-            if match.group(1) not in overlapping(text, count) or run not in present:
-                continue
+            run = f"shard-{found_label}.run.json"
             stat = entry.stat()
             if (stat.st_dev, stat.st_ino) in seen:  # the same file linked into .done
                 continue
