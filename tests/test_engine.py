@@ -79,7 +79,7 @@ def test_engine_equals_official_video_predictor(tmp_path, config):
         save_jpeg(video / "00000.jpg", blob_image(rng, H, W, [(30, 20, 100, 70, (200, 60, 40))]))
         target = save_jpeg(video / "00001.jpg", blob_image(rng, H, W, [(25, 25, 95, 75, (190, 70, 50))]))
         templates = template_set([(video / "00000.jpg", masks)], {1: "body", 2: "spot"})
-        engine = Propagator(model, templates, fill_hole_area=0, cycle_consistency=False)
+        engine = Propagator(model, templates, fill_hole_area=0, cycle_consistency=False, exact=True)
         ours = engine.predict(target)
 
         state = predictor.init_state(str(video))
@@ -139,7 +139,8 @@ def test_engine_equals_official_video_predictor_with_defaults(tmp_path, n_templa
         save_jpeg(path, blob_image(rng, H, W, [(*boxes[frame], (200, 60, 40))]))
         entries.append((path, masks[frame]))
     target = save_jpeg(tmp_path / f"{n_templates:05d}.jpg", blob_image(rng, H, W, [(25, 25, 95, 75, (190, 70, 50))]))
-    engine = Propagator(model, template_set(entries, {1: "body", 2: "spot"}), cycle_consistency=False)
+    engine = Propagator(model, template_set(entries, {1: "body", 2: "spot"}), cycle_consistency=False,
+                        exact=True)
     assert engine.fill_hole_area == predictor.fill_hole_area == DEFAULT_ENGINE_SETTINGS["fill_hole_area"] == 8
     assert [g.templates for g in engine.groups] == [list(range(n_templates))]
     ours = engine.predict(target)

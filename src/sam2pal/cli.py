@@ -61,6 +61,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -106,6 +113,10 @@ def _engine_args(p, reference: str, cut_note: str = ""):
           help=f"always cut structures to the box on {reference} (+ padding){cut_note}")
     _flag(e, "--no_cycle_consistency", action="store_true", help="skip the cycle-consistency QC score (faster)")
     _flag(e, "--fill_hole_area", type=int, default=8, help="fill mask holes up to this many low-res pixels (0: off)")
+    _flag(e, "--exact", action="store_true",
+          help="reproduce SAM2's official predictor exactly: decode and resize at full size (slower on large photos)")
+    _flag(e, "--batch_size", type=_non_negative_int, default=0,
+          help="photos per model call (0: automatic, 8 on a GPU, 1 on a CPU); changes no mask")
 
 
 def _engine_settings(args) -> dict:
@@ -115,6 +126,7 @@ def _engine_settings(args) -> dict:
         "area_growth_limit": args.area_growth_limit,
         "area_clamp_pad": args.area_clamp_pad,
         "bbox_clamp": args.bbox_clamp,
+        "exact": args.exact,
     }
 
 
@@ -358,7 +370,7 @@ def cmd_video(args) -> int:
         mode=args.mode, config=config, checkpoint=checkpoint, image_size=args.image_size, seed=_model_seed(args),
         device=args.device, threads=args.threads or None, on_bad_image=args.on_bad_image,
         max_skipped_fraction=args.max_skipped_fraction, checkpoint_dir=args.checkpoint_dir,
-        adapter=adapter, engine_settings=_engine_settings(args),
+        adapter=adapter, engine_settings=_engine_settings(args), batch_size=args.batch_size,
     )
     predictions = Path(args.export_predictions)
     if not predictions.is_absolute():
@@ -523,7 +535,7 @@ def cmd_segment(args) -> int:
         config=config, checkpoint=checkpoint, image_size=args.image_size, seed=_model_seed(args),
         device=args.device, threads=args.threads or None, on_bad_image=args.on_bad_image,
         max_skipped_fraction=args.max_skipped_fraction, checkpoint_dir=args.checkpoint_dir,
-        adapter=adapter, engine_settings=_engine_settings(args),
+        adapter=adapter, engine_settings=_engine_settings(args), batch_size=args.batch_size,
     )
     predictions = out_dir / "predictions.json"
     _check_skipped(args, records, args.image_dir, out_dir)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .masks import mask_iou
+from .masks import BoxMask, mask_iou, source_index
 from .model import autocast
 from .postprocess import StructureReference, clamp_mask
 
@@ -62,11 +62,16 @@ class StructurePrediction:
 
     category_id: int
     instance: int
-    mask: np.ndarray  # bool, (height, width) of the target image
+    box: BoxMask  # the mask on the target image's full pixel grid, stored as its box
     predicted_iou: float
     object_score: float  # probability that the structure is present
     cycle_iou: float | None = None
     clamped: bool = False
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The mask as a full-size bool array (height, width) of the target image."""
+        return self.box.full()
 
     @property
     def score(self) -> float:
@@ -127,6 +132,38 @@ def fill_holes(low_res_logits: torch.Tensor, max_area: int) -> torch.Tensor:
         return low_res_logits
     hole_tensor = torch.from_numpy(holes).to(low_res_logits.device)
     return torch.where(hole_tensor, torch.full_like(low_res_logits, 0.1), low_res_logits)
+
+
+def upsample_to_box(logits: np.ndarray, size: tuple[int, int], threshold: float = 0.0) -> BoxMask:
+    """Threshold a low-resolution logit map (h, w) resized bilinearly to `size` (height,
+    width), computing the resize only where it can exceed the threshold.
+
+    A bilinear value is a weighted mean of four neighbours, so it exceeds the threshold
+    only where one of its neighbours does: outside the box of those, nothing is
+    computed. Inside, the weights are those of torch's `F.interpolate(mode="bilinear",
+    align_corners=False)` in float32; the result differs from it at most where a value
+    lies within rounding of the threshold.
+    """
+    logits = torch.as_tensor(logits, dtype=torch.float32).cpu()
+    height, width = int(size[0]), int(size[1])
+    above = (logits > threshold).numpy()
+    rows = np.flatnonzero(above.any(axis=1))
+    if rows.size == 0:
+        return BoxMask.empty((height, width))
+    cols = np.flatnonzero(above[rows[0] : rows[-1] + 1].any(axis=0))
+    r_lo, r_hi, r_w = source_index(height, logits.shape[0])
+    c_lo, c_hi, c_w = source_index(width, logits.shape[1])
+    ys = np.flatnonzero((r_lo <= rows[-1]) & (r_hi >= rows[0]))
+    xs = np.flatnonzero((c_lo <= cols[-1]) & (c_hi >= cols[0]))
+    y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+    # rows first (a small band), then columns, in place: torch's order of operations
+    wy = torch.from_numpy(r_w[y0:y1, None])
+    band = logits.index_select(0, torch.from_numpy(r_lo[y0:y1])).mul_(1.0 - wy)
+    band.add_(logits.index_select(0, torch.from_numpy(r_hi[y0:y1])).mul_(wy))
+    wx = torch.from_numpy(c_w[x0:x1])
+    values = band.index_select(1, torch.from_numpy(c_lo[x0:x1])).mul_(1.0 - wx)
+    values.add_(band.index_select(1, torch.from_numpy(c_hi[x0:x1])).mul_(wx))
+    return BoxMask((height, width), y0, x0, (values > threshold).numpy()).tight()
 
 
 # -- SAM2 steps shared by the engine and the palindrome trainer ---------------------------
@@ -249,14 +286,66 @@ def logits_to_masks(low_res: torch.Tensor, size: tuple[int, int], threshold: flo
     return masks
 
 
+def logits_to_boxes(low_res: torch.Tensor, size: tuple[int, int], threshold: float = 0.0,
+                    exact: bool = False) -> list[BoxMask]:
+    """Low-res logits (B, 1, h, w) -> B masks at `size` (height, width) as `BoxMask`s.
+
+    Resized only inside each structure's box (`upsample_to_box`), or, with `exact`,
+    over the whole image as the official predictor does (`logits_to_masks`)."""
+    if exact:
+        return [BoxMask.from_full(mask) for mask in logits_to_masks(low_res, size, threshold)]
+    low_res = low_res.detach().float().cpu()
+    return [upsample_to_box(low_res[b, 0], size, threshold) for b in range(low_res.shape[0])]
+
+
+def _repeat_batch(value, times: int):
+    """A memory entry (tensor, list of tensors, or other) repeated `times` along the
+    batch (object) dimension: [objects, objects, ...]."""
+    if times == 1:
+        return value
+    if torch.is_tensor(value):
+        return value.repeat(times, *([1] * (value.dim() - 1)))
+    if isinstance(value, list):
+        return [_repeat_batch(v, times) for v in value]
+    return value
+
+
+def repeat_memory(memory: dict, times: int) -> dict:
+    """A SAM2 output dict of conditioning frames for `times` copies of its objects."""
+    if times == 1:
+        return memory
+    return {kind: {frame: {name: _repeat_batch(value, times) for name, value in out.items()}
+                   for frame, out in frames.items()}
+            for kind, frames in memory.items()}
+
+
+def stacked_features(model, backbones: list[dict], batch: int):
+    """Features of several images for tracking, each image's expanded to `batch`
+    objects, image after image (flattened as `expand_features`)."""
+    if len(backbones) == 1:
+        return expand_features(model, backbones[0], batch)
+    stacked = {
+        key: [torch.cat([b[key][level].expand(batch, -1, -1, -1) for b in backbones])
+              for level in range(len(backbones[0][key]))]
+        for key in ("backbone_fpn", "vision_pos_enc")
+    }
+    _, feats, pos, sizes = model._prepare_backbone_features(stacked)
+    return feats, pos, sizes
+
+
 def cycle_ious(model, feats, low_res: torch.Tensor, references, fill_hole_area: int = 0,
-               threshold: float = 0.0) -> list[float]:
+               threshold: float = 0.0, reduced: bool = False, repeat: int = 1) -> list[float]:
     """Label-free quality of predicted masks: the target, with its predicted masks
     (`low_res`, B objects), becomes the conditioning frame of a fresh memory, and each
     reference image is tracked back from it; returns per object the IoU with the
     reference's known mask, averaged over the references.
 
-    `references`: [(backbone of the reference image, [B bool masks])].
+    `references`: [(backbone of the reference image, [B bool masks])], or, with
+    `reduced`, [(backbone, (B, 1, S, S) binary tensor of the masks at the model's input
+    size)]. All references are tracked back in one batch. With `reduced` the IoU is
+    taken on the model's S x S input grid instead of each reference's full pixel grid.
+    `repeat`: the batch holds that many targets, each with the same B objects (the
+    references' masks are B per reference), so B = len(low_res) / repeat.
     """
     image_size = int(model.image_size)
     mask_in = (
@@ -264,11 +353,21 @@ def cycle_ious(model, feats, low_res: torch.Tensor, references, fill_hole_area: 
     ).float()
     batch = low_res.shape[0]
     memory = new_memory({0: conditioning_frame(model, feats, 0, 2, mask_in, fill_hole_area)})
+    back_feats = stacked_features(model, [backbone for backbone, _ in references], batch)
+    back, _, _ = track_frame(model, back_feats, 1, 2, repeat_memory(memory, len(references)), fill_hole_area)
     totals = np.zeros(batch)
-    for backbone, masks in references:
-        back, _, _ = track_frame(model, expand_features(model, backbone, batch), 1, 2, memory, fill_hole_area)
-        for i, pred in enumerate(logits_to_masks(back, masks[0].shape, threshold)):
-            totals[i] += mask_iou(pred, masks[i])
+    for r, (_, masks) in enumerate(references):
+        logits = back[r * batch : (r + 1) * batch]
+        if reduced:
+            pred = F.interpolate(logits.float(), size=(image_size, image_size), mode="bilinear",
+                                 align_corners=False) > threshold
+            truth = masks.bool().repeat(repeat, 1, 1, 1)
+            inter = (pred & truth).flatten(1).sum(1).double()
+            union = (pred | truth).flatten(1).sum(1).double()
+            totals += torch.where(union > 0, inter / union.clamp(min=1), 1.0).cpu().numpy()
+        else:
+            for i, pred in enumerate(logits_to_masks(logits, masks[0].shape, threshold)):
+                totals[i] += mask_iou(pred, masks[i % len(masks)])
     return (totals / max(len(references), 1)).tolist()
 
 
@@ -303,10 +402,16 @@ class Propagator:
         bbox_clamp: bool = False,
         mask_threshold: float = 0.0,
         backbones: list[dict] | None = None,
+        exact: bool = False,
+        batch_size: int = 1,
     ):
         if read_image is None:
             from .images import read_image
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
         self.model = model
+        self.exact = bool(exact)
+        self.batch_size = int(batch_size)
         self.device = model.device
         self.image_size = int(model.image_size)
         self.fill_hole_area = int(fill_hole_area)
@@ -347,6 +452,14 @@ class Propagator:
         with torch.inference_mode(), autocast(self.device):
             for group in self.groups:
                 group.memory = self._template_memory(group)
+            # the templates' masks on the model's input grid, for the reduced cycle IoU
+            self._reduced_masks = {
+                (id(group), t): binary_mask_input(
+                    np.stack([self._templates[t].masks[key] for key in group.objects]),
+                    self.image_size, self.device).bool()
+                for group in self.groups for t in group.templates
+            } if self.cycle_consistency and not self.exact else {}
+        self._repeated: dict[tuple[int, int], dict] = {}
 
     # -- SAM2 steps -------------------------------------------------------------------
 
@@ -372,48 +485,118 @@ class Propagator:
     def _track(self, feats, frame_idx: int, num_frames: int, memory: dict):
         return track_frame(self.model, feats, frame_idx, num_frames, memory, self.fill_hole_area)
 
-    def _to_image_masks(self, low_res: torch.Tensor, size: tuple[int, int]) -> list[np.ndarray]:
-        return logits_to_masks(low_res, size, self.mask_threshold)
+    def _memory(self, group: _Group, targets: int) -> dict:
+        """The group's template memory for a batch of `targets` images."""
+        if targets == 1:
+            return group.memory
+        key = (id(group), targets)
+        if key not in self._repeated:
+            self._repeated = {k: v for k, v in self._repeated.items() if k[0] != id(group)}
+            self._repeated[key] = repeat_memory(group.memory, targets)
+        return self._repeated[key]
 
-    def _cycle_iou(self, group: _Group, feats, low_res: torch.Tensor) -> list[float]:
-        references = [
-            (self._templates[t].backbone, [self._templates[t].masks[key] for key in group.objects])
-            for t in group.templates
-        ]
-        return cycle_ious(self.model, feats, low_res, references, self.fill_hole_area, self.mask_threshold)
+    def _cycle_iou(self, group: _Group, feats, low_res: torch.Tensor, targets: int) -> list[float]:
+        if self.exact:
+            references = [
+                (self._templates[t].backbone, [self._templates[t].masks[key] for key in group.objects])
+                for t in group.templates
+            ]
+        else:
+            references = [(self._templates[t].backbone, self._reduced_masks[(id(group), t)])
+                          for t in group.templates]
+        return cycle_ious(self.model, feats, low_res, references, self.fill_hole_area, self.mask_threshold,
+                          reduced=not self.exact, repeat=targets)
 
     # -- public -----------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def predict(self, image, backbone: dict | None = None) -> list[StructurePrediction]:
+    def read_target(self, path) -> tuple[np.ndarray, tuple[int, int]]:
+        """A target photo as the engine wants it: (rgb, (height, width) of the photo).
+
+        Decoded at a reduced size when that loses nothing the model sees (JPEG scaled
+        by 1/2 to 1/8, keeping at least the model's input size on each side,
+        `images.read_image_reduced`); at full size with `exact`, as the official
+        predictor reads it. The masks are on the photo's full pixel grid either way."""
+        from .images import read_image, read_image_reduced
+
+        if self.exact:
+            rgb = read_image(path)
+            return rgb, rgb.shape[:2]
+        return read_image_reduced(path, self.image_size)
+
+    def predict(self, image, backbone: dict | None = None, size: tuple[int, int] | None = None
+                ) -> list[StructurePrediction]:
         """All structures on one RGB uint8 image, in `self.objects` order.
 
         `backbone`: the image's image-encoder output when already computed (the
         trainer's feature cache); `image` may then be just its (height, width).
+        `size`: the (height, width) of the output masks when `image` is a reduced copy
+        of the photo (`read_target`); by default the image's own size.
         """
-        height, width = image[:2] if isinstance(image, tuple) else image.shape[:2]
-        results: dict[ObjectKey, StructurePrediction] = {}
+        return self.predict_batch([image], None if backbone is None else [backbone],
+                                  None if size is None else [size])[0]
+
+    def predict_batch(self, images: list, backbones: list[dict] | None = None,
+                      sizes: list | None = None) -> list[list[StructurePrediction]]:
+        """`predict` for several images in one image-encoder call and one tracking call
+        per template group (the batch is images x structures): the same masks as one
+        image at a time, in fewer, larger calls (what keeps a GPU busy)."""
+        return [pending.finish() for pending in self.start_batch(images, backbones, sizes)]
+
+    @torch.inference_mode()
+    def start_batch(self, images: list, backbones: list[dict] | None = None,
+                    sizes: list | None = None) -> list["PendingPrediction"]:
+        """The model's part of `predict_batch`: returns per image a `PendingPrediction`
+        holding the low-resolution logits and scores, whose `finish()` (resizing the
+        masks to the photo and cutting them; CPU work that may run in another thread
+        while the model goes on with the next batch) gives the predictions."""
+        n = len(images)
+        if sizes is None:
+            sizes = [image[:2] if isinstance(image, tuple) else image.shape[:2] for image in images]
+        pending = [PendingPrediction(self, (int(s[0]), int(s[1]))) for s in sizes]
         with autocast(self.device):
-            if backbone is None:
-                backbone = self._encode(image)
+            if backbones is None:
+                batch = torch.cat([preprocess(image, self.image_size, self.device) for image in images])
+                encoded = self.model.forward_image(batch)
+                backbones = [
+                    {key: [level[i : i + 1] for level in encoded[key]] for key in ("backbone_fpn", "vision_pos_enc")}
+                    for i in range(n)
+                ] if n > 1 else [encoded]
             for group in self.groups:
-                feats = self._features(backbone, len(group.objects))
+                objects = len(group.objects)
+                feats = stacked_features(self.model, backbones, objects)
                 num_frames = len(group.templates) + 1
-                low_res, ious, obj_logits = self._track(feats, num_frames - 1, num_frames, group.memory)
-                cycle = self._cycle_iou(group, feats, low_res) if self.cycle_consistency else None
-                masks = self._to_image_masks(low_res, (height, width))
+                low_res, ious, obj_logits = self._track(feats, num_frames - 1, num_frames, self._memory(group, n))
+                cycle = self._cycle_iou(group, feats, low_res, n) if self.cycle_consistency else None
                 probs = torch.sigmoid(obj_logits).cpu().tolist()
                 ious = ious.cpu().tolist()
-                for i, key in enumerate(group.objects):
-                    mask, clamped = clamp_mask(
-                        masks[i], self.references[key],
-                        area_growth_limit=self.area_growth_limit,
-                        pad=self.area_clamp_pad, always=self.bbox_clamp,
-                    )
-                    results[key] = StructurePrediction(
-                        category_id=key[0], instance=key[1], mask=mask,
-                        predicted_iou=float(ious[i]), object_score=float(probs[i]),
-                        cycle_iou=None if cycle is None else float(cycle[i]),
-                        clamped=clamped,
-                    )
-        return [results[key] for key in self.objects]
+                low_res = low_res.float().cpu()
+                for j in range(n):
+                    for i, key in enumerate(group.objects):
+                        b = j * objects + i
+                        pending[j].add(key, low_res[b], ious[b], probs[b], None if cycle is None else cycle[b])
+        return pending
+
+
+class PendingPrediction:
+    """The model's output for one image, before its masks are resized to the photo."""
+
+    def __init__(self, engine: Propagator, size: tuple[int, int]):
+        self.engine, self.size = engine, size
+        self.parts: list[tuple] = []
+
+    def add(self, key: ObjectKey, low_res: torch.Tensor, iou: float, prob: float, cycle: float | None) -> None:
+        self.parts.append((key, low_res, iou, prob, cycle))
+
+    def finish(self) -> list[StructurePrediction]:
+        """The structures of the image, in the engine's `objects` order."""
+        engine = self.engine
+        results: dict[ObjectKey, StructurePrediction] = {}
+        for key, low_res, iou, prob, cycle in self.parts:
+            box = logits_to_boxes(low_res[None], self.size, engine.mask_threshold, engine.exact)[0]
+            box, clamped = clamp_mask(box, engine.references[key], area_growth_limit=engine.area_growth_limit,
+                                      pad=engine.area_clamp_pad, always=engine.bbox_clamp)
+            results[key] = StructurePrediction(
+                category_id=key[0], instance=key[1], box=box, predicted_iou=float(iou),
+                object_score=float(prob), cycle_iou=None if cycle is None else float(cycle), clamped=clamped,
+            )
+        return [results[key] for key in engine.objects]

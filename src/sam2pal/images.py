@@ -388,6 +388,24 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     file and ImageAccessError ("<path>: cannot read the file (<reason>)") for a file
     that cannot be read at all.
     """
+    return _read(path, None)[0]
+
+
+def read_image_reduced(path: str | os.PathLike, min_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read a photo for a model that sees it at `min_side` x `min_side` pixels: returns
+    (rgb, (height, width)), where (height, width) is the photo's upright size, as
+    `read_image` gives it, and rgb the upright photo, decoded at a reduced size where
+    the format allows it cheaply (JPEG's DCT scaling by 1/2, 1/4 or 1/8, keeping at
+    least `min_side` pixels on each side) and at full size otherwise. A 12-megapixel
+    JPEG for a 1024-pixel model decodes at half size, four times fewer pixels.
+
+    Raises as `read_image`.
+    """
+    return _read(path, int(min_side))
+
+
+def _read(path, draft_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    size = None
     try:
         magic = _magic(path)
         if not magic:
@@ -396,6 +414,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             rgb = _read_tiff(path)
         else:
             with Image.open(path) as img:
+                if draft_side and img.format == "JPEG":
+                    full = img.size
+                    img.draft(None, (draft_side, draft_side))
+                    if img.size != full:
+                        size = full  # (width, height) before the EXIF orientation
                 img.load()
                 if (
                     len(magic) >= 26
@@ -405,7 +428,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 ):
                     rgb = _read_png16_color(path, img.getexif().get(_ORIENTATION_TAG, 1))
                 else:
+                    stored = img.size
                     rgb = _pil_to_rgb(ImageOps.exif_transpose(img))
+                    if size is not None and rgb.shape[:2] != (stored[1], stored[0]):
+                        size = (size[1], size[0])  # turned by a quarter
     except Exception as exc:  # noqa: BLE001 - sorted by _raise_for (MemoryError included)
         _raise_for(exc, path)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -413,7 +439,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     # arrays viewing Pillow's buffer are read-only; callers may draw on the result
     if not (rgb.flags.writeable and rgb.flags.c_contiguous):
         rgb = np.array(rgb, order="C")
-    return rgb
+    return rgb, (rgb.shape[0], rgb.shape[1]) if size is None else (size[1], size[0])
 
 
 def _png_exif_after_data(path) -> bool:

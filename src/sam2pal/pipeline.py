@@ -26,7 +26,22 @@ DEFAULT_ENGINE_SETTINGS = {
     "area_growth_limit": 0.0,
     "area_clamp_pad": 10,
     "bbox_clamp": False,
+    "exact": False,
 }
+
+#: Targets per model call on a GPU when propagate.batch_size is 0 (auto); 1 on a CPU,
+#: where a larger batch is no faster.
+GPU_BATCH_SIZE = 8
+
+
+def batch_size_for(batch_size: int | None, device) -> int:
+    """propagate.batch_size for a device: 0 or None is auto (GPU_BATCH_SIZE on CUDA, 1
+    elsewhere)."""
+    if batch_size:
+        if int(batch_size) < 1:
+            raise InputError(f"batch_size must be 0 (auto) or a positive number, not {batch_size!r}")
+        return int(batch_size)
+    return GPU_BATCH_SIZE if getattr(device, "type", str(device)).startswith("cuda") else 1
 
 
 def now() -> str:
@@ -165,6 +180,7 @@ def segment(
     reuse=(),
     run_extra: dict | None = None,
     max_skipped_fraction: float | None = 0.2,
+    batch_size: int | None = 0,
 ) -> dict:
     """Segment `file_names` of `image_dir` from the prepared templates.
 
@@ -176,6 +192,8 @@ def segment(
     model, templates and settings and the image has not changed since (finished
     shards, `sam2pal.shards.reusable_results`); `run_json` then lists, as
     `reused_from`, the runs that segmented them. `run_extra`: more fields for `run_json`.
+    `batch_size`: targets per model call (`batch_size_for`; 0 is auto), recorded in
+    `run_json`; it changes no mask.
 
     Bad image files are skipped (`on_bad_image` "fail": stop at the first). The run
     stops early with `propagate.TooManySkipped`, after writing `skipped_csv` when
@@ -196,7 +214,10 @@ def segment(
                                                  checkpoint_dir, adapter)
     templates_info = _templates_info(templates_json, templates)
     key = _settings_key({"model": model_info, "templates": templates_info["sha256"], "settings": settings})
-    propagator = Propagator(model, templates, **settings)
+    # the batch size changes no mask: it is not part of the key
+    batch = batch_size_for(batch_size, torch_device)
+    propagator = Propagator(model, templates, batch_size=batch, **settings)
+    run_extra = dict(run_extra or {}, batch_size=batch)
     reused = reusable_records(reuse, key, image_dir, file_names, log)
     try:
         counts = run_propagation(
@@ -304,11 +325,13 @@ def _frame_fields(row) -> dict:
 
 def _keyframe_structures(masks: dict) -> list[dict]:
     from .engine import StructurePrediction
+    from .masks import BoxMask
     from .propagate import structure_record
 
     records = []
     for (cid, inst), mask in sorted(masks.items()):
-        pred = StructurePrediction(category_id=cid, instance=inst, mask=mask, predicted_iou=1.0, object_score=1.0)
+        pred = StructurePrediction(category_id=cid, instance=inst, box=BoxMask.from_full(mask), predicted_iou=1.0,
+                                   object_score=1.0)
         records.append({**structure_record(pred), "keyframe": True})
     return records
 
@@ -336,6 +359,7 @@ def segment_video(
     run_extra: dict | None = None,
     checkpoint_seconds: float = 60.0,
     max_skipped_fraction: float | None = 0.2,
+    batch_size: int | None = 0,
 ) -> dict:
     """Segment every frame of a video (frames and their manifest from `sam2pal.video`)
     from its keyframes (the prepared templates).
@@ -358,6 +382,9 @@ def segment_video(
 
     if mode not in VIDEO_MODES:
         raise InputError(f"unknown video mode {mode!r} (use {' or '.join(VIDEO_MODES)})")
+    if mode == "video" and batch_size and int(batch_size) > 1:
+        raise InputError(f"batch_size {batch_size}: video mode tracks one frame after the other, from the "
+                         "frames before it; batches of frames need mode 'independent'")
     if on_bad_image not in ("skip", "fail"):
         raise InputError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
     frames = read_manifest(manifest_csv)
@@ -384,7 +411,7 @@ def segment_video(
             checkpoint=checkpoint, image_size=image_size, seed=seed, device=device, threads=threads,
             engine_settings=engine_settings, on_bad_image=on_bad_image, checkpoint_dir=checkpoint_dir,
             progress=progress, log=log, adapter=adapter, record_extra=add_frame, run_extra=run_extra,
-            max_skipped_fraction=max_skipped_fraction,
+            max_skipped_fraction=max_skipped_fraction, batch_size=batch_size,
         )
         return {**counts, "keyframes": len(keyframes)}
 

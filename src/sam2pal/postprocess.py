@@ -55,22 +55,28 @@ class StructureReference:
 
 
 def clamp_mask(
-    mask: np.ndarray,
+    mask,
     reference: StructureReference,
     area_growth_limit: float = 0.0,
     pad: int = 10,
     always: bool = False,
-) -> tuple[np.ndarray, bool]:
-    """Cut `mask` to the reference box when asked to; returns (mask, was_cut)."""
-    height, width = mask.shape
+):
+    """Cut `mask` (a bool array, or a `sam2pal.masks.BoxMask`) to the reference box when
+    asked to; returns (mask of the same kind, was_cut)."""
+    boxed = not isinstance(mask, np.ndarray)
+    height, width = mask.size if boxed else mask.shape
+    area = mask.area if boxed else int(mask.sum())
     exploded = (
         area_growth_limit > 0
         and reference.area_fraction > 0
-        and mask.sum() / float(height * width) > area_growth_limit * reference.area_fraction
+        and area / float(height * width) > area_growth_limit * reference.area_fraction
     )
     if not (always or exploded):
         return mask, False
     x0, y0, x1, y1 = reference.pixel_box(height, width, pad)
+    if boxed:
+        cut = mask.cut(x0, y0, x1, y1)
+        return cut, bool(exploded or cut.area != area)
     cut = np.zeros_like(mask)
     cut[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
     return cut, bool(exploded or (cut != mask).any())

@@ -30,26 +30,27 @@ import json
 import math
 import os
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .atomic import atomic_write
 from .errors import ImageReadError, InputError
-from .masks import encode_rle, mask_bbox
+from .images import read_image as default_read_image
 
 PARTIAL_SUFFIX = ".partial"
 
 
 def structure_record(pred) -> dict:
     """JSON record of one `engine.StructurePrediction`."""
-    area = int(pred.mask.sum())
+    box = pred.box
     return {
         "category_id": int(pred.category_id),
         "instance": int(pred.instance),
-        "segmentation": encode_rle(pred.mask),
-        "area": area,
-        "bbox": mask_bbox(pred.mask),
+        "segmentation": box.rle(),
+        "area": box.area,
+        "bbox": box.bbox(),
         "score": round(pred.score, 6),
         "predicted_iou": round(float(pred.predicted_iou), 6),
         "object_score": round(float(pred.object_score), 6),
@@ -308,8 +309,6 @@ def run_propagation(
     """
     from .progress import progress as progress_bar
 
-    if read_image is None:
-        from .images import read_image
     if on_bad_image not in ("skip", "fail"):
         raise ValueError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -337,47 +336,94 @@ def run_propagation(
     limit = SkipLimit(max_skipped_fraction, image_dir)
     limit.read = len(done)
 
+    if read_image is None:
+        read_image = getattr(propagator, "read_target", None) or default_read_image
+
     def load(name: str):
-        path = image_dir / name
+        """(image for the model, (height, width) of the photo, error)."""
         try:
-            return read_image(path), None
+            image = read_image(image_dir / name)
         except ImageReadError as exc:
-            return None, exc
+            return None, None, exc
+        if isinstance(image, tuple):
+            return image[0], (int(image[1][0]), int(image[1][1])), None
+        return image, (int(image.shape[0]), int(image.shape[1])), None
+
+    batch_size = max(int(getattr(propagator, "batch_size", 1)), 1)
+    batched = hasattr(propagator, "start_batch")
+
+    def model_part(images: list, sizes: list) -> list[Callable[[], list]]:
+        """Run the model on a batch; returns per image the rest of its work."""
+        if batched:
+            return [pending.finish for pending in propagator.start_batch(images, sizes=sizes)]
+        return [(lambda image=image: propagator.predict(image)) for image in images]
+
+    def finish(name: str, size, rest) -> dict:
+        height, width = size
+        return {"file_name": name, "width": width, "height": height,
+                "structures": [structure_record(p) for p in rest()]}
+
+    def segment_all(pending: list, queued: deque, write, readers, writers) -> None:
+        """Read, segment and queue every image to do, in batches."""
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            good = []
+            for offset, name in enumerate(chunk):
+                i = start + offset
+                image, size, error = pending[i].result()
+                pending[i] = None
+                if i + prefetch < len(todo):
+                    pending.append(readers.submit(load, todo[i + prefetch]))
+                if error is None:
+                    good.append((name, image, size))
+                    continue
+                if on_bad_image == "fail":
+                    raise error
+                reason = _reason(error, image_dir / name)
+                counts["skipped"] += 1
+                log(f"skipped {name}: {reason}")
+                queued.append((name, {"file_name": name, "skipped": reason}, reason))
+            if good:
+                rests = model_part([image for _, image, _ in good], [size for _, _, size in good])
+                for (name, _, size), rest in zip(good, rests):
+                    queued.append((name, writers.submit(finish, name, size, rest), None))
+                    counts["segmented"] += 1
+            write(until=2 * batch_size)
+        write(until=0)
 
     counts = {"images": len(file_names), "segmented": 0, "skipped": 0, "resumed": len(done) - n_reused,
               "reused": n_reused}
-    with open(partial, "a", encoding="utf-8") as handle, ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [pool.submit(load, name) for name in todo[:prefetch]]
+    prefetch = max(prefetch, 2 * batch_size)
+    # reading runs ahead of the model in two threads; resizing the masks and encoding
+    # the records runs behind it in two more, so that the model (a GPU) never waits
+    with open(partial, "a", encoding="utf-8") as handle, ThreadPoolExecutor(max_workers=2) as readers, \
+            ThreadPoolExecutor(max_workers=2) as writers:
+        pending = [readers.submit(load, name) for name in todo[:prefetch]]
+        queued: deque = deque()  # (name, future record or ready record, skip reason)
         bar = progress_bar(total=len(todo), desc=f"segment {out.stem or 'images'}", unit="img",
                            disable=not progress)
-        for i, name in enumerate(todo):
-            image, error = pending[i].result()
-            pending[i] = None
-            if i + prefetch < len(todo):
-                pending.append(pool.submit(load, todo[i + prefetch]))
-            reason = None
-            if error is None:
-                predictions = propagator.predict(image)
-                record = {
-                    "file_name": name,
-                    "width": int(image.shape[1]),
-                    "height": int(image.shape[0]),
-                    "structures": [structure_record(p) for p in predictions],
-                }
-                counts["segmented"] += 1
-            elif on_bad_image == "fail":
-                raise error
-            else:
-                reason = _reason(error, image_dir / name)
-                record = {"file_name": name, "skipped": reason}
-                counts["skipped"] += 1
-                log(f"skipped {name}: {reason}")
-            if transform is not None:
-                record = transform(record)
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            bar.update(1)
-            limit.add(name, reason)
+
+        def write(until: int) -> None:
+            while len(queued) > until:
+                name, record, reason = queued.popleft()
+                if not isinstance(record, dict):
+                    record = record.result()
+                if transform is not None:
+                    record = transform(record)
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                bar.update(1)
+                limit.add(name, reason)
+
+        try:
+            segment_all(pending, queued, write, readers, writers)
+        except BaseException:
+            # keep every image finished before the failure for the next run
+            try:
+                write(until=0)
+            except BaseException:  # noqa: BLE001 - the first failure is the one reported
+                pass
+            raise
         bar.close()
     _finalise(partial, out)
     return counts

@@ -79,11 +79,11 @@ from .engine import (
     encode_image,
     expand_features,
     fill_holes,
-    logits_to_masks,
+    logits_to_boxes,
     track_step,
 )
 from .errors import ImageReadError, InputError
-from .masks import decode_segmentation, encode_rle
+from .masks import BoxMask, decode_segmentation
 from .model import autocast
 from .postprocess import StructureReference, clamp_mask
 
@@ -210,7 +210,7 @@ class _Spill:
                 size=[int(size[0]), int(size[1])],
                 annotated=sorted([int(c), int(i)] for c, i in annotated),
                 structures=[
-                    {"key": [int(key[0]), int(key[1])], "counts": encode_rle(p.mask)["counts"],
+                    {"key": [int(key[0]), int(key[1])], "counts": p.box.rle()["counts"],
                      "predicted_iou": p.predicted_iou, "object_score": p.object_score,
                      "cycle_iou": p.cycle_iou, "clamped": bool(p.clamped)}
                     for key, p in results.items()
@@ -236,7 +236,7 @@ class _Spill:
             key = (entry["key"][0], entry["key"][1])
             mask = decode_segmentation({"size": [height, width], "counts": entry["counts"]}, height, width)
             results[key] = StructurePrediction(
-                category_id=key[0], instance=key[1], mask=mask, predicted_iou=entry["predicted_iou"],
+                category_id=key[0], instance=key[1], box=BoxMask.from_full(mask), predicted_iou=entry["predicted_iou"],
                 object_score=entry["object_score"], cycle_iou=entry["cycle_iou"], clamped=entry["clamped"],
             )
         return (height, width), results, frozenset((c, i) for c, i in record["annotated"]), None
@@ -268,6 +268,8 @@ class VideoPropagator:
         previous frame's mask in tracking order (see `sam2pal.postprocess`); a cut is
         applied to the output mask and to the mask encoded into SAM2's memory.
     prefetch: frames read ahead in a background thread.
+    exact: resize the masks to the frame over the whole frame, as the official
+        predictor does, instead of inside each structure's box (`engine.logits_to_boxes`).
     """
 
     def __init__(
@@ -283,6 +285,7 @@ class VideoPropagator:
         bbox_clamp: bool = False,
         mask_threshold: float = 0.0,
         prefetch: int = 2,
+        exact: bool = False,
     ):
         if not keyframes:
             raise ValueError("a video needs at least one keyframe")
@@ -290,6 +293,7 @@ class VideoPropagator:
         if bad:
             raise ValueError(f"keyframe index {bad[0]} is outside the video's {num_frames} frames")
         self.model = model
+        self.exact = bool(exact)
         self.device = model.device
         self.image_size = int(model.image_size)
         self.num_frames = int(num_frames)
@@ -361,7 +365,7 @@ class VideoPropagator:
 
     def _annotation(self, group: _Group, index: int) -> dict[ObjectKey, StructurePrediction]:
         return {
-            key: StructurePrediction(category_id=key[0], instance=key[1], mask=self.keyframes[index][key],
+            key: StructurePrediction(category_id=key[0], instance=key[1], box=BoxMask.from_full(self.keyframes[index][key]),
                                      predicted_iou=1.0, object_score=1.0)
             for key in group.objects
         }
@@ -373,7 +377,7 @@ class VideoPropagator:
         _, sam_outputs = track_step(self.model, feats, index, self.num_frames, memory, step < 0)
         _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
         low_res = fill_holes(low_res_masks.float(), self.fill_hole_area)
-        masks = logits_to_masks(low_res, size, self.mask_threshold)
+        masks = logits_to_boxes(low_res, size, self.mask_threshold, self.exact)
         # drift guards: the output mask is cut, and so is the mask the memory is built from
         clamped = [False] * len(group.objects)
         boxes: list = [None] * len(group.objects)
@@ -394,7 +398,7 @@ class VideoPropagator:
         ious = ious.float().max(dim=1).values.cpu().tolist()
         return {
             key: StructurePrediction(
-                category_id=key[0], instance=key[1], mask=masks[i], predicted_iou=float(ious[i]),
+                category_id=key[0], instance=key[1], box=masks[i], predicted_iou=float(ious[i]),
                 object_score=float(probs[i]), cycle_iou=None if cycle is None else float(cycle[i]),
                 clamped=clamped[i],
             )
@@ -464,7 +468,7 @@ class VideoPropagator:
                                                       state.previous[g])
                         results.update(found)
                         state.previous[g] = {
-                            key: StructureReference.from_masks([p.mask]) for key, p in found.items() if p.mask.any()
+                            key: StructureReference.from_masks([p.mask]) for key, p in found.items() if p.box.area
                         } or state.previous[g]
                         self._prune(state.windows[g], index + step, step)
                     del backbone

@@ -328,7 +328,7 @@ def checkpoint_input(wildcards):
 
 
 # The propagate settings that change the masks: editing these re-segments a
-# collection; device, threads, memory, runtime and shard_size do not (the jobs read
+# collection; device, batch_size, threads, memory, runtime and shard_size do not (the jobs read
 # the device from the config; each shard's run file records the one it ran on).
 MASK_SETTINGS = (
     "cycle_consistency",
@@ -336,6 +336,7 @@ MASK_SETTINGS = (
     "area_growth_limit",
     "area_clamp_pad",
     "bbox_clamp",
+    "exact",
     "on_bad_image",
 )
 

@@ -30,12 +30,16 @@ with logged(snakemake):
         adapter=snakemake.params.adapter,
         engine_settings={key: prop[key] for key in pipeline.DEFAULT_ENGINE_SETTINGS},
     )
+    # read here too: the batch size changes no mask, so changing it reruns nothing
+    batch_size = collection_settings(snakemake, "propagate")["batch_size"]
     outputs = (snakemake.output.records, snakemake.output.run)
     shard = {"shard": snakemake.wildcards.shard}
     if snakemake.params.video_mode:
         counts = pipeline.segment_video(
             snakemake.input.templates, image_dir, snakemake.input.frames[0], *outputs,
-            mode=snakemake.params.video_mode, run_extra=shard, **common,
+            mode=snakemake.params.video_mode, run_extra=shard,
+            # video mode tracks one frame after the other: batches only for independent frames
+            batch_size=batch_size if snakemake.params.video_mode == "independent" else 1, **common,
         )
     else:
         names = pipeline.relative_names(snakemake.input.images, image_dir)
@@ -43,7 +47,7 @@ with logged(snakemake):
         counts = pipeline.segment(
             snakemake.input.templates, image_dir, names, *outputs,
             reuse=sharding.reusable_results(folder, snakemake.wildcards.shard),
-            run_extra=dict(shard, images_sha256=sharding.names_digest(names)), **common,
+            run_extra=dict(shard, images_sha256=sharding.names_digest(names)), batch_size=batch_size, **common,
         )
         sharding.keep_done(*outputs)
     print(f"done: {counts}")
