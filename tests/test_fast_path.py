@@ -1,6 +1,6 @@
 """The engine's work around the model on large photos: masks resized only inside their
-box and run-length encoded from it, photos decoded at a reduced size, the cycle IoU on
-the model's grid, several targets per model call; each against the exact path."""
+box and run-length encoded from it, photos decoded at a reduced size, the cycle IoU
+from boxes, several targets per model call; each against the exact path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import IMAGE_SIZE, blob_image, box_mask, save_jpeg, template_set
-from sam2pal.engine import Propagator, upsample_to_box
+from sam2pal.engine import Propagator, preprocess, upsample_to_box
 from sam2pal.images import read_image, read_image_reduced
 from sam2pal.masks import BoxMask, encode_rle, mask_bbox
 from sam2pal.postprocess import StructureReference, clamp_mask
@@ -122,16 +122,37 @@ def test_batch_gives_the_masks_of_one_at_a_time(tmp_path, tiny_model, exact):
 
 
 def test_exact_and_fast_engines_agree(tmp_path, tiny_model):
-    """The fast path (box upsampling, cycle IoU on the model's grid) gives the exact
-    path's masks on an image it reads itself, and cycle IoUs close to the full-size
-    ones."""
+    """On an image given whole, the fast path (box upsampling, cycle IoU from boxes)
+    gives the exact path's masks and cycle IoUs."""
     templates, targets = _collection(tmp_path, n_targets=2)
     fast = Propagator(tiny_model, templates)
     exact = Propagator(tiny_model, templates, exact=True)
     for image in targets:
         for p, q in zip(fast.predict(image), exact.predict(image)):
             assert p.box.rle() == q.box.rle()
-            assert p.cycle_iou == pytest.approx(q.cycle_iou, abs=0.05)
+            assert p.cycle_iou == pytest.approx(q.cycle_iou, abs=1e-12)
+
+
+def test_cycle_iou_from_boxes_equals_full_size(tmp_path, tiny_model):
+    """The cycle IoU computed inside the boxes equals the one on full-size masks, for
+    two templates tracked back in one batch."""
+    from sam2pal.engine import cycle_ious, stacked_features
+
+    templates, targets = _collection(tmp_path, n_targets=1)
+    second, _ = _collection(tmp_path / "second", n_targets=1)
+    both = template_set([(t.path, {(i.category_id, i.instance): i.mask for i in t.instances})
+                         for t in (templates.images[0], second.images[0])], {1: "body", 2: "spot"})
+    engine = Propagator(tiny_model, both, cycle_consistency=False)
+    group = engine.groups[0]
+    assert len(group.templates) == 2
+    with torch.inference_mode():
+        backbone = tiny_model.forward_image(preprocess(targets[0], IMAGE_SIZE, tiny_model.device))
+        feats = stacked_features(tiny_model, [backbone], len(group.objects))
+        low_res, _, _ = engine._track(feats, 2, 3, group.memory)
+        full = [(engine._templates[t].backbone, [engine._templates[t].masks[k] for k in group.objects])
+                for t in group.templates]
+        boxes = [(b, [BoxMask.from_full(m) for m in masks]) for b, masks in full]
+        assert cycle_ious(tiny_model, feats, low_res, boxes) == cycle_ious(tiny_model, feats, low_res, full)
 
 
 def test_reduced_decode_keeps_the_photo_grid(tmp_path):
@@ -185,3 +206,25 @@ def test_engine_reads_large_photos_reduced_and_masks_them_full_size(tmp_path, ti
         union = (a | b).sum()
         # the same structure, a few pixels apart along its outline
         assert union == 0 or (a & b).sum() / union > 0.9
+
+
+def test_collection_run_in_batches_writes_the_same_records(tmp_path, tiny_model):
+    """run_propagation with batch_size 3 (bad files among the photos) writes the very
+    records of batch_size 1."""
+    from sam2pal.propagate import run_propagation
+
+    templates, targets = _collection(tmp_path, n_targets=5)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(targets):
+        Image.fromarray(image).save(images / f"p{i}.jpg", quality=95)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    names = sorted(p.name for p in images.iterdir())
+    outputs = []
+    for batch in (1, 3):
+        out = tmp_path / f"b{batch}" / "predictions.jsonl"
+        counts = run_propagation(Propagator(tiny_model, templates, batch_size=batch), images, names, out,
+                                 settings_key="k", progress=False)
+        assert counts["segmented"] == 5 and counts["skipped"] == 1
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1]

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .masks import BoxMask, mask_iou, source_index
+from .masks import BoxMask, box_iou, mask_iou, source_index
 from .model import autocast
 from .postprocess import StructureReference, clamp_mask
 
@@ -334,18 +334,18 @@ def stacked_features(model, backbones: list[dict], batch: int):
 
 
 def cycle_ious(model, feats, low_res: torch.Tensor, references, fill_hole_area: int = 0,
-               threshold: float = 0.0, reduced: bool = False, repeat: int = 1) -> list[float]:
+               threshold: float = 0.0, repeat: int = 1) -> list[float]:
     """Label-free quality of predicted masks: the target, with its predicted masks
     (`low_res`, B objects), becomes the conditioning frame of a fresh memory, and each
     reference image is tracked back from it; returns per object the IoU with the
     reference's known mask, averaged over the references.
 
-    `references`: [(backbone of the reference image, [B bool masks])], or, with
-    `reduced`, [(backbone, (B, 1, S, S) binary tensor of the masks at the model's input
-    size)]. All references are tracked back in one batch. With `reduced` the IoU is
-    taken on the model's S x S input grid instead of each reference's full pixel grid.
-    `repeat`: the batch holds that many targets, each with the same B objects (the
-    references' masks are B per reference), so B = len(low_res) / repeat.
+    `references`: [(backbone of the reference image, [B masks])], the masks bool arrays
+    or `BoxMask`s. All references are tracked back in one batch. With `BoxMask`s the
+    IoU is computed inside the boxes only (`upsample_to_box`, `box_iou`): the same value
+    as on the full arrays, at the cost of the structures' boxes instead of the whole
+    photo. `repeat`: the batch holds that many targets, each with the same B objects
+    (the references' masks are B per reference), so B = len(low_res) / repeat.
     """
     image_size = int(model.image_size)
     mask_in = (
@@ -355,16 +355,14 @@ def cycle_ious(model, feats, low_res: torch.Tensor, references, fill_hole_area: 
     memory = new_memory({0: conditioning_frame(model, feats, 0, 2, mask_in, fill_hole_area)})
     back_feats = stacked_features(model, [backbone for backbone, _ in references], batch)
     back, _, _ = track_frame(model, back_feats, 1, 2, repeat_memory(memory, len(references)), fill_hole_area)
+    back = back.float().cpu()
     totals = np.zeros(batch)
     for r, (_, masks) in enumerate(references):
         logits = back[r * batch : (r + 1) * batch]
-        if reduced:
-            pred = F.interpolate(logits.float(), size=(image_size, image_size), mode="bilinear",
-                                 align_corners=False) > threshold
-            truth = masks.bool().repeat(repeat, 1, 1, 1)
-            inter = (pred & truth).flatten(1).sum(1).double()
-            union = (pred | truth).flatten(1).sum(1).double()
-            totals += torch.where(union > 0, inter / union.clamp(min=1), 1.0).cpu().numpy()
+        if isinstance(masks[0], BoxMask):
+            for i in range(batch):
+                truth = masks[i % len(masks)]
+                totals[i] += box_iou(upsample_to_box(logits[i, 0], truth.size, threshold), truth)
         else:
             for i, pred in enumerate(logits_to_masks(logits, masks[0].shape, threshold)):
                 totals[i] += mask_iou(pred, masks[i % len(masks)])
@@ -452,13 +450,11 @@ class Propagator:
         with torch.inference_mode(), autocast(self.device):
             for group in self.groups:
                 group.memory = self._template_memory(group)
-            # the templates' masks on the model's input grid, for the reduced cycle IoU
-            self._reduced_masks = {
-                (id(group), t): binary_mask_input(
-                    np.stack([self._templates[t].masks[key] for key in group.objects]),
-                    self.image_size, self.device).bool()
+            # the templates' masks as boxes, for the cycle IoU
+            self._template_boxes = {
+                (id(group), t): [BoxMask.from_full(self._templates[t].masks[key]) for key in group.objects]
                 for group in self.groups for t in group.templates
-            } if self.cycle_consistency and not self.exact else {}
+            } if self.cycle_consistency else {}
         self._repeated: dict[tuple[int, int], dict] = {}
 
     # -- SAM2 steps -------------------------------------------------------------------
@@ -496,16 +492,9 @@ class Propagator:
         return self._repeated[key]
 
     def _cycle_iou(self, group: _Group, feats, low_res: torch.Tensor, targets: int) -> list[float]:
-        if self.exact:
-            references = [
-                (self._templates[t].backbone, [self._templates[t].masks[key] for key in group.objects])
-                for t in group.templates
-            ]
-        else:
-            references = [(self._templates[t].backbone, self._reduced_masks[(id(group), t)])
-                          for t in group.templates]
+        references = [(self._templates[t].backbone, self._template_boxes[(id(group), t)]) for t in group.templates]
         return cycle_ious(self.model, feats, low_res, references, self.fill_hole_area, self.mask_threshold,
-                          reduced=not self.exact, repeat=targets)
+                          repeat=targets)
 
     # -- public -----------------------------------------------------------------------
 

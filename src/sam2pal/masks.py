@@ -210,6 +210,20 @@ class BoxMask:
         return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
 
+def box_iou(a: BoxMask, b: BoxMask) -> float:
+    """`mask_iou` of two masks of the same image, from their boxes."""
+    area_a, area_b = a.area, b.area
+    (ha, wa), (hb, wb) = a.crop.shape, b.crop.shape
+    y0, y1 = max(a.y0, b.y0), min(a.y0 + ha, b.y0 + hb)
+    x0, x1 = max(a.x0, b.x0), min(a.x0 + wa, b.x0 + wb)
+    inter = 0
+    if y0 < y1 and x0 < x1:
+        inter = int(np.count_nonzero(a.crop[y0 - a.y0 : y1 - a.y0, x0 - a.x0 : x1 - a.x0]
+                                     & b.crop[y0 - b.y0 : y1 - b.y0, x0 - b.x0 : x1 - b.x0]))
+    union = area_a + area_b - inter
+    return 1.0 if union == 0 else inter / union
+
+
 def source_index(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each output index of a bilinear resize (align_corners False, no antialias, as
     torch's `F.interpolate`): the two input indices and the weight of the second."""

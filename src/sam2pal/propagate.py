@@ -394,10 +394,13 @@ def run_propagation(
     counts = {"images": len(file_names), "segmented": 0, "skipped": 0, "resumed": len(done) - n_reused,
               "reused": n_reused}
     prefetch = max(prefetch, 2 * batch_size)
-    # reading runs ahead of the model in two threads; resizing the masks and encoding
-    # the records runs behind it in two more, so that the model (a GPU) never waits
-    with open(partial, "a", encoding="utf-8") as handle, ThreadPoolExecutor(max_workers=2) as readers, \
-            ThreadPoolExecutor(max_workers=2) as writers:
+    # reading runs ahead of the model in threads; resizing the masks and encoding the
+    # records runs behind it in as many more, so that the model (a GPU) never waits:
+    # two of each, more for larger batches where there are cores for them (JPEG
+    # decoding and the array work release Python's lock)
+    workers = max(2, min(batch_size, os.cpu_count() or 2))
+    with open(partial, "a", encoding="utf-8") as handle, ThreadPoolExecutor(max_workers=workers) as readers, \
+            ThreadPoolExecutor(max_workers=workers) as writers:
         pending = [readers.submit(load, name) for name in todo[:prefetch]]
         queued: deque = deque()  # (name, future record or ready record, skip reason)
         bar = progress_bar(total=len(todo), desc=f"segment {out.stem or 'images'}", unit="img",

@@ -62,12 +62,10 @@ def held_out_masks() -> list[str]:
     return [name for name, _ in split_masks()[1]]
 
 
-def make_held_out(out_dir, spec: HeldOut, n_images: int, n_templates: int,
-                  size: tuple[int, int] = (480, 360)) -> dict:
-    """Write one held-out collection (images, templates.json, ground_truth.json) of
-    photos of `size` (width, height)."""
+def make_held_out(out_dir, spec: HeldOut, n_images: int, n_templates: int) -> dict:
+    """Write one held-out collection (images, templates.json, ground_truth.json)."""
     return make_collection(out_dir, n_images=n_images, n_templates=n_templates, seed=spec.seed,
-                           style=spec.style, mask_names=held_out_masks(), size=size)
+                           style=spec.style, mask_names=held_out_masks())
 
 
 def _with_body(masks: dict[str, np.ndarray], shape) -> dict[str, np.ndarray]:
@@ -96,11 +94,9 @@ class Scores:
         return {s: round(self.mean_iou(s), 3) for s in STRUCTURES} | {"mean": round(self.mean_parts(), 3)}
 
 
-def score_collection(model, coll_dir, n_templates: int, targets_from: int, cycle: bool = False,
-                     exact: bool = False) -> Scores:
+def score_collection(model, coll_dir, n_templates: int, targets_from: int, cycle: bool = False) -> Scores:
     """Segment the targets (images from index `targets_from` on) of a collection made by
-    `make_held_out` from its first `n_templates` templates; IoU against the truth.
-    `exact`: the engine's exact path (`Propagator`), e.g. the cycle IoU at full size."""
+    `make_held_out` from its first `n_templates` templates; IoU against the truth."""
     from .engine import Propagator
     from .images import read_image
     from .templates import load_coco_templates
@@ -110,7 +106,7 @@ def score_collection(model, coll_dir, n_templates: int, targets_from: int, cycle
     templates = templates.select(max_templates=n_templates)
     gt_path = coll_dir / "ground_truth.json"
     _, truth = category_masks(load_coco(gt_path), gt_path)
-    engine = Propagator(model, templates, cycle_consistency=cycle, exact=exact)
+    engine = Propagator(model, templates, cycle_consistency=cycle)
     names = {cid: name for cid, name in templates.categories.items()}
     scores = Scores()
     files = sorted(truth)[targets_from:]
