@@ -32,8 +32,19 @@ and each group is tracked in its own batch over the same target encoding.
 Per structure the engine reports SAM2's predicted IoU and object score and, when
 `cycle_consistency` is on, a label-free quality estimate: the target with its
 predicted mask becomes the conditioning frame of a fresh memory and each template is
-tracked back from it; the IoU of that prediction with the template's true mask,
-averaged over the templates, is the cycle IoU.
+tracked back from it (all templates in one batch); the IoU of that prediction with the
+template's true mask, averaged over the templates, is the cycle IoU.
+
+Large photos: a 12-megapixel photo is 46 times the pixels of a 1024 x 1024 model
+input, and full-size work around the model costs more than the model. So a mask is
+resized to the photo only inside the box where its logits can be positive
+(`upsample_to_box`, the very pixels of a full-size resize), kept as that box
+(`masks.BoxMask`), and run-length encoded from it; the cycle IoU is computed inside
+the boxes too; and `read_target` decodes a JPEG at a reduced size when the model sees
+it much smaller. `exact=True` decodes and resizes at full size, as the official
+predictor does (the equivalence tests use it). `batch_size` targets go through the
+image encoder and each tracking call together (`predict_batch`): the same masks as one
+at a time, in larger calls that keep a GPU busy.
 """
 
 from __future__ import annotations
