@@ -460,6 +460,178 @@ def test_real_antenna_curve_length_between_feret_and_skeleton():
 
 
 # --------------------------------------------------------------------------------------
+# the reference implementation's values, and the fast implementation's parts
+# --------------------------------------------------------------------------------------
+
+# measure_mask must give the values of the plain scikit-image implementation
+# (tests/measure_golden.py: its shapes and how the values were made) within 0.5 %;
+# values near 0 get an absolute slack (the eccentricity of a disc is the square root of
+# a difference of rounded moments, ~1e-8 instead of 0)
+GOLDEN_REL = 0.005
+GOLDEN_ABS = 1e-6
+
+
+@pytest.mark.parametrize("group", ["test/", "pieces/", "real/", "real_x4/", "real_x8/", "photo/"])
+def test_measures_agree_with_the_reference_implementation(group):
+    import measure_golden
+
+    golden = measure_golden.load()
+    shapes = [(name, build) for name, build in measure_golden.shapes() if name.startswith(group)]
+    assert len(shapes) >= 5 and all(name in golden for name, _ in shapes)
+    errors = []
+    for name, build in shapes:
+        result = measure_mask(build())
+        for key in MASK_MEASURES:
+            value, expected = result[key], golden[name][key]
+            if math.isnan(expected) or math.isnan(value):
+                if not (math.isnan(expected) and math.isnan(value)):
+                    errors.append((math.inf, name, key, value, expected))
+                continue
+            error = abs(value - expected)
+            if error > GOLDEN_ABS:
+                errors.append((error / abs(expected), name, key, value, expected))
+    bad = sorted((e for e in errors if e[0] > GOLDEN_REL), reverse=True)
+    assert not bad, f"{len(bad)} values off, worst: " + "; ".join(
+        f"{name} {key}: {value!r} instead of {expected!r} ({rel:+.3%})" for rel, name, key, value, expected in bad[:5])
+
+
+def _random_masks(seed, n, size=(60, 70)):
+    """Varied small masks: noise opened to blobs (with holes and specks), lines."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        mask = rng.random(size) > rng.uniform(0.15, 0.7)
+        if i % 3:
+            mask = ndi.binary_opening(mask, iterations=int(rng.integers(1, 3)))
+        if i % 5 == 0:
+            rr, cc = line(*rng.integers(1, min(size) - 1, 4))
+            mask[rr, cc] = True
+        if mask.any():
+            yield mask
+
+
+def _padded(mask):
+    from sam2pal.measure import _crop
+
+    return _crop(mask)[0]
+
+
+def test_border_pixels_are_the_outline_points():
+    from sam2pal.measure import _Outline
+
+    for mask in _random_masks(1, 200):
+        crop = _padded(mask)
+        cross = ndi.generate_binary_structure(2, 1)
+        expected = np.flatnonzero(crop.astype(bool) & ~ndi.binary_erosion(crop, cross))
+        assert np.array_equal(_Outline.of(crop).border(), expected)
+
+
+def test_perimeter_is_scikit_images():
+    from skimage.measure import perimeter
+
+    for mask in _random_masks(2, 200):
+        assert measure_mask(mask)["perimeter_px"] == perimeter(mask, neighborhood=4)
+
+
+def test_hull_pixel_count_is_regionprops_area_convex():
+    from skimage.measure import regionprops
+
+    from sam2pal.measure import _hull_pixel_count, _Outline
+
+    for mask in _random_masks(3, 200):
+        crop = _padded(mask)
+        expected = regionprops(crop)[0].area_convex
+        assert _hull_pixel_count(_Outline.of(crop).hull()) == expected
+
+
+def test_thinning_is_scikit_images_skeletonize():
+    from sam2pal.measure import _Outline, _thin
+
+    shapes = list(_random_masks(4, 200))
+    shapes += [arc_stroke(60, 200, 11)[0], sine_stroke(20, 100, 300, 15)[0], rectangle(120, 40, 30)]
+    for mask in shapes:
+        crop = _padded(mask)
+        assert np.array_equal(_thin(crop, _Outline.of(crop).border()), skeletonize(crop.astype(bool)))
+
+
+def test_widest_bounds_hold_the_largest_distance():
+    from sam2pal.measure import _crop, _widest_bounds
+
+    rng = np.random.default_rng(5)
+    for i in range(60):
+        mask = ndi.binary_opening(rng.random((150, 170)) > rng.uniform(0.1, 0.5), iterations=3)
+        mask[disk((75, 85), rng.uniform(5, 40))] = True
+        widest = ndi.distance_transform_edt(np.pad(mask, 1)).max()
+        for block in (2, 3, 4, 7, 16):
+            crop = np.zeros((-(-152 // block) * block, -(-172 // block) * block), np.uint8)
+            crop[:152, :172] = _crop(mask)[0][:152, :172]
+            low, high = _widest_bounds(crop, block)
+            assert low <= widest <= high, (i, block, low, widest, high)
+
+
+def test_median_half_width_is_exact():
+    from sam2pal.measure import _longest_path, _median_half_width, _Outline, _skeleton_graph
+
+    shapes = [arc_stroke(r, a, t)[0] for r, a, t in ((60, 200, 11), (120, 90, 15), (30, 270, 3))]
+    shapes += [sine_stroke(20, 100, 300, t)[0] for t in (3, 7, 15)] + [rectangle(200, 30, 17)]
+    for mask in shapes:
+        crop = _padded(mask)
+        coords, graph = _skeleton_graph(skeletonize(crop.astype(bool)))
+        path = coords[_longest_path(graph)]
+        for cut in (len(path), len(path) - 1, 7, 2, 1):
+            dt = ndi.distance_transform_edt(crop)
+            expected = float(np.median(dt[path[:cut, 0], path[:cut, 1]] - 0.5))
+            assert _median_half_width(crop, _Outline.of(crop).border(), path[:cut]) == expected
+
+
+def test_any_dtype_gives_the_same_measures():
+    mask = arc_stroke(40, 150, 7)[0]
+    expected = measure_mask(mask)
+    for other in (mask.astype(np.uint8) * 255, mask.astype(np.int32), mask.astype(np.float32) * 0.5,
+                  np.asfortranarray(mask), mask[:, ::-1][:, ::-1]):
+        assert measure_mask(other) == expected
+
+
+def test_measuring_workers_use_one_opencv_thread(tmp_path):
+    """measure_coco's workers (forked where the platform can) run OpenCV sequentially,
+    also when the parent has used OpenCV's thread pool before: no oversubscription, no
+    hang."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "workers.py"
+    script.write_text(
+        "import multiprocessing\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "import cv2, numpy as np\n"
+        "from sam2pal.measure import _worker_init, measure_mask\n"
+        "def threads(_):\n"
+        "    return cv2.getNumThreads()\n"
+        "if __name__ == '__main__':\n"
+        "    mask = np.zeros((2000, 2000), bool)\n"
+        "    mask[100:1900, 300:400] = True\n"
+        "    measure_mask(mask)  # the parent uses OpenCV (and its threads) first\n"
+        "    method = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn'\n"
+        "    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method),\n"
+        "                             initializer=_worker_init) as pool:\n"
+        "        used = list(pool.map(threads, range(4)))\n"
+        "        length = pool.submit(measure_mask, mask).result()['curve_length_px']\n"
+        "    print(used, length)\n")
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the measuring workers hang")
+    assert process.returncode == 0
+    used, length = out.rsplit(" ", 1)
+    assert used == "[1, 1, 1, 1]"
+    assert float(length) == pytest.approx(1800, abs=1)
+
+
+# --------------------------------------------------------------------------------------
 # measure_coco
 # --------------------------------------------------------------------------------------
 

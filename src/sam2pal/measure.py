@@ -28,9 +28,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse import csgraph
+from scipy.spatial import cKDTree
 from scipy.spatial.distance import pdist
-from skimage import measure as skmeasure
-from skimage.morphology import skeletonize
 
 from sam2pal.atomic import atomic_write
 from sam2pal.errors import InputError
@@ -99,6 +98,40 @@ _GAP = 1.0
 # one mask
 # --------------------------------------------------------------------------------------
 
+# How the measures are computed fast on the masks of large photos (none of this
+# changes what is measured; tests/test_measure.py holds them to the values of a plain
+# scikit-image implementation, tests/data/measure_golden.json):
+#
+# * everything works on the bounding box, with a background margin;
+# * the outlines (OpenCV's findContours, Suzuki and Abe's border following) give the
+#   pieces, the border pixels (exactly the pixels with a 4-neighbour in the background)
+#   and the convex hulls: the perimeter is summed over the border pixels only, the
+#   hull's pixel count (solidity) is counted row by row from its vertices;
+# * the moments come from OpenCV (the same second moments as regionprops');
+# * the skeleton is scikit-image's Zhang-Suen thinning, pixel for pixel, done by a
+#   thinning that visits only the outline pixels of each pass (`_thin`);
+# * the largest width (the maximum of the distance transform) decides band or compact.
+#   Crops of at most _EXACT_DT pixels get their whole distance transform; larger ones
+#   first get bounds on its maximum from two copies reduced by whole blocks to about
+#   _DT_BLOCK_PIXELS pixels (`_widest_bounds`), and the whole transform only where the
+#   bounds do not settle the question; the median half width of a band then comes from
+#   exact distances at just enough of its centre-line pixels (`_median_half_width`).
+_EXACT_DT = 600_000
+_DT_BLOCK_PIXELS = 40_000
+# up to this many pieces, the largest is found by filling each outline; more, by labelling
+_PIECE_FILLS = 256
+# the centre-line pixels whose distance to the background is computed first (every
+# _MEDIAN_STEP-th): it bounds the others' (a distance changes no faster than the position)
+_MEDIAN_STEP = 8
+
+# scikit-image's perimeter estimator (`measure.perimeter`, 4-neighbourhood): weight of
+# each border pixel by its code, 1 + 2 x (4-neighbours on the border) + 10 x (diagonal
+# neighbours on the border)
+_PERIMETER_WEIGHTS = np.zeros(50, dtype=np.float64)
+_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1
+_PERIMETER_WEIGHTS[[21, 33]] = math.sqrt(2)
+_PERIMETER_WEIGHTS[[13, 23]] = (1 + math.sqrt(2)) / 2
+
 
 def measure_mask(mask: np.ndarray) -> dict:
     """Size and shape measures of one binary mask, in pixels.
@@ -124,22 +157,23 @@ def measure_mask(mask: np.ndarray) -> dict:
     * ``major_axis_px`` / ``minor_axis_px`` / ``eccentricity``: the axes of the ellipse
       with the same second moments as the pixels (``regionprops`` axis_major_length,
       axis_minor_length, eccentricity: 0 for a disc, towards 1 for elongated shapes).
-    * ``solidity``: pixel count over the pixel count of the convex hull (``regionprops``);
-      1 for convex shapes, lower for concave or fragmented ones.
+    * ``solidity``: pixel count over the pixel count of the convex hull (``regionprops``:
+      the pixels whose centre lies in the convex hull of the midpoints of the pixels'
+      edges); 1 for convex shapes, lower for concave or fragmented ones.
     * ``curve_length_px``: the length of the structure along its midline, the length to
       use for curved thin parts (antennae, legs). Measured on the largest piece, in one
       of two ways:
 
       - A *band*, a piece at least about four times as long as it is wide at its widest
         (area >= 4 x the square of the diameter of the largest disc inside it), is
-        measured along its centre line: the longest path through its skeleton, its two
-        ends cut back (there the skeleton forks into the corners) and smoothed (to
-        remove the pixel staircase), then prolonged straight at both ends to the
-        outline, so a stroke with flat ends measures end to end. A centre line within
-        1 % of the distance between its two ends is straight and measures that
-        distance. Only a centre line that bends (an arched antenna, a leg with its
-        knee, two antennae touching at their bases) measures longer than the maximum
-        Feret diameter, as it must.
+        measured along its centre line: the longest path through its skeleton
+        (scikit-image's ``skeletonize``), its two ends cut back (there the skeleton
+        forks into the corners) and smoothed (to remove the pixel staircase), then
+        prolonged straight at both ends to the outline, so a stroke with flat ends
+        measures end to end. A centre line within 1 % of the distance between its two
+        ends is straight and measures that distance. Only a centre line that bends (an
+        arched antenna, a leg with its knee, two antennae touching at their bases)
+        measures longer than the maximum Feret diameter, as it must.
       - A *compact* piece (head, pronotum, elytra, a blob, a short stub), whose
         skeleton branches into every corner and bump and is no midline, is measured
         along its long axis: its extent (caliper width) along the major axis of its
@@ -150,50 +184,134 @@ def measure_mask(mask: np.ndarray) -> dict:
       bent piece, which is measured along its long axis. A single pixel measures 1, a
       one-pixel line its number of pixels (times sqrt 2 on the diagonal).
 
-    An empty mask gives area 0 and NaN for every other measure.
+    An empty mask gives area 0 and NaN for every other measure. Any dtype is accepted
+    (non-zero is the structure); a mask of a 12-megapixel photo takes some
+    milliseconds to some tens of milliseconds (benchmarks/measure_speed.py).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"a mask must be 2-D, got shape {mask.shape}")
-    mask = mask.astype(bool, copy=False)
     out = {key: math.nan for key in MASK_MEASURES}
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         out["area_px"] = 0.0
         return out
-    cols = np.flatnonzero(mask.any(axis=0))
-    # all measures are translation invariant: work on the bounding box, with a 1 px
+    cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
+    # all measures are translation invariant: work on the bounding box, with a
     # background margin so that the image edge reads as the structure's outline
-    crop = np.pad(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], 1)
+    crop, block = _crop(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
 
-    out["area_px"] = float(np.count_nonzero(crop))
-    out["perimeter_px"] = float(skmeasure.perimeter(crop, neighborhood=4))
-    out["feret_max_px"], out["feret_min_px"] = feret_diameters(crop)
-    props = skmeasure.regionprops(crop.astype(np.uint8))[0]
-    out["major_axis_px"] = float(props.axis_major_length)
-    out["minor_axis_px"] = float(props.axis_minor_length)
-    out["eccentricity"] = float(props.eccentricity)
-    out["solidity"] = float(props.solidity)
-    out["curve_length_px"] = curve_length(crop)
+    area = cv2.countNonZero(crop)
+    out["area_px"] = float(area)
+    outline = _Outline.of(crop)
+    border = outline.border()
+    out["perimeter_px"] = _perimeter(crop.shape, border)
+    centres = outline.hull()
+    corners = _corner_hull(centres)
+    out["feret_max_px"], out["feret_min_px"] = _feret(corners)
+    moments = cv2.moments(crop)  # pixel values 0 and 1: the moments of the pixels
+    out["major_axis_px"], out["minor_axis_px"], out["eccentricity"] = _ellipse(moments)
+    out["solidity"] = float(area) / float(_hull_pixel_count(centres))
+    if outline.pieces > 1:
+        crop, block, outline = _largest_piece(crop, outline, area)
+        area = cv2.countNonZero(crop)
+        border = outline.border()
+        corners = _corner_hull(outline.hull())
+        moments = None
+    out["curve_length_px"] = _curve_length(crop, block, area, corners, border, moments)
     return out
 
 
-def _pixel_hull(mask: np.ndarray) -> np.ndarray:
-    """Vertices (x, y) of the convex hull of the pixel squares of a non-empty bool mask
-    (pixel (r, c) is the square [c, c+1] x [r, r+1])."""
-    mask = np.ascontiguousarray(mask, dtype=np.uint8)
-    # the hull of the pixel squares is the hull of the boundary pixel centres, grown by
-    # the square: its corners are among the corners of the hull's pixels
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    centres = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float32)
-    hull = cv2.convexHull(centres).reshape(-1, 2)
-    corners = (hull[:, None, :] + np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float32))
-    return cv2.convexHull(corners.reshape(-1, 2)).reshape(-1, 2).astype(np.float64)
+def curve_length(mask: np.ndarray) -> float:
+    """Midline length of the largest 8-connected piece of a mask (see `measure_mask`)."""
+    return measure_mask(mask)["curve_length_px"]
 
 
 def feret_diameters(mask: np.ndarray) -> tuple[float, float]:
-    """(max, min) caliper diameters of the pixel squares of a non-empty bool mask."""
-    hull = _pixel_hull(mask)
+    """(max, min) caliper diameters of the pixel squares of a non-empty mask."""
+    crop, _ = _crop(np.asarray(mask))
+    return _feret(_corner_hull(_Outline.of(crop).hull()))
+
+
+def _crop(region: np.ndarray) -> tuple[np.ndarray, int]:
+    """(uint8 0/1 copy of a region (non-zero: 1) with a background margin of at least
+    1 px, the block size of `_widest_bounds` for it): the copy's sides are multiples of
+    the block size."""
+    h, w = region.shape
+    pixels = (h + 2) * (w + 2)
+    block = 1 if pixels <= _EXACT_DT else min(16, max(2, int(math.sqrt(pixels / _DT_BLOCK_PIXELS))))
+    crop = np.zeros((-(-(h + 2) // block) * block, -(-(w + 2) // block) * block), np.uint8)
+    inner = crop[1 : h + 1, 1 : w + 1]
+    if region.dtype == np.bool_:
+        inner[...] = region.view(np.uint8)
+    else:
+        np.not_equal(region, 0, out=inner.view(np.bool_))
+    return crop, block
+
+
+class _Outline:
+    """The outlines of a mask with a background margin: those of its 8-connected pieces
+    and of their holes (OpenCV's findContours, every border pixel, as (x, y) points).
+
+    Suzuki and Abe's border following visits exactly the border pixels, those with a
+    4-neighbour in the background; the outline of a piece is one closed chain, each
+    hole's another."""
+
+    def __init__(self, shape, contours, depth, parent):
+        self.shape = shape
+        self.contours = contours
+        self.depth = depth  # 0: a piece's outline, 1: a hole's, 2: a piece in a hole ...
+        self.parent = parent  # the index of the enclosing outline, -1 for none
+        self.outer = np.flatnonzero(depth % 2 == 0)
+        self.pieces = len(self.outer)
+
+    @classmethod
+    def of(cls, crop: np.ndarray) -> "_Outline":
+        contours, hierarchy = cv2.findContours(crop, cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
+        parent = hierarchy[0][:, 3]
+        depth = np.zeros(len(parent), np.intp)
+        up = parent.copy()
+        while (up >= 0).any():
+            depth += up >= 0
+            up = np.where(up >= 0, parent[np.maximum(up, 0)], -1)
+        return cls(crop.shape, [c.reshape(-1, 2) for c in contours], depth, parent)
+
+    def hull(self) -> np.ndarray:
+        """Vertices (x, y) of the convex hull of the pixel centres."""
+        points = np.concatenate([self.contours[k] for k in self.outer])
+        return cv2.convexHull(points).reshape(-1, 2)
+
+    def border(self) -> np.ndarray:
+        """Flat indices (row-major) of the border pixels, each once, sorted."""
+        points = np.concatenate(self.contours)
+        return np.unique(points[:, 1].astype(np.intp) * self.shape[1] + points[:, 0])
+
+
+def _perimeter(shape: tuple[int, int], border: np.ndarray) -> float:
+    """scikit-image's ``measure.perimeter(mask, neighborhood=4)`` from the border pixels
+    of a mask with a margin (the other pixels' codes have weight 0): the same sum, to the
+    bit."""
+    cols = shape[1]
+    on_border = np.zeros(shape[0] * cols, np.uint8)
+    on_border[border] = 1
+    code = (1 + 2 * (on_border[border - 1] + on_border[border + 1]
+                     + on_border[border - cols] + on_border[border + cols])
+            + 10 * (on_border[border - cols - 1] + on_border[border - cols + 1]
+                    + on_border[border + cols - 1] + on_border[border + cols + 1]))
+    return float(np.bincount(code, minlength=50) @ _PERIMETER_WEIGHTS)
+
+
+def _corner_hull(centres: np.ndarray) -> np.ndarray:
+    """Vertices (x, y) of the convex hull of the pixel squares (pixel (r, c) is the
+    square [c, c+1] x [r, r+1]) from that of their centres: its corners are among the
+    corners of the hull's pixels."""
+    corners = (centres.astype(np.float32)[:, None, :]
+               + np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float32))
+    return cv2.convexHull(corners.reshape(-1, 2)).reshape(-1, 2).astype(np.float64)
+
+
+def _feret(hull: np.ndarray) -> tuple[float, float]:
+    """(max, min) caliper diameters of a convex polygon."""
     feret_max = float(pdist(hull).max())
     # rotating calipers: the narrowest width of a convex polygon is attained with one
     # caliper flush against an edge; for each edge, the width is the largest distance
@@ -208,30 +326,321 @@ def feret_diameters(mask: np.ndarray) -> tuple[float, float]:
     return feret_max, feret_min
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
-    if n <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+def _hull_pixel_count(centres: np.ndarray) -> int:
+    """Pixel count of scikit-image's convex hull image (``regionprops`` area_convex):
+    the pixel centres inside or on the convex hull of the midpoints of the pixels'
+    edges, counted exactly, row by row, from the hull's vertices.
+
+    `centres`: the vertices (x, y) of the convex hull of the pixel centres. Coordinates
+    are doubled so that every point is on the integer grid: pixel (r, c) has its centre
+    at (2c, 2r) and its edge midpoints at (2c +- 1, 2r), (2c, 2r +- 1).
+    """
+    doubled = centres.astype(np.int64)[:, None, :] * 2
+    diamond = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]], np.int64)
+    points = (doubled + diamond).reshape(-1, 2).astype(np.int32)
+    poly = cv2.convexHull(points).reshape(-1, 2).astype(np.int64)
+    x1, y1 = poly[:, 0], poly[:, 1]
+    x2, y2 = np.roll(x1, -1), np.roll(y1, -1)
+    slanted = y1 != y2  # the ends of level edges are ends of the edges next to them
+    x1, y1, x2, y2 = x1[slanted], y1[slanted], x2[slanted], y2[slanted]
+    # the rows of pixel centres (even y) each edge spans, ends included
+    first = -((-np.minimum(y1, y2)) // 2) * 2
+    last = (np.maximum(y1, y2) // 2) * 2
+    counts = np.maximum((last - first) // 2 + 1, 0)
+    edge = np.repeat(np.arange(len(counts)), counts)
+    step = np.arange(len(edge)) - np.repeat(np.cumsum(counts) - counts, counts)
+    y = first[edge] + 2 * step
+    # where the edge crosses row y: x = num / den exactly, den > 0
+    dy = y2[edge] - y1[edge]
+    num = x1[edge] * dy + (y - y1[edge]) * (x2[edge] - x1[edge])
+    num, den = np.where(dy > 0, num, -num), np.abs(dy)
+    lowest = -((-num) // (2 * den))  # ceil(x / 2): the first pixel centre at or after x
+    highest = num // (2 * den)  # floor(x / 2)
+    row = (y - y.min()) // 2
+    n_rows = int(row.max()) + 1
+    lo = np.full(n_rows, np.iinfo(np.int64).max)
+    hi = np.full(n_rows, np.iinfo(np.int64).min)
+    np.minimum.at(lo, row, lowest)
+    np.maximum.at(hi, row, highest)
+    return int(np.maximum(hi - lo + 1, 0).sum())
+
+
+def _ellipse(moments: dict) -> tuple[float, float, float]:
+    """(major axis, minor axis, eccentricity) of the ellipse with the same second
+    moments as the pixels, as `regionprops` computes them from its inertia tensor."""
+    mu0 = moments["m00"]
+    # regionprops' inertia tensor, (row, col): [[mu_cc, -mu_rc], [-mu_rc, mu_rr]] / mu0;
+    # OpenCV's mu20 is the column (x) moment
+    tensor = np.array([[moments["mu20"] / mu0, -moments["mu11"] / mu0],
+                       [-moments["mu11"] / mu0, moments["mu02"] / mu0]])
+    eigvals = np.clip(np.linalg.eigvalsh(tensor), 0, None)
+    l1, l2 = sorted(eigvals, reverse=True)
+    eccentricity = 0.0 if l1 == 0 else math.sqrt(1 - l2 / l1)
+    return 4 * math.sqrt(l1), 4 * math.sqrt(l2), float(eccentricity)
+
+
+def _largest_piece(crop: np.ndarray, outline: _Outline, area: int):
+    """(crop, block, outline) of the largest 8-connected piece of a mask with a margin
+    (its pixel count `area`), cropped (`_crop`); of pieces of the same size, the first in
+    row order (as `ndimage.label` numbers them).
+
+    With few pieces, none inside another's hole, each piece's outline is filled and
+    intersected with the mask; that gives its pixels, unless the fill missed some, which
+    the pixel counts adding up to the mask's shows. Else the pieces are labelled."""
+    if outline.pieces <= _PIECE_FILLS and outline.depth.max() <= 1:
+        best = None
+        total = 0
+        for k in outline.outer:
+            points = outline.contours[k]
+            (x, y), (x2, y2) = points.min(axis=0), points.max(axis=0)
+            piece = np.zeros((y2 - y + 1, x2 - x + 1), np.uint8)
+            cv2.drawContours(piece, [points], 0, 1, thickness=cv2.FILLED, offset=(-int(x), -int(y)))
+            cv2.bitwise_and(piece, crop[y : y2 + 1, x : x2 + 1], dst=piece)
+            count = cv2.countNonZero(piece)
+            total += count
+            # the first pixel in row order: the leftmost of the top row
+            first = (int(y), int(points[points[:, 1] == y, 0].min()))
+            if best is None or (count, -first[0], -first[1]) > (best[0], -best[1][0], -best[1][1]):
+                best = (count, first, k, piece, int(x), int(y))
+        if total == area:
+            _, _, k, piece, x, y = best
+            comp, block = _crop(piece)
+            # the piece's outline and its holes', moved by the crop (1 px margin)
+            keep = [k, *np.flatnonzero(outline.parent == k)]
+            shift = np.array([1 - x, 1 - y], np.int32)
+            contours = [outline.contours[j] + shift for j in keep]
+            parent = np.array([-1] + [0] * (len(keep) - 1))
+            return comp, block, _Outline(comp.shape, contours, outline.depth[keep], parent)
+    ltype = cv2.CV_16U if outline.pieces < 65535 else cv2.CV_32S
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8, ltype=ltype)
+    sizes = stats[1:, cv2.CC_STAT_AREA]
+    best = np.flatnonzero(sizes == sizes.max()) + 1
+    left, top, width = cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH
+    if len(best) > 1:
+        # a piece's first pixel is on the top row of its box
+        best = [min(best, key=lambda j: (stats[j, top], stats[j, left] + int(np.argmax(
+            labels[stats[j, top], stats[j, left] : stats[j, left] + stats[j, width]] == j))))]
+    x, y, w, h = (int(v) for v in stats[best[0], :4])
+    comp, block = _crop(labels[y : y + h, x : x + w] == best[0])
+    return comp, block, _Outline.of(comp)
+
+
+def _principal_axis(moments: dict) -> np.ndarray:
+    """Unit vector (row, col) of the long axis of the second-moment ellipse of a mask's
+    pixels (along the columns when the pixels have no long axis, e.g. a square)."""
+    n = moments["m00"]
+    if n < 2:
+        return np.array([0.0, 1.0])
+    # the covariance of the pixel coordinates (row, col), as numpy.cov computes it
+    cov = np.array([[moments["mu02"], moments["mu11"]],
+                    [moments["mu11"], moments["mu20"]]]) / (n - 1)
+    values, vectors = np.linalg.eigh(cov)
+    if values[1] - values[0] <= 1e-9 * max(values[1], 1e-12):
+        return np.array([0.0, 1.0])
+    return vectors[:, 1]
+
+
+def _exact_distance(value) -> np.ndarray:
+    """Euclidean distances between pixel centres (square roots of integers) from their
+    float32 values (OpenCV's distance transform), exactly as float64."""
+    value = np.asarray(value, np.float64)
+    return np.sqrt(np.round(value * value))
+
+
+def _distance_transform(comp: np.ndarray) -> np.ndarray:
+    """Exact Euclidean distance from each pixel to the nearest background pixel
+    (``ndimage.distance_transform_edt``), in float32."""
+    return cv2.distanceTransform(comp, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+
+def _widest_bounds(comp: np.ndarray, block: int) -> tuple[float, float]:
+    """Lower and upper bounds on the largest distance of a pixel to the background (the
+    maximum of the distance transform) of a mask with a margin whose sides are
+    multiples of `block`, from exact distance transforms of two copies reduced by
+    `block` x `block` blocks: one whose blocks are set where the mask covers them
+    wholly, one where it touches them.
+
+    A block's centre is within (block - 1) / sqrt 2 of each of its pixels and within
+    c = 0.5 sqrt 2 (block even) or 0 (odd) of its nearest pixel. Every background pixel
+    lies in a block not wholly covered, every pixel of an untouched block is
+    background; hence, for the pixel nearest the centre of the block farthest from any
+    block not wholly covered (d_all blocks away) and for any pixel of any block (at most
+    d_any blocks from an untouched one):
+    block d_all - (block - 1) / sqrt 2 - c <= max <= block d_any + (block - 1) / sqrt 2 + c.
+    """
+    rows, cols = comp.shape
+    mean = cv2.resize(comp * np.uint8(255), (cols // block, rows // block),
+                      interpolation=cv2.INTER_AREA)
+    # block <= 16: a block is wholly covered exactly when its mean rounds to 255, and
+    # touched exactly when it rounds to at least 1
+    widest = []
+    for reduced in (mean == 255, mean > 0):
+        reduced = cv2.copyMakeBorder(reduced.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        widest.append(float(_exact_distance(_distance_transform(reduced).max())))
+    slack = (block - 1) / math.sqrt(2) + (math.sqrt(0.5) if block % 2 == 0 else 0.0)
+    return max(1.0, block * widest[0] - slack), block * widest[1] + slack
+
+
+def _median_half_width(comp: np.ndarray, border: np.ndarray, path: np.ndarray) -> float:
+    """The median over the centre-line pixels `path` (row, col) of a mask with a margin
+    of their distance to the background minus 0.5 (their half width), exact, without
+    the whole distance transform.
+
+    The distance to the background is the distance to the nearest background pixel next
+    to a border pixel (a k-d tree of those). It is computed at every `_MEDIAN_STEP`-th
+    pixel of the path; as it changes by at most the distance moved, that bounds it at
+    the others, and only those whose bounds reach into the range where the median can
+    be are computed as well. The others are replaced by -inf or +inf, which leaves the
+    median as it is."""
+    cols = comp.shape[1]
+    outside = (border[:, None] + np.array([-1, 1, -cols, cols])).ravel()
+    outside = np.unique(outside[comp.ravel()[outside] == 0])
+    tree = cKDTree(np.stack(np.divmod(outside, cols), axis=1))
+    n = len(path)
+    index = np.arange(n)
+    before = np.minimum(index // _MEDIAN_STEP * _MEDIAN_STEP, n - 1)
+    after = np.minimum(before + _MEDIAN_STEP, n - 1)
+    known = np.zeros(n, bool)
+    known[before] = known[after] = True
+    value = np.full(n, np.nan)
+    value[known] = tree.query(path[known])[0]
+    low, high = np.full(n, -np.inf), np.full(n, np.inf)
+    for anchor in (before, after):
+        gap = np.hypot(*(path - path[anchor]).T)
+        low = np.maximum(low, value[anchor] - gap)
+        high = np.minimum(high, value[anchor] + gap)
+    middle = ((n - 1) // 2, n // 2)
+    lowest = np.partition(low, middle[0])[middle[0]]
+    highest = np.partition(high, middle[1])[middle[1]]
+    needed = ~known & (high >= lowest) & (low <= highest)
+    value[needed] = tree.query(path[needed])[0]
+    value[~known & ~needed & (high < lowest)] = -np.inf
+    value[~known & ~needed & (low > highest)] = np.inf
+    return float(np.median(value - 0.5))
+
+
+def _curve_length(comp: np.ndarray, block: int, area: int, corners: np.ndarray,
+                  border: np.ndarray, moments: dict | None) -> float:
+    """Midline length of one 8-connected piece (uint8 0/1 with a margin whose sides are
+    multiples of `block`; its pixel count, the vertices of the convex hull of its pixel
+    squares, its border pixels and, if known, its moments): the centre-line length of a
+    band (`_band_length`), else the extent along the long axis of a compact piece
+    (`_axis_extent`)."""
+    feret_max = float(pdist(corners).max())
+
+    def long_axis() -> np.ndarray:
+        return _principal_axis(cv2.moments(comp) if moments is None else moments)
+
+    dt = None
+    if block > 1:
+        # settle band or compact from bounds on the largest width where they suffice
+        low, high = _widest_bounds(comp, block)
+        if area < _BAND * (2.0 * low - 1.0) ** 2:
+            return _axis_extent(corners, long_axis(), feret_max)
+        if area < _BAND * (2.0 * high - 1.0) ** 2:
+            dt = _distance_transform(comp)
+    else:
+        dt = _distance_transform(comp)
+    if dt is not None:
+        # the largest width: the diameter of the largest disc of pixel squares inside
+        width = 2.0 * float(_exact_distance(dt.max())) - 1.0
+        if area < _BAND * width**2:
+            return _axis_extent(corners, long_axis(), feret_max)
+    coords, graph = _skeleton_graph(_thin(comp, border))
+    path = coords[_longest_path(graph)]
+    # local half width: distance from the skeleton pixel's centre to the outline
+    if dt is not None:
+        half_width = float(np.median(_exact_distance(dt[path[:, 0], path[:, 1]]) - 0.5))
+    else:
+        half_width = _median_half_width(comp, border, path)
+    return _band_length(comp, path.astype(np.float64), half_width, feret_max, long_axis)
+
+
+# Zhang-Suen thinning as scikit-image's `skeletonize` does it (its look-up table: 1 and
+# 3 are removed in the first pass of an iteration, 2 and 3 in the second)
+_ZHANG_LUT = np.array([
+    0, 0, 0, 1, 0, 0, 1, 3, 0, 0, 3, 1, 1, 0, 1, 3, 0, 0, 0, 0, 0, 0,
+    0, 0, 2, 0, 2, 0, 3, 0, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 3, 0, 2, 2, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 2, 0,
+    0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 3, 0, 2, 0, 0, 0, 3, 1,
+    0, 0, 1, 3, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 1, 3, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 1, 3, 0, 0,
+    1, 3, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 2, 3, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 3, 3,
+    0, 1, 0, 0, 0, 0, 2, 2, 0, 0, 2, 0, 0, 0], np.uint8)
+_ZHANG_REMOVE = (np.isin(_ZHANG_LUT, (1, 3)), np.isin(_ZHANG_LUT, (2, 3)))
+# a pixel's code: the sum of these weights over its set neighbours, plus _SET if set
+_SET = 20000
+_ZHANG_WEIGHTS = np.array([[1, 2, 4], [128, _SET, 8], [64, 32, 16]], np.float32)
+
+
+def _thin(comp: np.ndarray, border: np.ndarray) -> np.ndarray:
+    """scikit-image's ``skeletonize`` (Zhang-Suen thinning) of a mask with a margin
+    (and its border pixels, flat indices), pixel for pixel, in time proportional to the
+    pixels removed rather than to the image size times the number of passes: each pass
+    looks only at the pixels on the current outline, and the codes of their
+    neighbourhoods are kept up to date as pixels go.
+
+    As in scikit-image, each pass decides for all outline pixels at once from the image
+    before the pass, and thinning stops after an iteration (two passes) that removes
+    nothing.
+    """
+    rows, cols = comp.shape
+    code = cv2.filter2D(comp, cv2.CV_16S, _ZHANG_WEIGHTS, borderType=cv2.BORDER_CONSTANT).ravel()
+    full = _SET + 255
+    # the outline: set pixels with a neighbour not set. Each is a border pixel or next to
+    # one (where it touches the background at a corner only, the two neighbours beside
+    # that corner are border pixels)
+    near = np.unique((border[:, None] + np.array([0, -cols - 1, -cols, -cols + 1, -1, 1,
+                                                   cols - 1, cols, cols + 1])).ravel())
+    candidates = near[(code[near] >= _SET) & (code[near] != full)]
+    # (neighbour offset, the weight of the pixel itself in that neighbour's code)
+    neighbours = [(-cols - 1, 16), (-cols, 32), (-cols + 1, 64), (1, 128),
+                  (cols + 1, 1), (cols, 2), (cols - 1, 4), (-1, 8)]
+    while True:
+        removed = False
+        for remove in _ZHANG_REMOVE:
+            going = remove[code.take(candidates) - _SET]
+            gone = candidates[going]
+            if not gone.size:
+                continue
+            removed = True
+            parts = [candidates[~going]]
+            code[gone] -= _SET
+            for offset, weight in neighbours:
+                near = gone + offset
+                before = code.take(near)
+                code[near] = before - weight
+                # a set pixel whose neighbours were all set is now on the outline
+                fresh = near[before == full]
+                if fresh.size:
+                    parts.append(fresh)
+            candidates = np.concatenate(parts)
+        if not removed:
+            break
+    return (code >= _SET).reshape(rows, cols)
 
 
 def _skeleton_graph(skeleton: np.ndarray):
-    """Sparse 8-connected graph of skeleton pixels (weights 1 and sqrt 2)."""
-    coords = np.argwhere(skeleton)
-    index = np.full(skeleton.shape, -1, dtype=np.int64)
-    index[coords[:, 0], coords[:, 1]] = np.arange(len(coords))
-    padded = np.pad(index, 1, constant_values=-1)
+    """(coordinates (row, col), sparse 8-connected graph with weights 1 and sqrt 2) of
+    the skeleton pixels, in row order."""
+    n_cols = skeleton.shape[1]
+    flat = np.flatnonzero(skeleton)
+    coords = np.stack(np.divmod(flat, n_cols), axis=1)
+    col = coords[:, 1]
+    n = len(flat)
     src, dst, wts = [], [], []
     for dr, dc, w in ((0, 1, 1.0), (1, 0, 1.0), (1, 1, math.sqrt(2)), (1, -1, math.sqrt(2))):
-        nbr = padded[coords[:, 0] + 1 + dr, coords[:, 1] + 1 + dc]
-        ok = nbr >= 0
+        target = flat + dr * n_cols + dc
+        pos = np.minimum(np.searchsorted(flat, target), max(n - 1, 0))
+        ok = (flat[pos] == target) & (col + dc >= 0) & (col + dc < n_cols)
         src.append(np.flatnonzero(ok))
-        dst.append(nbr[ok])
+        dst.append(pos[ok])
         wts.append(np.full(ok.sum(), w))
     src, dst, wts = np.concatenate(src), np.concatenate(dst), np.concatenate(wts)
-    n = len(coords)
     graph = sparse.coo_matrix((wts, (src, dst)), shape=(n, n)).tocsr()
     return coords, graph
 
@@ -254,6 +663,7 @@ def _longest_path(graph) -> np.ndarray:
     while path[-1] != path_start:
         path.append(int(path_pred[path[-1]]))
     return np.array(path[::-1])
+
 
 
 def _ray_exit(mask: np.ndarray, point: np.ndarray, direction: np.ndarray) -> float:
@@ -301,55 +711,23 @@ def _ray_exit(mask: np.ndarray, point: np.ndarray, direction: np.ndarray) -> flo
             left = t
 
 
-def _principal_axis(comp: np.ndarray) -> np.ndarray:
-    """Unit vector (row, col) of the long axis of the second-moment ellipse of a mask's
-    pixels (along the columns when the pixels have no long axis, e.g. a square)."""
-    coords = np.argwhere(comp).astype(np.float64)
-    if len(coords) < 2:
-        return np.array([0.0, 1.0])
-    cov = np.cov(coords, rowvar=False)
-    values, vectors = np.linalg.eigh(cov)
-    if values[1] - values[0] <= 1e-9 * max(values[1], 1e-12):
-        return np.array([0.0, 1.0])
-    return vectors[:, 1]
 
-
-def curve_length(mask: np.ndarray) -> float:
-    """Midline length of the largest 8-connected piece of a bool mask (see
-    `measure_mask`): the centre-line length of a band (`_band_length`), else the extent
-    along the long axis of a compact piece (`_axis_extent`)."""
-    comp = _largest_component(np.asarray(mask, bool))
-    if not comp.any():
-        return math.nan
-    comp = np.pad(comp, 1)
-    hull = _pixel_hull(comp)
-    feret_max = float(pdist(hull).max())
-    dt = ndi.distance_transform_edt(comp)
-    # the largest width: the diameter of the largest disc of pixel squares inside
-    width = 2.0 * float(dt.max()) - 1.0
-    if np.count_nonzero(comp) < _BAND * width**2:
-        return _axis_extent(comp, hull, feret_max)
-    coords, graph = _skeleton_graph(skeletonize(comp))
-    path = coords[_longest_path(graph)].astype(np.float64)
-    # local half width: distance from the skeleton pixel's centre to the outline
-    half_width = dt[path[:, 0].astype(int), path[:, 1].astype(int)] - 0.5
-    return _band_length(comp, path, half_width, feret_max)
-
-
-def _axis_extent(comp: np.ndarray, hull: np.ndarray, feret_max: float) -> float:
+def _axis_extent(hull: np.ndarray, axis: np.ndarray, feret_max: float) -> float:
     """Extent of the pixel squares along the long axis (their caliper width in that
     direction): at most the largest Feret diameter, which is the largest caliper width
     over all directions (min() only absorbs rounding)."""
-    axis = _principal_axis(comp)
     # hull vertices are (x, y) = (col, row)
     along = hull[:, 1] * axis[0] + hull[:, 0] * axis[1]
     return min(float(along.max() - along.min()), feret_max)
 
 
-def _band_length(comp: np.ndarray, path: np.ndarray, half_width: np.ndarray,
-                 feret_max: float) -> float:
-    """Centre-line length of a band: the skeleton path with its ends cut back, smoothed,
-    and prolonged straight to the outline at both ends."""
+
+def _band_length(comp: np.ndarray, path: np.ndarray, half_width: float,
+                 feret_max: float, long_axis) -> float:
+    """Centre-line length of a band: the skeleton path (row, col) with its ends cut
+    back (by twice the median half width `half_width`), smoothed, and prolonged straight
+    to the outline at both ends (`long_axis()`: the piece's long axis, for a path that
+    is all but a point)."""
     # the skeleton forks towards the corners of flat ends: trim each end back by about
     # the local width, the prolongation below restores the length along the midline
     path = _trim_ends(path, half_width)
@@ -359,7 +737,7 @@ def _band_length(comp: np.ndarray, path: np.ndarray, half_width: np.ndarray,
     if inner < 2.0:
         # (nearly) a point: the centre line is the chord along the long axis through the
         # path's middle pixel
-        centre, axis = path[len(path) // 2], _principal_axis(comp)
+        centre, axis = path[len(path) // 2], long_axis()
         return min(_ray_exit(comp, centre, axis) + _ray_exit(comp, centre, -axis), feret_max)
     head_dir, tail_dir = _end_directions(smooth)
     head_out = _ray_exit(comp, smooth[0], head_dir)
@@ -375,6 +753,7 @@ def _band_length(comp: np.ndarray, path: np.ndarray, half_width: np.ndarray,
         # only absorbs rounding); what the path adds on top is pixel noise
         return min(chord, feret_max)
     return length
+
 
 
 def _smooth_path(path: np.ndarray) -> np.ndarray:
@@ -395,12 +774,14 @@ def _smooth_path(path: np.ndarray) -> np.ndarray:
     return smooth[pad : pad + n]
 
 
-def _trim_ends(path: np.ndarray, half_width: np.ndarray) -> np.ndarray:
+
+def _trim_ends(path: np.ndarray, half_width: float) -> np.ndarray:
     """Drop the path's end pieces, which wander into the corners of the outline.
 
     Near an end, the skeleton is no midline: at a flat end it forks towards the two
     corners, and it may hug the outline. Each end loses a piece of `_TRIM` times the
-    typical (median) half width of the structure, never more than a third of the path;
+    typical (median) half width of the structure (`half_width`), never more than a third
+    of the path;
     the prolongation to the outline restores the length along the midline.
     """
     if len(path) < 3:
@@ -408,11 +789,12 @@ def _trim_ends(path: np.ndarray, half_width: np.ndarray) -> np.ndarray:
     steps = np.hypot(*np.diff(path, axis=0).T)
     arc = np.concatenate([[0.0], np.cumsum(steps)])
     total = arc[-1]
-    cut = min(_TRIM * float(np.median(half_width)), total / 3.0)
+    cut = min(_TRIM * half_width, total / 3.0)
     keep = np.flatnonzero((arc >= cut) & (arc <= total - cut))
     if len(keep) < 2:
         return path
     return path[keep[0] : keep[-1] + 1]
+
 
 
 def _end_directions(smooth: np.ndarray):
@@ -735,6 +1117,14 @@ class _Measured:
         return ordered
 
 
+def _worker_init() -> None:
+    """A measuring worker process uses one core: `threads` workers, `threads` cores
+    (OpenCV would otherwise start a thread per core in each worker). 0 runs OpenCV's
+    functions sequentially; 1 would set up its thread pool anew, which hangs in a
+    forked process."""
+    cv2.setNumThreads(0)
+
+
 def _measure_task(task) -> list[float]:
     path, image, ann = task
     return _measure_annotation(path, image, ann)
@@ -742,8 +1132,8 @@ def _measure_task(task) -> list[float]:
 
 def _measure_stream(path: Path, images: dict, categories: dict, threads: int) -> _Measured:
     """Second pass: stream the annotations, check each, measure its mask (in `threads`
-    worker processes when more than one: the measures are Python-bound) and keep only
-    its ids and measures."""
+    worker processes when more than one, each with one OpenCV thread) and keep only its
+    ids and measures."""
     measured = _Measured()
     seen: set = set()
 
@@ -765,7 +1155,8 @@ def _measure_stream(path: Path, images: dict, categories: dict, threads: int) ->
             # job in each worker. Nothing here has started threads or used OpenCV yet.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=threads,
-                                                           mp_context=multiprocessing.get_context(method)))
+                                                           mp_context=multiprocessing.get_context(method),
+                                                           initializer=_worker_init))
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         bar = progress(total=None, desc="measure", unit="mask")
         for batch in _batches(tasks(), 256 * threads):
