@@ -99,9 +99,10 @@ def make_data(photos: int, size: tuple[int, int], structures: int, seed: int) ->
 
 
 def _model(args):
-    from sam2pal.model import build_model
+    from sam2pal.pipeline import load_model
 
-    return build_model(args.config, "random", image_size=args.image_size, device=args.device)
+    model, _ = load_model(args.config, args.checkpoint, args.image_size, args.seed, args.device)
+    return model
 
 
 def _sync(device: str):
@@ -239,19 +240,21 @@ def worker_official(args, data) -> dict:
     import tempfile
 
     import torch
-    from sam2.build_sam import build_sam2_video_predictor
+    from hydra.utils import instantiate
 
-    from sam2pal.model import build_model, resolve_config
+    from sam2pal.model import load_model_config
     from sam2pal.templates import load_coco_templates
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    weights = build_model(args.config, "random", image_size=args.image_size, device="cpu").state_dict()
-    config = str(resolve_config(args.config).relative_to(Path(__import__("sam2").__file__).parent))
-    predictor = build_sam2_video_predictor(config, None, device=args.device,
-                                           hydra_overrides_extra=[f"++model.image_size={args.image_size}"])
-    predictor.load_state_dict(weights)
-    predictor.eval()
+    # the official video predictor (its class, its defaults) on our config and weights
+    ours = _model(args)
+    cfg = load_model_config(args.config, args.image_size)
+    cfg.model._target_ = "sam2.sam2_video_predictor.SAM2VideoPredictor"
+    predictor = instantiate(cfg.model, _recursive_=True)
+    predictor.load_state_dict(ours.state_dict())
+    predictor = predictor.to(ours.device).eval()
+    del ours
     templates = load_coco_templates(data["templates"], data["images_dir"])
     template = templates.images[0]
     masks = [inst.mask for inst in template.instances]
@@ -292,7 +295,7 @@ def worker_segment(args, data) -> dict:
     for path in data["photos"][: args.n]:
         os.symlink(path, folder / Path(path).name)
     cmd = ["segment", "--template_json", data["templates"], "--template_dir", data["images_dir"],
-           "--image_dir", str(folder), "--output_dir", str(out), "--sam2_checkpoint", "random",
+           "--image_dir", str(folder), "--output_dir", str(out), "--sam2_checkpoint", args.checkpoint,
            "--sam2_config", args.config, "--image_size", str(args.image_size), "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -313,7 +316,8 @@ WORKERS = {"steps": worker_steps, "model": worker_model, "official": worker_offi
 
 def run_worker(args, kind: str, data_json: Path, **extra) -> dict:
     cmd = [sys.executable, "-u", __file__, "--worker", kind, "--data", str(data_json),
-           "--photos", str(args.photos), "--config", args.config, "--image-size", str(args.image_size),
+           "--photos", str(args.photos), "--config", args.config, "--checkpoint", args.checkpoint,
+           "--image-size", str(args.image_size), "--seed", str(args.seed),
            "--device", args.device, "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
@@ -330,8 +334,10 @@ def main():
     parser.add_argument("--size", default="4000x3000")
     parser.add_argument("--big", type=int, default=2, help="24 MP photos for the steps part (0: none)")
     parser.add_argument("--structures", type=int, default=6, help="5 parts, or 6 with the whole specimen")
-    parser.add_argument("--config", default="sam2.1_hiera_t")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--checkpoint", default="sam2pal-micro",
+                        help="sam2pal-micro (real masks on these specimens), random, or a .pt file")
+    parser.add_argument("--config", default=None, help="default: the checkpoint's own")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the config's own")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=0)
@@ -342,6 +348,14 @@ def main():
     parser.add_argument("--qc", default="on")
     parser.add_argument("--n", type=int, default=1)
     args = parser.parse_args()
+    if args.config is None:
+        from sam2pal.registry import choose_config
+
+        args.config = choose_config(None, args.checkpoint)
+    if args.image_size is None:
+        from sam2pal.model import load_model_config
+
+        args.image_size = int(load_model_config(args.config).model.image_size)
     if args.worker:
         data = json.loads(Path(args.data).read_text())
         print(json.dumps(WORKERS[args.worker](args, data)))

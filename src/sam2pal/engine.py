@@ -145,6 +145,10 @@ def fill_holes(low_res_logits: torch.Tensor, max_area: int) -> torch.Tensor:
     return torch.where(hole_tensor, torch.full_like(low_res_logits, 0.1), low_res_logits)
 
 
+# upsample_to_box resizes the whole image when the box covers more than this share of it
+_WHOLE = 0.5
+
+
 def upsample_to_box(logits: np.ndarray, size: tuple[int, int], threshold: float = 0.0) -> BoxMask:
     """Threshold a low-resolution logit map (h, w) resized bilinearly to `size` (height,
     width), computing the resize only where it can exceed the threshold.
@@ -167,6 +171,11 @@ def upsample_to_box(logits: np.ndarray, size: tuple[int, int], threshold: float 
     ys = np.flatnonzero((r_lo <= rows[-1]) & (r_hi >= rows[0]))
     xs = np.flatnonzero((c_lo <= cols[-1]) & (c_hi >= cols[0]))
     y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+    if (y1 - y0) * (x1 - x0) > _WHOLE * height * width:
+        # the box is most of the image (a mask scattered all over it): torch's own resize
+        # of the whole image is faster, and gives the same pixels
+        full = F.interpolate(logits[None, None], size=(height, width), mode="bilinear", align_corners=False)
+        return BoxMask((height, width), 0, 0, (full[0, 0] > threshold).numpy()).tight()
     # rows first (a small band), then columns, in place: torch's order of operations
     wy = torch.from_numpy(r_w[y0:y1, None])
     band = logits.index_select(0, torch.from_numpy(r_lo[y0:y1])).mul_(1.0 - wy)

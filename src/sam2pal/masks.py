@@ -183,6 +183,8 @@ class BoxMask:
         h, w = self.crop.shape
         if h == 0 or w == 0 or not self.crop.any():
             counts = [height * width]
+        elif h * w > 0.5 * height * width:
+            return encode_rle(self.full())  # most of the image: pycocotools on the whole
         else:
             # column-major, as COCO: pad each box column with background above and
             # below so that runs start and end inside it, find the edges, and place
