@@ -3,7 +3,7 @@ predictor.
 
 Synthetic beetle specimens at 12 megapixels (4000 x 3000 JPEG; `--big` adds a few at 24
 MP, 6000 x 4000), one template, 6 structures (head, pronotum, elytra, antenna, legs and
-the whole specimen). Random weights: speed does not depend on them. Three parts, one run:
+the whole specimen). Four parts, one run:
 
   steps     per photo, in one process: read (full decode vs. reduced), preprocess,
             model, masks (box vs. full-size resize), RLE (box vs. full), QC, measure,
@@ -16,12 +16,17 @@ the whole specimen). Random weights: speed does not depend on them. Three parts,
   official  SAM2's video predictor on the video [template, photo], photo by photo,
             masks at the photo's size (what our users ran before)
 
-Prints the ratios (official / ours, per photo) and peak RSS of each process; writes
-benchmarks/results/collection-<device>.json with `--record`.
+The model is sam2pal-micro by default, whose masks on these specimens are real ones (the
+time of resizing, encoding and measuring masks depends on their shape); `--checkpoint
+random` takes random weights for any config. Prints the ratios (official / ours, per
+photo) and peak RSS of each process; writes benchmarks/results/collection-<device>.json
+(collection-<device>-random.json with random weights) with `--record`.
 
-    .venv/bin/python -u benchmarks/collection.py --record            # 2 CPU cores, hiera-t at 256 px
-    .venv/bin/python -u benchmarks/collection.py --device cuda --config sam2.1_hiera_l \\
-        --image-size 1024 --structures 3 --photos 64 --record        # a GPU: photos per second
+    .venv/bin/python -u benchmarks/collection.py --record            # 2 CPU cores, sam2pal-micro
+    .venv/bin/python -u benchmarks/collection.py --checkpoint random --config sam2.1_hiera_t \\
+        --image-size 256 --record                                   # hiera-t at 256 px
+    .venv/bin/python -u benchmarks/collection.py --device cuda --checkpoint random \\
+        --config sam2.1_hiera_l --image-size 1024 --structures 3 --photos 64 --record   # a GPU
 """
 
 from __future__ import annotations
@@ -361,7 +366,10 @@ def main():
         print(json.dumps(WORKERS[args.worker](args, data)))
         return
 
-    recorder = Recorder(f"collection-{args.device.split(':')[0]}", args, args.device) if args.record else None
+    name = f"collection-{args.device.split(':')[0]}"
+    if args.checkpoint != "sam2pal-micro":
+        name += f"-{Path(args.checkpoint).stem}"
+    recorder = Recorder(name, args, args.device) if args.record else None
     OUT.mkdir(parents=True, exist_ok=True)
     width, height = (int(v) for v in args.size.split("x"))
     t0 = time.perf_counter()

@@ -242,6 +242,92 @@ def merge_measure() -> str:
     return "\n".join(lines)
 
 
+def _model_name(args: dict) -> str:
+    if args.get("checkpoint", "random") == "random":
+        name = Path(str(args["config"])).name.replace(".yaml", "").replace("sam2.1_", "")
+        return f"{name} with random weights"
+    return Path(str(args["checkpoint"])).stem
+
+
+def collection(name: str = "collection-cpu") -> str:
+    rec = load(name)
+    res, args = rec["results"], rec["args"]
+    width, height = res["photo_size"]
+    steps = res["steps"]["per_photo_s"]
+    big = res.get("steps_24mp", {}).get("per_photo_s")
+
+    def ms(value: float | None) -> str:
+        return "" if value is None else f"{1000 * value:,.0f}"
+
+    rows = [
+        ("read the JPEG", "read", "read_full"),
+        ("SAM2 preprocessing (resize to the model's input)", "preprocess", "preprocess_full"),
+        (f"model: image encoder + one memory pass for {res['structures']} structures", "model", "model"),
+        ("masks: resize the logits to the photo", "masks", "masks_full"),
+        ("RLE, area and box of every mask", "rle", "rle_full"),
+        ("cycle-consistency QC", "qc", "qc_full"),
+        (f"measure {res['structures']} masks (all columns)", "measure", None),
+        ("merge into predictions.json", "merge", None),
+    ]
+    head = "| step, per photo | ms, fast path (default) | ms, exact path |"
+    if big:
+        head += " ms, fast path at 24 MP |"
+    lines = [f"Measured with `benchmarks/collection.py`: {res['photos']} synthetic specimens of {width}x{height} "
+             f"px (12 MP JPEG), 1 template, {res['structures']} structures (head, pronotum, elytra, antenna, "
+             f"legs, the whole specimen), {_model_name(args)} at {args['image_size']} px, "
+             f"{args['threads']} CPU threads; the median photo:", "",
+             head, "|---|---|---|" + ("---|" if big else "")]
+    for label, fast, exact in rows:
+        cells = [ms(steps[fast]), ms(steps[exact]) if exact else "the same"]
+        if big:
+            cells.append(ms(big[fast]))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    differ = res["steps"]
+    lines += ["", f"The fast path's masks differ from the exact path's (`propagate.exact: true`, which reproduces "
+              f"the official predictor) in {differ['pixels_differ_fast_vs_exact']:,} of "
+              f"{differ['mask_pixels']:,} mask pixels ({100 * differ['differ_fraction_of_mask_area']:.2f} %; "
+              f"at most {100 * differ['max_differ_fraction_one_mask']:.1f} % of one mask's area), "
+              "along outlines. The box resize gives the very pixels of a full-size one; the difference is "
+              "the reduced JPEG decoding, which changes the model's input a little, and one pixel of the "
+              f"model's low-resolution mask is about {width / (args['image_size'] / 4):.0f} photo pixels wide. "
+              "Set `propagate.exact: true` to reproduce the official predictor's masks.", "",
+              "End to end, per photo added to the run (`sam2pal segment`: segmentation, merge, QC table, "
+              "measurement tables; the model loaded once):", "",
+              "| run | s / photo | official / this | peak RSS |", "|---|---|---|---|"]
+    official = res["official"]["per_photo_s"]
+    for qc in ("off", "on"):
+        r = res[f"segment_qc_{qc}"]
+        lines.append(f"| `sam2pal segment`, cycle-consistency QC {qc} | {r['per_photo_s']:.2f} | "
+                     f"{official / r['per_photo_s']:.2f}x | {mb(r['peak_rss_mb'])} |")
+    lines.append(f"| official predictor, a [template, photo] video per photo (masks only) | {official:.2f} | 1.00x | "
+                 f"{mb(res['official']['peak_rss_mb'])} |")
+    model = res["model_only"]
+    lines += ["", f"The model alone, on photos already decoded in memory, takes {model['per_photo_s']:.2f} s per "
+              f"photo (batch {model['batch_size']}): end to end without QC runs at "
+              f"{100 * res['end_to_end_share_of_model_throughput']:.0f} % of that throughput.", "",
+              source(name)]
+    return "\n".join(lines)
+
+
+def measure_speed() -> str:
+    rec = load("measure-speed")
+    res = rec["results"]
+    masks = res["masks"]
+    photo = {k.split("/", 1)[1]: v for k, v in masks.items() if k.startswith("photo/")}
+    real = {k: v for k, v in masks.items() if k.startswith("real_x")}
+    lines = ["Measured with `benchmarks/measure_speed.py`: `measure_mask` (every column) on one CPU thread, "
+             f"masks in a 4000x3000 photo, fastest and median of {res['repeat']} runs:", "",
+             "| mask | pixels | ms, fastest | ms, median |", "|---|---|---|---|"]
+    for name, r in photo.items():
+        lines.append(f"| {name.replace('_', ' ')} | {r['pixels']:,} | {r['min_ms']:.1f} | {r['median_ms']:.1f} |")
+    slow = max(real.values(), key=lambda r: r["median_ms"])
+    lines += ["", f"On {len(real)} real beetle part masks enlarged 4 or 8 times (up to {max(r['pixels'] for r in real.values()):,} "
+              f"pixels) the slowest took {max(r['min_ms'] for r in real.values()):.1f} ms at best and "
+              f"{slow['median_ms']:.1f} ms at the median; over all {res['summary']['masks']} masks the median "
+              f"mask took {res['summary']['median_of_min_ms']:.1f} ms.", "", source("measure-speed")]
+    return "\n".join(lines)
+
+
 def quality_card() -> str:
     """The model card's summary of the same record."""
     res = load("quality-sam2pal-micro")["results"]
@@ -270,6 +356,9 @@ BLOCKS = {
     "finetune-step": finetune_step,
     "video": video,
     "merge-measure": merge_measure,
+    "collection": collection,
+    "collection-random": lambda: collection("collection-cpu-random"),
+    "measure-speed": measure_speed,
 }
 
 
