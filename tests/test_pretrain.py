@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -97,6 +98,73 @@ def test_episodes_are_deterministic_and_share_their_frames():
     assert all(img.shape[:2] == lab.shape for img, lab in zip(two.images, two.labels))
 
 
+def _episode_hash(e) -> str:
+    h = hashlib.sha256()
+    for a in e.images + e.labels:
+        h.update(a.tobytes())
+        h.update(str(a.shape).encode())
+    return h.hexdigest()[:16]
+
+
+def test_default_episodes_are_the_shipped_models_episodes():
+    """Hashes of draw_episode taken before the randomised appearance and zoomed crops
+    existed: the defaults still draw exactly the episodes sam2pal-micro was trained on."""
+    s = PretrainSettings()
+    assert s.appearance == "v1" and s.zoom_fraction == 0.0
+    shapes = [m for _, m in split_masks()[0]][:12]
+    got = [_episode_hash(draw_episode(i, s, shapes, n, second)) for i, n, second in
+           [(0, 1, False), (5, 2, True), (17, 1, True)]]
+    assert got == ["6d11ae01062c7b03", "f3370fd8a2d368cb", "2a133f20b3966443"]
+
+
+def _largest_part_share(labels) -> float:
+    """The largest share of the frame (bounding box, tighter side) that one part spans
+    in every frame of an episode."""
+    height, width = labels[0].shape
+    best = 0.0
+    for k in PARTS:
+        shares = []
+        for lab in labels:
+            ys, xs = np.nonzero(lab == k)
+            shares.append(max((np.ptp(xs) + 1) / width, (np.ptp(ys) + 1) / height) if len(xs) else 0.0)
+        best = max(best, min(shares))
+    return best
+
+
+def test_randomised_and_zoomed_episodes():
+    shapes = [m for _, m in split_masks()[0]][:12]
+    plain = PretrainSettings()
+    randomised = PretrainSettings(appearance="randomised")
+    zoomed = PretrainSettings(appearance="randomised", zoom_fraction=1.0)
+    fills, plain_fills = [], []
+    for i in range(6):
+        a = draw_episode(i, randomised, shapes, 1, True)
+        assert _episode_hash(a) == _episode_hash(draw_episode(i, randomised, shapes, 1, True))
+        assert _episode_hash(a) != _episode_hash(draw_episode(i, plain, shapes, 1, True))
+        z = draw_episode(i, zoomed, shapes, 2, False)
+        assert _episode_hash(z) == _episode_hash(draw_episode(i, zoomed, shapes, 2, False))
+        assert len(z.images) == 3 and z.n_templates == 2
+        for img, lab in zip(z.images, z.labels):
+            assert img.shape[:2] == lab.shape and img.dtype == np.uint8 and set(np.unique(lab)) <= {0, *PARTS}
+        # zoomed in: some part spans far more of every frame than parts do unzoomed
+        fills.append(_largest_part_share(z.labels))
+        plain_fills.append(_largest_part_share(draw_episode(i, randomised, shapes, 2, False).labels))
+    assert np.mean(fills) > np.mean(plain_fills) + 0.15
+    # v1 episodes can be zoomed too, and the zoom draws leave the other episodes alone
+    assert _episode_hash(draw_episode(3, PretrainSettings(zoom_fraction=0.0), shapes)) == \
+        _episode_hash(draw_episode(3, plain, shapes))
+    assert len(draw_episode(3, PretrainSettings(zoom_fraction=1.0), shapes).images) == 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"appearance": "fancy"}, "appearance must be one of v1, randomised"),
+    ({"zoom_fraction": 1.5}, "zoom_fraction must be between 0 and 1"),
+])
+def test_bad_appearance_settings_are_input_errors(bad, message):
+    with pytest.raises(InputError, match=message):
+        PretrainSettings(**bad)
+
+
 def test_the_loss_trains_every_part_of_sam2_the_tracker_uses():
     s = PretrainSettings(steps=1)
     model = build_model(str(CONFIG), "random", image_size=64)
@@ -144,4 +212,11 @@ def test_pretrain_cli_rejects_bad_settings_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "steps must be >= 1" in err
     assert cli.main(["pretrain", "--out_dir", str(tmp_path), "--image_size", "100"]) == 2
     assert "image_size must be a multiple of 32" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--out_dir", str(tmp_path), "--appearance", "fancy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "appearance must be one of v1, randomised" in err
+    assert cli.main(["pretrain", "--out_dir", str(tmp_path), "--zoom-fraction", "2"]) == 2
+    assert "zoom_fraction must be between 0 and 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    args = cli.build_parser().parse_args(["pretrain", "--appearance", "randomised", "--zoom_fraction", "0.3"])
+    assert (args.appearance, args.zoom_fraction) == ("randomised", 0.3)

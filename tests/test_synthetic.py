@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import resources
 
@@ -140,7 +141,8 @@ def test_style_pins_generator_choices(masks):
 @pytest.mark.parametrize(
     "style",
     [{"palette": "black"}, {"palettes": ["purple"]}, {"backgrounds": ()},
-     {"scale_range": (0.5, 1.2)}, {"background_color": (1, 2)}, {"clutter_prob": 2}],
+     {"scale_range": (0.5, 1.2)}, {"background_color": (1, 2)}, {"clutter_prob": 2},
+     {"part_colors": ((1, 2, 3),)}, {"jpeg_quality": (0, 90)}, {"clutter_items": ("crumbs",)}],
 )
 def test_bad_style_is_an_input_error(masks, style):
     with pytest.raises(InputError):
@@ -235,3 +237,151 @@ def test_make_collection_rejects_bad_arguments(tmp_path):
                                      mask_names=["advena/beetle_100_475"])
     gt = json.loads(info["ground_truth"].read_text())
     assert {img["source_mask"] for img in gt["images"]} == {"advena/beetle_100_475"}
+
+
+# -- the domain-randomised appearance and zoomed crops -----------------------------------
+
+
+def _hash(renderings) -> str:
+    h = hashlib.sha256()
+    for r in renderings:
+        h.update(r.image.tobytes())
+        h.update(r.labels.tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_default_renders_are_unchanged_by_the_randomisation_options():
+    """Hashes taken from the generator before the randomised appearance existed: the
+    demo, test and held-out collections stay byte-identical."""
+    assert _hash(r for _, r in synthetic.iter_collection(3, seed=3, size=SMALL)) == "022ff3b3b8b937c7"
+    held = {"palettes": ("metallic_blue",), "backgrounds": ("slate",)}
+    assert _hash(r for _, r in synthetic.iter_collection(2, seed=101, size=SMALL, style=held)) == "cd5c4d754ee5797c"
+    st = synthetic.Style()
+    assert st.part_colors is None and st.jpeg_quality is None and st.motion_blur_prob == 0.0
+    assert st.backgrounds == synthetic.DEFAULT_BACKGROUNDS and st.clutter_items == synthetic.CLUTTER_ITEMS
+
+
+def _lab_l(rgb) -> float:
+    return float(cv2.cvtColor(np.uint8([[rgb]]), cv2.COLOR_RGB2Lab)[0, 0, 0]) * 100 / 255
+
+
+def _hue(rgb) -> tuple[float, float]:
+    h, s, _ = cv2.cvtColor(np.uint8([[rgb]]), cv2.COLOR_RGB2HSV_FULL)[0, 0]
+    return float(h) * 360 / 256, float(s) / 255
+
+
+def test_randomised_styles_flip_the_contrast_and_cover_the_colour_wheel():
+    light_on_dark, sectors = 0, {"ground": set(), "elytra": set(), "legs": set()}
+    kinds = set()
+    for seed in range(200):
+        st = synthetic.randomised_style(np.random.default_rng(seed))
+        assert st == synthetic.randomised_style(np.random.default_rng(seed))
+        ground = _lab_l(st.background_color)
+        parts = [_lab_l(c) for c in st.part_colors]
+        # every part on the same side of the ground, clearly (L* differs by >= 20)
+        light = all(p >= ground + 20 for p in parts)
+        assert light or all(p <= ground - 20 for p in parts), (seed, ground, parts)
+        light_on_dark += light
+        for name, rgb in (("ground", st.background_color), ("elytra", st.part_colors[2]),
+                          ("legs", st.part_colors[4])):
+            hue, sat = _hue(rgb)
+            if sat > 0.2:
+                sectors[name].add(int(hue // 60))
+        kinds |= set(st.backgrounds)
+        assert 40 <= st.jpeg_quality[0] <= st.jpeg_quality[1] <= 95
+    assert 0.35 <= light_on_dark / 200 <= 0.65
+    assert all(found == set(range(6)) for found in sectors.values()), sectors
+    assert kinds == set(synthetic.RANDOMISED_BACKGROUNDS)
+
+
+def test_randomised_rendering_is_deterministic_keeps_the_labels_and_the_contrast_sign(masks):
+    for seed in range(8):
+        st = synthetic.randomised_style(np.random.default_rng(seed))
+        lm = masks[seed * 20][1]
+        a = synthetic.render_specimen_layers(lm, np.random.default_rng(50 + seed), size=SMALL, style=st)
+        b = synthetic.render_specimen_layers(lm, np.random.default_rng(50 + seed), size=SMALL, style=st)
+        np.testing.assert_array_equal(a.image, b.image)
+        assert a.palette == "custom"
+        # the appearance changes the photo, never the pose: same labels as a plain render
+        plain = synthetic.render_specimen_layers(lm, np.random.default_rng(50 + seed), size=SMALL,
+                                                 style={"scale_range": st.scale_range})
+        np.testing.assert_array_equal(a.labels, plain.labels)
+        assert np.abs(a.image.astype(int) - plain.image.astype(int)).mean() > 5
+        # the rendered specimen is lighter than the ground exactly when the style says so
+        lum = cv2.cvtColor(a.image, cv2.COLOR_RGB2Lab)[..., 0].astype(float)
+        body = np.isin(a.labels, (1, 2, 3))
+        ground = (a.labels == 0) & ~a.clutter
+        light = _lab_l(st.part_colors[2]) > _lab_l(st.background_color)
+        assert (np.median(lum[body]) > np.median(lum[ground])) == light, seed
+
+
+def test_camera_effects_are_the_render_camera_stage(masks):
+    st = synthetic.randomised_style(np.random.default_rng(3))
+    lm = masks[7][1]
+    clean = synthetic.render_specimen_layers(lm, np.random.default_rng(1), size=SMALL,
+                                             style=synthetic.without_camera(st))
+    photo = synthetic.camera_effects(clean.image, np.random.default_rng(2), st)
+    again = synthetic.camera_effects(clean.image, np.random.default_rng(2), st)
+    np.testing.assert_array_equal(photo, again)
+    assert photo.shape == clean.image.shape and photo.dtype == np.uint8
+    assert 1.0 < np.abs(photo.astype(int) - clean.image.astype(int)).mean() < 20
+    with pytest.raises(InputError):
+        synthetic.camera_effects(clean.labels, np.random.default_rng(2), st)
+
+
+_CODES = np.array([[0, 0, 0], [250, 0, 0], [0, 250, 0], [0, 0, 250], [250, 250, 0], [0, 250, 250]], np.uint8)
+
+
+def _fill(mask, size) -> float:
+    ys, xs = np.nonzero(mask)
+    return max((xs.max() - xs.min() + 1) / size[0], (ys.max() - ys.min() + 1) / size[1])
+
+
+@pytest.mark.parametrize("part,fill", [(1, 0.2), (2, 0.5), (3, 0.8), (0, 0.25), (0, 0.95)])
+def test_zoom_crop_makes_the_part_fill_the_asked_share_in_every_frame(masks, part, fill):
+    lm = masks[12][1]
+    frames = [synthetic.render_specimen_layers(lm, np.random.default_rng(s), size=(320, 240),
+                                               style={"scale_range": (0.3, 0.5)}) for s in (4, 5)]
+    size = (256, 192)
+    images, labels, windows = synthetic.zoom_crop([f.image for f in frames], [f.labels for f in frames],
+                                                  part, fill, size, np.random.default_rng(0))
+    for f, img, lab, (x0, y0, cw, ch) in zip(frames, images, labels, windows):
+        assert img.shape == (192, 256, 3) and img.dtype == np.uint8 and lab.shape == (192, 256)
+        shown = lab > 0 if part == 0 else lab == part
+        assert abs(_fill(shown, size) - fill) <= 0.03
+        assert abs(cw / ch - 256 / 192) < 1e-9
+        # image and label map go through the same window: the labels are the nearest
+        # warp of the frame's labels, the picture is the frame's picture there
+        m = np.array([[256 / cw, 0, (0.5 - x0) * 256 / cw - 0.5], [0, 192 / ch, (0.5 - y0) * 192 / ch - 0.5]])
+        expected = cv2.warpAffine(f.labels, m, size, flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
+        np.testing.assert_array_equal(lab, expected)
+        assert set(np.unique(lab)) <= set(np.unique(f.labels))
+    # a picture that is its own label map, colour-coded, comes out aligned with the labels
+    coded = [_CODES[f.labels] for f in frames]
+    images2, labels2, windows2 = synthetic.zoom_crop(coded, [f.labels for f in frames], part, fill, size,
+                                                     np.random.default_rng(0))
+    for img, lab, window in zip(images2, labels2, windows2):
+        if window[2] > 256:  # shrunk: parts thinner than a pixel leave the nearest-neighbour labels
+            continue
+        reach = 2 * int(np.ceil(2 * max(256 / window[2], 1.0))) + 1  # two source pixels
+        inner = np.zeros(lab.shape, bool)
+        for k in np.unique(lab):  # pixels away from every label edge
+            inner |= cv2.erode((lab == k).astype(np.uint8), np.ones((reach, reach), np.uint8),
+                               borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
+        assert inner.sum() > 0.3 * lab.size
+        assert np.abs(img[inner].astype(int) - _CODES[lab[inner]].astype(int)).max() <= 2
+    again = synthetic.zoom_crop([f.image for f in frames], [f.labels for f in frames], part, fill, size,
+                                np.random.default_rng(0))
+    assert all(np.array_equal(a, b) for a, b in zip(again[0], images))
+
+
+def test_zoom_crop_rejects_bad_arguments(masks):
+    r = synthetic.render_specimen_layers(masks[0][1], np.random.default_rng(0), size=SMALL)
+    rng = np.random.default_rng(0)
+    for part, fill in ((6, 0.5), (1, 0.0), (1, 1.5)):
+        with pytest.raises(InputError):
+            synthetic.zoom_crop([r.image], [r.labels], part, fill, SMALL, rng)
+    with pytest.raises(InputError, match="does not show part"):
+        synthetic.zoom_crop([r.image], [np.where(r.labels == 1, 0, r.labels)], 1, 0.5, SMALL, rng)
+    with pytest.raises(InputError):
+        synthetic.zoom_crop([r.image], [r.labels[:10]], 1, 0.5, SMALL, rng)

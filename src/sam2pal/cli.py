@@ -701,6 +701,7 @@ def cmd_pretrain(args) -> int:
         torch.set_num_threads(args.threads)
     values = {k: getattr(args, k) for k in (
         "steps", "episodes_per_step", "learning_rate", "image_size", "low_res_size", "low_res_steps", "seed",
+        "appearance", "zoom_fraction",
     )}
     record = pretrain(PretrainSettings(**values), args.out_dir, config=args.config, device=args.device,
                       name=args.name, resume=not args.restart, workers=args.workers, stop_after=args.stop_after)
@@ -734,6 +735,11 @@ def _pretrain_parser(sub):
     _flag(p, "--low_res_size", type=int, default=d.low_res_size, help="input size of the first --low_res_steps")
     _flag(p, "--low_res_steps", type=int, default=d.low_res_steps, help="steps trained at --low_res_size")
     _flag(p, "--seed", type=int, default=d.seed, help="seed of the episodes and of the weights")
+    _flag(p, "--appearance", default=d.appearance,
+          help="look of the episodes: v1 (the shipped model's) or randomised (domain-randomised colours, "
+          "grounds, lighting, blur, noise and JPEG)")
+    _flag(p, "--zoom_fraction", type=float, default=d.zoom_fraction,
+          help="share of episodes (0-1) that are zoomed crops of a part or the whole specimen")
     _flag(p, "--device", default="auto", help="auto, cpu, cuda or cuda:N")
     _flag(p, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
     _flag(p, "--workers", type=int, default=0, help="processes rendering episodes beside the training (0: none)")

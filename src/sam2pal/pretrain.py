@@ -21,10 +21,18 @@ Episodes are rendered on the fly, each from its own seed:
   `procedural.procedural_insect` body plans;
 * a template and its target show the same specimen in another pose (tracking) or
   two specimens of the same collection (the photo use case);
-* appearance: the generator's training palettes and substrates only
-  (`synthetic.DEFAULT_PALETTES`, `DEFAULT_BACKGROUNDS`: metallic blue, bronze and
-  slate are kept for held-out tests), a wider scale range, and an episode-wide colour
-  jitter (hue, saturation, brightness, contrast) so that colour itself is not the cue.
+* appearance ``"v1"`` (the default, what the shipped model saw): the generator's
+  training palettes and substrates only (`synthetic.DEFAULT_PALETTES`,
+  `DEFAULT_BACKGROUNDS`: metallic blue, bronze and slate are kept for held-out tests),
+  a wider scale range, and an episode-wide colour jitter (hue, saturation, brightness,
+  contrast) so that colour itself is not the cue;
+* appearance ``"randomised"``: `synthetic.randomised_style` per episode, part and
+  ground colours from the whole colour space with light-on-dark as often as
+  dark-on-light, textured grounds, clutter, lighting, blur, noise and JPEG (no colour
+  jitter on top: JPEG comes last, as in a photo);
+* with `zoom_fraction`, that share of episodes are zoomed crops (`synthetic.zoom_crop`):
+  a part present in every frame fills 20-80 % of the frame, or (a quarter of them)
+  the whole specimen 25-95 %; blur, noise and JPEG are applied after the crop.
 
 `pretrain(settings, out_dir)` writes ``<name>.pt`` (the weights), ``<name>.yaml`` (its
 config), ``<name>.training.json`` (settings, time, loss) and ``<name>.training.csv`` (the
@@ -56,7 +64,10 @@ from .model import autocast, build_model, file_sha256, resolve_device
 from .procedural import procedural_insect
 from .registry import MICRO_MODEL, micro_model_files
 from .synthetic import DEFAULT_BACKGROUNDS, DEFAULT_PALETTES, PARTS, Style, collection_style, load_beetle_masks
-from .synthetic import render_specimen_layers
+from .synthetic import camera_effects, randomised_style, render_specimen_layers, without_camera, zoom_crop
+
+#: Episode appearances: "v1" (the shipped model's) and "randomised" (domain randomisation).
+APPEARANCES = ("v1", "randomised")
 
 LOG_COLUMNS = ["step", "loss", "focal", "dice", "iou_head", "object", "target_iou", "learning_rate", "seconds"]
 
@@ -94,6 +105,10 @@ class PretrainSettings:
     second_target: float = 0.25
     colour_jitter: float = 0.6
     scale_range: tuple[float, float] = (0.28, 0.9)
+    # appearance of the episodes: "v1" or "randomised" (see the module docstring), and
+    # the share of episodes that are zoomed crops
+    appearance: str = "v1"
+    zoom_fraction: float = 0.0
     # SAM2's loss weights
     focal_weight: float = 20.0
     dice_weight: float = 1.0
@@ -112,9 +127,12 @@ class PretrainSettings:
         for name in ("image_size", "low_res_size"):
             if int(getattr(self, name)) < 64 or int(getattr(self, name)) % 32:
                 problems.append(f"{name} must be a multiple of 32, at least 64")
-        for name in ("procedural_fraction", "same_specimen", "two_templates", "second_target", "colour_jitter"):
+        for name in ("procedural_fraction", "same_specimen", "two_templates", "second_target", "colour_jitter",
+                     "zoom_fraction"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 problems.append(f"{name} must be between 0 and 1")
+        if self.appearance not in APPEARANCES:
+            problems.append(f"appearance must be one of {', '.join(APPEARANCES)}, got {self.appearance!r}")
         if problems:
             raise InputError("pretrain settings: " + "; ".join(problems))
         self.scale_range = tuple(float(v) for v in self.scale_range)
@@ -160,8 +178,22 @@ def draw_episode(index: int, settings: PretrainSettings, shapes: list[np.ndarray
                  n_templates: int = 1, second_target: bool = False) -> Episode:
     """Episode `index` of a run: deterministic in (settings.seed, index)."""
     rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(7, index)))
-    base = Style(palettes=DEFAULT_PALETTES, backgrounds=DEFAULT_BACKGROUNDS, scale_range=settings.scale_range)
-    style = collection_style(base, rng)
+    if settings.appearance == "randomised":
+        style = randomised_style(rng, scale_range=settings.scale_range)
+    else:
+        base = Style(palettes=DEFAULT_PALETTES, backgrounds=DEFAULT_BACKGROUNDS, scale_range=settings.scale_range)
+        style = collection_style(base, rng)
+    camera = style  # the camera stage of the photos
+    zoom_rng = None
+    if settings.zoom_fraction > 0:  # its own stream: the draws above stay as they are
+        zoom_rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(8, index)))
+        if zoom_rng.random() < settings.zoom_fraction:
+            whole = bool(zoom_rng.random() < 0.25)
+            # render without the camera, then crop; a small specimen to zoom out of
+            # the whole, a large one to zoom into a part
+            style = dataclasses.replace(without_camera(style), scale_range=(0.25, 0.5) if whole else (0.6, 0.95))
+        else:
+            zoom_rng = None
     width = int(rng.choice([320, 384, 448]))
     height = int(round(width * rng.choice([0.75, 1.0, 1.33]) / 8) * 8)
     size = (width, height)
@@ -186,9 +218,40 @@ def draw_episode(index: int, settings: PretrainSettings, shapes: list[np.ndarray
         )
         renders.append(render_specimen_layers(target_src, rng, size=size, style=moved))
     images = [r.image for r in renders]
-    if rng.random() < settings.colour_jitter:
+    labels = [r.labels for r in renders]
+    if zoom_rng is not None:
+        images, labels = _zoom(images, labels, whole, size, zoom_rng)
+        images = [camera_effects(img, rng, camera) for img in images]
+    if settings.appearance == "v1" and rng.random() < settings.colour_jitter:
         images = colour_jitter(images, rng)
-    return Episode(images, [r.labels for r in renders], n_templates)
+    return Episode(images, labels, n_templates)
+
+
+def _zoom(images, labels, whole: bool, size, rng) -> tuple[list, list]:
+    """Zoomed crops of an episode's frames: a part seen in every frame filling 20-80 %
+    of the frame (or, with `whole` or no such part, the whole specimen filling 25-95 %),
+    never zooming out past the rendered canvas nor enlarging more than 4 times."""
+    width, height = size
+
+    def extent(mask):  # share of the frame spanned by the mask's bounding box
+        ys, xs = np.nonzero(mask)
+        return max((xs.max() - xs.min() + 1) / width, (ys.max() - ys.min() + 1) / height)
+
+    def masks(part):
+        return [lab == part if part else lab > 0 for lab in labels]
+
+    parts = [] if whole else [k for k in PARTS if all((lab == k).sum() >= 20 for lab in labels)]
+    if parts:
+        part = int(parts[int(rng.integers(len(parts)))])
+        low, high = 0.2, 0.8
+    else:
+        part, low, high = 0, 0.25, 0.95
+    spans = [extent(m) for m in masks(part)]
+    low, high = max(low, max(spans)), min(high, 4 * min(spans))
+    if low >= high:
+        return images, labels
+    images, labels, _ = zoom_crop(images, labels, part, rng.uniform(low, high), size, rng)
+    return images, labels
 
 
 def _scale_near(src: np.ndarray, scale: float, size, rng) -> tuple[float, float]:
@@ -392,7 +455,9 @@ def pretrain(settings: PretrainSettings, out_dir, config=None, device: str = "au
     state = None
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["settings"] != dataclasses.asdict(s):
+        # settings added since a state was saved have their defaults in it
+        saved = {**dataclasses.asdict(PretrainSettings()), **state["settings"]}
+        if saved != dataclasses.asdict(s):
             raise InputError(f"{state_path}: saved by a run with other settings; remove it to start afresh")
         start, rows, seconds_before = state["step"], state["rows"], state["seconds"]
     run = _Run(config, s, dev, _size_at(start, s))

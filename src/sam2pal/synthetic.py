@@ -59,6 +59,25 @@ ranges are (low, high) tuples, drawn uniformly:
 - ``blur_sigma``: Gaussian blur of the whole photo, in pixels.
 - ``noise_sigma``: sensor noise, in 8-bit grey levels.
 
+Options for training data, off by default (the defaults render exactly as before):
+
+- ``part_colors``: five (R, G, B) colours, head, pronotum, elytra, antenna, legs, used
+  instead of a palette's (the palette then sets the gloss only, no metallic sheen).
+- ``vignette``: range of the darkening towards the corners (default: 0.02-0.08).
+- ``colour_cast``: spread of the per-channel colour cast (default 0.015).
+- ``motion_blur`` and ``motion_blur_prob``: length in pixels of a camera-shake blur in
+  a random direction, and how often it happens (default: never).
+- ``jpeg_quality``: range of a JPEG quality the photo is re-compressed at (default:
+  none).
+- backgrounds ``noise`` and ``stripes`` and clutter items ``debris`` and ``fibre``,
+  none of them in the defaults.
+
+`randomised_style` draws a domain-randomised style for one episode (colours from the
+whole colour space, light specimens on dark grounds as often as the reverse, textured
+grounds, clutter, lighting, blur, noise, JPEG); `zoom_crop` crops frames so that a part
+fills a chosen share of the frame; `camera_effects` applies the camera stage after such
+a crop.
+
 `make_collection` writes one collection (JPEG images, COCO ground truth for all of
 them, COCO templates for the first few). A collection looks like one lab's photo
 series: it fixes the substrate kind and colour, the light direction and narrower
@@ -152,11 +171,17 @@ PALETTES: dict[str, dict] = {
 
 DEFAULT_PALETTES = ("black", "dark_brown", "reddish", "metallic_green")
 
-#: Substrate kinds; ``slate`` (dark grey) is kept out of the defaults.
-BACKGROUNDS = ("paper", "foam", "gradient", "card", "slate")
+#: Substrate kinds; ``slate`` (dark grey) is kept out of the defaults, and so are the
+#: randomised-appearance textures ``noise`` (value noise of random scale, sometimes
+#: mottled with a second colour) and ``stripes`` (soft or hard stripes of random period
+#: and direction).
+BACKGROUNDS = ("paper", "foam", "gradient", "card", "slate", "noise", "stripes")
 DEFAULT_BACKGROUNDS = ("paper", "foam", "gradient", "card")
 
 CLUTTER_ITEMS = ("label", "pin", "scale_bar")
+#: Clutter kept out of the defaults: ``debris`` (a few blobs of any colour) and
+#: ``fibre`` (a thin curved thread, a look-alike of a leg or an antenna).
+EXTRA_CLUTTER_ITEMS = ("debris", "fibre")
 TEXTURES = ("noise", "punctures", "striae")
 
 _CARD_COLOURS = (
@@ -188,6 +213,12 @@ class Style:
     gloss: float = 1.0
     blur_sigma: tuple[float, float] = (0.35, 0.75)
     noise_sigma: tuple[float, float] = (1.0, 2.5)
+    part_colors: tuple[tuple[int, int, int], ...] | None = None
+    vignette: tuple[float, float] | None = None
+    colour_cast: float = 0.015
+    motion_blur: tuple[float, float] = (0.0, 0.0)
+    motion_blur_prob: float = 0.0
+    jpeg_quality: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         def choices(name, allowed, allow_empty=False):
@@ -218,7 +249,7 @@ class Style:
 
         choices("palettes", PALETTES)
         choices("backgrounds", BACKGROUNDS)
-        choices("clutter_items", CLUTTER_ITEMS, allow_empty=True)
+        choices("clutter_items", CLUTTER_ITEMS + EXTRA_CLUTTER_ITEMS, allow_empty=True)
         choices("textures", TEXTURES, allow_empty=True)
         span("scale_range", 0.01, 0.95)
         span("rotation_range", -3600.0, 3600.0)
@@ -226,6 +257,23 @@ class Style:
         span("shadow_opacity", 0.0, 1.0)
         span("blur_sigma", 0.0, 5.0)
         span("noise_sigma", 0.0, 50.0)
+        span("motion_blur", 0.0, 50.0)
+        if self.vignette is not None:
+            span("vignette", 0.0, 1.0)
+        if self.jpeg_quality is not None:
+            span("jpeg_quality", 1.0, 100.0)
+        if self.part_colors is not None:
+            try:
+                colours = tuple(tuple(int(v) for v in c) for c in self.part_colors)
+            except (TypeError, ValueError):
+                colours = ()
+            if len(colours) != len(PARTS) or not all(
+                len(c) == 3 and all(0 <= v <= 255 for v in c) for c in colours
+            ):
+                raise InputError(
+                    f"style: part_colors must be {len(PARTS)} (R, G, B) colours 0-255, one per part"
+                )
+            object.__setattr__(self, "part_colors", colours)
         if self.background_color is not None:
             try:
                 rgb = tuple(int(v) for v in self.background_color)
@@ -236,7 +284,7 @@ class Style:
             object.__setattr__(self, "background_color", rgb)
         if self.light_angle is not None:
             object.__setattr__(self, "light_angle", float(self.light_angle))
-        for name in ("clutter_prob", "flip_prob"):
+        for name in ("clutter_prob", "flip_prob", "motion_blur_prob"):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"style: {name} must be between 0 and 1")
@@ -244,6 +292,9 @@ class Style:
         if not float(self.gloss) >= 0.0:
             raise InputError("style: gloss must be >= 0")
         object.__setattr__(self, "gloss", float(self.gloss))
+        if not 0.0 <= float(self.colour_cast) <= 0.5:
+            raise InputError("style: colour_cast must be between 0 and 0.5")
+        object.__setattr__(self, "colour_cast", float(self.colour_cast))
         object.__setattr__(self, "clutter", bool(self.clutter))
 
     @classmethod
@@ -456,6 +507,8 @@ def _draw_background_colour(kind: str, rng) -> tuple[int, int, int]:
         base = np.array(_CARD_COLOURS[int(rng.integers(len(_CARD_COLOURS)))], float)
         base *= rng.uniform(0.95, 1.03)
         return tuple(int(np.clip(v, 0, 255)) for v in base)
+    if kind in ("noise", "stripes"):  # any light-to-mid colour
+        return _lch_to_rgb(rng.uniform(45, 90), rng.uniform(0, 40), rng.uniform(0, 360))
     # slate
     v = rng.uniform(52, 80)
     return (int(v), int(v + 2), int(v + rng.uniform(2, 8)))
@@ -484,17 +537,49 @@ def _background(kind: str, colour, rng, height: int, width: int) -> np.ndarray:
         lum = 1 + rng.uniform(0.08, 0.18) * t + 0.006 * _value_noise(rng, shape, 2, 1)
     elif kind == "card":
         lum = 1 + 0.006 * _value_noise(rng, shape, 2, 2) + 0.012 * _value_noise(rng, shape, 40, 2)
+    elif kind in ("noise", "stripes"):
+        return _textured_background(kind, base, rng, height, width)
     else:  # slate
         lum = 1 + 0.05 * _value_noise(rng, shape, 12, 3) + 0.02 * _value_noise(rng, shape, 1.5, 1)
     return np.clip(base[None, None, :] * lum[..., None], 0, 1).astype(np.float32)
 
 
-def _illumination(rng, height: int, width: int, light_xy, strength: float) -> np.ndarray:
+def _textured_background(kind: str, base: np.ndarray, rng, height: int, width: int) -> np.ndarray:
+    """Value noise of a random scale, or stripes of a random period and direction, in
+    the base colour, sometimes mixed with a second colour of about the same lightness."""
+    shape = (height, width)
+    if kind == "noise":
+        cell = math.exp(rng.uniform(math.log(2.0), math.log(0.3 * max(width, height))))
+        pattern = _value_noise(rng, shape, cell, int(rng.integers(1, 5)))
+        pattern = np.clip(pattern * rng.uniform(1.0, 2.5), -1, 1)
+    else:
+        period = rng.uniform(4.0, 0.2 * min(width, height))
+        phi = rng.uniform(0, math.pi)
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        wave = np.sin((xx * math.cos(phi) + yy * math.sin(phi)) * (2 * math.pi / period)
+                      + rng.uniform(0, 2 * math.pi))
+        sharp = rng.uniform(1.0, 8.0)  # 1: a sine, large: hard-edged stripes
+        pattern = np.tanh(sharp * wave) / math.tanh(sharp)
+        pattern = pattern.astype(np.float32)
+    t = 0.5 + 0.5 * pattern  # 0..1
+    if rng.random() < 0.5:  # two colours
+        other = np.clip(base + rng.normal(0.0, 0.15, 3), 0, 1).astype(np.float32)
+        mix = rng.uniform(0.3, 1.0)
+        out = base[None, None, :] * (1 - mix * t[..., None]) + other[None, None, :] * (mix * t[..., None])
+    else:  # one colour, lighter and darker
+        out = base[None, None, :] * (1 + rng.uniform(0.05, 0.35) * pattern)[..., None]
+    out *= (1 + 0.01 * _value_noise(rng, shape, rng.uniform(1.0, 3.0), 1))[..., None]  # grain
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _illumination(rng, height: int, width: int, light_xy, strength: float,
+                  vignette: tuple[float, float] | None = None) -> np.ndarray:
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     half = 0.5 * max(width, height)
     t = ((xx - width / 2) * light_xy[0] + (yy - height / 2) * light_xy[1]) / half
     r2 = ((xx - width / 2) ** 2 + (yy - height / 2) ** 2) / half**2
-    field = 1 + strength * t - rng.uniform(0.02, 0.08) * r2
+    fall = rng.uniform(0.02, 0.08) if vignette is None else _uniform(rng, vignette)
+    field = 1 + strength * t - fall * r2
     field += 0.015 * _value_noise(rng, (height, width), max(width, height) / 3, 2)
     return field.astype(np.float32)
 
@@ -598,6 +683,37 @@ def _scale_bar_patch(rng, width: int, height: int, dark_substrate: bool = False)
     return rgb, alpha
 
 
+def _debris_patch(rng, width: int, height: int):
+    """A few overlapping blobs of one random colour: crumbs, fragments, dirt."""
+    size = max(6, int(rng.uniform(0.03, 0.12) * min(width, height)))
+    alpha = np.zeros((size, size), np.float32)
+    for _ in range(int(rng.integers(1, 5))):
+        c = (int(rng.integers(0, size)), int(rng.integers(0, size)))
+        axes = (max(1, int(rng.uniform(0.1, 0.45) * size)), max(1, int(rng.uniform(0.1, 0.45) * size)))
+        cv2.ellipse(alpha, c, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1, cv2.LINE_AA)
+    colour = _lch_to_rgb(rng.uniform(5, 95), rng.uniform(0, 80), rng.uniform(0, 360))
+    shade = 1 + rng.uniform(0.05, 0.3) * _value_noise(rng, (size, size), rng.uniform(1.5, 4.0), 2)
+    rgb = np.asarray(colour, np.float32)[None, None] / 255.0 * shade[..., None]
+    return np.clip(rgb, 0, 1).astype(np.float32), np.clip(alpha, 0, 1)
+
+
+def _fibre_patch(rng, width: int, height: int):
+    """A thin curved thread of a random colour, 1-3 px wide."""
+    length = rng.uniform(0.1, 0.4) * min(width, height)
+    n = 24
+    turn = np.cumsum(rng.normal(0.0, rng.uniform(0.02, 0.2), n))
+    heading = rng.uniform(0, 2 * math.pi) + turn
+    step = length / n
+    pts = np.cumsum(np.stack([np.cos(heading), np.sin(heading)], axis=1) * step, axis=0)
+    pts -= pts.min(axis=0) - 3
+    w, h = (int(math.ceil(v)) + 4 for v in pts.max(axis=0))
+    alpha = np.zeros((h, w), np.float32)
+    cv2.polylines(alpha, [np.round(pts).astype(np.int32)], False, 1.0, int(rng.integers(1, 4)), cv2.LINE_AA)
+    colour = _lch_to_rgb(rng.uniform(5, 95), rng.uniform(0, 60), rng.uniform(0, 360))
+    rgb = np.ones((h, w, 3), np.float32) * np.asarray(colour, np.float32) / 255.0
+    return rgb, np.clip(alpha, 0, 1)
+
+
 def _place_patch(canvas, clutter, keepout, rgb, alpha, rng, light_xy, tries: int = 40) -> bool:
     height, width = keepout.shape
     ph, pw = alpha.shape
@@ -646,6 +762,16 @@ def _specimen_colours(palette: Mapping, rng) -> dict[int, np.ndarray]:
     return out
 
 
+def _pinned_colours(part_colors, rng) -> dict[int, np.ndarray]:
+    """Per-part albedo from pinned colours, with a slight brightness change per image
+    and per part (the same specimen photographed again)."""
+    gain = rng.uniform(0.94, 1.06)
+    return {
+        k: np.clip(np.asarray(rgb, np.float32) / 255.0 * gain * rng.uniform(0.97, 1.03), 0, 1)
+        for k, rgb in zip(PARTS, part_colors)
+    }
+
+
 def _elytra_coords(elytra: np.ndarray, axis: np.ndarray):
     """Across-elytra coordinate normalised to [-1, 1] (suture at 0) and half-width in px."""
     ys, xs = np.nonzero(elytra)
@@ -677,7 +803,12 @@ def _paint_beetle(labels: np.ndarray, axis: np.ndarray, palette_name: str, st: S
     height, width = labels.shape
     shape = (height, width)
     palette = PALETTES[palette_name]
-    colours = _specimen_colours(palette, rng)
+    if st.part_colors is None:
+        colours = _specimen_colours(palette, rng)
+        sheen = palette["sheen"]
+    else:
+        colours = _pinned_colours(st.part_colors, rng)
+        sheen = None
     gloss = _uniform(rng, palette["gloss"]) * st.gloss
     shininess = rng.uniform(12, 30)
     textures = st.textures
@@ -742,8 +873,8 @@ def _paint_beetle(labels: np.ndarray, axis: np.ndarray, palette_name: str, st: S
     albedo = np.zeros((height, width, 3), np.float32)
     for k, rgb in colours.items():
         albedo[labels == k] = rgb
-    if palette["sheen"] is not None:  # structural colour shifts at grazing angles
-        sheen = np.array(palette["sheen"], np.float32) / 255.0
+    if sheen is not None:  # structural colour shifts at grazing angles
+        sheen = np.array(sheen, np.float32) / 255.0
         mix = 0.7 * np.clip((1 - nz) * 2.5, 0, 1)[..., None] * np.isin(labels, _BODY)[..., None]
         albedo = albedo * (1 - mix) + sheen * mix
         spec_colour = 0.3 + 0.6 * albedo / np.maximum(albedo.max(axis=2, keepdims=True), 1e-3)
@@ -814,15 +945,19 @@ def render_specimen_layers(label_map: np.ndarray, rng: np.random.Generator,
     if st.clutter and st.clutter_items:
         keepout = cv2.dilate(fg.astype(np.uint8), _disk(6)) > 0
         keepout |= shadow > 0.05
-        makers = {"label": _label_patch, "pin": _pin_patch, "scale_bar": _scale_bar_patch}
+        makers = {"label": _label_patch, "pin": _pin_patch, "scale_bar": _scale_bar_patch,
+                  "debris": _debris_patch, "fibre": _fibre_patch}
         dark = float(np.mean(bg_colour)) < 110
         for item in st.clutter_items:
             if rng.random() < st.clutter_prob:
-                if item == "scale_bar":
-                    rgb, alpha = _scale_bar_patch(rng, width, height, dark)
-                else:
-                    rgb, alpha = makers[item](rng, width, height)
-                _place_patch(canvas, clutter, keepout, rgb, alpha, rng, light_xy)
+                # the extra items come in small numbers; the original ones alone
+                copies = int(rng.integers(1, 4)) if item in EXTRA_CLUTTER_ITEMS else 1
+                for _ in range(copies):
+                    if item == "scale_bar":
+                        rgb, alpha = _scale_bar_patch(rng, width, height, dark)
+                    else:
+                        rgb, alpha = makers[item](rng, width, height)
+                    _place_patch(canvas, clutter, keepout, rgb, alpha, rng, light_xy)
 
     # the beetle on top
     palette = st.palettes[int(rng.integers(len(st.palettes)))]
@@ -830,16 +965,74 @@ def render_specimen_layers(label_map: np.ndarray, rng: np.random.Generator,
     image = np.where(fg[..., None], beetle, canvas)
 
     # camera
-    image *= _illumination(rng, height, width, light_xy, _uniform(rng, st.illumination))[..., None]
-    image *= (1 + rng.normal(0, 0.015, 3)).astype(np.float32)[None, None, :]
+    image *= _illumination(rng, height, width, light_xy, _uniform(rng, st.illumination),
+                           st.vignette)[..., None]
+    image *= (1 + rng.normal(0, st.colour_cast, 3)).astype(np.float32)[None, None, :]
+    image = _camera(image, rng, st)
+    return Rendering(
+        image=image, labels=labels, clutter=clutter, matrix=matrix, scale=scale,
+        angle=float(angle), flipped=flipped,
+        palette=palette if st.part_colors is None else "custom", background=kind,
+    )
+
+
+def _motion_blur(img: np.ndarray, length: float, angle: float) -> np.ndarray:
+    """Blur along a line of `length` pixels at `angle` degrees (camera shake)."""
+    if length < 1.0:
+        return img
+    k = int(math.ceil(length)) | 1
+    kernel = np.zeros((k, k), np.float32)
+    c = (k - 1) / 2
+    dx, dy = 0.5 * length * math.cos(math.radians(angle)), 0.5 * length * math.sin(math.radians(angle))
+    shift = 4  # sub-pixel end points
+    cv2.line(kernel, (round((c - dx) * 16), round((c - dy) * 16)), (round((c + dx) * 16), round((c + dy) * 16)),
+             1.0, 1, cv2.LINE_AA, shift)
+    kernel /= max(float(kernel.sum()), 1e-6)
+    return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT)
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """Encode and decode as JPEG at `quality` (what a camera or a re-save leaves)."""
+    ok, buf = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:  # pragma: no cover - OpenCV always encodes a uint8 RGB array
+        raise RuntimeError("JPEG encoding failed")
+    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
+
+
+def _camera(image: np.ndarray, rng, st: Style) -> np.ndarray:
+    """Blur, sensor noise, 8-bit quantisation and JPEG of a float RGB image in 0..1."""
     image = _blur(image, _uniform(rng, st.blur_sigma))
+    if st.motion_blur_prob > 0 and rng.random() < st.motion_blur_prob:
+        image = _motion_blur(image, _uniform(rng, st.motion_blur), rng.uniform(0.0, 180.0))
     noise = _uniform(rng, st.noise_sigma) / 255.0
     if noise > 0:
         image = image + noise * rng.standard_normal(image.shape, dtype=np.float32)
     image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return Rendering(
-        image=image, labels=labels, clutter=clutter, matrix=matrix, scale=scale,
-        angle=float(angle), flipped=flipped, palette=palette, background=kind,
+    if st.jpeg_quality is not None:
+        image = _jpeg(image, int(round(_uniform(rng, st.jpeg_quality))))
+    return image
+
+
+def camera_effects(image: np.ndarray, rng: np.random.Generator,
+                   style: Style | Mapping | None = None) -> np.ndarray:
+    """Apply a style's camera stage (Gaussian and motion blur, sensor noise, JPEG) to
+    an RGB uint8 image, as `render_specimen_layers` does at its end.
+
+    For images rendered without those effects and then transformed (`zoom_crop`), so
+    that blur, noise and JPEG blocks keep their size in the final picture.
+    """
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise InputError(f"camera_effects needs an H x W x 3 uint8 image, got {img.shape} {img.dtype}")
+    return _camera(img.astype(np.float32) / 255.0, rng, Style.coerce(style))
+
+
+def without_camera(style: Style | Mapping | None) -> Style:
+    """The style with its camera stage (blur, motion blur, noise, JPEG) switched off;
+    render with it, transform, then apply `camera_effects` with the original style."""
+    return dataclasses.replace(
+        Style.coerce(style), blur_sigma=(0.0, 0.0), noise_sigma=(0.0, 0.0),
+        motion_blur_prob=0.0, jpeg_quality=None,
     )
 
 
@@ -886,6 +1079,207 @@ def collection_style(style: Style | Mapping | None, rng: np.random.Generator) ->
         illumination=narrow(st.illumination), blur_sigma=narrow(st.blur_sigma),
         noise_sigma=narrow(st.noise_sigma),
     )
+
+
+# ---------------------------------------------------------------------------------
+# domain-randomised appearance and zoomed crops (training data)
+# ---------------------------------------------------------------------------------
+
+_XYZ_TO_LINEAR_RGB = np.array([
+    [3.2404542, -1.5371385, -0.4985314],
+    [-0.9692660, 1.8760108, 0.0415560],
+    [0.0556434, -0.2040259, 1.0572252],
+])
+_WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
+
+
+def _lab_to_srgb(lab) -> np.ndarray:
+    """CIE L*a*b* (D65) to sRGB in 0..1, not clipped (values outside are out of gamut)."""
+    lab = np.asarray(lab, np.float64)
+    fy = (lab[..., 0] + 16.0) / 116.0
+    f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], axis=-1)
+    d = 6.0 / 29.0
+    xyz = np.where(f > d, f**3, 3 * d * d * (f - 4.0 / 29.0)) * _WHITE_D65
+    lin = xyz @ _XYZ_TO_LINEAR_RGB.T
+    return np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * np.abs(lin) ** (1 / 2.4) * np.sign(lin) - 0.055)
+
+
+def _lch_to_rgb(lightness: float, chroma: float, hue: float) -> tuple[int, int, int]:
+    """An sRGB colour (0-255) of CIE lightness L* and hue angle `hue` (degrees), with the
+    chroma lowered as far as needed to lie inside the sRGB gamut (L* and hue kept)."""
+    h = math.radians(hue)
+    for _ in range(60):
+        rgb = _lab_to_srgb([lightness, chroma * math.cos(h), chroma * math.sin(h)])
+        if rgb.min() >= -0.002 and rgb.max() <= 1.002:
+            break
+        chroma *= 0.9
+    else:
+        rgb = _lab_to_srgb([lightness, 0.0, 0.0])
+    return tuple(int(v) for v in np.clip(np.round(rgb * 255.0), 0, 255))
+
+
+def lightness(rgb) -> np.ndarray:
+    """CIE L* (0-100) of sRGB colours given as 0-255 values, shape (..., 3)."""
+    c = np.asarray(rgb, np.float64) / 255.0
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    y = lin @ np.array([0.2126729, 0.7151522, 0.0721750])
+    return np.where(y > (6 / 29) ** 3, 116.0 * np.cbrt(y) - 16.0, y * (29 / 3) ** 3)
+
+
+#: The substrate kinds drawn by `randomised_style`: all but ``slate``, whose texture
+#: stays unseen in training (dark grounds come from the random colours instead).
+RANDOMISED_BACKGROUNDS = ("paper", "foam", "gradient", "card", "noise", "stripes")
+
+
+def randomised_style(rng: np.random.Generator,
+                     scale_range: tuple[float, float] = (0.25, 0.95)) -> Style:
+    """A domain-randomised `Style` for one episode (one collection's look).
+
+    Over many draws: the contrast sign is a coin flip, a light specimen (L* of every
+    part at least 25 above the ground's, ground L* 4-45) as often as a dark one (every
+    part at least 25 below, ground L* 55-97); ground and part colours are drawn in CIE
+    LCh with uniform hue and chroma from neutral to as saturated as sRGB allows; the
+    head, pronotum and elytra share one colour (about half the draws), or the fore body
+    differs from the elytra, or every part has its own; legs and antennae take the
+    body's colour or one of their own. The substrate is any kind of
+    `RANDOMISED_BACKGROUNDS` (value-noise and stripe textures included), clutter
+    includes debris and fibres, and lighting gradient, vignetting, colour cast,
+    shadow, gloss, Gaussian or motion blur, sensor noise and JPEG quality (40-95) get
+    wide ranges, drawn again for each image. ``scale_range`` is the fraction of the
+    canvas's shorter side filled by the specimen's longest extent.
+
+    The colours, the substrate kind and the light direction are pinned, so the images
+    rendered with the returned style show one specimen look, as one collection does.
+    """
+    light = bool(rng.random() < 0.5)  # a light specimen on a dark ground
+    if light:
+        ground_l = rng.uniform(4.0, 45.0)
+        lo, hi = ground_l + 25.0, 97.0
+    else:
+        ground_l = rng.uniform(55.0, 97.0)
+        lo, hi = 3.0, ground_l - 25.0
+
+    def chroma():
+        return rng.uniform(0.0, 10.0) if rng.random() < 0.3 else rng.uniform(10.0, 110.0)
+
+    def colour():  # (L, C, h) inside the specimen's lightness band
+        return (rng.uniform(lo, hi), chroma(), rng.uniform(0.0, 360.0))
+
+    def near(lch):  # the same colour, a little changed
+        lum, c, h = lch
+        return (float(np.clip(lum + rng.uniform(-6, 6), lo, hi)), c * rng.uniform(0.8, 1.2),
+                h + rng.uniform(-12, 12))
+
+    ground = _lch_to_rgb(ground_l, chroma(), rng.uniform(0.0, 360.0))
+    body = colour()
+    mode = rng.random()
+    if mode < 0.5:  # one body colour
+        head, pronotum, elytra = near(body), near(body), near(body)
+    elif mode < 0.75:  # fore body and elytra differ
+        fore = colour()
+        head, pronotum, elytra = near(fore), near(fore), body
+    else:  # every part its own colour
+        head, pronotum, elytra = colour(), colour(), body
+    if rng.random() < 0.5:
+        antenna = near(body)
+        legs = near(antenna)
+    else:
+        antenna = colour()
+        legs = near(antenna) if rng.random() < 0.5 else colour()
+    part_colors = tuple(_lch_to_rgb(*c) for c in (head, pronotum, elytra, antenna, legs))
+
+    return Style(
+        palettes=DEFAULT_PALETTES,  # with pinned part colours a palette sets the gloss only
+        backgrounds=(RANDOMISED_BACKGROUNDS[int(rng.integers(len(RANDOMISED_BACKGROUNDS)))],),
+        background_color=ground,
+        light_angle=float(rng.uniform(0.0, 360.0)),
+        clutter=True,
+        clutter_items=CLUTTER_ITEMS + EXTRA_CLUTTER_ITEMS,
+        clutter_prob=float(rng.uniform(0.15, 0.7)),
+        scale_range=scale_range,
+        textures=tuple(t for t in TEXTURES if rng.random() < 0.75),
+        illumination=(0.0, float(rng.uniform(0.05, 0.3))),
+        vignette=(0.0, float(rng.uniform(0.02, 0.25))),
+        shadow_opacity=(0.0, float(rng.uniform(0.1, 0.6))),
+        gloss=float(rng.uniform(0.0, 2.0)),
+        blur_sigma=(0.0, float(rng.uniform(0.3, 1.8))),
+        noise_sigma=(0.0, float(rng.uniform(1.0, 12.0))),
+        motion_blur=(2.0, float(rng.uniform(3.0, 10.0))),
+        motion_blur_prob=0.25,
+        jpeg_quality=(40.0, 95.0),
+        colour_cast=float(rng.uniform(0.0, 0.06)),
+        part_colors=part_colors,
+    )
+
+
+def zoom_crop(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], part: int, fill: float,
+              size: tuple[int, int], rng: np.random.Generator,
+              ) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[float, float, float, float]]]:
+    """Crop frames (templates and targets alike) around one part and resize them.
+
+    For every frame, a window of the output's aspect ratio is placed at a random
+    position that contains the whole of ``part`` (1..5 as in PARTS, or 0 for the whole
+    specimen), sized so that the part's bounding box spans ``fill`` (0 < fill <= 1) of
+    the frame along its tighter side: ``max(part width / frame width, part height /
+    frame height) == fill``. Each frame gets its own window (the part moves between
+    frames), all with the same rule. The window is mapped to ``size`` = (width, height):
+    the image with bilinear interpolation (smoothed first: against aliasing where it
+    shrinks, by half a pixel where it grows, so pixel steps do not show), the label
+    map with nearest-neighbour through the same map, so it stays the exact ground truth.
+    Windows reaching past the image repeat its edge pixels in both. Windows stay inside
+    the image whenever they fit.
+
+    Returns ``(images, labels, windows)``, a window being (x, y, width, height) in source
+    pixels, (0, 0) the top-left corner of the top-left pixel.
+    """
+    out_w, out_h = _check_size(size)
+    if isinstance(part, bool) or int(part) != part or not 0 <= int(part) <= max(PARTS):
+        raise InputError(f"zoom_crop: part must be 0 (whole specimen) or one of {sorted(PARTS)}, got {part!r}")
+    part = int(part)
+    fill = float(fill)
+    if not 0.0 < fill <= 1.0:
+        raise InputError(f"zoom_crop: fill must be in (0, 1], got {fill}")
+    if len(images) != len(labels) or not len(images):
+        raise InputError("zoom_crop: needs as many label maps as images, at least one")
+    aspect = out_w / out_h
+    out_images, out_labels, windows = [], [], []
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        img, lab = np.asarray(img), np.asarray(lab)
+        if img.shape[:2] != lab.shape:
+            raise InputError(f"zoom_crop: frame {i}: image {img.shape[:2]} and labels {lab.shape} differ in size")
+        mask = lab > 0 if part == 0 else lab == part
+        if not mask.any():
+            raise InputError(f"zoom_crop: frame {i} does not show part {part}")
+        height, width = lab.shape
+        ys, xs = np.nonzero(mask)
+        x_lo, x_hi, y_lo, y_hi = xs.min(), xs.max() + 1.0, ys.min(), ys.max() + 1.0
+        cw = max((x_hi - x_lo) / fill, (y_hi - y_lo) * aspect / fill)
+        ch = cw / aspect
+
+        def place(lo, hi, window, extent):
+            a, b = hi - window, lo  # every start that keeps the part inside
+            if window <= extent:
+                a, b = max(a, 0.0), min(b, extent - window)
+            else:
+                a, b = max(a, extent - window), min(b, 0.0)
+            return float(rng.uniform(a, b)) if b > a else float(a)
+
+        x0, y0 = place(x_lo, x_hi, cw, width), place(y_lo, y_hi, ch, height)
+        sx, sy = out_w / cw, out_h / ch
+        m = np.array([[sx, 0.0, (0.5 - x0) * sx - 0.5], [0.0, sy, (0.5 - y0) * sy - 0.5]])
+        shrink = min(sx, sy)
+        if shrink < 1.0:  # anti-aliasing
+            src = _blur(img.astype(np.float32), 0.5 * math.sqrt(1.0 / shrink**2 - 1.0))
+        else:  # enlarged: soften the pixel steps of hard edges a little
+            src = _blur(img.astype(np.float32), 0.5)
+        crop = cv2.warpAffine(src, m, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if crop.dtype != img.dtype:
+            crop = np.clip(np.round(crop), 0, 255).astype(img.dtype)
+        out_images.append(crop)
+        out_labels.append(cv2.warpAffine(lab, m, (out_w, out_h), flags=cv2.INTER_NEAREST,
+                                         borderMode=cv2.BORDER_REPLICATE))
+        windows.append((x0, y0, cw, ch))
+    return out_images, out_labels, windows
 
 
 def _select_masks(mask_names: Sequence[str] | None) -> list[tuple[str, np.ndarray]]:
