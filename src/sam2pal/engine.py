@@ -102,6 +102,10 @@ class _Group:
     objects: list[ObjectKey]
     templates: list[int]  # indices into Propagator._templates
     memory: dict = field(default_factory=dict)  # SAM2 output dict of conditioning frames
+    # per template index: its masks of the group's objects as boxes (the cycle IoU's truth)
+    boxes: dict[int, list] = field(default_factory=dict)
+    # `memory` for a batch of several targets: (targets, repeated memory), the last one asked for
+    repeated: tuple[int, dict] = (1, {})
 
 
 def preprocess(image: np.ndarray, image_size: int, device: torch.device) -> torch.Tensor:
@@ -470,12 +474,9 @@ class Propagator:
         with torch.inference_mode(), autocast(self.device):
             for group in self.groups:
                 group.memory = self._template_memory(group)
-            # the templates' masks as boxes, for the cycle IoU
-            self._template_boxes = {
-                (id(group), t): [BoxMask.from_full(self._templates[t].masks[key]) for key in group.objects]
-                for group in self.groups for t in group.templates
-            } if self.cycle_consistency else {}
-        self._repeated: dict[tuple[int, int], dict] = {}
+                if self.cycle_consistency:
+                    group.boxes = {t: [BoxMask.from_full(self._templates[t].masks[key]) for key in group.objects]
+                                   for t in group.templates}
 
     # -- SAM2 steps -------------------------------------------------------------------
 
@@ -505,14 +506,12 @@ class Propagator:
         """The group's template memory for a batch of `targets` images."""
         if targets == 1:
             return group.memory
-        key = (id(group), targets)
-        if key not in self._repeated:
-            self._repeated = {k: v for k, v in self._repeated.items() if k[0] != id(group)}
-            self._repeated[key] = repeat_memory(group.memory, targets)
-        return self._repeated[key]
+        if group.repeated[0] != targets:
+            group.repeated = (targets, repeat_memory(group.memory, targets))
+        return group.repeated[1]
 
     def _cycle_iou(self, group: _Group, feats, low_res: torch.Tensor, targets: int) -> list[float]:
-        references = [(self._templates[t].backbone, self._template_boxes[(id(group), t)]) for t in group.templates]
+        references = [(self._templates[t].backbone, group.boxes[t]) for t in group.templates]
         return cycle_ious(self.model, feats, low_res, references, self.fill_hole_area, self.mask_threshold,
                           repeat=targets)
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .masks import BoxMask
+
 
 @dataclass(frozen=True)
 class StructureReference:
@@ -28,14 +30,17 @@ class StructureReference:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of width/height
 
     @classmethod
-    def from_masks(cls, masks: list[np.ndarray]) -> "StructureReference":
+    def from_masks(cls, masks: list) -> "StructureReference":
+        """The reference of a structure from its masks: bool arrays or `BoxMask`s."""
         areas, boxes = [], []
         for mask in masks:
-            height, width = mask.shape
-            ys, xs = np.nonzero(mask)
-            areas.append(len(xs) / float(height * width))
-            if len(xs):
-                boxes.append((xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height))
+            if isinstance(mask, np.ndarray):
+                mask = BoxMask.from_full(mask)
+            height, width = mask.size
+            areas.append(mask.area / float(height * width))
+            x, y, w, h = mask.bbox()
+            if w:
+                boxes.append((x / width, y / height, (x + w) / width, (y + h) / height))
         if not boxes:
             return cls(0.0, (0.0, 0.0, 1.0, 1.0))
         box = (
@@ -63,7 +68,7 @@ def clamp_mask(
 ):
     """Cut `mask` (a bool array, or a `sam2pal.masks.BoxMask`) to the reference box when
     asked to; returns (mask of the same kind, was_cut)."""
-    boxed = not isinstance(mask, np.ndarray)
+    boxed = isinstance(mask, BoxMask)
     height, width = mask.size if boxed else mask.shape
     area = mask.area if boxed else int(mask.sum())
     exploded = (

@@ -468,7 +468,7 @@ class VideoPropagator:
                                                       state.previous[g])
                         results.update(found)
                         state.previous[g] = {
-                            key: StructureReference.from_masks([p.mask]) for key, p in found.items() if p.box.area
+                            key: StructureReference.from_masks([p.box]) for key, p in found.items() if p.box.area
                         } or state.previous[g]
                         self._prune(state.windows[g], index + step, step)
                     del backbone
