@@ -179,8 +179,9 @@ def test_the_loss_trains_every_part_of_sam2_the_tracker_uses():
 
 
 def _tiny(**kw):
-    return PretrainSettings(steps=3, episodes_per_step=1, image_size=64, low_res_size=64, low_res_steps=1,
-                            warmup_steps=1, log_every=1, save_every=100, **kw)
+    values = dict(steps=3, episodes_per_step=1, image_size=64, low_res_size=64, low_res_steps=1,
+                  warmup_steps=1, log_every=1, save_every=100)
+    return PretrainSettings(**{**values, **kw})
 
 
 def test_pretrain_writes_an_official_checkpoint_and_resumes_to_the_same_weights(tmp_path):
@@ -220,3 +221,44 @@ def test_pretrain_cli_rejects_bad_settings_in_one_line(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
     args = cli.build_parser().parse_args(["pretrain", "--appearance", "randomised", "--zoom_fraction", "0.3"])
     assert (args.appearance, args.zoom_fraction) == ("randomised", 0.3)
+
+
+def test_v2_body_plans_add_eyes_scapes_and_keep_v1_as_it_was():
+    v1 = procedural_insect(np.random.default_rng(5))
+    assert np.array_equal(v1, procedural_insect(np.random.default_rng(5), plan="v1"))
+    assert v1.max() == 5
+    for seed in range(6):
+        v2 = procedural_insect(np.random.default_rng(seed), plan="v2")
+        counts = np.bincount(v2.ravel(), minlength=8)
+        assert all(counts[k] > 0 for k in range(1, 8)), counts  # every part, eyes (6) and scapes (7) too
+    with pytest.raises(ValueError, match="plan must be one of"):
+        procedural_insect(np.random.default_rng(0), plan="v3")
+
+
+def test_v2_shapes_render_and_train_with_eyes_and_scapes():
+    from sam2pal.synthetic import randomised_style, render_specimen_layers
+
+    shape = procedural_insect(np.random.default_rng(3), plan="v2")
+    rng = np.random.default_rng(4)
+    r = render_specimen_layers(shape, rng, size=(256, 256), style=randomised_style(rng))
+    assert {6, 7} <= set(np.unique(r.labels))
+    eye = r.labels == 6
+    assert np.abs(r.image[eye].mean(0) - r.image[r.labels == 1].mean(0)).max() > 0  # painted, not the head's colour
+    s = PretrainSettings(steps=2, body_plan="v2", procedural_fraction=1.0, appearance="randomised")
+    episode = draw_episode(0, s, [])
+    assert any((lab == 6).any() for lab in episode.labels)
+    with pytest.raises(InputError, match="body_plan must be one of"):
+        PretrainSettings(body_plan="v9")
+
+
+def test_pretrain_from_init_weights_records_them(tmp_path):
+    first = pretrain(_tiny(), tmp_path / "a", device="cpu", name="m", log=lambda *_: None)
+    init = tmp_path / "a" / "m.pt"
+    s = _tiny(init=str(init), learning_rate=1e-9, steps=1)
+    second = pretrain(s, tmp_path / "b", device="cpu", name="m", log=lambda *_: None)
+    assert second["init_sha256"] == first["checkpoint_sha256"] and second["settings"]["init"] == str(init)
+    a, b = read_state_dict(init), read_state_dict(tmp_path / "b" / "m.pt")
+    # a learning rate of 1e-9 for one step: the weights are the init's, not new random ones
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    with pytest.raises(InputError, match="not found|no such"):
+        pretrain(_tiny(init=str(tmp_path / "missing.pt")), tmp_path / "c", device="cpu", name="m", log=lambda *_: None)

@@ -701,7 +701,7 @@ def cmd_pretrain(args) -> int:
         torch.set_num_threads(args.threads)
     values = {k: getattr(args, k) for k in (
         "steps", "episodes_per_step", "learning_rate", "image_size", "low_res_size", "low_res_steps", "seed",
-        "appearance", "zoom_fraction",
+        "appearance", "zoom_fraction", "body_plan", "init", "procedural_fraction", "warmup_steps",
     )}
     record = pretrain(PretrainSettings(**values), args.out_dir, config=args.config, device=args.device,
                       name=args.name, resume=not args.restart, workers=args.workers, stop_after=args.stop_after)
@@ -740,6 +740,14 @@ def _pretrain_parser(sub):
           "grounds, lighting, blur, noise and JPEG)")
     _flag(p, "--zoom_fraction", type=float, default=d.zoom_fraction,
           help="share of episodes (0-1) that are zoomed crops of a part or the whole specimen")
+    _flag(p, "--body_plan", default=d.body_plan,
+          help="procedural insects: v1 (the shipped model's) or v2 (wider proportions, compound eyes, scapes, "
+          "elbowed antennae)")
+    _flag(p, "--procedural_fraction", type=float, default=d.procedural_fraction,
+          help="share of shapes (0-1) drawn from procedural insects rather than the NEON masks")
+    _flag(p, "--warmup_steps", type=int, default=d.warmup_steps, help="steps of linear learning-rate warm-up")
+    _flag(p, "--init", default=d.init,
+          help="start from this checkpoint (file or name, e.g. sam2pal-micro) instead of random weights")
     _flag(p, "--device", default="auto", help="auto, cpu, cuda or cuda:N")
     _flag(p, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
     _flag(p, "--workers", type=int, default=0, help="processes rendering episodes beside the training (0: none)")

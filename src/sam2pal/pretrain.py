@@ -60,10 +60,11 @@ import torch.nn.functional as F
 from .atomic import atomic_path, atomic_write, write_json
 from .engine import binary_mask_input, conditioning_frame, new_memory, preprocess, track_step
 from .errors import InputError
-from .model import autocast, build_model, file_sha256, resolve_device
-from .procedural import procedural_insect
+from .download import resolve_checkpoint_digest
+from .model import autocast, build_model, file_sha256, load_checkpoint, resolve_device
+from .procedural import PLANS, procedural_insect
 from .registry import MICRO_MODEL, micro_model_files
-from .synthetic import DEFAULT_BACKGROUNDS, DEFAULT_PALETTES, PARTS, Style, collection_style, load_beetle_masks
+from .synthetic import ALL_PARTS, DEFAULT_BACKGROUNDS, DEFAULT_PALETTES, Style, collection_style, load_beetle_masks
 from .synthetic import camera_effects, randomised_style, render_specimen_layers, without_camera, zoom_crop
 
 #: Episode appearances: "v1" (the shipped model's) and "randomised" (domain randomisation).
@@ -109,6 +110,11 @@ class PretrainSettings:
     # the share of episodes that are zoomed crops
     appearance: str = "v1"
     zoom_fraction: float = 0.0
+    # procedural body plans: "v1" (the shipped model's) or "v2" (wider proportions,
+    # compound eyes, scapes and elbowed antennae; `procedural.procedural_insect`)
+    body_plan: str = "v1"
+    # start from these weights (a checkpoint file or name) instead of random ones
+    init: str = ""
     # SAM2's loss weights
     focal_weight: float = 20.0
     dice_weight: float = 1.0
@@ -131,6 +137,8 @@ class PretrainSettings:
                      "zoom_fraction"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 problems.append(f"{name} must be between 0 and 1")
+        if self.body_plan not in PLANS:
+            problems.append(f"body_plan must be one of {', '.join(PLANS)}, got {self.body_plan!r}")
         if self.appearance not in APPEARANCES:
             problems.append(f"appearance must be one of {', '.join(APPEARANCES)}, got {self.appearance!r}")
         if problems:
@@ -200,7 +208,7 @@ def draw_episode(index: int, settings: PretrainSettings, shapes: list[np.ndarray
 
     def shape():
         if rng.random() < settings.procedural_fraction:
-            return procedural_insect(rng)
+            return procedural_insect(rng, plan=settings.body_plan)
         return shapes[int(rng.integers(len(shapes)))]
 
     same = rng.random() < settings.same_specimen
@@ -240,7 +248,7 @@ def _zoom(images, labels, whole: bool, size, rng) -> tuple[list, list]:
     def masks(part):
         return [lab == part if part else lab > 0 for lab in labels]
 
-    parts = [] if whole else [k for k in PARTS if all((lab == k).sum() >= 20 for lab in labels)]
+    parts = [] if whole else [k for k in ALL_PARTS if all((lab == k).sum() >= 20 for lab in labels)]
     if parts:
         part = int(parts[int(rng.integers(len(parts)))])
         low, high = 0.2, 0.8
@@ -324,7 +332,7 @@ def batch_loss(model, episodes: list[Episode], settings: PretrainSettings):
     if any(len(e.images) != n_frames or e.n_templates != n_templates for e in episodes):
         raise ValueError("episodes of one batch must have the same frames")
     objects = [
-        [k for k in PARTS if all((lab == k).sum() >= 4 for lab in e.labels[:n_templates])] for e in episodes
+        [k for k in ALL_PARTS if all((lab == k).sum() >= 4 for lab in e.labels[:n_templates])] for e in episodes
     ]
     # row r is structure objects[e][j] of episode e; image (e, f) is e * n_frames + f
     row_episode = torch.tensor([e for e, objs in enumerate(objects) for _ in objs], device=device)
@@ -461,6 +469,12 @@ def pretrain(settings: PretrainSettings, out_dir, config=None, device: str = "au
             raise InputError(f"{state_path}: saved by a run with other settings; remove it to start afresh")
         start, rows, seconds_before = state["step"], state["rows"], state["seconds"]
     run = _Run(config, s, dev, _size_at(start, s))
+    init_sha256 = None
+    if s.init:
+        init_path, init_sha256 = resolve_checkpoint_digest(s.init)
+        if state is None:
+            load_checkpoint(run.model, init_path)
+            log(f"starting from {init_path}")
     if state is not None:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
@@ -529,6 +543,7 @@ def pretrain(settings: PretrainSettings, out_dir, config=None, device: str = "au
         "config": yaml_out.name,
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "settings": dataclasses.asdict(s),
+        "init_sha256": init_sha256,
         "episodes": s.steps * s.episodes_per_step,
         "seconds": round(seconds, 1),
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),

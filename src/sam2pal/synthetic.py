@@ -106,6 +106,10 @@ from .errors import InputError
 from .masks import encode_rle, mask_bbox
 
 PARTS = {1: "head", 2: "pronotum", 3: "elytra", 4: "antenna", 5: "legs"}
+#: Parts that only `procedural.procedural_insect(plan="v2")` draws (for training): the
+#: compound eyes and the antenna's first segment. Rendered when a label map has them.
+EXTRA_PARTS = {6: "eye", 7: "scape"}
+ALL_PARTS = {**PARTS, **EXTRA_PARTS}
 
 _BODY = (1, 2, 3)
 _APPENDAGES = (4, 5)
@@ -391,8 +395,8 @@ def _check_label_map(label_map) -> np.ndarray:
         raise InputError(f"label map must be 2-D, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):
         raise InputError(f"label map must hold integers, got {arr.dtype}")
-    if arr.size == 0 or arr.min() < 0 or arr.max() > max(PARTS):
-        raise InputError(f"label map values must lie in 0..{max(PARTS)}")
+    if arr.size == 0 or arr.min() < 0 or arr.max() > max(ALL_PARTS):
+        raise InputError(f"label map values must lie in 0..{max(ALL_PARTS)}")
     if not (arr > 0).any():
         raise InputError("label map has no foreground")
     return np.ascontiguousarray(arr, dtype=np.uint8)
@@ -772,6 +776,25 @@ def _pinned_colours(part_colors, rng) -> dict[int, np.ndarray]:
     }
 
 
+def _extra_colours(colours: Mapping, labels: np.ndarray, rng) -> dict[int, np.ndarray]:
+    """Albedo of the extra parts a label map has (none: no random draws): eyes darker
+    than the head (most often), of their own colour, or near the head's; the scape
+    near the antenna's."""
+    out = {}
+    if (labels == 6).any():
+        head = np.asarray(colours[1], np.float32)
+        kind = rng.random()
+        if kind < 0.6:
+            out[6] = head * rng.uniform(0.2, 0.5)
+        elif kind < 0.8:
+            out[6] = rng.uniform(0.0, 1.0, 3).astype(np.float32)
+        else:
+            out[6] = np.clip(head * rng.uniform(0.7, 1.3), 0, 1)
+    if (labels == 7).any():
+        out[7] = np.clip(np.asarray(colours[4], np.float32) * rng.uniform(0.85, 1.15), 0, 1)
+    return out
+
+
 def _elytra_coords(elytra: np.ndarray, axis: np.ndarray):
     """Across-elytra coordinate normalised to [-1, 1] (suture at 0) and half-width in px."""
     ys, xs = np.nonzero(elytra)
@@ -809,6 +832,7 @@ def _paint_beetle(labels: np.ndarray, axis: np.ndarray, palette_name: str, st: S
     else:
         colours = _pinned_colours(st.part_colors, rng)
         sheen = None
+    colours.update(_extra_colours(colours, labels, rng))
     gloss = _uniform(rng, palette["gloss"]) * st.gloss
     shininess = rng.uniform(12, 30)
     textures = st.textures
@@ -834,7 +858,7 @@ def _paint_beetle(labels: np.ndarray, axis: np.ndarray, palette_name: str, st: S
             striae = np.exp(-(near**2) / (2 * 0.55**2)) * (np.round(pos) >= 1)
             grooves[ys, xs] = np.maximum(grooves[ys, xs], depth * striae)
 
-    for k in PARTS:
+    for k in ALL_PARTS:
         part = labels == k
         if not part.any():
             continue
@@ -881,7 +905,8 @@ def _paint_beetle(labels: np.ndarray, axis: np.ndarray, palette_name: str, st: S
     else:
         spec_colour = np.full((1, 1, 3), 0.88, np.float32)
     albedo *= np.clip(1 - darken, 0.2, 1)[..., None]
-    gloss_map = np.where(np.isin(labels, _APPENDAGES), 0.5 * gloss, gloss).astype(np.float32)
+    gloss_map = np.where(np.isin(labels, _APPENDAGES + (7,)), 0.5 * gloss, gloss).astype(np.float32)
+    gloss_map[labels == 6] = max(gloss, 0.3) * 1.5  # compound eyes shine
     colour = albedo * (0.3 + 0.85 * diffuse)[..., None]
     colour += (gloss_map * spec)[..., None] * spec_colour
     return np.clip(colour, 0, 1).astype(np.float32)
@@ -1233,8 +1258,8 @@ def zoom_crop(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], part: 
     pixels, (0, 0) the top-left corner of the top-left pixel.
     """
     out_w, out_h = _check_size(size)
-    if isinstance(part, bool) or int(part) != part or not 0 <= int(part) <= max(PARTS):
-        raise InputError(f"zoom_crop: part must be 0 (whole specimen) or one of {sorted(PARTS)}, got {part!r}")
+    if isinstance(part, bool) or int(part) != part or not 0 <= int(part) <= max(ALL_PARTS):
+        raise InputError(f"zoom_crop: part must be 0 (whole specimen) or one of {sorted(ALL_PARTS)}, got {part!r}")
     part = int(part)
     fill = float(fill)
     if not 0.0 < fill <= 1.0:
@@ -1308,19 +1333,26 @@ def _check_seed(seed) -> int:
 
 def iter_collection(n_images: int = 16, seed: int = 0, size: tuple[int, int] = (480, 360),
                     style: Style | Mapping | None = None,
-                    mask_names: Sequence[str] | None = None) -> Iterator[tuple[str, Rendering]]:
+                    mask_names: Sequence[str] | None = None,
+                    shapes: Sequence[tuple[str, np.ndarray]] | None = None) -> Iterator[tuple[str, Rendering]]:
     """Yield ``(mask_name, Rendering)`` for each image of a collection, in order.
 
     This is what `make_collection` writes, without touching the disk. The collection
     settings and the mask order come from ``seed``; image ``i`` has its own random
     stream, so the first k images of a collection do not depend on ``n_images``.
     Masks are used in a seeded permutation, cycling when ``n_images`` exceeds them.
+    ``shapes``: (name, label map) pairs to draw instead of the beetle masks (e.g.
+    procedural insects, whose eyes and scapes become categories 6 and 7).
     """
     seed = _check_seed(seed)
     if int(n_images) < 1:
         raise InputError(f"n_images must be at least 1, got {n_images}")
     _check_size(size)
-    masks = _select_masks(mask_names)
+    if shapes is not None and mask_names is not None:
+        raise InputError("give mask_names or shapes, not both")
+    masks = _select_masks(mask_names) if shapes is None else [(str(n), _check_label_map(m)) for n, m in shapes]
+    if not masks:
+        raise InputError("shapes: no label maps given")
     coll_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     order = coll_rng.permutation(len(masks))
     st = collection_style(style, coll_rng)
@@ -1330,15 +1362,22 @@ def iter_collection(n_images: int = 16, seed: int = 0, size: tuple[int, int] = (
         yield name, render_specimen_layers(label_map, rng, size=size, style=st)
 
 
-def _coco(images: list[dict], annotations: list[dict], description: str) -> dict:
+def _coco(images: list[dict], annotations: list[dict], description: str, parts: Mapping = PARTS) -> dict:
     return {
         "info": {"description": description, "generator": "sam2pal.synthetic"},
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": k, "name": name, "supercategory": "beetle"} for k, name in PARTS.items()
+            {"id": k, "name": name, "supercategory": "beetle"} for k, name in parts.items()
         ],
     }
+
+
+def _parts_of(shapes) -> dict[int, str]:
+    """The categories of a collection: PARTS, and the extra parts its shapes have."""
+    if shapes is None:
+        return dict(PARTS)
+    return {k: v for k, v in ALL_PARTS.items() if k in PARTS or any((np.asarray(m) == k).any() for _, m in shapes)}
 
 
 _README = """\
@@ -1376,7 +1415,8 @@ images in a publication.
 def make_collection(out_dir, n_images: int = 16, n_templates: int = 2, seed: int = 0,
                     size: tuple[int, int] = (480, 360), jpeg_quality: int = 92,
                     style: Style | Mapping | None = None,
-                    mask_names: Sequence[str] | None = None) -> dict:
+                    mask_names: Sequence[str] | None = None,
+                    shapes: Sequence[tuple[str, np.ndarray]] | None = None) -> dict:
     """Write a synthetic specimen collection to ``out_dir`` and return what was written.
 
     Writes ``images/specimen_000.jpg`` ..., ``ground_truth.json`` (COCO: one annotation
@@ -1385,7 +1425,7 @@ def make_collection(out_dir, n_images: int = 16, n_templates: int = 2, seed: int
     and ``README.md``. Every file is written atomically; ``specimen_*.jpg`` files left
     in ``images/`` by an earlier, larger collection are removed so that the folder
     matches the ground truth. ``mask_names`` restricts the beetle masks used (names as
-    in `load_beetle_masks`).
+    in `load_beetle_masks`); ``shapes`` replaces them (see `iter_collection`).
 
     Returns a dict with ``out_dir``, ``images_dir``, ``images`` (paths),
     ``templates``, ``ground_truth``, ``readme`` (paths), ``n_images``, ``n_templates``,
@@ -1409,8 +1449,9 @@ def make_collection(out_dir, n_images: int = 16, n_templates: int = 2, seed: int
     images_dir.mkdir(parents=True, exist_ok=True)
     coco_images, annotations, paths, written = [], [], [], set()
     ann_id = 1
+    parts = _parts_of(shapes)
     for i, (name, r) in enumerate(
-        iter_collection(n_images, seed=seed, size=(width, height), style=st, mask_names=mask_names)
+        iter_collection(n_images, seed=seed, size=(width, height), style=st, mask_names=mask_names, shapes=shapes)
     ):
         file_name = f"specimen_{i:03d}.jpg"
         path = images_dir / file_name
@@ -1425,7 +1466,7 @@ def make_collection(out_dir, n_images: int = 16, n_templates: int = 2, seed: int
             "id": image_id, "file_name": file_name, "width": width, "height": height,
             "source_mask": name,
         })
-        for k in PARTS:
+        for k in parts:
             mask = r.labels == k
             if not mask.any():
                 continue
@@ -1443,10 +1484,10 @@ def make_collection(out_dir, n_images: int = 16, n_templates: int = 2, seed: int
     template_ids = {img["id"] for img in coco_images[:n_templates]}
     template_anns = [a for a in annotations if a["image_id"] in template_ids]
     ground_truth = _coco(
-        coco_images, annotations, f"synthetic specimens, seed {seed}: ground truth"
+        coco_images, annotations, f"synthetic specimens, seed {seed}: ground truth", parts
     )
     templates = _coco(
-        coco_images[:n_templates], template_anns, f"synthetic specimens, seed {seed}: templates"
+        coco_images[:n_templates], template_anns, f"synthetic specimens, seed {seed}: templates", parts
     )
     gt_path, tpl_path = out / "ground_truth.json", out / "templates.json"
     readme_path = out / "README.md"
@@ -1455,11 +1496,13 @@ def make_collection(out_dir, n_images: int = 16, n_templates: int = 2, seed: int
     style_note = "" if style is None else ", with a custom style"
     if mask_names is not None:
         style_note += ", from a chosen subset of the masks"
+    if shapes is not None:
+        style_note += ", from given label maps instead of the beetle masks"
     with atomic_write(readme_path) as fh:
         fh.write(_README.format(
             n_images=n_images, n_templates=n_templates, seed=seed, width=width, height=height,
             quality=int(jpeg_quality), style_note=style_note,
-            categories=", ".join(f"{k} {v}" for k, v in PARTS.items()),
+            categories=", ".join(f"{k} {v}" for k, v in parts.items()),
         ))
     return {
         "out_dir": out, "images_dir": images_dir, "images": paths,
