@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
         torch.save({"model": model.state_dict()}, root / f"{name}.pt")
     templates = root / "templates.json"
     pipeline.prepare_templates(str(DEMO / "templates.json"), DEMO / "images", templates, max_templates=1)
-    common = dict(num_epochs=1, max_images_per_epoch=1, accumulation_steps=1, holdout_fraction=0, warmup_steps=0)
+    common = dict(num_epochs=1, min_steps=0, max_images_per_epoch=1, accumulation_steps=1, holdout_fraction=0, warmup_steps=0)
     for kind, settings in (("lora", dict(common, lora_rank=2, merge_checkpoint=True)),
                            ("full", dict(common, mode="full", targets=["sam_mask_decoder"]))):
         pipeline.finetune(templates, DEMO / "images", POOL, root / kind, config=CONFIG, checkpoint=str(root / "a.pt"),

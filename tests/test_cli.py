@@ -94,7 +94,7 @@ def test_segment_with_pal_finetuning_then_reuse_the_adapter(tmp_path, specimens)
     common = ["--template_json", DEMO / "templates.json", "--template_dir", DEMO / "images", "--image_dir", specimens,
               "--sam2_checkpoint", "random", "--image_size", "64", "--no_cycle_consistency"]
     result = run_cli("segment", *common, "--output_dir", out, "--pal_finetuning", "--use_lora", "--lora_rank", "4",
-                     "--num_epochs", "1", "--learning_rate", "1e-3", "--accumulation_steps", "1",
+                     "--num_epochs", "1", "--min_steps", "0", "--learning_rate", "1e-3", "--accumulation_steps", "1",
                      "--max_images_per_epoch", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = out / "finetune" / "adapter"
@@ -114,7 +114,7 @@ def test_segment_with_pal_finetuning_then_reuse_the_adapter(tmp_path, specimens)
 def test_finetune_command(tmp_path, specimens):
     result = run_cli("finetune", "--template_json", DEMO / "templates.json", "--template_dir", DEMO / "images",
                      "--image_dir", specimens, "--output_dir", tmp_path / "ft", "--sam2_checkpoint", "random",
-                     "--image_size", "64", "--num_epochs", "1", "--max_images_per_epoch", "1", "--full",
+                     "--image_size", "64", "--num_epochs", "1", "--min_steps", "0", "--max_images_per_epoch", "1", "--full",
                      "--targets", "sam_mask_decoder")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "ft" / "adapter" / "model.pt").is_file()

@@ -218,7 +218,7 @@ def test_the_trainer_records_what_picked_the_epoch(tmp_path):
     templates = load_coco_templates(DEMO / "templates.json", DEMO / "images").select(max_templates=1)
     names = [f"specimen_{i:03d}.jpg" for i in range(4)]  # 000 is the template: not in the pool
     pool = {n: DEMO / "images" / n for n in names}
-    settings = FinetuneSettings(num_epochs=1, max_images_per_epoch=1, accumulation_steps=1, warmup_steps=0,
+    settings = FinetuneSettings(num_epochs=1, min_steps=0, max_images_per_epoch=1, accumulation_steps=1, warmup_steps=0,
                                 holdout_fraction=0.5, lora_rank=2)
 
     _, masks = category_masks(load_coco(DEMO / "ground_truth.json"), DEMO / "ground_truth.json")

@@ -40,7 +40,7 @@ def pool():
 
 
 def make_trainer(templates, pool, model=None, **settings):
-    defaults = dict(num_epochs=1, max_images_per_epoch=4, accumulation_steps=2, warmup_steps=0,
+    defaults = dict(num_epochs=1, min_steps=0, max_images_per_epoch=4, accumulation_steps=2, warmup_steps=0,
                     holdout_fraction=0.3, seed=0)
     model = fresh_model() if model is None else model
     return Trainer(model, templates, pool, FinetuneSettings(**{**defaults, **settings}), log=lambda *_: None)
@@ -235,7 +235,7 @@ def test_bad_settings():
         FinetuneSettings(targets=["memory_attention", "legs"])
     with pytest.raises(InputError, match="unknown finetune setting"):
         FinetuneSettings.from_dict({"epochs": 3})
-    assert FinetuneSettings().lr == 1e-4 and FinetuneSettings(mode="full").lr == 5e-6
+    assert FinetuneSettings().lr == 1e-3 and FinetuneSettings(mode="full").lr == 5e-6
 
 
 def test_training_pool_is_a_bounded_seeded_sample(templates, pool):
@@ -259,3 +259,57 @@ def test_gradient_checkpointing_gives_the_same_gradients(templates, pool):
     assert grads[True].keys() == grads[False].keys()
     for name in grads[False]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-6)
+
+
+def _demo_truth(names):
+    from sam2pal.evaluate import category_masks, load_coco
+
+    _, masks = category_masks(load_coco(DEMO / "ground_truth.json"), DEMO / "ground_truth.json")
+    return {n: masks[n] for n in names if n in masks}
+
+
+def test_min_steps_repeats_epochs_on_a_small_collection(templates, pool, tmp_path):
+    trainer = make_trainer(templates, pool, num_epochs=1, min_steps=5, lora_rank=2)
+    per_epoch = -(-min(len(trainer.train_keys), 4) // 2)  # 4 images an epoch, 2 per optimizer step
+    result = trainer.train(tmp_path / "ft", {"base_id": BASE})
+    assert trainer.num_epochs == -(-5 // per_epoch) > 1
+    assert result["history"][-1]["optimizer_steps"] >= 5
+    assert len(result["history"]) == trainer.num_epochs + 1
+
+
+def test_training_targets_iou_is_logged_beside_the_loss(templates, pool, tmp_path):
+    truth = _demo_truth(pool)
+    trainer = Trainer(fresh_model(), templates, pool, FinetuneSettings(
+        num_epochs=1, min_steps=0, max_images_per_epoch=3, accumulation_steps=1, warmup_steps=0, holdout_fraction=0.3,
+        lora_rank=2), ground_truth=truth, log=lambda *_: None, select_by="cycle_iou")
+    trainer.train(tmp_path / "ft", {"base_id": BASE})
+    rows = (tmp_path / "ft" / "training_steps.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,target_iou" and len(rows) == 4
+    ious = [float(r.split(",")[2]) for r in rows[1:]]
+    assert all(0.0 <= v <= 1.0 for v in ious)
+    # the truth is logged but does not pick the epoch
+    assert trainer.labels_record()["selection"]["by"] == "cycle_iou"
+    assert trainer.score({"val_iou": 0.9, "val_cycle_iou": 0.2}) == 0.2
+
+
+def test_supervised_objective_needs_truth_and_learns_the_targets(templates, pool, tmp_path):
+    with pytest.raises(InputError, match="supervised training needs ground truth"):
+        Trainer(fresh_model(), templates, pool, FinetuneSettings(), log=lambda *_: None, objective="supervised")
+    with pytest.raises(InputError, match="objective must be one of"):
+        Trainer(fresh_model(), templates, pool, FinetuneSettings(), objective="oracle")
+    truth = _demo_truth(pool)
+    trainer = Trainer(fresh_model(), templates, pool, FinetuneSettings(
+        accumulation_steps=1, warmup_steps=0, holdout_fraction=0, lora_rank=4, learning_rate=3e-3),
+        ground_truth=truth, log=lambda *_: None, objective="supervised")
+    tmpl, key = trainer.templates[0], trainer.train_keys[0]
+    optimizer = torch.optim.AdamW(trainer.params, lr=3e-3)
+    trainer.sam.train()
+    torch.manual_seed(0)
+    first = None
+    for _ in range(12):
+        loss, parts = trainer.supervised_loss(tmpl, key)
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first  # the loss on the target's own masks falls

@@ -64,7 +64,7 @@ def test_video_collections_in_the_workflow(tmp_path, clip):
         },
         "model": {"checkpoint": "random", "image_size": 64},
         "propagate": {"cycle_consistency": True},
-        "finetune": {"num_epochs": 1, "max_images_per_epoch": 2, "accumulation_steps": 1, "lora_rank": 4},
+        "finetune": {"num_epochs": 1, "min_steps": 0, "max_images_per_epoch": 2, "accumulation_steps": 1, "lora_rank": 4},
         "outputs": {"save_overlays": False, "save_masks": False},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))

@@ -36,6 +36,7 @@ import csv
 import functools
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,9 +74,12 @@ class FinetuneSettings:
     lora_dropout: float = 0.0
     # the SAM2 components adapted (LoRA) or trained (full fine-tuning)
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_COMPONENTS))
-    learning_rate: float | None = None  # None: 1e-4 for LoRA, 5e-6 for full fine-tuning
+    learning_rate: float | None = None  # None: 1e-3 for LoRA, 5e-6 for full fine-tuning
     weight_decay: float = 0.01
     num_epochs: int = 10
+    # at least this many optimizer steps: on a small collection the epochs are repeated
+    # until it is reached (12 photos make 3 steps an epoch)
+    min_steps: int = 60
     max_images_per_epoch: int = 100
     max_pool_images: int = 200  # unlabelled photos trained on (a seeded sample of the pool)
     accumulation_steps: int = 4
@@ -85,6 +89,11 @@ class FinetuneSettings:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     object_weight: float = 0.5
+    # augmented views of every template (crop and scale, a small turn, mirror image with
+    # left/right structures swapped, colour): made and encoded once, one drawn at random
+    # per step with the template itself, so the loss cannot be lowered by learning the
+    # one template photo
+    template_views: int = 0
     holdout_fraction: float = 0.1
     max_holdout: int = 16
     cache_features: bool = True
@@ -105,6 +114,9 @@ class FinetuneSettings:
         for name in ("lora_rank", "num_epochs", "max_images_per_epoch", "max_pool_images", "accumulation_steps"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1")
+        for name in ("min_steps", "template_views"):
+            if int(getattr(self, name)) < 0:
+                problems.append(f"{name} must be >= 0")
         if self.learning_rate is not None and self.learning_rate <= 0:
             problems.append("learning_rate must be > 0")
         if not 0 <= self.attention_dropout < 1:
@@ -121,7 +133,7 @@ class FinetuneSettings:
     def lr(self) -> float:
         if self.learning_rate is not None:
             return float(self.learning_rate)
-        return 1e-4 if self.mode == "lora" else 5e-6
+        return 1e-3 if self.mode == "lora" else 5e-6
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "FinetuneSettings":
@@ -208,6 +220,53 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - (2 * inter + 1) / (prob.sum(1) + target.sum(1) + 1)).mean()
 
 
+def _mirror_partner(name: str) -> str | None:
+    """The other side's structure name ("left antenna" <-> "Right antenna"), or None."""
+
+    def swap(match):
+        word = match.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    swapped = re.sub(r"(?i)(?<![a-z])(left|right)(?![a-z])", swap, name)
+    return swapped if swapped != name else None
+
+
+def template_view(image: np.ndarray, masks: np.ndarray, objects, categories: dict, rng: np.random.Generator):
+    """An augmented view of a template photo and its (N, H, W) masks: scaled 0.85-1.15
+    about a shifted centre, turned up to 15 degrees, mirrored half the time (masks of
+    left/right structures swapped), brightness, contrast and hue changed a little."""
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = rng.uniform(0.85, 1.15)
+    angle = rng.uniform(-15, 15)
+    centre = (width / 2 + rng.uniform(-0.08, 0.08) * width, height / 2 + rng.uniform(-0.08, 0.08) * height)
+    matrix = cv2.getRotationMatrix2D(centre, angle, scale)
+    mirror = bool(rng.random() < 0.5)
+    if mirror:  # then mirror the whole frame
+        matrix = np.array([[-1, 0, width - 1], [0, 1, 0]], float) @ np.vstack([matrix, [0, 0, 1]])
+    out = cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    warped = np.stack([cv2.warpAffine(m.astype(np.uint8), matrix, (width, height), flags=cv2.INTER_NEAREST,
+                                      borderMode=cv2.BORDER_CONSTANT, borderValue=0) > 0 for m in masks])
+    if mirror:
+        names = [categories.get(cid) for cid, _ in objects]
+        index = {(names[i], objects[i][1]): i for i in range(len(objects))}
+        swapped = warped.copy()
+        for i, name in enumerate(names):
+            partner = _mirror_partner(name or "")
+            j = index.get((partner, objects[i][1]))
+            if j is not None:
+                swapped[i] = warped[j]
+        warped = swapped
+    hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-8, 8)) % 256
+    rgb = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL).astype(np.float32)
+    mean = rgb.mean()
+    rgb = (rgb - mean) * rng.uniform(0.8, 1.2) + mean * rng.uniform(0.85, 1.15)
+    return np.clip(rgb, 0, 255).astype(np.uint8), warped
+
+
 class Trainer:
     """Palindrome fine-tuning of a SAM2 model on one collection.
 
@@ -217,8 +276,22 @@ class Trainer:
     ground_truth: optional {key: {category name: bool mask}} for the real IoU.
     """
 
+    OBJECTIVES = ("palindrome", "supervised")
+    SELECT_BY = ("auto", "cycle_iou")
+
     def __init__(self, model, templates, pool: dict, settings: FinetuneSettings,
-                 ground_truth: dict | None = None, read_image=None, log=print):
+                 ground_truth: dict | None = None, read_image=None, log=print,
+                 objective: str = "palindrome", select_by: str = "auto"):
+        """`objective` "supervised" (an upper bound for benchmarks, not a workflow
+        mode) trains phase 1 alone against the targets' true masks: every training
+        image needs ground truth. `select_by` "cycle_iou" picks the best epoch on the
+        label-free cycle IoU even where ground truth is known (it is then only logged,
+        as is the training targets' IoU beside the loss, step by step)."""
+        if objective not in self.OBJECTIVES:
+            raise InputError(f"finetune: objective must be one of {', '.join(self.OBJECTIVES)}, got {objective!r}")
+        if select_by not in self.SELECT_BY:
+            raise InputError(f"finetune: select_by must be one of {', '.join(self.SELECT_BY)}, got {select_by!r}")
+        self.objective, self.select_by = objective, select_by
         if read_image is None:
             from .images import read_image
         self.read_image = read_image
@@ -271,20 +344,38 @@ class Trainer:
         self.train_keys = sorted(keys[i] for i in order[n_holdout : n_holdout + settings.max_pool_images])
         if not self.train_keys:
             raise InputError("finetune: no unlabelled images to train on (the pool holds only templates)")
+        if objective == "supervised":
+            unlabelled = [k for k in self.train_keys if not self.ground_truth.get(k)]
+            if unlabelled:
+                raise InputError(f"finetune: supervised training needs ground truth for {unlabelled[0]} "
+                                 f"and {len(unlabelled) - 1} more training images")
 
         self.cache = FeatureCache(self.sam, self.device, settings.cache_features, trainable_encoder)
         self.templates: list[_TrainingTemplate] = []
+        self.views: dict[str, list[_TrainingTemplate]] = {}
+        if settings.template_views and not self.cache.enabled:
+            raise InputError("finetune: template_views needs cache_features and a frozen image encoder")
         for t in templates.images:
             key = f"template:{t.file_name}"
             self.paths[key] = Path(t.path)
-            self.cache.add(key, self.read_image(t.path))
+            image = self.read_image(t.path)
+            self.cache.add(key, image)
             objects = [(i.category_id, i.instance) for i in t.instances]
             masks = np.stack([i.mask for i in t.instances])
             self.templates.append(_TrainingTemplate(key, objects, binary_mask_input(masks, self.image_size, self.device)))
+            self.views[key] = []
+            for v in range(settings.template_views):
+                view_image, view_masks = template_view(image, masks, objects, self.categories, self.rng)
+                view_key = f"{key}#view{v}"
+                self.cache.add(view_key, view_image)
+                self.views[key].append(_TrainingTemplate(
+                    view_key, objects, binary_mask_input(view_masks, self.image_size, self.device)))
         for key in self.train_keys + self.holdout:
             self.cache.add(key, self.read_image(self.paths[key]))
         self.history: list[dict] = []
         self.step_losses: list[float] = []
+        self.step_target_ious: list[float | None] = []  # phase-1 IoU where the truth is known
+        self._truth_inputs: dict[tuple[str, str], torch.Tensor | None] = {}
 
     # -- the palindrome ---------------------------------------------------------------
 
@@ -336,6 +427,49 @@ class Trainer:
         total = s.bce_weight * bce + s.dice_weight * dice + s.object_weight * objectness
         return total, {"bce": bce.item(), "dice": dice.item(), "object": objectness.item(), "logits1": logits1}
 
+    def truth_input(self, template: _TrainingTemplate, key: str) -> torch.Tensor | None:
+        """(B, 1, S, S) true masks of image `key` for the template's structures (by
+        category name; empty where a structure is absent), or None without ground truth."""
+        cached = (template.key, key)
+        if cached not in self._truth_inputs:
+            truth = self.ground_truth.get(key)
+            value = None
+            if truth:
+                shape = next(iter(truth.values())).shape
+                masks = np.stack([truth.get(self.categories.get(cid), np.zeros(shape, bool)) for cid, _ in template.objects])
+                value = binary_mask_input(masks, self.image_size, self.device)
+            self._truth_inputs[cached] = value
+        return self._truth_inputs[cached]
+
+    def supervised_loss(self, template: _TrainingTemplate, target_key: str):
+        """Phase 1 alone against the target's true masks (the oracle of benchmarks)."""
+        s = self.settings
+        logits1, object1, _, _ = self.phase1(template, self._backbone(template.key), self._backbone(target_key))
+        truth = self.truth_input(template, target_key)
+        size = (self.image_size, self.image_size)
+        high = F.interpolate(logits1, size=size, mode="bilinear", align_corners=False)
+        bce = F.binary_cross_entropy_with_logits(high, truth)
+        dice = dice_loss(high, truth)
+        present = (truth.flatten(1).sum(1) > 0).float().reshape(object1.shape)
+        objectness = F.binary_cross_entropy_with_logits(object1, present)
+        total = s.bce_weight * bce + s.dice_weight * dice + s.object_weight * objectness
+        return total, {"bce": bce.item(), "dice": dice.item(), "object": objectness.item(), "logits1": logits1}
+
+    def target_iou(self, template: _TrainingTemplate, key: str, logits1: torch.Tensor) -> float | None:
+        """Mean IoU over structures of the phase-1 prediction on a training target, at
+        the model's input size; None without ground truth."""
+        truth = self.truth_input(template, key)
+        if truth is None:
+            return None
+        size = (self.image_size, self.image_size)
+        with torch.no_grad():
+            pred = F.interpolate(logits1.detach().float(), size=size, mode="bilinear", align_corners=False) > 0
+            gt = truth > 0.5
+            inter = (pred & gt).flatten(1).sum(1).float()
+            union = (pred | gt).flatten(1).sum(1).float()
+            iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+        return float(iou.mean())
+
     # -- validation -------------------------------------------------------------------
 
     def validate(self) -> dict:
@@ -378,7 +512,7 @@ class Trainer:
         {file name: structure names} of the templates whose masks the loss is taken on.
         """
         with_truth = [key for key in self.holdout if self.ground_truth.get(key)]
-        by = ("ground_truth_iou" if with_truth else "cycle_iou") if self.holdout else None
+        by = ("ground_truth_iou" if with_truth and self.select_by == "auto" else "cycle_iou") if self.holdout else None
         structures = {}
         for t in self.template_set.images:
             names = {self.categories.get(inst.category_id) for inst in t.instances}
@@ -388,9 +522,11 @@ class Trainer:
             "training_templates": {name: sorted(cats) for name, cats in sorted(structures.items())},
         }
 
-    @staticmethod
-    def score(metrics: dict) -> float | None:
-        """The number the best adapter is chosen on: real IoU if known, else cycle IoU."""
+    def score(self, metrics: dict) -> float | None:
+        """The number the best adapter is chosen on: real IoU if known (unless
+        `select_by` is "cycle_iou"), else cycle IoU."""
+        if self.select_by == "cycle_iou":
+            return metrics.get("val_cycle_iou")
         return metrics["val_iou"] if metrics.get("val_iou") is not None else metrics.get("val_cycle_iou")
 
     # -- training ---------------------------------------------------------------------
@@ -415,7 +551,11 @@ class Trainer:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         per_epoch = min(len(self.train_keys), s.max_images_per_epoch)
-        total_steps = math.ceil(per_epoch / s.accumulation_steps) * s.num_epochs
+        steps_per_epoch = math.ceil(per_epoch / s.accumulation_steps)
+        self.num_epochs = max(s.num_epochs, math.ceil(s.min_steps / steps_per_epoch))
+        if self.num_epochs > s.num_epochs:
+            self.log(f"{self.num_epochs} epochs of {steps_per_epoch} optimizer steps (min_steps {s.min_steps})")
+        total_steps = steps_per_epoch * self.num_epochs
         optimizer = torch.optim.AdamW(self.params, lr=s.lr, weight_decay=s.weight_decay)
         scheduler = self._scheduler(optimizer, total_steps)
         kind = s.mode
@@ -437,17 +577,24 @@ class Trainer:
 
         optimizer_steps = 0
         self.sam.train()
-        for epoch in range(1, s.num_epochs + 1):
+        for epoch in range(1, self.num_epochs + 1):
             order = self.rng.permutation(len(self.train_keys))[:per_epoch]
             losses = []
             optimizer.zero_grad(set_to_none=True)
             for i, index in enumerate(order):
                 template = self.templates[int(self.rng.integers(len(self.templates)))]
+                views = self.views.get(template.key)
+                if views:  # the template itself or one of its views
+                    pick = int(self.rng.integers(len(views) + 1))
+                    template = template if pick == len(views) else views[pick]
+                key = self.train_keys[int(index)]
+                step_loss = self.supervised_loss if self.objective == "supervised" else self.palindrome_loss
                 with autocast(self.device):
-                    loss, _ = self.palindrome_loss(template, self.train_keys[int(index)])
+                    loss, parts = step_loss(template, key)
                 (loss / s.accumulation_steps).backward()
                 losses.append(loss.item())
                 self.step_losses.append(loss.item())
+                self.step_target_ious.append(self.target_iou(template, key, parts["logits1"]))
                 if (i + 1) % s.accumulation_steps == 0 or i + 1 == len(order):
                     if s.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
@@ -469,7 +616,7 @@ class Trainer:
                 save("adapter", epoch)  # nothing to choose on: the latest is the best
             self._write_logs(out_dir)
         self.sam.eval()
-        save("adapter_last", s.num_epochs)
+        save("adapter_last", self.num_epochs)
         if s.merge_checkpoint and kind == "lora":
             save_merged_checkpoint(self.peft_model, out_dir / "merged.pt", metadata)
         self._write_logs(out_dir)
@@ -483,8 +630,11 @@ class Trainer:
             for row in self.history:
                 writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_COLUMNS})
         with atomic_write(out_dir / "training_steps.csv") as handle:
-            handle.write("step,loss\n")
-            handle.writelines(f"{i},{loss:.6f}\n" for i, loss in enumerate(self.step_losses, start=1))
+            handle.write("step,loss,target_iou\n")
+            handle.writelines(
+                f"{i},{loss:.6f},{'' if iou is None else f'{iou:.4f}'}\n"
+                for i, (loss, iou) in enumerate(zip(self.step_losses, self.step_target_ious), start=1)
+            )
 
     def _plot(self, path: Path) -> None:
         import matplotlib

@@ -1,0 +1,193 @@
+"""Does palindrome fine-tuning help, and why not: four rows side by side.
+
+On each held-out collection of `sam2pal.quality` (generator settings the model never
+saw), the same 20 targets are segmented from one template by
+
+  (a) zero-shot: the base model;
+  (b) palindrome LoRA with the previous default settings (learning rate 1e-4, epochs
+      only: 50 optimizer steps on 20 photos);
+  (c) an oracle upper bound: supervised LoRA on the same photos with their true
+      masks (phase 1 against the truth), the same optimizer steps as (d);
+  (d) palindrome LoRA with the present defaults (`FinetuneSettings`: at least 60
+      optimizer steps, learning rate 1e-3), which these measurements chose;
+  (e) as (d), with augmented template views (`template_views`).
+
+The palindrome rows pick their epoch on the label-free held-out cycle IoU, as the
+workflow does without ground truth; the truth is only logged. For every epoch the record keeps
+the training loss, the true IoU of the training targets' phase-1 predictions (the
+degenerate solution shows as a falling loss with a flat target IoU), the held-out
+cycle IoU and the held-out true IoU, and for every method the IoU of the last epoch
+beside the selected one.
+
+    .venv/bin/python -u benchmarks/palindrome.py --collections bronze_aligned   # ~25 min on 2 cores
+
+Writes benchmarks/results/palindrome-<checkpoint>.json (adapters and collections go to
+benchmarks/out/palindrome/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from record import Recorder  # noqa: E402
+
+from sam2pal.evaluate import category_masks, load_coco  # noqa: E402
+from sam2pal.pal import FinetuneSettings, Trainer  # noqa: E402
+from sam2pal.pipeline import _run_model  # noqa: E402
+from sam2pal.quality import HELD_OUT, STRUCTURES, make_held_out, score_collection  # noqa: E402
+from sam2pal.registry import choose_config  # noqa: E402
+from sam2pal.templates import load_coco_templates  # noqa: E402
+
+METHODS = ("zero-shot", "palindrome (previous defaults)", "oracle (supervised)", "palindrome (defaults)",
+           "palindrome (defaults, template views)")
+PREVIOUS_DEFAULTS = {"learning_rate": 1e-4, "min_steps": 0}
+
+
+def _spearman(a, b) -> float | None:
+    import numpy as np
+
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if len(pairs) < 3:
+        return None
+    x, y = (np.argsort(np.argsort(np.array(v, float))).astype(float) for v in zip(*pairs))
+    if x.std() == 0 or y.std() == 0:
+        return None
+    return round(float(np.corrcoef(x, y)[0, 1]), 3)
+
+
+def finetune_and_score(args, model_args, coll: Path, out: Path, settings: dict, objective: str) -> dict:
+    import numpy as np
+
+    templates = load_coco_templates(coll / "templates.json", coll / "images").select(max_templates=1)
+    gt_path = coll / "ground_truth.json"
+    _, truth = category_masks(load_coco(gt_path), gt_path)
+    pool = {p.name: p for p in sorted((coll / "images").iterdir())}
+    model, info, _ = _run_model(**model_args, adapter=None)
+    trainer = Trainer(model, templates, pool, FinetuneSettings(**settings), ground_truth=truth,
+                      log=lambda *_: None, objective=objective,
+                      select_by="auto" if objective == "supervised" else "cycle_iou")
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    result = trainer.train(out, {"base_id": info["base_id"], "image_size": info["image_size"],
+                                 "model_config_sha256": info["config_sha256"]})
+    seconds = time.time() - t0
+    # per epoch: mean training loss and training-target IoU of its steps
+    history, steps = [], 0
+    for row in result["history"]:
+        n = row["optimizer_steps"]
+        if row["epoch"] == 0:
+            ious = []
+        else:
+            per_step = len(trainer.step_losses) // (len(result["history"]) - 1)
+            ious = [v for v in trainer.step_target_ious[steps:steps + per_step] if v is not None]
+            steps += per_step
+        history.append({
+            "epoch": row["epoch"], "optimizer_steps": n,
+            "loss": None if row["train_loss"] is None else round(row["train_loss"], 4),
+            "train_target_iou": round(float(np.mean(ious)), 4) if ious else None,
+            "val_cycle_iou": None if row["val_cycle_iou"] is None else round(row["val_cycle_iou"], 4),
+            "val_iou": None if row["val_iou"] is None else round(row["val_iou"], 4),
+        })
+    scored = {}
+    for which in ("adapter", "adapter_last"):
+        tuned, _, _ = _run_model(**model_args, adapter=out / which)
+        scored[which] = score_collection(tuned, coll, 1, args.n_templates)
+    later = history[1:]
+    return {
+        "table": scored["adapter"].table(),
+        "last_epoch_table": scored["adapter_last"].table(),
+        "best_epoch": result["best_epoch"],
+        "optimizer_steps": history[-1]["optimizer_steps"],
+        "seconds": round(seconds, 1),
+        "settings": settings,
+        "history": history,
+        # does the label-free selection signal follow the truth over epochs?
+        "cycle_vs_target_iou_spearman": _spearman([h["val_cycle_iou"] for h in later],
+                                                  [h["train_target_iou"] for h in later]),
+        "cycle_vs_val_iou_spearman": _spearman([h["val_cycle_iou"] for h in later], [h["val_iou"] for h in later]),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default="sam2pal-micro")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--collections", nargs="+", default=[h.name for h in HELD_OUT],
+                    choices=[h.name for h in HELD_OUT])
+    ap.add_argument("--n-images", type=int, default=23)
+    ap.add_argument("--n-templates", type=int, default=3, help="the targets start after these images")
+    ap.add_argument("--tuned", default="{}",
+                    help="settings of (d) and, with the same steps, (c), as JSON (default: the workflow's)")
+    ap.add_argument("--views", type=int, default=8, help="template views of the last method")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "palindrome"))
+    ap.add_argument("--record", default=None, help="result name (default palindrome-<checkpoint>)")
+    args = ap.parse_args(argv)
+    recorder = Recorder(args.record or f"palindrome-{Path(args.checkpoint).stem}", args, args.device)
+    tuned = json.loads(args.tuned)
+    out = Path(args.out)
+    config = choose_config(args.config, args.checkpoint)
+    model_args = dict(config=config, checkpoint=args.checkpoint, image_size=None, seed=0,
+                      device=args.device, threads=args.threads, checkpoint_dir=None)
+    base, info, _ = _run_model(**model_args, adapter=None)
+    results = {"model": info, "tuned_settings": tuned, "collections": {}}
+    specs = {h.name: h for h in HELD_OUT}
+    for name in args.collections:
+        coll = out / name
+        make_held_out(coll, specs[name], args.n_images, args.n_templates)
+        entry = {"description": specs[name].description, "targets": args.n_images - args.n_templates, "methods": {}}
+        if "zero-shot" in args.methods:
+            entry["methods"]["zero-shot"] = {"table": score_collection(base, coll, 1, args.n_templates).table()}
+        runs = {
+            "palindrome (previous defaults)": (PREVIOUS_DEFAULTS, "palindrome"),
+            "oracle (supervised)": (tuned, "supervised"),
+            "palindrome (defaults)": (tuned, "palindrome"),
+            "palindrome (defaults, template views)": ({**tuned, "template_views": args.views}, "palindrome"),
+        }
+        for method, (settings, objective) in runs.items():
+            if method in args.methods:
+                entry["methods"][method] = finetune_and_score(
+                    args, model_args, coll, out / f"{name}-{METHODS.index(method)}", settings, objective)
+                _print_method(name, method, entry["methods"][method])
+        results["collections"][name] = entry
+        _print_table(name, entry)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    recorder.write(results)
+    return 0
+
+
+def _print_method(name: str, method: str, run: dict) -> None:
+    print(f"\n{name} / {method}: {run['optimizer_steps']} optimizer steps, best epoch {run['best_epoch']}, "
+          f"{run['seconds']:.0f} s; cycle IoU vs target IoU over epochs (Spearman): "
+          f"{run['cycle_vs_target_iou_spearman']}")
+    print("epoch  steps  loss    target IoU  val cycle IoU  val IoU")
+    for h in run["history"]:
+        print(f"{h['epoch']:5d}  {h['optimizer_steps']:5d}  {h['loss'] if h['loss'] is not None else '-':<7}"
+              f" {h['train_target_iou'] if h['train_target_iou'] is not None else '-':<11} "
+              f"{h['val_cycle_iou']!s:<14} {h['val_iou']}")
+
+
+def _print_table(name: str, entry: dict) -> None:
+    print(f"\n### {name}: {entry['description']} ({entry['targets']} targets)\n")
+    print("| method | " + " | ".join(STRUCTURES) + " | mean of parts | last epoch's mean |")
+    print("|---|" + "---|" * (len(STRUCTURES) + 2))
+    for method, run in entry["methods"].items():
+        table = run["table"]
+        last = run.get("last_epoch_table", {}).get("mean")
+        print(f"| {method} | " + " | ".join(f"{table[s]:.3f}" for s in STRUCTURES)
+              + f" | {table['mean']:.3f} | {'' if last is None else f'{last:.3f}'} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
