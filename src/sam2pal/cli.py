@@ -723,8 +723,9 @@ def _pretrain_parser(sub):
         help="train the small sam2pal-micro SAM2 from scratch on synthetic specimens",
         description="Train a SAM2 (the real SAM2Base; by default the reduced sam2pal-micro config) from "
         "random weights on synthetic specimen episodes: annotated template(s) in memory, the target's part "
-        "masks as supervision. The defaults reproduce the shipped resources/models/sam2pal-micro.pt "
-        "(about an hour on 2 CPU cores). Writes NAME.pt, NAME.yaml, NAME.training.json and "
+        "masks as supervision (or, with --init, from given weights). The defaults reproduce sam2pal-micro v1 "
+        "(about an hour on 2 CPU cores); the shipped v2 continued from v1 with the options given in "
+        "resources/models/README.md. Writes NAME.pt, NAME.yaml, NAME.training.json and "
         "NAME.training.csv to --out_dir; an interrupted run resumes from NAME.state.pt.",
     )
     _flag(p, "--out_dir", default="resources/models", help="folder to write the model to")
@@ -738,12 +739,12 @@ def _pretrain_parser(sub):
     _flag(p, "--low_res_steps", type=int, default=d.low_res_steps, help="steps trained at --low_res_size")
     _flag(p, "--seed", type=int, default=d.seed, help="seed of the episodes and of the weights")
     _flag(p, "--appearance", default=d.appearance,
-          help="look of the episodes: v1 (the shipped model's) or randomised (domain-randomised colours, "
-          "grounds, lighting, blur, noise and JPEG)")
+          help="look of the episodes: v1 (sam2pal-micro v1's), randomised (domain-randomised colours, "
+          "grounds, lighting, blur, noise and JPEG) or mixed (half and half)")
     _flag(p, "--zoom_fraction", type=float, default=d.zoom_fraction,
           help="share of episodes (0-1) that are zoomed crops of a part or the whole specimen")
     _flag(p, "--body_plan", default=d.body_plan,
-          help="procedural insects: v1 (the shipped model's) or v2 (wider proportions, compound eyes, scapes, "
+          help="procedural insects: v1 (sam2pal-micro v1's) or v2 (wider proportions, compound eyes, scapes, "
           "elbowed antennae)")
     _flag(p, "--procedural_fraction", type=float, default=d.procedural_fraction,
           help="share of shapes (0-1) drawn from procedural insects rather than the NEON masks")

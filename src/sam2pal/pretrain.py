@@ -21,7 +21,7 @@ Episodes are rendered on the fly, each from its own seed:
   `procedural.procedural_insect` body plans;
 * a template and its target show the same specimen in another pose (tracking) or
   two specimens of the same collection (the photo use case);
-* appearance ``"v1"`` (the default, what the shipped model saw): the generator's
+* appearance ``"v1"`` (the default, what sam2pal-micro v1 saw): the generator's
   training palettes and substrates only (`synthetic.DEFAULT_PALETTES`,
   `DEFAULT_BACKGROUNDS`: metallic blue, bronze and slate are kept for held-out tests),
   a wider scale range, and an episode-wide colour jitter (hue, saturation, brightness,
@@ -30,6 +30,8 @@ Episodes are rendered on the fly, each from its own seed:
   ground colours from the whole colour space with light-on-dark as often as
   dark-on-light, textured grounds, clutter, lighting, blur, noise and JPEG (no colour
   jitter on top: JPEG comes last, as in a photo);
+* appearance ``"mixed"``: each episode one of the two, half and half (the model
+  keeps what v1's episodes taught it while it learns the randomised ones);
 * with `zoom_fraction`, that share of episodes are zoomed crops (`synthetic.zoom_crop`):
   a part present in every frame fills 20-80 % of the frame, or (a quarter of them)
   the whole specimen 25-95 %; blur, noise and JPEG are applied after the crop.
@@ -67,8 +69,9 @@ from .registry import MICRO_MODEL, micro_model_files
 from .synthetic import ALL_PARTS, DEFAULT_BACKGROUNDS, DEFAULT_PALETTES, Style, collection_style, load_beetle_masks
 from .synthetic import camera_effects, randomised_style, render_specimen_layers, without_camera, zoom_crop
 
-#: Episode appearances: "v1" (the shipped model's) and "randomised" (domain randomisation).
-APPEARANCES = ("v1", "randomised")
+#: Episode appearances: "v1" (sam2pal-micro v1's), "randomised" (domain randomisation)
+#: and "mixed" (each episode one or the other, half and half).
+APPEARANCES = ("v1", "randomised", "mixed")
 
 LOG_COLUMNS = ["step", "loss", "focal", "dice", "iou_head", "object", "target_iou", "learning_rate", "seconds"]
 
@@ -84,7 +87,7 @@ def split_masks(held_out_every: int = 6) -> tuple[list, list]:
 
 @dataclass
 class PretrainSettings:
-    # the defaults are the shipped sam2pal-micro's: 4,000 episodes, about an hour on
+    # the defaults are sam2pal-micro v1's (v2 continued from it: see the model card): 4,000 episodes, an hour on
     # 2 CPU cores
     steps: int = 1000  # optimizer steps
     episodes_per_step: int = 4
@@ -110,7 +113,7 @@ class PretrainSettings:
     # the share of episodes that are zoomed crops
     appearance: str = "v1"
     zoom_fraction: float = 0.0
-    # procedural body plans: "v1" (the shipped model's) or "v2" (wider proportions,
+    # procedural body plans: "v1" (sam2pal-micro v1's) or "v2" (wider proportions,
     # compound eyes, scapes and elbowed antennae; `procedural.procedural_insect`)
     body_plan: str = "v1"
     # start from these weights (a checkpoint file or name) instead of random ones
@@ -186,7 +189,11 @@ def draw_episode(index: int, settings: PretrainSettings, shapes: list[np.ndarray
                  n_templates: int = 1, second_target: bool = False) -> Episode:
     """Episode `index` of a run: deterministic in (settings.seed, index)."""
     rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(7, index)))
-    if settings.appearance == "randomised":
+    appearance = settings.appearance
+    if appearance == "mixed":  # its own stream: the draws below stay as they are
+        mix_rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(9, index)))
+        appearance = "randomised" if mix_rng.random() < 0.5 else "v1"
+    if appearance == "randomised":
         style = randomised_style(rng, scale_range=settings.scale_range)
     else:
         base = Style(palettes=DEFAULT_PALETTES, backgrounds=DEFAULT_BACKGROUNDS, scale_range=settings.scale_range)
@@ -230,7 +237,7 @@ def draw_episode(index: int, settings: PretrainSettings, shapes: list[np.ndarray
     if zoom_rng is not None:
         images, labels = _zoom(images, labels, whole, size, zoom_rng)
         images = [camera_effects(img, rng, camera) for img in images]
-    if settings.appearance == "v1" and rng.random() < settings.colour_jitter:
+    if appearance == "v1" and rng.random() < settings.colour_jitter:
         images = colour_jitter(images, rng)
     return Episode(images, labels, n_templates)
 
