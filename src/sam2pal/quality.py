@@ -1,9 +1,11 @@
 """Segmentation quality on held-out synthetic collections (`benchmarks/quality.py`).
 
 A held-out collection is drawn from generator settings that training never saw:
-palettes (metallic blue, bronze) and a substrate (slate) kept out of
-`sam2pal pretrain`, poses outside its mix (aligned head-up series, small specimens),
-and only the NEON beetle masks held out of training (`pretrain.split_masks`).
+palettes (metallic blue, bronze) and a substrate (slate) kept out of v1's training,
+poses outside its mix (aligned head-up series, small specimens), pinned colours of
+pale specimens on a dark ground, and only the NEON beetle masks held out of training
+(`pretrain.split_masks`) or procedural insects (with eyes and scapes) drawn from
+seeds no training episode uses.
 
 For each collection the first `n_templates` images are the annotated templates and
 the rest are the targets; every method is scored on the same targets:
@@ -28,10 +30,10 @@ import numpy as np
 
 from .evaluate import category_masks, load_coco
 from .masks import mask_iou
-from .synthetic import PARTS, make_collection
+from .synthetic import ALL_PARTS, make_collection
 
 BODY_PARTS = ("head", "pronotum", "elytra")
-STRUCTURES = ("body", *PARTS.values())
+STRUCTURES = ("body", *ALL_PARTS.values())
 LARGE = ("body", "head", "pronotum", "elytra")
 THIN = ("antenna", "legs")
 
@@ -42,6 +44,7 @@ class HeldOut:
     style: dict
     seed: int
     description: str
+    shapes: str = "neon"  # "neon": the held-out NEON masks; "procedural": v2 procedural insects
 
 
 HELD_OUT = (
@@ -53,6 +56,15 @@ HELD_OUT = (
     HeldOut("small_mixed", {"palettes": ("metallic_blue", "bronze"), "backgrounds": ("foam", "slate"),
                             "scale_range": (0.22, 0.32), "clutter_prob": 0.9}, 103,
             "small blue or bronze specimens with much clutter"),
+    HeldOut("pale_on_dark", {"part_colors": ((214, 196, 150), (222, 204, 158), (236, 220, 176), (196, 176, 134),
+                                             (200, 182, 140)),
+                             "backgrounds": ("foam",), "background_color": (26, 44, 58)}, 104,
+            "pale straw-coloured beetles on dark blue-grey foam, any pose"),
+    HeldOut("procedural_eyes", {"part_colors": ((92, 40, 24), (110, 48, 28), (214, 128, 40), (60, 36, 24),
+                                                (70, 42, 28)),
+                                "backgrounds": ("card",), "background_color": (176, 196, 214)}, 105,
+            "procedural insects with compound eyes and scapes, orange and brown on pale blue card",
+            shapes="procedural"),
 )
 
 
@@ -62,8 +74,21 @@ def held_out_masks() -> list[str]:
     return [name for name, _ in split_masks()[1]]
 
 
+def held_out_procedural(seed: int, n: int) -> list[tuple[str, np.ndarray]]:
+    """`n` v2 procedural insects from a seed stream that no training episode draws from
+    (`pretrain.draw_episode` seeds from (seed, 7 or 8, index))."""
+    from .procedural import procedural_insect
+
+    return [(f"procedural-{seed}-{i}",
+             procedural_insect(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(99, i))), plan="v2"))
+            for i in range(n)]
+
+
 def make_held_out(out_dir, spec: HeldOut, n_images: int, n_templates: int) -> dict:
     """Write one held-out collection (images, templates.json, ground_truth.json)."""
+    if spec.shapes == "procedural":
+        return make_collection(out_dir, n_images=n_images, n_templates=n_templates, seed=spec.seed,
+                               style=spec.style, shapes=held_out_procedural(spec.seed, n_images))
     return make_collection(out_dir, n_images=n_images, n_templates=n_templates, seed=spec.seed,
                            style=spec.style, mask_names=held_out_masks())
 
@@ -87,7 +112,7 @@ class Scores:
         return float(np.mean(values)) if values else float("nan")
 
     def mean_parts(self) -> float:
-        """Mean IoU over the five parts (body left out: it would count them twice)."""
+        """Mean IoU over the parts (body left out: it would count them twice)."""
         return float(np.mean([r["iou"] for r in self.rows if r["structure"] != "body"]))
 
     def table(self) -> dict[str, float]:
