@@ -43,7 +43,7 @@ from record import Recorder  # noqa: E402
 from sam2pal.evaluate import category_masks, load_coco  # noqa: E402
 from sam2pal.pal import FinetuneSettings, Trainer  # noqa: E402
 from sam2pal.pipeline import _run_model  # noqa: E402
-from sam2pal.quality import HELD_OUT, STRUCTURES, make_held_out, score_collection  # noqa: E402
+from sam2pal.quality import HELD_OUT, STRUCTURES, make_held_out, score_collection, spearman  # noqa: E402
 from sam2pal.registry import choose_config  # noqa: E402
 from sam2pal.templates import load_coco_templates  # noqa: E402
 
@@ -53,15 +53,10 @@ PREVIOUS_DEFAULTS = {"learning_rate": 1e-4, "min_steps": 0}
 
 
 def _spearman(a, b) -> float | None:
-    import numpy as np
-
+    """Rank correlation over the epochs where both values are known (None if undefined)."""
     pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-    if len(pairs) < 3:
-        return None
-    x, y = (np.argsort(np.argsort(np.array(v, float))).astype(float) for v in zip(*pairs))
-    if x.std() == 0 or y.std() == 0:
-        return None
-    return round(float(np.corrcoef(x, y)[0, 1]), 3)
+    value = spearman(*zip(*pairs)) if pairs else float("nan")
+    return None if value != value else round(value, 3)
 
 
 def finetune_and_score(args, model_args, coll: Path, out: Path, settings: dict, objective: str) -> dict:
@@ -80,18 +75,16 @@ def finetune_and_score(args, model_args, coll: Path, out: Path, settings: dict, 
     result = trainer.train(out, {"base_id": info["base_id"], "image_size": info["image_size"],
                                  "model_config_sha256": info["config_sha256"]})
     seconds = time.time() - t0
-    # per epoch: mean training loss and training-target IoU of its steps
-    history, steps = [], 0
+    # per epoch: mean training loss and training-target IoU of its steps (every epoch
+    # has the same number of steps)
+    per_epoch = len(trainer.step_target_ious) // trainer.num_epochs
+    history = []
     for row in result["history"]:
-        n = row["optimizer_steps"]
-        if row["epoch"] == 0:
-            ious = []
-        else:
-            per_step = len(trainer.step_losses) // (len(result["history"]) - 1)
-            ious = [v for v in trainer.step_target_ious[steps:steps + per_step] if v is not None]
-            steps += per_step
+        epoch = row["epoch"]
+        steps = trainer.step_target_ious[(epoch - 1) * per_epoch : epoch * per_epoch] if epoch else []
+        ious = [v for v in steps if v is not None]
         history.append({
-            "epoch": row["epoch"], "optimizer_steps": n,
+            "epoch": epoch, "optimizer_steps": row["optimizer_steps"],
             "loss": None if row["train_loss"] is None else round(row["train_loss"], 4),
             "train_target_iou": round(float(np.mean(ious)), 4) if ious else None,
             "val_cycle_iou": None if row["val_cycle_iou"] is None else round(row["val_cycle_iou"], 4),

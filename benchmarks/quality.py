@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sam2pal.pipeline import _run_model, finetune, prepare_templates  # noqa: E402
-from sam2pal.pal import FinetuneSettings  # noqa: E402
 from sam2pal.quality import HELD_OUT, STRUCTURES, make_held_out, rank_correlation, score_collection  # noqa: E402
 from sam2pal.registry import choose_config  # noqa: E402
 

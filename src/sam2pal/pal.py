@@ -419,22 +419,26 @@ class Trainer:
         logits, _, object_logits = track_frame(self.sam, template_feats, 1, 2, memory)
         return logits, object_logits
 
+    def _mask_loss(self, logits: torch.Tensor, truth: torch.Tensor, objectness: torch.Tensor, logits1):
+        """The weighted loss of low-res `logits` against (B, 1, S, S) `truth`, with an
+        object-score term, and its parts (with the phase-1 logits `logits1`)."""
+        s = self.settings
+        size = (self.image_size, self.image_size)
+        high = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        bce = F.binary_cross_entropy_with_logits(high, truth)
+        dice = dice_loss(high, truth)
+        total = s.bce_weight * bce + s.dice_weight * dice + s.object_weight * objectness
+        return total, {"bce": bce.item(), "dice": dice.item(), "object": objectness.item(), "logits1": logits1}
+
     def palindrome_loss(self, template: _TrainingTemplate, target_key: str):
         """The loss of one {x0, x1, x1, x0} cycle, and its parts."""
-        s = self.settings
         template_backbone = self._backbone(template.key)  # once per step, cached or not
         logits1, object1, _, target_feats = self.phase1(template, template_backbone, self._backbone(target_key))
         logits0, object0 = self.phase2(template, template_backbone, target_feats, self.soft_mask(logits1))
-        size = (self.image_size, self.image_size)
-        high = F.interpolate(logits0, size=size, mode="bilinear", align_corners=False)
-        truth = template.mask_input
-        bce = F.binary_cross_entropy_with_logits(high, truth)
-        dice = dice_loss(high, truth)
         present = torch.ones_like(object0)
         objectness = 0.5 * (F.binary_cross_entropy_with_logits(object0, present)
                             + F.binary_cross_entropy_with_logits(object1, present))
-        total = s.bce_weight * bce + s.dice_weight * dice + s.object_weight * objectness
-        return total, {"bce": bce.item(), "dice": dice.item(), "object": objectness.item(), "logits1": logits1}
+        return self._mask_loss(logits0, template.mask_input, objectness, logits1)
 
     def truth_input(self, template: _TrainingTemplate, key: str) -> torch.Tensor | None:
         """(B, 1, S, S) true masks of image `key` for the template's structures (by
@@ -452,17 +456,11 @@ class Trainer:
 
     def supervised_loss(self, template: _TrainingTemplate, target_key: str):
         """Phase 1 alone against the target's true masks (the oracle of benchmarks)."""
-        s = self.settings
         logits1, object1, _, _ = self.phase1(template, self._backbone(template.key), self._backbone(target_key))
         truth = self.truth_input(template, target_key)
-        size = (self.image_size, self.image_size)
-        high = F.interpolate(logits1, size=size, mode="bilinear", align_corners=False)
-        bce = F.binary_cross_entropy_with_logits(high, truth)
-        dice = dice_loss(high, truth)
         present = (truth.flatten(1).sum(1) > 0).float().reshape(object1.shape)
         objectness = F.binary_cross_entropy_with_logits(object1, present)
-        total = s.bce_weight * bce + s.dice_weight * dice + s.object_weight * objectness
-        return total, {"bce": bce.item(), "dice": dice.item(), "object": objectness.item(), "logits1": logits1}
+        return self._mask_loss(logits1, truth, objectness, logits1)
 
     def target_iou(self, template: _TrainingTemplate, key: str, logits1: torch.Tensor) -> float | None:
         """Mean IoU over structures of the phase-1 prediction on a training target, at
@@ -585,6 +583,7 @@ class Trainer:
         self.log(f"epoch 0 (before training): {baseline}")
 
         optimizer_steps = 0
+        step_loss = self.supervised_loss if self.objective == "supervised" else self.palindrome_loss
         self.sam.train()
         for epoch in range(1, self.num_epochs + 1):
             order = self.rng.permutation(len(self.train_keys))[:per_epoch]
@@ -597,7 +596,6 @@ class Trainer:
                     pick = int(self.rng.integers(len(views) + 1))
                     template = template if pick == len(views) else views[pick]
                 key = self.train_keys[int(index)]
-                step_loss = self.supervised_loss if self.objective == "supervised" else self.palindrome_loss
                 with autocast(self.device):
                     loss, parts = step_loss(template, key)
                 (loss / s.accumulation_steps).backward()

@@ -87,7 +87,7 @@ def split_masks(held_out_every: int = 6) -> tuple[list, list]:
 
 @dataclass
 class PretrainSettings:
-    # the defaults are sam2pal-micro v1's (v2 continued from it: see the model card): 4,000 episodes, an hour on
+    # the defaults are the shipped sam2pal-micro's (v1): 4,000 episodes, about an hour on
     # 2 CPU cores
     steps: int = 1000  # optimizer steps
     episodes_per_step: int = 4
@@ -109,7 +109,7 @@ class PretrainSettings:
     second_target: float = 0.25
     colour_jitter: float = 0.6
     scale_range: tuple[float, float] = (0.28, 0.9)
-    # appearance of the episodes: "v1" or "randomised" (see the module docstring), and
+    # appearance of the episodes: "v1", "randomised" or "mixed" (see the module docstring), and
     # the share of episodes that are zoomed crops
     appearance: str = "v1"
     zoom_fraction: float = 0.0

@@ -80,6 +80,8 @@ def _antenna(canvas, rng, base, side: int, length: float, width: float, v2: bool
     _polyline(canvas, ANTENNA, pts, widths)
     if v2:  # the scape on top of the flagellum's first joint
         _polyline(canvas, SCAPE, *scape)
+
+
 def _leg(canvas, rng, base, side: int, direction: float, length: float, width: float) -> None:
     """A leg from `base`: femur outwards at `direction` (degrees from straight out,
     negative = forwards), tibia bending back, a thin tarsus."""

@@ -34,8 +34,6 @@ from .synthetic import ALL_PARTS, make_collection
 
 BODY_PARTS = ("head", "pronotum", "elytra")
 STRUCTURES = ("body", *ALL_PARTS.values())
-LARGE = ("body", "head", "pronotum", "elytra")
-THIN = ("antenna", "legs")
 
 
 @dataclass(frozen=True)
@@ -156,10 +154,15 @@ def rank_correlation(scores: Scores) -> float:
     """Spearman correlation of cycle IoU with the true IoU over a collection's part
     predictions (ties get their mean rank)."""
     rows = [r for r in scores.rows if r["structure"] != "body" and r["cycle_iou"] is not None]
-    if len(rows) < 3:
+    return spearman([r["cycle_iou"] for r in rows], [r["iou"] for r in rows])
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two sequences (ties get their mean rank); nan with
+    fewer than 3 pairs or a constant sequence."""
+    if len(a) < 3:
         return float("nan")
-    a = _ranks(np.array([r["cycle_iou"] for r in rows], float))
-    b = _ranks(np.array([r["iou"] for r in rows], float))
+    a, b = _ranks(np.array(a, float)), _ranks(np.array(b, float))
     if a.std() == 0 or b.std() == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
