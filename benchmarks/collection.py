@@ -62,21 +62,30 @@ def make_data(photos: int, size: tuple[int, int], structures: int, seed: int) ->
     with a 6th structure, the whole specimen, when asked for 6."""
     from pycocotools import mask as mask_utils
 
-    from sam2pal.masks import decode_segmentation, encode_rle
-    from sam2pal.synthetic import make_collection
+    from sam2pal.io.masks import decode_segmentation, encode_rle
+    from sam2pal.synth.specimens import make_collection
 
     folder = OUT / f"collection-{size[0]}x{size[1]}-{photos}-s{seed}"
     info_file = folder / "info.json"
     if not info_file.exists():
-        info = make_collection(folder / "data", n_images=photos + 1, n_templates=1, seed=seed, size=size)
+        info = make_collection(
+            folder / "data", n_images=photos + 1, n_templates=1, seed=seed, size=size
+        )
         targets = folder / "targets"
         targets.mkdir(exist_ok=True)
         for path in info["images"][1:]:
             link = targets / Path(path).name
             if not link.exists():
                 os.symlink(path, link)
-        info_file.write_text(json.dumps({"images_dir": str(info["images_dir"]), "templates": str(info["templates"]),
-                                         "targets": str(targets)}))
+        info_file.write_text(
+            json.dumps(
+                {
+                    "images_dir": str(info["images_dir"]),
+                    "templates": str(info["templates"]),
+                    "targets": str(targets),
+                }
+            )
+        )
     info = json.loads(info_file.read_text())
     coco = json.loads(Path(info["templates"]).read_text())
     annotations = coco["annotations"]
@@ -86,25 +95,41 @@ def make_data(photos: int, size: tuple[int, int], structures: int, seed: int) ->
         for ann in annotations:
             union |= decode_segmentation(ann["segmentation"], image["height"], image["width"])
         coco["categories"].append({"id": 6, "name": "specimen"})
-        annotations.append({"id": max(a["id"] for a in annotations) + 1, "image_id": image["id"], "category_id": 6,
-                            "segmentation": encode_rle(union), "area": int(union.sum()),
-                            "bbox": [float(v) for v in mask_utils.toBbox(mask_utils.encode(
-                                np.asfortranarray(union.astype(np.uint8))))], "iscrowd": 0})
+        annotations.append(
+            {
+                "id": max(a["id"] for a in annotations) + 1,
+                "image_id": image["id"],
+                "category_id": 6,
+                "segmentation": encode_rle(union),
+                "area": int(union.sum()),
+                "bbox": [
+                    float(v)
+                    for v in mask_utils.toBbox(
+                        mask_utils.encode(np.asfortranarray(union.astype(np.uint8)))
+                    )
+                ],
+                "iscrowd": 0,
+            }
+        )
     else:
         keep = {a["category_id"] for a in annotations[:structures]}
         coco["annotations"] = [a for a in annotations if a["category_id"] in keep]
         coco["categories"] = [c for c in coco["categories"] if c["id"] in keep]
     templates = folder / f"templates-{structures}.json"
     templates.write_text(json.dumps(coco))
-    return {"images_dir": info["images_dir"], "templates": str(templates), "targets": info["targets"],
-            "photos": sorted(str(p) for p in Path(info["targets"]).iterdir())}
+    return {
+        "images_dir": info["images_dir"],
+        "templates": str(templates),
+        "targets": info["targets"],
+        "photos": sorted(str(p) for p in Path(info["targets"]).iterdir()),
+    }
 
 
 # -- workers (each in its own process) ------------------------------------------------
 
 
 def _model(args):
-    from sam2pal.pipeline import load_model
+    from sam2pal.inference.pipeline import load_model
 
     model, _ = load_model(args.config, args.checkpoint, args.image_size, args.seed, args.device)
     return model
@@ -121,14 +146,14 @@ def worker_steps(args, data) -> dict:
     """Per-photo time of each step, the fast path against the exact one."""
     import torch
 
-    from sam2pal.engine import Propagator, logits_to_masks, preprocess
-    from sam2pal.images import read_image
-    from sam2pal.masks import decode_segmentation, encode_rle
-    from sam2pal.measure import measure_mask
-    from sam2pal.coco import merge_predictions
-    from sam2pal.pipeline import categories_of
-    from sam2pal.propagate import structure_record
-    from sam2pal.templates import load_coco_templates
+    from sam2pal.inference.engine import Propagator, logits_to_masks, preprocess
+    from sam2pal.inference.pipeline import categories_of
+    from sam2pal.inference.propagate import structure_record
+    from sam2pal.io.coco import merge_predictions
+    from sam2pal.io.images import read_image
+    from sam2pal.io.masks import decode_segmentation, encode_rle
+    from sam2pal.io.templates import load_coco_templates
+    from sam2pal.outputs.measure import measure_mask
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,8 +207,14 @@ def worker_steps(args, data) -> dict:
             differ, area = [], []
             continue
         del pending_qc
-        records.append({"file_name": Path(path).name, "width": size[1], "height": size[0],
-                        "structures": structures})
+        records.append(
+            {
+                "file_name": Path(path).name,
+                "width": size[1],
+                "height": size[0],
+                "structures": structures,
+            }
+        )
     work = OUT / "collection-merge"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -204,7 +235,9 @@ def worker_steps(args, data) -> dict:
         "pixels_differ_fast_vs_exact": int(sum(differ)),
         "mask_pixels": int(sum(area)),
         "differ_fraction_of_mask_area": float(sum(differ) / max(sum(area), 1)),
-        "max_differ_fraction_one_mask": float(max((d / max(a, 1) for d, a in zip(differ, area)), default=0.0)),
+        "max_differ_fraction_one_mask": float(
+            max((d / max(a, 1) for d, a in zip(differ, area)), default=0.0)
+        ),
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -215,9 +248,9 @@ def worker_model(args, data) -> dict:
     throughput."""
     import torch
 
-    from sam2pal.engine import Propagator
-    from sam2pal.pipeline import batch_size_for
-    from sam2pal.templates import load_coco_templates
+    from sam2pal.inference.engine import Propagator
+    from sam2pal.inference.pipeline import batch_size_for
+    from sam2pal.io.templates import load_coco_templates
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,8 +269,12 @@ def worker_model(args, data) -> dict:
         engine.start_batch(photos[start : start + batch])
         done += batch
     _sync(args.device)
-    return {"per_photo_s": (time.perf_counter() - t0) / done, "batch_size": batch, "photos": done,
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "per_photo_s": (time.perf_counter() - t0) / done,
+        "batch_size": batch,
+        "photos": done,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def worker_official(args, data) -> dict:
@@ -247,8 +284,8 @@ def worker_official(args, data) -> dict:
     import torch
     from hydra.utils import instantiate
 
-    from sam2pal.model import load_model_config
-    from sam2pal.templates import load_coco_templates
+    from sam2pal.io.templates import load_coco_templates
+    from sam2pal.models.build import load_model_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -285,7 +322,11 @@ def worker_official(args, data) -> dict:
             times.append(time.perf_counter() - t0)
         del out, state
     shutil.rmtree(workdir)
-    return {"per_photo_s": float(np.median(times)), "photos": len(times), "peak_rss_mb": peak_rss_mb()}
+    return {
+        "per_photo_s": float(np.median(times)),
+        "photos": len(times),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def worker_segment(args, data) -> dict:
@@ -299,9 +340,25 @@ def worker_segment(args, data) -> dict:
     folder.mkdir(parents=True)
     for path in data["photos"][: args.n]:
         os.symlink(path, folder / Path(path).name)
-    cmd = ["segment", "--template_json", data["templates"], "--template_dir", data["images_dir"],
-           "--image_dir", str(folder), "--output_dir", str(out), "--sam2_checkpoint", args.checkpoint,
-           "--sam2_config", args.config, "--image_size", str(args.image_size), "--device", args.device]
+    cmd = [
+        "segment",
+        "--template_json",
+        data["templates"],
+        "--template_dir",
+        data["images_dir"],
+        "--image_dir",
+        str(folder),
+        "--output_dir",
+        str(out),
+        "--sam2_checkpoint",
+        args.checkpoint,
+        "--sam2_config",
+        args.config,
+        "--image_size",
+        str(args.image_size),
+        "--device",
+        args.device,
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.qc == "off":
@@ -316,14 +373,40 @@ def worker_segment(args, data) -> dict:
     return {"seconds": elapsed, "photos": args.n, "peak_rss_mb": peak_rss_mb()}
 
 
-WORKERS = {"steps": worker_steps, "model": worker_model, "official": worker_official, "segment": worker_segment}
+WORKERS = {
+    "steps": worker_steps,
+    "model": worker_model,
+    "official": worker_official,
+    "segment": worker_segment,
+}
 
 
 def run_worker(args, kind: str, data_json: Path, **extra) -> dict:
-    cmd = [sys.executable, "-u", __file__, "--worker", kind, "--data", str(data_json),
-           "--photos", str(args.photos), "--config", args.config, "--checkpoint", args.checkpoint,
-           "--image-size", str(args.image_size), "--seed", str(args.seed),
-           "--device", args.device, "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+    cmd = [
+        sys.executable,
+        "-u",
+        __file__,
+        "--worker",
+        kind,
+        "--data",
+        str(data_json),
+        "--photos",
+        str(args.photos),
+        "--config",
+        args.config,
+        "--checkpoint",
+        args.checkpoint,
+        "--image-size",
+        str(args.image_size),
+        "--seed",
+        str(args.seed),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -334,13 +417,22 @@ def run_worker(args, kind: str, data_json: Path, **extra) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--photos", type=int, default=8, help="12 MP photos (default 8)")
     parser.add_argument("--size", default="4000x3000")
-    parser.add_argument("--big", type=int, default=2, help="24 MP photos for the steps part (0: none)")
-    parser.add_argument("--structures", type=int, default=6, help="5 parts, or 6 with the whole specimen")
-    parser.add_argument("--checkpoint", default="sam2pal-micro",
-                        help="sam2pal-micro (real masks on these specimens), random, or a .pt file")
+    parser.add_argument(
+        "--big", type=int, default=2, help="24 MP photos for the steps part (0: none)"
+    )
+    parser.add_argument(
+        "--structures", type=int, default=6, help="5 parts, or 6 with the whole specimen"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default="sam2pal-micro",
+        help="sam2pal-micro (real masks on these specimens), random, or a .pt file",
+    )
     parser.add_argument("--config", default=None, help="default: the checkpoint's own")
     parser.add_argument("--image-size", type=int, default=None, help="default: the config's own")
     parser.add_argument("--device", default="cpu")
@@ -354,11 +446,11 @@ def main():
     parser.add_argument("--n", type=int, default=1)
     args = parser.parse_args()
     if args.config is None:
-        from sam2pal.registry import choose_config
+        from sam2pal.models.registry import choose_config
 
         args.config = choose_config(None, args.checkpoint)
     if args.image_size is None:
-        from sam2pal.model import load_model_config
+        from sam2pal.models.build import load_model_config
 
         args.image_size = int(load_model_config(args.config).model.image_size)
     if args.worker:
@@ -376,12 +468,18 @@ def main():
     data = make_data(args.photos, (width, height), args.structures, args.seed)
     data_json = OUT / "collection-data.json"
     data_json.write_text(json.dumps(data))
-    print(f"data: {args.photos} photos of {width}x{height} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(
+        f"data: {args.photos} photos of {width}x{height} ({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
 
     results = {"photo_size": [width, height], "photos": args.photos, "structures": args.structures}
     results["steps"] = run_worker(args, "steps", data_json)
-    print("steps (s per photo):", json.dumps({k: round(v, 4) for k, v in results["steps"]["per_photo_s"].items()}),
-          flush=True)
+    print(
+        "steps (s per photo):",
+        json.dumps({k: round(v, 4) for k, v in results["steps"]["per_photo_s"].items()}),
+        flush=True,
+    )
     if args.big:
         big = make_data(args.big, (6000, 4000), args.structures, args.seed)
         big_json = OUT / "collection-data-big.json"
@@ -389,27 +487,40 @@ def main():
         saved, args.photos = args.photos, args.big
         results["steps_24mp"] = run_worker(args, "steps", big_json)
         args.photos = saved
-        print("steps 24 MP (s per photo):",
-              json.dumps({k: round(v, 4) for k, v in results["steps_24mp"]["per_photo_s"].items()}), flush=True)
+        print(
+            "steps 24 MP (s per photo):",
+            json.dumps({k: round(v, 4) for k, v in results["steps_24mp"]["per_photo_s"].items()}),
+            flush=True,
+        )
     results["official"] = run_worker(args, "official", data_json)
     print(f"official: {results['official']['per_photo_s']:.3f} s per photo", flush=True)
     for qc in ("on", "off"):
         many = run_worker(args, "segment", data_json, qc=qc, n=args.photos)
         one = run_worker(args, "segment", data_json, qc=qc, n=1)
         per_photo = (many["seconds"] - one["seconds"]) / (args.photos - 1)
-        results[f"segment_qc_{qc}"] = {"per_photo_s": per_photo, "run_s": many["seconds"],
-                                       "one_photo_run_s": one["seconds"], "peak_rss_mb": many["peak_rss_mb"]}
+        results[f"segment_qc_{qc}"] = {
+            "per_photo_s": per_photo,
+            "run_s": many["seconds"],
+            "one_photo_run_s": one["seconds"],
+            "peak_rss_mb": many["peak_rss_mb"],
+        }
         ratio = results["official"]["per_photo_s"] / per_photo
         results[f"speedup_qc_{qc}"] = ratio
-        print(f"sam2pal segment, QC {qc}: {per_photo:.3f} s per added photo "
-              f"({many['seconds']:.1f} s for {args.photos}); official / ours = {ratio:.2f}x", flush=True)
+        print(
+            f"sam2pal segment, QC {qc}: {per_photo:.3f} s per added photo "
+            f"({many['seconds']:.1f} s for {args.photos}); official / ours = {ratio:.2f}x",
+            flush=True,
+        )
     results["model_only"] = run_worker(args, "model", data_json)
     model_s = results["model_only"]["per_photo_s"]
     end_to_end = results["segment_qc_off"]["per_photo_s"]
     results["end_to_end_share_of_model_throughput"] = model_s / end_to_end
-    print(f"model alone: {model_s:.3f} s per photo (batch {results['model_only']['batch_size']}); end to end "
-          f"without QC reaches {model_s / end_to_end:.0%} of its throughput "
-          f"({1 / end_to_end:.2f} vs {1 / model_s:.2f} photos per second)", flush=True)
+    print(
+        f"model alone: {model_s:.3f} s per photo (batch {results['model_only']['batch_size']}); end to end "
+        f"without QC reaches {model_s / end_to_end:.0%} of its throughput "
+        f"({1 / end_to_end:.2f} vs {1 / model_s:.2f} photos per second)",
+        flush=True,
+    )
     if recorder is not None:
         recorder.write(results)
 

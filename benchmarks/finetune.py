@@ -40,8 +40,10 @@ from record import Recorder  # noqa: E402
 VARIANTS = {
     "cached": {"cache_features": True},
     "re-encode": {"cache_features": False},
-    "official": {"cache_features": False,
-                 "targets": ["image_encoder", "memory_attention", "sam_mask_decoder", "memory_encoder"]},
+    "official": {
+        "cache_features": False,
+        "targets": ["image_encoder", "memory_attention", "sam_mask_decoder", "memory_encoder"],
+    },
     "cached+dropout": {"cache_features": True, "attention_dropout": 0.1},
     "cached+checkpointing": {"cache_features": True, "gradient_checkpointing": True},
 }
@@ -50,10 +52,10 @@ VARIANTS = {
 def worker(args) -> dict:
     import torch
 
-    from sam2pal.images import list_images
-    from sam2pal.model import build_model
-    from sam2pal.pal import FinetuneSettings, Trainer
-    from sam2pal.templates import load_coco_templates
+    from sam2pal.io.images import list_images
+    from sam2pal.io.templates import load_coco_templates
+    from sam2pal.models.build import build_model
+    from sam2pal.training.palindrome import FinetuneSettings, Trainer
 
     folder = Path(args.data)
     templates = load_coco_templates(folder / "templates.json", folder / "images")
@@ -82,9 +84,11 @@ def worker(args) -> dict:
         step(keys[(i + 1) % len(keys)])
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    result = {"s_per_step": (time.perf_counter() - start) / args.steps,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-              "trainable_params": sum(p.numel() for p in trainer.params)}
+    result = {
+        "s_per_step": (time.perf_counter() - start) / args.steps,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "trainable_params": sum(p.numel() for p in trainer.params),
+    }
     if args.device.startswith("cuda"):
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -100,26 +104,47 @@ def main():
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--worker", choices=sorted(VARIANTS))
     parser.add_argument("--data")
-    parser.add_argument("--record", default=None,
-                        help="result name (default finetune-<cpu|cuda>-<image size>)")
+    parser.add_argument(
+        "--record", default=None, help="result name (default finetune-<cpu|cuda>-<image size>)"
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
 
-    from sam2pal.synthetic import make_collection
+    from sam2pal.synth.specimens import make_collection
 
-    recorder = Recorder(args.record or f"finetune-{args.device.split(':')[0]}-{args.image_size}", args, args.device)
+    recorder = Recorder(
+        args.record or f"finetune-{args.device.split(':')[0]}-{args.image_size}", args, args.device
+    )
     scratch = Path(tempfile.mkdtemp(prefix="sam2pal_ftbench_"))
     try:
         make_collection(scratch, n_images=args.steps + 3, n_templates=1, seed=0, size=(480, 360))
-        print(f"palindrome step benchmark: {args.config} at {args.image_size} px, {args.structures} structures, "
-              f"{args.steps} timed steps after a warm-up, device {args.device}", flush=True)
+        print(
+            f"palindrome step benchmark: {args.config} at {args.image_size} px, {args.structures} structures, "
+            f"{args.steps} timed steps after a warm-up, device {args.device}",
+            flush=True,
+        )
         results = {}
         for name in args.variants:
-            cmd = [sys.executable, __file__, "--worker", name, "--data", str(scratch),
-                   "--image-size", str(args.image_size), "--config", args.config,
-                   "--structures", str(args.structures), "--steps", str(args.steps), "--device", args.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                name,
+                "--data",
+                str(scratch),
+                "--image-size",
+                str(args.image_size),
+                "--config",
+                args.config,
+                "--structures",
+                str(args.structures),
+                "--steps",
+                str(args.steps),
+                "--device",
+                args.device,
+            ]
             env = dict(os.environ, PYTHONWARNINGS="ignore")
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode == 0:
@@ -127,18 +152,23 @@ def main():
             elif done.returncode == -9:
                 results[name] = {"failed": "killed (out of memory)"}
             else:
-                results[name] = {"failed": (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]}
+                lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+                results[name] = {"failed": lines[-1]}
             print(f"{name}: {results[name]}", flush=True)
         base = results.get("cached", {}).get("s_per_step")
-        print(f"\n{'variant':<22}{'s/step':>9}{'vs cached':>11}{'peak RSS MB':>13}{'trainable':>12}")
+        print(
+            f"\n{'variant':<22}{'s/step':>9}{'vs cached':>11}{'peak RSS MB':>13}{'trainable':>12}"
+        )
         for name, r in results.items():
             if "failed" in r:
                 print(f"{name:<22}  failed: {r['failed']}")
                 continue
             ratio = f"{r['s_per_step'] / base:>10.2f}x" if base else f"{'':>11}"
             extra = f"{r['peak_gpu_mb']:>10.0f} GPU MB" if "peak_gpu_mb" in r else ""
-            print(f"{name:<22}{r['s_per_step']:>9.3f}{ratio}{r['peak_rss_mb']:>13.0f}"
-                  f"{r['trainable_params']:>12,}{extra}")
+            print(
+                f"{name:<22}{r['s_per_step']:>9.3f}{ratio}{r['peak_rss_mb']:>13.0f}"
+                f"{r['trainable_params']:>12,}{extra}"
+            )
         recorder.write({"variants": results})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Time of `sam2pal.measure.measure_mask` per mask, on masks of a 12-megapixel photo.
+"""Time of `sam2pal.outputs.measure.measure_mask` per mask, on masks of a 12-megapixel photo.
 
 Each mask lies in a full 4000 x 3000 frame (rows x cols: 3000 x 4000), as the measure
 step gets it from a predictions file:
@@ -41,10 +41,10 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
+import measure_golden  # noqa: E402
 from record import Recorder  # noqa: E402
 
-import measure_golden  # noqa: E402
-from sam2pal.measure import measure_mask  # noqa: E402
+from sam2pal.outputs.measure import measure_mask  # noqa: E402
 
 FRAME = measure_golden.PHOTO  # rows, cols
 
@@ -80,29 +80,44 @@ def time_one(mask: np.ndarray, repeat: int) -> dict:
         measure_mask(mask)
         wall.append(time.perf_counter() - start_wall)
         cpu.append(time.process_time() - start_cpu)
-    return {"min_ms": round(1000 * min(wall), 2), "median_ms": round(1000 * statistics.median(wall), 2),
-            "cpu_median_ms": round(1000 * statistics.median(cpu), 2)}
+    return {
+        "min_ms": round(1000 * min(wall), 2),
+        "median_ms": round(1000 * statistics.median(wall), 2),
+        "cpu_median_ms": round(1000 * statistics.median(cpu), 2),
+    }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per mask (after one warm-up run)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="timed runs per mask (after one warm-up run)"
+    )
     parser.add_argument("--only", default=None, help="only the masks whose name contains this")
-    parser.add_argument("--record", default="measure-speed", help="result name in benchmarks/results/")
+    parser.add_argument(
+        "--record", default="measure-speed", help="result name in benchmarks/results/"
+    )
     args = parser.parse_args(argv)
     cv2.setNumThreads(0)  # OpenCV sequential: one core
     recorder = Recorder(args.record, args)
 
     results = {}
-    print(f"{'mask':55s} {'pixels':>9s} {'frame':>11s} {'min ms':>8s} {'median':>8s} {'cpu ms':>8s}", flush=True)
+    print(
+        f"{'mask':55s} {'pixels':>9s} {'frame':>11s} {'min ms':>8s} {'median':>8s} {'cpu ms':>8s}",
+        flush=True,
+    )
     for name, build in shapes(args.only):
         mask = in_frame(build())
         if not mask.any():
             continue
         timing = time_one(mask, args.repeat)
         results[name] = {"pixels": int(np.count_nonzero(mask)), "frame": list(mask.shape), **timing}
-        print(f"{name:55s} {results[name]['pixels']:9d} {mask.shape[0]:5d}x{mask.shape[1]:<5d} "
-              f"{timing['min_ms']:8.1f} {timing['median_ms']:8.1f} {timing['cpu_median_ms']:8.1f}", flush=True)
+        print(
+            f"{name:55s} {results[name]['pixels']:9d} {mask.shape[0]:5d}x{mask.shape[1]:<5d} "
+            f"{timing['min_ms']:8.1f} {timing['median_ms']:8.1f} {timing['cpu_median_ms']:8.1f}",
+            flush=True,
+        )
 
     worst = max(results, key=lambda k: results[k]["min_ms"])
     summary = {
@@ -112,8 +127,10 @@ def main(argv=None) -> int:
         "slowest": worst,
         "median_of_min_ms": round(statistics.median(r["min_ms"] for r in results.values()), 2),
     }
-    print(f"\n{summary['masks']} masks: slowest {worst} {summary['max_min_ms']:.1f} ms (fastest run), "
-          f"largest median {summary['max_median_ms']:.1f} ms, median mask {summary['median_of_min_ms']:.1f} ms")
+    print(
+        f"\n{summary['masks']} masks: slowest {worst} {summary['max_min_ms']:.1f} ms (fastest run), "
+        f"largest median {summary['max_median_ms']:.1f} ms, median mask {summary['median_of_min_ms']:.1f} ms"
+    )
     recorder.write({"threads": 1, "repeat": args.repeat, "summary": summary, "masks": results})
     return 0
 

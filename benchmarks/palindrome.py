@@ -1,6 +1,6 @@
 """Does palindrome fine-tuning help, and why not: four rows side by side.
 
-On each held-out collection of `sam2pal.quality` (generator settings the model never
+On each held-out collection of `sam2pal.synth.quality` (generator settings the model never
 saw), the same 20 targets are segmented from one template by
 
   (a) zero-shot: the base model;
@@ -40,15 +40,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from record import Recorder  # noqa: E402
 
-from sam2pal.evaluate import category_masks, load_coco  # noqa: E402
-from sam2pal.pal import FinetuneSettings, Trainer  # noqa: E402
-from sam2pal.pipeline import _run_model  # noqa: E402
-from sam2pal.quality import HELD_OUT, STRUCTURES, make_held_out, score_collection, spearman  # noqa: E402
-from sam2pal.registry import choose_config  # noqa: E402
-from sam2pal.templates import load_coco_templates  # noqa: E402
+from sam2pal.inference.pipeline import _run_model  # noqa: E402
+from sam2pal.io.templates import load_coco_templates  # noqa: E402
+from sam2pal.models.registry import choose_config  # noqa: E402
+from sam2pal.outputs.evaluate import category_masks, load_coco  # noqa: E402
+from sam2pal.synth.quality import HELD_OUT, STRUCTURES, make_held_out, score_collection, spearman  # noqa: E402
+from sam2pal.training.palindrome import FinetuneSettings, Trainer  # noqa: E402
 
-METHODS = ("zero-shot", "palindrome (previous defaults)", "oracle (supervised)", "palindrome (defaults)",
-           "palindrome (defaults, template views)")
+METHODS = (
+    "zero-shot",
+    "palindrome (previous defaults)",
+    "oracle (supervised)",
+    "palindrome (defaults)",
+    "palindrome (defaults, template views)",
+)
 PREVIOUS_DEFAULTS = {"learning_rate": 1e-4, "min_steps": 0}
 
 
@@ -59,21 +64,38 @@ def _spearman(a, b) -> float | None:
     return None if value != value else round(value, 3)
 
 
-def finetune_and_score(args, model_args, coll: Path, out: Path, settings: dict, objective: str) -> dict:
+def finetune_and_score(
+    args, model_args, coll: Path, out: Path, settings: dict, objective: str
+) -> dict:
     import numpy as np
 
-    templates = load_coco_templates(coll / "templates.json", coll / "images").select(max_templates=1)
+    templates = load_coco_templates(coll / "templates.json", coll / "images").select(
+        max_templates=1
+    )
     gt_path = coll / "ground_truth.json"
     _, truth = category_masks(load_coco(gt_path), gt_path)
     pool = {p.name: p for p in sorted((coll / "images").iterdir())}
     model, info, _ = _run_model(**model_args, adapter=None)
-    trainer = Trainer(model, templates, pool, FinetuneSettings(**settings), ground_truth=truth,
-                      log=lambda *_: None, objective=objective,
-                      select_by="auto" if objective == "supervised" else "cycle_iou")
+    trainer = Trainer(
+        model,
+        templates,
+        pool,
+        FinetuneSettings(**settings),
+        ground_truth=truth,
+        log=lambda *_: None,
+        objective=objective,
+        select_by="auto" if objective == "supervised" else "cycle_iou",
+    )
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    result = trainer.train(out, {"base_id": info["base_id"], "image_size": info["image_size"],
-                                 "model_config_sha256": info["config_sha256"]})
+    result = trainer.train(
+        out,
+        {
+            "base_id": info["base_id"],
+            "image_size": info["image_size"],
+            "model_config_sha256": info["config_sha256"],
+        },
+    )
     seconds = time.time() - t0
     # per epoch: mean training loss and training-target IoU of its steps (every epoch
     # has the same number of steps)
@@ -81,15 +103,22 @@ def finetune_and_score(args, model_args, coll: Path, out: Path, settings: dict, 
     history = []
     for row in result["history"]:
         epoch = row["epoch"]
-        steps = trainer.step_target_ious[(epoch - 1) * per_epoch : epoch * per_epoch] if epoch else []
+        steps = (
+            trainer.step_target_ious[(epoch - 1) * per_epoch : epoch * per_epoch] if epoch else []
+        )
         ious = [v for v in steps if v is not None]
-        history.append({
-            "epoch": epoch, "optimizer_steps": row["optimizer_steps"],
-            "loss": None if row["train_loss"] is None else round(row["train_loss"], 4),
-            "train_target_iou": round(float(np.mean(ious)), 4) if ious else None,
-            "val_cycle_iou": None if row["val_cycle_iou"] is None else round(row["val_cycle_iou"], 4),
-            "val_iou": None if row["val_iou"] is None else round(row["val_iou"], 4),
-        })
+        history.append(
+            {
+                "epoch": epoch,
+                "optimizer_steps": row["optimizer_steps"],
+                "loss": None if row["train_loss"] is None else round(row["train_loss"], 4),
+                "train_target_iou": round(float(np.mean(ious)), 4) if ious else None,
+                "val_cycle_iou": None
+                if row["val_cycle_iou"] is None
+                else round(row["val_cycle_iou"], 4),
+                "val_iou": None if row["val_iou"] is None else round(row["val_iou"], 4),
+            }
+        )
     scored = {}
     for which in ("adapter", "adapter_last"):
         tuned, _, _ = _run_model(**model_args, adapter=out / which)
@@ -104,9 +133,12 @@ def finetune_and_score(args, model_args, coll: Path, out: Path, settings: dict, 
         "settings": settings,
         "history": history,
         # does the label-free selection signal follow the truth over epochs?
-        "cycle_vs_target_iou_spearman": _spearman([h["val_cycle_iou"] for h in later],
-                                                  [h["train_target_iou"] for h in later]),
-        "cycle_vs_val_iou_spearman": _spearman([h["val_cycle_iou"] for h in later], [h["val_iou"] for h in later]),
+        "cycle_vs_target_iou_spearman": _spearman(
+            [h["val_cycle_iou"] for h in later], [h["train_target_iou"] for h in later]
+        ),
+        "cycle_vs_val_iou_spearman": _spearman(
+            [h["val_cycle_iou"] for h in later], [h["val_iou"] for h in later]
+        ),
     }
 
 
@@ -114,12 +146,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="sam2pal-micro")
     ap.add_argument("--config", default=None)
-    ap.add_argument("--collections", nargs="+", default=[h.name for h in HELD_OUT],
-                    choices=[h.name for h in HELD_OUT])
+    ap.add_argument(
+        "--collections",
+        nargs="+",
+        default=[h.name for h in HELD_OUT],
+        choices=[h.name for h in HELD_OUT],
+    )
     ap.add_argument("--n-images", type=int, default=23)
-    ap.add_argument("--n-templates", type=int, default=3, help="the targets start after these images")
-    ap.add_argument("--tuned", default="{}",
-                    help="settings of (d) and, with the same steps, (c), as JSON (default: the workflow's)")
+    ap.add_argument(
+        "--n-templates", type=int, default=3, help="the targets start after these images"
+    )
+    ap.add_argument(
+        "--tuned",
+        default="{}",
+        help="settings of (d) and, with the same steps, (c), as JSON (default: the workflow's)",
+    )
     ap.add_argument("--views", type=int, default=8, help="template views of the last method")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--device", default="cpu")
@@ -127,31 +168,55 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "palindrome"))
     ap.add_argument("--record", default=None, help="result name (default palindrome-<checkpoint>)")
     args = ap.parse_args(argv)
-    recorder = Recorder(args.record or f"palindrome-{Path(args.checkpoint).stem}", args, args.device)
+    recorder = Recorder(
+        args.record or f"palindrome-{Path(args.checkpoint).stem}", args, args.device
+    )
     tuned = json.loads(args.tuned)
     out = Path(args.out)
     config = choose_config(args.config, args.checkpoint)
-    model_args = dict(config=config, checkpoint=args.checkpoint, image_size=None, seed=0,
-                      device=args.device, threads=args.threads, checkpoint_dir=None)
+    model_args = dict(
+        config=config,
+        checkpoint=args.checkpoint,
+        image_size=None,
+        seed=0,
+        device=args.device,
+        threads=args.threads,
+        checkpoint_dir=None,
+    )
     base, info, _ = _run_model(**model_args, adapter=None)
     results = {"model": info, "tuned_settings": tuned, "collections": {}}
     specs = {h.name: h for h in HELD_OUT}
     for name in args.collections:
         coll = out / name
         make_held_out(coll, specs[name], args.n_images, args.n_templates)
-        entry = {"description": specs[name].description, "targets": args.n_images - args.n_templates, "methods": {}}
+        entry = {
+            "description": specs[name].description,
+            "targets": args.n_images - args.n_templates,
+            "methods": {},
+        }
         if "zero-shot" in args.methods:
-            entry["methods"]["zero-shot"] = {"table": score_collection(base, coll, 1, args.n_templates).table()}
+            entry["methods"]["zero-shot"] = {
+                "table": score_collection(base, coll, 1, args.n_templates).table()
+            }
         runs = {
             "palindrome (previous defaults)": (PREVIOUS_DEFAULTS, "palindrome"),
             "oracle (supervised)": (tuned, "supervised"),
             "palindrome (defaults)": (tuned, "palindrome"),
-            "palindrome (defaults, template views)": ({**tuned, "template_views": args.views}, "palindrome"),
+            "palindrome (defaults, template views)": (
+                {**tuned, "template_views": args.views},
+                "palindrome",
+            ),
         }
         for method, (settings, objective) in runs.items():
             if method in args.methods:
                 entry["methods"][method] = finetune_and_score(
-                    args, model_args, coll, out / f"{name}-{METHODS.index(method)}", settings, objective)
+                    args,
+                    model_args,
+                    coll,
+                    out / f"{name}-{METHODS.index(method)}",
+                    settings,
+                    objective,
+                )
                 _print_method(name, method, entry["methods"][method])
         results["collections"][name] = entry
         _print_table(name, entry)
@@ -161,14 +226,18 @@ def main(argv=None) -> int:
 
 
 def _print_method(name: str, method: str, run: dict) -> None:
-    print(f"\n{name} / {method}: {run['optimizer_steps']} optimizer steps, best epoch {run['best_epoch']}, "
-          f"{run['seconds']:.0f} s; cycle IoU vs target IoU over epochs (Spearman): "
-          f"{run['cycle_vs_target_iou_spearman']}")
+    print(
+        f"\n{name} / {method}: {run['optimizer_steps']} optimizer steps, best epoch {run['best_epoch']}, "
+        f"{run['seconds']:.0f} s; cycle IoU vs target IoU over epochs (Spearman): "
+        f"{run['cycle_vs_target_iou_spearman']}"
+    )
     print("epoch  steps  loss    target IoU  val cycle IoU  val IoU")
     for h in run["history"]:
-        print(f"{h['epoch']:5d}  {h['optimizer_steps']:5d}  {h['loss'] if h['loss'] is not None else '-':<7}"
-              f" {h['train_target_iou'] if h['train_target_iou'] is not None else '-':<11} "
-              f"{h['val_cycle_iou']!s:<14} {h['val_iou']}")
+        print(
+            f"{h['epoch']:5d}  {h['optimizer_steps']:5d}  {h['loss'] if h['loss'] is not None else '-':<7}"
+            f" {h['train_target_iou'] if h['train_target_iou'] is not None else '-':<11} "
+            f"{h['val_cycle_iou']!s:<14} {h['val_iou']}"
+        )
 
 
 def _print_table(name: str, entry: dict) -> None:
@@ -178,8 +247,11 @@ def _print_table(name: str, entry: dict) -> None:
     for method, run in entry["methods"].items():
         table = run["table"]
         last = run.get("last_epoch_table", {}).get("mean")
-        print(f"| {method} | " + " | ".join(f"{table[s]:.3f}" for s in STRUCTURES)
-              + f" | {table['mean']:.3f} | {'' if last is None else f'{last:.3f}'} |")
+        print(
+            f"| {method} | "
+            + " | ".join(f"{table[s]:.3f}" for s in STRUCTURES)
+            + f" | {table['mean']:.3f} | {'' if last is None else f'{last:.3f}'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -42,14 +42,16 @@ def peak_rss_mb() -> float:
 
 
 def make_data(folder: Path, n_targets: int, seed: int) -> dict:
-    from sam2pal.synthetic import make_collection
+    from sam2pal.synth.specimens import make_collection
 
-    info = make_collection(folder, n_images=n_targets + 1, n_templates=1, seed=seed, size=(480, 360))
+    info = make_collection(
+        folder, n_images=n_targets + 1, n_templates=1, seed=seed, size=(480, 360)
+    )
     return {"images": [str(p) for p in info["images"]], "templates": str(info["templates"])}
 
 
 def _templates(data: dict, structures: int):
-    from sam2pal.templates import load_coco_templates
+    from sam2pal.io.templates import load_coco_templates
 
     templates = load_coco_templates(data["templates"], Path(data["images"][0]).parent)
     image = templates.images[0]
@@ -65,9 +67,9 @@ def _sync(device: str):
 
 
 def worker_engine(args, data):
-    from sam2pal.engine import Propagator
-    from sam2pal.images import read_image
-    from sam2pal.model import build_model
+    from sam2pal.inference.engine import Propagator
+    from sam2pal.io.images import read_image
+    from sam2pal.models.build import build_model
 
     model = build_model(args.config, "random", image_size=args.image_size, device=args.device)
     templates = _templates(data, args.structures)
@@ -91,13 +93,18 @@ def worker_engine(args, data):
 def _official(args):
     from sam2.build_sam import build_sam2_video_predictor
 
-    from sam2pal.model import build_model, resolve_config
+    from sam2pal.models.build import build_model, resolve_config
 
     # our builder gives the seeded random weights; the official builder the architecture
-    weights = build_model(args.config, "random", image_size=args.image_size, device="cpu").state_dict()
+    weights = build_model(
+        args.config, "random", image_size=args.image_size, device="cpu"
+    ).state_dict()
     config = str(resolve_config(args.config).relative_to(Path(__import__("sam2").__file__).parent))
     predictor = build_sam2_video_predictor(
-        config, None, device=args.device, hydra_overrides_extra=[f"++model.image_size={args.image_size}"]
+        config,
+        None,
+        device=args.device,
+        hydra_overrides_extra=[f"++model.image_size={args.image_size}"],
     )
     predictor.load_state_dict(weights)
     predictor.fill_hole_area = 0
@@ -156,10 +163,29 @@ def worker_long_video(args, data):
 WORKERS = {"engine": worker_engine, "per-image": worker_per_image, "long-video": worker_long_video}
 
 
-def run_worker(args, kind: str, n: int, data_json: Path, masks_out: str = "", cycle: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--data", str(data_json), "--n", str(n),
-           "--image-size", str(args.image_size), "--config", args.config, "--structures", str(args.structures),
-           "--device", args.device, "--masks-out", masks_out] + (["--cycle"] if cycle else [])
+def run_worker(
+    args, kind: str, n: int, data_json: Path, masks_out: str = "", cycle: bool = False
+) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--data",
+        str(data_json),
+        "--n",
+        str(n),
+        "--image-size",
+        str(args.image_size),
+        "--config",
+        args.config,
+        "--structures",
+        str(args.structures),
+        "--device",
+        args.device,
+        "--masks-out",
+        masks_out,
+    ] + (["--cycle"] if cycle else [])
     env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -179,7 +205,9 @@ def main():
     parser.add_argument("--data")
     parser.add_argument("--masks-out", default="")
     parser.add_argument("--cycle", action="store_true")
-    parser.add_argument("--record", default=None, help="result name (default propagate-cpu or propagate-cuda)")
+    parser.add_argument(
+        "--record", default=None, help="result name (default propagate-cpu or propagate-cuda)"
+    )
     args = parser.parse_args()
 
     if args.worker:
@@ -199,12 +227,19 @@ def main():
         data = make_data(scratch / "collection", 4 * args.n, args.seed)
         data_json = scratch / "data.json"
         data_json.write_text(json.dumps(data))
-        print(f"propagation benchmark: {args.config} at {args.image_size} px, {args.structures} structures, "
-              f"{args.n} targets of 480x360, device {args.device}, torch threads default", flush=True)
+        print(
+            f"propagation benchmark: {args.config} at {args.image_size} px, {args.structures} structures, "
+            f"{args.n} targets of 480x360, device {args.device}, torch threads default",
+            flush=True,
+        )
         results = {}
-        results["engine"] = run_worker(args, "engine", args.n, data_json, str(scratch / "engine.npz"))
+        results["engine"] = run_worker(
+            args, "engine", args.n, data_json, str(scratch / "engine.npz")
+        )
         results["engine+cycle"] = run_worker(args, "engine", args.n, data_json, cycle=True)
-        results["per-image"] = run_worker(args, "per-image", args.n, data_json, str(scratch / "official.npz"))
+        results["per-image"] = run_worker(
+            args, "per-image", args.n, data_json, str(scratch / "official.npz")
+        )
         results["long-video"] = run_worker(args, "long-video", args.n, data_json)
         results["engine@4N"] = run_worker(args, "engine", 4 * args.n, data_json)
         results["long-video@4N"] = run_worker(args, "long-video", 4 * args.n, data_json)
@@ -215,16 +250,24 @@ def main():
         base = results["engine"]["per_target_s"]
         print(f"\n{'method':<16}{'targets':>8}{'s/target':>11}{'vs engine':>11}{'peak RSS MB':>13}")
         for name, r in results.items():
-            print(f"{name:<16}{r['n']:>8}{r['per_target_s']:>11.3f}{r['per_target_s'] / base:>10.2f}x"
-                  f"{r['peak_rss_mb']:>13.0f}")
+            print(
+                f"{name:<16}{r['n']:>8}{r['per_target_s']:>11.3f}{r['per_target_s'] / base:>10.2f}x"
+                f"{r['peak_rss_mb']:>13.0f}"
+            )
         print(f"\nengine set-up (template memory, once): {results['engine']['setup_s']:.3f} s")
-        print(f"speed-up of the engine: {results['per-image']['per_target_s'] / base:.2f}x over per-image videos, "
-              f"{results['long-video']['per_target_s'] / base:.2f}x over one long video")
-        print(f"peak RSS from N={args.n} to 4N={4 * args.n}: engine "
-              f"{results['engine@4N']['peak_rss_mb'] / results['engine']['peak_rss_mb']:.2f}x, long video "
-              f"{results['long-video@4N']['peak_rss_mb'] / results['long-video']['peak_rss_mb']:.2f}x")
-        print(f"engine vs official per-image masks: {differing} differing pixels "
-              f"over {len(ours.files)} masks")
+        print(
+            f"speed-up of the engine: {results['per-image']['per_target_s'] / base:.2f}x over per-image videos, "
+            f"{results['long-video']['per_target_s'] / base:.2f}x over one long video"
+        )
+        print(
+            f"peak RSS from N={args.n} to 4N={4 * args.n}: engine "
+            f"{results['engine@4N']['peak_rss_mb'] / results['engine']['peak_rss_mb']:.2f}x, long video "
+            f"{results['long-video@4N']['peak_rss_mb'] / results['long-video']['peak_rss_mb']:.2f}x"
+        )
+        print(
+            f"engine vs official per-image masks: {differing} differing pixels "
+            f"over {len(ours.files)} masks"
+        )
         pixels = sum(int(ours[k].size) for k in ours.files)
         recorder.write({"methods": results, "differing_pixels": differing, "pixels": pixels})
     finally:

@@ -1,7 +1,7 @@
 """Segmentation quality on held-out synthetic collections.
 
 For each held-out collection (generator settings that `sam2pal pretrain` never saw; see
-`sam2pal.quality`), prints per-structure IoU on the same targets for
+`sam2pal.synth.quality`), prints per-structure IoU on the same targets for
 
   (a) zero-shot propagation from one template,
   (b) several templates in memory,
@@ -34,9 +34,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sam2pal.pipeline import _run_model, finetune, prepare_templates  # noqa: E402
-from sam2pal.quality import HELD_OUT, STRUCTURES, make_held_out, rank_correlation, score_collection  # noqa: E402
-from sam2pal.registry import choose_config  # noqa: E402
+from sam2pal.inference.pipeline import _run_model, finetune, prepare_templates  # noqa: E402
+from sam2pal.models.registry import choose_config  # noqa: E402
+from sam2pal.synth.quality import (  # noqa: E402
+    HELD_OUT,
+    STRUCTURES,
+    make_held_out,
+    rank_correlation,
+    score_collection,
+)
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from palindrome import finetune_and_score  # noqa: E402
@@ -51,12 +57,27 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="sam2pal-micro")
     ap.add_argument("--config", default=None, help="default: the checkpoint's own")
     ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument("--collections", nargs="+", default=[h.name for h in HELD_OUT],
-                    choices=[h.name for h in HELD_OUT])
-    ap.add_argument("--n-images", type=int, default=23, help="images per collection, templates included")
-    ap.add_argument("--n-templates", type=int, default=3, help="templates for (b); (a) and (c) use the first")
-    ap.add_argument("--epochs", type=int, default=None, help="palindrome fine-tuning epochs (default: the workflow's)")
-    ap.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default: the workflow's)")
+    ap.add_argument(
+        "--collections",
+        nargs="+",
+        default=[h.name for h in HELD_OUT],
+        choices=[h.name for h in HELD_OUT],
+    )
+    ap.add_argument(
+        "--n-images", type=int, default=23, help="images per collection, templates included"
+    )
+    ap.add_argument(
+        "--n-templates", type=int, default=3, help="templates for (b); (a) and (c) use the first"
+    )
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="palindrome fine-tuning epochs (default: the workflow's)",
+    )
+    ap.add_argument(
+        "--lr", type=float, default=None, help="LoRA learning rate (default: the workflow's)"
+    )
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--no-oracle", action="store_true", help="skip the supervised upper bound")
@@ -69,10 +90,19 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     config = choose_config(args.config, args.checkpoint)
-    model_args = dict(config=config, checkpoint=args.checkpoint, image_size=args.image_size, seed=0,
-                      device=args.device, threads=args.threads, checkpoint_dir=None)
+    model_args = dict(
+        config=config,
+        checkpoint=args.checkpoint,
+        image_size=args.image_size,
+        seed=0,
+        device=args.device,
+        threads=args.threads,
+        checkpoint_dir=None,
+    )
     base, info, _ = _run_model(**model_args, adapter=None)
-    print(f"model {args.checkpoint} ({config}), input {info['image_size']} px, sha256 {str(info['checkpoint_sha256'])[:12]}")
+    print(
+        f"model {args.checkpoint} ({config}), input {info['image_size']} px, sha256 {str(info['checkpoint_sha256'])[:12]}"
+    )
     results = {"model": info, "collections": {}}
     t_start = time.time()
     specs = {h.name: h for h in HELD_OUT}
@@ -83,12 +113,22 @@ def main(argv=None) -> int:
         t0 = time.time()
         zero = score_collection(base, coll, 1, args.n_templates, cycle=True)
         multi = score_collection(base, coll, args.n_templates, args.n_templates)
-        rows = {"zero-shot (1 template)": zero.table(), f"{args.n_templates} templates": multi.table()}
-        entry = {"description": spec.description, "targets": args.n_images - args.n_templates,
-                 "rank_correlation": round(rank_correlation(zero), 3)}
+        rows = {
+            "zero-shot (1 template)": zero.table(),
+            f"{args.n_templates} templates": multi.table(),
+        }
+        entry = {
+            "description": spec.description,
+            "targets": args.n_images - args.n_templates,
+            "rank_correlation": round(rank_correlation(zero), 3),
+        }
         if not args.no_finetune:
-            prepare_templates(coll / "templates.json", coll / "images", out / f"{name}-template1.json",
-                              max_templates=1)
+            prepare_templates(
+                coll / "templates.json",
+                coll / "images",
+                out / f"{name}-template1.json",
+                max_templates=1,
+            )
             pool = sorted(p.name for p in (coll / "images").iterdir())
             settings = {"lora_rank": args.lora_rank}
             if args.epochs:
@@ -96,20 +136,34 @@ def main(argv=None) -> int:
             if args.lr:
                 settings["learning_rate"] = args.lr
             t_ft = time.time()
-            finetune(out / f"{name}-template1.json", coll / "images", pool, out / f"{name}-adapter",
-                     config=config, checkpoint=args.checkpoint, image_size=args.image_size, seed=0,
-                     device=args.device, threads=args.threads, settings=settings, log=lambda *_: None)
+            finetune(
+                out / f"{name}-template1.json",
+                coll / "images",
+                pool,
+                out / f"{name}-adapter",
+                config=config,
+                checkpoint=args.checkpoint,
+                image_size=args.image_size,
+                seed=0,
+                device=args.device,
+                threads=args.threads,
+                settings=settings,
+                log=lambda *_: None,
+            )
             entry["finetune_seconds"] = round(time.time() - t_ft, 1)
             tuned, _, _ = _run_model(**model_args, adapter=out / f"{name}-adapter" / "adapter")
             pal = score_collection(tuned, coll, 1, args.n_templates)
             rows["palindrome LoRA (1 template)"] = pal.table()
             entry["palindrome_gain"] = round(pal.mean_parts() - zero.mean_parts(), 3)
             if not args.no_oracle:  # the same optimizer steps, on the true masks
-                steps = json.loads((out / f"{name}-adapter" / "adapter" / "sam2pal_adapter.json").read_text())
+                steps = json.loads(
+                    (out / f"{name}-adapter" / "adapter" / "sam2pal_adapter.json").read_text()
+                )
                 n_steps = steps["history"][-1]["optimizer_steps"]
                 oracle_settings = {**settings, "min_steps": n_steps, "num_epochs": 1}
-                oracle = finetune_and_score(args, model_args, coll, out / f"{name}-oracle", oracle_settings,
-                                            "supervised")
+                oracle = finetune_and_score(
+                    args, model_args, coll, out / f"{name}-oracle", oracle_settings, "supervised"
+                )
                 rows["oracle: supervised LoRA (1 template)"] = oracle["table"]
                 entry["oracle_steps"] = oracle["optimizer_steps"]
                 gap = oracle["table"]["mean"] - zero.mean_parts()
@@ -134,7 +188,11 @@ def _print_collection(name: str, entry: dict) -> None:
     print("| method | " + " | ".join(STRUCTURES) + " | mean of parts |")
     print("|---|" + "---|" * (len(STRUCTURES) + 1))
     for method, table in entry["methods"].items():
-        print(f"| {method} | " + " | ".join(_cell(table.get(s)) for s in STRUCTURES) + f" | {table['mean']:.3f} |")
+        print(
+            f"| {method} | "
+            + " | ".join(_cell(table.get(s)) for s in STRUCTURES)
+            + f" | {table['mean']:.3f} |"
+        )
     extra = f"cycle-IoU rank correlation with true IoU (zero-shot): {entry['rank_correlation']:.3f}"
     if "palindrome_gain" in entry:
         extra += f"; palindrome gain: {100 * entry['palindrome_gain']:+.1f} IoU points"
@@ -163,10 +221,18 @@ def _goals(results: dict) -> dict:
         if "palindrome_gain" in entry:
             ok[f"{name}: palindrome gain >= 3 points"] = entry["palindrome_gain"] >= 0.03
         if entry.get("gap_closed") is not None:
-            ok[f"{name}: palindrome closes >= 1/3 of the gap to the oracle"] = entry["gap_closed"] >= 1 / 3
-        lines.append(f"- {name}: rank corr {entry['rank_correlation']:.3f}"
-                     + (f", gain {100 * entry['palindrome_gain']:+.1f}" if "palindrome_gain" in entry else "")
-                     + (f"; below goal: {', '.join(misses)}" if misses else ""))
+            ok[f"{name}: palindrome closes >= 1/3 of the gap to the oracle"] = (
+                entry["gap_closed"] >= 1 / 3
+            )
+        lines.append(
+            f"- {name}: rank corr {entry['rank_correlation']:.3f}"
+            + (
+                f", gain {100 * entry['palindrome_gain']:+.1f}"
+                if "palindrome_gain" in entry
+                else ""
+            )
+            + (f"; below goal: {', '.join(misses)}" if misses else "")
+        )
     lines += [f"  {'met ' if v else 'MISSED'} {k}" for k, v in ok.items()]
     return {"met": ok, "lines": lines}
 

@@ -32,7 +32,9 @@ from record import RESULTS, ROOT, load  # noqa: E402
 README = ROOT / "README.md"
 # the documents with figure blocks, and the path from each to the repository root
 DOCUMENTS = {README: "", ROOT / "resources" / "models" / "README.md": "../../"}
-BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
+BLOCK = re.compile(
+    r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -53,9 +55,11 @@ def source(*names: str) -> str:
         load_avg = rec.get("load_average_at_start")
         busy = f", load average {load_avg[0]:.1f} at the start" if load_avg else ""
         v = rec["versions"]
-        parts.append(f"[`benchmarks/results/{name}.json`]({_ROOT_LINK[0]}benchmarks/results/{name}.json): "
-                     f"`{rec['command']}`, {rec['started'][:10]}, {where}{busy}, "
-                     f"torch {v.get('torch', '?')}, sam2 {v.get('sam2', '?')}")
+        parts.append(
+            f"[`benchmarks/results/{name}.json`]({_ROOT_LINK[0]}benchmarks/results/{name}.json): "
+            f"`{rec['command']}`, {rec['started'][:10]}, {where}{busy}, "
+            f"torch {v.get('torch', '?')}, sam2 {v.get('sam2', '?')}"
+        )
     return "*Source: " + "; ".join(parts) + ".*\n"
 
 
@@ -69,8 +73,11 @@ def mb(value: float) -> str:
 
 
 QUALITY_STRUCTURES = ["body", "head", "pronotum", "elytra", "antenna", "legs", "eye", "scape"]
-QUALITY_LABELS = {"zero-shot (1 template)": "zero-shot", "palindrome LoRA (1 template)": "palindrome LoRA",
-                  "oracle: supervised LoRA (1 template)": "oracle: supervised LoRA"}
+QUALITY_LABELS = {
+    "zero-shot (1 template)": "zero-shot",
+    "palindrome LoRA (1 template)": "palindrome LoRA",
+    "oracle: supervised LoRA (1 template)": "oracle: supervised LoRA",
+}
 
 
 def _iou(value) -> str:
@@ -78,13 +85,18 @@ def _iou(value) -> str:
 
 
 def _quality_table(collections: dict, structures=QUALITY_STRUCTURES) -> list[str]:
-    lines = ["| collection | method | " + " | ".join(structures) + " | mean of parts |",
-             "|---|---|" + "---|" * (len(structures) + 1)]
+    lines = [
+        "| collection | method | " + " | ".join(structures) + " | mean of parts |",
+        "|---|---|" + "---|" * (len(structures) + 1),
+    ]
     for name, entry in collections.items():
         for i, (method, table) in enumerate(entry["methods"].items()):
             label = QUALITY_LABELS.get(method, method.replace(" (1 template)", ""))
-            lines.append(f"| {name if i == 0 else ''} | {label} | "
-                         + " | ".join(_iou(table.get(s)) for s in structures) + f" | {table['mean']:.3f} |")
+            lines.append(
+                f"| {name if i == 0 else ''} | {label} | "
+                + " | ".join(_iou(table.get(s)) for s in structures)
+                + f" | {table['mean']:.3f} |"
+            )
     return lines
 
 
@@ -111,33 +123,57 @@ def _quality_results() -> dict:
 def quality() -> str:
     res = _quality_results()
     args = load(QUALITY_RECORDS[0])["args"]
-    text = ["Measured with `benchmarks/quality.py` (sam2pal-micro; "
-            f"{next(iter(res['collections'].values()))['targets']} targets per collection, "
-            f"{args['n_templates']} templates for the multi-template row; palindrome with the workflow's "
-            "default settings, the epoch picked by cycle IoU; the oracle with as many optimizer steps):", "",
-            *_quality_table(res["collections"]), ""]
+    text = [
+        "Measured with `benchmarks/quality.py` (sam2pal-micro; "
+        f"{next(iter(res['collections'].values()))['targets']} targets per collection, "
+        f"{args['n_templates']} templates for the multi-template row; palindrome with the workflow's "
+        "default settings, the epoch picked by cycle IoU; the oracle with as many optimizer steps):",
+        "",
+        *_quality_table(res["collections"]),
+        "",
+    ]
     corr = [f"{e['rank_correlation']:.3f} on {n}" for n, e in res["collections"].items()]
-    text.append("Cycle-IoU rank correlation with the true IoU (zero-shot, all parts): " + ", ".join(corr) + ".")
-    gains = [100 * e["palindrome_gain"] for e in res["collections"].values() if "palindrome_gain" in e]
-    closed = [f"{100 * e['gap_closed']:.0f}% on {n}" for n, e in res["collections"].items()
-              if e.get("gap_closed") is not None]
+    text.append(
+        "Cycle-IoU rank correlation with the true IoU (zero-shot, all parts): "
+        + ", ".join(corr)
+        + "."
+    )
+    gains = [
+        100 * e["palindrome_gain"] for e in res["collections"].values() if "palindrome_gain" in e
+    ]
+    closed = [
+        f"{100 * e['gap_closed']:.0f}% on {n}"
+        for n, e in res["collections"].items()
+        if e.get("gap_closed") is not None
+    ]
     if gains:
-        text.append(f"Palindrome fine-tuning changed the mean IoU of the parts by {_span(gains)} points "
-                    "(goal: +3 on every collection)"
-                    + (f" and closed this share of the gap to the oracle: {', '.join(closed)} (goal: a third)."
-                       if closed else "."))
+        text.append(
+            f"Palindrome fine-tuning changed the mean IoU of the parts by {_span(gains)} points "
+            "(goal: +3 on every collection)"
+            + (
+                f" and closed this share of the gap to the oracle: {', '.join(closed)} (goal: a third)."
+                if closed
+                else "."
+            )
+        )
     missed = [k for k, v in res["goals"]["met"].items() if not v]
     met = [k for k, v in res["goals"]["met"].items() if v]
-    text.append(f"Goals met: {len(met)} of {len(met) + len(missed)}"
-                + (f"; missed: {'; '.join(missed)}." if missed else "."))
+    text.append(
+        f"Goals met: {len(met)} of {len(met) + len(missed)}"
+        + (f"; missed: {'; '.join(missed)}." if missed else ".")
+    )
     names = list(QUALITY_RECORDS)
     if (RESULTS / "quality-random.json").exists():
         rnd = load("quality-random")["results"]["collections"]
         zero = [e["methods"]["zero-shot (1 template)"] for e in rnd.values()]
         targets = next(iter(rnd.values()))["targets"]
-        text.append(f"Random weights, for scale ({targets} targets each on {', '.join(rnd)}): body "
-                    + " / ".join(f"{z['body']:.2f}" for z in zero) + ", mean of parts "
-                    + " / ".join(f"{z['mean']:.2f}" for z in zero) + ".")
+        text.append(
+            f"Random weights, for scale ({targets} targets each on {', '.join(rnd)}): body "
+            + " / ".join(f"{z['body']:.2f}" for z in zero)
+            + ", mean of parts "
+            + " / ".join(f"{z['mean']:.2f}" for z in zero)
+            + "."
+        )
         names.append("quality-random")
     return "\n".join(text) + "\n\n" + source(*names)
 
@@ -148,26 +184,42 @@ def palindrome() -> str:
     res = rec["results"]
     text = []
     for name, entry in res["collections"].items():
-        text += [f"On {name} ({entry['description']}, {entry['targets']} targets), sam2pal-micro v1:", ""]
-        structures = [s for s in QUALITY_STRUCTURES if any(s in r["table"] and r["table"][s] == r["table"][s]
-                                                           for r in entry["methods"].values())]
-        text += ["| method | optimizer steps | " + " | ".join(structures) + " | mean of parts |",
-                 "|---|---|" + "---|" * (len(structures) + 1)]
+        text += [
+            f"On {name} ({entry['description']}, {entry['targets']} targets), sam2pal-micro v1:",
+            "",
+        ]
+        structures = [
+            s
+            for s in QUALITY_STRUCTURES
+            if any(
+                s in r["table"] and r["table"][s] == r["table"][s]
+                for r in entry["methods"].values()
+            )
+        ]
+        text += [
+            "| method | optimizer steps | " + " | ".join(structures) + " | mean of parts |",
+            "|---|---|" + "---|" * (len(structures) + 1),
+        ]
         for method, run in entry["methods"].items():
             steps = run.get("optimizer_steps", 0)
-            text.append(f"| {method} | {steps} | " + " | ".join(_iou(run["table"].get(s)) for s in structures)
-                        + f" | {run['table']['mean']:.3f} |")
+            text.append(
+                f"| {method} | {steps} | "
+                + " | ".join(_iou(run["table"].get(s)) for s in structures)
+                + f" | {run['table']['mean']:.3f} |"
+            )
         text.append("")
         for method, run in entry["methods"].items():
             hist = run.get("history")
             if not hist or len(hist) < 2:
                 continue
             first, last = hist[1], hist[-1]
-            text.append(f"- {method}: training loss {first['loss']:.3f} to {last['loss']:.3f} while the "
-                        f"training targets' IoU went {first['train_target_iou']:.3f} to "
-                        f"{last['train_target_iou']:.3f}; held-out cycle IoU {hist[0]['val_cycle_iou']:.3f} to "
-                        f"{last['val_cycle_iou']:.3f} (rank correlation with the targets' IoU over epochs "
-                        f"{run['cycle_vs_target_iou_spearman']})")
+            text.append(
+                f"- {method}: training loss {first['loss']:.3f} to {last['loss']:.3f} while the "
+                f"training targets' IoU went {first['train_target_iou']:.3f} to "
+                f"{last['train_target_iou']:.3f}; held-out cycle IoU {hist[0]['val_cycle_iou']:.3f} to "
+                f"{last['val_cycle_iou']:.3f} (rank correlation with the targets' IoU over epochs "
+                f"{run['cycle_vs_target_iou_spearman']})"
+            )
         text.append("")
     return "\n".join(text).rstrip() + "\n\n" + source("palindrome-sam2pal-micro-v1")
 
@@ -185,20 +237,29 @@ def propagate() -> str:
         "long-video@4N": "official predictor, one video of all photos",
     }
     base = m["engine"]["per_target_s"]
-    lines = [f"Measured with `benchmarks/propagate.py` (hiera-t at {args['image_size']} px, random weights, "
-             f"{args['structures']} structures, 480x360 synthetic specimens; each method in its own process):",
-             "", "| method | targets | s / target | relative | peak RSS |", "|---|---|---|---|---|"]
+    lines = [
+        f"Measured with `benchmarks/propagate.py` (hiera-t at {args['image_size']} px, random weights, "
+        f"{args['structures']} structures, 480x360 synthetic specimens; each method in its own process):",
+        "",
+        "| method | targets | s / target | relative | peak RSS |",
+        "|---|---|---|---|---|",
+    ]
     for key, label in labels.items():
         r = m[key]
-        lines.append(f"| {label} | {r['n']} | {r['per_target_s']:.2f} | {r['per_target_s'] / base:.2f}x "
-                     f"| {mb(r['peak_rss_mb'])} |")
-    lines += ["",
-              f"From {args['n']} to {4 * args['n']} photos the engine's peak memory changed "
-              f"{m['engine@4N']['peak_rss_mb'] / m['engine']['peak_rss_mb']:.2f}x and one long video's "
-              f"{m['long-video@4N']['peak_rss_mb'] / m['long-video']['peak_rss_mb']:.2f}x. The template memory "
-              f"took {m['engine']['setup_s']:.1f} s once. The engine's masks differed from the official "
-              f"predictor's (a video per photo) in {res['differing_pixels']:,} of {res['pixels']:,} pixels.",
-              "", source("propagate-cpu")]
+        lines.append(
+            f"| {label} | {r['n']} | {r['per_target_s']:.2f} | {r['per_target_s'] / base:.2f}x "
+            f"| {mb(r['peak_rss_mb'])} |"
+        )
+    lines += [
+        "",
+        f"From {args['n']} to {4 * args['n']} photos the engine's peak memory changed "
+        f"{m['engine@4N']['peak_rss_mb'] / m['engine']['peak_rss_mb']:.2f}x and one long video's "
+        f"{m['long-video@4N']['peak_rss_mb'] / m['long-video']['peak_rss_mb']:.2f}x. The template memory "
+        f"took {m['engine']['setup_s']:.1f} s once. The engine's masks differed from the official "
+        f"predictor's (a video per photo) in {res['differing_pixels']:,} of {res['pixels']:,} pixels.",
+        "",
+        source("propagate-cpu"),
+    ]
     return "\n".join(lines)
 
 
@@ -213,10 +274,14 @@ def finetune() -> str:
         "cached+checkpointing": "cached, with `finetune.gradient_checkpointing`",
     }
     base = res["cached"]["s_per_step"]
-    lines = [f"Measured with `benchmarks/finetune.py` (hiera-t at {args['image_size']} px, "
-             f"{args['structures']} structures, LoRA rank 8, {args['steps']} timed steps after a warm-up; "
-             "each variant in its own process):", "",
-             "| training step | s / step | relative | peak RSS |", "|---|---|---|---|"]
+    lines = [
+        f"Measured with `benchmarks/finetune.py` (hiera-t at {args['image_size']} px, "
+        f"{args['structures']} structures, LoRA rank 8, {args['steps']} timed steps after a warm-up; "
+        "each variant in its own process):",
+        "",
+        "| training step | s / step | relative | peak RSS |",
+        "|---|---|---|---|",
+    ]
     for key, label in labels.items():
         r = res.get(key)
         if r is None:
@@ -224,7 +289,9 @@ def finetune() -> str:
         if "failed" in r:
             lines.append(f"| {label} | failed: {r['failed']} | | |")
             continue
-        lines.append(f"| {label} | {r['s_per_step']:.2f} | {r['s_per_step'] / base:.2f}x | {mb(r['peak_rss_mb'])} |")
+        lines.append(
+            f"| {label} | {r['s_per_step']:.2f} | {r['s_per_step'] / base:.2f}x | {mb(r['peak_rss_mb'])} |"
+        )
     return "\n".join(lines) + "\n\n" + source("finetune-cpu-512")
 
 
@@ -233,36 +300,56 @@ def finetune_step() -> str:
     r = rec["results"]["variants"]["cached"]
     m = rec["machine"]
     load_avg = (rec.get("load_average_at_start") or [0.0])[0]
-    busy = f", on a machine busy with other work (load average {load_avg:.1f})" if load_avg > m["cpu_count"] else ""
-    return (f"on {m['cpu_count']} CPU cores a training step at {rec['args']['image_size']} px took "
-            f"{r['s_per_step']:.1f} s and {r['peak_rss_mb'] / 1024:.1f} GB of memory{busy} "
-            "(*Speed*), so 10 epochs of 100 photos take about "
-            f"{10 * 100 * r['s_per_step'] / 3600:.1f} hours; a larger `model.image_size` costs more per step, a smaller one less.\n")
+    busy = (
+        f", on a machine busy with other work (load average {load_avg:.1f})"
+        if load_avg > m["cpu_count"]
+        else ""
+    )
+    return (
+        f"on {m['cpu_count']} CPU cores a training step at {rec['args']['image_size']} px took "
+        f"{r['s_per_step']:.1f} s and {r['peak_rss_mb'] / 1024:.1f} GB of memory{busy} "
+        "(*Speed*), so 10 epochs of 100 photos take about "
+        f"{10 * 100 * r['s_per_step'] / 3600:.1f} hours; a larger `model.image_size` costs more per step, a smaller one less.\n"
+    )
 
 
 def video() -> str:
     rec = load("video-cpu")
     res, args = rec["results"], rec["args"]
     m = res["methods"]
-    labels = {"temporal": "sam2-pal temporal tracker", "official": "official predictor (its defaults)",
-              "temporal@4N": "sam2-pal temporal tracker", "official@4N": "official predictor"}
+    labels = {
+        "temporal": "sam2-pal temporal tracker",
+        "official": "official predictor (its defaults)",
+        "temporal@4N": "sam2-pal temporal tracker",
+        "official@4N": "official predictor",
+    }
     base = m["temporal"]["per_frame_s"]
-    lines = [f"Measured with `benchmarks/video.py` (hiera-t at {args['image_size']} px, random weights, "
-             f"{args['structures']} structures, a synthetic {args['frame_size'][0]}x{args['frame_size'][1]} "
-             "clip tracked forwards from keyframe 0; each run in its own process):", "",
-             "| method | frames | s / frame | relative | peak RSS |", "|---|---|---|---|---|"]
+    lines = [
+        f"Measured with `benchmarks/video.py` (hiera-t at {args['image_size']} px, random weights, "
+        f"{args['structures']} structures, a synthetic {args['frame_size'][0]}x{args['frame_size'][1]} "
+        "clip tracked forwards from keyframe 0; each run in its own process):",
+        "",
+        "| method | frames | s / frame | relative | peak RSS |",
+        "|---|---|---|---|---|",
+    ]
     for key, label in labels.items():
         r = m[key]
-        lines.append(f"| {label} | {r['n']} | {r['per_frame_s']:.2f} | {r['per_frame_s'] / base:.2f}x "
-                     f"| {mb(r['peak_rss_mb'])} |")
-    lines += ["",
-              f"From {args['n']} to {4 * args['n']} frames the tracker's peak memory changed "
-              f"{m['temporal@4N']['peak_rss_mb'] / m['temporal']['peak_rss_mb']:.2f}x (it holds "
-              f"{m['temporal']['state_mb']:.1f} MB of SAM2 state at {args['n']} frames, "
-              f"{m['temporal@4N']['state_mb']:.1f} MB at {4 * args['n']}), the official predictor's "
-              f"{m['official@4N']['peak_rss_mb'] / m['official']['peak_rss_mb']:.2f}x: it loads every frame "
-              "up front and keeps every frame's memory. Their masks differed in "
-              f"{res['differing_pixels']:,} of {res['pixels']:,} pixels.", "", source("video-cpu")]
+        lines.append(
+            f"| {label} | {r['n']} | {r['per_frame_s']:.2f} | {r['per_frame_s'] / base:.2f}x "
+            f"| {mb(r['peak_rss_mb'])} |"
+        )
+    lines += [
+        "",
+        f"From {args['n']} to {4 * args['n']} frames the tracker's peak memory changed "
+        f"{m['temporal@4N']['peak_rss_mb'] / m['temporal']['peak_rss_mb']:.2f}x (it holds "
+        f"{m['temporal']['state_mb']:.1f} MB of SAM2 state at {args['n']} frames, "
+        f"{m['temporal@4N']['state_mb']:.1f} MB at {4 * args['n']}), the official predictor's "
+        f"{m['official@4N']['peak_rss_mb'] / m['official']['peak_rss_mb']:.2f}x: it loads every frame "
+        "up front and keeps every frame's memory. Their masks differed in "
+        f"{res['differing_pixels']:,} of {res['pixels']:,} pixels.",
+        "",
+        source("video-cpu"),
+    ]
     return "\n".join(lines)
 
 
@@ -277,18 +364,28 @@ def merge_measure() -> str:
         "measure": f"measure ({res['threads']} worker processes)",
         "json.load": "`json.load` of predictions.json, for comparison",
     }
-    lines = [f"Measured with `benchmarks/merge_measure.py`: a synthetic collection of {res['images']:,} photos x "
-             f"{res['structures']} structures ({res['images'] * res['structures']:,} masks, "
-             f"{rec['args']['width']}x{rec['args']['height']} px, made-up shard results; no model runs), "
-             "each step in its own process:", "",
-             "| step | seconds | peak memory (with workers) | vs. loading predictions.json whole |",
-             "|---|---|---|---|"]
+    lines = [
+        f"Measured with `benchmarks/merge_measure.py`: a synthetic collection of {res['images']:,} photos x "
+        f"{res['structures']} structures ({res['images'] * res['structures']:,} masks, "
+        f"{rec['args']['width']}x{rec['args']['height']} px, made-up shard results; no model runs), "
+        "each step in its own process:",
+        "",
+        "| step | seconds | peak memory (with workers) | vs. loading predictions.json whole |",
+        "|---|---|---|---|",
+    ]
     for key, label in labels.items():
         r = steps[key]
-        lines.append(f"| {label} | {r['seconds']:.1f} | {mb(r['total_peak_mb'])} | {r['total_peak_mb'] / base:.2f}x |")
+        lines.append(
+            f"| {label} | {r['seconds']:.1f} | {mb(r['total_peak_mb'])} | {r['total_peak_mb'] / base:.2f}x |"
+        )
     n_masks = res["images"] * res["structures"]
     per_mask_ms = 1000 * steps["measure"]["seconds"] * res["threads"] / n_masks
-    lines += ["", f"The measure step spent about {per_mask_ms:.1f} ms of CPU per mask.", "", source("merge_measure")]
+    lines += [
+        "",
+        f"The measure step spent about {per_mask_ms:.1f} ms of CPU per mask.",
+        "",
+        source("merge_measure"),
+    ]
     return "\n".join(lines)
 
 
@@ -312,7 +409,11 @@ def collection(name: str = "collection-cpu") -> str:
     rows = [
         ("read the JPEG", "read", "read_full"),
         ("SAM2 preprocessing (resize to the model's input)", "preprocess", "preprocess_full"),
-        (f"model: image encoder + one memory pass for {res['structures']} structures", "model", "model"),
+        (
+            f"model: image encoder + one memory pass for {res['structures']} structures",
+            "model",
+            "model",
+        ),
         ("masks: resize the logits to the photo", "masks", "masks_full"),
         ("RLE, area and box of every mask", "rle", "rle_full"),
         ("cycle-consistency QC", "qc", "qc_full"),
@@ -322,40 +423,58 @@ def collection(name: str = "collection-cpu") -> str:
     head = "| step, per photo | ms, fast path (default) | ms, exact path |"
     if big:
         head += " ms, fast path at 24 MP |"
-    lines = [f"Measured with `benchmarks/collection.py`: {res['photos']} synthetic specimens of {width}x{height} "
-             f"px (12 MP JPEG), 1 template, {res['structures']} structures (head, pronotum, elytra, antenna, "
-             f"legs, the whole specimen), {_model_name(args)} at {args['image_size']} px, "
-             f"{args['threads']} CPU threads; the median photo:", "",
-             head, "|---|---|---|" + ("---|" if big else "")]
+    lines = [
+        f"Measured with `benchmarks/collection.py`: {res['photos']} synthetic specimens of {width}x{height} "
+        f"px (12 MP JPEG), 1 template, {res['structures']} structures (head, pronotum, elytra, antenna, "
+        f"legs, the whole specimen), {_model_name(args)} at {args['image_size']} px, "
+        f"{args['threads']} CPU threads; the median photo:",
+        "",
+        head,
+        "|---|---|---|" + ("---|" if big else ""),
+    ]
     for label, fast, exact in rows:
         cells = [ms(steps[fast]), ms(steps[exact]) if exact else "the same"]
         if big:
             cells.append(ms(big[fast]))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     differ = res["steps"]
-    lines += ["", f"The fast path's masks differ from the exact path's (`propagate.exact: true`, which reproduces "
-              f"the official predictor) in {differ['pixels_differ_fast_vs_exact']:,} of "
-              f"{differ['mask_pixels']:,} mask pixels ({100 * differ['differ_fraction_of_mask_area']:.2f} %; "
-              f"at most {100 * differ['max_differ_fraction_one_mask']:.1f} % of one mask's area), "
-              "along outlines. The box resize gives the very pixels of a full-size one; the difference is "
-              "the reduced JPEG decoding, which changes the model's input a little, and one pixel of the "
-              f"model's low-resolution mask is about {width / (args['image_size'] / 4):.0f} photo pixels wide. "
-              "Set `propagate.exact: true` to reproduce the official predictor's masks.", "",
-              "End to end, per photo added to the run (`sam2pal segment`: segmentation, merge, QC table, "
-              "measurement tables; the model loaded once):", "",
-              "| run | s / photo | official / this | peak RSS |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"The fast path's masks differ from the exact path's (`propagate.exact: true`, which reproduces "
+        f"the official predictor) in {differ['pixels_differ_fast_vs_exact']:,} of "
+        f"{differ['mask_pixels']:,} mask pixels ({100 * differ['differ_fraction_of_mask_area']:.2f} %; "
+        f"at most {100 * differ['max_differ_fraction_one_mask']:.1f} % of one mask's area), "
+        "along outlines. The box resize gives the very pixels of a full-size one; the difference is "
+        "the reduced JPEG decoding, which changes the model's input a little, and one pixel of the "
+        f"model's low-resolution mask is about {width / (args['image_size'] / 4):.0f} photo pixels wide. "
+        "Set `propagate.exact: true` to reproduce the official predictor's masks.",
+        "",
+        "End to end, per photo added to the run (`sam2pal segment`: segmentation, merge, QC table, "
+        "measurement tables; the model loaded once):",
+        "",
+        "| run | s / photo | official / this | peak RSS |",
+        "|---|---|---|---|",
+    ]
     official = res["official"]["per_photo_s"]
     for qc in ("off", "on"):
         r = res[f"segment_qc_{qc}"]
-        lines.append(f"| `sam2pal segment`, cycle-consistency QC {qc} | {r['per_photo_s']:.2f} | "
-                     f"{official / r['per_photo_s']:.2f}x | {mb(r['peak_rss_mb'])} |")
-    lines.append(f"| official predictor, a [template, photo] video per photo (masks only) | {official:.2f} | 1.00x | "
-                 f"{mb(res['official']['peak_rss_mb'])} |")
+        lines.append(
+            f"| `sam2pal segment`, cycle-consistency QC {qc} | {r['per_photo_s']:.2f} | "
+            f"{official / r['per_photo_s']:.2f}x | {mb(r['peak_rss_mb'])} |"
+        )
+    lines.append(
+        f"| official predictor, a [template, photo] video per photo (masks only) | {official:.2f} | 1.00x | "
+        f"{mb(res['official']['peak_rss_mb'])} |"
+    )
     model = res["model_only"]
-    lines += ["", f"The model alone, on photos already decoded in memory, takes {model['per_photo_s']:.2f} s per "
-              f"photo (batch {model['batch_size']}): end to end without QC runs at "
-              f"{100 * res['end_to_end_share_of_model_throughput']:.0f} % of that throughput.", "",
-              source(name)]
+    lines += [
+        "",
+        f"The model alone, on photos already decoded in memory, takes {model['per_photo_s']:.2f} s per "
+        f"photo (batch {model['batch_size']}): end to end without QC runs at "
+        f"{100 * res['end_to_end_share_of_model_throughput']:.0f} % of that throughput.",
+        "",
+        source(name),
+    ]
     return "\n".join(lines)
 
 
@@ -365,37 +484,58 @@ def measure_speed() -> str:
     masks = res["masks"]
     photo = {k.split("/", 1)[1]: v for k, v in masks.items() if k.startswith("photo/")}
     real = {k: v for k, v in masks.items() if k.startswith("real_x")}
-    lines = ["Measured with `benchmarks/measure_speed.py`: `measure_mask` (every column) on one CPU thread, "
-             f"masks in a 4000x3000 photo, fastest and median of {res['repeat']} runs:", "",
-             "| mask | pixels | ms, fastest | ms, median |", "|---|---|---|---|"]
+    lines = [
+        "Measured with `benchmarks/measure_speed.py`: `measure_mask` (every column) on one CPU thread, "
+        f"masks in a 4000x3000 photo, fastest and median of {res['repeat']} runs:",
+        "",
+        "| mask | pixels | ms, fastest | ms, median |",
+        "|---|---|---|---|",
+    ]
     for name, r in photo.items():
-        lines.append(f"| {name.replace('_', ' ')} | {r['pixels']:,} | {r['min_ms']:.1f} | {r['median_ms']:.1f} |")
+        lines.append(
+            f"| {name.replace('_', ' ')} | {r['pixels']:,} | {r['min_ms']:.1f} | {r['median_ms']:.1f} |"
+        )
     slow = max(real.values(), key=lambda r: r["median_ms"])
-    lines += ["", f"On {len(real)} real beetle part masks enlarged 4 or 8 times (up to {max(r['pixels'] for r in real.values()):,} "
-              f"pixels) the slowest took {max(r['min_ms'] for r in real.values()):.1f} ms at best and "
-              f"{slow['median_ms']:.1f} ms at the median; over all {res['summary']['masks']} masks the median "
-              f"mask took {res['summary']['median_of_min_ms']:.1f} ms.", "", source("measure-speed")]
+    lines += [
+        "",
+        f"On {len(real)} real beetle part masks enlarged 4 or 8 times (up to {max(r['pixels'] for r in real.values()):,} "
+        f"pixels) the slowest took {max(r['min_ms'] for r in real.values()):.1f} ms at best and "
+        f"{slow['median_ms']:.1f} ms at the median; over all {res['summary']['masks']} masks the median "
+        f"mask took {res['summary']['median_of_min_ms']:.1f} ms.",
+        "",
+        source("measure-speed"),
+    ]
     return "\n".join(lines)
 
 
 def quality_card() -> str:
     """The model card's summary of the same record: zero-shot per structure."""
     res = _quality_results()
-    lines = ["| collection | " + " | ".join(QUALITY_STRUCTURES)
-             + " | several templates | palindrome LoRA | oracle | cycle-IoU rank corr. |",
-             "|---|" + "---|" * (len(QUALITY_STRUCTURES) + 4)]
+    lines = [
+        "| collection | "
+        + " | ".join(QUALITY_STRUCTURES)
+        + " | several templates | palindrome LoRA | oracle | cycle-IoU rank corr. |",
+        "|---|" + "---|" * (len(QUALITY_STRUCTURES) + 4),
+    ]
     for cname, entry in res["collections"].items():
         methods = entry["methods"]
         zero = methods["zero-shot (1 template)"]
         multi = next((t for m, t in methods.items() if m.endswith("templates")), None)
         pal = methods.get("palindrome LoRA (1 template)")
         oracle = methods.get("oracle: supervised LoRA (1 template)")
-        cells = [cname, *(_iou(zero.get(s)) for s in QUALITY_STRUCTURES),
-                 *(f"{t['mean']:.3f}" if t else "" for t in (multi, pal, oracle)),
-                 f"{entry['rank_correlation']:.3f}"]
+        cells = [
+            cname,
+            *(_iou(zero.get(s)) for s in QUALITY_STRUCTURES),
+            *(f"{t['mean']:.3f}" if t else "" for t in (multi, pal, oracle)),
+            f"{entry['rank_correlation']:.3f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    return ("Zero-shot IoU per structure from one template; the last four columns are the mean of the parts.\n\n"
-            + "\n".join(lines) + "\n\n" + source(*QUALITY_RECORDS))
+    return (
+        "Zero-shot IoU per structure from one template; the last four columns are the mean of the parts.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + source(*QUALITY_RECORDS)
+    )
 
 
 def rotation() -> str:
@@ -403,7 +543,9 @@ def rotation() -> str:
     poses = load("rotation-sam2pal-micro-v1")["results"]["poses"]
     lines = ["| relative pose | " + " | ".join(poses) + " |", "|---|" + "---|" * len(poses)]
     lines.append("| body | " + " | ".join(f"{t['body']:.3f}" for t in poses.values()) + " |")
-    lines.append("| mean of parts | " + " | ".join(f"{t['mean']:.3f}" for t in poses.values()) + " |")
+    lines.append(
+        "| mean of parts | " + " | ".join(f"{t['mean']:.3f}" for t in poses.values()) + " |"
+    )
     return "\n".join(lines) + "\n\n" + source("rotation-sam2pal-micro-v1")
 
 
@@ -427,7 +569,9 @@ def render(text: str) -> str:
     def replace(match):
         name = match.group("name")
         if name not in BLOCKS:
-            raise SystemExit(f"README.md: unknown figures block {name!r} (known: {', '.join(BLOCKS)})")
+            raise SystemExit(
+                f"README.md: unknown figures block {name!r} (known: {', '.join(BLOCKS)})"
+            )
         body = BLOCKS[name]()
         return match.group(1) + body + match.group(4)
 
@@ -436,7 +580,9 @@ def render(text: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if a document differs from the records")
+    ap.add_argument(
+        "--check", action="store_true", help="exit 1 if a document differs from the records"
+    )
     args = ap.parse_args(argv)
     status = 0
     for path, root_link in DOCUMENTS.items():
@@ -446,12 +592,22 @@ def main(argv=None) -> int:
         new = render(text)
         if args.check:
             if new != text:
-                sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
-                                                           str(name), f"{name} (from benchmarks/results)"))
-                print(f"{name}: figures differ from benchmarks/results: run benchmarks/readme_figures.py")
+                sys.stdout.writelines(
+                    difflib.unified_diff(
+                        text.splitlines(True),
+                        new.splitlines(True),
+                        str(name),
+                        f"{name} (from benchmarks/results)",
+                    )
+                )
+                print(
+                    f"{name}: figures differ from benchmarks/results: run benchmarks/readme_figures.py"
+                )
                 status = 1
             else:
-                print(f"{name}: {len(BLOCK.findall(text))} figure blocks agree with benchmarks/results")
+                print(
+                    f"{name}: {len(BLOCK.findall(text))} figure blocks agree with benchmarks/results"
+                )
         elif new != text:
             path.write_text(new)
             print(f"{name}: figures rewritten")

@@ -62,7 +62,9 @@ def machine(device: str = "cpu") -> dict:
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "memory_gb": _memory_gb(),
     }
     if str(device).startswith("cuda"):
@@ -79,7 +81,15 @@ def versions() -> dict:
     out = {"python": platform.python_version()}
     from importlib import metadata
 
-    for dist in ("torch", "sam2", "sam2pal", "numpy", "opencv-python-headless", "scikit-image", "snakemake"):
+    for dist in (
+        "torch",
+        "sam2",
+        "sam2pal",
+        "numpy",
+        "opencv-python-headless",
+        "scikit-image",
+        "snakemake",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -102,7 +112,11 @@ class Recorder:
 
     def __init__(self, name: str, args=None, device: str = "cpu"):
         self.name = name
-        self.args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} if args else {}
+        self.args = (
+            {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+            if args
+            else {}
+        )
         script = Path(sys.argv[0])
         try:
             script = script.resolve().relative_to(ROOT)

@@ -25,18 +25,23 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from record import Recorder  # noqa: E402
 
-from sam2pal.engine import Propagator  # noqa: E402
-from sam2pal.evaluate import category_masks, load_coco  # noqa: E402
-from sam2pal.images import read_image  # noqa: E402
-from sam2pal.masks import mask_iou  # noqa: E402
-from sam2pal.pipeline import _run_model  # noqa: E402
-from sam2pal.quality import STRUCTURES, _with_body, held_out_masks  # noqa: E402
-from sam2pal.registry import choose_config  # noqa: E402
-from sam2pal.synthetic import make_collection  # noqa: E402
-from sam2pal.templates import load_coco_templates  # noqa: E402
+from sam2pal.inference.engine import Propagator  # noqa: E402
+from sam2pal.inference.pipeline import _run_model  # noqa: E402
+from sam2pal.io.images import read_image  # noqa: E402
+from sam2pal.io.masks import mask_iou  # noqa: E402
+from sam2pal.io.templates import load_coco_templates  # noqa: E402
+from sam2pal.models.registry import choose_config  # noqa: E402
+from sam2pal.outputs.evaluate import category_masks, load_coco  # noqa: E402
+from sam2pal.synth.quality import STRUCTURES, _with_body, held_out_masks  # noqa: E402
+from sam2pal.synth.specimens import make_collection  # noqa: E402
 
-STYLE = {"palettes": ("dark_brown",), "backgrounds": ("paper",), "flip_prob": 0.0, "scale_range": (0.6, 0.8),
-         "clutter_prob": 0.0}
+STYLE = {
+    "palettes": ("dark_brown",),
+    "backgrounds": ("paper",),
+    "flip_prob": 0.0,
+    "scale_range": (0.6, 0.8),
+    "clutter_prob": 0.0,
+}
 
 
 def main(argv=None) -> int:
@@ -52,13 +57,26 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     recorder = Recorder(args.record or f"rotation-{Path(args.checkpoint).stem}", args, args.device)
     out = Path(args.out)
-    model, info, _ = _run_model(config=choose_config(args.config, args.checkpoint), checkpoint=args.checkpoint,
-                                image_size=None, seed=0, device=args.device, threads=args.threads,
-                                checkpoint_dir=None, adapter=None)
+    model, info, _ = _run_model(
+        config=choose_config(args.config, args.checkpoint),
+        checkpoint=args.checkpoint,
+        image_size=None,
+        seed=0,
+        device=args.device,
+        threads=args.threads,
+        checkpoint_dir=None,
+        adapter=None,
+    )
     names = held_out_masks()
     template_dir = out / "template"
-    make_collection(template_dir, n_images=1, n_templates=1, seed=7, mask_names=names[:1],
-                    style={**STYLE, "rotation_range": (90.0, 90.0)})
+    make_collection(
+        template_dir,
+        n_images=1,
+        n_templates=1,
+        seed=7,
+        mask_names=names[:1],
+        style={**STYLE, "rotation_range": (90.0, 90.0)},
+    )
     templates = load_coco_templates(template_dir / "templates.json", template_dir / "images")
     engine = Propagator(model, templates)
     categories = dict(templates.categories)
@@ -69,24 +87,41 @@ def main(argv=None) -> int:
     for angle, mirrored in poses:
         label = f"{angle:g} deg" + (", mirrored" if mirrored else "")
         coll = out / label.replace(" ", "_").replace(",", "")
-        make_collection(coll, n_images=args.targets, n_templates=0, seed=8, mask_names=names[1:1 + args.targets],
-                        style={**STYLE, "rotation_range": (90.0 + angle, 90.0 + angle),
-                               "flip_prob": 1.0 if mirrored else 0.0})
+        make_collection(
+            coll,
+            n_images=args.targets,
+            n_templates=0,
+            seed=8,
+            mask_names=names[1 : 1 + args.targets],
+            style={
+                **STYLE,
+                "rotation_range": (90.0 + angle, 90.0 + angle),
+                "flip_prob": 1.0 if mirrored else 0.0,
+            },
+        )
         gt_path = coll / "ground_truth.json"
         _, truth = category_masks(load_coco(gt_path), gt_path)
         ious: dict[str, list[float]] = {}
         for file_name in sorted(truth):
             image = read_image(coll / "images" / file_name)
             preds = {categories[p.category_id]: p.mask for p in engine.predict(image)}
-            pred, gt = _with_body(preds, image.shape[:2]), _with_body(truth[file_name], image.shape[:2])
+            pred, gt = (
+                _with_body(preds, image.shape[:2]),
+                _with_body(truth[file_name], image.shape[:2]),
+            )
             for s in STRUCTURES:
                 if s in gt and gt[s].any() and s in pred:
                     ious.setdefault(s, []).append(float(mask_iou(pred[s], gt[s])))
         table = {s: round(float(np.mean(v)), 3) for s, v in ious.items()}
-        table["mean"] = round(float(np.mean([np.mean(v) for s, v in ious.items() if s != "body"])), 3)
+        table["mean"] = round(
+            float(np.mean([np.mean(v) for s, v in ious.items() if s != "body"])), 3
+        )
         results["poses"][label] = table
-        print(f"| {label} | " + " | ".join(f"{table.get(s, float('nan')):.3f}" for s in STRUCTURES[:6])
-              + f" | {table['mean']:.3f} |")
+        print(
+            f"| {label} | "
+            + " | ".join(f"{table.get(s, float('nan')):.3f}" for s in STRUCTURES[:6])
+            + f" | {table['mean']:.3f} |"
+        )
     recorder.write(results)
     return 0
 

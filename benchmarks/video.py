@@ -3,10 +3,10 @@ SAM2VideoPredictor, at N and 4N frames.
 
 Same weights (seeded random weights: no checkpoint can be downloaded here, and speed
 and memory do not depend on the weights), the same synthetic clip (one beetle that
-turns, drifts and flexes; `sam2pal.synthetic.render_video_frames`), keyframe 0 with S
+turns, drifts and flexes; `sam2pal.synth.specimens.render_video_frames`), keyframe 0 with S
 structures, tracked forwards through the whole clip:
 
-  temporal   sam2pal.temporal.VideoPropagator: frames streamed from disk, each
+  temporal   sam2pal.inference.temporal.VideoPropagator: frames streamed from disk, each
              encoded once, only SAM2's look-back window kept
   official   SAM2VideoPredictor.init_state + add_new_mask + propagate_in_video, its
              defaults (every frame loaded up front, every frame's memory kept)
@@ -46,7 +46,7 @@ def make_clip(folder: Path, n_frames: int, seed: int, size) -> dict:
     """JPEG frames 00000.jpg ... of the synthetic clip, and frame 0's part masks."""
     from PIL import Image
 
-    from sam2pal.synthetic import render_video_frames
+    from sam2pal.synth.specimens import render_video_frames
 
     folder.mkdir(parents=True)
     _, frames = render_video_frames(n_frames=n_frames, seed=seed, size=size)
@@ -73,15 +73,17 @@ def _sync(device: str):
 
 
 def worker_temporal(args, data):
-    from sam2pal.images import read_image
-    from sam2pal.model import build_model
-    from sam2pal.temporal import VideoPropagator
+    from sam2pal.inference.temporal import VideoPropagator
+    from sam2pal.io.images import read_image
+    from sam2pal.models.build import build_model
 
     model = build_model(args.config, "random", image_size=args.image_size, device=args.device)
     frames = sorted(Path(data["frames"]).iterdir())[: args.n]
     masks = _keyframe_masks(data, args.structures)
     t0 = time.perf_counter()
-    tracker = VideoPropagator(model, {0: masks}, len(frames), lambda i: read_image(frames[i]), fill_hole_area=0)
+    tracker = VideoPropagator(
+        model, {0: masks}, len(frames), lambda i: read_image(frames[i]), fill_hole_area=0
+    )
     out = []
     for result in tracker.run():
         if args.masks_out:
@@ -90,19 +92,27 @@ def worker_temporal(args, data):
     elapsed = time.perf_counter() - t0
     if args.masks_out:
         np.savez_compressed(args.masks_out, *out)
-    return {"per_frame_s": elapsed / len(frames), "n": len(frames),
-            "state_mb": tracker.peak_state_bytes / 2**20}
+    return {
+        "per_frame_s": elapsed / len(frames),
+        "n": len(frames),
+        "state_mb": tracker.peak_state_bytes / 2**20,
+    }
 
 
 def worker_official(args, data):
     from sam2.build_sam import build_sam2_video_predictor
 
-    from sam2pal.model import build_model, resolve_config
+    from sam2pal.models.build import build_model, resolve_config
 
-    weights = build_model(args.config, "random", image_size=args.image_size, device="cpu").state_dict()
+    weights = build_model(
+        args.config, "random", image_size=args.image_size, device="cpu"
+    ).state_dict()
     config = str(resolve_config(args.config).relative_to(Path(__import__("sam2").__file__).parent))
     predictor = build_sam2_video_predictor(
-        config, None, device=args.device, hydra_overrides_extra=[f"++model.image_size={args.image_size}"]
+        config,
+        None,
+        device=args.device,
+        hydra_overrides_extra=[f"++model.image_size={args.image_size}"],
     )
     predictor.load_state_dict(weights)
     predictor.fill_hole_area = 0
@@ -134,9 +144,26 @@ WORKERS = {"temporal": worker_temporal, "official": worker_official}
 
 
 def run_worker(args, kind: str, n: int, data_json: Path, masks_out: str = "") -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--data", str(data_json), "--n", str(n),
-           "--image-size", str(args.image_size), "--config", args.config, "--structures", str(args.structures),
-           "--device", args.device, "--masks-out", masks_out]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--data",
+        str(data_json),
+        "--n",
+        str(n),
+        "--image-size",
+        str(args.image_size),
+        "--config",
+        args.config,
+        "--structures",
+        str(args.structures),
+        "--device",
+        args.device,
+        "--masks-out",
+        masks_out,
+    ]
     env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -156,7 +183,9 @@ def main():
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--data")
     parser.add_argument("--masks-out", default="")
-    parser.add_argument("--record", default=None, help="result name (default video-cpu or video-cuda)")
+    parser.add_argument(
+        "--record", default=None, help="result name (default video-cpu or video-cuda)"
+    )
     args = parser.parse_args()
 
     if args.worker:
@@ -176,12 +205,17 @@ def main():
         data = make_clip(scratch / "frames", 4 * args.n, args.seed, tuple(args.frame_size))
         data_json = scratch / "data.json"
         data_json.write_text(json.dumps(data))
-        print(f"video benchmark: {args.config} at {args.image_size} px, {args.structures} structures, "
-              f"{args.n} and {4 * args.n} frames of {args.frame_size[0]}x{args.frame_size[1]}, "
-              f"device {args.device}", flush=True)
+        print(
+            f"video benchmark: {args.config} at {args.image_size} px, {args.structures} structures, "
+            f"{args.n} and {4 * args.n} frames of {args.frame_size[0]}x{args.frame_size[1]}, "
+            f"device {args.device}",
+            flush=True,
+        )
         results = {
             "temporal": run_worker(args, "temporal", args.n, data_json, str(scratch / "ours.npz")),
-            "official": run_worker(args, "official", args.n, data_json, str(scratch / "theirs.npz")),
+            "official": run_worker(
+                args, "official", args.n, data_json, str(scratch / "theirs.npz")
+            ),
             "temporal@4N": run_worker(args, "temporal", 4 * args.n, data_json),
             "official@4N": run_worker(args, "official", 4 * args.n, data_json),
         }
@@ -190,19 +224,29 @@ def main():
         pixels = sum(ours[k].size for k in ours.files)
         base = results["temporal"]["per_frame_s"]
         gpu = args.device.startswith("cuda")
-        print(f"\n{'method':<14}{'frames':>8}{'s/frame':>10}{'vs ours':>9}{'peak RSS MB':>13}"
-              + (f"{'peak GPU MB':>13}" if gpu else ""))
+        print(
+            f"\n{'method':<14}{'frames':>8}{'s/frame':>10}{'vs ours':>9}{'peak RSS MB':>13}"
+            + (f"{'peak GPU MB':>13}" if gpu else "")
+        )
         for name, r in results.items():
-            print(f"{name:<14}{r['n']:>8}{r['per_frame_s']:>10.3f}{r['per_frame_s'] / base:>8.2f}x"
-                  f"{r['peak_rss_mb']:>13.0f}" + (f"{r['peak_gpu_mb']:>13.0f}" if gpu else ""))
+            print(
+                f"{name:<14}{r['n']:>8}{r['per_frame_s']:>10.3f}{r['per_frame_s'] / base:>8.2f}x"
+                f"{r['peak_rss_mb']:>13.0f}" + (f"{r['peak_gpu_mb']:>13.0f}" if gpu else "")
+            )
         for key, label in (("peak_rss_mb", "peak RSS"), ("peak_gpu_mb", "peak GPU memory")):
             if key in results["temporal"]:
-                print(f"{label} from {args.n} to {4 * args.n} frames: ours "
-                      f"{results['temporal@4N'][key] / results['temporal'][key]:.2f}x, official "
-                      f"{results['official@4N'][key] / results['official'][key]:.2f}x")
-        print(f"state held by ours: {results['temporal']['state_mb']:.1f} MB at {args.n} frames, "
-              f"{results['temporal@4N']['state_mb']:.1f} MB at {4 * args.n}")
-        print(f"ours vs official masks at {args.n} frames: {differing} differing pixels of {pixels}")
+                print(
+                    f"{label} from {args.n} to {4 * args.n} frames: ours "
+                    f"{results['temporal@4N'][key] / results['temporal'][key]:.2f}x, official "
+                    f"{results['official@4N'][key] / results['official'][key]:.2f}x"
+                )
+        print(
+            f"state held by ours: {results['temporal']['state_mb']:.1f} MB at {args.n} frames, "
+            f"{results['temporal@4N']['state_mb']:.1f} MB at {4 * args.n}"
+        )
+        print(
+            f"ours vs official masks at {args.n} frames: {differing} differing pixels of {pixels}"
+        )
         recorder.write({"methods": results, "differing_pixels": differing, "pixels": pixels})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

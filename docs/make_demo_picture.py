@@ -1,6 +1,6 @@
 """Compose docs/demo_overlays.jpg (the README's picture) from the demo's overlays.
 
-    .venv/bin/python docs/make_demo_picture.py    # after `make demo`
+.venv/bin/python docs/make_demo_picture.py    # after `make demo`
 """
 
 import sys

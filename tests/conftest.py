@@ -1,7 +1,7 @@
 """Shared fixtures: a small random-weight SAM2 and helpers to write test collections.
 
 Random weights at a small image size keep the real SAM2 code paths fast on 2 CPU
-cores; `sam2pal.model.build_model(..., "random")` biases the object-score head towards
+cores; `sam2pal.models.build.build_model(..., "random")` biases the object-score head towards
 "object present" so that masks (and gradients) are not all empty.
 """
 
@@ -19,12 +19,14 @@ IMAGE_SIZE = 128
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from sam2pal.model import build_model
+    from sam2pal.models.build import build_model
 
     return build_model("sam2.1_hiera_t", "random", image_size=IMAGE_SIZE, device="cpu")
 
 
-def blob_image(rng: np.random.Generator, height: int = 96, width: int = 128, boxes=()) -> np.ndarray:
+def blob_image(
+    rng: np.random.Generator, height: int = 96, width: int = 128, boxes=()
+) -> np.ndarray:
     """A noisy RGB image with coloured rectangles (x0, y0, x1, y1, colour) on it."""
     image = np.clip(rng.normal(120, 35, (height, width, 3)), 0, 255).astype(np.uint8)
     for x0, y0, x1, y1, colour in boxes:
@@ -47,16 +49,26 @@ def save_jpeg(path: Path, image: np.ndarray) -> np.ndarray:
 
 def template_set(entries, categories):
     """A TemplateSet from [(path, {(category_id, instance): mask})]."""
-    from sam2pal.templates import TemplateImage, TemplateInstance, TemplateSet
+    from sam2pal.io.templates import TemplateImage, TemplateInstance, TemplateSet
 
     images = []
     next_ann = 1
     for image_id, (path, masks) in enumerate(entries, start=1):
         instances = []
         for (cid, inst), mask in sorted(masks.items()):
-            instances.append(TemplateInstance(annotation_id=next_ann, category_id=cid, instance=inst, mask=mask))
+            instances.append(
+                TemplateInstance(annotation_id=next_ann, category_id=cid, instance=inst, mask=mask)
+            )
             next_ann += 1
         h, w = next(iter(masks.values())).shape
-        images.append(TemplateImage(file_name=Path(path).name, path=Path(path), width=w, height=h,
-                                    image_id=image_id, instances=instances))
+        images.append(
+            TemplateImage(
+                file_name=Path(path).name,
+                path=Path(path),
+                width=w,
+                height=h,
+                image_id=image_id,
+                instances=instances,
+            )
+        )
     return TemplateSet(categories=dict(categories), images=images)

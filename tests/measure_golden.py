@@ -1,4 +1,4 @@
-"""Golden values of `sam2pal.measure.measure_mask`, and the shapes they are measured on.
+"""Golden values of `sam2pal.outputs.measure.measure_mask`, and the shapes they are measured on.
 
 `tests/data/measure_golden.json` holds the measures of a fixed set of masks as the
 reference implementation computed them: `measure.py` at commit `REFERENCE_COMMIT`, the
@@ -74,15 +74,19 @@ def _test_shapes():
     for i in range(5):
         add(f"random_opening_{i}", lambda i=i: openings()[i])
     for w, h in [(1, 1), (1, 7), (5, 3), (20, 13), (64, 40), (3, 90)]:
+
         def rect(w=w, h=h):
             mask = np.zeros((h + 10, w + 10), bool)
             mask[4 : 4 + h, 6 : 6 + w] = True
             return mask
+
         add(f"pixel_rectangle_{w}x{h}", rect)
     for w, h in [(160, 160), (240, 160), (330, 200), (30, 20), (45, 45), (60, 25), (100, 40)]:
         for angle in np.arange(0.0, 90.1, 7.5):
-            add(f"rotated_rectangle_{w}x{h}_{angle:g}deg",
-                lambda w=w, h=h, a=float(angle): rectangle(w, h, a))
+            add(
+                f"rotated_rectangle_{w}x{h}_{angle:g}deg",
+                lambda w=w, h=h, a=float(angle): rectangle(w, h, a),
+            )
 
     def disc(size, centre, radius):
         mask = np.zeros((size, size), bool)
@@ -115,16 +119,22 @@ def _test_shapes():
             for thickness in (3, 7, 11, 15):
                 if thickness > radius / 3:
                     continue
-                add(f"arc_r{radius}_{angle}deg_t{thickness}",
-                    lambda r=radius, a=angle, t=thickness: arc_stroke(r, a, t)[0])
+                add(
+                    f"arc_r{radius}_{angle}deg_t{thickness}",
+                    lambda r=radius, a=angle, t=thickness: arc_stroke(r, a, t)[0],
+                )
     for amplitude, wavelength in ((10, 120), (20, 160), (20, 100)):
         for thickness in (3, 7, 11, 15):
-            add(f"sine_a{amplitude}_w{wavelength}_t{thickness}",
-                lambda a=amplitude, w=wavelength, t=thickness: sine_stroke(a, w, 300, t)[0])
+            add(
+                f"sine_a{amplitude}_w{wavelength}_t{thickness}",
+                lambda a=amplitude, w=wavelength, t=thickness: sine_stroke(a, w, 300, t)[0],
+            )
     for angle in np.arange(0.0, 90.1, 7.5):
         for length, thickness in ((60, 3), (60, 7), (60, 15), (150, 3), (150, 15)):
-            add(f"straight_{length}_t{thickness}_{angle:g}deg",
-                lambda n=length, a=float(angle), t=thickness: straight_stroke(n, a, t)[0])
+            add(
+                f"straight_{length}_t{thickness}_{angle:g}deg",
+                lambda n=length, a=float(angle), t=thickness: straight_stroke(n, a, t)[0],
+            )
 
     def compact_rect():
         rect = np.zeros((80, 140), bool)
@@ -132,9 +142,26 @@ def _test_shapes():
         return rect
 
     add("compact_rectangle_100x50", compact_rect)
-    for h, w in [(4, 10), (10, 4), (3, 10), (4, 12), (6, 12), (8, 15), (15, 10),
-                 (2, 5), (2, 2), (5, 5), (1, 1), (1, 2), (2, 1), (1, 3),
-                 (3, 3), (8, 8), (15, 15), (40, 40)]:
+    for h, w in [
+        (4, 10),
+        (10, 4),
+        (3, 10),
+        (4, 12),
+        (6, 12),
+        (8, 15),
+        (15, 10),
+        (2, 5),
+        (2, 2),
+        (5, 5),
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (1, 3),
+        (3, 3),
+        (8, 8),
+        (15, 15),
+        (40, 40),
+    ]:
         add(f"box_{h}x{w}", lambda h=h, w=w: _box(h, w))
     for radius in (2, 3, 5, 10, 25):
         add(f"small_disc_r{radius}", lambda r=radius: disc(2 * r + 7, r + 3, r))
@@ -143,14 +170,18 @@ def _test_shapes():
         t = np.linspace(0.0, 2 * np.pi, 720, endpoint=False)
         a = math.radians(angle)
         x, y = major / 2 * np.cos(t), minor / 2 * np.sin(t)
-        outline = np.stack([math.cos(a) * x - math.sin(a) * y,
-                            math.sin(a) * x + math.cos(a) * y], axis=1) + 0.3
+        outline = (
+            np.stack([math.cos(a) * x - math.sin(a) * y, math.sin(a) * x + math.cos(a) * y], axis=1)
+            + 0.3
+        )
         return rasterise(outline)
 
     for major, minor in ((60, 24), (40, 30), (100, 50), (80, 12)):
         for angle in (0, 20, 45, 70, 90, 135):
-            add(f"ellipse_{major}x{minor}_{angle}deg",
-                lambda M=major, m=minor, a=angle: ellipse(M, m, a))
+            add(
+                f"ellipse_{major}x{minor}_{angle}deg",
+                lambda M=major, m=minor, a=angle: ellipse(M, m, a),
+            )
 
     def one_pixel():
         mask = np.zeros((5, 5), bool)
@@ -165,6 +196,7 @@ def _test_shapes():
     add("one_pixel", one_pixel)
     add("two_diagonal_pixels", two_diagonal)
     for n in (4, 10, 37):
+
         def row(n=n):
             mask = np.zeros((5, n + 4), bool)
             mask[2, 2 : 2 + n] = True
@@ -180,6 +212,7 @@ def _test_shapes():
         add(f"line_diagonal_{n}", diagonal)
         add(f"line_antidiagonal_{n}", lambda diagonal=diagonal: diagonal()[::-1].copy())
     for angle in range(0, 91, 5):
+
         def slanted(angle=angle):
             a = math.radians(angle)
             r1, c1 = round(40 * math.sin(a)), round(40 * math.cos(a))
@@ -187,6 +220,7 @@ def _test_shapes():
             rr, cc = line(3, 3, 3 + r1, 3 + c1)
             mask[rr, cc] = True
             return mask
+
         add(f"line_slanted_{angle}deg", slanted)
     return out
 
@@ -214,6 +248,7 @@ def _pieces_shapes():
         return mask
 
     add("ring_with_small_blob", lambda: ring_blob(12))
+
     # the blob in the hole has more pixels than the thin ring around it
     def thin_ring_large_blob():
         mask = _ring((120, 120), (60, 60), 50, 46)
@@ -277,11 +312,22 @@ def real_files(count: int = 40) -> list[str]:
 
 #: enlarged 4 times / 8 times: 12-megapixel-sized parts (at most about 3000 x 4000)
 ENLARGED = {
-    4: ["advena/beetle_101_1204.png", "aestivus/beetle_1342_1039.png", "dubius/beetle_237_994.png",
-        "goryi/beetle_1101_411.png", "lachrymosus/beetle_130_1069.png", "melanarius/beetle_109_374.png",
-        "pensylvanicus/beetle_102_679.png", "torvus/beetle_118_1273.png"],
-    8: ["impunctatus/beetle_102_1118.png", "advena/beetle_100_475.png",
-        "dubius/beetle_207_38.png", "grossus/beetle_1106_1250.png"],
+    4: [
+        "advena/beetle_101_1204.png",
+        "aestivus/beetle_1342_1039.png",
+        "dubius/beetle_237_994.png",
+        "goryi/beetle_1101_411.png",
+        "lachrymosus/beetle_130_1069.png",
+        "melanarius/beetle_109_374.png",
+        "pensylvanicus/beetle_102_679.png",
+        "torvus/beetle_118_1273.png",
+    ],
+    8: [
+        "impunctatus/beetle_102_1118.png",
+        "advena/beetle_100_475.png",
+        "dubius/beetle_207_38.png",
+        "grossus/beetle_1106_1250.png",
+    ],
 }
 
 
@@ -304,8 +350,12 @@ def _real_shapes():
     for factor, names in ENLARGED.items():
         for name in names:
             for value, part in PARTS.items():
-                out.append((f"real_x{factor}/{name}/{part}",
-                            lambda n=name, v=value, f=factor: enlarge(_label_map(n) == v, f)))
+                out.append(
+                    (
+                        f"real_x{factor}/{name}/{part}",
+                        lambda n=name, v=value, f=factor: enlarge(_label_map(n) == v, f),
+                    )
+                )
     return out
 
 
@@ -357,8 +407,9 @@ def photo_antenna_wavy() -> np.ndarray:
     x = np.linspace(0.0, 1400.0, 5000)
     y = 60 * np.sin(2 * np.pi * x / 700.0)
     a = math.radians(-28.0)
-    centre = np.stack([500 + math.cos(a) * x - math.sin(a) * y,
-                       2200 + math.sin(a) * x + math.cos(a) * y], axis=1)
+    centre = np.stack(
+        [500 + math.cos(a) * x - math.sin(a) * y, 2200 + math.sin(a) * x + math.cos(a) * y], axis=1
+    )
     return fill_polygon(band_polygon(centre, 24.0))
 
 
@@ -387,8 +438,16 @@ def photo_rectangle(w: float = 1800.0, h: float = 900.0, angle: float = 30.0) ->
     a = math.radians(angle)
     u, v = np.array([math.cos(a), math.sin(a)]), np.array([-math.sin(a), math.cos(a)])
     c = np.array([2000.3, 1500.7])
-    return fill_polygon(np.array([c - u * w / 2 - v * h / 2, c + u * w / 2 - v * h / 2,
-                                  c + u * w / 2 + v * h / 2, c - u * w / 2 + v * h / 2]))
+    return fill_polygon(
+        np.array(
+            [
+                c - u * w / 2 - v * h / 2,
+                c + u * w / 2 - v * h / 2,
+                c + u * w / 2 + v * h / 2,
+                c - u * w / 2 + v * h / 2,
+            ]
+        )
+    )
 
 
 def photo_body_with_specks() -> np.ndarray:
@@ -397,7 +456,9 @@ def photo_body_with_specks() -> np.ndarray:
     mask = photo_ellipse(2000.3, 1500.6, 1100.0, 665.0, 17.0)
     rng = np.random.default_rng(12)
     rows, cols = np.ogrid[: PHOTO[0], : PHOTO[1]]
-    for r, c, radius in zip(rng.uniform(100, 2900, 60), rng.uniform(100, 3900, 60), rng.uniform(1.5, 6, 60)):
+    for r, c, radius in zip(
+        rng.uniform(100, 2900, 60), rng.uniform(100, 3900, 60), rng.uniform(1.5, 6, 60)
+    ):
         r0, c0 = int(r), int(c)
         window = (slice(r0 - 8, r0 + 9), slice(c0 - 8, c0 + 9))
         mask[window] |= (rows[window[0]] - r) ** 2 + (cols[:, window[1]] - c) ** 2 <= radius**2
@@ -445,8 +506,10 @@ def shapes():
 def load() -> dict:
     """{name: {measure: value (NaN for null)}} of the golden file."""
     data = json.loads(GOLDEN.read_text())
-    return {name: {k: (math.nan if v is None else v) for k, v in values.items()}
-            for name, values in data["shapes"].items()}
+    return {
+        name: {k: (math.nan if v is None else v) for k, v in values.items()}
+        for name, values in data["shapes"].items()
+    }
 
 
 def _git(*args) -> str | None:
@@ -456,20 +519,28 @@ def _git(*args) -> str | None:
 
 def reference_measure(commit: str = REFERENCE_COMMIT):
     """`measure_mask` of the reference implementation: measure.py at `commit`."""
-    done = subprocess.run(["git", "show", f"{commit}:src/sam2pal/measure.py"], cwd=ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["git", "show", f"{commit}:src/sam2pal/outputs/measure.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(f"cannot read measure.py at {commit}: {done.stderr.strip()}")
     module = types.ModuleType("sam2pal_measure_reference")
-    exec(compile(done.stdout, f"{commit}:src/sam2pal/measure.py", "exec"), module.__dict__)
+    exec(compile(done.stdout, f"{commit}:src/sam2pal/outputs/measure.py", "exec"), module.__dict__)
     return module.measure_mask
 
 
 def main(argv=None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--commit", default=REFERENCE_COMMIT, help="the reference implementation's commit")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--commit", default=REFERENCE_COMMIT, help="the reference implementation's commit"
+    )
     args = parser.parse_args(argv)
     measure_mask = reference_measure(args.commit)
     values, seconds = {}, {}
@@ -481,8 +552,8 @@ def main(argv=None) -> None:
         values[name] = {k: (None if math.isnan(v) else v) for k, v in result.items()}
         print(f"{seconds[name]:8.3f} s  {name}", flush=True)
     data = {
-        "about": "measure_mask values of the reference implementation (src/sam2pal/measure.py "
-                 "at reference_commit); regenerate with tests/measure_golden.py",
+        "about": "measure_mask values of the reference implementation (src/sam2pal/outputs/measure.py "
+        "at reference_commit); regenerate with tests/measure_golden.py",
         "reference_commit": _git("rev-parse", args.commit),
         "generated_at_commit": _git("rev-parse", "HEAD"),
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

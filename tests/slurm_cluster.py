@@ -50,8 +50,10 @@ def ensure_installed() -> str | None:
     if shutil.which("apt-get") is None:
         return f"SLURM is not installed ({', '.join(_missing())} missing) and there is no apt-get"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd, timeout in ((["apt-get", "update"], 300),
-                         (["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES], 900)):
+    for cmd, timeout in (
+        (["apt-get", "update"], 300),
+        (["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES], 900),
+    ):
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
@@ -59,7 +61,9 @@ def ensure_installed() -> str | None:
         if result.returncode != 0:
             return f"`{' '.join(cmd)}` failed: {(result.stderr or result.stdout).strip()[-500:]}"
     if _missing():
-        return f"apt-get installed {' '.join(PACKAGES)} but {', '.join(_missing())} are still missing"
+        return (
+            f"apt-get installed {' '.join(PACKAGES)} but {', '.join(_missing())} are still missing"
+        )
     return None
 
 
@@ -116,7 +120,8 @@ class SlurmCluster:
         nodes = self.node
         partitions = "\n".join(
             f"PartitionName={name} Nodes={nodes} Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP"
-            for i, name in enumerate(self.partitions))
+            for i, name in enumerate(self.partitions)
+        )
         root = self.root
         self.conf.write_text(f"""\
 ClusterName={self.cluster_name}
@@ -156,9 +161,14 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory
 
     def _start(self, name: str, *args: str):
         log = open(self.root / "log" / f"{name}.out", "wb")
-        proc = subprocess.Popen(["timeout", "-k", "10", str(LIFETIME_S), _which(name), *args], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["timeout", "-k", "10", str(LIFETIME_S), _which(name), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+        )
         log.close()
         self._procs.append((name, proc))
         return proc
@@ -168,7 +178,9 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory
         while time.monotonic() < deadline:
             for name, proc in self._procs:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} stopped (exit {proc.returncode}) before {what}:\n{self.logs()}")
+                    raise RuntimeError(
+                        f"{name} stopped (exit {proc.returncode}) before {what}:\n{self.logs()}"
+                    )
             if ready():
                 return
             time.sleep(0.5)
@@ -176,16 +188,25 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory
 
     def start(self, timeout: float = 90):
         if SYSTEM_CONF.exists() or SYSTEM_CONF.is_symlink():
-            raise ClusterUnavailable(f"{SYSTEM_CONF} exists: this machine has its own SLURM configuration, "
-                                     "which srun in the jobs would read instead of the test cluster's")
+            raise ClusterUnavailable(
+                f"{SYSTEM_CONF} exists: this machine has its own SLURM configuration, "
+                "which srun in the jobs would read instead of the test cluster's"
+            )
         self._write_files()
         SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
         SYSTEM_CONF.symlink_to(self.conf)
         self._linked = True
         m = self.root / "munge"
-        self._start("munged", "-F", "--num-threads=4", f"--key-file={m / 'munge.key'}",
-                    f"--socket={self.munge_socket}", f"--pid-file={m / 'munged.pid'}",
-                    f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}")
+        self._start(
+            "munged",
+            "-F",
+            "--num-threads=4",
+            f"--key-file={m / 'munge.key'}",
+            f"--socket={self.munge_socket}",
+            f"--pid-file={m / 'munged.pid'}",
+            f"--log-file={m / 'munged.log'}",
+            f"--seed-file={m / 'munged.seed'}",
+        )
         self._wait("munge socket", self.munge_socket.exists, timeout)
         self._start("slurmctld", "-D", "-f", str(self.conf))
         self._start("slurmd", "-D", "-f", str(self.conf), "-N", self.node)
@@ -195,28 +216,47 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory
     # -- use -----------------------------------------------------------------------------
 
     def run(self, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=self.env)
+        return subprocess.run(
+            list(cmd), capture_output=True, text=True, timeout=timeout, env=self.env
+        )
 
     def node_idle(self) -> bool:
         try:
             result = self.run("sinfo", "-h", "-N", "-o", "%N %T", timeout=10)
         except subprocess.TimeoutExpired:
             return False
-        states = {line.split()[1] for line in result.stdout.splitlines() if line.split()[:1] == [self.node]}
+        states = {
+            line.split()[1]
+            for line in result.stdout.splitlines()
+            if line.split()[:1] == [self.node]
+        }
         return result.returncode == 0 and states == {"idle"}
 
     def jobs(self, name: str | None = None) -> list[dict[str, str]]:
         """The jobs squeue knows (finished ones for MinJobAge seconds), optionally only
         those of one job name."""
-        fields = {"id": "%i", "name": "%j", "comment": "%k", "partition": "%P", "account": "%a", "state": "%T",
-                  "memory": "%m", "time_limit": "%l", "cpus": "%C"}
+        fields = {
+            "id": "%i",
+            "name": "%j",
+            "comment": "%k",
+            "partition": "%P",
+            "account": "%a",
+            "state": "%T",
+            "memory": "%m",
+            "time_limit": "%l",
+            "cpus": "%C",
+        }
         cmd = ["squeue", "--states=all", "--noheader", "--format", "\x1f".join(fields.values())]
         if name:
             cmd += ["--name", name]
         result = self.run(*cmd)
         if result.returncode != 0:
             raise RuntimeError(f"squeue failed: {result.stderr}")
-        return [dict(zip(fields, line.split("\x1f"))) for line in result.stdout.splitlines() if line.strip()]
+        return [
+            dict(zip(fields, line.split("\x1f")))
+            for line in result.stdout.splitlines()
+            if line.strip()
+        ]
 
     def batch_script(self, job_id: str) -> str:
         result = self.run("scontrol", "write", "batch_script", job_id, "-")
@@ -241,11 +281,13 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory
                 self.run("scancel", "--user", "root", timeout=15)
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and any(
-                        j["state"] in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING") for j in self.jobs()):
+                    j["state"] in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING")
+                    for j in self.jobs()
+                ):
                     time.sleep(1)
             except (subprocess.TimeoutExpired, RuntimeError):
                 pass
-        for name, proc in reversed(self._procs):
+        for _name, proc in reversed(self._procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:

@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from sam2pal.cli import main
 
 DEMO = REPO / "resources" / "demo"
@@ -28,37 +28,75 @@ def specimens(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sam2pal.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sam2pal.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_segment_with_template_json_and_old_flags(tmp_path, specimens):
     out = tmp_path / "out"
     result = run_cli(
-        "segment", "--template_json", DEMO / "templates.json", "--template_dir", DEMO / "images",
-        "--image_dir", specimens, "--output_dir", out, "--sam2_checkpoint", "random", "--model_cfg", "sam2.1_hiera_t",
-        "--image_size", "64", "--save_masks", "--visualize", "--output_category_prefix", "--px_per_mm", "20",
-        "--area_growth_limit", "3", "--area_clamp_pad", "5", "--device", "cpu", "--interleave_template",
+        "segment",
+        "--template_json",
+        DEMO / "templates.json",
+        "--template_dir",
+        DEMO / "images",
+        "--image_dir",
+        specimens,
+        "--output_dir",
+        out,
+        "--sam2_checkpoint",
+        "random",
+        "--model_cfg",
+        "sam2.1_hiera_t",
+        "--image_size",
+        "64",
+        "--save_masks",
+        "--visualize",
+        "--output_category_prefix",
+        "--px_per_mm",
+        "20",
+        "--area_growth_limit",
+        "3",
+        "--area_clamp_pad",
+        "5",
+        "--device",
+        "cpu",
+        "--interleave_template",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--interleave_template has no effect" in result.stderr
-    for name in ("predictions.json", "measurements.csv", "measurements_wide.csv", "qc.csv", "skipped.csv"):
+    for name in (
+        "predictions.json",
+        "measurements.csv",
+        "measurements_wide.csv",
+        "qc.csv",
+        "skipped.csv",
+    ):
         assert (out / name).is_file(), name
     predictions = json.loads((out / "predictions.json").read_text())
     assert predictions["info"]["settings"]["area_growth_limit"] == 3.0
     assert predictions["info"]["settings"]["area_clamp_pad"] == 5
-    assert sorted(im["file_name"] for im in predictions["images"]) == ["specimen_003.jpg", "specimen_004.jpg"]
+    assert sorted(im["file_name"] for im in predictions["images"]) == [
+        "specimen_003.jpg",
+        "specimen_004.jpg",
+    ]
     header = next(csv.reader(open(out / "measurements.csv")))
     assert header[-1] == "curve_length_mm"
     masks = sorted(p.name for p in (out / "masks").glob("*.png"))
-    assert masks and all(name.split("__")[0] in {"head", "pronotum", "elytra", "antenna", "legs"} for name in masks)
+    assert masks and all(
+        name.split("__")[0] in {"head", "pronotum", "elytra", "antenna", "legs"} for name in masks
+    )
     assert len(list((out / "overlays").glob("*.jpg"))) == 2
 
 
 def test_segment_with_template_image_and_mask(tmp_path, specimens):
     gt = json.loads((DEMO / "ground_truth.json").read_text())
     image = next(im for im in gt["images"] if im["file_name"] == "specimen_000.jpg")
-    from sam2pal.masks import decode_segmentation
+    from sam2pal.io.masks import decode_segmentation
 
     antenna = np.zeros((image["height"], image["width"]), bool)
     for ann in gt["annotations"]:
@@ -66,10 +104,25 @@ def test_segment_with_template_image_and_mask(tmp_path, specimens):
             antenna |= decode_segmentation(ann["segmentation"], image["height"], image["width"])
     Image.fromarray(antenna.astype(np.uint8) * 255).save(tmp_path / "antenna_mask.png")
     out = tmp_path / "out"
-    code = main(["segment", "--template_image", str(DEMO / "images" / "specimen_000.jpg"),
-                 "--template_mask", str(tmp_path / "antenna_mask.png"), "--image_dir", str(specimens),
-                 "--output_dir", str(out), "--sam2_checkpoint", "random", "--image_size", "64",
-                 "--output_timestamp", "--no_cycle_consistency"])
+    code = main(
+        [
+            "segment",
+            "--template_image",
+            str(DEMO / "images" / "specimen_000.jpg"),
+            "--template_mask",
+            str(tmp_path / "antenna_mask.png"),
+            "--image_dir",
+            str(specimens),
+            "--output_dir",
+            str(out),
+            "--sam2_checkpoint",
+            "random",
+            "--image_size",
+            "64",
+            "--output_timestamp",
+            "--no_cycle_consistency",
+        ]
+    )
     assert code == 0
     (run_dir,) = out.iterdir()  # the timestamped folder
     predictions = json.loads((run_dir / "predictions.json").read_text())
@@ -79,10 +132,24 @@ def test_segment_with_template_image_and_mask(tmp_path, specimens):
 
 def test_segment_template_image_picks_one_image_of_the_json(tmp_path, specimens):
     out = tmp_path / "out"
-    code = main(["segment", "--template_json", str(DEMO / "templates.json"),
-                 "--template_image", str(DEMO / "images" / "specimen_001.jpg"), "--image_dir", str(specimens),
-                 "--output_dir", str(out), "--sam2_checkpoint", "random", "--image_size", "64",
-                 "--no_cycle_consistency"])
+    code = main(
+        [
+            "segment",
+            "--template_json",
+            str(DEMO / "templates.json"),
+            "--template_image",
+            str(DEMO / "images" / "specimen_001.jpg"),
+            "--image_dir",
+            str(specimens),
+            "--output_dir",
+            str(out),
+            "--sam2_checkpoint",
+            "random",
+            "--image_size",
+            "64",
+            "--no_cycle_consistency",
+        ]
+    )
     assert code == 0
     templates = json.loads((out / "templates.json").read_text())
     assert [im["file_name"] for im in templates["images"]] == ["specimen_001.jpg"]
@@ -91,15 +158,47 @@ def test_segment_template_image_picks_one_image_of_the_json(tmp_path, specimens)
 def test_segment_with_pal_finetuning_then_reuse_the_adapter(tmp_path, specimens):
     """The old tool's fine-tuning flags train an adapter; --adapter segments with it later."""
     out = tmp_path / "out"
-    common = ["--template_json", DEMO / "templates.json", "--template_dir", DEMO / "images", "--image_dir", specimens,
-              "--sam2_checkpoint", "random", "--image_size", "64", "--no_cycle_consistency"]
-    result = run_cli("segment", *common, "--output_dir", out, "--pal_finetuning", "--use_lora", "--lora_rank", "4",
-                     "--num_epochs", "1", "--min_steps", "0", "--learning_rate", "1e-3", "--accumulation_steps", "1",
-                     "--max_images_per_epoch", "2")
+    common = [
+        "--template_json",
+        DEMO / "templates.json",
+        "--template_dir",
+        DEMO / "images",
+        "--image_dir",
+        specimens,
+        "--sam2_checkpoint",
+        "random",
+        "--image_size",
+        "64",
+        "--no_cycle_consistency",
+    ]
+    result = run_cli(
+        "segment",
+        *common,
+        "--output_dir",
+        out,
+        "--pal_finetuning",
+        "--use_lora",
+        "--lora_rank",
+        "4",
+        "--num_epochs",
+        "1",
+        "--min_steps",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--accumulation_steps",
+        "1",
+        "--max_images_per_epoch",
+        "2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = out / "finetune" / "adapter"
     meta = json.loads((adapter / "sam2pal_adapter.json").read_text())
-    assert meta["kind"] == "lora" and meta["settings"]["lora_rank"] == 4 and meta["settings"]["num_epochs"] == 1
+    assert (
+        meta["kind"] == "lora"
+        and meta["settings"]["lora_rank"] == 4
+        and meta["settings"]["num_epochs"] == 1
+    )
     first = json.loads((out / "predictions.json").read_text())["info"]["model"]
     assert first["adapter_kind"] == "lora" and len(first["adapter_sha256"]) == 64
 
@@ -112,26 +211,63 @@ def test_segment_with_pal_finetuning_then_reuse_the_adapter(tmp_path, specimens)
 
 
 def test_finetune_command(tmp_path, specimens):
-    result = run_cli("finetune", "--template_json", DEMO / "templates.json", "--template_dir", DEMO / "images",
-                     "--image_dir", specimens, "--output_dir", tmp_path / "ft", "--sam2_checkpoint", "random",
-                     "--image_size", "64", "--num_epochs", "1", "--min_steps", "0", "--max_images_per_epoch", "1", "--full",
-                     "--targets", "sam_mask_decoder")
+    result = run_cli(
+        "finetune",
+        "--template_json",
+        DEMO / "templates.json",
+        "--template_dir",
+        DEMO / "images",
+        "--image_dir",
+        specimens,
+        "--output_dir",
+        tmp_path / "ft",
+        "--sam2_checkpoint",
+        "random",
+        "--image_size",
+        "64",
+        "--num_epochs",
+        "1",
+        "--min_steps",
+        "0",
+        "--max_images_per_epoch",
+        "1",
+        "--full",
+        "--targets",
+        "sam_mask_decoder",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "ft" / "adapter" / "model.pt").is_file()
     log = list(csv.DictReader(open(tmp_path / "ft" / "training_log.csv")))
-    assert [r["epoch"] for r in log] == ["0", "1"] and not any(r["val_iou"] for r in log)  # no ground truth
+    assert [r["epoch"] for r in log] == ["0", "1"] and not any(
+        r["val_iou"] for r in log
+    )  # no ground truth
     assert all(0 <= float(r["val_cycle_iou"]) <= 1 for r in log)
     # the record metrics.csv reads: one of the two photos held out, chosen by the cycle IoU
-    selection = json.loads((tmp_path / "ft" / "adapter" / "sam2pal_adapter.json").read_text())["selection"]
+    selection = json.loads((tmp_path / "ft" / "adapter" / "sam2pal_adapter.json").read_text())[
+        "selection"
+    ]
     assert selection["by"] == "cycle_iou" and not selection["ground_truth_images"]
-    assert len(selection["holdout"]) == 1 and selection["holdout"][0] in ("specimen_003.jpg", "specimen_004.jpg")
+    assert len(selection["holdout"]) == 1 and selection["holdout"][0] in (
+        "specimen_003.jpg",
+        "specimen_004.jpg",
+    )
 
 
 @pytest.mark.parametrize("flags", [["--use_lora"], ["--lora_rank", "8"], ["--num_epochs", "5"]])
 def test_training_options_need_pal_finetuning(tmp_path, specimens, flags):
     out = tmp_path / "out"
-    result = run_cli("segment", "--template_json", DEMO / "templates.json", "--image_dir", specimens,
-                     "--output_dir", out, "--sam2_checkpoint", "random", *flags)
+    result = run_cli(
+        "segment",
+        "--template_json",
+        DEMO / "templates.json",
+        "--image_dir",
+        specimens,
+        "--output_dir",
+        out,
+        "--sam2_checkpoint",
+        "random",
+        *flags,
+    )
     assert result.returncode == 2
     assert "need --pal_finetuning" in result.stderr and flags[0] in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -142,40 +278,89 @@ def test_user_errors_are_one_line(tmp_path, specimens):
     bad_mask = tmp_path / "small_mask.png"
     Image.fromarray(np.full((10, 10), 255, np.uint8)).save(bad_mask)
     cases = [
-        (["--template_image", DEMO / "images" / "specimen_000.jpg", "--template_mask", bad_mask,
-          "--sam2_checkpoint", "random"], "small_mask.png"),
+        (
+            [
+                "--template_image",
+                DEMO / "images" / "specimen_000.jpg",
+                "--template_mask",
+                bad_mask,
+                "--sam2_checkpoint",
+                "random",
+            ],
+            "small_mask.png",
+        ),
         (["--template_json", DEMO / "templates.json"], "--sam2_checkpoint"),
-        (["--template_json", DEMO / "templates.json", "--sam2_checkpoint", tmp_path / "finetuned.pt"], "finetuned.pt"),
-        (["--template_json", tmp_path / "missing.json", "--sam2_checkpoint", "random"], "missing.json"),
+        (
+            [
+                "--template_json",
+                DEMO / "templates.json",
+                "--sam2_checkpoint",
+                tmp_path / "finetuned.pt",
+            ],
+            "finetuned.pt",
+        ),
+        (
+            ["--template_json", tmp_path / "missing.json", "--sam2_checkpoint", "random"],
+            "missing.json",
+        ),
     ]
     for extra, needle in cases:
-        result = run_cli("segment", "--image_dir", specimens, "--output_dir", tmp_path / "o", *extra)
+        result = run_cli(
+            "segment", "--image_dir", specimens, "--output_dir", tmp_path / "o", *extra
+        )
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("sam2pal: error:"), result.stderr
+        assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("sam2pal: error:"), (
+            result.stderr
+        )
 
 
 def test_measure_and_evaluate_commands(tmp_path):
     gt = DEMO / "ground_truth.json"
-    result = run_cli("measure", "--coco", gt, "--out", tmp_path / "m.csv", "--wide", tmp_path / "w.csv",
-                     "--px-per-mm", "10")
+    result = run_cli(
+        "measure",
+        "--coco",
+        gt,
+        "--out",
+        tmp_path / "m.csv",
+        "--wide",
+        tmp_path / "w.csv",
+        "--px-per-mm",
+        "10",
+    )
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(tmp_path / "m.csv")))
     assert len(rows) == len(json.loads(gt.read_text())["annotations"])
     assert float(rows[0]["area_mm2"]) == pytest.approx(float(rows[0]["area_px"]) / 100)
     result = run_cli("evaluate", "--gt", gt, "--pred", gt, "--out", tmp_path / "metrics.csv")
     assert result.returncode == 0, result.stderr
-    means = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["level"] == "category_mean"]
+    means = [
+        r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["level"] == "category_mean"
+    ]
     assert all(float(r["iou"]) == 1.0 for r in means)
 
 
 def test_version_and_help():
     assert run_cli("--version").stdout.startswith("sam2pal ")
     help_text = run_cli("segment", "--help").stdout
-    for flag in ("--template_image", "--template_mask", "--template_json", "--image_dir", "--output_dir",
-                 "--sam2_checkpoint", "--sam2_config", "--model_cfg", "--save_masks", "--save_vis", "--visualize",
-                 "--area_growth_limit", "--area_clamp_pad", "--output_timestamp", "--output_category_prefix",
-                 "--device"):
+    for flag in (
+        "--template_image",
+        "--template_mask",
+        "--template_json",
+        "--image_dir",
+        "--output_dir",
+        "--sam2_checkpoint",
+        "--sam2_config",
+        "--model_cfg",
+        "--save_masks",
+        "--save_vis",
+        "--visualize",
+        "--area_growth_limit",
+        "--area_clamp_pad",
+        "--output_timestamp",
+        "--output_category_prefix",
+        "--device",
+    ):
         assert flag in help_text, flag
 
 
@@ -191,15 +376,32 @@ def _refused(capsys, argv, needle):
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (["--output_category_prefix"], "--output_category_prefix names the mask PNGs: add --save_masks"),
-        (["--structure_name", "head"], "--structure_name names the structures of a --template_mask"),
-        (["--template_labels", "1=head"], "--template_labels names the structures of a --template_mask"),
+        (
+            ["--output_category_prefix"],
+            "--output_category_prefix names the mask PNGs: add --save_masks",
+        ),
+        (
+            ["--structure_name", "head"],
+            "--structure_name names the structures of a --template_mask",
+        ),
+        (
+            ["--template_labels", "1=head"],
+            "--template_labels names the structures of a --template_mask",
+        ),
         (["--seed", "3", "--sam2_checkpoint", "sam2.1_hiera_tiny"], "here nothing is random"),
     ],
 )
 def test_segment_refuses_flags_that_do_nothing(tmp_path, specimens, capsys, extra, needle):
-    argv = ["segment", "--template_json", str(DEMO / "templates.json"), "--image_dir", str(specimens),
-            "--output_dir", str(tmp_path / "out"), *extra]
+    argv = [
+        "segment",
+        "--template_json",
+        str(DEMO / "templates.json"),
+        "--image_dir",
+        str(specimens),
+        "--output_dir",
+        str(tmp_path / "out"),
+        *extra,
+    ]
     if "--sam2_checkpoint" not in extra:
         argv += ["--sam2_checkpoint", "random"]
     _refused(capsys, argv, needle)
@@ -208,14 +410,53 @@ def test_segment_refuses_flags_that_do_nothing(tmp_path, specimens, capsys, extr
 
 def test_template_dir_with_a_mask_and_templates_flags_are_refused(tmp_path, specimens, capsys):
     image = str(DEMO / "images" / "specimen_000.jpg")
-    _refused(capsys, ["segment", "--template_image", image, "--template_mask", str(tmp_path / "m.png"),
-                      "--template_dir", str(DEMO / "images"), "--image_dir", str(specimens),
-                      "--output_dir", str(tmp_path / "out"), "--sam2_checkpoint", "random"],
-             "--template_dir is the folder of the --template_json photos")
-    _refused(capsys, ["templates", "--coco", str(DEMO / "templates.json"), "--structure_name", "head",
-                      "--out", str(tmp_path / "t.json")], "--structure_name goes with --mask")
-    _refused(capsys, ["templates", "--coco", str(DEMO / "templates.json"), "--mask", str(tmp_path / "m.png"),
-                      "--image", image, "--out", str(tmp_path / "t.json")], "either --coco or --mask")
+    _refused(
+        capsys,
+        [
+            "segment",
+            "--template_image",
+            image,
+            "--template_mask",
+            str(tmp_path / "m.png"),
+            "--template_dir",
+            str(DEMO / "images"),
+            "--image_dir",
+            str(specimens),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--sam2_checkpoint",
+            "random",
+        ],
+        "--template_dir is the folder of the --template_json photos",
+    )
+    _refused(
+        capsys,
+        [
+            "templates",
+            "--coco",
+            str(DEMO / "templates.json"),
+            "--structure_name",
+            "head",
+            "--out",
+            str(tmp_path / "t.json"),
+        ],
+        "--structure_name goes with --mask",
+    )
+    _refused(
+        capsys,
+        [
+            "templates",
+            "--coco",
+            str(DEMO / "templates.json"),
+            "--mask",
+            str(tmp_path / "m.png"),
+            "--image",
+            image,
+            "--out",
+            str(tmp_path / "t.json"),
+        ],
+        "either --coco or --mask",
+    )
     assert not (tmp_path / "t.json").exists()
 
 
@@ -228,8 +469,16 @@ def test_template_dir_with_a_mask_and_templates_flags_are_refused(tmp_path, spec
     ],
 )
 def test_video_refuses_flags_that_do_nothing(tmp_path, specimens, capsys, extra, needle):
-    argv = ["video", "--video_dir", str(specimens), "--annotations", str(DEMO / "templates.json"),
-            "--output_dir", str(tmp_path / "out"), *extra]
+    argv = [
+        "video",
+        "--video_dir",
+        str(specimens),
+        "--annotations",
+        str(DEMO / "templates.json"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        *extra,
+    ]
     if "--sam2_checkpoint" not in extra:
         argv += ["--sam2_checkpoint", "random"]
     _refused(capsys, argv, needle)
@@ -237,13 +486,16 @@ def test_video_refuses_flags_that_do_nothing(tmp_path, specimens, capsys, extra,
 
 
 def _masks(predictions):
-    from sam2pal.masks import decode_segmentation
+    from sam2pal.io.masks import decode_segmentation
 
     coco = json.loads(predictions.read_text())
     images = {im["id"]: im for im in coco["images"]}
-    return coco, {(images[a["image_id"]]["file_name"], a["category_id"], a["instance"]):
-                  decode_segmentation(a["segmentation"], images[a["image_id"]]["height"], images[a["image_id"]]["width"])
-                  for a in coco["annotations"]}
+    return coco, {
+        (images[a["image_id"]]["file_name"], a["category_id"], a["instance"]): decode_segmentation(
+            a["segmentation"], images[a["image_id"]]["height"], images[a["image_id"]]["width"]
+        )
+        for a in coco["annotations"]
+    }
 
 
 def test_seed_seeds_random_weights(tmp_path, specimens):
@@ -252,17 +504,41 @@ def test_seed_seeds_random_weights(tmp_path, specimens):
     runs = {}
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         out = tmp_path / name
-        code = main(["segment", "--template_json", str(DEMO / "templates.json"), "--template_dir", str(DEMO / "images"),
-                     "--max_templates", "1", "--image_dir", str(specimens), "--output_dir", str(out),
-                     "--sam2_checkpoint", "random", "--model_cfg", "sam2.1_hiera_t", "--image_size", "64",
-                     "--no_cycle_consistency", "--device", "cpu", "--seed", seed])
+        code = main(
+            [
+                "segment",
+                "--template_json",
+                str(DEMO / "templates.json"),
+                "--template_dir",
+                str(DEMO / "images"),
+                "--max_templates",
+                "1",
+                "--image_dir",
+                str(specimens),
+                "--output_dir",
+                str(out),
+                "--sam2_checkpoint",
+                "random",
+                "--model_cfg",
+                "sam2.1_hiera_t",
+                "--image_size",
+                "64",
+                "--no_cycle_consistency",
+                "--device",
+                "cpu",
+                "--seed",
+                seed,
+            ]
+        )
         assert code == 0
         runs[name] = _masks(out / "predictions.json")
     assert [runs[n][0]["info"]["model"]["seed"] for n in "abc"] == [1, 1, 2]
     base = {n: runs[n][0]["info"]["model"]["base_id"] for n in "abc"}
     assert base["a"] == base["b"] != base["c"]
     same, other = runs["b"][1], runs["c"][1]
-    assert same.keys() == runs["a"][1].keys() and all(np.array_equal(same[k], runs["a"][1][k]) for k in same)
+    assert same.keys() == runs["a"][1].keys() and all(
+        np.array_equal(same[k], runs["a"][1][k]) for k in same
+    )
     assert any(not np.array_equal(other[k], same[k]) for k in same)
 
 
@@ -273,18 +549,41 @@ def test_too_many_bad_files_stop_segment_with_their_list(tmp_path, specimens):
     (folder / "cut.jpg").write_bytes((specimens / "specimen_004.jpg").read_bytes()[:2500])
     (folder / "notes.jpg").write_text("not a photo")
     (folder / "empty.png").write_bytes(b"")
-    common = ["segment", "--template_json", DEMO / "templates.json", "--template_dir", DEMO / "images",
-              "--max_templates", "1", "--image_dir", folder, "--sam2_checkpoint", "random",
-              "--model_cfg", "sam2.1_hiera_t", "--image_size", "64", "--no_cycle_consistency", "--device", "cpu"]
+    common = [
+        "segment",
+        "--template_json",
+        DEMO / "templates.json",
+        "--template_dir",
+        DEMO / "images",
+        "--max_templates",
+        "1",
+        "--image_dir",
+        folder,
+        "--sam2_checkpoint",
+        "random",
+        "--model_cfg",
+        "sam2.1_hiera_t",
+        "--image_size",
+        "64",
+        "--no_cycle_consistency",
+        "--device",
+        "cpu",
+    ]
     out = tmp_path / "out"
     result = run_cli(*common, "--output_dir", out)
     assert result.returncode == 2, result.stderr[-3000:]
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith(f"sam2pal: error: {folder}: 3 of 4 images are bad image files (75%")
     assert error.endswith(f"(all of them in {out / 'skipped.csv'})")
-    assert all(name in error for name in ("cut.jpg", "notes.jpg", "empty.png")) and "good.jpg" not in error
-    assert sorted(r["file_name"] for r in csv.DictReader(open(out / "skipped.csv"))) == \
-        ["cut.jpg", "empty.png", "notes.jpg"]
+    assert (
+        all(name in error for name in ("cut.jpg", "notes.jpg", "empty.png"))
+        and "good.jpg" not in error
+    )
+    assert sorted(r["file_name"] for r in csv.DictReader(open(out / "skipped.csv"))) == [
+        "cut.jpg",
+        "empty.png",
+        "notes.jpg",
+    ]
     assert not (out / "predictions.json").exists() and not (out / "measurements.csv").exists()
 
     result = run_cli(*common, "--output_dir", out, "--max_skipped_fraction", "0.8")

@@ -19,8 +19,11 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def test_readme_figures_agree_with_the_records():
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "readme_figures.py"), "--check"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "readme_figures.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     blocks = re.findall(r"<!-- figures:([\w-]+) -->", (REPO / "README.md").read_text())
     assert {"quality", "propagate", "finetune", "video", "merge-measure"} <= set(blocks)
@@ -37,18 +40,37 @@ def test_every_record_says_what_produced_it():
         assert rec["machine"]["cpu_count"] >= 1 and rec["machine"]["cpu"], path
         assert rec["versions"]["torch"] and rec["versions"]["python"], path
         # every record is cited by the README
-        assert f"benchmarks/results/{path.name}" in (REPO / "README.md").read_text(), f"{path.name} is not used"
+        assert f"benchmarks/results/{path.name}" in (REPO / "README.md").read_text(), (
+            f"{path.name} is not used"
+        )
 
 
 def test_a_benchmark_writes_its_record(tmp_path):
     env = dict(os.environ, SAM2PAL_BENCHMARK_RESULTS=str(tmp_path / "results"))
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "merge_measure.py"), "--images", "40",
-                           "--shards", "2", "--threads", "1", "--work", str(tmp_path / "work")],
-                          capture_output=True, text=True, env=env, cwd=REPO)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "merge_measure.py"),
+            "--images",
+            "40",
+            "--shards",
+            "2",
+            "--threads",
+            "1",
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rec = json.loads((tmp_path / "results" / "merge_measure.json").read_text())
-    assert rec["command"] == (".venv/bin/python benchmarks/merge_measure.py --images 40 --shards 2 "
-                              f"--threads 1 --work {tmp_path / 'work'}")
+    assert rec["command"] == (
+        ".venv/bin/python benchmarks/merge_measure.py --images 40 --shards 2 "
+        f"--threads 1 --work {tmp_path / 'work'}"
+    )
     assert rec["args"]["images"] == 40
     steps = rec["results"]["steps"]
     assert set(steps) == {"merge", "qc", "measure", "json.load"}

@@ -25,15 +25,15 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from sam2pal.errors import InputError
 
 # Flags of the old tool that existed to limit drift along its pseudo-video. Every image
 # is segmented from the templates directly here, so there is no drift to limit.
 DRIFT_FLAGS = {
     "--interleave_template": "every image is segmented directly from the template memory, "
-                             "so there is no drift to interleave against",
+    "so there is no drift to interleave against",
     "--reanchor_every": "every image is segmented directly from the template memory, "
-                        "so there is nothing to re-anchor",
+    "so there is nothing to re-anchor",
     "--multi_mask": "all structures of the template file are always segmented",
 }
 
@@ -75,8 +75,10 @@ def _fraction(text: str) -> float:
     return value
 
 
-MAX_SKIPPED_HELP = ("stop, listing them, when more than this share of the images (and at least two) are bad "
-                    "files (default 0.2; 1: never)")
+MAX_SKIPPED_HELP = (
+    "stop, listing them, when more than this share of the images (and at least two) are bad "
+    "files (default 0.2; 1: never)"
+)
 
 
 # -- segment --------------------------------------------------------------------------
@@ -84,39 +86,113 @@ MAX_SKIPPED_HELP = ("stop, listing them, when more than this share of the images
 
 def _template_args(p, for_training: bool = False):
     t = p.add_argument_group("templates")
-    _flag(t, "--template_image", help="the template photo (with --template_mask, or to pick one image of --template_json)")
+    _flag(
+        t,
+        "--template_image",
+        help="the template photo (with --template_mask, or to pick one image of --template_json)",
+    )
     _flag(t, "--template_mask", help="binary mask PNG of one structure on --template_image")
-    _flag(t, "--structure_name", help="name of the --template_mask structure (default: the mask file name without a trailing _mask)")
-    _flag(t, "--template_labels", help="treat --template_mask as a label map: 'VALUE=NAME,...', e.g. '1=head,2=pronotum'")
-    _flag(t, "--template_json", help="COCO JSON of the template(s): polygons or RLE, any number of structures and annotated images")
-    _flag(t, "--template_dir", help="folder of the --template_json images (default: next to the JSON, then --image_dir)")
-    _flag(t, "--max_templates", type=int, default=0, help="use at most this many annotated templates in memory (0: all)")
+    _flag(
+        t,
+        "--structure_name",
+        help="name of the --template_mask structure (default: the mask file name without a trailing _mask)",
+    )
+    _flag(
+        t,
+        "--template_labels",
+        help="treat --template_mask as a label map: 'VALUE=NAME,...', e.g. '1=head,2=pronotum'",
+    )
+    _flag(
+        t,
+        "--template_json",
+        help="COCO JSON of the template(s): polygons or RLE, any number of structures and annotated images",
+    )
+    _flag(
+        t,
+        "--template_dir",
+        help="folder of the --template_json images (default: next to the JSON, then --image_dir)",
+    )
+    _flag(
+        t,
+        "--max_templates",
+        type=int,
+        default=0,
+        help="use at most this many annotated templates in memory (0: all)",
+    )
 
 
 def _model_args(p):
     m = p.add_argument_group("model")
-    _flag(m, "--sam2_checkpoint", help="SAM2 checkpoint: a .pt file, an official name (sam2.1_hiera_tiny/small/base_plus/large) or 'random'")
-    m.add_argument("--sam2_config", "--sam2-config", "--model_cfg", "--model-cfg", dest="sam2_config",
-                   help="SAM2 config: a packaged name (sam2.1_hiera_l) or a yaml file (default: from the checkpoint)")
-    _flag(m, "--image_size", type=int, help="model input size (multiple of 32; default: the config's)")
-    _flag(m, "--checkpoint_dir", default="resources/checkpoints", help="where official checkpoints are kept")
+    _flag(
+        m,
+        "--sam2_checkpoint",
+        help="SAM2 checkpoint: a .pt file, an official name (sam2.1_hiera_tiny/small/base_plus/large) or 'random'",
+    )
+    m.add_argument(
+        "--sam2_config",
+        "--sam2-config",
+        "--model_cfg",
+        "--model-cfg",
+        dest="sam2_config",
+        help="SAM2 config: a packaged name (sam2.1_hiera_l) or a yaml file (default: from the checkpoint)",
+    )
+    _flag(
+        m, "--image_size", type=int, help="model input size (multiple of 32; default: the config's)"
+    )
+    _flag(
+        m,
+        "--checkpoint_dir",
+        default="resources/checkpoints",
+        help="where official checkpoints are kept",
+    )
     _flag(m, "--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    _flag(m, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
+    _flag(
+        m, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)"
+    )
 
 
 def _engine_args(p, reference: str, cut_note: str = ""):
     e = p.add_argument_group("propagation")
-    _flag(e, "--area_growth_limit", type=_non_negative_float, default=0.0,
-          help=f"cut a structure more than this many times larger than on {reference} to its box (0: off){cut_note}")
+    _flag(
+        e,
+        "--area_growth_limit",
+        type=_non_negative_float,
+        default=0.0,
+        help=f"cut a structure more than this many times larger than on {reference} to its box (0: off){cut_note}",
+    )
     _flag(e, "--area_clamp_pad", type=int, default=10, help="padding in pixels of that box")
-    _flag(e, "--bbox_clamp", action="store_true",
-          help=f"always cut structures to the box on {reference} (+ padding){cut_note}")
-    _flag(e, "--no_cycle_consistency", action="store_true", help="skip the cycle-consistency QC score (faster)")
-    _flag(e, "--fill_hole_area", type=int, default=8, help="fill mask holes up to this many low-res pixels (0: off)")
-    _flag(e, "--exact", action="store_true",
-          help="reproduce SAM2's official predictor exactly: decode and resize at full size (slower on large photos)")
-    _flag(e, "--batch_size", type=_non_negative_int, default=0,
-          help="photos per model call (0: automatic, 8 on a GPU, 1 on a CPU); changes no mask")
+    _flag(
+        e,
+        "--bbox_clamp",
+        action="store_true",
+        help=f"always cut structures to the box on {reference} (+ padding){cut_note}",
+    )
+    _flag(
+        e,
+        "--no_cycle_consistency",
+        action="store_true",
+        help="skip the cycle-consistency QC score (faster)",
+    )
+    _flag(
+        e,
+        "--fill_hole_area",
+        type=int,
+        default=8,
+        help="fill mask holes up to this many low-res pixels (0: off)",
+    )
+    _flag(
+        e,
+        "--exact",
+        action="store_true",
+        help="reproduce SAM2's official predictor exactly: decode and resize at full size (slower on large photos)",
+    )
+    _flag(
+        e,
+        "--batch_size",
+        type=_non_negative_int,
+        default=0,
+        help="photos per model call (0: automatic, 8 on a GPU, 1 on a CPU); changes no mask",
+    )
 
 
 def _engine_settings(args) -> dict:
@@ -133,29 +209,129 @@ def _engine_settings(args) -> dict:
 # Fine-tuning options: (flag, argparse keywords, FinetuneSettings field or None). Their
 # defaults are None so that `segment` can tell which ones were given.
 FINETUNE_FLAGS = [
-    ("--use_lora", dict(action="store_true", default=None, help="LoRA fine-tuning (recommended; without it, `segment` fine-tunes fully, as the old tool did)"), None),
+    (
+        "--use_lora",
+        dict(
+            action="store_true",
+            default=None,
+            help="LoRA fine-tuning (recommended; without it, `segment` fine-tunes fully, as the old tool did)",
+        ),
+        None,
+    ),
     ("--lora_rank", dict(type=int, help="LoRA rank (default 8)"), "lora_rank"),
     ("--lora_alpha", dict(type=float, help="LoRA alpha (default 16)"), "lora_alpha"),
     ("--lora_dropout", dict(type=float, help="LoRA dropout (default 0)"), "lora_dropout"),
-    ("--targets", dict(nargs="+", help="SAM2 parts to adapt (default: memory_attention sam_mask_decoder memory_encoder; also image_encoder, obj_ptr_proj, sam_prompt_encoder)"), "targets"),
+    (
+        "--targets",
+        dict(
+            nargs="+",
+            help="SAM2 parts to adapt (default: memory_attention sam_mask_decoder memory_encoder; also image_encoder, obj_ptr_proj, sam_prompt_encoder)",
+        ),
+        "targets",
+    ),
     ("--num_epochs", dict(type=int, help="training epochs (default 10)"), "num_epochs"),
-    ("--min_steps", dict(type=int, help="at least this many optimizer steps, repeating epochs on small collections (default 60)"), "min_steps"),
-    ("--template_views", dict(type=int, help="augmented views of every template trained on beside it (default 0: none)"), "template_views"),
-    ("--learning_rate", dict(type=_positive_float, help="learning rate (default 1e-3 with LoRA, 5e-6 for full fine-tuning)"), "learning_rate"),
-    ("--accumulation_steps", dict(type=int, help="gradient accumulation steps (default 4)"), "accumulation_steps"),
-    ("--max_images_per_epoch", dict(type=int, help="unlabelled images per epoch (default 100)"), "max_images_per_epoch"),
-    ("--max_pool_images", dict(type=int, help="train on at most this many unlabelled images, a seeded sample (default 200)"), "max_pool_images"),
-    ("--schedule", dict(choices=["cosine", "constant"], help="learning-rate schedule after warm-up (default cosine)"), "schedule"),
+    (
+        "--min_steps",
+        dict(
+            type=int,
+            help="at least this many optimizer steps, repeating epochs on small collections (default 60)",
+        ),
+        "min_steps",
+    ),
+    (
+        "--template_views",
+        dict(
+            type=int,
+            help="augmented views of every template trained on beside it (default 0: none)",
+        ),
+        "template_views",
+    ),
+    (
+        "--learning_rate",
+        dict(
+            type=_positive_float,
+            help="learning rate (default 1e-3 with LoRA, 5e-6 for full fine-tuning)",
+        ),
+        "learning_rate",
+    ),
+    (
+        "--accumulation_steps",
+        dict(type=int, help="gradient accumulation steps (default 4)"),
+        "accumulation_steps",
+    ),
+    (
+        "--max_images_per_epoch",
+        dict(type=int, help="unlabelled images per epoch (default 100)"),
+        "max_images_per_epoch",
+    ),
+    (
+        "--max_pool_images",
+        dict(
+            type=int,
+            help="train on at most this many unlabelled images, a seeded sample (default 200)",
+        ),
+        "max_pool_images",
+    ),
+    (
+        "--schedule",
+        dict(
+            choices=["cosine", "constant"],
+            help="learning-rate schedule after warm-up (default cosine)",
+        ),
+        "schedule",
+    ),
     ("--warmup_steps", dict(type=int, help="warm-up optimizer steps (default 5)"), "warmup_steps"),
-    ("--holdout_fraction", dict(type=float, help="share of the unlabelled images held out to pick the best epoch (default 0.1)"), "holdout_fraction"),
-    ("--no_feature_cache", dict(action="store_true", default=None, help="re-encode images every step instead of caching the frozen encoder's features"), None),
-    ("--gradient_checkpointing", dict(action="store_true", default=None, help="less memory, slower steps (recompute memory-attention activations)"), "gradient_checkpointing"),
-    ("--merge_checkpoint", dict(action="store_true", default=None, help="also write merged.pt: a full checkpoint with the LoRA weights folded in"), "merge_checkpoint"),
-    ("--seed", dict(type=int, help="seed (default 0) of the training (the same seed gives the same adapter on a "
-                                   "CPU) and of the weights of --sam2_checkpoint random"), "seed"),
+    (
+        "--holdout_fraction",
+        dict(
+            type=float,
+            help="share of the unlabelled images held out to pick the best epoch (default 0.1)",
+        ),
+        "holdout_fraction",
+    ),
+    (
+        "--no_feature_cache",
+        dict(
+            action="store_true",
+            default=None,
+            help="re-encode images every step instead of caching the frozen encoder's features",
+        ),
+        None,
+    ),
+    (
+        "--gradient_checkpointing",
+        dict(
+            action="store_true",
+            default=None,
+            help="less memory, slower steps (recompute memory-attention activations)",
+        ),
+        "gradient_checkpointing",
+    ),
+    (
+        "--merge_checkpoint",
+        dict(
+            action="store_true",
+            default=None,
+            help="also write merged.pt: a full checkpoint with the LoRA weights folded in",
+        ),
+        "merge_checkpoint",
+    ),
+    (
+        "--seed",
+        dict(
+            type=int,
+            help="seed (default 0) of the training (the same seed gives the same adapter on a "
+            "CPU) and of the weights of --sam2_checkpoint random",
+        ),
+        "seed",
+    ),
     ("--training_json", dict(help="COCO JSON of more annotated training templates"), None),
     ("--training_images_dir", dict(help="folder of the --training_json photos"), None),
-    ("--ground_truth", dict(help="COCO ground truth of some unlabelled images: the real IoU picks the best epoch"), None),
+    (
+        "--ground_truth",
+        dict(help="COCO ground truth of some unlabelled images: the real IoU picks the best epoch"),
+        None,
+    ),
 ]
 
 
@@ -193,15 +369,46 @@ def _segment_parser(sub):
     io = p.add_argument_group("input and output")
     _flag(io, "--image_dir", required=True, help="folder of images to segment")
     _flag(io, "--output_dir", required=True, help="folder for the results")
-    _flag(io, "--output_timestamp", action="store_true", help="write into a new OUTPUT_DIR/YYYYmmdd-HHMMSS/ subfolder")
-    _flag(io, "--save_masks", action="store_true", help="write one PNG per structure to OUTPUT_DIR/masks/")
-    _flag(io, "--output_category_prefix", action="store_true", help="mask PNG names start with the category: CATEGORY__IMAGE__ID.png")
-    io.add_argument("--save_vis", "--save-vis", "--visualize", action="store_true", dest="save_vis",
-                    help="write overlay images to OUTPUT_DIR/overlays/")
-    _flag(io, "--polygons", action="store_true", help="COCO segmentations as polygons instead of RLE (holes are lost)")
-    _flag(io, "--on_bad_image", choices=["skip", "fail"], default="skip",
-          help="bad image files (truncated, corrupt, not an image): list them in skipped.csv and go on (skip, "
-          "default) or stop (fail); a file that cannot be read at all (missing, no permission) always stops")
+    _flag(
+        io,
+        "--output_timestamp",
+        action="store_true",
+        help="write into a new OUTPUT_DIR/YYYYmmdd-HHMMSS/ subfolder",
+    )
+    _flag(
+        io,
+        "--save_masks",
+        action="store_true",
+        help="write one PNG per structure to OUTPUT_DIR/masks/",
+    )
+    _flag(
+        io,
+        "--output_category_prefix",
+        action="store_true",
+        help="mask PNG names start with the category: CATEGORY__IMAGE__ID.png",
+    )
+    io.add_argument(
+        "--save_vis",
+        "--save-vis",
+        "--visualize",
+        action="store_true",
+        dest="save_vis",
+        help="write overlay images to OUTPUT_DIR/overlays/",
+    )
+    _flag(
+        io,
+        "--polygons",
+        action="store_true",
+        help="COCO segmentations as polygons instead of RLE (holes are lost)",
+    )
+    _flag(
+        io,
+        "--on_bad_image",
+        choices=["skip", "fail"],
+        default="skip",
+        help="bad image files (truncated, corrupt, not an image): list them in skipped.csv and go on (skip, "
+        "default) or stop (fail); a file that cannot be read at all (missing, no permission) always stops",
+    )
     _flag(io, "--max_skipped_fraction", type=_fraction, default=0.2, help=MAX_SKIPPED_HELP)
     _model_args(p)
 
@@ -212,15 +419,26 @@ def _segment_parser(sub):
     _flag(ms, "--calibration_csv", help="per-image scale: CSV with columns file_name,px_per_mm")
 
     ft = _finetune_args(p, "palindrome fine-tuning (with --pal_finetuning)")
-    _flag(ft, "--pal_finetuning", action="store_true", help="fine-tune SAM2 on --image_dir before segmenting it")
-    _flag(ft, "--adapter", help="segment with an adapter folder from an earlier fine-tuning (no training)")
+    _flag(
+        ft,
+        "--pal_finetuning",
+        action="store_true",
+        help="fine-tune SAM2 on --image_dir before segmenting it",
+    )
+    _flag(
+        ft,
+        "--adapter",
+        help="segment with an adapter folder from an earlier fine-tuning (no training)",
+    )
 
     old = p.add_argument_group("flags of the old tool")
     for name in DRIFT_FLAGS:
         if name == "--reanchor_every":
             _flag(old, name, type=int, default=None, help=f"accepted; {DRIFT_FLAGS[name]}")
         else:
-            _flag(old, name, action="store_true", default=None, help=f"accepted; {DRIFT_FLAGS[name]}")
+            _flag(
+                old, name, action="store_true", default=None, help=f"accepted; {DRIFT_FLAGS[name]}"
+            )
     p.set_defaults(func=cmd_segment)
 
 
@@ -239,7 +457,9 @@ def _finetune_parser(sub):
     _flag(io, "--output_dir", required=True, help="folder for the adapter and training logs")
     _model_args(p)
     _finetune_args(p, "training")
-    _flag(p, "--full", action="store_true", help="full fine-tuning of the --targets instead of LoRA")
+    _flag(
+        p, "--full", action="store_true", help="full fine-tuning of the --targets instead of LoRA"
+    )
     p.set_defaults(func=cmd_finetune)
 
 
@@ -256,41 +476,106 @@ def _video_parser(sub):
     )
     io = p.add_argument_group("input and output")
     _flag(io, "--input", help="video file (frames are extracted into OUTPUT_DIR/frames/)")
-    _flag(io, "--video_dir", help="folder of frames extracted beforehand (00000.jpg ... or any names in natural order)")
-    _flag(io, "--annotations", required=True, help="COCO JSON of the keyframes: annotations on any frames, matched by file name")
+    _flag(
+        io,
+        "--video_dir",
+        help="folder of frames extracted beforehand (00000.jpg ... or any names in natural order)",
+    )
+    _flag(
+        io,
+        "--annotations",
+        required=True,
+        help="COCO JSON of the keyframes: annotations on any frames, matched by file name",
+    )
     _flag(io, "--output_dir", required=True, help="folder for the results")
-    _flag(io, "--export_predictions", default="predictions.json",
-          help="name of the COCO predictions file (relative names go in OUTPUT_DIR; default predictions.json)")
-    _flag(io, "--save_masks", action="store_true", help="write one PNG per structure and frame to OUTPUT_DIR/masks/")
-    _flag(io, "--overlay_video", action="store_true", help="write OUTPUT_DIR/overlay.mp4: the frames with their masks drawn on")
-    _flag(io, "--on_bad_image", choices=["skip", "fail"], default="skip",
-          help="bad frame files (truncated, corrupt): list them in skipped.csv and go on (skip, default) or "
-          "stop (fail); a file that cannot be read at all (missing, no permission) always stops")
-    _flag(io, "--max_skipped_fraction", type=_fraction, default=0.2,
-          help=MAX_SKIPPED_HELP.replace("images", "frames"))
+    _flag(
+        io,
+        "--export_predictions",
+        default="predictions.json",
+        help="name of the COCO predictions file (relative names go in OUTPUT_DIR; default predictions.json)",
+    )
+    _flag(
+        io,
+        "--save_masks",
+        action="store_true",
+        help="write one PNG per structure and frame to OUTPUT_DIR/masks/",
+    )
+    _flag(
+        io,
+        "--overlay_video",
+        action="store_true",
+        help="write OUTPUT_DIR/overlay.mp4: the frames with their masks drawn on",
+    )
+    _flag(
+        io,
+        "--on_bad_image",
+        choices=["skip", "fail"],
+        default="skip",
+        help="bad frame files (truncated, corrupt): list them in skipped.csv and go on (skip, default) or "
+        "stop (fail); a file that cannot be read at all (missing, no permission) always stops",
+    )
+    _flag(
+        io,
+        "--max_skipped_fraction",
+        type=_fraction,
+        default=0.2,
+        help=MAX_SKIPPED_HELP.replace("images", "frames"),
+    )
 
     fr = p.add_argument_group("frame extraction (with --input)")
-    _flag(fr, "--fps", type=_positive_float, help="frames per second to extract (default: every frame); "
-          "with --video_dir, the frame rate for the time column")
+    _flag(
+        fr,
+        "--fps",
+        type=_positive_float,
+        help="frames per second to extract (default: every frame); "
+        "with --video_dir, the frame rate for the time column",
+    )
     _flag(fr, "--start", type=_non_negative_float, help="start time in seconds")
     _flag(fr, "--end", type=_positive_float, help="end time in seconds")
     _flag(fr, "--max_frames", type=int, help="extract at most this many frames")
-    _flag(fr, "--max_size", type=int, help="longest side of the extracted frames in pixels (never enlarged)")
-    _flag(fr, "--image_format", choices=["jpg", "png"], help="frame files: jpg (default) or png (lossless)")
+    _flag(
+        fr,
+        "--max_size",
+        type=int,
+        help="longest side of the extracted frames in pixels (never enlarged)",
+    )
+    _flag(
+        fr,
+        "--image_format",
+        choices=["jpg", "png"],
+        help="frame files: jpg (default) or png (lossless)",
+    )
 
     _model_args(p)
-    _flag(p, "--mode", choices=["video", "independent"], default="video",
-          help="video: SAM2's memory through time (default); independent: each frame from the keyframes only")
-    _engine_args(p, "the previous frame (video mode) or the keyframes (independent mode)",
-                 cut_note="; in video mode the cut mask is also what SAM2 keeps in its memory for the next frames")
+    _flag(
+        p,
+        "--mode",
+        choices=["video", "independent"],
+        default="video",
+        help="video: SAM2's memory through time (default); independent: each frame from the keyframes only",
+    )
+    _engine_args(
+        p,
+        "the previous frame (video mode) or the keyframes (independent mode)",
+        cut_note="; in video mode the cut mask is also what SAM2 keeps in its memory for the next frames",
+    )
     ms = p.add_argument_group("measurements")
     _flag(ms, "--px_per_mm", type=_positive_float, help="scale for millimetre columns")
 
     ft = _finetune_args(p, "palindrome fine-tuning (with --use_lora or --full_finetune)")
     _flag(ft, "--full_finetune", action="store_true", help="full fine-tuning instead of LoRA")
-    _flag(ft, "--skip_training", action="store_true", help="do not train (segment with --checkpoint, or the base model)")
-    _flag(ft, "--checkpoint", help="trained weights to segment with: an adapter folder (OUTPUT_DIR/finetune/adapter "
-          "of an earlier run) or a merged .pt checkpoint")
+    _flag(
+        ft,
+        "--skip_training",
+        action="store_true",
+        help="do not train (segment with --checkpoint, or the base model)",
+    )
+    _flag(
+        ft,
+        "--checkpoint",
+        help="trained weights to segment with: an adapter folder (OUTPUT_DIR/finetune/adapter "
+        "of an earlier run) or a merged .pt checkpoint",
+    )
     _flag(ft, "--train_only", action="store_true", help="train and stop (no segmentation)")
     p.set_defaults(func=cmd_video)
 
@@ -301,7 +586,7 @@ def _trained_weights(path: str | None, checkpoint: str):
         return checkpoint, None
     target = Path(path)
     if target.is_dir():
-        from .adapters import adapter_kind
+        from sam2pal.models.adapters import adapter_kind
 
         try:
             adapter_kind(target)
@@ -314,34 +599,55 @@ def _trained_weights(path: str | None, checkpoint: str):
 
 
 def cmd_video(args) -> int:
-    from . import pipeline
-    from .measure import measure_coco
-    from .video import extract_frames, frames_from_dir
-    from .visualize import export_masks, write_overlay_video
+    from sam2pal.inference import pipeline
+    from sam2pal.io.video import extract_frames, frames_from_dir
+    from sam2pal.outputs.measure import measure_coco
+    from sam2pal.outputs.visualize import export_masks, write_overlay_video
 
     if bool(args.input) == bool(args.video_dir):
-        raise InputError("give the video: --input VIDEO_FILE or --video_dir FRAMES_FOLDER (one of them)")
+        raise InputError(
+            "give the video: --input VIDEO_FILE or --video_dir FRAMES_FOLDER (one of them)"
+        )
     if args.full_finetune and args.use_lora:
         raise InputError("give either --use_lora or --full_finetune, not both")
     train = bool(args.use_lora or args.full_finetune) and not args.skip_training
-    random_weights = _random_weights(args) and not (args.checkpoint and Path(args.checkpoint).is_file())
-    given = [flag for flag, _, _ in FINETUNE_FLAGS if flag != "--use_lora" and getattr(args, flag[2:]) is not None
-             and not (flag == "--seed" and random_weights)]
+    random_weights = _random_weights(args) and not (
+        args.checkpoint and Path(args.checkpoint).is_file()
+    )
+    given = [
+        flag
+        for flag, _, _ in FINETUNE_FLAGS
+        if flag != "--use_lora"
+        and getattr(args, flag[2:]) is not None
+        and not (flag == "--seed" and random_weights)
+    ]
     if args.seed is not None and not (train or random_weights):
         raise InputError(_SEED_UNUSED.format(train="--use_lora or --full_finetune"))
     if given and not (args.use_lora or args.full_finetune):
-        raise InputError(f"{', '.join(given)}: training options need --use_lora (or --full_finetune)")
+        raise InputError(
+            f"{', '.join(given)}: training options need --use_lora (or --full_finetune)"
+        )
     if args.skip_training and (args.use_lora or args.full_finetune or given):
-        print("note: --skip_training: no training; the training options are not used", file=sys.stderr)
+        print(
+            "note: --skip_training: no training; the training options are not used", file=sys.stderr
+        )
     if train and args.checkpoint:
-        raise InputError("--checkpoint segments with earlier trained weights: add --skip_training, "
-                         "or drop --checkpoint to train new ones")
+        raise InputError(
+            "--checkpoint segments with earlier trained weights: add --skip_training, "
+            "or drop --checkpoint to train new ones"
+        )
     if args.train_only and not train:
-        raise InputError("--train_only needs --use_lora (or --full_finetune) without --skip_training")
-    if args.video_dir and any(v is not None for v in (args.start, args.end, args.max_frames, args.max_size,
-                                                       args.image_format)):
-        raise InputError("--start, --end, --max_frames, --max_size and --image_format choose how frames are "
-                         "extracted from an --input video; --video_dir frames are used as they are")
+        raise InputError(
+            "--train_only needs --use_lora (or --full_finetune) without --skip_training"
+        )
+    if args.video_dir and any(
+        v is not None
+        for v in (args.start, args.end, args.max_frames, args.max_size, args.image_format)
+    ):
+        raise InputError(
+            "--start, --end, --max_frames, --max_size and --image_format choose how frames are "
+            "extracted from an --input video; --video_dir frames are used as they are"
+        )
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -350,9 +656,17 @@ def cmd_video(args) -> int:
     manifest = out_dir / "frames.csv"
     if args.input:
         frames_dir = out_dir / "frames"
-        rows = extract_frames(args.input, frames_dir, manifest, fps=args.fps, start=args.start, end=args.end,
-                              max_frames=args.max_frames, max_size=args.max_size,
-                              image_format=args.image_format or "jpg")
+        rows = extract_frames(
+            args.input,
+            frames_dir,
+            manifest,
+            fps=args.fps,
+            start=args.start,
+            end=args.end,
+            max_frames=args.max_frames,
+            max_size=args.max_size,
+            image_format=args.image_format or "jpg",
+        )
     else:
         frames_dir = Path(args.video_dir)
         rows = frames_from_dir(frames_dir, manifest, fps=args.fps)
@@ -361,46 +675,86 @@ def cmd_video(args) -> int:
     pipeline.prepare_templates(str(args.annotations), frames_dir, templates_json)
     names = [row.file for row in rows]
     if train:
-        adapter = _train(args, out_dir / "finetune", templates_json, frames_dir, names, config, checkpoint,
-                         lora=not args.full_finetune) / "adapter"
+        adapter = (
+            _train(
+                args,
+                out_dir / "finetune",
+                templates_json,
+                frames_dir,
+                names,
+                config,
+                checkpoint,
+                lora=not args.full_finetune,
+            )
+            / "adapter"
+        )
         if args.train_only:
             print(f"adapter written to {adapter}")
             return 0
     records = out_dir / "predictions.jsonl"
     counts = pipeline.segment_video(
-        templates_json, frames_dir, manifest, records, out_dir / "run.json", out_dir / "skipped.csv",
-        mode=args.mode, config=config, checkpoint=checkpoint, image_size=args.image_size, seed=_model_seed(args),
-        device=args.device, threads=args.threads or None, on_bad_image=args.on_bad_image,
-        max_skipped_fraction=args.max_skipped_fraction, checkpoint_dir=args.checkpoint_dir,
-        adapter=adapter, engine_settings=_engine_settings(args), batch_size=args.batch_size,
+        templates_json,
+        frames_dir,
+        manifest,
+        records,
+        out_dir / "run.json",
+        out_dir / "skipped.csv",
+        mode=args.mode,
+        config=config,
+        checkpoint=checkpoint,
+        image_size=args.image_size,
+        seed=_model_seed(args),
+        device=args.device,
+        threads=args.threads or None,
+        on_bad_image=args.on_bad_image,
+        max_skipped_fraction=args.max_skipped_fraction,
+        checkpoint_dir=args.checkpoint_dir,
+        adapter=adapter,
+        engine_settings=_engine_settings(args),
+        batch_size=args.batch_size,
     )
     predictions = Path(args.export_predictions)
     if not predictions.is_absolute():
         predictions = out_dir / predictions
     _check_skipped(args, records, frames_dir, out_dir)
-    pipeline.merge([records], templates_json, [out_dir / "run.json"], predictions,
-                   provenance_json=out_dir / "provenance.json")
+    pipeline.merge(
+        [records],
+        templates_json,
+        [out_dir / "run.json"],
+        predictions,
+        provenance_json=out_dir / "provenance.json",
+    )
     pipeline.qc([records], templates_json, out_dir / "qc.csv")
-    measure_coco(predictions, out_dir / "measurements.csv", px_per_mm=args.px_per_mm,
-                 wide_csv=out_dir / "measurements_wide.csv")
+    measure_coco(
+        predictions,
+        out_dir / "measurements.csv",
+        px_per_mm=args.px_per_mm,
+        wide_csv=out_dir / "measurements_wide.csv",
+    )
     if args.save_masks:
         export_masks(predictions, out_dir / "masks")
     if args.overlay_video:
-        write_overlay_video(predictions, frames_dir, out_dir / "overlay.mp4", fps=None, manifest_csv=manifest)
-    print(f"segmented {counts['segmented']} frames ({counts['keyframes']} keyframes), skipped "
-          f"{counts['skipped']}; predictions in {predictions}")
+        write_overlay_video(
+            predictions, frames_dir, out_dir / "overlay.mp4", fps=None, manifest_csv=manifest
+        )
+    print(
+        f"segmented {counts['segmented']} frames ({counts['keyframes']} keyframes), skipped "
+        f"{counts['skipped']}; predictions in {predictions}"
+    )
     return 0
 
 
 def _check_skipped(args, records, image_dir, out_dir: Path) -> None:
     """--max_skipped_fraction on the whole collection: stops, pointing to skipped.csv,
     when too many images are bad files."""
-    from .propagate import TooManySkipped, check_skipped
+    from sam2pal.inference.propagate import TooManySkipped, check_skipped
 
     try:
         check_skipped([records], args.max_skipped_fraction, image_dir)
     except TooManySkipped as exc:
-        raise TooManySkipped(f"{exc} (all of them in {out_dir / 'skipped.csv'})", exc.skipped) from None
+        raise TooManySkipped(
+            f"{exc} (all of them in {out_dir / 'skipped.csv'})", exc.skipped
+        ) from None
 
 
 def _default_structure_name(mask_path: str) -> str:
@@ -416,7 +770,9 @@ def _parse_labels(text: str) -> dict[int, str]:
     for item in text.split(","):
         value, sep, name = item.partition("=")
         if not sep or not value.strip().isdigit() or not name.strip():
-            raise InputError(f"--template_labels: '{item}' is not VALUE=NAME (e.g. '1=head,2=pronotum')")
+            raise InputError(
+                f"--template_labels: '{item}' is not VALUE=NAME (e.g. '1=head,2=pronotum')"
+            )
         labels[int(value)] = name.strip()
     return labels
 
@@ -440,17 +796,29 @@ def _template_spec(args, out_dir: Path):
     if not args.template_mask:
         for flag in ("--structure_name", "--template_labels"):
             if getattr(args, flag[2:]) is not None:
-                raise InputError(f"{flag} names the structures of a --template_mask; "
-                                 "with --template_json they are the categories of the COCO file")
+                raise InputError(
+                    f"{flag} names the structures of a --template_mask; "
+                    "with --template_json they are the categories of the COCO file"
+                )
     elif args.template_dir is not None:
-        raise InputError("--template_dir is the folder of the --template_json photos; "
-                         "with --template_mask give the photo as --template_image")
+        raise InputError(
+            "--template_dir is the folder of the --template_json photos; "
+            "with --template_mask give the photo as --template_image"
+        )
     if args.template_mask:
-        entry = _png_entry(args.template_image, args.template_mask, args.template_labels, args.structure_name,
-                           "--template_image", "--template_mask")
+        entry = _png_entry(
+            args.template_image,
+            args.template_mask,
+            args.template_labels,
+            args.structure_name,
+            "--template_image",
+            "--template_mask",
+        )
         return [entry], None
     if not args.template_json:
-        raise InputError("give the templates: --template_json, or --template_image with --template_mask")
+        raise InputError(
+            "give the templates: --template_json, or --template_image with --template_mask"
+        )
     if not args.template_image:
         # the loader also looks next to the JSON file
         return str(args.template_json), args.template_dir or args.image_dir
@@ -468,22 +836,30 @@ def _template_spec(args, out_dir: Path):
     if not chosen and len(images) == 1:
         chosen = images
     if not chosen:
-        raise InputError(f"{path}: no annotated image named {wanted} (annotated: {', '.join(im['file_name'] for im in images)})")
+        raise InputError(
+            f"{path}: no annotated image named {wanted} (annotated: {', '.join(im['file_name'] for im in images)})"
+        )
     image = dict(chosen[0], path=str(Path(args.template_image).resolve()))
-    subset = dict(data, images=[image], annotations=[a for a in data["annotations"] if a["image_id"] == image["id"]])
+    subset = dict(
+        data,
+        images=[image],
+        annotations=[a for a in data["annotations"] if a["image_id"] == image["id"]],
+    )
     subset_path = out_dir / "template_input.json"
-    from .atomic import write_json
+    from sam2pal.io.atomic import write_json
 
     write_json(subset_path, subset)
     return str(subset_path), None
 
 
-_SEED_UNUSED = ("--seed seeds the training ({train}) and the weights of --sam2_checkpoint random; "
-                "here nothing is random, so it would change nothing")
+_SEED_UNUSED = (
+    "--seed seeds the training ({train}) and the weights of --sam2_checkpoint random; "
+    "here nothing is random, so it would change nothing"
+)
 
 
 def _random_weights(args) -> bool:
-    from .registry import RANDOM_CHECKPOINT
+    from sam2pal.models.registry import RANDOM_CHECKPOINT
 
     return str(args.sam2_checkpoint).strip() == RANDOM_CHECKPOINT
 
@@ -495,29 +871,38 @@ def _model_seed(args) -> int:
 
 
 def _model_choice(args) -> tuple[str, str]:
-    from .registry import choose_config
+    from sam2pal.models.registry import choose_config
 
     checkpoint = args.sam2_checkpoint
     if checkpoint is None:
-        raise InputError("give --sam2_checkpoint: a .pt file, an official name such as sam2.1_hiera_large, or 'random'")
+        raise InputError(
+            "give --sam2_checkpoint: a .pt file, an official name such as sam2.1_hiera_large, or 'random'"
+        )
     return choose_config(args.sam2_config, checkpoint), checkpoint
 
 
 def cmd_segment(args) -> int:
-    from . import pipeline
-    from .measure import measure_coco
-    from .visualize import export_masks, write_overlays
+    from sam2pal.inference import pipeline
+    from sam2pal.outputs.measure import measure_coco
+    from sam2pal.outputs.visualize import export_masks, write_overlays
 
-    given = [flag for flag, _, _ in FINETUNE_FLAGS if getattr(args, flag[2:]) is not None
-             and not (flag == "--seed" and _random_weights(args))]
+    given = [
+        flag
+        for flag, _, _ in FINETUNE_FLAGS
+        if getattr(args, flag[2:]) is not None and not (flag == "--seed" and _random_weights(args))
+    ]
     if args.seed is not None and not (args.pal_finetuning or _random_weights(args)):
         raise InputError(_SEED_UNUSED.format(train="--pal_finetuning"))
     if given and not args.pal_finetuning:
         raise InputError(f"{', '.join(given)}: training options need --pal_finetuning")
     if args.output_category_prefix and not args.save_masks:
-        raise InputError("--output_category_prefix names the mask PNGs: add --save_masks to write them")
+        raise InputError(
+            "--output_category_prefix names the mask PNGs: add --save_masks to write them"
+        )
     if args.pal_finetuning and args.adapter:
-        raise InputError("give either --pal_finetuning (train a new adapter) or --adapter (use one), not both")
+        raise InputError(
+            "give either --pal_finetuning (train a new adapter) or --adapter (use one), not both"
+        )
     for flag, why in DRIFT_FLAGS.items():
         if getattr(args, flag[2:]) not in (None, False):
             print(f"note: {flag} has no effect here: {why}", file=sys.stderr)
@@ -529,34 +914,71 @@ def cmd_segment(args) -> int:
     config, checkpoint, templates_json, names = _prepare(args, out_dir)
     adapter = args.adapter
     if args.pal_finetuning:
-        adapter = _train(args, out_dir / "finetune", templates_json, args.image_dir, names, config, checkpoint,
-                         lora=bool(args.use_lora)) / "adapter"
+        adapter = (
+            _train(
+                args,
+                out_dir / "finetune",
+                templates_json,
+                args.image_dir,
+                names,
+                config,
+                checkpoint,
+                lora=bool(args.use_lora),
+            )
+            / "adapter"
+        )
     records = out_dir / "predictions.jsonl"
     counts = pipeline.segment(
-        templates_json, args.image_dir, names, records, out_dir / "run.json", out_dir / "skipped.csv",
-        config=config, checkpoint=checkpoint, image_size=args.image_size, seed=_model_seed(args),
-        device=args.device, threads=args.threads or None, on_bad_image=args.on_bad_image,
-        max_skipped_fraction=args.max_skipped_fraction, checkpoint_dir=args.checkpoint_dir,
-        adapter=adapter, engine_settings=_engine_settings(args), batch_size=args.batch_size,
+        templates_json,
+        args.image_dir,
+        names,
+        records,
+        out_dir / "run.json",
+        out_dir / "skipped.csv",
+        config=config,
+        checkpoint=checkpoint,
+        image_size=args.image_size,
+        seed=_model_seed(args),
+        device=args.device,
+        threads=args.threads or None,
+        on_bad_image=args.on_bad_image,
+        max_skipped_fraction=args.max_skipped_fraction,
+        checkpoint_dir=args.checkpoint_dir,
+        adapter=adapter,
+        engine_settings=_engine_settings(args),
+        batch_size=args.batch_size,
     )
     predictions = out_dir / "predictions.json"
     _check_skipped(args, records, args.image_dir, out_dir)
-    pipeline.merge([records], templates_json, [out_dir / "run.json"], predictions, polygons=args.polygons,
-                   provenance_json=out_dir / "provenance.json")
+    pipeline.merge(
+        [records],
+        templates_json,
+        [out_dir / "run.json"],
+        predictions,
+        polygons=args.polygons,
+        provenance_json=out_dir / "provenance.json",
+    )
     pipeline.qc([records], templates_json, out_dir / "qc.csv")
-    measure_coco(predictions, out_dir / "measurements.csv", px_per_mm=args.px_per_mm,
-                 calibration_csv=args.calibration_csv, wide_csv=out_dir / "measurements_wide.csv")
+    measure_coco(
+        predictions,
+        out_dir / "measurements.csv",
+        px_per_mm=args.px_per_mm,
+        calibration_csv=args.calibration_csv,
+        wide_csv=out_dir / "measurements_wide.csv",
+    )
     if args.save_masks:
         export_masks(predictions, out_dir / "masks", category_prefix=args.output_category_prefix)
     if args.save_vis:
         write_overlays(predictions, args.image_dir, out_dir / "overlays")
-    print(f"segmented {counts['segmented']} images, skipped {counts['skipped']}; results in {out_dir}")
+    print(
+        f"segmented {counts['segmented']} images, skipped {counts['skipped']}; results in {out_dir}"
+    )
     return 0
 
 
 def _prepare(args, out_dir: Path):
     """(config, checkpoint, normalised template file, image names) for segment/finetune."""
-    from .pipeline import list_collection_images, prepare_templates
+    from sam2pal.inference.pipeline import list_collection_images, prepare_templates
 
     config, checkpoint = _model_choice(args)
     spec, template_image_dir = _template_spec(args, out_dir)
@@ -564,21 +986,40 @@ def _prepare(args, out_dir: Path):
     prepare_templates(spec, template_image_dir, templates_json, max_templates=args.max_templates)
     names = list_collection_images(args.image_dir)
     if not names:
-        raise InputError(f"{args.image_dir}: no images found (extensions: jpg, jpeg, png, tif, tiff, bmp, webp)")
+        raise InputError(
+            f"{args.image_dir}: no images found (extensions: jpg, jpeg, png, tif, tiff, bmp, webp)"
+        )
     return config, checkpoint, templates_json, names
 
 
-def _train(args, out_dir: Path, templates_json, pool_dir, pool_names, config, checkpoint, lora: bool) -> Path:
-    from . import pipeline
+def _train(
+    args, out_dir: Path, templates_json, pool_dir, pool_names, config, checkpoint, lora: bool
+) -> Path:
+    from sam2pal.inference import pipeline
 
     if args.training_images_dir and not args.training_json:
         raise InputError("--training_images_dir needs --training_json")
-    extra = [(args.training_json, args.training_images_dir or Path(args.training_json).parent)] if args.training_json else []
+    extra = (
+        [(args.training_json, args.training_images_dir or Path(args.training_json).parent)]
+        if args.training_json
+        else []
+    )
     pipeline.finetune(
-        templates_json, pool_dir, pool_names, out_dir, config=config, checkpoint=checkpoint,
-        image_size=args.image_size, seed=_model_seed(args), device=args.device, threads=args.threads or None,
-        settings=_finetune_settings(args, lora), ground_truth=args.ground_truth, extra_templates=extra,
-        checkpoint_dir=args.checkpoint_dir, log=lambda msg: print(msg, file=sys.stderr),
+        templates_json,
+        pool_dir,
+        pool_names,
+        out_dir,
+        config=config,
+        checkpoint=checkpoint,
+        image_size=args.image_size,
+        seed=_model_seed(args),
+        device=args.device,
+        threads=args.threads or None,
+        settings=_finetune_settings(args, lora),
+        ground_truth=args.ground_truth,
+        extra_templates=extra,
+        checkpoint_dir=args.checkpoint_dir,
+        log=lambda msg: print(msg, file=sys.stderr),
     )
     return out_dir
 
@@ -590,7 +1031,9 @@ def cmd_finetune(args) -> int:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config, checkpoint, templates_json, names = _prepare(args, out_dir)
-    _train(args, out_dir, templates_json, args.image_dir, names, config, checkpoint, lora=not args.full)
+    _train(
+        args, out_dir, templates_json, args.image_dir, names, config, checkpoint, lora=not args.full
+    )
     print(f"adapter written to {out_dir / 'adapter'} (last epoch: {out_dir / 'adapter_last'})")
     return 0
 
@@ -599,7 +1042,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_templates(args) -> int:
-    from . import pipeline
+    from sam2pal.inference import pipeline
 
     spec = args.coco
     if args.mask and args.coco:
@@ -607,41 +1050,65 @@ def cmd_templates(args) -> int:
     if not args.mask:
         for flag in ("--image", "--structure_name", "--labels"):
             if getattr(args, flag[2:]) is not None:
-                raise InputError(f"{flag} goes with --mask (a PNG mask template); a --coco file names its own "
-                                 "photos and structures")
+                raise InputError(
+                    f"{flag} goes with --mask (a PNG mask template); a --coco file names its own "
+                    "photos and structures"
+                )
     if args.mask:
-        spec = [_png_entry(args.image, args.mask, args.labels, args.structure_name, "--image", "--mask")]
+        spec = [
+            _png_entry(args.image, args.mask, args.labels, args.structure_name, "--image", "--mask")
+        ]
     if spec is None:
         raise InputError("give --coco, or --image with --mask")
-    templates = pipeline.prepare_templates(spec, args.image_dir, args.out, template_files=args.template_files,
-                                           max_templates=args.max_templates)
+    templates = pipeline.prepare_templates(
+        spec,
+        args.image_dir,
+        args.out,
+        template_files=args.template_files,
+        max_templates=args.max_templates,
+    )
     n = sum(len(t.instances) for t in templates.images)
-    print(f"{len(templates.images)} template image(s), {n} structure instance(s), "
-          f"categories: {', '.join(templates.categories.values())}; written to {args.out}")
+    print(
+        f"{len(templates.images)} template image(s), {n} structure instance(s), "
+        f"categories: {', '.join(templates.categories.values())}; written to {args.out}"
+    )
     return 0
 
 
 def cmd_measure(args) -> int:
-    from .measure import measure_coco
+    from sam2pal.outputs.measure import measure_coco
 
-    summary = measure_coco(args.coco, args.out, px_per_mm=args.px_per_mm,
-                           calibration_csv=args.calibration_csv, wide_csv=args.wide)
-    print(f"measured {summary['n_annotations']} structures on {summary['n_images']} images -> {args.out}")
+    summary = measure_coco(
+        args.coco,
+        args.out,
+        px_per_mm=args.px_per_mm,
+        calibration_csv=args.calibration_csv,
+        wide_csv=args.wide,
+    )
+    print(
+        f"measured {summary['n_annotations']} structures on {summary['n_images']} images -> {args.out}"
+    )
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate
+    from sam2pal.outputs.evaluate import evaluate
 
-    means = evaluate(args.gt, args.pred, args.out, templates=args.templates, finetune_record=args.finetune_record,
-                     log=print)
+    means = evaluate(
+        args.gt,
+        args.pred,
+        args.out,
+        templates=args.templates,
+        finetune_record=args.finetune_record,
+        log=print,
+    )
     for category, iou in means.items():
         print(f"{category}: mean IoU {iou:.3f} (targets)")
     return 0
 
 
 def cmd_masks(args) -> int:
-    from .visualize import export_masks
+    from sam2pal.outputs.visualize import export_masks
 
     n = export_masks(args.coco, args.out_dir, category_prefix=args.category_prefix)
     print(f"wrote {n} mask PNGs to {args.out_dir}")
@@ -649,7 +1116,7 @@ def cmd_masks(args) -> int:
 
 
 def cmd_overlays(args) -> int:
-    from .visualize import write_overlays
+    from sam2pal.outputs.visualize import write_overlays
 
     n = write_overlays(args.coco, args.image_dir, args.out_dir, max_side=args.max_side)
     print(f"wrote {n} overlays to {args.out_dir}")
@@ -657,7 +1124,7 @@ def cmd_overlays(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .download import download_model
+    from sam2pal.models.download import download_model
 
     path = download_model(args.name, args.dest)
     print(f"{path}: ok")
@@ -677,45 +1144,84 @@ beetle part mask ({mask_name}; MIT licence, see src/sam2pal/data/neon_beetles_ma
 
 
 def cmd_make_demo(args) -> int:
-    from .synthetic import make_collection, make_video
+    from sam2pal.synth.specimens import make_collection, make_video
 
     if args.video:
         keyframes = (8, 24)
-        result = make_video(args.out_dir, n_frames=32, fps=8, seed=args.seed, size=(320, 240), keyframes=keyframes)
-        from .atomic import atomic_write
+        result = make_video(
+            args.out_dir, n_frames=32, fps=8, seed=args.seed, size=(320, 240), keyframes=keyframes
+        )
+        from sam2pal.io.atomic import atomic_write
 
         with atomic_write(Path(args.out_dir) / "README.md") as handle:
-            handle.write(DEMO_VIDEO_README.format(n_frames=32, fps=8, width=320, height=240, seed=args.seed,
-                                                  mask_name=result["mask_name"], keyframes=list(keyframes)))
+            handle.write(
+                DEMO_VIDEO_README.format(
+                    n_frames=32,
+                    fps=8,
+                    width=320,
+                    height=240,
+                    seed=args.seed,
+                    mask_name=result["mask_name"],
+                    keyframes=list(keyframes),
+                )
+            )
         print(f"wrote a synthetic video to {result['video']} (keyframes {list(keyframes)})")
         return 0
-    result = make_collection(args.out_dir, n_images=args.n_images, n_templates=args.n_templates, seed=args.seed)
-    print(f"wrote a synthetic collection to {args.out_dir} ({result.get('n_images', args.n_images)} images)")
+    result = make_collection(
+        args.out_dir, n_images=args.n_images, n_templates=args.n_templates, seed=args.seed
+    )
+    print(
+        f"wrote a synthetic collection to {args.out_dir} ({result.get('n_images', args.n_images)} images)"
+    )
     return 0
 
 
 def cmd_pretrain(args) -> int:
     import torch
 
-    from .pretrain import PretrainSettings, pretrain
+    from sam2pal.training.pretrain import PretrainSettings, pretrain
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    values = {k: getattr(args, k) for k in (
-        "steps", "episodes_per_step", "learning_rate", "image_size", "low_res_size", "low_res_steps", "seed",
-        "appearance", "zoom_fraction", "body_plan", "init", "procedural_fraction", "warmup_steps",
-    )}
-    record = pretrain(PretrainSettings(**values), args.out_dir, config=args.config, device=args.device,
-                      name=args.name, resume=not args.restart, workers=args.workers, stop_after=args.stop_after)
+    values = {
+        k: getattr(args, k)
+        for k in (
+            "steps",
+            "episodes_per_step",
+            "learning_rate",
+            "image_size",
+            "low_res_size",
+            "low_res_steps",
+            "seed",
+            "appearance",
+            "zoom_fraction",
+            "body_plan",
+            "init",
+            "procedural_fraction",
+            "warmup_steps",
+        )
+    }
+    record = pretrain(
+        PretrainSettings(**values),
+        args.out_dir,
+        config=args.config,
+        device=args.device,
+        name=args.name,
+        resume=not args.restart,
+        workers=args.workers,
+        stop_after=args.stop_after,
+    )
     if record is None:
         return 0
-    print(f"wrote {Path(args.out_dir) / record['checkpoint']} (sha256 {record['checkpoint_sha256']}, "
-          f"{record['seconds'] / 60:.1f} min)")
+    print(
+        f"wrote {Path(args.out_dir) / record['checkpoint']} (sha256 {record['checkpoint_sha256']}, "
+        f"{record['seconds'] / 60:.1f} min)"
+    )
     return 0
 
 
 def _pretrain_parser(sub):
-    from .pretrain import PretrainSettings
+    from sam2pal.training.pretrain import PretrainSettings
 
     d = PretrainSettings()
     p = sub.add_parser(
@@ -732,35 +1238,97 @@ def _pretrain_parser(sub):
     _flag(p, "--name", default="sam2pal-micro", help="file name stem of the model")
     _flag(p, "--config", help="SAM2 model yaml (default: resources/models/sam2pal-micro.yaml)")
     _flag(p, "--steps", type=int, default=d.steps, help="optimizer steps")
-    _flag(p, "--episodes_per_step", type=int, default=d.episodes_per_step, help="episodes in one batch")
-    _flag(p, "--learning_rate", type=_positive_float, default=d.learning_rate, help="peak AdamW learning rate")
-    _flag(p, "--image_size", type=int, default=d.image_size, help="model input size (the final steps)")
-    _flag(p, "--low_res_size", type=int, default=d.low_res_size, help="input size of the first --low_res_steps")
-    _flag(p, "--low_res_steps", type=int, default=d.low_res_steps, help="steps trained at --low_res_size")
+    _flag(
+        p,
+        "--episodes_per_step",
+        type=int,
+        default=d.episodes_per_step,
+        help="episodes in one batch",
+    )
+    _flag(
+        p,
+        "--learning_rate",
+        type=_positive_float,
+        default=d.learning_rate,
+        help="peak AdamW learning rate",
+    )
+    _flag(
+        p, "--image_size", type=int, default=d.image_size, help="model input size (the final steps)"
+    )
+    _flag(
+        p,
+        "--low_res_size",
+        type=int,
+        default=d.low_res_size,
+        help="input size of the first --low_res_steps",
+    )
+    _flag(
+        p,
+        "--low_res_steps",
+        type=int,
+        default=d.low_res_steps,
+        help="steps trained at --low_res_size",
+    )
     _flag(p, "--seed", type=int, default=d.seed, help="seed of the episodes and of the weights")
-    _flag(p, "--appearance", default=d.appearance,
-          help="look of the episodes: v1 (sam2pal-micro v1's), randomised (domain-randomised colours, "
-          "grounds, lighting, blur, noise and JPEG) or mixed (half and half)")
-    _flag(p, "--zoom_fraction", type=float, default=d.zoom_fraction,
-          help="share of episodes (0-1) that are zoomed crops of a part or the whole specimen")
-    _flag(p, "--body_plan", default=d.body_plan,
-          help="procedural insects: v1 (sam2pal-micro v1's) or v2 (wider proportions, compound eyes, scapes, "
-          "elbowed antennae)")
-    _flag(p, "--procedural_fraction", type=float, default=d.procedural_fraction,
-          help="share of shapes (0-1) drawn from procedural insects rather than the NEON masks")
-    _flag(p, "--warmup_steps", type=int, default=d.warmup_steps, help="steps of linear learning-rate warm-up")
-    _flag(p, "--init", default=d.init,
-          help="start from this checkpoint (file or name, e.g. sam2pal-micro) instead of random weights")
+    _flag(
+        p,
+        "--appearance",
+        default=d.appearance,
+        help="look of the episodes: v1 (sam2pal-micro v1's), randomised (domain-randomised colours, "
+        "grounds, lighting, blur, noise and JPEG) or mixed (half and half)",
+    )
+    _flag(
+        p,
+        "--zoom_fraction",
+        type=float,
+        default=d.zoom_fraction,
+        help="share of episodes (0-1) that are zoomed crops of a part or the whole specimen",
+    )
+    _flag(
+        p,
+        "--body_plan",
+        default=d.body_plan,
+        help="procedural insects: v1 (sam2pal-micro v1's) or v2 (wider proportions, compound eyes, scapes, "
+        "elbowed antennae)",
+    )
+    _flag(
+        p,
+        "--procedural_fraction",
+        type=float,
+        default=d.procedural_fraction,
+        help="share of shapes (0-1) drawn from procedural insects rather than the NEON masks",
+    )
+    _flag(
+        p,
+        "--warmup_steps",
+        type=int,
+        default=d.warmup_steps,
+        help="steps of linear learning-rate warm-up",
+    )
+    _flag(
+        p,
+        "--init",
+        default=d.init,
+        help="start from this checkpoint (file or name, e.g. sam2pal-micro) instead of random weights",
+    )
     _flag(p, "--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    _flag(p, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)")
-    _flag(p, "--workers", type=int, default=0, help="processes rendering episodes beside the training (0: none)")
+    _flag(
+        p, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)"
+    )
+    _flag(
+        p,
+        "--workers",
+        type=int,
+        default=0,
+        help="processes rendering episodes beside the training (0: none)",
+    )
     _flag(p, "--restart", action="store_true", help="ignore a saved NAME.state.pt and start afresh")
     _flag(p, "--stop_after", type=int, help="stop once this many steps are done (resume later)")
     p.set_defaults(func=cmd_pretrain)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from sam2pal import __version__
 
     parser = argparse.ArgumentParser(prog="sam2pal", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"sam2pal {__version__}")
@@ -778,7 +1346,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--structure_name", help="name of the structure of a binary --mask")
     _flag(p, "--labels", help="label map values: 'VALUE=NAME,...'")
     _flag(p, "--template_files", nargs="+", help="use only these annotated images (file names)")
-    _flag(p, "--max_templates", type=int, default=0, help="use at most this many templates (0: all)")
+    _flag(
+        p, "--max_templates", type=int, default=0, help="use at most this many templates (0: all)"
+    )
     _flag(p, "--out", required=True, help="normalised template file to write")
     p.set_defaults(func=cmd_templates)
 
@@ -794,12 +1364,20 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--gt", required=True, help="ground-truth COCO file")
     _flag(p, "--pred", required=True, help="predictions COCO file")
     _flag(p, "--out", required=True, help="metrics CSV to write")
-    _flag(p, "--templates", help="the templates file the predictions were made with (templates.json in the output "
-                                 "folder): structures annotated there are scored as role template (keyframe in a "
-                                 "video), not in the target means")
-    _flag(p, "--finetune_record", help="the adapter the predictions were made with (its folder, or the folder "
-                                       "finetune wrote): its training templates and, when the ground truth picked "
-                                       "its epoch, its hold-out images are scored apart from the targets")
+    _flag(
+        p,
+        "--templates",
+        help="the templates file the predictions were made with (templates.json in the output "
+        "folder): structures annotated there are scored as role template (keyframe in a "
+        "video), not in the target means",
+    )
+    _flag(
+        p,
+        "--finetune_record",
+        help="the adapter the predictions were made with (its folder, or the folder "
+        "finetune wrote): its training templates and, when the ground truth picked "
+        "its epoch, its hold-out images are scored apart from the targets",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("masks", help="one PNG per predicted structure")
@@ -815,17 +1393,29 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--max_side", type=int, default=1600, help="longest side of the overlays in pixels")
     p.set_defaults(func=cmd_overlays)
 
-    p = sub.add_parser("download-model", help="download an official SAM 2.1 checkpoint (checks its SHA-256)")
-    p.add_argument("name", help="sam2.1_hiera_tiny, sam2.1_hiera_small, sam2.1_hiera_base_plus or sam2.1_hiera_large")
+    p = sub.add_parser(
+        "download-model", help="download an official SAM 2.1 checkpoint (checks its SHA-256)"
+    )
+    p.add_argument(
+        "name",
+        help="sam2.1_hiera_tiny, sam2.1_hiera_small, sam2.1_hiera_base_plus or sam2.1_hiera_large",
+    )
     p.add_argument("--dest", default="resources/checkpoints", help="folder to put it in")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("make-demo", help="write a synthetic specimen collection (images, templates, ground truth)")
+    p = sub.add_parser(
+        "make-demo", help="write a synthetic specimen collection (images, templates, ground truth)"
+    )
     p.add_argument("out_dir")
     _flag(p, "--n_images", type=int, default=16)
     _flag(p, "--n_templates", type=int, default=2)
     _flag(p, "--seed", type=int, default=0)
-    _flag(p, "--video", action="store_true", help="write the demo video (video.mp4, keyframes.json, ground_truth.json) instead")
+    _flag(
+        p,
+        "--video",
+        action="store_true",
+        help="write the demo video (video.mp4, keyframes.json, ground_truth.json) instead",
+    )
     p.set_defaults(func=cmd_make_demo)
     return parser
 

@@ -27,16 +27,31 @@ class _Lines:
         self.stream.flush()
 
 
-def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", stream=None,
-             disable: bool = False, log_interval: float = 30.0):
+def progress(
+    iterable=None,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    stream=None,
+    disable: bool = False,
+    log_interval: float = 30.0,
+):
     """A tqdm bar over `iterable` (or a manual one, with `total`), on `stream`
     (default: the current stderr, which a rule's log replaces)."""
     from tqdm import tqdm
 
     stream = stream if stream is not None else sys.stderr
     interactive = hasattr(stream, "isatty") and stream.isatty()
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
-                file=stream if interactive else _Lines(stream),
-                mininterval=0.5 if interactive else log_interval,
-                maxinterval=log_interval * 4, ascii=not interactive, dynamic_ncols=interactive,
-                ncols=None if interactive else 100)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=disable,
+        file=stream if interactive else _Lines(stream),
+        mininterval=0.5 if interactive else log_interval,
+        maxinterval=log_interval * 4,
+        ascii=not interactive,
+        dynamic_ncols=interactive,
+        ncols=None if interactive else 100,
+    )

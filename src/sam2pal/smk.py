@@ -15,11 +15,13 @@ import traceback
 
 @contextlib.contextmanager
 def logged(snakemake):
-    from .errors import InputError
+    from sam2pal.errors import InputError
 
     terminal = sys.__stderr__
     log_path = snakemake.log[0] if len(snakemake.log) else None
-    handle = open(log_path, "w", encoding="utf-8", buffering=1) if log_path else terminal
+    handle = terminal
+    if log_path:
+        handle = open(log_path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in finally)
     saved = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = handle
     logging.basicConfig(stream=handle, level=logging.INFO, force=True)

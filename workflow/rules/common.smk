@@ -9,10 +9,10 @@ from snakemake.exceptions import WorkflowError
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from sam2pal import shards as sharding  # noqa: E402
+from sam2pal.inference import shards as sharding  # noqa: E402
 from sam2pal.errors import InputError  # noqa: E402
-from sam2pal.images import list_images  # noqa: E402
-from sam2pal.registry import (
+from sam2pal.io.images import list_images  # noqa: E402
+from sam2pal.models.registry import (
     MICRO_MODEL,
     OFFICIAL_MODELS,
     RANDOM_CHECKPOINT,
@@ -180,7 +180,7 @@ def frame_manifest(collection):
 
 
 def frame_names(collection):
-    from sam2pal.video import read_manifest
+    from sam2pal.io.video import read_manifest
 
     try:
         return [row.file for row in read_manifest(frame_manifest(collection))]
@@ -352,7 +352,7 @@ _SHARDS = {}
 
 
 def collection_shards(collection):
-    """{shard label: image names} (sam2pal.shards: a finished collection keeps its
+    """{shard label: image names} (sam2pal.inference.shards: a finished collection keeps its
     layout). A video is one shard: tracking runs through its frames in order."""
     if collection not in _SHARDS:
         if is_video(collection):

@@ -1,5 +1,5 @@
 # Segment every image of a collection from the template memory (GPU when there is
-# one), one job per shard of images (propagate.shard_size; see sam2pal.shards): adding
+# one), one job per shard of images (propagate.shard_size; see sam2pal.inference.shards): adding
 # images reruns only the shards they land in, and a finished collection keeps its
 # shards when shard_size changes. Each job loads the model once, takes the finished
 # results of its images from earlier shard files instead of segmenting them again,

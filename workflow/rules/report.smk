@@ -2,7 +2,7 @@
 # Each collection gets its QC ranking and score distribution, a gallery of overlays (the
 # worst images and a random sample), its measurement distributions per structure, its
 # metrics against ground truth and its training curves where there are some, and its
-# provenance. All read the collection's files as streams (sam2pal.report).
+# provenance. All read the collection's files as streams (sam2pal.outputs.report).
 
 
 rule report_gallery:

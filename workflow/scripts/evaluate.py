@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
 
-from sam2pal.evaluate import evaluate  # noqa: E402
+from sam2pal.outputs.evaluate import evaluate  # noqa: E402
 from sam2pal.smk import logged  # noqa: E402
 
 with logged(snakemake):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
 
+from sam2pal.io.video import extract_frames  # noqa: E402
 from sam2pal.smk import logged  # noqa: E402
-from sam2pal.video import extract_frames  # noqa: E402
 
 with logged(snakemake):
     video = snakemake.params.video

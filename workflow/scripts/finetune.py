@@ -5,8 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
 
-from sam2pal import pipeline  # noqa: E402
-from sam2pal.registry import choose_config  # noqa: E402
+from sam2pal.inference import pipeline  # noqa: E402
+from sam2pal.models.registry import choose_config  # noqa: E402
 from sam2pal.smk import collection_settings, logged  # noqa: E402
 
 with logged(snakemake):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
 
-from sam2pal import pipeline  # noqa: E402
-from sam2pal import shards as sharding  # noqa: E402
-from sam2pal.registry import choose_config  # noqa: E402
+from sam2pal.inference import pipeline  # noqa: E402
+from sam2pal.inference import shards as sharding  # noqa: E402
+from sam2pal.models.registry import choose_config  # noqa: E402
 from sam2pal.smk import collection_settings, logged  # noqa: E402
 
 with logged(snakemake):
@@ -36,18 +36,28 @@ with logged(snakemake):
     shard = {"shard": snakemake.wildcards.shard}
     if snakemake.params.video_mode:
         counts = pipeline.segment_video(
-            snakemake.input.templates, image_dir, snakemake.input.frames[0], *outputs,
-            mode=snakemake.params.video_mode, run_extra=shard,
+            snakemake.input.templates,
+            image_dir,
+            snakemake.input.frames[0],
+            *outputs,
+            mode=snakemake.params.video_mode,
+            run_extra=shard,
             # video mode tracks one frame after the other: batches only for independent frames
-            batch_size=batch_size if snakemake.params.video_mode == "independent" else 1, **common,
+            batch_size=batch_size if snakemake.params.video_mode == "independent" else 1,
+            **common,
         )
     else:
         names = pipeline.relative_names(snakemake.input.images, image_dir)
         folder = Path(snakemake.output.records).parent
         counts = pipeline.segment(
-            snakemake.input.templates, image_dir, names, *outputs,
+            snakemake.input.templates,
+            image_dir,
+            names,
+            *outputs,
             reuse=sharding.reusable_results(folder, snakemake.wildcards.shard),
-            run_extra=dict(shard, images_sha256=sharding.names_digest(names)), batch_size=batch_size, **common,
+            run_extra=dict(shard, images_sha256=sharding.names_digest(names)),
+            batch_size=batch_size,
+            **common,
         )
         sharding.keep_done(*outputs)
     print(f"done: {counts}")

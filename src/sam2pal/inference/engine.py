@@ -1,0 +1,699 @@
+"""The propagation engine: segment each target image from the templates' memory.
+
+SAM2 used as a tracker on a two-frame "video" [template, target]: the template, with
+its masks as input, is the conditioning frame; the target is tracked from it. Because
+`SAM2Base.track_step` does not write into the memory dict it is given, the template's
+conditioning output (memory features, positional encodings, object pointer) is
+computed once, here in `Propagator.__init__`, and reused for every target. A target
+then costs one image-encoder pass plus one memory-attention + mask-decoder pass, with
+all structures (objects) as the batch dimension over the one shared encoding.
+
+Targets never see each other: the result for an image does not depend on which other
+images are in the collection or on their order, and shards can run anywhere.
+
+Several templates sit in the memory bank at once as conditioning frames (frames
+0..K-1, the target is frame K), the way the official video predictor would hold a
+video whose first K frames were annotated; SAM2 attends to all of them. This
+reproduces `SAM2VideoPredictor` on the video [template 1, ..., template K, target]
+with masks on its first K frames (up to floating-point rounding, since the official
+predictor runs objects one at a time and the engine batches them): each template's
+mask goes in through `add_new_mask` (resized with antialiasing, thresholded at 0.5),
+its memory is encoded from the binarised mask (holes filled, see below) and stored in
+bfloat16, and the target's low-resolution logits are resized to the image size and
+thresholded at 0. `fill_hole_area` (default 8, as `build_sam2_video_predictor` sets
+it) fills small background holes where the official predictor does: in the
+templates' low-resolution masks before their memory is encoded, and in the target's
+prediction.
+
+A structure is identified by (category id, instance rank). When not every template
+shows every structure, structures are grouped by the set of templates that show them
+and each group is tracked in its own batch over the same target encoding.
+
+Per structure the engine reports SAM2's predicted IoU and object score and, when
+`cycle_consistency` is on, a label-free quality estimate: the target with its
+predicted mask becomes the conditioning frame of a fresh memory and each template is
+tracked back from it (all templates in one batch); the IoU of that prediction with the
+template's true mask, averaged over the templates, is the cycle IoU.
+
+Large photos: a 12-megapixel photo is 46 times the pixels of a 1024 x 1024 model
+input, and full-size work around the model costs more than the model. So a mask is
+resized to the photo only inside the box where its logits can be positive
+(`upsample_to_box`, the very pixels of a full-size resize), kept as that box
+(`masks.BoxMask`), and run-length encoded from it; the cycle IoU is computed inside
+the boxes too; and `read_target` decodes a JPEG at a reduced size when the model sees
+it much smaller. `exact=True` decodes and resizes at full size, as the official
+predictor does (the equivalence tests use it). `batch_size` targets go through the
+image encoder and each tracking call together (`predict_batch`): the same masks as one
+at a time, in larger calls that keep a GPU busy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sam2pal.inference.postprocess import StructureReference, clamp_mask
+from sam2pal.io.masks import BoxMask, box_iou, mask_iou, source_index
+from sam2pal.models.build import autocast
+
+IMG_MEAN = (0.485, 0.456, 0.406)
+IMG_STD = (0.229, 0.224, 0.225)
+
+ObjectKey = tuple[int, int]  # (category_id, instance)
+
+
+@dataclass
+class StructurePrediction:
+    """One structure (category instance) predicted on one target image."""
+
+    category_id: int
+    instance: int
+    box: BoxMask  # the mask on the target image's full pixel grid, stored as its box
+    predicted_iou: float
+    object_score: float  # probability that the structure is present
+    cycle_iou: float | None = None
+    clamped: bool = False
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The mask as a full-size bool array (height, width) of the target image."""
+        return self.box.full()
+
+    @property
+    def score(self) -> float:
+        """A score in [0, 1]: SAM2's predicted IoU times its object probability."""
+        return float(min(max(self.predicted_iou, 0.0), 1.0) * self.object_score)
+
+
+@dataclass
+class _Template:
+    size: tuple[int, int]  # (height, width)
+    backbone: dict  # forward_image output for batch 1
+    masks: dict[ObjectKey, np.ndarray]
+
+
+@dataclass
+class _Group:
+    objects: list[ObjectKey]
+    templates: list[int]  # indices into Propagator._templates
+    memory: dict = field(default_factory=dict)  # SAM2 output dict of conditioning frames
+    # per template index: its masks of the group's objects as boxes (the cycle IoU's truth)
+    boxes: dict[int, list] = field(default_factory=dict)
+    # `memory` for a batch of several targets: (targets, repeated memory), the last one asked for
+    repeated: tuple[int, dict] = (1, {})
+
+
+def preprocess(image: np.ndarray, image_size: int, device: torch.device) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> normalised float tensor (1, 3, S, S) on `device`.
+
+    The same operations, in the same dtypes, as SAM2's own frame loader (Pillow
+    bicubic resize, /255 in float64, mean/std normalisation in float32).
+    """
+    resized = Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    tensor = torch.from_numpy(np.asarray(resized) / 255.0).permute(2, 0, 1).float()
+    tensor -= torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
+    tensor /= torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
+    return tensor.unsqueeze(0).to(device)
+
+
+def encode_image(model, image: np.ndarray) -> dict:
+    """One image-encoder pass (batch 1) on an RGB uint8 image, on the model's device."""
+    return model.forward_image(preprocess(image, int(model.image_size), model.device))
+
+
+def fill_holes(low_res_logits: torch.Tensor, max_area: int) -> torch.Tensor:
+    """Fill background holes of at most `max_area` pixels with a small positive score.
+
+    The post-processing of SAM2's video predictor (`fill_hole_area`), which there needs
+    SAM2's CUDA extension; done here with OpenCV's 8-connected components so that it
+    runs everywhere. `low_res_logits` is (B, 1, h, w).
+    """
+    if max_area <= 0:
+        return low_res_logits
+    background = (low_res_logits <= 0).cpu().numpy().astype(np.uint8)
+    holes = np.zeros_like(background, dtype=bool)
+    for b in range(background.shape[0]):
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(background[b, 0], connectivity=8)
+        small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] <= max_area)
+        small = small[small > 0]  # label 0 is the foreground here
+        if len(small):
+            holes[b, 0] = np.isin(labels, small)
+    if not holes.any():
+        return low_res_logits
+    hole_tensor = torch.from_numpy(holes).to(low_res_logits.device)
+    return torch.where(hole_tensor, torch.full_like(low_res_logits, 0.1), low_res_logits)
+
+
+# upsample_to_box resizes the whole image when the box covers more than this share of it
+_WHOLE = 0.5
+
+
+def upsample_to_box(logits: np.ndarray, size: tuple[int, int], threshold: float = 0.0) -> BoxMask:
+    """Threshold a low-resolution logit map (h, w) resized bilinearly to `size` (height,
+    width), computing the resize only where it can exceed the threshold.
+
+    A bilinear value is a weighted mean of four neighbours, so it exceeds the threshold
+    only where one of its neighbours does: outside the box of those, nothing is
+    computed. Inside, the weights are those of torch's `F.interpolate(mode="bilinear",
+    align_corners=False)` in float32; the result differs from it at most where a value
+    lies within rounding of the threshold.
+    """
+    logits = torch.as_tensor(logits, dtype=torch.float32).cpu()
+    height, width = int(size[0]), int(size[1])
+    above = (logits > threshold).numpy()
+    rows = np.flatnonzero(above.any(axis=1))
+    if rows.size == 0:
+        return BoxMask.empty((height, width))
+    cols = np.flatnonzero(above[rows[0] : rows[-1] + 1].any(axis=0))
+    r_lo, r_hi, r_w = source_index(height, logits.shape[0])
+    c_lo, c_hi, c_w = source_index(width, logits.shape[1])
+    ys = np.flatnonzero((r_lo <= rows[-1]) & (r_hi >= rows[0]))
+    xs = np.flatnonzero((c_lo <= cols[-1]) & (c_hi >= cols[0]))
+    y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+    if (y1 - y0) * (x1 - x0) > _WHOLE * height * width:
+        # the box is most of the image (a mask scattered all over it): torch's own resize
+        # of the whole image is faster, and gives the same pixels
+        full = F.interpolate(
+            logits[None, None], size=(height, width), mode="bilinear", align_corners=False
+        )
+        return BoxMask((height, width), 0, 0, (full[0, 0] > threshold).numpy()).tight()
+    # rows first (a small band), then columns, in place: torch's order of operations
+    wy = torch.from_numpy(r_w[y0:y1, None])
+    band = logits.index_select(0, torch.from_numpy(r_lo[y0:y1])).mul_(1.0 - wy)
+    band.add_(logits.index_select(0, torch.from_numpy(r_hi[y0:y1])).mul_(wy))
+    wx = torch.from_numpy(c_w[x0:x1])
+    values = band.index_select(1, torch.from_numpy(c_lo[x0:x1])).mul_(1.0 - wx)
+    values.add_(band.index_select(1, torch.from_numpy(c_hi[x0:x1])).mul_(wx))
+    return BoxMask((height, width), y0, x0, (values > threshold).numpy()).tight()
+
+
+# -- SAM2 steps shared by the engine and the palindrome trainer ---------------------------
+
+
+def expand_features(model, backbone: dict, batch: int):
+    """Backbone output of one image expanded to `batch` objects and flattened for
+    tracking: (vision_feats, vision_pos_embeds, feat_sizes)."""
+    expanded = {
+        "backbone_fpn": [f.expand(batch, -1, -1, -1) for f in backbone["backbone_fpn"]],
+        "vision_pos_enc": [p.expand(batch, -1, -1, -1) for p in backbone["vision_pos_enc"]],
+    }
+    _, feats, pos, sizes = model._prepare_backbone_features(expanded)
+    return feats, pos, sizes
+
+
+def binary_mask_input(masks: np.ndarray, image_size: int, device) -> torch.Tensor:
+    """(B, H, W) bool masks -> (B, 1, S, S) binary float, as `add_new_mask` does."""
+    tensor = torch.from_numpy(masks[:, None].astype(np.float32)).to(device)
+    if tensor.shape[-2:] != (image_size, image_size):
+        tensor = F.interpolate(
+            tensor,
+            size=(image_size, image_size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
+        tensor = (tensor >= 0.5).float()
+    return tensor
+
+
+def conditioning_frame(
+    model,
+    feats,
+    frame_idx: int,
+    num_frames: int,
+    mask_inputs: torch.Tensor,
+    fill_hole_area: int = 0,
+    memory_dtype: torch.dtype | None = torch.bfloat16,
+) -> dict:
+    """A conditioning frame's output with its memory encoded, as the official
+    predictor's `add_new_mask` followed by `propagate_in_video_preflight` makes it.
+
+    `mask_inputs` (B, 1, S, S) may be soft (probabilities): gradients then flow from the
+    memory back into it (the palindrome's phase 2). `memory_dtype` None keeps the
+    memory features in the compute dtype (training); bfloat16 is what the official
+    predictor stores.
+    """
+    vision_feats, vision_pos, sizes = feats
+    _, sam_outputs, _, _ = model._track_step(
+        frame_idx=frame_idx,
+        is_init_cond_frame=True,
+        current_vision_feats=vision_feats,
+        current_vision_pos_embeds=vision_pos,
+        feat_sizes=sizes,
+        point_inputs=None,
+        mask_inputs=mask_inputs,
+        output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
+        num_frames=num_frames,
+        track_in_reverse=False,
+        prev_sam_mask_logits=None,
+    )
+    _, _, _, low_res_masks, _, obj_ptr, object_score_logits = sam_outputs
+    pred_masks = fill_holes(low_res_masks, fill_hole_area)
+    image_size = int(model.image_size)
+    high_res = F.interpolate(
+        pred_masks, size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
+    maskmem_features, maskmem_pos_enc = model._encode_new_memory(
+        current_vision_feats=vision_feats,
+        feat_sizes=sizes,
+        pred_masks_high_res=high_res,
+        object_score_logits=object_score_logits,
+        is_mask_from_pts=True,
+    )
+    if memory_dtype is not None:
+        maskmem_features = maskmem_features.to(memory_dtype)
+    return {
+        "maskmem_features": maskmem_features,
+        "maskmem_pos_enc": maskmem_pos_enc,
+        "pred_masks": pred_masks,
+        "obj_ptr": obj_ptr,
+        "object_score_logits": object_score_logits,
+    }
+
+
+def track_step(model, feats, frame_idx: int, num_frames: int, memory: dict, reverse: bool = False):
+    """SAM2's tracking step on a non-conditioning frame (no memory encoding):
+    returns its (current_out, sam_outputs)."""
+    vision_feats, vision_pos, sizes = feats
+    current_out, sam_outputs, _, _ = model._track_step(
+        frame_idx=frame_idx,
+        is_init_cond_frame=False,
+        current_vision_feats=vision_feats,
+        current_vision_pos_embeds=vision_pos,
+        feat_sizes=sizes,
+        point_inputs=None,
+        mask_inputs=None,
+        output_dict=memory,
+        num_frames=num_frames,
+        track_in_reverse=reverse,
+        prev_sam_mask_logits=None,
+    )
+    return current_out, sam_outputs
+
+
+def track_frame(
+    model, feats, frame_idx: int, num_frames: int, memory: dict, fill_hole_area: int = 0
+):
+    """Track a non-conditioning frame from `memory`.
+
+    Returns the low-resolution mask logits (B, 1, S/4, S/4), SAM2's predicted IoU (B,)
+    and its object-score logits (B,).
+    """
+    _, sam_outputs = track_step(model, feats, frame_idx, num_frames, memory)
+    _, _, ious, low_res_masks, _, _, object_score_logits = sam_outputs
+    low_res = fill_holes(low_res_masks.float(), fill_hole_area)
+    return low_res, ious.float().max(dim=1).values, object_score_logits.float()[:, 0]
+
+
+def new_memory(cond_frames: dict) -> dict:
+    """A fresh SAM2 output dict holding only the given conditioning frames."""
+    return {"cond_frame_outputs": dict(cond_frames), "non_cond_frame_outputs": {}}
+
+
+def logits_to_masks(
+    low_res: torch.Tensor, size: tuple[int, int], threshold: float = 0.0
+) -> list[np.ndarray]:
+    """Low-res logits (B, 1, h, w) -> B bool masks at `size` (height, width), resized one
+    at a time (bilinear, as the official predictor does) to bound memory on large images."""
+    masks = []
+    for b in range(low_res.shape[0]):
+        full = F.interpolate(
+            low_res[b : b + 1].float(), size=size, mode="bilinear", align_corners=False
+        )
+        masks.append((full[0, 0] > threshold).cpu().numpy())
+    return masks
+
+
+def logits_to_boxes(
+    low_res: torch.Tensor, size: tuple[int, int], threshold: float = 0.0, exact: bool = False
+) -> list[BoxMask]:
+    """Low-res logits (B, 1, h, w) -> B masks at `size` (height, width) as `BoxMask`s.
+
+    Resized only inside each structure's box (`upsample_to_box`), or, with `exact`,
+    over the whole image as the official predictor does (`logits_to_masks`)."""
+    if exact:
+        return [BoxMask.from_full(mask) for mask in logits_to_masks(low_res, size, threshold)]
+    low_res = low_res.detach().float().cpu()
+    return [upsample_to_box(low_res[b, 0], size, threshold) for b in range(low_res.shape[0])]
+
+
+def _repeat_batch(value, times: int):
+    """A memory entry (tensor, list of tensors, or other) repeated `times` along the
+    batch (object) dimension: [objects, objects, ...]."""
+    if times == 1:
+        return value
+    if torch.is_tensor(value):
+        return value.repeat(times, *([1] * (value.dim() - 1)))
+    if isinstance(value, list):
+        return [_repeat_batch(v, times) for v in value]
+    return value
+
+
+def repeat_memory(memory: dict, times: int) -> dict:
+    """A SAM2 output dict of conditioning frames for `times` copies of its objects."""
+    if times == 1:
+        return memory
+    return {
+        kind: {
+            frame: {name: _repeat_batch(value, times) for name, value in out.items()}
+            for frame, out in frames.items()
+        }
+        for kind, frames in memory.items()
+    }
+
+
+def stacked_features(model, backbones: list[dict], batch: int):
+    """Features of several images for tracking, each image's expanded to `batch`
+    objects, image after image (flattened as `expand_features`)."""
+    if len(backbones) == 1:
+        return expand_features(model, backbones[0], batch)
+    stacked = {
+        key: [
+            torch.cat([b[key][level].expand(batch, -1, -1, -1) for b in backbones])
+            for level in range(len(backbones[0][key]))
+        ]
+        for key in ("backbone_fpn", "vision_pos_enc")
+    }
+    _, feats, pos, sizes = model._prepare_backbone_features(stacked)
+    return feats, pos, sizes
+
+
+def cycle_ious(
+    model,
+    feats,
+    low_res: torch.Tensor,
+    references,
+    fill_hole_area: int = 0,
+    threshold: float = 0.0,
+    repeat: int = 1,
+) -> list[float]:
+    """Label-free quality of predicted masks: the target, with its predicted masks
+    (`low_res`, B objects), becomes the conditioning frame of a fresh memory, and each
+    reference image is tracked back from it; returns per object the IoU with the
+    reference's known mask, averaged over the references.
+
+    `references`: [(backbone of the reference image, [B masks])], the masks bool arrays
+    or `BoxMask`s. All references are tracked back in one batch. With `BoxMask`s the
+    IoU is computed inside the boxes only (`upsample_to_box`, `box_iou`): the same value
+    as on the full arrays, at the cost of the structures' boxes instead of the whole
+    photo. `repeat`: the batch holds that many targets, each with the same B objects
+    (the references' masks are B per reference), so B = len(low_res) / repeat.
+    """
+    image_size = int(model.image_size)
+    mask_in = (
+        F.interpolate(
+            low_res.float(), size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
+        > 0
+    ).float()
+    batch = low_res.shape[0]
+    memory = new_memory({0: conditioning_frame(model, feats, 0, 2, mask_in, fill_hole_area)})
+    back_feats = stacked_features(model, [backbone for backbone, _ in references], batch)
+    back, _, _ = track_frame(
+        model, back_feats, 1, 2, repeat_memory(memory, len(references)), fill_hole_area
+    )
+    back = back.float().cpu()
+    totals = np.zeros(batch)
+    for r, (_, masks) in enumerate(references):
+        logits = back[r * batch : (r + 1) * batch]
+        if isinstance(masks[0], BoxMask):
+            for i in range(batch):
+                truth = masks[i % len(masks)]
+                totals[i] += box_iou(upsample_to_box(logits[i, 0], truth.size, threshold), truth)
+        else:
+            for i, pred in enumerate(logits_to_masks(logits, masks[0].shape, threshold)):
+                totals[i] += mask_iou(pred, masks[i % len(masks)])
+    return (totals / max(len(references), 1)).tolist()
+
+
+class Propagator:
+    """Segments target images from a template set with a SAM2 model.
+
+    Parameters
+    ----------
+    model: a SAM2Base (see `sam2pal.models.build.build_model`), in eval mode.
+    templates: a `sam2pal.io.templates.TemplateSet` (all its images go into the memory
+        bank; select first with `TemplateSet.select`).
+    read_image: function path -> RGB uint8 array, for the template images.
+    fill_hole_area: fill background holes up to this many low-resolution pixels, as
+        SAM2's video predictor does (8 there); 0 disables.
+    cycle_consistency: compute the cycle IoU (costs one memory pass per template).
+    backbones: the template images' image-encoder outputs, in `templates.images`
+        order, when already computed (the trainer's feature cache); the template
+        images are then neither read nor encoded again.
+    area_growth_limit, area_clamp_pad, bbox_clamp: post-processing relative to the
+        template structure (see `sam2pal.inference.postprocess.clamp_mask`); off by default.
+    """
+
+    def __init__(
+        self,
+        model,
+        templates,
+        read_image=None,
+        fill_hole_area: int = 8,
+        cycle_consistency: bool = True,
+        area_growth_limit: float = 0.0,
+        area_clamp_pad: int = 10,
+        bbox_clamp: bool = False,
+        mask_threshold: float = 0.0,
+        backbones: list[dict] | None = None,
+        exact: bool = False,
+        batch_size: int = 1,
+    ):
+        if read_image is None:
+            from sam2pal.io.images import read_image
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
+        self.model = model
+        self.exact = bool(exact)
+        self.batch_size = int(batch_size)
+        self.device = model.device
+        self.image_size = int(model.image_size)
+        self.fill_hole_area = int(fill_hole_area)
+        self.cycle_consistency = bool(cycle_consistency)
+        self.area_growth_limit = float(area_growth_limit or 0.0)
+        self.area_clamp_pad = int(area_clamp_pad)
+        self.bbox_clamp = bool(bbox_clamp)
+        self.mask_threshold = float(mask_threshold)
+        self.categories = dict(templates.categories)
+
+        if backbones is not None and len(backbones) != len(templates.images):
+            raise ValueError(
+                f"{len(backbones)} template backbones for {len(templates.images)} template images"
+            )
+        self._templates: list[_Template] = []
+        with torch.inference_mode(), autocast(self.device):
+            for index, tmpl in enumerate(templates.images):
+                masks = {(inst.category_id, inst.instance): inst.mask for inst in tmpl.instances}
+                if backbones is None:
+                    rgb = read_image(tmpl.path)
+                    self._templates.append(_Template(rgb.shape[:2], self._encode(rgb), masks))
+                else:
+                    self._templates.append(
+                        _Template((tmpl.height, tmpl.width), backbones[index], masks)
+                    )
+
+        keys = sorted({k for t in self._templates for k in t.masks})
+        if not keys:
+            raise ValueError("the template set has no structures")
+        self.objects: list[ObjectKey] = keys
+        by_templates: dict[tuple[int, ...], list[ObjectKey]] = {}
+        for key in keys:
+            shown_on = tuple(i for i, t in enumerate(self._templates) if key in t.masks)
+            by_templates.setdefault(shown_on, []).append(key)
+        self.groups = [_Group(objs, list(tids)) for tids, objs in by_templates.items()]
+        self.references = {
+            key: StructureReference.from_masks(
+                [t.masks[key] for t in self._templates if key in t.masks]
+            )
+            for key in keys
+        }
+        with torch.inference_mode(), autocast(self.device):
+            for group in self.groups:
+                group.memory = self._template_memory(group)
+                if self.cycle_consistency:
+                    group.boxes = {
+                        t: [
+                            BoxMask.from_full(self._templates[t].masks[key])
+                            for key in group.objects
+                        ]
+                        for t in group.templates
+                    }
+
+    # -- SAM2 steps -------------------------------------------------------------------
+
+    def _encode(self, rgb: np.ndarray) -> dict:
+        """One image-encoder pass (batch 1)."""
+        return encode_image(self.model, rgb)
+
+    def _features(self, backbone: dict, batch: int):
+        return expand_features(self.model, backbone, batch)
+
+    def _template_memory(self, group: _Group) -> dict:
+        num_frames = len(group.templates) + 1
+        cond = {}
+        for frame_idx, t_index in enumerate(group.templates):
+            tmpl = self._templates[t_index]
+            masks = np.stack([tmpl.masks[key] for key in group.objects])
+            cond[frame_idx] = conditioning_frame(
+                self.model,
+                self._features(tmpl.backbone, len(group.objects)),
+                frame_idx,
+                num_frames,
+                binary_mask_input(masks, self.image_size, self.device),
+                self.fill_hole_area,
+            )
+        return new_memory(cond)
+
+    def _track(self, feats, frame_idx: int, num_frames: int, memory: dict):
+        return track_frame(self.model, feats, frame_idx, num_frames, memory, self.fill_hole_area)
+
+    def _memory(self, group: _Group, targets: int) -> dict:
+        """The group's template memory for a batch of `targets` images."""
+        if targets == 1:
+            return group.memory
+        if group.repeated[0] != targets:
+            group.repeated = (targets, repeat_memory(group.memory, targets))
+        return group.repeated[1]
+
+    def _cycle_iou(self, group: _Group, feats, low_res: torch.Tensor, targets: int) -> list[float]:
+        references = [(self._templates[t].backbone, group.boxes[t]) for t in group.templates]
+        return cycle_ious(
+            self.model,
+            feats,
+            low_res,
+            references,
+            self.fill_hole_area,
+            self.mask_threshold,
+            repeat=targets,
+        )
+
+    # -- public -----------------------------------------------------------------------
+
+    def read_target(self, path) -> tuple[np.ndarray, tuple[int, int]]:
+        """A target photo as the engine wants it: (rgb, (height, width) of the photo).
+
+        Decoded at a reduced size when that loses nothing the model sees (JPEG scaled
+        by 1/2 to 1/8, keeping at least the model's input size on each side,
+        `images.read_image_reduced`); at full size with `exact`, as the official
+        predictor reads it. The masks are on the photo's full pixel grid either way."""
+        from sam2pal.io.images import read_image, read_image_reduced
+
+        if self.exact:
+            rgb = read_image(path)
+            return rgb, rgb.shape[:2]
+        return read_image_reduced(path, self.image_size)
+
+    def predict(
+        self, image, backbone: dict | None = None, size: tuple[int, int] | None = None
+    ) -> list[StructurePrediction]:
+        """All structures on one RGB uint8 image, in `self.objects` order.
+
+        `backbone`: the image's image-encoder output when already computed (the
+        trainer's feature cache); `image` may then be just its (height, width).
+        `size`: the (height, width) of the output masks when `image` is a reduced copy
+        of the photo (`read_target`); by default the image's own size.
+        """
+        return self.predict_batch(
+            [image], None if backbone is None else [backbone], None if size is None else [size]
+        )[0]
+
+    def predict_batch(
+        self, images: list, backbones: list[dict] | None = None, sizes: list | None = None
+    ) -> list[list[StructurePrediction]]:
+        """`predict` for several images in one image-encoder call and one tracking call
+        per template group (the batch is images x structures): the same masks as one
+        image at a time, in fewer, larger calls (what keeps a GPU busy)."""
+        return [pending.finish() for pending in self.start_batch(images, backbones, sizes)]
+
+    @torch.inference_mode()
+    def start_batch(
+        self, images: list, backbones: list[dict] | None = None, sizes: list | None = None
+    ) -> list[PendingPrediction]:
+        """The model's part of `predict_batch`: returns per image a `PendingPrediction`
+        holding the low-resolution logits and scores, whose `finish()` (resizing the
+        masks to the photo and cutting them; CPU work that may run in another thread
+        while the model goes on with the next batch) gives the predictions."""
+        n = len(images)
+        if sizes is None:
+            sizes = [image[:2] if isinstance(image, tuple) else image.shape[:2] for image in images]
+        pending = [PendingPrediction(self, (int(s[0]), int(s[1]))) for s in sizes]
+        with autocast(self.device):
+            if backbones is None:
+                batch = torch.cat(
+                    [preprocess(image, self.image_size, self.device) for image in images]
+                )
+                encoded = self.model.forward_image(batch)
+                backbones = (
+                    [
+                        {
+                            key: [level[i : i + 1] for level in encoded[key]]
+                            for key in ("backbone_fpn", "vision_pos_enc")
+                        }
+                        for i in range(n)
+                    ]
+                    if n > 1
+                    else [encoded]
+                )
+            for group in self.groups:
+                objects = len(group.objects)
+                feats = stacked_features(self.model, backbones, objects)
+                num_frames = len(group.templates) + 1
+                low_res, ious, obj_logits = self._track(
+                    feats, num_frames - 1, num_frames, self._memory(group, n)
+                )
+                cycle = (
+                    self._cycle_iou(group, feats, low_res, n) if self.cycle_consistency else None
+                )
+                probs = torch.sigmoid(obj_logits).cpu().tolist()
+                ious = ious.cpu().tolist()
+                low_res = low_res.float().cpu()
+                for j in range(n):
+                    for i, key in enumerate(group.objects):
+                        b = j * objects + i
+                        pending[j].add(
+                            key, low_res[b], ious[b], probs[b], None if cycle is None else cycle[b]
+                        )
+        return pending
+
+
+class PendingPrediction:
+    """The model's output for one image, before its masks are resized to the photo."""
+
+    def __init__(self, engine: Propagator, size: tuple[int, int]):
+        self.engine, self.size = engine, size
+        self.parts: list[tuple] = []
+
+    def add(
+        self, key: ObjectKey, low_res: torch.Tensor, iou: float, prob: float, cycle: float | None
+    ) -> None:
+        self.parts.append((key, low_res, iou, prob, cycle))
+
+    def finish(self) -> list[StructurePrediction]:
+        """The structures of the image, in the engine's `objects` order."""
+        engine = self.engine
+        results: dict[ObjectKey, StructurePrediction] = {}
+        for key, low_res, iou, prob, cycle in self.parts:
+            box = logits_to_boxes(low_res[None], self.size, engine.mask_threshold, engine.exact)[0]
+            box, clamped = clamp_mask(
+                box,
+                engine.references[key],
+                area_growth_limit=engine.area_growth_limit,
+                pad=engine.area_clamp_pad,
+                always=engine.bbox_clamp,
+            )
+            results[key] = StructurePrediction(
+                category_id=key[0],
+                instance=key[1],
+                box=box,
+                predicted_iou=float(iou),
+                object_score=float(prob),
+                cycle_iou=None if cycle is None else float(cycle),
+                clamped=clamped,
+            )
+        return [results[key] for key in engine.objects]

@@ -1,0 +1,1 @@
+"""SAM2 models: building them, the registry of checkpoints, downloads, LoRA adapters, GPU claims."""

@@ -1,0 +1,268 @@
+"""Fine-tuned weights: LoRA adapters (peft) and full fine-tuned checkpoints.
+
+An adapter folder, as `sam2pal finetune` and the workflow's `finetune` rule write it:
+
+    adapter_config.json, adapter_model.safetensors   LoRA weights (peft save_pretrained)
+      or model.pt                                    full fine-tuning: official format
+    sam2pal_adapter.json                             what it was trained from and how
+
+`sam2pal_adapter.json` records the base checkpoint's identity (`base_id`: the SHA-256
+of the checkpoint file, or ``random:<config sha256>:<seed>`` for random weights), the
+model config and its SHA-256, the image size, categories, training settings, seed and
+metrics per epoch. An adapter of either kind is used only with what it was trained
+with: the same base checkpoint, image size and model config (`check_adapter`); anything
+else fails with a one-line message naming what differs. A LoRA adapter only makes sense
+on the weights it was trained on; a fully fine-tuned model and a merged checkpoint
+(`merged.pt`) replace those weights, but were tuned for one image size and config.
+
+Full checkpoints we write (`model.pt` of a full adapter, `merged.pt`) are in the
+official format, ``{"model": state_dict}``, plus a ``"sam2pal"`` entry (`CHECKPOINT_KEY`)
+with the image size, config and base they were trained with; `sam2pal.models.build` refuses
+to load them at another image size or with another config (SAM2's own loader ignores
+the entry).
+
+LoRA goes on the `nn.Linear` layers of the chosen components of SAM2
+(`memory_attention`, `sam_mask_decoder`, `memory_encoder` by default; `image_encoder`,
+`obj_ptr_proj` and `sam_prompt_encoder` may be added).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sam2pal.errors import InputError
+from sam2pal.io.atomic import atomic_dir, write_json
+
+METADATA_FILE = "sam2pal_adapter.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+FULL_WEIGHTS = "model.pt"
+CHECKPOINT_KEY = "sam2pal"  # what a full checkpoint we write records about its training
+DEFAULT_LORA_COMPONENTS = ("memory_attention", "sam_mask_decoder", "memory_encoder")
+LORA_COMPONENTS = DEFAULT_LORA_COMPONENTS + ("image_encoder", "obj_ptr_proj", "sam_prompt_encoder")
+
+
+def base_id(checkpoint: str, checkpoint_sha256: str | None, config_sha256: str, seed: int) -> str:
+    """The identity of the weights an adapter is trained on."""
+    if checkpoint_sha256:
+        return checkpoint_sha256
+    return f"random:{config_sha256}:{seed}"
+
+
+def lora_target_names(model: nn.Module, components=DEFAULT_LORA_COMPONENTS) -> list[str]:
+    """Full names of the nn.Linear layers of the given top-level components."""
+    unknown = set(components) - set(LORA_COMPONENTS)
+    if unknown:
+        raise InputError(
+            f"unknown LoRA target(s) {', '.join(sorted(unknown))}; choose from {', '.join(LORA_COMPONENTS)}"
+        )
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.split(".")[0] in components
+    ]
+    if not names:
+        raise InputError(f"no layers to adapt in {', '.join(components)}")
+    return names
+
+
+def add_lora(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    components=DEFAULT_LORA_COMPONENTS,
+):
+    """Wrap `model` with fresh LoRA layers (in place); returns the peft model.
+
+    The SAM2 model itself (with LoRA layers inside) stays reachable as
+    `peft_model.base_model.model`; only the LoRA weights are trainable.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if rank < 1:
+        raise InputError(f"LoRA rank must be >= 1, got {rank}")
+    config = LoraConfig(
+        r=int(rank),
+        lora_alpha=float(alpha),
+        lora_dropout=float(dropout),
+        target_modules=lora_target_names(model, tuple(components)),
+    )
+    return get_peft_model(model, config)
+
+
+def read_metadata(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    path = folder / METADATA_FILE
+    if not folder.is_dir():
+        raise InputError(f"{folder}: adapter folder not found")
+    if not path.is_file():
+        raise InputError(f"{folder}: not a sam2-pal adapter folder (no {METADATA_FILE})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+def adapter_kind(folder: str | os.PathLike) -> str:
+    folder = Path(folder)
+    if (folder / LORA_WEIGHTS).is_file() and (folder / "adapter_config.json").is_file():
+        return "lora"
+    if (folder / FULL_WEIGHTS).is_file():
+        return "full"
+    raise InputError(f"{folder}: no adapter weights ({LORA_WEIGHTS} or {FULL_WEIGHTS})")
+
+
+def adapter_sha256(folder: str | os.PathLike) -> str:
+    from sam2pal.models.build import file_sha256
+
+    folder = Path(folder)
+    return file_sha256(folder / (LORA_WEIGHTS if adapter_kind(folder) == "lora" else FULL_WEIGHTS))
+
+
+def save_adapter(model, folder: str | os.PathLike, metadata: dict, kind: str) -> Path:
+    """Write the weights (`kind` lora: a peft model; full: a SAM2Base) and metadata.
+
+    The folder is filled under a temporary name and renamed into place.
+    """
+    folder = Path(folder)
+    sam = model.base_model.model if kind == "lora" else model
+    # the image size is the model's own, whatever the caller's metadata says
+    metadata = dict(metadata, kind=kind, image_size=int(sam.image_size))
+    with atomic_dir(folder) as tmp:
+        if kind == "lora":
+            model.save_pretrained(str(tmp))
+        else:
+            torch.save(
+                {
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    CHECKPOINT_KEY: checkpoint_record(metadata),
+                },
+                tmp / FULL_WEIGHTS,
+            )
+        write_json(tmp / METADATA_FILE, metadata, indent=2)
+    return folder
+
+
+def checkpoint_record(metadata: dict) -> dict:
+    """What a full checkpoint we write records about its training (`CHECKPOINT_KEY`)."""
+    keys = (
+        "image_size",
+        "model_config",
+        "model_config_sha256",
+        "base_id",
+        "base_checkpoint",
+        "base_checkpoint_sha256",
+        "kind",
+        "epoch",
+        "sam2pal_version",
+    )
+    return {key: metadata[key] for key in keys if metadata.get(key) is not None}
+
+
+def check_adapter(
+    folder, meta: dict, base: str, image_size: int, config_sha256: str | None = None
+) -> None:
+    """Refuse an adapter (`meta`: its `sam2pal_adapter.json`) trained on other base
+    weights (`base`, see `base_id`), at another image size or with another model
+    config (compared when both are known) than this run's, naming what differs."""
+    trained = {
+        "base": meta.get("base_id"),
+        "size": meta.get("image_size"),
+        "config": meta.get("model_config_sha256"),
+    }
+    run = {"base": base, "size": int(image_size), "config": config_sha256}
+    differs = [key for key in ("base", "size") if trained[key] != run[key]]
+    if trained["config"] and run["config"] and trained["config"] != run["config"]:
+        differs.append("config")
+    if not differs:
+        return
+    hint = []
+    if "base" in differs:
+        hint.append(f"checkpoint {meta.get('base_checkpoint') or _short(trained['base'])}")
+    if "size" in differs and trained["size"]:
+        hint.append(f"image size {trained['size']}")
+    if "config" in differs:
+        hint.append(
+            f"model config {meta.get('model_config') or 'of sha256 ' + str(trained['config'])[:12] + '...'}"
+        )
+    raise InputError(
+        f"{folder}: adapter was trained on {_describe(trained, differs)}; this run uses "
+        f"{_describe(run, differs)}; use the adapter with the {', '.join(hint) or 'model'} it was trained with"
+    )
+
+
+def _describe(identity: dict, differs) -> str:
+    parts = [
+        _short(identity["base"]) if identity["base"] else "unknown weights (no base_id recorded)"
+    ]
+    size = identity["size"]
+    parts.append(f"at image size {size}" if size else "at an unrecorded image size")
+    if "config" in differs:
+        parts.append(f"with model config sha256 {str(identity['config'])[:12]}...")
+    return " ".join(parts)
+
+
+def load_adapter(
+    model,
+    folder: str | os.PathLike,
+    expected_base: str,
+    merge: bool = True,
+    config_sha256: str | None = None,
+):
+    """`model` (a SAM2Base) with the adapter of `folder` applied, in eval mode.
+
+    Adapters of both kinds must have been trained on the same base weights
+    (`expected_base`, see `base_id`), at the model's image size and, when
+    `config_sha256` is given, with the same model config (`check_adapter`). With
+    `merge`, LoRA weights are folded into the base weights (no extra cost at
+    inference); without, the LoRA layers stay separate.
+    """
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    kind = adapter_kind(folder)
+    check_adapter(folder, meta, expected_base, int(model.image_size), config_sha256)
+    if kind == "full":
+        from sam2pal.models.build import load_checkpoint
+
+        load_checkpoint(model, folder / FULL_WEIGHTS)
+        return model.eval()
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(folder))
+    peft_model.eval()
+    sam = peft_model.merge_and_unload() if merge else peft_model.base_model.model
+    return sam.eval()
+
+
+def _short(identity) -> str:
+    text = str(identity)
+    if text.startswith("random:"):
+        return f"random weights (seed {text.rsplit(':', 1)[-1]})"
+    return f"checkpoint sha256 {text[:12]}..."
+
+
+def save_merged_checkpoint(
+    peft_model, path: str | os.PathLike, metadata: dict | None = None
+) -> Path:
+    """A full checkpoint in the official format (`{"model": ...}`) with the LoRA
+    weights folded in; loads with `sam2.build_sam.build_sam2`. Leaves `peft_model`
+    as it was. It records the image size (and from `metadata`, the adapter's, the
+    config and base) under `CHECKPOINT_KEY`: `sam2pal.models.build` uses it only at that
+    image size and with that config."""
+    import copy
+
+    from sam2pal.io.atomic import atomic_path
+
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    state = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
+    record = checkpoint_record(
+        dict(metadata or {}, kind="merged", image_size=int(merged.image_size))
+    )
+    with atomic_path(path) as tmp:
+        torch.save({"model": state, CHECKPOINT_KEY: record}, tmp)
+    return Path(path)

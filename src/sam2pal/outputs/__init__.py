@@ -1,0 +1,1 @@
+"""What the workflow makes from the masks: measurements, QC, evaluation, overlays, report. Imports no torch."""

@@ -1,0 +1,321 @@
+"""Compare predictions with ground truth: IoU and Dice per image x structure.
+
+Images are matched by file name and structures by category name (ids may differ
+between the two files). For each ground-truth image and each category annotated in
+the ground truth, the masks of all instances of that category are unioned on both
+sides and compared. A structure the predictions lack scores 0; an image the
+predictions lack (e.g. skipped as unreadable) scores 0 on every structure.
+
+Only targets measure how well the collection was segmented. Each row has a `role`:
+
+    target             an image x structure the run had to find: the honest score
+    template           a structure annotated on this photo in the templates: the
+                       photo was segmented with itself and that mask in memory
+    keyframe           a structure annotated on this video frame: output as annotated
+    finetune_template  a structure annotated on a fine-tuning template: the training
+                       loss was taken on that mask
+    finetune_holdout   a fine-tuning hold-out image whose ground truth picked the best
+                       epoch (selection by the real IoU): chosen to score well on it
+
+`metrics.csv` holds, for each role present (targets first), one row per image x
+category (level `image`) followed by the mean per category (level `category_mean`,
+with the number of images in `n_images`). Hold-out images of a training that picked
+its epoch by the label-free cycle IoU stay targets: no true mask was used on them,
+exactly as on the other unlabelled images the training saw.
+
+Templates and keyframes come from the templates file the run used (`templates.json`)
+and from the predictions themselves (annotations flagged `keyframe`); the fine-tuning
+roles from the adapter's `sam2pal_adapter.json` (written by `sam2pal.training.palindrome.Trainer`).
+Images are matched to those lists by file name: the same path inside the image
+folder, else the same bare name where only one image on each side has it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from sam2pal.errors import InputError
+from sam2pal.io.atomic import atomic_write
+from sam2pal.io.masks import decode_segmentation
+
+METRIC_COLUMNS = [
+    "level",
+    "role",
+    "file_name",
+    "category",
+    "iou",
+    "dice",
+    "gt_area_px",
+    "pred_area_px",
+    "n_images",
+]
+ROLES = ("target", "template", "keyframe", "finetune_template", "finetune_holdout")
+ADAPTER_METADATA = (
+    "sam2pal_adapter.json"  # sam2pal.models.adapters.METADATA_FILE (that module needs torch)
+)
+
+
+def load_coco(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: COCO file not found")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise InputError(f"{path}: not a COCO file (no '{key}' list)")
+    return data
+
+
+def category_masks(
+    data: dict, path: Path
+) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray]]]:
+    """{file_name: image} and {file_name: {category name: union mask}}."""
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    images = {im["id"]: im for im in data["images"]}
+    by_file = {im["file_name"]: im for im in data["images"]}
+    masks: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    for ann in data["annotations"]:
+        image = images.get(ann.get("image_id"))
+        if image is None:
+            raise InputError(
+                f"{path}: annotation {ann.get('id')} refers to unknown image id {ann.get('image_id')}"
+            )
+        category = names.get(ann.get("category_id"))
+        if category is None:
+            raise InputError(
+                f"{path}: annotation {ann.get('id')} has unknown category id {ann.get('category_id')}"
+            )
+        try:
+            mask = decode_segmentation(ann["segmentation"], image["height"], image["width"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(
+                f"{path}: annotation {ann.get('id')}: bad segmentation ({exc})"
+            ) from None
+        current = masks[image["file_name"]].get(category)
+        masks[image["file_name"]][category] = mask if current is None else (current | mask)
+    return by_file, masks
+
+
+def annotated_structures(data: dict, path: Path) -> dict[str, set[str]]:
+    """{file_name: names of the categories annotated on it} of a COCO dict."""
+    names = {c.get("id"): c.get("name") for c in data["categories"]}
+    files = {im.get("id"): im.get("file_name") for im in data["images"]}
+    found: dict[str, set[str]] = defaultdict(set)
+    for ann in data["annotations"]:
+        file_name, category = files.get(ann.get("image_id")), names.get(ann.get("category_id"))
+        if file_name is None or category is None:
+            raise InputError(
+                f"{path}: annotation {ann.get('id')} refers to an unknown image or category"
+            )
+        found[file_name].add(category)
+    return dict(found)
+
+
+def _posix(name: str) -> str:
+    return PurePosixPath(str(name).replace("\\", "/")).as_posix()
+
+
+def match_names(gt_names, names) -> dict[str, str]:
+    """{ground-truth file name: name in `names`} for the images named alike: the same
+    path, else the same bare name where only one image on each side has it."""
+    exact = {_posix(n): n for n in names}
+    bare: dict[str, list[str]] = defaultdict(list)
+    for n in names:
+        bare[PurePosixPath(_posix(n)).name].append(n)
+    gt_bare: dict[str, int] = defaultdict(int)
+    for g in gt_names:
+        gt_bare[PurePosixPath(_posix(g)).name] += 1
+    matched = {}
+    for g in gt_names:
+        if _posix(g) in exact:
+            matched[g] = exact[_posix(g)]
+            continue
+        base = PurePosixPath(_posix(g)).name
+        if len(bare.get(base, [])) == 1 and gt_bare[base] == 1:
+            matched[g] = bare[base][0]
+    return matched
+
+
+def read_finetune_record(path: str | os.PathLike) -> dict:
+    """What a fine-tuning saw of the true masks, from the adapter's metadata.
+
+    `path`: an adapter folder, the folder `finetune` wrote (with adapter/ in it), or the
+    `sam2pal_adapter.json` file. Returns {"by": "ground_truth_iou" | "cycle_iou" | None,
+    "ground_truth_images": [names], "training_templates": {name: [structure names]}}.
+    """
+    path = Path(path)
+    candidates = (
+        [path] if path.is_file() else [path / ADAPTER_METADATA, path / "adapter" / ADAPTER_METADATA]
+    )
+    meta_path = next((p for p in candidates if p.is_file()), None)
+    if meta_path is None:
+        raise InputError(
+            f"{path}: no fine-tuning record (an adapter folder with {ADAPTER_METADATA})"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: not an adapter record (expected a JSON object)")
+    selection = meta.get("selection")
+    if isinstance(selection, dict):
+        by, images = selection.get("by"), selection.get("ground_truth_images") or []
+    else:  # adapters written before the record: the epoch log tells how it was chosen
+        history = meta.get("history") or []
+        holdout = (meta.get("pool") or {}).get("holdout") or []
+        if any(row.get("val_iou") is not None for row in history):
+            by, images = "ground_truth_iou", holdout
+        else:
+            by, images = ("cycle_iou" if holdout else None), []
+    templates = meta.get("training_templates")
+    if not isinstance(templates, dict):  # older record: names only, every structure
+        templates = {name: None for name in meta.get("templates") or []}
+    if not isinstance(images, list) or by not in ("ground_truth_iou", "cycle_iou", None):
+        raise InputError(f"{meta_path}: unreadable 'selection' record")
+    return {
+        "by": by,
+        "ground_truth_images": [str(n) for n in images],
+        "training_templates": templates,
+    }
+
+
+def _roles(gt_masks: dict, pred_data: dict, templates, finetune_record) -> dict:
+    """{(file_name, category): role} of the ground-truth rows that are not targets."""
+    gt_names = sorted(gt_masks)
+    roles: dict[tuple[str, str], str] = {}
+
+    def mark(names_to_structures: dict, role: str):
+        matched = match_names(gt_names, list(names_to_structures))
+        for g, name in matched.items():
+            structures = names_to_structures[name]
+            for category in gt_masks[g]:
+                if (structures is None or category in structures) and (g, category) not in roles:
+                    roles[(g, category)] = role
+
+    # a structure output as a keyframe's annotation (flagged in the predictions)
+    pred_categories = {c.get("id"): c.get("name") for c in pred_data["categories"]}
+    pred_files = {im.get("id"): im.get("file_name") for im in pred_data["images"]}
+    is_video = any("frame_index" in im for im in pred_data["images"])
+    for ann in pred_data["annotations"]:
+        if ann.get("keyframe"):
+            key = (pred_files.get(ann.get("image_id")), pred_categories.get(ann.get("category_id")))
+            if key[0] in gt_masks and key[1] in gt_masks[key[0]]:
+                roles[key] = "keyframe"
+    if templates is not None:
+        templates = Path(templates)
+        mark(
+            annotated_structures(load_coco(templates), templates),
+            "keyframe" if is_video else "template",
+        )
+    if finetune_record is not None:
+        record = read_finetune_record(finetune_record)
+        mark(record["training_templates"], "finetune_template")
+        if record["by"] == "ground_truth_iou":
+            mark({name: None for name in record["ground_truth_images"]}, "finetune_holdout")
+    return roles
+
+
+def evaluate(
+    gt_json: str | os.PathLike,
+    pred_json: str | os.PathLike,
+    out_csv: str | os.PathLike,
+    templates: str | os.PathLike | None = None,
+    finetune_record: str | os.PathLike | None = None,
+    log=None,
+) -> dict:
+    """Write metrics.csv; returns {category: mean IoU over the targets}.
+
+    templates: the templates file the predictions were made with (templates.json):
+        structures annotated there are scored as `template` (`keyframe` in a video).
+    finetune_record: the adapter the predictions were made with (see
+        `read_finetune_record`): its training templates and, when the real IoU picked
+        its epoch, its hold-out images with ground truth are scored apart.
+    log: called with one line naming the rows left out of the target means.
+    """
+    gt_path, pred_path = Path(gt_json), Path(pred_json)
+    gt_images, gt_masks = category_masks(load_coco(gt_path), gt_path)
+    pred_data = load_coco(pred_path)
+    pred_images, pred_masks = category_masks(pred_data, pred_path)
+    roles = _roles(gt_masks, pred_data, templates, finetune_record)
+
+    rows: dict[str, list[dict]] = defaultdict(list)
+    per_category: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for file_name in sorted(gt_masks):
+        gt_image = gt_images[file_name]
+        pred_image = pred_images.get(file_name)
+        if pred_image is not None and (pred_image["width"], pred_image["height"]) != (
+            gt_image["width"],
+            gt_image["height"],
+        ):
+            raise InputError(
+                f"{pred_path}: {file_name} is {pred_image['width']}x{pred_image['height']} but "
+                f"{gt_image['width']}x{gt_image['height']} in {gt_path}"
+            )
+        for category, truth in sorted(gt_masks[file_name].items()):
+            pred = pred_masks.get(file_name, {}).get(category)
+            inter = int(np.logical_and(truth, pred).sum()) if pred is not None else 0
+            pred_area = int(pred.sum()) if pred is not None else 0
+            gt_area = int(truth.sum())
+            union = gt_area + pred_area - inter
+            iou = inter / union if union else 1.0
+            dice = 2 * inter / (gt_area + pred_area) if (gt_area + pred_area) else 1.0
+            role = roles.get((file_name, category), "target")
+            per_category[role][category].append((iou, dice))
+            rows[role].append(
+                {
+                    "level": "image",
+                    "role": role,
+                    "file_name": file_name,
+                    "category": category,
+                    "iou": iou,
+                    "dice": dice,
+                    "gt_area_px": gt_area,
+                    "pred_area_px": pred_area,
+                }
+            )
+    means = {}
+    for role in ROLES:
+        for category in sorted(per_category[role]):
+            values = np.array(per_category[role][category])
+            if role == "target":
+                means[category] = float(values[:, 0].mean())
+            rows[role].append(
+                {
+                    "level": "category_mean",
+                    "role": role,
+                    "file_name": "",
+                    "category": category,
+                    "iou": float(values[:, 0].mean()),
+                    "dice": float(values[:, 1].mean()),
+                    "n_images": len(values),
+                }
+            )
+    with atomic_write(out_csv) as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        for role in ROLES:
+            for row in rows[role]:
+                writer.writerow(
+                    {k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}
+                )
+    apart = [
+        f"{role} {len({r['file_name'] for r in rows[role] if r['level'] == 'image'})} image(s)"
+        for role in ROLES[1:]
+        if rows[role]
+    ]
+    if log is not None and apart:
+        log("scored apart from the targets (own rows and means): " + ", ".join(apart))
+    return means

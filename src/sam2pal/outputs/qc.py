@@ -1,0 +1,123 @@
+"""`qc.csv`: every image of a collection ranked for review, worst first.
+
+An image's QC score is the lowest score of its structures, where a structure scores
+its cycle IoU when cycle consistency was computed (a label-free estimate of the real
+IoU), else SAM2's predicted IoU, and 0 when it was predicted absent. Images that could
+not be read come first, then images by increasing QC score.
+
+Columns: rank, file_name, status (ok | missing | clamped | skipped), qc_score,
+worst_structure, n_structures, n_found, missing, clamped, min_cycle_iou,
+mean_cycle_iou, min_predicted_iou, min_object_score, reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable
+
+from sam2pal.inference.propagate import read_records
+from sam2pal.io.atomic import atomic_write
+
+QC_COLUMNS = [
+    "rank",
+    "file_name",
+    "status",
+    "qc_score",
+    "worst_structure",
+    "n_structures",
+    "n_found",
+    "missing",
+    "clamped",
+    "min_cycle_iou",
+    "mean_cycle_iou",
+    "min_predicted_iou",
+    "min_object_score",
+    "reason",
+]
+
+
+def structure_label(
+    categories: dict[int, str], category_id: int, instance: int, multi: bool
+) -> str:
+    name = categories.get(category_id, str(category_id))
+    return f"{name}_{instance}" if multi else name
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def image_row(record: dict, categories: dict[int, str], multi_instance: set[int]) -> dict:
+    if "skipped" in record:
+        return {"file_name": record["file_name"], "status": "skipped", "reason": record["skipped"]}
+    scores, missing, clamped = [], [], []
+    cycles, ious, objs = [], [], []
+    for s in record["structures"]:
+        label = structure_label(
+            categories, s["category_id"], s["instance"], s["category_id"] in multi_instance
+        )
+        present = s["area"] > 0
+        if s["cycle_iou"] is not None:
+            cycles.append(s["cycle_iou"])
+        ious.append(s["predicted_iou"])
+        objs.append(s["object_score"])
+        if not present:
+            missing.append(label)
+        if s["clamped"]:
+            clamped.append(label)
+        quality = (
+            s["cycle_iou"] if s["cycle_iou"] is not None else min(max(s["predicted_iou"], 0.0), 1.0)
+        )
+        scores.append((quality if present else 0.0, label))
+    worst = min(scores) if scores else (float("nan"), "")
+    status = "missing" if missing else ("clamped" if clamped else "ok")
+    return {
+        "file_name": record["file_name"],
+        "status": status,
+        "qc_score": float(worst[0]),
+        "worst_structure": worst[1],
+        "n_structures": len(scores),
+        "n_found": len(scores) - len(missing),
+        "missing": ";".join(missing),
+        "clamped": ";".join(clamped),
+        "min_cycle_iou": min(cycles) if cycles else None,
+        "mean_cycle_iou": sum(cycles) / len(cycles) if cycles else None,
+        "min_predicted_iou": min(ious) if ious else None,
+        "min_object_score": min(objs) if objs else None,
+        "reason": "",
+    }
+
+
+def write_qc(
+    record_paths: Iterable[str | os.PathLike],
+    categories: dict[int, str],
+    out_csv: str | os.PathLike,
+    multi_instance: Iterable[int] = (),
+) -> int:
+    """Write qc.csv from per-image result files; returns the number of rows.
+
+    `multi_instance`: category ids with several instances per template, whose
+    structures are named `{category}_{instance}`.
+    """
+    multi = set(multi_instance)
+    rows = [image_row(r, categories, multi) for p in record_paths for r in read_records(p)]
+
+    def order(row):
+        skipped = row["status"] == "skipped"
+        return (
+            0 if skipped else 1,
+            row.get("qc_score", 0.0) if not skipped else 0.0,
+            row["file_name"],
+        )
+
+    rows.sort(key=order)
+    with atomic_write(out_csv) as handle:
+        writer = csv.DictWriter(handle, fieldnames=QC_COLUMNS)
+        writer.writeheader()
+        for rank, row in enumerate(rows, start=1):
+            writer.writerow({k: _fmt(row.get(k)) for k in QC_COLUMNS} | {"rank": rank})
+    return len(rows)

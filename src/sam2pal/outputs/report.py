@@ -1,0 +1,175 @@
+"""Figures and tables of the HTML report (`snakemake --report report.html`).
+
+* a gallery of overlays: the worst images by QC score and a seeded random sample,
+  drawn from predictions.json streamed image by image (`visualize.image_groups`);
+* the QC score distribution, and the head of the QC ranking as a table;
+* the distributions of the measurements, per structure;
+* the fine-tuning curves, where the collection was fine-tuned.
+
+Every function reads the collection's files as streams, so the report of a 100,000-image
+collection costs no more memory than the figures themselves.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from sam2pal.io.atomic import atomic_dir, atomic_path, atomic_write
+
+# measures shown per structure: (column in millimetres, column in pixels, label)
+PLOTTED = [
+    ("area_mm2", "area_px", "area"),
+    ("feret_max_mm", "feret_max_px", "max. Feret diameter"),
+    ("curve_length_mm", "curve_length_px", "curve length"),
+]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_qc(qc_csv) -> list[dict]:
+    with open(qc_csv, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def gallery_selection(qc_rows: list[dict], size: int, seed: int = 0) -> list[tuple[str, int, str]]:
+    """[(kind, k, file name)]: the `size` worst images by QC rank (unreadable images
+    left out: nothing to draw), then `size` others picked at random with `seed`."""
+    drawable = [r for r in qc_rows if r["status"] != "skipped"]
+    worst = drawable[:size]
+    rest = drawable[size:]
+    sample = sorted(random.Random(seed).sample(range(len(rest)), min(size, len(rest))))
+    picks = [("worst", k + 1, r["file_name"]) for k, r in enumerate(worst)]
+    picks += [("random", k + 1, rest[i]["file_name"]) for k, i in enumerate(sample)]
+    return picks
+
+
+def write_gallery(
+    pred_json, qc_csv, image_dir, out_dir, size: int = 12, seed: int = 0, max_side: int = 800
+) -> int:
+    """Overlays of the worst and of randomly picked images, named
+    `worst_01_<image>.jpg` ... `random_01_<image>.jpg`; returns how many."""
+    import cv2
+
+    from sam2pal.io.images import unique_stems
+    from sam2pal.outputs.visualize import _overlays, image_groups
+
+    picks = gallery_selection(read_qc(qc_csv), size, seed)
+    wanted = {name for _, _, name in picks}
+    categories, _, groups = image_groups(pred_json)
+    groups = ((image, anns) for image, anns in groups if image["file_name"] in wanted)
+    overlays = {
+        info["file_name"]: overlay
+        for info, overlay in _overlays(categories, groups, image_dir, max_side)
+    }
+    stems = unique_stems([name for _, _, name in picks])
+    count = 0
+    with atomic_dir(out_dir) as tmp:
+        for kind, k, name in picks:
+            if name in overlays:
+                cv2.imwrite(
+                    str(tmp / f"{kind}_{k:02d}_{stems[name]}.jpg"),
+                    cv2.cvtColor(overlays[name], cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, 85],
+                )
+                count += 1
+    return count
+
+
+def write_qc_summary(qc_csv, out_png, out_csv, head: int = 200) -> None:
+    """Histogram of QC scores (with the status counts) and the `head` worst rows."""
+    plt = _plt()
+    rows = read_qc(qc_csv)
+    scores = [float(r["qc_score"]) for r in rows if r["qc_score"]]
+    status: dict[str, int] = {}
+    for r in rows:
+        status[r["status"]] = status.get(r["status"], 0) + 1
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(scores, bins=40, range=(0, 1), color="#4477aa")
+    ax.set_xlabel("QC score (lowest structure score of an image)")
+    ax.set_ylabel("images")
+    ax.set_title(", ".join(f"{k}: {v}" for k, v in sorted(status.items())) or "no images")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_write(out_csv, "w", newline="") as handle:
+        fields = list(rows[0]) if rows else ["rank", "file_name"]
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows[:head])
+
+
+def measurement_columns(header: list[str]) -> list[tuple[str, str]]:
+    """[(column, axis label)] of the plotted measures, in mm where the table has them."""
+    chosen = []
+    for mm, px, label in PLOTTED:
+        if mm in header:
+            chosen.append((mm, f"{label} (mm{'²' if mm == 'area_mm2' else ''})"))
+        elif px in header:
+            chosen.append((px, f"{label} (px{'²' if px == 'area_px' else ''})"))
+    return chosen
+
+
+def write_measurement_plot(measurements_csv, out_png) -> dict[str, int]:
+    """One row of histograms per structure (area, max. Feret diameter, curve length);
+    returns the number of values per structure."""
+    plt = _plt()
+    with open(measurements_csv, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        columns = measurement_columns(header)
+        at = {name: header.index(name) for name, _ in columns}
+        category = header.index("category") if "category" in header else None
+        values: dict[str, list[list[float]]] = {}
+        for row in reader:
+            per = values.setdefault(
+                row[category] if category is not None else "all", [[] for _ in columns]
+            )
+            for j, (name, _) in enumerate(columns):
+                cell = row[at[name]]
+                if cell:
+                    value = float(cell)
+                    if math.isfinite(value):
+                        per[j].append(value)
+    structures = list(values) or ["(no structures found)"]
+    fig, axes = plt.subplots(
+        len(structures),
+        max(len(columns), 1),
+        squeeze=False,
+        figsize=(3.3 * max(len(columns), 1), 2.2 * len(structures)),
+    )
+    for i, structure in enumerate(structures):
+        for j, (_, label) in enumerate(columns or [("", "")]):
+            ax = axes[i][j]
+            data = values.get(structure, [[]] * max(len(columns), 1))[j]
+            if data:
+                ax.hist(np.asarray(data), bins=30, color="#228833")
+                ax.axvline(float(np.median(data)), color="black", lw=1)
+            ax.set_title(f"{structure}: {label}" if label else structure, fontsize=9)
+            ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return {s: len(v[0]) if v else 0 for s, v in values.items()}
+
+
+def copy_training_record(finetune_dir, out_png, out_csv) -> None:
+    """The fine-tuning curves and log of a collection, for the report."""
+    finetune_dir = Path(finetune_dir)
+    for name, out in (("training_curves.png", out_png), ("training_log.csv", out_csv)):
+        with atomic_path(out) as tmp:
+            shutil.copyfile(finetune_dir / name, tmp)

@@ -1,0 +1,1 @@
+"""Synthetic specimens, procedural insects and the held-out quality collections."""

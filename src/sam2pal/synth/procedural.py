@@ -1,0 +1,205 @@
+"""Procedural insects: part label maps drawn from random body plans.
+
+The vendored NEON masks are 181 real ground beetles, all of one body plan. To train a
+model that copes with other shapes, `procedural_insect` draws label maps from a
+parametric insect: head, pronotum and elytra (or abdomen) as rounded shapes of random
+proportions, two antennae (thread-like, beaded or clubbed, straight or curved) and
+three pairs of jointed legs (coxa-femur, tibia, tarsus) with random splay. The result
+uses the same values as `synthetic.PARTS` (1 head, 2 pronotum, 3 elytra, 4 antenna,
+5 legs) and can be rendered by `synthetic.render_specimen_layers` like a real mask.
+Head points to the top of the canvas; the renderer adds the pose.
+
+``plan="v2"`` widens the proportions (slender to squat bodies, small to large heads,
+short to very long appendages), adds compound eyes (6, `synthetic.EXTRA_PARTS`) at
+the sides of the head and labels the first antennal segment as the scape (7), and adds
+elbowed antennae (a long scape, then the flagellum at a sharp angle) to the
+thread-like, beaded and clubbed kinds. ``plan="v1"`` (the default) draws exactly the
+shapes it always did.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+HEAD, PRONOTUM, ELYTRA, ANTENNA, LEGS, EYE, SCAPE = 1, 2, 3, 4, 5, 6, 7
+PLANS = ("v1", "v2")
+
+
+def _blob(
+    canvas: np.ndarray,
+    value: int,
+    centre,
+    half_w: float,
+    half_h: float,
+    squareness: float,
+    taper: float,
+) -> None:
+    """Fill a superellipse-like outline (rounded rectangle to ellipse), optionally
+    narrower at its top (taper > 0) or bottom (taper < 0)."""
+    t = np.linspace(0, 2 * math.pi, 96, endpoint=False)
+    p = 2.0 + 4.0 * squareness  # 2: ellipse, 6: nearly a rectangle
+    c, s = np.cos(t), np.sin(t)
+    x = np.sign(c) * np.abs(c) ** (2 / p)
+    y = np.sign(s) * np.abs(s) ** (2 / p)
+    x = x * (1.0 - taper * y * 0.5)  # y < 0 is the top
+    pts = np.stack([centre[0] + half_w * x, centre[1] + half_h * y], axis=1)
+    cv2.fillPoly(
+        canvas, [np.round(pts * 4).astype(np.int32)], int(value), lineType=cv2.LINE_8, shift=2
+    )
+
+
+def _polyline(canvas: np.ndarray, value: int, points, widths) -> None:
+    """Draw a chain of segments, each with its own thickness, with round joints."""
+    for (a, b), w in zip(zip(points[:-1], points[1:]), widths):
+        w = max(1, int(round(w)))
+        pa = (int(round(a[0])), int(round(a[1])))
+        pb = (int(round(b[0])), int(round(b[1])))
+        cv2.line(canvas, pa, pb, int(value), thickness=w, lineType=cv2.LINE_8)
+        cv2.circle(canvas, pb, max(1, w // 2), int(value), thickness=-1)
+
+
+def _antenna(canvas, rng, base, side: int, length: float, width: float, v2: bool = False) -> None:
+    n = int(rng.integers(8, 12))
+    kind = rng.choice(
+        ["thread", "beaded", "clubbed", "elbowed"] if v2 else ["thread", "beaded", "clubbed"]
+    )
+    heading = math.radians(-90 + side * rng.uniform(15, 55))  # up and outwards
+    bend = side * rng.uniform(-0.12, 0.2)
+    seg = length / n
+    pts, widths = [np.array(base, float)], []
+    if v2:  # the scape: the first segment, longer in elbowed antennae
+        share = rng.uniform(0.25, 0.4) if kind == "elbowed" else rng.uniform(0.08, 0.18)
+        pts.append(pts[-1] + length * share * np.array([math.cos(heading), math.sin(heading)]))
+        widths.append(width * rng.uniform(1.1, 1.5))
+        scape = (pts, widths)
+        if kind == "elbowed":  # the flagellum turns outwards at the elbow
+            heading += side * math.radians(rng.uniform(50, 110))
+        seg = length * (1 - share) / n
+        pts, widths = [pts[-1]], []
+    for i in range(n):
+        heading += bend + rng.normal(0, 0.05)
+        pts.append(pts[-1] + seg * np.array([math.cos(heading), math.sin(heading)]))
+        w = width
+        if kind == "clubbed" and i >= n - 3:
+            w = width * rng.uniform(1.8, 2.6)
+        elif kind == "beaded":
+            w = width * (1.25 if i % 2 else 0.9)
+        widths.append(w)
+    _polyline(canvas, ANTENNA, pts, widths)
+    if v2:  # the scape on top of the flagellum's first joint
+        _polyline(canvas, SCAPE, *scape)
+
+
+def _leg(canvas, rng, base, side: int, direction: float, length: float, width: float) -> None:
+    """A leg from `base`: femur outwards at `direction` (degrees from straight out,
+    negative = forwards), tibia bending back, a thin tarsus."""
+    out = 0.0 if side > 0 else 180.0
+    a1 = math.radians(out + side * direction)
+    femur = length * rng.uniform(0.32, 0.4)
+    tibia = length * rng.uniform(0.32, 0.4)
+    tarsus = length - femur - tibia
+    knee_bend = side * math.radians(rng.uniform(20, 70)) * (1 if direction >= 0 else -1)
+    p0 = np.array(base, float)
+    p1 = p0 + femur * np.array([math.cos(a1), math.sin(a1)])
+    a2 = a1 + knee_bend
+    p2 = p1 + tibia * np.array([math.cos(a2), math.sin(a2)])
+    a3 = a2 + side * math.radians(rng.uniform(-20, 20))
+    mid = p2 + 0.5 * tarsus * np.array([math.cos(a3), math.sin(a3)])
+    a4 = a3 + side * math.radians(rng.uniform(-15, 15))
+    p3 = mid + 0.5 * tarsus * np.array([math.cos(a4), math.sin(a4)])
+    _polyline(canvas, LEGS, [p0, p1, p2, mid, p3], [width * 1.3, width, width * 0.6, width * 0.55])
+
+
+def procedural_insect(rng: np.random.Generator, size: int = 512, plan: str = "v1") -> np.ndarray:
+    """A random insect part label map (size x size uint8, values 0..5, 0..7 with
+    ``plan="v2"``), head up."""
+    if plan not in PLANS:
+        raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
+    v2 = plan == "v2"
+    canvas = np.zeros((size, size), np.uint8)
+    body_len = size * (rng.uniform(0.36, 0.55) if v2 else rng.uniform(0.42, 0.55))
+    head_len = body_len * (rng.uniform(0.1, 0.3) if v2 else rng.uniform(0.13, 0.22))
+    pron_len = body_len * (rng.uniform(0.12, 0.32) if v2 else rng.uniform(0.16, 0.28))
+    ely_len = body_len - head_len - pron_len
+    ely_w = body_len * (rng.uniform(0.22, 0.6) if v2 else rng.uniform(0.3, 0.5))
+    pron_w = ely_w * (rng.uniform(0.45, 1.1) if v2 else rng.uniform(0.6, 1.05))
+    head_w = min(pron_w, ely_w) * (rng.uniform(0.45, 1.0) if v2 else rng.uniform(0.5, 0.9))
+    cx = size / 2 + rng.normal(0, size * 0.01)
+    top = (size - body_len) / 2 + size * 0.05
+    head_c = (cx, top + head_len / 2)
+    pron_c = (cx, top + head_len + pron_len / 2)
+    ely_c = (cx, top + head_len + pron_len + ely_len / 2)
+    overlap = rng.uniform(0.04, 0.1)
+
+    appendage_w = max(2.0, size * rng.uniform(0.006, 0.012))
+    # antennae from the front corners of the head
+    ant_len = body_len * (rng.uniform(0.2, 1.0) if v2 else rng.uniform(0.25, 0.75))
+    for side in (-1, 1):
+        base = (cx + side * head_w * 0.35, top + head_len * 0.25)
+        _antenna(canvas, rng, base, side, ant_len * rng.uniform(0.95, 1.05), appendage_w, v2)
+    # legs: front pair on the pronotum, middle and hind pairs under the elytra
+    leg_len = body_len * (rng.uniform(0.35, 0.95) if v2 else rng.uniform(0.45, 0.8))
+    anchors = [
+        (pron_c[1] + pron_len * 0.1, pron_w * 0.4, -rng.uniform(20, 50)),
+        (ely_c[1] - ely_len * 0.35, ely_w * 0.35, rng.uniform(-10, 20)),
+        (ely_c[1] - ely_len * 0.1, ely_w * 0.35, rng.uniform(25, 60)),
+    ]
+    for y, half, direction in anchors:
+        for side in (-1, 1):
+            jitter = rng.normal(0, 6)
+            _leg(
+                canvas,
+                rng,
+                (cx + side * half, y),
+                side,
+                direction + jitter,
+                leg_len * rng.uniform(0.8, 1.15) * (0.85 if direction < 0 else 1.0),
+                appendage_w * 1.3,
+            )
+    # the body on top of the appendage bases
+    _blob(
+        canvas,
+        ELYTRA,
+        ely_c,
+        ely_w / 2,
+        ely_len / 2 * (1 + overlap),
+        rng.uniform(0, 0.6),
+        taper=rng.uniform(-0.5, 0.1),
+    )
+    _blob(
+        canvas,
+        PRONOTUM,
+        pron_c,
+        pron_w / 2,
+        pron_len / 2 * (1 + overlap),
+        rng.uniform(0.2, 0.9),
+        taper=rng.uniform(-0.1, 0.5),
+    )
+    _blob(
+        canvas,
+        HEAD,
+        head_c,
+        head_w / 2,
+        head_len / 2,
+        rng.uniform(0, 0.5),
+        taper=rng.uniform(0, 0.6),
+    )
+    if v2:  # compound eyes on the sides of the head, bulging a little past its outline
+        ry = head_len * rng.uniform(0.15, 0.35)
+        rx = min(ry * rng.uniform(0.5, 1.1), head_w * 0.3)
+        ex = head_w / 2 * rng.uniform(0.7, 1.0) - rx * rng.uniform(0.2, 0.7)
+        ey = head_c[1] - head_len * rng.uniform(-0.1, 0.2)
+        for side in (-1, 1):
+            _blob(
+                canvas,
+                EYE,
+                (cx + side * ex, ey),
+                max(rx, 2.0),
+                max(ry, 2.0),
+                rng.uniform(0, 0.2),
+                taper=0.0,
+            )
+    return canvas

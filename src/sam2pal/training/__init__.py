@@ -1,0 +1,1 @@
+"""Adapting and training models: palindrome LoRA fine-tuning and pretraining sam2pal-micro."""

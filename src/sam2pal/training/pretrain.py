@@ -1,0 +1,666 @@
+"""Train a small SAM2 from scratch on synthetic specimens (`sam2pal pretrain`).
+
+No model hub can be reached from the machines this project is built on, so the demo,
+the tests and the quality benchmark use a model we train ourselves: sam2pal-micro, the
+real `SAM2Base` with a reduced Hiera trunk and memory (resources/models/sam2pal-micro.yaml),
+saved in the official ``{"model": state_dict}`` format and loaded by the same code path
+as Meta's checkpoints.
+
+Supervision is SAM2's own, on the task the workflow runs: an *episode* is one or two
+annotated templates (their part masks given as mask prompts, encoded into memory as
+conditioning frames) and one target tracked from that memory; with probability
+`settings.second_target` a second target, a re-posed view of the first, is tracked from
+the templates plus the first target's own predicted memory (what video tracking does).
+The loss is SAM2's: on every target, the best of the three candidate masks per
+structure (focal x 20 + Dice) plus an L1 loss on the predicted IoU and a focal loss on
+the object score.
+
+Episodes are rendered on the fly, each from its own seed:
+
+* shapes: the NEON beetle label maps not held out (`split_masks`) and random
+  `procedural.procedural_insect` body plans;
+* a template and its target show the same specimen in another pose (tracking) or
+  two specimens of the same collection (the photo use case);
+* appearance ``"v1"`` (the default, what sam2pal-micro v1 saw): the generator's
+  training palettes and substrates only (`synthetic.DEFAULT_PALETTES`,
+  `DEFAULT_BACKGROUNDS`: metallic blue, bronze and slate are kept for held-out tests),
+  a wider scale range, and an episode-wide colour jitter (hue, saturation, brightness,
+  contrast) so that colour itself is not the cue;
+* appearance ``"randomised"``: `synthetic.randomised_style` per episode, part and
+  ground colours from the whole colour space with light-on-dark as often as
+  dark-on-light, textured grounds, clutter, lighting, blur, noise and JPEG (no colour
+  jitter on top: JPEG comes last, as in a photo);
+* appearance ``"mixed"``: each episode one of the two, half and half (the model
+  keeps what v1's episodes taught it while it learns the randomised ones);
+* with `zoom_fraction`, that share of episodes are zoomed crops (`synthetic.zoom_crop`):
+  a part present in every frame fills 20-80 % of the frame, or (a quarter of them)
+  the whole specimen 25-95 %; blur, noise and JPEG are applied after the crop.
+
+`pretrain(settings, out_dir)` writes ``<name>.pt`` (the weights), ``<name>.yaml`` (its
+config), ``<name>.training.json`` (settings, time, loss) and ``<name>.training.csv`` (the
+loss curve). With `resume`, a run picks up from ``<name>.state.pt``, saved every
+`save_every` steps, and ends exactly where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sam2pal.errors import InputError
+from sam2pal.inference.engine import (
+    binary_mask_input,
+    conditioning_frame,
+    new_memory,
+    preprocess,
+    track_step,
+)
+from sam2pal.io.atomic import atomic_path, atomic_write, write_json
+from sam2pal.models.build import autocast, build_model, file_sha256, load_checkpoint, resolve_device
+from sam2pal.models.download import resolve_checkpoint_digest
+from sam2pal.models.registry import MICRO_MODEL, micro_model_files
+from sam2pal.synth.procedural import PLANS, procedural_insect
+from sam2pal.synth.specimens import (
+    ALL_PARTS,
+    DEFAULT_BACKGROUNDS,
+    DEFAULT_PALETTES,
+    Style,
+    camera_effects,
+    collection_style,
+    load_beetle_masks,
+    randomised_style,
+    render_specimen_layers,
+    without_camera,
+    zoom_crop,
+)
+
+#: Episode appearances: "v1" (sam2pal-micro v1's), "randomised" (domain randomisation)
+#: and "mixed" (each episode one or the other, half and half).
+APPEARANCES = ("v1", "randomised", "mixed")
+
+LOG_COLUMNS = [
+    "step",
+    "loss",
+    "focal",
+    "dice",
+    "iou_head",
+    "object",
+    "target_iou",
+    "learning_rate",
+    "seconds",
+]
+
+
+def split_masks(held_out_every: int = 6) -> tuple[list, list]:
+    """(training, held-out) NEON label maps: every `held_out_every`-th mask, in name
+    order, is kept out of training for held-out tests."""
+    masks = load_beetle_masks()
+    held = [m for i, m in enumerate(masks) if i % held_out_every == held_out_every - 1]
+    train = [m for i, m in enumerate(masks) if i % held_out_every != held_out_every - 1]
+    return train, held
+
+
+@dataclass
+class PretrainSettings:
+    # the defaults are the shipped sam2pal-micro's (v1): 4,000 episodes, about an hour on
+    # 2 CPU cores
+    steps: int = 1000  # optimizer steps
+    episodes_per_step: int = 4
+    learning_rate: float = 4e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 150
+    min_lr_fraction: float = 0.05
+    grad_clip: float = 0.5
+    image_size: int = 384
+    # a resolution curriculum: the first low_res_steps at low_res_size (about 2.5x
+    # cheaper per episode), the rest at image_size
+    low_res_size: int = 256
+    low_res_steps: int = 800
+    seed: int = 0
+    # episode mix
+    procedural_fraction: float = 0.35  # shapes drawn from procedural insects
+    same_specimen: float = 0.35  # target = the template's specimen in another pose
+    two_templates: float = 0.3
+    second_target: float = 0.25
+    colour_jitter: float = 0.6
+    scale_range: tuple[float, float] = (0.28, 0.9)
+    # appearance of the episodes: "v1", "randomised" or "mixed" (see the module docstring), and
+    # the share of episodes that are zoomed crops
+    appearance: str = "v1"
+    zoom_fraction: float = 0.0
+    # procedural body plans: "v1" (sam2pal-micro v1's) or "v2" (wider proportions,
+    # compound eyes, scapes and elbowed antennae; `procedural.procedural_insect`)
+    body_plan: str = "v1"
+    # start from these weights (a checkpoint file or name) instead of random ones
+    init: str = ""
+    # SAM2's loss weights
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    object_weight: float = 1.0
+    save_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self):
+        problems = []
+        for name in ("steps", "episodes_per_step", "save_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.learning_rate <= 0:
+            problems.append("learning_rate must be > 0")
+        for name in ("image_size", "low_res_size"):
+            if int(getattr(self, name)) < 64 or int(getattr(self, name)) % 32:
+                problems.append(f"{name} must be a multiple of 32, at least 64")
+        for name in (
+            "procedural_fraction",
+            "same_specimen",
+            "two_templates",
+            "second_target",
+            "colour_jitter",
+            "zoom_fraction",
+        ):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                problems.append(f"{name} must be between 0 and 1")
+        if self.body_plan not in PLANS:
+            problems.append(f"body_plan must be one of {', '.join(PLANS)}, got {self.body_plan!r}")
+        if self.appearance not in APPEARANCES:
+            problems.append(
+                f"appearance must be one of {', '.join(APPEARANCES)}, got {self.appearance!r}"
+            )
+        if problems:
+            raise InputError("pretrain settings: " + "; ".join(problems))
+        self.scale_range = tuple(float(v) for v in self.scale_range)
+
+
+# -- episodes ----------------------------------------------------------------------------
+
+
+@dataclass
+class Episode:
+    images: list[np.ndarray]  # templates first, then targets (RGB uint8)
+    labels: list[np.ndarray]  # part label maps (values 0..5) of the same frames
+    n_templates: int
+
+
+def colour_jitter(images: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """One hue rotation, saturation, brightness and contrast change for all images of
+    an episode (a collection keeps its look), with a slight per-image variation."""
+    hue = rng.uniform(-90, 90)  # degrees
+    sat = rng.uniform(0.6, 1.5)
+    gain = rng.uniform(0.75, 1.25)
+    contrast = rng.uniform(0.75, 1.25)
+    out = []
+    for img in images:
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
+        hsv[..., 0] = (hsv[..., 0] + (hue + rng.normal(0, 3)) * 256 / 360) % 256
+        hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0, 255)
+        rgb = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL).astype(np.float32)
+        mean = rgb.mean()
+        rgb = (rgb - mean) * contrast + mean * gain * rng.uniform(0.95, 1.05)
+        out.append(np.clip(rgb, 0, 255).astype(np.uint8))
+    return out
+
+
+def episode_shape(step: int, settings: PretrainSettings) -> tuple[int, bool]:
+    """(number of templates, whether a second target follows) of every episode of an
+    optimizer step: the episodes of one step share it, so they run as one batch."""
+    rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(5, step)))
+    return (2 if rng.random() < settings.two_templates else 1), bool(
+        rng.random() < settings.second_target
+    )
+
+
+def draw_episode(
+    index: int,
+    settings: PretrainSettings,
+    shapes: list[np.ndarray],
+    n_templates: int = 1,
+    second_target: bool = False,
+) -> Episode:
+    """Episode `index` of a run: deterministic in (settings.seed, index)."""
+    rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(7, index)))
+    appearance = settings.appearance
+    if appearance == "mixed":  # its own stream: the draws below stay as they are
+        mix_rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(9, index)))
+        appearance = "randomised" if mix_rng.random() < 0.5 else "v1"
+    if appearance == "randomised":
+        style = randomised_style(rng, scale_range=settings.scale_range)
+    else:
+        base = Style(
+            palettes=DEFAULT_PALETTES,
+            backgrounds=DEFAULT_BACKGROUNDS,
+            scale_range=settings.scale_range,
+        )
+        style = collection_style(base, rng)
+    camera = style  # the camera stage of the photos
+    zoom_rng = None
+    if settings.zoom_fraction > 0:  # its own stream: the draws above stay as they are
+        zoom_rng = np.random.default_rng(
+            np.random.SeedSequence(settings.seed, spawn_key=(8, index))
+        )
+        if zoom_rng.random() < settings.zoom_fraction:
+            whole = bool(zoom_rng.random() < 0.25)
+            # render without the camera, then crop; a small specimen to zoom out of
+            # the whole, a large one to zoom into a part
+            style = dataclasses.replace(
+                without_camera(style), scale_range=(0.25, 0.5) if whole else (0.6, 0.95)
+            )
+        else:
+            zoom_rng = None
+    width = int(rng.choice([320, 384, 448]))
+    height = int(round(width * rng.choice([0.75, 1.0, 1.33]) / 8) * 8)
+    size = (width, height)
+
+    def shape():
+        if rng.random() < settings.procedural_fraction:
+            return procedural_insect(rng, plan=settings.body_plan)
+        return shapes[int(rng.integers(len(shapes)))]
+
+    same = rng.random() < settings.same_specimen
+    first = shape()
+    sources = [first] + [first if same else shape() for _ in range(n_templates - 1)]
+    target_src = first if same else shape()
+    renders = [render_specimen_layers(src, rng, size=size, style=style) for src in sources]
+    target = render_specimen_layers(target_src, rng, size=size, style=style)
+    renders.append(target)
+    if second_target:  # the target again, moved a little
+        angle = target.angle + rng.uniform(-20, 20)
+        moved = dataclasses.replace(
+            style,
+            rotation_range=(angle, angle),
+            flip_prob=1.0 if target.flipped else 0.0,
+            scale_range=_scale_near(target_src, target.scale, size, rng),
+        )
+        renders.append(render_specimen_layers(target_src, rng, size=size, style=moved))
+    images = [r.image for r in renders]
+    labels = [r.labels for r in renders]
+    if zoom_rng is not None:
+        images, labels = _zoom(images, labels, whole, size, zoom_rng)
+        images = [camera_effects(img, rng, camera) for img in images]
+    if appearance == "v1" and rng.random() < settings.colour_jitter:
+        images = colour_jitter(images, rng)
+    return Episode(images, labels, n_templates)
+
+
+def _zoom(images, labels, whole: bool, size, rng) -> tuple[list, list]:
+    """Zoomed crops of an episode's frames: a part seen in every frame filling 20-80 %
+    of the frame (or, with `whole` or no such part, the whole specimen filling 25-95 %),
+    never zooming out past the rendered canvas nor enlarging more than 4 times."""
+    width, height = size
+
+    def extent(mask):  # share of the frame spanned by the mask's bounding box
+        ys, xs = np.nonzero(mask)
+        return max((xs.max() - xs.min() + 1) / width, (ys.max() - ys.min() + 1) / height)
+
+    def masks(part):
+        return [lab == part if part else lab > 0 for lab in labels]
+
+    parts = [] if whole else [k for k in ALL_PARTS if all((lab == k).sum() >= 20 for lab in labels)]
+    if parts:
+        part = int(parts[int(rng.integers(len(parts)))])
+        low, high = 0.2, 0.8
+    else:
+        part, low, high = 0, 0.25, 0.95
+    spans = [extent(m) for m in masks(part)]
+    low, high = max(low, max(spans)), min(high, 4 * min(spans))
+    if low >= high:
+        return images, labels
+    images, labels, _ = zoom_crop(images, labels, part, rng.uniform(low, high), size, rng)
+    return images, labels
+
+
+def _scale_near(src: np.ndarray, scale: float, size, rng) -> tuple[float, float]:
+    """A scale range (fraction of the canvas's shorter side) within about 10% of the
+    size at which `src` was just drawn with `scale` (pixels per source pixel)."""
+    ys, xs = np.nonzero(src)
+    extent = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+    frac = scale * extent / min(size)
+    frac = float(np.clip(frac * rng.uniform(0.9, 1.1), 0.2, 0.95))
+    return (frac, frac)
+
+
+# -- the loss ----------------------------------------------------------------------------
+
+
+def _focal(logits, target, alpha: float = 0.25, gamma: float = 2.0):
+    """Sigmoid focal loss per mask, averaged over pixels: (B, M)."""
+    prob = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.flatten(2).mean(-1)
+
+
+def _dice(logits, target):
+    prob = torch.sigmoid(logits).flatten(2)
+    target = target.flatten(2)
+    return 1 - (2 * (prob * target).sum(-1) + 1) / (prob.sum(-1) + target.sum(-1) + 1)
+
+
+def target_loss(sam_outputs, truth: torch.Tensor, present: torch.Tensor, s: PretrainSettings):
+    """SAM2's multi-mask loss on one tracked frame. truth (B, 1, S, S), present (B,)."""
+    _, high_multi, ious, _, _, _, object_logits = sam_outputs
+    truth_m = truth.expand_as(high_multi)
+    focal = _focal(high_multi, truth_m)
+    dice = _dice(high_multi, truth_m)
+    with torch.no_grad():
+        pred = high_multi > 0
+        inter = (pred & (truth_m > 0.5)).flatten(2).sum(-1).float()
+        union = (pred | (truth_m > 0.5)).flatten(2).sum(-1).float()
+        actual_iou = inter / union.clamp(min=1)
+    iou_head = (ious.float() - actual_iou).abs()
+    combo = s.focal_weight * focal + s.dice_weight * dice
+    best = combo.argmin(dim=1)
+    rows = torch.arange(combo.shape[0])
+    w = present.float()
+    n = w.sum().clamp(min=1)
+    focal_b = (focal[rows, best] * w).sum() / n
+    dice_b = (dice[rows, best] * w).sum() / n
+    iou_b = (iou_head.mean(1) * w).sum() / n
+    obj = _focal(object_logits.float()[:, :, None], present.float()[:, None, None]).mean()
+    total = (
+        s.focal_weight * focal_b
+        + s.dice_weight * dice_b
+        + s.iou_weight * iou_b
+        + s.object_weight * obj
+    )
+    parts = {
+        "focal": focal_b.item(),
+        "dice": dice_b.item(),
+        "iou_head": iou_b.item(),
+        "object": obj.item(),
+        "target_iou": float((actual_iou[rows, best] * w).sum() / n),
+    }
+    return total, parts
+
+
+def batch_loss(model, episodes: list[Episode], settings: PretrainSettings):
+    """Templates into memory as conditioning frames, then track the target(s).
+
+    The episodes share their frame structure; all their structures are one SAM2 batch
+    (a row per structure and episode), every image is encoded once."""
+    size = int(model.image_size)
+    device = model.device
+    n_frames = len(episodes[0].images)
+    n_templates = episodes[0].n_templates
+    if any(len(e.images) != n_frames or e.n_templates != n_templates for e in episodes):
+        raise ValueError("episodes of one batch must have the same frames")
+    objects = [
+        [k for k in ALL_PARTS if all((lab == k).sum() >= 4 for lab in e.labels[:n_templates])]
+        for e in episodes
+    ]
+    # row r is structure objects[e][j] of episode e; image (e, f) is e * n_frames + f
+    row_episode = torch.tensor([e for e, objs in enumerate(objects) for _ in objs], device=device)
+    if not len(row_episode):
+        return None, {}
+    images = torch.cat([preprocess(img, size, device) for e in episodes for img in e.images])
+    backbone = model.forward_image(images)
+
+    def feats(f):
+        index = row_episode * n_frames + f
+        rows = {
+            "backbone_fpn": [x[index] for x in backbone["backbone_fpn"]],
+            "vision_pos_enc": [
+                p[:1].expand(len(index), -1, -1, -1) for p in backbone["vision_pos_enc"]
+            ],
+        }
+        _, vision_feats, vision_pos, sizes = model._prepare_backbone_features(rows)
+        return vision_feats, vision_pos, sizes
+
+    def masks(f):
+        return torch.cat(
+            [
+                binary_mask_input(np.stack([e.labels[f] == k for k in objs]), size, device)
+                for e, objs in zip(episodes, objects)
+                if objs
+            ]
+        )
+
+    cond = {}
+    for t in range(n_templates):
+        cond[t] = conditioning_frame(model, feats(t), t, n_frames, masks(t), memory_dtype=None)
+    memory = new_memory(cond)
+    total, parts_sum = 0.0, {}
+    n_targets = n_frames - n_templates
+    for idx in range(n_templates, n_frames):
+        f = feats(idx)
+        current_out, sam_outputs = track_step(model, f, idx, n_frames, memory)
+        truth = masks(idx)
+        present = truth.flatten(1).sum(1) > 0
+        loss, parts = target_loss(sam_outputs, truth, present, settings)
+        total = total + loss / n_targets
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v / n_targets
+        if idx + 1 < n_frames:  # remember this frame, as video tracking does
+            vision_feats, _, sizes = f
+            _, _, _, _, high_res_masks, obj_ptr, object_logits = sam_outputs
+            model._encode_memory_in_output(
+                vision_feats, sizes, None, True, high_res_masks, object_logits, current_out
+            )
+            current_out.update(obj_ptr=obj_ptr, object_score_logits=object_logits)
+            memory["non_cond_frame_outputs"][idx] = current_out
+    return total, parts_sum
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def _lr_factor(step: int, s: PretrainSettings) -> float:
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return s.min_lr_fraction + (1 - s.min_lr_fraction) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, progress))
+    )
+
+
+class _Episodes(torch.utils.data.IterableDataset):
+    """The episodes of steps start.. in order, rendered in a worker process while the
+    model trains (every episode comes from its own seed, so the order is fixed)."""
+
+    def __init__(self, settings: PretrainSettings, start: int):
+        self.settings, self.start = settings, start
+
+    def __iter__(self):
+        cv2.setNumThreads(1)
+        s = self.settings
+        shapes = [m for _, m in split_masks()[0]]
+        for step in range(self.start, s.steps):
+            n_templates, second = episode_shape(step, s)
+            yield (
+                step,
+                [
+                    draw_episode(step * s.episodes_per_step + e, s, shapes, n_templates, second)
+                    for e in range(s.episodes_per_step)
+                ],
+            )
+
+
+def _size_at(step: int, s: PretrainSettings) -> int:
+    return s.low_res_size if step < s.low_res_steps else s.image_size
+
+
+class _Run:
+    """Model and optimizer at one input size; `resize` rebuilds the model at another
+    size with the same weights and optimizer state (SAM2's weights do not depend on it)."""
+
+    def __init__(self, config: Path, settings: PretrainSettings, device, size: int):
+        self.config, self.settings, self.device = config, settings, device
+        self.model = self.optimizer = None
+        self.resize(size)
+
+    def resize(self, size: int) -> None:
+        s = self.settings
+        model = build_model(self.config, "random", image_size=size, device=self.device, seed=s.seed)
+        for module in model.modules():
+            if hasattr(module, "dropout_p"):  # attention dropout off: memory-efficient kernels
+                module.dropout_p = 0.0
+        if self.model is not None:
+            model.load_state_dict(self.model.state_dict())
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in params if p.ndim > 1], "weight_decay": s.weight_decay},
+                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+            ],
+            lr=s.learning_rate,
+        )
+        if self.optimizer is not None:
+            optimizer.load_state_dict(self.optimizer.state_dict())
+        self.model, self.optimizer, self.params, self.size = model, optimizer, params, size
+
+
+def pretrain(
+    settings: PretrainSettings,
+    out_dir,
+    config=None,
+    device: str = "auto",
+    name: str = MICRO_MODEL,
+    resume: bool = False,
+    workers: int = 0,
+    stop_after: int | None = None,
+    log=print,
+) -> dict | None:
+    """Train from random weights; returns the training record (also written as JSON).
+
+    `stop_after`: stop once this many steps are done, keeping the resumable state (for
+    machines with a time limit per job); returns None then. Every step seeds PyTorch
+    from (seed, step), so a resumed run ends with the same weights as one run through.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = Path(config) if config else micro_model_files()[1]
+    if not config.is_file():
+        raise InputError(f"{config}: model config file not found")
+    dev = resolve_device(device)
+    s = settings
+    state_path = out / f"{name}.state.pt"
+    log_path = out / f"{name}.training.csv"
+    start, rows, seconds_before = 0, [], 0.0
+    state = None
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        # settings added since a state was saved have their defaults in it
+        saved = {**dataclasses.asdict(PretrainSettings()), **state["settings"]}
+        if saved != dataclasses.asdict(s):
+            raise InputError(
+                f"{state_path}: saved by a run with other settings; remove it to start afresh"
+            )
+        start, rows, seconds_before = state["step"], state["rows"], state["seconds"]
+    run = _Run(config, s, dev, _size_at(start, s))
+    init_sha256 = None
+    if s.init:
+        init_path, init_sha256 = resolve_checkpoint_digest(s.init)
+        if state is None:
+            load_checkpoint(run.model, init_path)
+            log(f"starting from {init_path}")
+    if state is not None:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        log(f"resuming at step {start} of {s.steps}")
+    loader = torch.utils.data.DataLoader(
+        _Episodes(s, start),
+        batch_size=None,
+        num_workers=int(workers),
+        prefetch_factor=2 if workers else None,
+    )
+    t0 = time.time()
+    window: list[dict] = []
+    for step, episodes in loader:
+        if _size_at(step, s) != run.size:
+            run.resize(_size_at(step, s))
+            log(f"step {step}: input size {run.size}")
+        torch.manual_seed(
+            int(np.random.SeedSequence(s.seed, spawn_key=(3, step)).generate_state(1)[0])
+        )
+        for group in run.optimizer.param_groups:
+            group["lr"] = s.learning_rate * _lr_factor(step, s)
+        run.optimizer.zero_grad(set_to_none=True)
+        with autocast(dev):
+            loss, parts = batch_loss(run.model, episodes, s)
+        if loss is not None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(run.params, s.grad_clip)
+            run.optimizer.step()
+            window.append({"loss": float(loss.detach()), **parts})
+        done = step + 1
+        if done % s.log_every == 0 or done == s.steps:
+            row = {
+                "step": done,
+                "learning_rate": run.optimizer.param_groups[0]["lr"],
+                "seconds": round(seconds_before + time.time() - t0, 1),
+            }
+            for key in LOG_COLUMNS[1:7]:
+                row[key] = round(float(np.mean([w[key] for w in window])), 5) if window else None
+            rows.append(row)
+            window = []
+            log(
+                f"step {done}/{s.steps} loss {row['loss']} target IoU {row['target_iou']} "
+                f"({row['seconds']:.0f} s)"
+            )
+        stopping = stop_after is not None and done >= stop_after and done < s.steps
+        if (done % s.save_every == 0 and done < s.steps) or stopping:
+            with atomic_path(state_path) as tmp:
+                torch.save(
+                    {
+                        "model": run.model.state_dict(),
+                        "optimizer": run.optimizer.state_dict(),
+                        "step": done,
+                        "rows": rows,
+                        "seconds": seconds_before + time.time() - t0,
+                        "settings": dataclasses.asdict(s),
+                    },
+                    tmp,
+                )
+        if stopping:
+            log(f"stopped after step {done}; run again to resume from {state_path}")
+            return None
+    seconds = seconds_before + time.time() - t0
+    if run.size != s.image_size:
+        run.resize(s.image_size)
+    model = run.model.eval()
+    weights = out / f"{name}.pt"
+    with atomic_path(weights) as tmp:
+        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, tmp)
+    yaml_out = out / f"{name}.yaml"
+    if yaml_out.resolve() != config.resolve():
+        with atomic_path(yaml_out) as tmp:
+            shutil.copyfile(config, tmp)
+    with atomic_write(log_path, newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    record = {
+        "name": name,
+        "checkpoint": weights.name,
+        "checkpoint_sha256": file_sha256(weights),
+        "config": yaml_out.name,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "settings": dataclasses.asdict(s),
+        "init_sha256": init_sha256,
+        "episodes": s.steps * s.episodes_per_step,
+        "seconds": round(seconds, 1),
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "final": rows[-1] if rows else None,
+    }
+    write_json(out / f"{name}.training.json", record, indent=1)
+    state_path.unlink(missing_ok=True)
+    log(json.dumps({k: record[k] for k in ("checkpoint", "checkpoint_sha256", "seconds")}))
+    return record

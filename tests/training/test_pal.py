@@ -1,0 +1,408 @@
+"""Palindrome fine-tuning: gradients, the memory reset, LoRA leaving the base weights
+alone, adapters (save/load, merged checkpoint, base check), seeds, and the loss going
+down. Random weights at 64 px (object score biased to "present", see conftest)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO
+from test_engine import EncoderCalls
+
+from sam2pal.errors import InputError
+from sam2pal.inference.engine import Propagator
+from sam2pal.io.images import list_images, read_image
+from sam2pal.io.templates import load_coco_templates
+from sam2pal.models.adapters import adapter_kind, load_adapter, read_metadata
+from sam2pal.models.build import build_model
+from sam2pal.training.palindrome import FinetuneSettings, Trainer
+
+DEMO = REPO / "resources" / "demo"
+SIZE = 64
+BASE = "random:test"
+
+
+def fresh_model():
+    return build_model("sam2.1_hiera_t", "random", image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def templates():
+    return load_coco_templates(DEMO / "templates.json", DEMO / "images").select(max_templates=1)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    names = list_images(DEMO / "images")[:8]
+    return {name: DEMO / "images" / name for name in names}
+
+
+def make_trainer(templates, pool, model=None, **settings):
+    defaults = dict(
+        num_epochs=1,
+        min_steps=0,
+        max_images_per_epoch=4,
+        accumulation_steps=2,
+        warmup_steps=0,
+        holdout_fraction=0.3,
+        seed=0,
+    )
+    model = fresh_model() if model is None else model
+    return Trainer(
+        model, templates, pool, FinetuneSettings(**{**defaults, **settings}), log=lambda *_: None
+    )
+
+
+def lora_grads(trainer):
+    return {
+        n: p.grad.clone()
+        for n, p in trainer.sam.named_parameters()
+        if "lora_" in n and p.grad is not None
+    }
+
+
+def test_gradients_reach_lora_through_the_soft_phase1_mask(templates, pool):
+    trainer = make_trainer(templates, pool)
+    tmpl, key = trainer.templates[0], trainer.train_keys[0]
+    truth = tmpl.mask_input
+
+    def loss_with(mask_fn, seed=1):
+        torch.manual_seed(seed)  # same dropout masks in both runs
+        trainer.sam.zero_grad(set_to_none=True)
+        logits1, _, _, feats1 = trainer.phase1(
+            tmpl, trainer._backbone(tmpl.key), trainer._backbone(key)
+        )
+        logits0, _ = trainer.phase2(
+            tmpl, trainer._backbone(tmpl.key), feats1, mask_fn(trainer.soft_mask(logits1))
+        )
+        high = F.interpolate(logits0, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+        loss = F.binary_cross_entropy_with_logits(high, truth)
+        (to_phase1,) = torch.autograd.grad(loss, logits1, retain_graph=True, allow_unused=True)
+        loss.backward()
+        return (torch.zeros_like(logits1) if to_phase1 is None else to_phase1), lora_grads(trainer)
+
+    soft_g, soft_lora = loss_with(lambda m: m)
+    detached_g, detached_lora = loss_with(lambda m: m.detach())
+    zero_g, zero_lora = loss_with(lambda m: m * 0)
+    assert soft_g.abs().sum() > 0  # the loss on the template reaches the phase-1 prediction
+    assert zero_g.abs().sum() == 0  # ... only through the soft mask
+    assert any(g.abs().sum() > 0 for n, g in soft_lora.items() if "lora_B" in n)
+    # the phase-1 path adds to the LoRA gradients; with the mask zeroed it adds nothing
+    assert any(not torch.equal(soft_lora[n], detached_lora[n]) for n in soft_lora)
+    zero_detached_g, zero_detached_lora = loss_with(lambda m: m.detach() * 0)
+    assert all(torch.allclose(zero_lora[n], zero_detached_lora[n]) for n in zero_lora)
+
+
+def test_phase2_sees_only_the_target_and_its_soft_mask(templates, pool):
+    """The memory reset. Within a training step, phase 2 sees the target and its soft
+    phase-1 mask and nothing else of phase 1: changing what phase 1 remembered of the
+    template (its memory features and object pointer) after phase 1 ran leaves the
+    step's loss unchanged, while changing the soft mask changes it; and phase 2's
+    memory attention attends to as many memory tokens (one conditioning frame) as
+    phase 1's."""
+    trainer = make_trainer(templates, pool)
+    tmpl, key = trainer.templates[0], trainer.train_keys[0]
+    phase1 = trainer.phase1
+    tokens = []  # memory tokens per memory-attention call (memory is sequence-first)
+    hook = trainer.sam.memory_attention.register_forward_pre_hook(
+        lambda _module, _args, kwargs: tokens.append(kwargs["memory"].shape[0]), with_kwargs=True
+    )
+
+    def step(change_memory=False, change_mask=False):
+        def phase1_then_change(*args):
+            logits, object_logits, memory, feats = phase1(*args)
+            if change_memory:
+                for frame in memory["cond_frame_outputs"].values():
+                    frame["maskmem_features"] = frame["maskmem_features"] + 100.0
+                    frame["obj_ptr"] = frame["obj_ptr"] + 100.0
+            if change_mask:
+                logits = -logits
+            return logits, object_logits, memory, feats
+
+        trainer.phase1 = phase1_then_change
+        tokens.clear()
+        torch.manual_seed(3)
+        with torch.no_grad():
+            loss, _ = trainer.palindrome_loss(tmpl, key)
+        return loss, list(tokens)
+
+    try:
+        loss, calls = step()
+        changed_memory, _ = step(change_memory=True)
+        changed_mask, _ = step(change_mask=True)
+    finally:
+        hook.remove()
+        del trainer.phase1
+    assert len(calls) == 2 and calls[1] == calls[0]  # phase 1, phase 2: one frame each
+    assert torch.equal(changed_memory, loss)
+    assert not torch.equal(changed_mask, loss)  # phase 2 does depend on the soft mask
+
+
+def test_lora_training_leaves_base_weights_untouched(templates, pool, tmp_path):
+    trainer = make_trainer(templates, pool, learning_rate=1e-2)
+    base = {n: p.detach().clone() for n, p in trainer.sam.named_parameters() if "lora_" not in n}
+    lora_before = {
+        n: p.detach().clone() for n, p in trainer.sam.named_parameters() if "lora_B" in n
+    }
+    trainer.train(tmp_path / "ft", {"base_id": BASE})
+    after = dict(trainer.sam.named_parameters())
+    assert all(torch.equal(after[n], base[n]) for n in base)
+    assert any(not torch.equal(after[n], lora_before[n]) for n in lora_before)
+
+
+def test_adapter_round_trip_and_merged_checkpoint(templates, pool, tmp_path):
+    trainer = make_trainer(templates, pool, learning_rate=1e-2, num_epochs=2, merge_checkpoint=True)
+    trainer.train(tmp_path / "ft", {"base_id": BASE})
+    last = tmp_path / "ft" / "adapter_last"
+    assert adapter_kind(last) == "lora" and read_metadata(last)["epoch"] == 2
+    assert (tmp_path / "ft" / "adapter").is_dir() and (
+        tmp_path / "ft" / "training_curves.png"
+    ).is_file()
+    image = read_image(DEMO / "images" / "specimen_009.jpg")
+
+    trainer.sam.eval()
+    trained = Propagator(trainer.sam, templates).predict(image)
+    loaded = Propagator(load_adapter(fresh_model(), last, BASE, merge=False), templates).predict(
+        image
+    )
+    for a, b in zip(trained, loaded):
+        assert (
+            np.array_equal(a.mask, b.mask)
+            and a.predicted_iou == b.predicted_iou
+            and a.cycle_iou == b.cycle_iou
+        )
+
+    from sam2.build_sam import build_sam2
+
+    official = build_sam2(
+        "configs/sam2.1/sam2.1_hiera_t.yaml",
+        str(tmp_path / "ft" / "merged.pt"),
+        device="cpu",
+        hydra_overrides_extra=[f"++model.image_size={SIZE}"],
+    )
+    merged = Propagator(official, templates).predict(image)
+    for a, b in zip(trained, merged):
+        assert (a.mask != b.mask).mean() < 0.001
+        assert abs(a.predicted_iou - b.predicted_iou) < 1e-3
+
+
+def test_adapter_on_other_base_weights_fails(templates, pool, tmp_path):
+    trainer = make_trainer(templates, pool)
+    trainer.train(tmp_path / "ft", {"base_id": BASE})
+    with pytest.raises(
+        InputError, match="adapter was trained on random weights .* this run uses checkpoint sha256"
+    ):
+        load_adapter(fresh_model(), tmp_path / "ft" / "adapter", "0123456789abcdef" * 4)
+
+
+def test_same_seed_same_adapter_on_cpu(templates, pool, tmp_path):
+    for run in ("a", "b"):
+        make_trainer(templates, pool, learning_rate=1e-2).train(tmp_path / run, {"base_id": BASE})
+    make_trainer(templates, pool, learning_rate=1e-2, seed=7).train(
+        tmp_path / "c", {"base_id": BASE}
+    )
+    weights = {
+        run: (tmp_path / run / "adapter_last" / "adapter_model.safetensors").read_bytes()
+        for run in "abc"
+    }
+    assert weights["a"] == weights["b"]
+    assert weights["a"] != weights["c"]
+
+
+def test_short_training_lowers_the_palindrome_loss(templates, pool, tmp_path):
+    trainer = make_trainer(
+        templates,
+        pool,
+        learning_rate=2e-3,
+        num_epochs=6,
+        max_images_per_epoch=5,
+        accumulation_steps=1,
+        holdout_fraction=0,
+    )
+
+    def fixed_loss():
+        torch.manual_seed(11)
+        with torch.no_grad():
+            return float(
+                np.mean(
+                    [
+                        trainer.palindrome_loss(t, k)[0].item()
+                        for t in trainer.templates
+                        for k in trainer.train_keys
+                    ]
+                )
+            )
+
+    before = fixed_loss()
+    result = trainer.train(tmp_path / "ft", {"base_id": BASE})
+    after = fixed_loss()
+    assert after < before - 0.01, (before, after)
+    losses = [row["train_loss"] for row in result["history"][1:]]
+    assert losses[-1] < losses[0]
+
+
+def test_each_image_is_encoded_once_in_training_and_validation(templates, pool, tmp_path):
+    """Image-encoder passes counted at the encoder (a forward hook), from the trainer's
+    set-up to the end of training, the validations (before training and after every
+    epoch) included. With the frozen encoder's features cached, each template,
+    training and held-out photo is encoded exactly once; without the cache, each step
+    encodes its template and its target, and each validation the templates and the
+    held-out photos. Both give the same validation numbers."""
+    counts, trainers = {}, {}
+    for cached in (True, False):
+        model = fresh_model()
+        calls = EncoderCalls(model)
+        try:
+            trainer = make_trainer(
+                templates, pool, model=model, num_epochs=3 if cached else 1, cache_features=cached
+            )
+            trainer.train(tmp_path / str(cached), {"base_id": BASE})
+        finally:
+            calls.close()
+        counts[cached], trainers[cached] = calls.count, trainer
+    n_templates, n_holdout = len(trainers[True].templates), len(trainers[True].holdout)
+    assert n_templates == 1 and n_holdout == 2
+    assert counts[True] == n_templates + len(trainers[True].train_keys) + n_holdout
+    steps = min(len(trainers[False].train_keys), 4)  # one epoch of max_images_per_epoch=4
+    validations = 2  # before training and after the epoch
+    assert counts[False] == 2 * steps + validations * (n_templates + n_holdout)
+    assert trainers[True].history[0]["val_cycle_iou"] == trainers[False].history[0]["val_cycle_iou"]
+
+
+def test_full_fine_tuning_writes_a_checkpoint(templates, pool, tmp_path):
+    trainer = make_trainer(
+        templates, pool, mode="full", targets=["sam_mask_decoder"], learning_rate=1e-3
+    )
+    frozen = {
+        n: p.detach().clone()
+        for n, p in trainer.sam.named_parameters()
+        if not n.startswith("sam_mask_decoder")
+    }
+    trainer.train(tmp_path / "ft", {"base_id": BASE})
+    assert adapter_kind(tmp_path / "ft" / "adapter_last") == "full"
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.sam.named_parameters() if n in frozen)
+    model = load_adapter(fresh_model(), tmp_path / "ft" / "adapter_last", BASE)
+    for n, p in trainer.sam.named_parameters():
+        assert torch.equal(p, model.state_dict()[n])
+
+
+def test_bad_settings():
+    with pytest.raises(InputError, match="mode must be lora or full"):
+        FinetuneSettings(mode="half")
+    with pytest.raises(InputError, match="unknown targets"):
+        FinetuneSettings(targets=["memory_attention", "legs"])
+    with pytest.raises(InputError, match="unknown finetune setting"):
+        FinetuneSettings.from_dict({"epochs": 3})
+    assert FinetuneSettings().lr == 1e-3 and FinetuneSettings(mode="full").lr == 5e-6
+
+
+def test_training_pool_is_a_bounded_seeded_sample(templates, pool):
+    a = make_trainer(templates, pool, max_pool_images=3, holdout_fraction=0.2)
+    b = make_trainer(templates, pool, max_pool_images=3, holdout_fraction=0.2)
+    assert len(a.train_keys) == 3 and len(a.holdout) == 1
+    assert a.train_keys == b.train_keys and a.holdout == b.holdout
+    assert not set(a.train_keys) & set(a.holdout)
+    assert "specimen_000.jpg" not in a.train_keys + a.holdout  # the template photo
+    assert len(a.cache.store) == 3 + 1 + 1  # training, held-out and template images only
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(templates, pool):
+    grads = {}
+    for flag in (False, True):
+        trainer = make_trainer(templates, pool, gradient_checkpointing=flag, attention_dropout=0.1)
+        torch.manual_seed(5)
+        loss, _ = trainer.palindrome_loss(trainer.templates[0], trainer.train_keys[0])
+        loss.backward()
+        grads[flag] = lora_grads(trainer)
+    assert grads[True].keys() == grads[False].keys()
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-6)
+
+
+def _demo_truth(names):
+    from sam2pal.outputs.evaluate import category_masks, load_coco
+
+    _, masks = category_masks(load_coco(DEMO / "ground_truth.json"), DEMO / "ground_truth.json")
+    return {n: masks[n] for n in names if n in masks}
+
+
+def test_min_steps_repeats_epochs_on_a_small_collection(templates, pool, tmp_path):
+    trainer = make_trainer(templates, pool, num_epochs=1, min_steps=5, lora_rank=2)
+    per_epoch = -(-min(len(trainer.train_keys), 4) // 2)  # 4 images an epoch, 2 per optimizer step
+    result = trainer.train(tmp_path / "ft", {"base_id": BASE})
+    assert trainer.num_epochs == -(-5 // per_epoch) > 1
+    assert result["history"][-1]["optimizer_steps"] >= 5
+    assert len(result["history"]) == trainer.num_epochs + 1
+
+
+def test_training_targets_iou_is_logged_beside_the_loss(templates, pool, tmp_path):
+    truth = _demo_truth(pool)
+    trainer = Trainer(
+        fresh_model(),
+        templates,
+        pool,
+        FinetuneSettings(
+            num_epochs=1,
+            min_steps=0,
+            max_images_per_epoch=3,
+            accumulation_steps=1,
+            warmup_steps=0,
+            holdout_fraction=0.3,
+            lora_rank=2,
+        ),
+        ground_truth=truth,
+        log=lambda *_: None,
+        select_by="cycle_iou",
+    )
+    trainer.train(tmp_path / "ft", {"base_id": BASE})
+    rows = (tmp_path / "ft" / "training_steps.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,target_iou" and len(rows) == 4
+    ious = [float(r.split(",")[2]) for r in rows[1:]]
+    assert all(0.0 <= v <= 1.0 for v in ious)
+    # the truth is logged but does not pick the epoch
+    assert trainer.labels_record()["selection"]["by"] == "cycle_iou"
+    assert trainer.score({"val_iou": 0.9, "val_cycle_iou": 0.2}) == 0.2
+
+
+def test_supervised_objective_needs_truth_and_learns_the_targets(templates, pool, tmp_path):
+    with pytest.raises(InputError, match="supervised training needs ground truth"):
+        Trainer(
+            fresh_model(),
+            templates,
+            pool,
+            FinetuneSettings(),
+            log=lambda *_: None,
+            objective="supervised",
+        )
+    with pytest.raises(InputError, match="objective must be one of"):
+        Trainer(fresh_model(), templates, pool, FinetuneSettings(), objective="oracle")
+    truth = _demo_truth(pool)
+    trainer = Trainer(
+        fresh_model(),
+        templates,
+        pool,
+        FinetuneSettings(
+            accumulation_steps=1,
+            warmup_steps=0,
+            holdout_fraction=0,
+            lora_rank=4,
+            learning_rate=3e-3,
+        ),
+        ground_truth=truth,
+        log=lambda *_: None,
+        objective="supervised",
+    )
+    tmpl, key = trainer.templates[0], trainer.train_keys[0]
+    optimizer = torch.optim.AdamW(trainer.params, lr=3e-3)
+    trainer.sam.train()
+    torch.manual_seed(0)
+    first = None
+    for _ in range(12):
+        loss, parts = trainer.supervised_loss(tmpl, key)
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first  # the loss on the target's own masks falls
