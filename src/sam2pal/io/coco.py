@@ -494,6 +494,15 @@ def load_coco(
     return data
 
 
+def _parse_error(exc: Exception) -> str:
+    """The first line of a streaming parser's error (the C parser's comes as bytes)."""
+    reason = exc.args[0] if exc.args else ""
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", errors="replace")
+    lines = str(reason).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
 @contextlib.contextmanager
 def _events(path: Path, role: str, prefix: str | None = None):
     """The JSON events of a COCO file (or its items under `prefix`), streamed, with read
@@ -506,8 +515,10 @@ def _events(path: Path, role: str, prefix: str | None = None):
             else:
                 yield ijson.items(handle, prefix, use_float=True)
     except ijson.JSONError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: not valid JSON ({first})") from None
+        reason = _parse_error(exc)
+        if "invalid bytes in UTF8" in reason:  # the C parser's word for a decoding error
+            raise InputError(f"{path}: not UTF-8 text") from None
+        raise InputError(f"{path}: not valid JSON ({reason})") from None
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
