@@ -443,24 +443,134 @@ def _label_table(labels, mask_path: Path, where: str) -> list[tuple[int, str]]:
     return table
 
 
+def _entry_paths(index: int, entry, base: Path) -> tuple[str, Path, Path]:
+    """(where, photo path, mask path) of a template entry, which must name a photo, a
+    mask, and either a structure or a label table."""
+    where = f"template entry {index}"
+    if not isinstance(entry, dict):
+        raise InputError(
+            f"{where}: expected a mapping with 'image', 'mask' and 'structure' or 'labels', "
+            f"got {entry!r}"
+        )
+    image_name, mask_name = entry.get("image"), entry.get("mask")
+    if not isinstance(image_name, (str, os.PathLike)) or not str(image_name).strip():
+        raise InputError(f"{where}: missing 'image' (the template photo)")
+    image_path = _absolute(image_name, base)
+    if not isinstance(mask_name, (str, os.PathLike)) or not str(mask_name).strip():
+        raise InputError(f"{image_path}: {where} has no 'mask'")
+    mask_path = _absolute(mask_name, base)
+    has_structure, has_labels = "structure" in entry, "labels" in entry
+    if has_structure and has_labels:
+        raise InputError(
+            f"{mask_path}: {where} gives both 'structure' and 'labels'; give 'structure' "
+            "for a binary mask or 'labels' for a label map"
+        )
+    if not has_structure and not has_labels:
+        raise InputError(
+            f"{mask_path}: {where} gives neither 'structure' (binary mask) nor 'labels' (label map)"
+        )
+    return where, image_path, mask_path
+
+
+def _photo_record(image_path: Path, image_name, where: str, image_id: int) -> dict:
+    """A new template photo: its file name, upright size, image id and no masks yet."""
+    if not image_path.is_file():
+        raise InputError(f"{image_path}: template photo not found ({where})")
+    try:
+        width, height = read_image_size(image_path)
+    except InputError as exc:
+        raise InputError(f"{exc} ({where})") from None
+    return {
+        "file_name": Path(os.fspath(image_name)).as_posix(),
+        "width": width,
+        "height": height,
+        "image_id": image_id,
+        "raw": [],
+    }
+
+
+def _entry_mask(mask_path: Path, where: str, image_path: Path, record: dict):
+    """The pixel values and mode of an entry's mask, which must have the photo's size."""
+    width, height = record["width"], record["height"]
+    if not mask_path.is_file():
+        raise InputError(f"{mask_path}: mask file not found ({where})")
+    values, mode = _read_mask(mask_path, where)
+    mask_size = (int(values.shape[1]), int(values.shape[0]))
+    if mask_size != (width, height):
+        raise InputError(
+            f"{mask_path}: the mask is {mask_size[0]}x{mask_size[1]} pixels but the photo "
+            f"{image_path} is {width}x{height} (width x height, after EXIF orientation)"
+            + _size_mismatch((width, height), mask_size)
+            + f" ({where})"
+        )
+    return values, mode
+
+
+def _binary_structure(name, values, mode, mask_path: Path, where: str):
+    """[(structure name, mask)] of a binary mask entry."""
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"{mask_path}: 'structure' must be a structure name ({where})")
+    name = name.strip()
+    mask = _binary_foreground(values, mode)
+    if not mask.any():
+        raise InputError(
+            f"{mask_path}: empty mask (no foreground pixel) for structure {name!r} ({where})"
+        )
+    return [(name, mask)]
+
+
+def _label_structures(labels, values, mode, mask_path: Path, where: str):
+    """[(structure name, mask)] of a label map entry, in the order of its table; every
+    nonzero value of the map must be listed and every listed value must occur."""
+    table = _label_table(labels, mask_path, where)
+    if mode not in _LABEL_MODES:
+        raise InputError(
+            f"{mask_path}: a label map must be a single-channel image (8- or 16-bit "
+            f"gray, or palette), this one is mode {mode} ({where})"
+        )
+    values = values.astype(np.int64)
+    present = {int(v) for v in np.unique(values)} - {0}
+    listed = {value for value, _ in table}
+    unlisted = sorted(present - listed)
+    if unlisted:
+        raise InputError(
+            f"{mask_path}: label value(s) {', '.join(map(str, unlisted))} occur in the "
+            f"label map but not in 'labels' ({where})"
+        )
+    absent = [(value, name) for value, name in table if value not in present]
+    if absent:
+        listing = ", ".join(f"{value} ({name!r})" for value, name in absent)
+        raise InputError(
+            f"{mask_path}: label value(s) {listing} listed in 'labels' but absent from "
+            f"the label map ({where})"
+        )
+    return [(name, values == value) for value, name in table]
+
+
 def load_png_templates(
     entries: list[dict], base_dir: str | os.PathLike | None = None
 ) -> TemplateSet:
     """Load templates from image / mask entries.
 
-    Each entry is a mapping, either
-      {"image": photo, "mask": binary mask, "structure": name}: one structure; any
-        nonzero pixel of the mask (any channel; for palette images, any nonzero
-        palette index) is foreground, or
-      {"image": photo, "mask": label map, "labels": {value: name, ...}}: a
-        single-channel label map (8-bit, palette indices, 16-bit or 32-bit gray); each
-        listed value is one structure, 0 is the background. Every nonzero value in
-        the map must be listed and every listed value must occur.
-    Relative paths are taken from `base_dir` (default: the working folder). Several
-    entries may name the same photo (its structures are combined) and a name used
-    twice on one photo gives two instances, in entry order (label tables in the order
-    listed). Category ids are 1, 2, ... in order of first appearance of each name;
-    image ids and annotation ids are numbered the same way.
+    Args:
+        entries: mappings, each either
+            {"image": photo, "mask": binary mask, "structure": name}: one structure;
+            any nonzero pixel of the mask (any channel; for palette images, any nonzero
+            palette index) is foreground, or
+            {"image": photo, "mask": label map, "labels": {value: name, ...}}: a
+            single-channel label map (8-bit, palette indices, 16-bit or 32-bit gray);
+            each listed value is one structure, 0 is the background. Every nonzero
+            value in the map must be listed and every listed value must occur.
+            Several entries may name the same photo (its structures are combined) and
+            a name used twice on one photo gives two instances, in entry order (label
+            tables in the order listed).
+        base_dir: the folder relative paths are taken from (default: the working
+            folder).
+
+    Returns:
+        The templates. Category ids are 1, 2, ... in order of first appearance of each
+        name; image ids and annotation ids are numbered the same way. InputError (one
+        line naming the file and the entry) on any problem.
     """
     if isinstance(entries, dict):
         entries = [entries]
@@ -472,106 +582,29 @@ def load_png_templates(
     if not entries:
         raise InputError("templates: the list of template entries is empty")
     base = _absolute(base_dir) if base_dir is not None else Path(os.path.abspath(os.getcwd()))
-
     category_ids: dict[str, int] = {}
     records: dict[Path, dict] = {}
     next_annotation = 1
     for index, entry in enumerate(entries, start=1):
-        where = f"template entry {index}"
-        if not isinstance(entry, dict):
-            raise InputError(
-                f"{where}: expected a mapping with 'image', 'mask' and 'structure' or 'labels', "
-                f"got {entry!r}"
-            )
-        image_name, mask_name = entry.get("image"), entry.get("mask")
-        if not isinstance(image_name, (str, os.PathLike)) or not str(image_name).strip():
-            raise InputError(f"{where}: missing 'image' (the template photo)")
-        image_path = _absolute(image_name, base)
-        if not isinstance(mask_name, (str, os.PathLike)) or not str(mask_name).strip():
-            raise InputError(f"{image_path}: {where} has no 'mask'")
-        mask_path = _absolute(mask_name, base)
-        has_structure, has_labels = "structure" in entry, "labels" in entry
-        if has_structure and has_labels:
-            raise InputError(
-                f"{mask_path}: {where} gives both 'structure' and 'labels'; give 'structure' "
-                "for a binary mask or 'labels' for a label map"
-            )
-        if not has_structure and not has_labels:
-            raise InputError(
-                f"{mask_path}: {where} gives neither 'structure' (binary mask) nor 'labels' (label map)"
-            )
-
-        record = records.get(image_path)
-        if record is None:
-            if not image_path.is_file():
-                raise InputError(f"{image_path}: template photo not found ({where})")
-            try:
-                width, height = read_image_size(image_path)
-            except InputError as exc:
-                raise InputError(f"{exc} ({where})") from None
-            record = {
-                "file_name": Path(os.fspath(image_name)).as_posix(),
-                "width": width,
-                "height": height,
-                "image_id": len(records) + 1,
-                "raw": [],
-            }
-        width, height = record["width"], record["height"]
-
-        if not mask_path.is_file():
-            raise InputError(f"{mask_path}: mask file not found ({where})")
-        values, mode = _read_mask(mask_path, where)
-        mask_size = (int(values.shape[1]), int(values.shape[0]))
-        if mask_size != (width, height):
-            raise InputError(
-                f"{mask_path}: the mask is {mask_size[0]}x{mask_size[1]} pixels but the photo "
-                f"{image_path} is {width}x{height} (width x height, after EXIF orientation)"
-                + _size_mismatch((width, height), mask_size)
-                + f" ({where})"
-            )
-
-        if has_structure:
-            name = entry["structure"]
-            if not isinstance(name, str) or not name.strip():
-                raise InputError(f"{mask_path}: 'structure' must be a structure name ({where})")
-            name = name.strip()
-            mask = _binary_foreground(values, mode)
-            if not mask.any():
-                raise InputError(
-                    f"{mask_path}: empty mask (no foreground pixel) for structure {name!r} ({where})"
-                )
-            found = [(name, mask)]
+        where, image_path, mask_path = _entry_paths(index, entry, base)
+        record = records.get(image_path) or _photo_record(
+            image_path, entry["image"], where, len(records) + 1
+        )
+        values, mode = _entry_mask(mask_path, where, image_path, record)
+        if "structure" in entry:
+            found = _binary_structure(entry["structure"], values, mode, mask_path, where)
         else:
-            table = _label_table(entry["labels"], mask_path, where)
-            if mode not in _LABEL_MODES:
-                raise InputError(
-                    f"{mask_path}: a label map must be a single-channel image (8- or 16-bit "
-                    f"gray, or palette), this one is mode {mode} ({where})"
-                )
-            values = values.astype(np.int64)
-            present = {int(v) for v in np.unique(values)} - {0}
-            listed = {value for value, _ in table}
-            unlisted = sorted(present - listed)
-            if unlisted:
-                raise InputError(
-                    f"{mask_path}: label value(s) {', '.join(map(str, unlisted))} occur in the "
-                    f"label map but not in 'labels' ({where})"
-                )
-            absent = [(value, name) for value, name in table if value not in present]
-            if absent:
-                listing = ", ".join(f"{value} ({name!r})" for value, name in absent)
-                raise InputError(
-                    f"{mask_path}: label value(s) {listing} listed in 'labels' but absent from "
-                    f"the label map ({where})"
-                )
-            found = [(name, values == value) for value, name in table]
-
+            found = _label_structures(entry["labels"], values, mode, mask_path, where)
         for name, mask in found:
             cid = category_ids.setdefault(name, len(category_ids) + 1)
             record["raw"].append((next_annotation, cid, mask))
             next_annotation += 1
         records[image_path] = record
+    return _png_template_set(records, category_ids)
 
+
+def _png_template_set(records: dict[Path, dict], category_ids: dict[str, int]) -> TemplateSet:
+    """The template set of the photo records of `load_png_templates`."""
     images = [
         TemplateImage(
             file_name=record["file_name"],
