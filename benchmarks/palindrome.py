@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from record import Recorder  # noqa: E402
 
 from sam2pal.inference.pipeline import _run_model  # noqa: E402
+from sam2pal.io.coco import category_masks, load_coco  # noqa: E402
 from sam2pal.io.templates import load_coco_templates  # noqa: E402
 from sam2pal.models.registry import choose_config  # noqa: E402
-from sam2pal.outputs.evaluate import category_masks, load_coco  # noqa: E402
 from sam2pal.synth.quality import HELD_OUT, STRUCTURES, make_held_out, score_collection, spearman  # noqa: E402
 from sam2pal.training.palindrome import FinetuneSettings, Trainer  # noqa: E402
 

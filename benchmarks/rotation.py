@@ -27,11 +27,11 @@ from record import Recorder  # noqa: E402
 
 from sam2pal.inference.engine import Propagator  # noqa: E402
 from sam2pal.inference.pipeline import _run_model  # noqa: E402
+from sam2pal.io.coco import category_masks, load_coco  # noqa: E402
 from sam2pal.io.images import read_image  # noqa: E402
 from sam2pal.io.masks import mask_iou  # noqa: E402
 from sam2pal.io.templates import load_coco_templates  # noqa: E402
 from sam2pal.models.registry import choose_config  # noqa: E402
-from sam2pal.outputs.evaluate import category_masks, load_coco  # noqa: E402
 from sam2pal.synth.quality import STRUCTURES, _with_body, held_out_masks  # noqa: E402
 from sam2pal.synth.specimens import make_collection  # noqa: E402
 

@@ -14,14 +14,9 @@ from conftest import REPO
 
 from sam2pal.cli import main
 from sam2pal.errors import InputError
+from sam2pal.io.coco import category_masks, load_coco
 from sam2pal.io.masks import encode_rle
-from sam2pal.outputs.evaluate import (
-    category_masks,
-    evaluate,
-    load_coco,
-    match_names,
-    read_finetune_record,
-)
+from sam2pal.outputs.evaluate import evaluate, match_names, read_finetune_record
 
 H, W = 20, 30
 DEMO = REPO / "resources" / "demo"

@@ -246,23 +246,29 @@ def pool_folder(collection):
 
 
 def pool_names(collection):
+    """The unlabelled photos a collection's fine-tuning trains on.
+
+    Args:
+        collection: the collection's name.
+
+    Returns:
+        Their file names in `pool_folder`: those a COCO `finetune.pool_images` lists
+        (read by `sam2pal.io.coco.scan_coco`), the photos of a folder given there, else
+        the collection's images. WorkflowError on a bad COCO file or a missing photo.
+    """
     source = settings(collection, "finetune")["pool_images"]
     folder = pool_folder(collection)
     if not (source and source.lower().endswith(".json")):
         if not source:
             return image_names(collection)
         return folder_images(collection, folder)
-    import json
+    from sam2pal.io.coco import scan_coco
 
     try:
-        with open(source, encoding="utf-8") as handle:
-            names = sorted(
-                {image["file_name"] for image in json.load(handle)["images"]}
-            )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise WorkflowError(
-            f"{source}: cannot read the images of this COCO file ({exc})"
-        )
+        images, _ = scan_coco(source, sizes=False)
+    except InputError as exc:
+        raise WorkflowError(f"collection {collection}: {exc}")
+    names = sorted({image["file_name"] for image in images.values()})
     missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
     if missing:
         raise WorkflowError(

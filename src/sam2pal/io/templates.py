@@ -29,7 +29,6 @@ the file and, for COCO, the image or annotation concerned.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +38,9 @@ from PIL import Image, ImageOps
 
 from sam2pal.errors import InputError
 from sam2pal.io.atomic import write_json
+from sam2pal.io.coco import annotation_mask, load_coco
 from sam2pal.io.images import read_image_size
-from sam2pal.io.masks import decode_segmentation, encode_rle, mask_bbox, polygons_out_of_bounds
+from sam2pal.io.masks import encode_rle, mask_bbox, polygons_out_of_bounds
 
 # -- data model -----------------------------------------------------------------------
 
@@ -172,7 +172,7 @@ def _size_mismatch(found: tuple[int, int], expected: tuple[int, int]) -> str:
 
 
 def _as_int(value):
-    """An id or size from JSON as int (integral floats accepted), else None."""
+    """A whole number from JSON as int (integral floats accepted), else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -180,91 +180,6 @@ def _as_int(value):
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
-
-
-def _rle_counts(text) -> list[int]:
-    """Run lengths of a compressed COCO RLE string (the decoding pycocotools does)."""
-    if isinstance(text, bytes):
-        text = text.decode("ascii", errors="replace")
-    counts: list[int] = []
-    pos, size = 0, len(text)
-    while pos < size:
-        value, shift, more = 0, 0, True
-        while more:
-            if pos >= size:
-                raise ValueError("compressed RLE counts are cut short")
-            code = ord(text[pos]) - 48
-            if not 0 <= code < 64:
-                raise ValueError("compressed RLE counts contain an invalid character")
-            value |= (code & 0x1F) << (5 * shift)
-            more = bool(code & 0x20)
-            pos += 1
-            shift += 1
-            if not more and code & 0x10:
-                value |= -1 << (5 * shift)
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
-
-
-def _check_rle(segmentation, height: int, width: int) -> None:
-    """Check the size of an RLE segmentation, and that compressed runs cover the image.
-
-    pycocotools decodes compressed counts without bounds checks, so they are checked
-    here before decoding.
-    """
-    if not isinstance(segmentation, dict) or "size" not in segmentation:
-        return
-    try:
-        size = [int(v) for v in segmentation["size"]]
-    except (TypeError, ValueError):
-        raise ValueError(f"RLE size {segmentation['size']!r} is not [height, width]") from None
-    if len(size) != 2:
-        raise ValueError(f"RLE size {segmentation['size']!r} is not [height, width]")
-    if size != [height, width]:
-        raise ValueError(
-            f"RLE size is {size[0]}x{size[1]} (height x width) but the image is {height}x{width}"
-        )
-    counts = segmentation.get("counts")
-    if isinstance(counts, (str, bytes)):
-        runs = _rle_counts(counts)
-        if any(run < 0 for run in runs) or sum(runs) != height * width:
-            raise ValueError("compressed RLE counts do not add up to height*width")
-
-
-def _read_json(json_path) -> dict:
-    try:
-        text = Path(json_path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"{json_path}: template file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{json_path}: is a folder, not a COCO JSON file") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{json_path}: invalid JSON (not UTF-8 text)") from None
-    except OSError as exc:
-        raise InputError(f"{json_path}: cannot read the file ({exc.strerror or exc})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"{json_path}: invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
-        ) from None
-    if not isinstance(data, dict):
-        raise InputError(
-            f"{json_path}: not a COCO file (expected an object with 'images', 'annotations' "
-            "and 'categories')"
-        )
-    missing = [key for key in ("images", "annotations", "categories") if key not in data]
-    if missing:
-        raise InputError(
-            f"{json_path}: not a COCO file (missing top-level key(s) "
-            f"{', '.join(repr(k) for k in missing)})"
-        )
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data[key], list):
-            raise InputError(f"{json_path}: {key!r} must be a list")
-    return data
 
 
 def _locate_image(
@@ -293,6 +208,94 @@ def _locate_image(
     return None, candidates
 
 
+def _template_categories(src: Path, categories: list[dict]) -> dict[int, str]:
+    """{id: name} of the checked categories of a template file; names are stripped and
+    must be distinct (a name is a structure)."""
+    names: dict[int, str] = {}
+    by_name: dict[str, int] = {}
+    for category in categories:
+        cid, name = category["id"], category["name"].strip()
+        if name in by_name:
+            raise InputError(
+                f"{src}: duplicate category name {name!r} (ids {by_name[name]} and {cid})"
+            )
+        names[cid] = name
+        by_name[name] = cid
+    return names
+
+
+def _annotated_images(src: Path, data: dict) -> list[tuple[dict, list[dict]]]:
+    """(image, its annotations in id order) of each annotated image of a checked template
+    file, in file order. InputError without annotations or when two of those images have
+    the same file name."""
+    by_image: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    if not by_image:
+        raise InputError(
+            f"{src}: no annotations (a template file needs at least one annotated image)"
+        )
+    annotated = []
+    file_names: dict[str, int] = {}
+    for image in data["images"]:
+        if image["id"] not in by_image:
+            continue
+        file_name, iid = image["file_name"], image["id"]
+        if file_name in file_names:
+            raise InputError(
+                f"{src}: images {file_names[file_name]} and {iid} have the same file_name {file_name!r}"
+            )
+        file_names[file_name] = iid
+        annotated.append((image, sorted(by_image[iid], key=lambda ann: ann["id"])))
+    return annotated
+
+
+def _where(image: dict) -> str:
+    return f"image {image['id']} ({image['file_name']!r})"
+
+
+def _template_photo(src: Path, image: dict, image_dir) -> tuple[Path, int, int]:
+    """The photo of a template image, and its upright width and height, which must be
+    those the file states (when it states them)."""
+    path, looked = _locate_image(image, image["file_name"], src, image_dir)
+    if path is None:
+        raise InputError(
+            f"{src}: {_where(image)}: photo not found (looked for {', '.join(map(str, looked))})"
+        )
+    try:
+        width, height = read_image_size(path)
+    except InputError as exc:
+        raise InputError(f"{src}: {_where(image)}: {exc}") from None
+    stated = (image.get("width", width), image.get("height", height))
+    if stated != (width, height):
+        raise InputError(
+            f"{src}: {_where(image)}: the JSON gives {stated[0]}x{stated[1]} pixels (width x "
+            f"height) but the photo {path} is {width}x{height} after EXIF orientation"
+            + _size_mismatch((width, height), stated)
+        )
+    return path, width, height
+
+
+def _template_instances(
+    src: Path, image: dict, annotations: list[dict], width: int, height: int
+) -> list[TemplateInstance]:
+    """The ranked instances of a template image: each annotation's mask, which must lie
+    inside the photo and cover at least one pixel."""
+    sized = {**image, "width": width, "height": height}
+    raw = []
+    for ann in annotations:
+        mask = annotation_mask(src, sized, ann)
+        label = f"{src}: annotation {ann['id']} on {_where(image)}"
+        if polygons_out_of_bounds(ann["segmentation"], height, width):
+            raise InputError(
+                f"{label}: polygon vertices outside the image ({width}x{height} pixels)"
+            )
+        if not mask.any():
+            raise InputError(f"{label}: empty mask (the segmentation covers no pixel)")
+        raw.append((ann["id"], ann["category_id"], mask))
+    return _rank_instances(raw)
+
+
 def load_coco_templates(
     json_path: str | os.PathLike, image_dir: str | os.PathLike | None = None
 ) -> TemplateSet:
@@ -300,144 +303,33 @@ def load_coco_templates(
 
     Each annotated image's photo is looked for at its "path" entry (written by
     `save_template_set`; relative to the JSON file), then in `image_dir`, then next to
-    the JSON file, under its `file_name`. Raises InputError on any problem.
+    the JSON file, under its `file_name`.
+
+    Args:
+        json_path: the COCO file, read by `sam2pal.io.coco.load_coco` (integer ids;
+            `width` and `height` optional, and checked against the photo if given).
+        image_dir: a folder to look for the photos in.
+
+    Returns:
+        The templates: the annotated images, and the categories they annotate. Raises
+        InputError (one line naming the file) on any problem.
     """
-    src = str(json_path)
-    data = _read_json(json_path)
-
-    categories: dict[int, str] = {}
-    category_by_name: dict[str, int] = {}
-    for index, cat in enumerate(data["categories"], start=1):
-        if not isinstance(cat, dict):
-            raise InputError(f"{src}: category #{index} is not an object")
-        cid = _as_int(cat.get("id"))
-        if cid is None:
-            raise InputError(f"{src}: category #{index} has no integer 'id'")
-        name = cat.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise InputError(f"{src}: category {cid} has no name")
-        name = name.strip()
-        if cid in categories:
-            raise InputError(
-                f"{src}: duplicate category id {cid} ({categories[cid]!r} and {name!r})"
-            )
-        if name in category_by_name:
-            raise InputError(
-                f"{src}: duplicate category name {name!r} (ids {category_by_name[name]} and {cid})"
-            )
-        categories[cid] = name
-        category_by_name[name] = cid
-
-    images: dict[int, dict] = {}
-    for index, image in enumerate(data["images"], start=1):
-        if not isinstance(image, dict):
-            raise InputError(f"{src}: image #{index} is not an object")
-        iid = _as_int(image.get("id"))
-        if iid is None:
-            raise InputError(f"{src}: image #{index} has no integer 'id'")
-        if iid in images:
-            raise InputError(
-                f"{src}: duplicate image id {iid} ({images[iid].get('file_name')!r} and "
-                f"{image.get('file_name')!r})"
-            )
-        images[iid] = image
-
-    def where(iid) -> str:
-        return f"image {iid} ({images[iid].get('file_name')!r})"
-
-    by_image: dict[int, list[tuple[int, int, object]]] = {}
-    annotation_ids: set[int] = set()
-    for index, ann in enumerate(data["annotations"], start=1):
-        if not isinstance(ann, dict):
-            raise InputError(f"{src}: annotation #{index} is not an object")
-        aid = _as_int(ann.get("id"))
-        if aid is None:
-            raise InputError(f"{src}: annotation #{index} has no integer 'id'")
-        if aid in annotation_ids:
-            raise InputError(f"{src}: duplicate annotation id {aid}")
-        annotation_ids.add(aid)
-        iid = _as_int(ann.get("image_id"))
-        if iid not in images:
-            raise InputError(
-                f"{src}: annotation {aid} refers to image id {ann.get('image_id')!r}, "
-                "which is not in 'images'"
-            )
-        cid = _as_int(ann.get("category_id"))
-        if cid not in categories:
-            raise InputError(
-                f"{src}: annotation {aid} on {where(iid)} has category id "
-                f"{ann.get('category_id')!r}, which is not in 'categories'"
-            )
-        if "segmentation" not in ann:
-            raise InputError(f"{src}: annotation {aid} on {where(iid)} has no 'segmentation'")
-        by_image.setdefault(iid, []).append((aid, cid, ann["segmentation"]))
-    if not annotation_ids:
-        raise InputError(
-            f"{src}: no annotations (a template file needs at least one annotated image)"
-        )
-
-    template_images: list[TemplateImage] = []
-    file_names: dict[str, int] = {}
-    for iid, image in images.items():
-        if iid not in by_image:
-            continue
-        file_name = image.get("file_name")
-        if not isinstance(file_name, str) or not file_name.strip():
-            raise InputError(f"{src}: image {iid} has no 'file_name'")
-        if file_name in file_names:
-            raise InputError(
-                f"{src}: images {file_names[file_name]} and {iid} have the same file_name {file_name!r}"
-            )
-        file_names[file_name] = iid
-        path, looked = _locate_image(image, file_name, json_path, image_dir)
-        if path is None:
-            raise InputError(
-                f"{src}: {where(iid)}: photo not found (looked for {', '.join(map(str, looked))})"
-            )
-        try:
-            width, height = read_image_size(path)
-        except InputError as exc:
-            raise InputError(f"{src}: {where(iid)}: {exc}") from None
-        for key in ("width", "height"):
-            if key in image and (_as_int(image[key]) is None or _as_int(image[key]) <= 0):
-                raise InputError(
-                    f"{src}: {where(iid)}: {key} {image[key]!r} is not a positive whole number"
-                )
-        stated = (_as_int(image.get("width", width)), _as_int(image.get("height", height)))
-        if stated != (width, height):
-            raise InputError(
-                f"{src}: {where(iid)}: the JSON gives {stated[0]}x{stated[1]} pixels (width x "
-                f"height) but the photo {path} is {width}x{height} after EXIF orientation"
-                + _size_mismatch((width, height), stated)
-            )
-
-        raw = []
-        for aid, cid, segmentation in sorted(by_image[iid], key=lambda item: item[0]):
-            label = f"{src}: annotation {aid} on {where(iid)}"
-            try:
-                _check_rle(segmentation, height, width)
-                mask = decode_segmentation(segmentation, height, width)
-            except (ValueError, TypeError, KeyError, OverflowError) as exc:
-                reason = " ".join(str(exc).split()) or type(exc).__name__
-                raise InputError(f"{label}: invalid segmentation ({reason})") from None
-            if polygons_out_of_bounds(segmentation, height, width):
-                raise InputError(
-                    f"{label}: polygon vertices outside the image ({width}x{height} pixels)"
-                )
-            if not mask.any():
-                raise InputError(f"{label}: empty mask (the segmentation covers no pixel)")
-            raw.append((aid, cid, mask))
+    src = Path(json_path)
+    data = load_coco(src, role="template file", sizes=False, integer_ids=True)
+    categories = _template_categories(src, data["categories"])
+    template_images = []
+    for image, anns in _annotated_images(src, data):
+        path, width, height = _template_photo(src, image, image_dir)
         template_images.append(
             TemplateImage(
-                file_name=file_name,
+                file_name=image["file_name"],
                 path=path,
                 width=width,
                 height=height,
-                image_id=iid,
-                instances=_rank_instances(raw),
+                image_id=image["id"],
+                instances=_template_instances(src, image, anns, width, height),
             )
         )
-
     used = {inst.category_id for image in template_images for inst in image.instances}
     kept = {cid: categories[cid] for cid in sorted(categories) if cid in used}
     return TemplateSet(categories=kept, images=template_images)
@@ -551,24 +443,134 @@ def _label_table(labels, mask_path: Path, where: str) -> list[tuple[int, str]]:
     return table
 
 
+def _entry_paths(index: int, entry, base: Path) -> tuple[str, Path, Path]:
+    """(where, photo path, mask path) of a template entry, which must name a photo, a
+    mask, and either a structure or a label table."""
+    where = f"template entry {index}"
+    if not isinstance(entry, dict):
+        raise InputError(
+            f"{where}: expected a mapping with 'image', 'mask' and 'structure' or 'labels', "
+            f"got {entry!r}"
+        )
+    image_name, mask_name = entry.get("image"), entry.get("mask")
+    if not isinstance(image_name, (str, os.PathLike)) or not str(image_name).strip():
+        raise InputError(f"{where}: missing 'image' (the template photo)")
+    image_path = _absolute(image_name, base)
+    if not isinstance(mask_name, (str, os.PathLike)) or not str(mask_name).strip():
+        raise InputError(f"{image_path}: {where} has no 'mask'")
+    mask_path = _absolute(mask_name, base)
+    has_structure, has_labels = "structure" in entry, "labels" in entry
+    if has_structure and has_labels:
+        raise InputError(
+            f"{mask_path}: {where} gives both 'structure' and 'labels'; give 'structure' "
+            "for a binary mask or 'labels' for a label map"
+        )
+    if not has_structure and not has_labels:
+        raise InputError(
+            f"{mask_path}: {where} gives neither 'structure' (binary mask) nor 'labels' (label map)"
+        )
+    return where, image_path, mask_path
+
+
+def _photo_record(image_path: Path, image_name, where: str, image_id: int) -> dict:
+    """A new template photo: its file name, upright size, image id and no masks yet."""
+    if not image_path.is_file():
+        raise InputError(f"{image_path}: template photo not found ({where})")
+    try:
+        width, height = read_image_size(image_path)
+    except InputError as exc:
+        raise InputError(f"{exc} ({where})") from None
+    return {
+        "file_name": Path(os.fspath(image_name)).as_posix(),
+        "width": width,
+        "height": height,
+        "image_id": image_id,
+        "raw": [],
+    }
+
+
+def _entry_mask(mask_path: Path, where: str, image_path: Path, record: dict):
+    """The pixel values and mode of an entry's mask, which must have the photo's size."""
+    width, height = record["width"], record["height"]
+    if not mask_path.is_file():
+        raise InputError(f"{mask_path}: mask file not found ({where})")
+    values, mode = _read_mask(mask_path, where)
+    mask_size = (int(values.shape[1]), int(values.shape[0]))
+    if mask_size != (width, height):
+        raise InputError(
+            f"{mask_path}: the mask is {mask_size[0]}x{mask_size[1]} pixels but the photo "
+            f"{image_path} is {width}x{height} (width x height, after EXIF orientation)"
+            + _size_mismatch((width, height), mask_size)
+            + f" ({where})"
+        )
+    return values, mode
+
+
+def _binary_structure(name, values, mode, mask_path: Path, where: str):
+    """[(structure name, mask)] of a binary mask entry."""
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"{mask_path}: 'structure' must be a structure name ({where})")
+    name = name.strip()
+    mask = _binary_foreground(values, mode)
+    if not mask.any():
+        raise InputError(
+            f"{mask_path}: empty mask (no foreground pixel) for structure {name!r} ({where})"
+        )
+    return [(name, mask)]
+
+
+def _label_structures(labels, values, mode, mask_path: Path, where: str):
+    """[(structure name, mask)] of a label map entry, in the order of its table; every
+    nonzero value of the map must be listed and every listed value must occur."""
+    table = _label_table(labels, mask_path, where)
+    if mode not in _LABEL_MODES:
+        raise InputError(
+            f"{mask_path}: a label map must be a single-channel image (8- or 16-bit "
+            f"gray, or palette), this one is mode {mode} ({where})"
+        )
+    values = values.astype(np.int64)
+    present = {int(v) for v in np.unique(values)} - {0}
+    listed = {value for value, _ in table}
+    unlisted = sorted(present - listed)
+    if unlisted:
+        raise InputError(
+            f"{mask_path}: label value(s) {', '.join(map(str, unlisted))} occur in the "
+            f"label map but not in 'labels' ({where})"
+        )
+    absent = [(value, name) for value, name in table if value not in present]
+    if absent:
+        listing = ", ".join(f"{value} ({name!r})" for value, name in absent)
+        raise InputError(
+            f"{mask_path}: label value(s) {listing} listed in 'labels' but absent from "
+            f"the label map ({where})"
+        )
+    return [(name, values == value) for value, name in table]
+
+
 def load_png_templates(
     entries: list[dict], base_dir: str | os.PathLike | None = None
 ) -> TemplateSet:
     """Load templates from image / mask entries.
 
-    Each entry is a mapping, either
-      {"image": photo, "mask": binary mask, "structure": name}: one structure; any
-        nonzero pixel of the mask (any channel; for palette images, any nonzero
-        palette index) is foreground, or
-      {"image": photo, "mask": label map, "labels": {value: name, ...}}: a
-        single-channel label map (8-bit, palette indices, 16-bit or 32-bit gray); each
-        listed value is one structure, 0 is the background. Every nonzero value in
-        the map must be listed and every listed value must occur.
-    Relative paths are taken from `base_dir` (default: the working folder). Several
-    entries may name the same photo (its structures are combined) and a name used
-    twice on one photo gives two instances, in entry order (label tables in the order
-    listed). Category ids are 1, 2, ... in order of first appearance of each name;
-    image ids and annotation ids are numbered the same way.
+    Args:
+        entries: mappings, each either
+            {"image": photo, "mask": binary mask, "structure": name}: one structure;
+            any nonzero pixel of the mask (any channel; for palette images, any nonzero
+            palette index) is foreground, or
+            {"image": photo, "mask": label map, "labels": {value: name, ...}}: a
+            single-channel label map (8-bit, palette indices, 16-bit or 32-bit gray);
+            each listed value is one structure, 0 is the background. Every nonzero
+            value in the map must be listed and every listed value must occur.
+            Several entries may name the same photo (its structures are combined) and
+            a name used twice on one photo gives two instances, in entry order (label
+            tables in the order listed).
+        base_dir: the folder relative paths are taken from (default: the working
+            folder).
+
+    Returns:
+        The templates. Category ids are 1, 2, ... in order of first appearance of each
+        name; image ids and annotation ids are numbered the same way. InputError (one
+        line naming the file and the entry) on any problem.
     """
     if isinstance(entries, dict):
         entries = [entries]
@@ -580,106 +582,29 @@ def load_png_templates(
     if not entries:
         raise InputError("templates: the list of template entries is empty")
     base = _absolute(base_dir) if base_dir is not None else Path(os.path.abspath(os.getcwd()))
-
     category_ids: dict[str, int] = {}
     records: dict[Path, dict] = {}
     next_annotation = 1
     for index, entry in enumerate(entries, start=1):
-        where = f"template entry {index}"
-        if not isinstance(entry, dict):
-            raise InputError(
-                f"{where}: expected a mapping with 'image', 'mask' and 'structure' or 'labels', "
-                f"got {entry!r}"
-            )
-        image_name, mask_name = entry.get("image"), entry.get("mask")
-        if not isinstance(image_name, (str, os.PathLike)) or not str(image_name).strip():
-            raise InputError(f"{where}: missing 'image' (the template photo)")
-        image_path = _absolute(image_name, base)
-        if not isinstance(mask_name, (str, os.PathLike)) or not str(mask_name).strip():
-            raise InputError(f"{image_path}: {where} has no 'mask'")
-        mask_path = _absolute(mask_name, base)
-        has_structure, has_labels = "structure" in entry, "labels" in entry
-        if has_structure and has_labels:
-            raise InputError(
-                f"{mask_path}: {where} gives both 'structure' and 'labels'; give 'structure' "
-                "for a binary mask or 'labels' for a label map"
-            )
-        if not has_structure and not has_labels:
-            raise InputError(
-                f"{mask_path}: {where} gives neither 'structure' (binary mask) nor 'labels' (label map)"
-            )
-
-        record = records.get(image_path)
-        if record is None:
-            if not image_path.is_file():
-                raise InputError(f"{image_path}: template photo not found ({where})")
-            try:
-                width, height = read_image_size(image_path)
-            except InputError as exc:
-                raise InputError(f"{exc} ({where})") from None
-            record = {
-                "file_name": Path(os.fspath(image_name)).as_posix(),
-                "width": width,
-                "height": height,
-                "image_id": len(records) + 1,
-                "raw": [],
-            }
-        width, height = record["width"], record["height"]
-
-        if not mask_path.is_file():
-            raise InputError(f"{mask_path}: mask file not found ({where})")
-        values, mode = _read_mask(mask_path, where)
-        mask_size = (int(values.shape[1]), int(values.shape[0]))
-        if mask_size != (width, height):
-            raise InputError(
-                f"{mask_path}: the mask is {mask_size[0]}x{mask_size[1]} pixels but the photo "
-                f"{image_path} is {width}x{height} (width x height, after EXIF orientation)"
-                + _size_mismatch((width, height), mask_size)
-                + f" ({where})"
-            )
-
-        if has_structure:
-            name = entry["structure"]
-            if not isinstance(name, str) or not name.strip():
-                raise InputError(f"{mask_path}: 'structure' must be a structure name ({where})")
-            name = name.strip()
-            mask = _binary_foreground(values, mode)
-            if not mask.any():
-                raise InputError(
-                    f"{mask_path}: empty mask (no foreground pixel) for structure {name!r} ({where})"
-                )
-            found = [(name, mask)]
+        where, image_path, mask_path = _entry_paths(index, entry, base)
+        record = records.get(image_path) or _photo_record(
+            image_path, entry["image"], where, len(records) + 1
+        )
+        values, mode = _entry_mask(mask_path, where, image_path, record)
+        if "structure" in entry:
+            found = _binary_structure(entry["structure"], values, mode, mask_path, where)
         else:
-            table = _label_table(entry["labels"], mask_path, where)
-            if mode not in _LABEL_MODES:
-                raise InputError(
-                    f"{mask_path}: a label map must be a single-channel image (8- or 16-bit "
-                    f"gray, or palette), this one is mode {mode} ({where})"
-                )
-            values = values.astype(np.int64)
-            present = {int(v) for v in np.unique(values)} - {0}
-            listed = {value for value, _ in table}
-            unlisted = sorted(present - listed)
-            if unlisted:
-                raise InputError(
-                    f"{mask_path}: label value(s) {', '.join(map(str, unlisted))} occur in the "
-                    f"label map but not in 'labels' ({where})"
-                )
-            absent = [(value, name) for value, name in table if value not in present]
-            if absent:
-                listing = ", ".join(f"{value} ({name!r})" for value, name in absent)
-                raise InputError(
-                    f"{mask_path}: label value(s) {listing} listed in 'labels' but absent from "
-                    f"the label map ({where})"
-                )
-            found = [(name, values == value) for value, name in table]
-
+            found = _label_structures(entry["labels"], values, mode, mask_path, where)
         for name, mask in found:
             cid = category_ids.setdefault(name, len(category_ids) + 1)
             record["raw"].append((next_annotation, cid, mask))
             next_annotation += 1
         records[image_path] = record
+    return _png_template_set(records, category_ids)
 
+
+def _png_template_set(records: dict[Path, dict], category_ids: dict[str, int]) -> TemplateSet:
+    """The template set of the photo records of `load_png_templates`."""
     images = [
         TemplateImage(
             file_name=record["file_name"],

@@ -42,7 +42,7 @@ import numpy as np
 
 from sam2pal.errors import InputError
 from sam2pal.io.atomic import atomic_write
-from sam2pal.io.masks import decode_segmentation
+from sam2pal.io.coco import category_masks, load_coco
 
 METRIC_COLUMNS = [
     "level",
@@ -61,63 +61,13 @@ ADAPTER_METADATA = (
 )
 
 
-def load_coco(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: COCO file not found")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data, dict) or not isinstance(data.get(key), list):
-            raise InputError(f"{path}: not a COCO file (no '{key}' list)")
-    return data
-
-
-def category_masks(
-    data: dict, path: Path
-) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray]]]:
-    """{file_name: image} and {file_name: {category name: union mask}}."""
+def annotated_structures(data: dict) -> dict[str, set[str]]:
+    """{file_name: names of the categories annotated on it} of a checked COCO dict."""
     names = {c["id"]: c["name"] for c in data["categories"]}
-    images = {im["id"]: im for im in data["images"]}
-    by_file = {im["file_name"]: im for im in data["images"]}
-    masks: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-    for ann in data["annotations"]:
-        image = images.get(ann.get("image_id"))
-        if image is None:
-            raise InputError(
-                f"{path}: annotation {ann.get('id')} refers to unknown image id {ann.get('image_id')}"
-            )
-        category = names.get(ann.get("category_id"))
-        if category is None:
-            raise InputError(
-                f"{path}: annotation {ann.get('id')} has unknown category id {ann.get('category_id')}"
-            )
-        try:
-            mask = decode_segmentation(ann["segmentation"], image["height"], image["width"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(
-                f"{path}: annotation {ann.get('id')}: bad segmentation ({exc})"
-            ) from None
-        current = masks[image["file_name"]].get(category)
-        masks[image["file_name"]][category] = mask if current is None else (current | mask)
-    return by_file, masks
-
-
-def annotated_structures(data: dict, path: Path) -> dict[str, set[str]]:
-    """{file_name: names of the categories annotated on it} of a COCO dict."""
-    names = {c.get("id"): c.get("name") for c in data["categories"]}
-    files = {im.get("id"): im.get("file_name") for im in data["images"]}
+    files = {im["id"]: im["file_name"] for im in data["images"]}
     found: dict[str, set[str]] = defaultdict(set)
     for ann in data["annotations"]:
-        file_name, category = files.get(ann.get("image_id")), names.get(ann.get("category_id"))
-        if file_name is None or category is None:
-            raise InputError(
-                f"{path}: annotation {ann.get('id')} refers to an unknown image or category"
-            )
-        found[file_name].add(category)
+        found[files[ann["image_id"]]].add(names[ann["category_id"]])
     return dict(found)
 
 
@@ -213,9 +163,8 @@ def _roles(gt_masks: dict, pred_data: dict, templates, finetune_record) -> dict:
             if key[0] in gt_masks and key[1] in gt_masks[key[0]]:
                 roles[key] = "keyframe"
     if templates is not None:
-        templates = Path(templates)
         mark(
-            annotated_structures(load_coco(templates), templates),
+            annotated_structures(load_coco(templates, role="template file", sizes=False)),
             "keyframe" if is_video else "template",
         )
     if finetune_record is not None:
@@ -226,54 +175,37 @@ def _roles(gt_masks: dict, pred_data: dict, templates, finetune_record) -> dict:
     return roles
 
 
-def evaluate(
-    gt_json: str | os.PathLike,
-    pred_json: str | os.PathLike,
-    out_csv: str | os.PathLike,
-    templates: str | os.PathLike | None = None,
-    finetune_record: str | os.PathLike | None = None,
-    log=None,
-) -> dict:
-    """Write metrics.csv; returns {category: mean IoU over the targets}.
+def _score(truth: np.ndarray, pred: np.ndarray | None) -> tuple[float, float, int, int]:
+    """(IoU, Dice, true area, predicted area) of a mask and its prediction (None: none)."""
+    inter = int(np.logical_and(truth, pred).sum()) if pred is not None else 0
+    pred_area = int(pred.sum()) if pred is not None else 0
+    gt_area = int(truth.sum())
+    union = gt_area + pred_area - inter
+    iou = inter / union if union else 1.0
+    dice = 2 * inter / (gt_area + pred_area) if (gt_area + pred_area) else 1.0
+    return iou, dice, gt_area, pred_area
 
-    templates: the templates file the predictions were made with (templates.json):
-        structures annotated there are scored as `template` (`keyframe` in a video).
-    finetune_record: the adapter the predictions were made with (see
-        `read_finetune_record`): its training templates and, when the real IoU picked
-        its epoch, its hold-out images with ground truth are scored apart.
-    log: called with one line naming the rows left out of the target means.
-    """
-    gt_path, pred_path = Path(gt_json), Path(pred_json)
-    gt_images, gt_masks = category_masks(load_coco(gt_path), gt_path)
-    pred_data = load_coco(pred_path)
-    pred_images, pred_masks = category_masks(pred_data, pred_path)
-    roles = _roles(gt_masks, pred_data, templates, finetune_record)
 
+def _image_rows(gt: tuple, pred: tuple, roles: dict, paths: tuple) -> dict[str, list[dict]]:
+    """{role: rows of level `image`}: each ground-truth image x category, scored.
+
+    `gt`, `pred`: ({file_name: image}, {file_name: {category: mask}}) of each file;
+    `paths`: (ground truth, predictions), named in errors."""
+    (gt_images, gt_masks), (pred_images, pred_masks) = gt, pred
     rows: dict[str, list[dict]] = defaultdict(list)
-    per_category: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
     for file_name in sorted(gt_masks):
-        gt_image = gt_images[file_name]
-        pred_image = pred_images.get(file_name)
-        if pred_image is not None and (pred_image["width"], pred_image["height"]) != (
-            gt_image["width"],
-            gt_image["height"],
-        ):
+        gt_image, pred_image = gt_images[file_name], pred_images.get(file_name)
+        gt_size = (gt_image["width"], gt_image["height"])
+        if pred_image is not None and (pred_image["width"], pred_image["height"]) != gt_size:
             raise InputError(
-                f"{pred_path}: {file_name} is {pred_image['width']}x{pred_image['height']} but "
-                f"{gt_image['width']}x{gt_image['height']} in {gt_path}"
+                f"{paths[1]}: {file_name} is {pred_image['width']}x{pred_image['height']} but "
+                f"{gt_size[0]}x{gt_size[1]} in {paths[0]}"
             )
         for category, truth in sorted(gt_masks[file_name].items()):
-            pred = pred_masks.get(file_name, {}).get(category)
-            inter = int(np.logical_and(truth, pred).sum()) if pred is not None else 0
-            pred_area = int(pred.sum()) if pred is not None else 0
-            gt_area = int(truth.sum())
-            union = gt_area + pred_area - inter
-            iou = inter / union if union else 1.0
-            dice = 2 * inter / (gt_area + pred_area) if (gt_area + pred_area) else 1.0
+            iou, dice, gt_area, pred_area = _score(
+                truth, pred_masks.get(file_name, {}).get(category)
+            )
             role = roles.get((file_name, category), "target")
-            per_category[role][category].append((iou, dice))
             rows[role].append(
                 {
                     "level": "image",
@@ -286,10 +218,19 @@ def evaluate(
                     "pred_area_px": pred_area,
                 }
             )
+    return rows
+
+
+def _add_means(rows: dict[str, list[dict]]) -> dict[str, float]:
+    """Append each role's rows of level `category_mean`; returns {category: mean IoU
+    over the targets}."""
     means = {}
     for role in ROLES:
-        for category in sorted(per_category[role]):
-            values = np.array(per_category[role][category])
+        per_category: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for row in rows[role]:
+            per_category[row["category"]].append((row["iou"], row["dice"]))
+        for category in sorted(per_category):
+            values = np.array(per_category[category])
             if role == "target":
                 means[category] = float(values[:, 0].mean())
             rows[role].append(
@@ -303,6 +244,41 @@ def evaluate(
                     "n_images": len(values),
                 }
             )
+    return means
+
+
+def evaluate(
+    gt_json: str | os.PathLike,
+    pred_json: str | os.PathLike,
+    out_csv: str | os.PathLike,
+    templates: str | os.PathLike | None = None,
+    finetune_record: str | os.PathLike | None = None,
+    log=None,
+) -> dict:
+    """Write metrics.csv; returns {category: mean IoU over the targets}.
+
+    Args:
+        gt_json: the ground truth (COCO).
+        pred_json: the predictions (COCO).
+        out_csv: the metrics table (`METRIC_COLUMNS`), written atomically.
+        templates: the templates file the predictions were made with (templates.json):
+            structures annotated there are scored as `template` (`keyframe` in a video).
+        finetune_record: the adapter the predictions were made with (see
+            `read_finetune_record`): its training templates and, when the real IoU
+            picked its epoch, its hold-out images with ground truth are scored apart.
+        log: called with one line naming the rows left out of the target means.
+
+    Returns:
+        {category: mean IoU over the target rows}. Raises InputError (one line naming
+        the file) on a bad file, or an image of another size in the predictions.
+    """
+    gt_path, pred_path = Path(gt_json), Path(pred_json)
+    gt = category_masks(load_coco(gt_path), gt_path)
+    pred_data = load_coco(pred_path)
+    pred = category_masks(pred_data, pred_path)
+    roles = _roles(gt[1], pred_data, templates, finetune_record)
+    rows = _image_rows(gt, pred, roles, (gt_path, pred_path))
+    means = _add_means(rows)
     with atomic_write(out_csv) as handle:
         writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
         writer.writeheader()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import math
 import os
 from array import array
@@ -23,7 +24,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
-import ijson
 import numpy as np
 from scipy import ndimage as ndi
 from scipy import sparse
@@ -33,7 +33,7 @@ from scipy.spatial.distance import pdist
 
 from sam2pal.errors import InputError
 from sam2pal.io.atomic import atomic_write
-from sam2pal.io.masks import decode_segmentation
+from sam2pal.io.coco import annotation_mask, scan_coco, stream_annotations
 from sam2pal.progress import progress
 
 __all__ = [
@@ -1224,167 +1224,25 @@ def _id_key(value):
     return (1, value) if isinstance(value, str) else (0, value)
 
 
-def _is_id(value) -> bool:
-    return isinstance(value, (int, str)) and not isinstance(value, bool)
-
-
-def _check_id(value, what: str, path: Path):
-    if not _is_id(value):
-        raise InputError(f"{path}: {what} id {value!r} is neither an integer nor a string")
-    return value
-
-
-def _json_error(path: Path, err) -> InputError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return InputError(f"{path}: not valid JSON ({first})")
-
-
-@contextlib.contextmanager
-def _coco_events(path: Path, prefix: str | None = None):
-    """The JSON events of a COCO file (or the items under `prefix`), as a stream, with
-    read and parse errors turned into one-line InputErrors naming the file."""
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 (streamed, closed below)
-    except FileNotFoundError:
-        raise InputError(f"{path}: COCO file not found") from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read the COCO file ({err.strerror})") from None
-    try:
-        with handle:
-            if prefix is None:
-                yield ijson.parse(handle, use_float=True)
-            else:
-                yield ijson.items(handle, prefix, use_float=True)
-    except ijson.JSONError as err:
-        raise _json_error(path, err) from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not a UTF-8 text (JSON) file") from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read the COCO file ({err.strerror})") from None
-
-
-def _scan_coco(path: Path) -> tuple[list, list]:
-    """First pass over a COCO file: check its top level, and return its images and
-    categories (the annotations are streamed by a second pass)."""
-    kinds: dict = {}
-    lists: dict = {"images": [], "categories": []}
-    builder = item_of = key = None
-    expect_value = False
-    with _coco_events(path) as events:
-        first = next(events, None)
-        if first is None:
-            raise InputError(f"{path}: not valid JSON (the file is empty)")
-        if first[1] != "start_map":
-            for _ in events:  # a broken file is "not valid JSON" before "not an object"
-                pass
-            raise InputError(f"{path}: a COCO file must hold a JSON object")
-        for prefix, event, value in events:
-            if builder is not None:
-                builder.event(event, value)
-                if prefix == item_of and event in ("end_map", "end_array"):
-                    lists[item_of[:-5]].append(builder.value)
-                    builder = None
-                continue
-            if expect_value:
-                kinds[key] = event
-                expect_value = False
-            if prefix == "" and event == "map_key":
-                key, expect_value = value, True
-            elif (
-                prefix in ("images.item", "categories.item")
-                and kinds.get(prefix[:-5]) == "start_array"
-            ):
-                if event in ("start_map", "start_array"):
-                    builder, item_of = ijson.ObjectBuilder(), prefix
-                    builder.event(event, value)
-                else:
-                    lists[prefix[:-5]].append(value)
-    for key in ("images", "annotations", "categories"):
-        if key not in kinds:
-            raise InputError(f"{path}: missing the '{key}' list")
-        if kinds[key] != "start_array":
-            raise InputError(f"{path}: '{key}' must be a list")
-    return lists["images"], lists["categories"]
-
-
-def _check_images(path: Path, raw: list) -> dict:
-    images: dict = {}
-    for i, image in enumerate(raw):
-        if not isinstance(image, dict):
-            raise InputError(f"{path}: images[{i}] is not an object")
-        for key in ("id", "file_name", "width", "height"):
-            if key not in image:
-                raise InputError(f"{path}: images[{i}] lacks '{key}'")
-        image_id = _check_id(image["id"], f"images[{i}]:", path)
-        if image_id in images:
-            raise InputError(f"{path}: image id {image_id!r} appears twice")
-        if not isinstance(image["file_name"], str) or not image["file_name"]:
-            raise InputError(f"{path}: image {image_id!r} has no file_name")
-        for key in ("width", "height"):
-            value = image[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InputError(
-                    f"{path}: image {image_id!r} ({image['file_name']}) has "
-                    f"{key} {value!r}, expected a positive integer"
-                )
-        images[image_id] = image
-    return images
-
-
-def _check_categories(path: Path, raw: list) -> dict:
-    categories: dict = {}
-    for i, cat in enumerate(raw):
-        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
-            raise InputError(f"{path}: categories[{i}] needs an 'id' and a 'name'")
-        cat_id = _check_id(cat["id"], f"categories[{i}]:", path)
-        if cat_id in categories:
-            raise InputError(f"{path}: category id {cat_id!r} appears twice")
-        if not isinstance(cat["name"], str) or not cat["name"]:
-            raise InputError(f"{path}: category {cat_id!r} has no name")
-        categories[cat_id] = cat["name"]
-    return dict(sorted(categories.items(), key=lambda kv: _id_key(kv[0])))
-
-
-def _check_annotation(path: Path, i: int, ann, images: dict, categories: dict, seen: set) -> None:
-    if not isinstance(ann, dict):
-        raise InputError(f"{path}: annotations[{i}] is not an object")
-    for key in ("id", "image_id", "category_id", "segmentation"):
-        if key not in ann:
-            label = f"annotation {ann['id']!r}" if "id" in ann else f"annotations[{i}]"
-            raise InputError(f"{path}: {label} lacks '{key}'")
-    ann_id = _check_id(ann["id"], f"annotations[{i}]:", path)
-    if ann_id in seen:
-        raise InputError(f"{path}: annotation id {ann_id!r} appears twice")
-    seen.add(ann_id)
-    if not _is_id(ann["image_id"]) or ann["image_id"] not in images:
+def _read_header(path: Path, wide: bool) -> tuple[dict, dict]:
+    """The checked images ({id: image}) and categories ({id: name}, in id order) of a
+    COCO file, from a first streamed pass; the wide table needs distinct category names."""
+    images, raw_categories = scan_coco(path)
+    categories = {cid: c["name"] for cid, c in raw_categories.items()}
+    categories = dict(sorted(categories.items(), key=lambda kv: _id_key(kv[0])))
+    names = list(categories.values())
+    if wide and len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})[0]
         raise InputError(
-            f"{path}: annotation {ann_id!r} refers to image_id "
-            f"{ann['image_id']!r}, which is not among the images"
+            f"{path}: several categories are named {dup!r}; the wide "
+            "table needs distinct category names"
         )
-    if not _is_id(ann["category_id"]) or ann["category_id"] not in categories:
-        raise InputError(
-            f"{path}: annotation {ann_id!r} refers to category_id "
-            f"{ann['category_id']!r}, which is not among the categories"
-        )
-    instance = ann.get("instance")
-    if instance is not None and (
-        isinstance(instance, bool) or not isinstance(instance, int) or instance < 1
-    ):
-        raise InputError(
-            f"{path}: annotation {ann_id!r} has instance {instance!r}, expected a positive integer"
-        )
+    return images, categories
 
 
 def _measure_annotation(path: Path, image: dict, ann: dict) -> list[float]:
     """The `MASK_MEASURES` of one annotation's mask."""
-    try:
-        mask = decode_segmentation(ann["segmentation"], image["height"], image["width"])
-    except (ValueError, TypeError, KeyError) as err:
-        raise InputError(
-            f"{path}: annotation {ann['id']!r} (image {image['file_name']}): "
-            f"unreadable segmentation ({err})"
-        ) from None
-    values = measure_mask(mask)
+    values = measure_mask(annotation_mask(path, image, ann))
     return [float(values[key]) for key in MASK_MEASURES]
 
 
@@ -1451,26 +1309,26 @@ def _measure_task(task) -> list[float]:
 def _measure_stream(path: Path, images: dict, categories: dict, threads: int) -> _Measured:
     """Second pass: stream the annotations, check each, measure its mask (in `threads`
     worker processes when more than one, each with one OpenCV thread) and keep only its
-    ids and measures."""
+    ids and measures. The file is never loaded whole: the first pass
+    (`sam2pal.io.coco.scan_coco`) keeps its images and categories, this one each
+    annotation's ids and measures, so 100,000 images x 5 structures take a few hundred
+    MB (benchmarks/merge_measure.py)."""
     measured = _Measured()
-    seen: set = set()
 
     def tasks():
-        with _coco_events(path, "annotations.item") as annotations:
-            for i, ann in enumerate(annotations):
-                _check_annotation(path, i, ann, images, categories, seen)
-                image = images[ann["image_id"]]
-                yield (
-                    path,
-                    {k: image[k] for k in ("file_name", "height", "width")},
-                    {
-                        "id": ann["id"],
-                        "image_id": ann["image_id"],
-                        "category_id": ann["category_id"],
-                        "instance": ann.get("instance"),
-                        "segmentation": ann["segmentation"],
-                    },
-                )
+        for ann in stream_annotations(path, images, categories):
+            image = images[ann["image_id"]]
+            yield (
+                path,
+                {k: image[k] for k in ("id", "file_name", "height", "width")},
+                {
+                    "id": ann["id"],
+                    "image_id": ann["image_id"],
+                    "category_id": ann["category_id"],
+                    "instance": ann.get("instance"),
+                    "segmentation": ann["segmentation"],
+                },
+            )
 
     with contextlib.ExitStack() as stack:
         pool = None
@@ -1524,6 +1382,59 @@ def _mm_values(measures: dict, scale: float | None) -> list[float]:
     return [measures[src] / scale**power for src, power in _MM_SOURCE.values()]
 
 
+def _scale_lookup(px_per_mm, calibration_csv) -> _ScaleLookup | None:
+    """The scale of each image (see `measure_coco`), None without any scale."""
+    default_scale = None if px_per_mm is None else _positive_scale(px_per_mm)
+    calibration = read_calibration(calibration_csv) if calibration_csv is not None else None
+    if default_scale is None and calibration is None:
+        return None
+    return _ScaleLookup(calibration, default_scale)
+
+
+def _image_rows(image: dict, measured: _Measured, order: dict, scale_of) -> tuple:
+    """An image's scale (None without one) and its table rows, in table order:
+    (annotation index, annotation id, category id, values)."""
+    scale = scale_of(image["file_name"]) if scale_of is not None else None
+    rows = []
+    for index in order.get(image["id"], ()):
+        ann_id, _, cat_id, _ = measured.ids[index]
+        values = measured.row(index)
+        if scale_of is not None:
+            values = values + _mm_values(dict(zip(MASK_MEASURES, values)), scale)
+        rows.append((index, ann_id, cat_id, values))
+    return scale, rows
+
+
+def _write_long(
+    handle, images: list, rows_of, categories: dict, frame_columns: list, calibrated: bool
+) -> tuple[int, int]:
+    """The long table, image by image; returns (rows written, images without a scale).
+
+    One row per annotation, sorted by file_name, then category id, then instance (the
+    annotation's ``instance`` rank, else the order of the annotation ids), with the
+    columns `MEASURE_COLUMNS` (for video frames, images with `frame_index`, followed by
+    ``frame_index, time_s`` after ``image_id``). Cells: floats with 10 significant
+    digits, empty for NaN.
+    """
+    columns = MEASURE_COLUMNS + (MM_COLUMNS if calibrated else [])
+    writer = csv.writer(handle)
+    writer.writerow(columns[:2] + frame_columns + columns[2:])
+    n_annotations = without_scale = 0
+    for image in images:
+        scale, rows = rows_of(image)
+        if calibrated and scale is None:
+            without_scale += 1
+        for _, ann_id, cat_id, values in rows:
+            writer.writerow(
+                [_fmt(image["file_name"]), _fmt(image["id"])]
+                + [_fmt(image.get(c)) for c in frame_columns]
+                + [_fmt(ann_id), categories[cat_id]]
+                + [_fmt(v) for v in values]
+            )
+            n_annotations += 1
+    return n_annotations, without_scale
+
+
 def measure_coco(
     coco_path: str | os.PathLike,
     out_csv: str | os.PathLike,
@@ -1534,132 +1445,62 @@ def measure_coco(
 ) -> dict:
     """Measure every predicted mask of a COCO predictions file and write the tables.
 
-    Long table (`out_csv`): one row per annotation, sorted by file_name, then category
-    id, then instance (the annotation's ``instance`` rank, else the order of the
-    annotation ids), with the columns `MEASURE_COLUMNS`. For the frames of a video
-    (images that carry `frame_index`), ``frame_index, time_s`` follow ``image_id`` in
-    both tables.
+    The long table has a row per annotation (`_write_long`), the wide table a row per
+    image (`_write_wide`). With a scale, the columns `MM_COLUMNS` are appended (area /
+    px_per_mm^2, lengths / px_per_mm); images without one get empty cells. The file is
+    streamed (`_measure_stream`); both tables are written atomically.
 
-    Scale: `px_per_mm` (pixels per millimetre) applies to every image;
-    `calibration_csv` (columns ``file_name,px_per_mm``) gives one per image and wins
-    over `px_per_mm`. A calibration row matches an image by its file_name, or else by
-    the bare file name (without folders) when that name is unique in the calibration
-    file. With either option, the columns `MM_COLUMNS` are appended (area / px_per_mm^2,
-    lengths / px_per_mm); images without a scale get empty millimetre cells.
+    Args:
+        coco_path: the COCO predictions file.
+        out_csv: the long table.
+        px_per_mm: pixels per millimetre of every image.
+        calibration_csv: ``file_name,px_per_mm`` per image, winning over `px_per_mm`;
+            a row matches an image by file_name, else by bare name (without folders)
+            when that name is unique in the calibration file.
+        wide_csv: the wide table, if wanted.
+        threads: processes that decode and measure the masks.
 
-    Wide table (`wide_csv`, optional): one row per image, sorted by file_name, with
-    ``file_name, image_id`` and then, for each category in id order and each measure,
-    a column ``{category}_{measure}``; for a category with several instances, the
-    columns ``{category}_{k}_{measure}`` for k = 1 .. its largest instance number in the
-    file. k is the annotation's ``instance`` (the project writes the instance number of
-    the templates), so on an image where only the second antenna was found, its values
-    are in the ``antenna_2_`` columns and the ``antenna_1_`` ones are empty.
-    Annotations without ``instance`` (a file from elsewhere) are numbered on each image
-    1, 2, ... per category, in annotation id order. Missing structures leave empty
-    cells. Categories without any prediction keep their (empty) columns, so tables from
-    different runs line up. Two annotations of the same category and instance on one
-    image, or annotations of a category with and without ``instance`` on one image,
-    are an InputError (only when the wide table is asked for).
-
-    The file is streamed, never loaded whole: a first pass reads its images and
-    categories, a second its annotations one at a time, decoding and measuring each
-    mask (in `threads` processes) and keeping only its ids and measures; the tables are
-    then written image by image. So a collection of 100,000 images x 5 structures is
-    measured in a few hundred MB of memory (benchmarks/merge_measure.py). Both tables
-    are written atomically: on any error neither is left half-written. Cells: floats
-    with 10 significant digits, empty for NaN.
-
-    Returns {"n_images", "n_annotations", "calibrated", "images_without_scale"}.
-    Raises InputError (one line naming the file) on a bad COCO or calibration file
-    or a bad px_per_mm.
+    Returns:
+        {"n_images", "n_annotations", "calibrated", "images_without_scale"}. Raises
+        InputError (one line naming the file) on a bad COCO or calibration file or a
+        bad px_per_mm or threads.
     """
     coco_path = Path(coco_path)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InputError(f"threads must be a positive integer, got {threads!r}")
-    default_scale = None if px_per_mm is None else _positive_scale(px_per_mm)
-    calibration = read_calibration(calibration_csv) if calibration_csv is not None else None
-    calibrated = default_scale is not None or calibration is not None
-    scale_of = _ScaleLookup(calibration, default_scale)
-
-    raw_images, raw_categories = _scan_coco(coco_path)
-    images_by_id = _check_images(coco_path, raw_images)
-    categories = _check_categories(coco_path, raw_categories)
-    del raw_images, raw_categories
+    scale_of = _scale_lookup(px_per_mm, calibration_csv)
+    calibrated = scale_of is not None
+    images_by_id, categories = _read_header(coco_path, wide_csv is not None)
     images = sorted(images_by_id.values(), key=lambda im: (im["file_name"], _id_key(im["id"])))
-
-    names = list(categories.values())
-    if wide_csv is not None and len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})[0]
-        raise InputError(
-            f"{coco_path}: several categories are named {dup!r}; the wide "
-            "table needs distinct category names"
-        )
-
-    measures = MASK_MEASURES + (MM_COLUMNS if calibrated else [])
-    columns = MEASURE_COLUMNS + (MM_COLUMNS if calibrated else [])
     # video frames (predictions of a video collection) also get their index and time
     frame_columns = FRAME_COLUMNS if any("frame_index" in image for image in images) else []
-    columns = columns[:2] + frame_columns + columns[2:]
-
     measured = _measure_stream(coco_path, images_by_id, categories, threads)
     order = measured.by_image()
     # the wide table's column set (k) of each annotation, checked before writing anything
-    slot, most = (
-        _wide_slots(coco_path, measured, order, images_by_id, categories)
-        if wide_csv is not None
-        else ({}, {})
-    )
-    n_annotations = 0
-    without_scale = 0
-
-    def image_cells(image):
-        """{(category id, k): row values} of an image, and its long-table rows."""
-        scale = scale_of(image["file_name"]) if calibrated else None
-        cells, rows = {}, []
-        for index in order.get(image["id"], ()):
-            ann_id, _, cat_id, _ = measured.ids[index]
-            values = measured.row(index)
-            row_values = values + (
-                _mm_values(dict(zip(MASK_MEASURES, values)), scale) if calibrated else []
-            )
-            rows.append((ann_id, cat_id, row_values))
-            if index in slot:
-                cells[(cat_id, slot[index])] = row_values
-        return scale, cells, rows
-
+    slot, most = ({}, {})
+    if wide_csv is not None:
+        slot, most = _wide_slots(coco_path, measured, order, images_by_id, categories)
+    rows_of = functools.partial(_image_rows, measured=measured, order=order, scale_of=scale_of)
     with contextlib.ExitStack() as stack:
-        long_handle = stack.enter_context(atomic_write(out_csv, "w", newline=""))
-        writer = csv.writer(long_handle)
-        writer.writerow(columns)
-        for image in images:
-            scale, _, rows = image_cells(image)
-            if calibrated and scale is None:
-                without_scale += 1
-            for ann_id, cat_id, row_values in rows:
-                writer.writerow(
-                    [_fmt(image["file_name"]), _fmt(image["id"])]
-                    + [_fmt(image.get(c)) for c in frame_columns]
-                    + [_fmt(ann_id), categories[cat_id]]
-                    + [_fmt(v) for v in row_values]
-                )
-                n_annotations += 1
+        handle = stack.enter_context(atomic_write(out_csv, "w", newline=""))
+        counts = _write_long(handle, images, rows_of, categories, frame_columns, calibrated)
         if wide_csv is not None:
-            wide_handle = stack.enter_context(atomic_write(wide_csv, "w", newline=""))
-            _write_wide(
-                wide_handle,
-                ((image, image_cells(image)[1]) for image in images),
-                categories,
-                measures,
-                frame_columns,
-                most=most,
-            )
-
+            handle = stack.enter_context(atomic_write(wide_csv, "w", newline=""))
+            cells = _wide_cells(images, rows_of, slot)
+            measures = MASK_MEASURES + (MM_COLUMNS if calibrated else [])
+            _write_wide(handle, cells, categories, measures, frame_columns, most=most)
     return {
         "n_images": len(images),
-        "n_annotations": n_annotations,
+        "n_annotations": counts[0],
         "calibrated": calibrated,
-        "images_without_scale": without_scale,
+        "images_without_scale": counts[1],
     }
+
+
+def _wide_cells(images: list, rows_of, slot: dict):
+    """(image, {(category id, k): values}) of each image, for the wide table."""
+    for image in images:
+        yield image, {(c, slot[i]): v for i, _, c, v in rows_of(image)[1] if i in slot}
 
 
 def _wide_slots(path: Path, measured: _Measured, order: dict, images: dict, categories: dict):
@@ -1709,7 +1550,16 @@ def _write_wide(
     handle, wide_rows, categories: dict, measures: list[str], frame_columns=(), most=None
 ) -> None:
     """The wide table from (image, {(category id, k): values}) rows, streamed;
-    `most`: {category id: the largest k}."""
+    `most`: {category id: the largest k} (see `_wide_slots`).
+
+    One row per image, sorted by file_name, with ``file_name, image_id`` (and
+    ``frame_index, time_s`` for video frames) and then, for each category in id order
+    and each measure, a column ``{category}_{measure}``; for a category with several
+    instances, the columns ``{category}_{k}_{measure}`` for k = 1 .. its largest
+    instance number in the file. Missing structures leave empty cells; categories
+    without any prediction keep their (empty) columns, so tables from different runs
+    line up.
+    """
     most = {cat_id: (most or {}).get(cat_id, 0) for cat_id in categories}
     header = ["file_name", "image_id", *frame_columns]
     slots = []  # (category id, k) in column order

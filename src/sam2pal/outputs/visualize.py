@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 
 from sam2pal.io.atomic import atomic_dir
+from sam2pal.io.coco import load_coco, scan_coco, stream_annotations
 from sam2pal.io.masks import decode_segmentation
-from sam2pal.outputs.evaluate import load_coco
 from sam2pal.progress import progress
 
 # Colour-blind-safe palette (Okabe-Ito), RGB.
@@ -55,29 +55,26 @@ def _by_image(coco: dict):
 
 
 def image_groups(pred_json):
-    """(categories, images, iterator of (image, [its annotations])) of a COCO file, in
-    the order of its images. Streamed (ijson) when the annotations come grouped by image
-    in that order, as the project's predictions files have them; any other file is
-    loaded whole."""
-    import ijson
+    """The images of a COCO file with their annotations, read by `sam2pal.io.coco`.
 
-    def items(prefix):
-        with open(pred_json, "rb") as handle:
-            yield from ijson.items(handle, prefix, use_float=True)
+    Args:
+        pred_json: the COCO file (the project's predictions).
 
-    try:
-        images = list(items("images.item"))
-        categories = list(items("categories.item"))
-        position = {im["id"]: i for i, im in enumerate(images)}
-        ordered, last = True, -1
-        for image_id in items("annotations.item.image_id"):
-            at = position.get(image_id, -1)
-            if at < last:
-                ordered = False
-                break
-            last = at
-    except (ijson.JSONError, KeyError, TypeError, OSError):
-        ordered = False  # let load_coco say what is wrong with the file
+    Returns:
+        (categories, images, iterator of (image, [its annotations])), in the order of
+        its images. Streamed (`scan_coco`, `stream_annotations`) when the annotations
+        come grouped by image in that order, as the project's predictions files have
+        them; any other file is loaded whole (`load_coco`). InputError on a bad file.
+    """
+    images_by_id, categories_by_id = scan_coco(pred_json)
+    position = {image_id: i for i, image_id in enumerate(images_by_id)}
+    ordered, last = True, -1
+    for ann in stream_annotations(pred_json, images_by_id, categories_by_id):
+        at = position[ann["image_id"]]
+        if at < last:
+            ordered = False
+            break
+        last = at
     if not ordered:
         coco = load_coco(pred_json)
         anns = _by_image(coco)
@@ -86,13 +83,12 @@ def image_groups(pred_json):
             coco["images"],
             ((im, anns.get(im["id"], [])) for im in coco["images"]),
         )
+    images = list(images_by_id.values())
 
     def groups():
         index, group = 0, []
-        for ann in items("annotations.item"):
-            at = position.get(ann["image_id"])
-            if at is None:
-                continue
+        for ann in stream_annotations(pred_json, images_by_id, categories_by_id):
+            at = position[ann["image_id"]]
             while index < at:
                 yield images[index], group
                 index, group = index + 1, []
@@ -101,7 +97,7 @@ def image_groups(pred_json):
             yield images[index], group
             index, group = index + 1, []
 
-    return categories, images, groups()
+    return list(categories_by_id.values()), images, groups()
 
 
 def export_masks(pred_json, out_dir, category_prefix: bool = False) -> int:

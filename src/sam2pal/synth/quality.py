@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sam2pal.io.coco import category_masks, load_coco
 from sam2pal.io.masks import mask_iou
-from sam2pal.outputs.evaluate import category_masks, load_coco
 from sam2pal.synth.specimens import ALL_PARTS, make_collection
 
 BODY_PARTS = ("head", "pronotum", "elytra")
