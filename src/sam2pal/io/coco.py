@@ -480,7 +480,8 @@ def load_coco(
         raise InputError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise InputError(
-            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+            f"{path}: not valid JSON ({exc.msg}: invalid JSON at line {exc.lineno}, "
+            f"column {exc.colno})"
         ) from None
     is_object = isinstance(data, dict)
     _check_top_level(
