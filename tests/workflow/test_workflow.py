@@ -63,9 +63,11 @@ def absolute_demo_config():
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The README's demo config, run in a temporary folder."""
+    """The README's demo config, run in a temporary folder (its photo collection: the
+    video collection is the video scenario of .test/, run in test_scenarios.py)."""
     workdir = tmp_path_factory.mktemp("demo")
     config = absolute_demo_config()
+    del config["collections"]["demo_video"]
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     snakemake(workdir, "--configfile", "config.yaml")
     return workdir, config
@@ -157,28 +159,6 @@ def test_demo_run_outputs(demo_run):
     assert len(list((out / "masks").glob("*.png"))) == len(coco.dataset["annotations"])
     assert len(list((out / "overlays").glob("*.jpg"))) == n_images
     assert (workdir / "logs" / "demo" / "propagate" / "shard-0-of-1.log").read_text().strip()
-
-
-def test_demo_video_outputs(demo_run):
-    """The demo's video: 32 frames tracked from keyframes 8 and 24, with an overlay video."""
-    workdir, _ = demo_run
-    out = workdir / "results" / "demo_video"
-    coco = COCO(str(out / "predictions.json"))
-    assert sorted(coco.getImgIds()) == list(range(32))
-    assert {a["image_id"] for a in coco.loadAnns(coco.getAnnIds()) if a.get("keyframe")} == {8, 24}
-    assert (out / "overlay.mp4").stat().st_size > 0
-    assert not (out / "overlays").exists()
-    # metrics: the keyframes, output as annotated (IoU 1), are scored apart from the targets
-    rows = check_metrics_file(
-        out / "metrics.csv",
-        REPO / "resources" / "demo_video" / "ground_truth.json",
-        out / "predictions.json",
-        {"00008.jpg": "keyframe", "00024.jpg": "keyframe"},
-    )
-    assert all(float(r["iou"]) == 1.0 for r in rows if r["role"] == "keyframe")
-    assert {
-        r["n_images"] for r in rows if r["level"] == "category_mean" and r["role"] == "target"
-    } == {"30"}
 
 
 def test_rerun_has_nothing_to_do_and_measure_settings_do_not_resegment(demo_run):
@@ -358,112 +338,6 @@ def test_bad_config_gives_a_clear_error(tmp_path, change, message):
     result = snakemake(tmp_path, "--configfile", "config.yaml", "-n", check=False)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
-
-
-def test_finetune_in_the_workflow(tmp_path):
-    """finetune.enabled trains an adapter that propagate uses; another collection reuses
-    it without training; editing propagation settings does not retrain."""
-    images = tmp_path / "photos"
-    images.mkdir()
-    for name in sorted(p.name for p in (DEMO / "images").iterdir())[:6]:
-        shutil.copy(DEMO / "images" / name, images / name)
-    collection = {
-        "images": str(images),
-        "templates": str(DEMO / "templates.json"),
-        "template_images": str(DEMO / "images"),
-        "ground_truth": str(DEMO / "ground_truth.json"),
-    }
-    config = {
-        "collections": {"trained": dict(collection, finetune={"enabled": True})},
-        "model": {"checkpoint": "random", "image_size": 64},
-        "propagate": {"cycle_consistency": False},
-        "finetune": {
-            "num_epochs": 1,
-            "min_steps": 0,
-            "max_images_per_epoch": 2,
-            "accumulation_steps": 1,
-            "lora_rank": 4,
-        },
-        "outputs": {"save_overlays": False},
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    snakemake(tmp_path, "--configfile", "config.yaml")
-    finetune = tmp_path / "results" / "trained" / "finetune"
-    for name in (
-        "adapter/adapter_model.safetensors",
-        "adapter/sam2pal_adapter.json",
-        "adapter_last/adapter_model.safetensors",
-        "training_log.csv",
-        "training_curves.png",
-    ):
-        assert (finetune / name).is_file(), name
-    log = list(csv.DictReader(open(finetune / "training_log.csv")))
-    assert [r["epoch"] for r in log] == ["0", "1"] and log[1][
-        "val_iou"
-    ]  # ground truth gives the real IoU
-    info = json.loads((tmp_path / "results" / "trained" / "predictions.json").read_text())["info"][
-        "model"
-    ]
-    assert info["adapter_kind"] == "lora"
-    assert (tmp_path / "logs" / "trained" / "finetune.benchmark.tsv").is_file()
-    report = tmp_path / "results" / "trained" / "report"
-    assert (report / "training_curves.png").stat().st_size > 0
-    assert list(csv.DictReader(open(report / "training_log.csv"))) == log
-
-    # metrics: the templates (copies in the collection, matched by name) and the hold-out
-    # image whose ground truth picked the best epoch are scored apart from the targets
-    selection = json.loads((finetune / "adapter" / "sam2pal_adapter.json").read_text())["selection"]
-    assert (
-        selection["by"] == "ground_truth_iou"
-        and selection["ground_truth_images"] == selection["holdout"]
-    )
-    roles = {name: "finetune_holdout" for name in selection["holdout"]}
-    roles.update({"specimen_000.jpg": "template", "specimen_001.jpg": "template"})
-    results = tmp_path / "results" / "trained"
-    rows = check_metrics_file(
-        results / "metrics.csv", DEMO / "ground_truth.json", results / "predictions.json", roles
-    )
-    assert {r["role"] for r in rows} == {"target", "template", "finetune_holdout"}
-
-    # the jobs read the device from the config: changing it retrains and re-segments nothing
-    config["propagate"]["device"] = "cpu"
-    (tmp_path / "device.yaml").write_text(yaml.safe_dump(config))
-    assert "Nothing to be done" in snakemake(tmp_path, "--configfile", "device.yaml", "-n").stdout
-    config["propagate"]["area_growth_limit"] = 3.0
-    (tmp_path / "edit.yaml").write_text(yaml.safe_dump(config))
-    plan = planned_jobs(snakemake(tmp_path, "--configfile", "edit.yaml", "-n").stdout)
-    assert "propagate" in plan and "finetune" not in plan
-    config["finetune"]["num_epochs"] = 2
-    (tmp_path / "retrain.yaml").write_text(yaml.safe_dump(config))
-    assert "finetune" in planned_jobs(
-        snakemake(tmp_path, "--configfile", "retrain.yaml", "-n").stdout
-    )
-
-    reuse = {
-        "collections": {
-            "reused": dict(collection, finetune={"adapter": str(finetune / "adapter")})
-        },
-        "model": config["model"],
-        "propagate": config["propagate"],
-        "outputs": config["outputs"],
-    }
-    (tmp_path / "reuse.yaml").write_text(yaml.safe_dump(reuse))
-    snakemake(tmp_path, "--configfile", "reuse.yaml")
-    assert not (tmp_path / "results" / "reused" / "finetune").exists()
-    reused = json.loads((tmp_path / "results" / "reused" / "predictions.json").read_text())["info"][
-        "model"
-    ]
-    assert reused["adapter_sha256"] == info["adapter_sha256"]
-    results = tmp_path / "results" / "reused"  # the given adapter's record counts the same
-    check_metrics_file(
-        results / "metrics.csv", DEMO / "ground_truth.json", results / "predictions.json", roles
-    )
-
-    both = json.loads(json.dumps(reuse))
-    both["collections"]["reused"]["finetune"]["enabled"] = True
-    (tmp_path / "both.yaml").write_text(yaml.safe_dump(both))
-    result = snakemake(tmp_path, "--configfile", "both.yaml", "-n", check=False)
-    assert result.returncode != 0 and "set only one of them" in result.stdout + result.stderr
 
 
 def test_finetune_pool_from_a_coco_file(tmp_path):

@@ -125,6 +125,60 @@ def settings(collection, section):
     return merged
 
 
+def setting(section, key=None, empty=None):
+    """Input function of a collection's setting, for the input, params, threads and
+    resources of a rule (its value is the value of the param, so reruns follow edits).
+
+    Args:
+        section: a config section (model, propagate, outputs, finetune,
+            video_options), the collection's overrides applied; or "collection" for
+            the collection's own entry (images, templates, ground_truth ...).
+        key: the key in that section; None for the whole section (a dict).
+        empty: given, what an unset (null or empty) value becomes, e.g. [] for an
+            optional input file.
+
+    Returns:
+        A function of the wildcards giving the value.
+    """
+
+    def value(wildcards):
+        name = wildcards.collection
+        if section == "collection":
+            found = COLLECTIONS[name][key]
+        else:
+            found = settings(name, section)
+            found = found if key is None else found[key]
+        if empty is not None and not found:
+            return empty
+        return found
+
+    return value
+
+
+def section(name):
+    """Input function of a whole config section with a collection's overrides applied.
+
+    Args:
+        name: the section (model, propagate, outputs, finetune, video_options).
+
+    Returns:
+        A function of the wildcards giving the merged section (a dict).
+    """
+    return setting(name)
+
+
+def of_collection(function):
+    """Input function calling `function` with the collection's name.
+
+    Args:
+        function: a function of a collection name (image_dir, pool_folder ...).
+
+    Returns:
+        A function of the wildcards giving its result.
+    """
+    return lambda wildcards: function(wildcards.collection)
+
+
 _IMAGES = {}
 
 

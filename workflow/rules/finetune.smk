@@ -9,7 +9,7 @@ rule finetune:
         templates="results/{collection}/templates.json",
         pool=pool_paths,
         checkpoint=checkpoint_input,
-        ground_truth=lambda wc: COLLECTIONS[wc.collection]["ground_truth"] or [],
+        ground_truth=setting("collection", "ground_truth", empty=[]),
         training_templates=training_template_files,
     output:
         directory("results/{collection}/finetune"),
@@ -19,18 +19,16 @@ rule finetune:
         "logs/{collection}/finetune.benchmark.tsv"
     conda:
         "../../envs/propagate.yaml"
-    threads: lambda wc: settings(wc.collection, "finetune")["threads"]
+    threads: setting("finetune", "threads")
     resources:
         gpu=uses_gpu,
-        mem_mb=lambda wc: settings(wc.collection, "finetune")["mem_mb"],
-        runtime=lambda wc: settings(wc.collection, "finetune")["runtime"],
+        mem_mb=setting("finetune", "mem_mb"),
+        runtime=setting("finetune", "runtime"),
     params:
-        pool_dir=lambda wc: pool_folder(wc.collection),
-        model=lambda wc: settings(wc.collection, "model"),
+        pool_dir=of_collection(pool_folder),
+        model=section("model"),
         checkpoint_dir=config["model"]["checkpoint_dir"],
         training=finetune_settings,
-        training_template_images=lambda wc: settings(wc.collection, "finetune")[
-            "training_template_images"
-        ],
+        training_template_images=setting("finetune", "training_template_images"),
     script:
         "../scripts/finetune.py"

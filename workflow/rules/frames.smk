@@ -7,7 +7,7 @@
 
 checkpoint extract_frames:
     input:
-        lambda wc: COLLECTIONS[wc.collection]["video"],
+        setting("collection", "video"),
     output:
         frames=directory("results/{collection}/frames"),
         manifest="results/{collection}/frames.csv",
@@ -43,7 +43,7 @@ rule index_frames:
         mem_mb=1000,
         runtime=10,
     params:
-        frames=lambda wc: image_dir(wc.collection),
-        fps=lambda wc: video_settings(wc)["fps"],
+        frames=of_collection(image_dir),
+        fps=setting("video_options", "fps"),
     script:
         "../scripts/index_frames.py"

@@ -27,7 +27,7 @@ rule merge_predictions:
         mem_mb=4000,
         runtime=60,
     params:
-        polygons=lambda wc: settings(wc.collection, "outputs")["polygons"],
+        polygons=setting("outputs", "polygons"),
         config=provenance_config,
     script:
         "../scripts/merge_predictions.py"
@@ -54,7 +54,7 @@ rule qc:
 rule measure:
     input:
         predictions="results/{collection}/predictions.json",
-        calibration=lambda wc: COLLECTIONS[wc.collection]["calibration_csv"] or [],
+        calibration=setting("collection", "calibration_csv", empty=[]),
     output:
         long="results/{collection}/measurements.csv",
         wide="results/{collection}/measurements_wide.csv",
@@ -67,7 +67,7 @@ rule measure:
         mem_mb=4000,
         runtime=120,
     params:
-        px_per_mm=lambda wc: COLLECTIONS[wc.collection]["px_per_mm"],
+        px_per_mm=setting("collection", "px_per_mm"),
     script:
         "../scripts/measure.py"
 
@@ -75,7 +75,7 @@ rule measure:
 rule evaluate:
     input:
         predictions="results/{collection}/predictions.json",
-        ground_truth=lambda wc: COLLECTIONS[wc.collection]["ground_truth"],
+        ground_truth=setting("collection", "ground_truth"),
         # templates (keyframes) and the adapter's record of the true masks its
         # training saw: those rows are scored apart from the targets
         templates="results/{collection}/templates.json",
@@ -113,9 +113,7 @@ rule export_masks:
         mem_mb=2000,
         runtime=60,
     params:
-        category_prefix=lambda wc: settings(wc.collection, "outputs")[
-            "mask_category_prefix"
-        ],
+        category_prefix=setting("outputs", "mask_category_prefix"),
     script:
         "../scripts/export_masks.py"
 
@@ -134,8 +132,8 @@ rule overlays:
         mem_mb=2000,
         runtime=60,
     params:
-        image_dir=lambda wc: image_dir(wc.collection),
-        max_side=lambda wc: settings(wc.collection, "outputs")["overlay_max_side"],
+        image_dir=of_collection(image_dir),
+        max_side=setting("outputs", "overlay_max_side"),
     script:
         "../scripts/overlays.py"
 
@@ -157,8 +155,8 @@ rule overlay_video:
         mem_mb=2000,
         runtime=120,
     params:
-        image_dir=lambda wc: image_dir(wc.collection),
-        fps=lambda wc: settings(wc.collection, "outputs")["overlay_video_fps"],
-        max_side=lambda wc: settings(wc.collection, "outputs")["overlay_max_side"],
+        image_dir=of_collection(image_dir),
+        fps=setting("outputs", "overlay_video_fps"),
+        max_side=setting("outputs", "overlay_max_side"),
     script:
         "../scripts/overlay_video.py"

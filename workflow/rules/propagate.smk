@@ -25,19 +25,19 @@ rule propagate:
         "logs/{collection}/propagate/shard-{shard}.benchmark.tsv"
     conda:
         "../../envs/propagate.yaml"
-    threads: lambda wc: settings(wc.collection, "propagate")["threads"]
+    threads: setting("propagate", "threads")
     resources:
         gpu=uses_gpu,
-        mem_mb=lambda wc: settings(wc.collection, "propagate")["mem_mb"],
-        runtime=lambda wc: settings(wc.collection, "propagate")["runtime"],
+        mem_mb=setting("propagate", "mem_mb"),
+        runtime=setting("propagate", "runtime"),
     params:
-        image_dir=lambda wc: image_dir(wc.collection),
+        image_dir=of_collection(image_dir),
         video_mode=lambda wc: (
             video_settings(wc)["mode"] if is_video(wc.collection) else None
         ),
-        model=lambda wc: settings(wc.collection, "model"),
+        model=section("model"),
         checkpoint_dir=config["model"]["checkpoint_dir"],
         propagate=propagate_params,
-        adapter=lambda wc: adapter_folder(wc.collection),
+        adapter=of_collection(adapter_folder),
     script:
         "../scripts/propagate.py"

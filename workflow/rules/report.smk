@@ -26,9 +26,9 @@ rule report_gallery:
         mem_mb=2000,
         runtime=30,
     params:
-        image_dir=lambda wc: image_dir(wc.collection),
-        size=lambda wc: settings(wc.collection, "outputs")["gallery_size"],
-        seed=lambda wc: settings(wc.collection, "model")["seed"],
+        image_dir=of_collection(image_dir),
+        size=setting("outputs", "gallery_size"),
+        seed=setting("model", "seed"),
     script:
         "../scripts/report_gallery.py"
 

@@ -18,10 +18,10 @@ rule prepare_templates:
         mem_mb=2000,
         runtime=10,
     params:
-        spec=lambda wc: COLLECTIONS[wc.collection]["templates"],
+        spec=setting("collection", "templates"),
         image_dir=lambda wc: COLLECTIONS[wc.collection]["template_images"]
         or image_dir(wc.collection),
-        template_files=lambda wc: settings(wc.collection, "propagate")["template_files"],
-        max_templates=lambda wc: settings(wc.collection, "propagate")["max_templates"],
+        template_files=setting("propagate", "template_files"),
+        max_templates=setting("propagate", "max_templates"),
     script:
         "../scripts/prepare_templates.py"
