@@ -14,11 +14,13 @@ import json
 import os
 import platform
 import socket
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from sam2pal.errors import InputError
 from sam2pal.io.atomic import write_json
+from sam2pal.io.records import ImageRecord, StructureRecord, read_records
 
 DEFAULT_ENGINE_SETTINGS = {
     "cycle_consistency": True,
@@ -195,6 +197,53 @@ def _write_run_json(
     )
 
 
+@dataclass
+class _Run:
+    """A segmentation run under way: its model, templates and settings, and when it
+    started."""
+
+    started: str
+    settings: dict
+    templates: object
+    model: object
+    model_info: dict
+    device: object
+    templates_info: dict
+
+
+def _start_run(templates_json, engine_settings, model_args: dict, templates=None) -> _Run:
+    """The model (`_run_model(**model_args)`) and templates of a run (loaded from
+    `templates_json` unless given)."""
+    from sam2pal.io.templates import load_coco_templates
+
+    started = now()
+    settings = _engine_settings(engine_settings)
+    if templates is None:
+        templates = load_coco_templates(templates_json)
+    model, model_info, torch_device = _run_model(**model_args)
+    templates_info = _templates_info(templates_json, templates)
+    return _Run(started, settings, templates, model, model_info, torch_device, templates_info)
+
+
+def _finish_run(run: _Run, run_json, image_dir, out_jsonl, skipped_csv, counts, **extra) -> None:
+    """Write `skipped_csv` (when given) from the results, and the run's provenance."""
+    from sam2pal.inference.propagate import write_skipped
+
+    if skipped_csv is not None:
+        write_skipped([out_jsonl], skipped_csv)
+    _write_run_json(
+        run_json,
+        run.started,
+        run.device,
+        run.model_info,
+        run.templates_info,
+        run.settings,
+        image_dir,
+        counts,
+        **extra,
+    )
+
+
 def segment(
     templates_json,
     image_dir,
@@ -222,101 +271,121 @@ def segment(
 ) -> dict:
     """Segment `file_names` of `image_dir` from the prepared templates.
 
-    `adapter`: a folder written by `finetune` (LoRA or fully fine-tuned weights),
-    applied on top of the checkpoint it was trained from. `record_extra`: a function
-    (record -> record) applied to each per-image record before it is written.
-    `reuse`: earlier results [(records .jsonl, its run.json)] whose records are taken
-    as they are, instead of segmenting again, where they were made with the same
-    model, templates and settings and the image has not changed since (finished
-    shards, `sam2pal.inference.shards.reusable_results`); `run_json` then lists, as
-    `reused_from`, the runs that segmented them. `run_extra`: more fields for `run_json`.
-    `batch_size`: targets per model call (`batch_size_for`; 0 is auto), recorded in
-    `run_json`; it changes no mask.
-
     Bad image files are skipped (`on_bad_image` "fail": stop at the first). The run
     stops early with `propagate.TooManySkipped`, after writing `skipped_csv` when
     given, when the images read show that more than `max_skipped_fraction` of the
     collection is bad (`propagate.SkipLimit`); `merge` checks the whole collection.
 
-    Writes the per-image results (`out_jsonl`), the run's provenance (`run_json`) and,
-    when given, `skipped_csv`. Returns the counts.
+    Args:
+        templates_json: the prepared templates (`prepare_templates`).
+        image_dir, file_names: the images (names relative to the folder).
+        out_jsonl: the per-image results (`sam2pal.io.records`).
+        run_json: the run's provenance.
+        skipped_csv: the skipped images, when given.
+        config, checkpoint, image_size, seed, device, threads, checkpoint_dir: the
+            model (`load_model`).
+        engine_settings: propagation settings over DEFAULT_ENGINE_SETTINGS.
+        on_bad_image, max_skipped_fraction: see above.
+        progress, log: progress bar, and where messages go.
+        adapter: a folder written by `finetune` (LoRA or fully fine-tuned weights),
+            applied on top of the checkpoint it was trained from.
+        record_extra: a function (ImageRecord -> ImageRecord) applied to each
+            per-image record before it is written.
+        reuse: earlier results [(records .jsonl, its run.json)] whose records are taken
+            as they are, instead of segmenting again, where they were made with the
+            same model, templates and settings and the image has not changed since
+            (finished shards, `sam2pal.inference.shards.reusable_results`); `run_json`
+            then lists, as `reused_from`, the runs that segmented them.
+        run_extra: more fields for `run_json`.
+        batch_size: targets per model call (`batch_size_for`; 0 is auto), recorded in
+            `run_json`; it changes no mask.
+
+    Returns:
+        The counts (`propagate.run_propagation`).
     """
     from sam2pal.inference.engine import Propagator
-    from sam2pal.inference.propagate import (
-        TooManySkipped,
-        run_propagation,
-        write_skipped,
-        write_skipped_rows,
-    )
-    from sam2pal.io.templates import load_coco_templates
 
-    started = now()
-    settings = _engine_settings(engine_settings)
-    templates = load_coco_templates(templates_json)
-    model, model_info, torch_device = _run_model(
-        config, checkpoint, image_size, seed, device, threads, checkpoint_dir, adapter
+    model_args = dict(
+        config=config,
+        checkpoint=checkpoint,
+        image_size=image_size,
+        seed=seed,
+        device=device,
+        threads=threads,
+        checkpoint_dir=checkpoint_dir,
+        adapter=adapter,
     )
-    templates_info = _templates_info(templates_json, templates)
+    run = _start_run(templates_json, engine_settings, model_args)
     key = _settings_key(
-        {"model": model_info, "templates": templates_info["sha256"], "settings": settings}
+        {
+            "model": run.model_info,
+            "templates": run.templates_info["sha256"],
+            "settings": run.settings,
+        }
     )
     # the batch size changes no mask: it is not part of the key
-    batch = batch_size_for(batch_size, torch_device)
-    propagator = Propagator(model, templates, batch_size=batch, **settings)
+    batch = batch_size_for(batch_size, run.device)
+    propagator = Propagator(run.model, run.templates, batch_size=batch, **run.settings)
     run_extra = dict(run_extra or {}, batch_size=batch)
     reused = reusable_records(reuse, key, image_dir, file_names, log)
+    counts = _propagate(
+        propagator,
+        image_dir,
+        file_names,
+        out_jsonl,
+        skipped_csv,
+        settings_key=key,
+        on_bad_image=on_bad_image,
+        progress=progress,
+        log=log,
+        transform=record_extra,
+        reused=reused,
+        max_skipped_fraction=max_skipped_fraction,
+    )
+    sources = _reused_from(out_jsonl)
+    if sources:
+        run_extra = dict(run_extra, reused_from=sources)
+    _finish_run(
+        run, run_json, image_dir, out_jsonl, skipped_csv, counts, settings_key=key, **run_extra
+    )
+    return counts
+
+
+def _propagate(propagator, image_dir, file_names, out_jsonl, skipped_csv, **options) -> dict:
+    """`propagate.run_propagation`; when too many images are skipped, writes them all to
+    `skipped_csv` (when given) before stopping."""
+    from sam2pal.inference.propagate import TooManySkipped, run_propagation, write_skipped_rows
+
     try:
-        counts = run_propagation(
-            propagator,
-            image_dir,
-            file_names,
-            out_jsonl,
-            settings_key=key,
-            on_bad_image=on_bad_image,
-            progress=progress,
-            log=log,
-            transform=record_extra,
-            reused=reused,
-            max_skipped_fraction=max_skipped_fraction,
-        )
+        return run_propagation(propagator, image_dir, file_names, out_jsonl, **options)
     except TooManySkipped as exc:
         if skipped_csv is None:
             raise
         write_skipped_rows(exc.skipped, skipped_csv)
         raise TooManySkipped(f"{exc} (all of them in {skipped_csv})", exc.skipped) from None
-    sources = _reused_from(out_jsonl)
-    if sources:
-        run_extra = dict(run_extra or {}, reused_from=sources)
-    if skipped_csv is not None:
-        write_skipped([out_jsonl], skipped_csv)
-    _write_run_json(
-        run_json,
-        started,
-        torch_device,
-        model_info,
-        templates_info,
-        settings,
-        image_dir,
-        counts,
-        settings_key=key,
-        **(run_extra or {}),
-    )
-    return counts
 
 
 # what a reused record keeps of the run that segmented it (`segmented_by`)
 SOURCE_FIELDS = ("shard", "host", "device", "device_name", "started", "finished")
 
 
-def reusable_records(reuse, key: str, image_dir, file_names, log=None) -> list[dict]:
+def reusable_records(reuse, key: str, image_dir, file_names, log=None) -> list[ImageRecord]:
     """Records of `file_names` in earlier result files made with the same settings
     `key`, for images not modified since (skipped images are tried again); the first
-    file that has an image wins. Each record keeps, as `segmented_by`, the shard, host,
-    device and times of the run that segmented it."""
-    from sam2pal.inference.propagate import read_records
+    file that has an image wins.
 
+    Args:
+        reuse: [(records .jsonl, its run.json)].
+        key: the settings key of the run.
+        image_dir, file_names: the images of the run.
+        log: unused (kept for callers).
+
+    Returns:
+        The records, in `file_names` order; each keeps, as `segmented_by`, the shard,
+        host, device and times of the run that segmented it.
+    """
     wanted = set(file_names)
-    found: dict[str, dict] = {}
+    found: dict[str, ImageRecord] = {}
     for records_path, run_path in reuse:
         try:
             with open(run_path, encoding="utf-8") as handle:
@@ -329,15 +398,13 @@ def reusable_records(reuse, key: str, image_dir, file_names, log=None) -> list[d
             continue
         source = {field: run.get(field) for field in SOURCE_FIELDS}
         for record in read_records(records_path):
-            name = record.get("file_name")
-            if name in wanted and name not in found and "skipped" not in record:
+            name = record.file_name
+            if name in wanted and name not in found and not record.is_skipped:
                 try:
                     if os.path.getmtime(Path(image_dir) / name) <= made:
-                        found[name] = (
-                            record
-                            if "segmented_by" in record
-                            else dict(record, segmented_by=source)
-                        )
+                        if record.segmented_by is None:
+                            record.segmented_by = source
+                        found[name] = record
                 except OSError:
                     continue
     return [found[name] for name in file_names if name in found]
@@ -346,11 +413,9 @@ def reusable_records(reuse, key: str, image_dir, file_names, log=None) -> list[d
 def _reused_from(records_path) -> list[dict]:
     """The earlier runs whose results a result file took (`segmented_by`), with the
     number of images taken from each."""
-    from sam2pal.inference.propagate import read_records
-
     sources: dict[str, dict] = {}
     for record in read_records(records_path):
-        source = record.get("segmented_by")
+        source = record.segmented_by
         if source:
             entry = sources.setdefault(json.dumps(source, sort_keys=True), dict(source, images=0))
             entry["images"] += 1
@@ -389,13 +454,8 @@ def keyframes_of(templates, frames, templates_json) -> dict[int, dict]:
     return keyframes
 
 
-def _frame_fields(row) -> dict:
-    return {"frame_index": row.index, "time_s": row.time_s}
-
-
-def _keyframe_structures(masks: dict) -> list[dict]:
+def _keyframe_structures(masks: dict) -> list[StructureRecord]:
     from sam2pal.inference.engine import StructurePrediction
-    from sam2pal.inference.propagate import structure_record
     from sam2pal.io.masks import BoxMask
 
     records = []
@@ -407,8 +467,67 @@ def _keyframe_structures(masks: dict) -> list[dict]:
             predicted_iou=1.0,
             object_score=1.0,
         )
-        records.append({**structure_record(pred), "keyframe": True})
+        records.append(StructureRecord.from_prediction(pred, keyframe=True))
     return records
+
+
+class _VideoFrames:
+    """The frames of a video (its manifest) and its keyframes (the prepared templates),
+    and the records of its frames."""
+
+    def __init__(self, templates_json, manifest_csv):
+        from sam2pal.io.templates import load_coco_templates
+        from sam2pal.io.video import read_manifest
+
+        self.frames = read_manifest(manifest_csv)
+        if not self.frames:
+            raise InputError(f"{manifest_csv}: the video has no frames")
+        self.templates = load_coco_templates(templates_json)
+        self.keyframes = keyframes_of(self.templates, self.frames, templates_json)
+        self.row_of = {row.file: row for row in self.frames}
+        self.names = [row.file for row in self.frames]
+
+    def add_frame(self, record: ImageRecord) -> ImageRecord:
+        """A frame's record segmented as a photo, with the frame's index and time, and
+        on a keyframe its annotated structures as annotated."""
+        row = self.row_of[record.file_name]
+        record.frame_index, record.time_s = row.index, row.time_s
+        if row.index in self.keyframes and not record.is_skipped:
+            annotated = set(self.keyframes[row.index])
+            kept = [s for s in record.structures if s.key not in annotated]
+            record.structures = sorted(
+                kept + _keyframe_structures(self.keyframes[row.index]), key=lambda s: s.key
+            )
+        return record
+
+    def record_of(self, result) -> ImageRecord:
+        """The record of a tracked frame (`sam2pal.inference.temporal.FrameResult`)."""
+        row = self.frames[result.index]
+        if result.skipped is not None:
+            record = ImageRecord.skip(row.file, result.skipped)
+        else:
+            height, width = result.size
+            structures = [
+                StructureRecord.from_prediction(
+                    pred, keyframe=(pred.category_id, pred.instance) in result.keyframe_objects
+                )
+                for pred in result.predictions
+            ]
+            record = ImageRecord(row.file, int(width), int(height), structures)
+        record.frame_index, record.time_s = row.index, row.time_s
+        return record
+
+
+def _check_video_options(mode: str, batch_size, on_bad_image: str) -> None:
+    if mode not in VIDEO_MODES:
+        raise InputError(f"unknown video mode {mode!r} (use {' or '.join(VIDEO_MODES)})")
+    if mode == "video" and batch_size and int(batch_size) > 1:
+        raise InputError(
+            f"batch_size {batch_size}: video mode tracks one frame after the other, from the "
+            "frames before it; batches of frames need mode 'independent'"
+        )
+    if on_bad_image not in ("skip", "fail"):
+        raise InputError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
 
 
 def segment_video(
@@ -439,164 +558,119 @@ def segment_video(
     """Segment every frame of a video (frames and their manifest from `sam2pal.io.video`)
     from its keyframes (the prepared templates).
 
-    mode "video": SAM2's temporal memory, from every keyframe backwards and forwards
-    (`sam2pal.inference.temporal`); "independent": each frame from the keyframes only, like
-    photos. Either way a keyframe's annotated structures are output as annotated
-    (flagged `keyframe`), and each record carries the frame's index and time.
+    Either mode outputs a keyframe's annotated structures as annotated (flagged
+    `keyframe`), and each record carries the frame's index and time.
 
-    In video mode an interrupted run resumes from its last checkpoint (saved every
-    `checkpoint_seconds`) with the same results as an uninterrupted run
-    (`sam2pal.inference.temporal.track_video`).
+    Args:
+        templates_json: the prepared keyframes (`prepare_templates`).
+        frames_dir, manifest_csv: the frames and their manifest (frames.csv).
+        out_jsonl, run_json, skipped_csv: as for `segment`.
+        mode: "video": SAM2's temporal memory, from every keyframe backwards and
+            forwards (`sam2pal.inference.temporal`); an interrupted run resumes from
+            its last checkpoint (saved every `checkpoint_seconds`) with the same results
+            as an uninterrupted run (`sam2pal.inference.temporal.track_video`).
+            "independent": each frame from the keyframes only, like photos.
+        config, checkpoint, image_size, seed, device, threads, engine_settings,
+            on_bad_image, checkpoint_dir, progress, log, adapter, run_extra,
+            batch_size: as for `segment` (video mode takes no batches).
+        checkpoint_seconds: time between two checkpoints in video mode.
+        max_skipped_fraction: stops an independent-mode run early as `segment` does;
+            in video mode frames are read in time order, which is no fair sample of the
+            video, so only `merge` applies it.
 
-    `max_skipped_fraction` stops an independent-mode run early as `segment` does; in
-    video mode frames are read in time order, which is no fair sample of the video,
-    so only `merge` applies it.
+    Returns:
+        The counts, with the number of keyframes.
     """
-    from sam2pal.io.templates import load_coco_templates
-    from sam2pal.io.video import read_manifest
-
-    if mode not in VIDEO_MODES:
-        raise InputError(f"unknown video mode {mode!r} (use {' or '.join(VIDEO_MODES)})")
-    if mode == "video" and batch_size and int(batch_size) > 1:
-        raise InputError(
-            f"batch_size {batch_size}: video mode tracks one frame after the other, from the "
-            "frames before it; batches of frames need mode 'independent'"
-        )
-    if on_bad_image not in ("skip", "fail"):
-        raise InputError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
-    frames = read_manifest(manifest_csv)
-    if not frames:
-        raise InputError(f"{manifest_csv}: the video has no frames")
-    templates = load_coco_templates(templates_json)
-    keyframes = keyframes_of(templates, frames, templates_json)
-    row_of = {row.file: row for row in frames}
-    names = [row.file for row in frames]
-
-    def add_frame(record: dict) -> dict:
-        row = row_of[record["file_name"]]
-        record.update(_frame_fields(row))
-        if row.index in keyframes and "structures" in record:
-            annotated = {(cid, inst) for cid, inst in keyframes[row.index]}
-            kept = [
-                s
-                for s in record["structures"]
-                if (s["category_id"], s["instance"]) not in annotated
-            ]
-            record["structures"] = sorted(
-                kept + _keyframe_structures(keyframes[row.index]),
-                key=lambda s: (s["category_id"], s["instance"]),
-            )
-        return record
-
+    _check_video_options(mode, batch_size, on_bad_image)
+    video = _VideoFrames(templates_json, manifest_csv)
+    model_args = dict(
+        config=config,
+        checkpoint=checkpoint,
+        image_size=image_size,
+        seed=seed,
+        device=device,
+        threads=threads,
+        checkpoint_dir=checkpoint_dir,
+        adapter=adapter,
+    )
     if mode == "independent":
         counts = segment(
             templates_json,
             frames_dir,
-            names,
+            video.names,
             out_jsonl,
             run_json,
             skipped_csv,
-            config=config,
-            checkpoint=checkpoint,
-            image_size=image_size,
-            seed=seed,
-            device=device,
-            threads=threads,
+            **model_args,
             engine_settings=engine_settings,
             on_bad_image=on_bad_image,
-            checkpoint_dir=checkpoint_dir,
             progress=progress,
             log=log,
-            adapter=adapter,
-            record_extra=add_frame,
+            record_extra=video.add_frame,
             run_extra=run_extra,
             max_skipped_fraction=max_skipped_fraction,
             batch_size=batch_size,
         )
-        return {**counts, "keyframes": len(keyframes)}
+        return {**counts, "keyframes": len(video.keyframes)}
+    run = _start_run(templates_json, engine_settings, model_args, templates=video.templates)
+    outputs = (out_jsonl, run_json, skipped_csv)
+    options = dict(on_bad_image=on_bad_image, progress=progress, log=log)
+    return _track_video(
+        run, video, Path(frames_dir), manifest_csv, outputs, options, checkpoint_seconds, run_extra
+    )
 
-    from sam2pal.inference.propagate import structure_record, write_skipped
+
+def _track_video(
+    run: _Run, video, frames_dir: Path, manifest_csv, outputs, options, checkpoint_seconds, extra
+) -> dict:
+    """Video mode of `segment_video`: track the frames, write the results (`outputs`:
+    records, run.json, skipped.csv) and return the counts."""
     from sam2pal.inference.temporal import VideoPropagator, track_video
     from sam2pal.io.images import read_image
     from sam2pal.models.build import file_sha256
 
-    started = now()
-    settings = _engine_settings(engine_settings)
-    model, model_info, torch_device = _run_model(
-        config, checkpoint, image_size, seed, device, threads, checkpoint_dir, adapter
-    )
-    templates_info = _templates_info(templates_json, templates)
-    frames_dir = Path(frames_dir)
+    out_jsonl, run_json, skipped_csv = outputs
     # a checkpoint is only resumed from with the same model, keyframes, settings, frames
     # (a re-extraction rewrites the manifest) and kind of device
     key = _settings_key(
         {
-            "model": model_info,
-            "templates": templates_info["sha256"],
-            "settings": settings,
-            "mode": mode,
+            "model": run.model_info,
+            "templates": run.templates_info["sha256"],
+            "settings": run.settings,
+            "mode": "video",
             "frames_dir": str(frames_dir.resolve()),
             "manifest": file_sha256(manifest_csv),
             "manifest_mtime_ns": os.stat(manifest_csv).st_mtime_ns,
-            "device": torch_device.type,
+            "device": run.device.type,
         }
     )
+    frames = video.frames
     propagator = VideoPropagator(
-        model, keyframes, len(frames), lambda i: read_image(frames_dir / frames[i].file), **settings
+        run.model,
+        video.keyframes,
+        len(frames),
+        lambda i: read_image(frames_dir / frames[i].file),
+        **run.settings,
     )
-
-    def record_of(result) -> dict:
-        row = frames[result.index]
-        if result.skipped is not None:
-            record = {"file_name": row.file, "skipped": result.skipped}
-        else:
-            structures = []
-            for pred in result.predictions:
-                entry = structure_record(pred)
-                if (pred.category_id, pred.instance) in result.keyframe_objects:
-                    entry["keyframe"] = True
-                structures.append(entry)
-            height, width = result.size
-            record = {
-                "file_name": row.file,
-                "width": int(width),
-                "height": int(height),
-                "structures": structures,
-            }
-        record.update(_frame_fields(row))
-        return record
-
     counts = track_video(
         propagator,
         out_jsonl,
-        record_of,
+        video.record_of,
         key,
-        on_bad_image=on_bad_image,
-        progress=progress,
-        log=log,
         checkpoint_seconds=checkpoint_seconds,
         desc=Path(out_jsonl).parent.parent.name or "video",
+        **options,
     )
-    counts["keyframes"] = len(keyframes)
-    if skipped_csv is not None:
-        write_skipped([out_jsonl], skipped_csv)
-    _write_run_json(
-        run_json,
-        started,
-        torch_device,
-        model_info,
-        templates_info,
-        settings,
-        frames_dir,
-        counts,
-        **(run_extra or {}),
-        video={
-            "mode": mode,
-            "frames": len(frames),
-            "keyframes": sorted(keyframes),
-            "manifest": str(Path(manifest_csv).resolve()),
-            "peak_state_mb": round(propagator.peak_state_bytes / 2**20, 1),
-        },
+    counts["keyframes"] = len(video.keyframes)
+    video_info = {
+        "mode": "video",
+        "frames": len(frames),
+        "keyframes": sorted(video.keyframes),
+        "manifest": str(Path(manifest_csv).resolve()),
+        "peak_state_mb": round(propagator.peak_state_bytes / 2**20, 1),
+    }
+    _finish_run(
+        run, run_json, frames_dir, out_jsonl, skipped_csv, counts, **(extra or {}), video=video_info
     )
     return counts
 
