@@ -223,10 +223,9 @@ def run_propagation(
     """Segment `file_names` (relative to `image_dir`) and write `out_jsonl`.
 
     Args:
-        propagator: the engine (`sam2pal.inference.engine.Propagator`, or anything with
-            `predict`, or `start_batch` for batches).
-        image_dir: the folder of the images.
-        file_names: the images to segment.
+        propagator: the engine (`sam2pal.inference.engine.Propagator`: `predict`, or
+            `start_batch` for batches).
+        image_dir, file_names: the images to segment (names relative to the folder).
         out_jsonl: the result file (`sam2pal.io.records`).
         read_image: reads an image (default: the propagator's `read_target`, else
             `sam2pal.io.images.read_image`).
@@ -235,9 +234,8 @@ def run_propagation(
         on_bad_image: "skip" records a bad image file as skipped and goes on; "fail"
             raises its ImageReadError. A file that cannot be read at all raises
             ImageAccessError either way.
-        progress: show a progress bar.
+        progress, log: show a progress bar; where messages go (default: stderr).
         prefetch: images read ahead of the model.
-        log: where messages go (default: standard error).
         transform: applied to each record before it is written (e.g. adds a video
             frame's index and time).
         reused: finished records of some of the images, taken as they are.
@@ -249,8 +247,6 @@ def run_propagation(
     Returns:
         The counts: images, segmented, skipped, resumed, reused.
     """
-    from sam2pal.progress import progress as progress_bar
-
     if on_bad_image not in ("skip", "fail"):
         raise ValueError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -270,21 +266,7 @@ def run_propagation(
     if read_image is None:
         read_image = getattr(propagator, "read_target", None) or default_read_image
     run = _PhotoRun(propagator, image_dir, todo, read_image, on_bad_image, prefetch, log, counts)
-    with partial.appender() as out:
-        bar = progress_bar(
-            total=len(todo),
-            desc=f"segment {partial.out.stem or 'images'}",
-            unit="img",
-            disable=not progress,
-        )
-
-        def write(name: str, record: ImageRecord, reason: str | None) -> None:
-            out.append(transform(record) if transform is not None else record)
-            bar.update(1)
-            limit.add(name, reason)
-
-        run.run(write)
-        bar.close()
+    run.write_all(partial, limit, transform, progress)
     partial.finalise()
     return counts
 
@@ -357,6 +339,27 @@ class _PhotoRun:
         height, width = size
         structures = [StructureRecord.from_prediction(p) for p in rest()]
         return ImageRecord(file_name=name, width=width, height=height, structures=structures)
+
+    def write_all(self, partial: PartialRecords, limit: SkipLimit, transform, progress: bool):
+        """Segment every image to do, appending each record (through `transform`) to
+        the partial file and counting it in `limit`."""
+        from sam2pal.progress import progress as progress_bar
+
+        with partial.appender() as out:
+            bar = progress_bar(
+                total=len(self.todo),
+                desc=f"segment {partial.out.stem or 'images'}",
+                unit="img",
+                disable=not progress,
+            )
+
+            def write(name: str, record: ImageRecord, reason: str | None) -> None:
+                out.append(transform(record) if transform is not None else record)
+                bar.update(1)
+                limit.add(name, reason)
+
+            self.run(write)
+            bar.close()
 
     def run(self, write: Callable[[str, ImageRecord, str | None], None]) -> None:
         """Segment every image to do; `write(name, record, skip reason)` takes each

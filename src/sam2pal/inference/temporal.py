@@ -421,20 +421,7 @@ class VideoPropagator:
         _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
         low_res = fill_holes(low_res_masks.float(), self.fill_hole_area)
         masks = logits_to_boxes(low_res, size, self.mask_threshold, self.exact)
-        # drift guards: the output mask is cut, and so is the mask the memory is built from
-        clamped = [False] * len(group.objects)
-        boxes: list = [None] * len(group.objects)
-        for i, key in enumerate(group.objects):
-            if key in previous:
-                masks[i], clamped[i] = clamp_mask(
-                    masks[i],
-                    previous[key],
-                    area_growth_limit=self.area_growth_limit,
-                    pad=self.area_clamp_pad,
-                    always=self.bbox_clamp,
-                )
-                if clamped[i] or self.bbox_clamp:
-                    boxes[i] = previous[key].pixel_box(size[0], size[1], self.area_clamp_pad)
+        clamped, boxes = self._guard_drift(group, masks, size, previous)
         window[index] = remember(
             self.model,
             feats,
@@ -442,18 +429,7 @@ class VideoPropagator:
             object_score_logits,
             obj_ptr,
         )
-        cycle = None
-        if self.cycle_consistency:
-            nearest = self._nearest_keyframe(group, index)
-            references = [
-                (
-                    self._reference_backbone(nearest),
-                    [self.keyframes[nearest][key] for key in group.objects],
-                )
-            ]
-            cycle = cycle_ious(
-                self.model, feats, low_res, references, self.fill_hole_area, self.mask_threshold
-            )
+        cycle = self._cycle_ious(group, index, feats, low_res) if self.cycle_consistency else None
         probs = torch.sigmoid(object_score_logits.float()[:, 0]).cpu().tolist()
         ious = ious.float().max(dim=1).values.cpu().tolist()
         return {
@@ -468,6 +444,38 @@ class VideoPropagator:
             )
             for i, key in enumerate(group.objects)
         }
+
+    def _guard_drift(self, group: _Group, masks: list, size, previous: dict):
+        """The drift guards: the output masks are cut (in place), and so is the mask the
+        memory is built from; returns (clamped per object, box to cut the memory's
+        mask to per object, or None)."""
+        clamped = [False] * len(group.objects)
+        boxes: list = [None] * len(group.objects)
+        for i, key in enumerate(group.objects):
+            if key in previous:
+                masks[i], clamped[i] = clamp_mask(
+                    masks[i],
+                    previous[key],
+                    area_growth_limit=self.area_growth_limit,
+                    pad=self.area_clamp_pad,
+                    always=self.bbox_clamp,
+                )
+                if clamped[i] or self.bbox_clamp:
+                    boxes[i] = previous[key].pixel_box(size[0], size[1], self.area_clamp_pad)
+        return clamped, boxes
+
+    def _cycle_ious(self, group: _Group, index: int, feats, low_res):
+        """Cycle IoU of each object of the group from its nearest keyframe."""
+        nearest = self._nearest_keyframe(group, index)
+        references = [
+            (
+                self._reference_backbone(nearest),
+                [self.keyframes[nearest][key] for key in group.objects],
+            )
+        ]
+        return cycle_ious(
+            self.model, feats, low_res, references, self.fill_hole_area, self.mask_threshold
+        )
 
     def _state_bytes(self, windows: list) -> int:
         held = tensor_bytes([g.cond for g in self.groups]) + tensor_bytes(windows)
@@ -527,38 +535,40 @@ class VideoPropagator:
                     yield index, None, error, frozenset()
                     continue
                 size = rgb.shape[:2]
-                results: dict[ObjectKey, StructurePrediction] = {}
-                from_annotation: set[ObjectKey] = set()
                 tracked = [g for g in active if index not in self.groups[g].cond]
                 with torch.inference_mode(), autocast(self.device):
                     backbone = encode_image(self.model, rgb) if tracked else None
                     del rgb
-                    for g in active:
-                        group = self.groups[g]
-                        if index in group.cond:
-                            found = self._annotation(group, index)
-                            from_annotation.update(found)
-                        else:
-                            found = self._track_group(
-                                group,
-                                backbone,
-                                index,
-                                size,
-                                state.windows[g],
-                                step,
-                                state.previous[g],
-                            )
-                        results.update(found)
-                        state.previous[g] = {
-                            key: StructureReference.from_masks([p.box])
-                            for key, p in found.items()
-                            if p.box.area
-                        } or state.previous[g]
-                        self._prune(state.windows[g], index + step, step)
+                    results, from_annotation = self._track_frame(
+                        backbone, index, size, active, step, state
+                    )
                     del backbone
                 self.peak_state_bytes = max(self.peak_state_bytes, self._state_bytes(state.windows))
                 state.done += 1
                 yield index, size, results, frozenset(from_annotation)
+
+    def _track_frame(self, backbone, index: int, size, active: list[int], step: int, state):
+        """({key: prediction}, keys output as annotated) of one frame (its image
+        encoding `backbone`), for the groups `active` there."""
+        results: dict[ObjectKey, StructurePrediction] = {}
+        from_annotation: set[ObjectKey] = set()
+        for g in active:
+            group = self.groups[g]
+            if index in group.cond:
+                found = self._annotation(group, index)
+                from_annotation.update(found)
+            else:
+                found = self._track_group(
+                    group, backbone, index, size, state.windows[g], step, state.previous[g]
+                )
+            results.update(found)
+            state.previous[g] = {
+                key: StructureReference.from_masks([p.box])
+                for key, p in found.items()
+                if p.box.area
+            } or state.previous[g]
+            self._prune(state.windows[g], index + step, step)
+        return results, from_annotation
 
     # -- resuming ---------------------------------------------------------------------
 
@@ -649,9 +659,6 @@ class VideoPropagator:
         skip_bad_frames: False raises the InputError of the first frame that cannot be
             read, in whichever sweep reads it first (True reports it as skipped).
         """
-        first = min(g.first for g in self.groups)
-        last_first = max(g.first for g in self.groups)
-        every = range(len(self.groups))
         if resume is None:
             sweep, self._spill = self._fresh("backward"), _Spill(spill)
         else:
@@ -661,53 +668,65 @@ class VideoPropagator:
         safe_point = on_safe_point or (lambda: None)
         try:
             if sweep.phase == "backward":
-                backwards = list(range(last_first - 1, -1, -1))
-                for index, size, results, annotated in self._sweep(
-                    backwards,
-                    -1,
-                    lambda f: [i for i in every if self.groups[i].first > f],
-                    sweep,
-                    skip_bad_frames,
-                ):
-                    if index < first:
-                        if size is None:
-                            yield FrameResult(index, (0, 0), [], skipped=results)
-                        else:
-                            yield self._result(index, size, results, annotated)
-                    elif size is None:
-                        self._spill.write(index, None, None, (), skipped=results)
-                        self.spilled_frames += 1
-                    else:
-                        self._spill.write(index, size, results, annotated)
-                        self.spilled_frames += 1
-                    safe_point()
+                yield from self._backward(sweep, safe_point, skip_bad_frames)
                 sweep = self._sweep_state = self._fresh("forward")
-            forwards = list(range(first, self.num_frames))
-            for index, size, results, annotated in self._sweep(
-                forwards,
-                1,
-                lambda f: [i for i in every if self.groups[i].first <= f],
-                sweep,
-                skip_bad_frames,
-            ):
-                if self._spill.has(index):
-                    _, earlier, earlier_annotated, skipped = self._spill.read(index)
-                    if size is not None and skipped is not None:
-                        size, results = (
-                            None,
-                            skipped,
-                        )  # the frame was unreadable in the backward sweep
-                    elif size is not None:
-                        results = {**earlier, **results}
-                        annotated = annotated | earlier_annotated
+            yield from self._forward(sweep, safe_point, skip_bad_frames)
+        finally:
+            self._spill.close()
+            self._sweep_state = None
+
+    def _backward(self, sweep: _Sweep, safe_point, skip_bad_frames: bool):
+        """The backward sweep, from the latest first keyframe: yields the results of
+        frames before the first keyframe, spills those of the frames after it."""
+        first = min(g.first for g in self.groups)
+        last_first = max(g.first for g in self.groups)
+        every = range(len(self.groups))
+        backwards = list(range(last_first - 1, -1, -1))
+        for index, size, results, annotated in self._sweep(
+            backwards,
+            -1,
+            lambda f: [i for i in every if self.groups[i].first > f],
+            sweep,
+            skip_bad_frames,
+        ):
+            if index < first:
                 if size is None:
                     yield FrameResult(index, (0, 0), [], skipped=results)
                 else:
                     yield self._result(index, size, results, annotated)
-                safe_point()
-        finally:
-            self._spill.close()
-            self._sweep_state = None
+            elif size is None:
+                self._spill.write(index, None, None, (), skipped=results)
+                self.spilled_frames += 1
+            else:
+                self._spill.write(index, size, results, annotated)
+                self.spilled_frames += 1
+            safe_point()
+
+    def _forward(self, sweep: _Sweep, safe_point, skip_bad_frames: bool):
+        """The forward sweep, from the first keyframe, completed by the spilled
+        backward results."""
+        first = min(g.first for g in self.groups)
+        every = range(len(self.groups))
+        for index, size, results, annotated in self._sweep(
+            list(range(first, self.num_frames)),
+            1,
+            lambda f: [i for i in every if self.groups[i].first <= f],
+            sweep,
+            skip_bad_frames,
+        ):
+            if self._spill.has(index):
+                _, earlier, earlier_annotated, skipped = self._spill.read(index)
+                if size is not None and skipped is not None:
+                    # the frame was unreadable in the backward sweep
+                    size, results = None, skipped
+                elif size is not None:
+                    results = {**earlier, **results}
+                    annotated = annotated | earlier_annotated
+            if size is None:
+                yield FrameResult(index, (0, 0), [], skipped=results)
+            else:
+                yield self._result(index, size, results, annotated)
+            safe_point()
 
     def _result(self, index, size, results, annotated) -> FrameResult:
         return FrameResult(
@@ -749,6 +768,21 @@ def _load_checkpoint(
         log(f"{partial.path} is shorter than its checkpoint says; tracking from the start")
         return None
     partial.truncate(saved["partial_end"])
+    return saved
+
+
+def _resume_or_start(
+    partial: PartialRecords, state_path: Path, spill_path: Path, frames: int, log
+) -> dict | None:
+    """The checkpoint to go on from (`_load_checkpoint`), or None after starting the
+    partial file anew (stale state and spill files removed)."""
+    saved = _load_checkpoint(partial, state_path, spill_path, log)
+    if saved is None:
+        for stale in (state_path, spill_path):
+            stale.unlink(missing_ok=True)
+        partial.start()
+    else:
+        log(f"resuming: {int(saved['records'])} of {frames} frames already done in {partial.path}")
     return saved
 
 
@@ -795,17 +829,10 @@ def track_video(
     partial = PartialRecords(out_jsonl, settings_key)
     partial.out.parent.mkdir(parents=True, exist_ok=True)
     state_path, spill_path = _checkpoint_paths(partial)
-    saved = _load_checkpoint(partial, state_path, spill_path, log)
+    saved = _resume_or_start(partial, state_path, spill_path, propagator.num_frames, log)
     counts = {"images": propagator.num_frames, "segmented": 0, "skipped": 0, "resumed": 0}
-    if saved is None:
-        for stale in (state_path, spill_path):
-            stale.unlink(missing_ok=True)
-        partial.start()
-    else:
+    if saved is not None:
         counts["resumed"] = int(saved["records"])
-        log(
-            f"resuming: {counts['resumed']} of {propagator.num_frames} frames already done in {partial.path}"
-        )
     with partial.appender() as out:
         checkpoints = _Checkpoints(out, propagator, settings_key, state_path, checkpoint_seconds)
         checkpoints.records = counts["resumed"]
