@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -197,6 +198,57 @@ def _write_run_json(
     )
 
 
+_MODEL_FIELDS = (
+    "config",
+    "checkpoint",
+    "image_size",
+    "seed",
+    "device",
+    "threads",
+    "checkpoint_dir",
+    "adapter",
+)
+
+
+@dataclass
+class SegmentOptions:
+    """How a collection is segmented: the keyword arguments of `segment` and
+    `segment_video` (and of `sam2pal.inference.runs`).
+
+    config, checkpoint, image_size, seed, device, threads, checkpoint_dir: the model
+        (`load_model`).
+    adapter: a folder written by `finetune` (LoRA or fully fine-tuned weights),
+        applied on top of the checkpoint it was trained from.
+    engine_settings: propagation settings over DEFAULT_ENGINE_SETTINGS.
+    on_bad_image: "skip" a bad image file, or "fail" at the first.
+    max_skipped_fraction: the run stops early with `propagate.TooManySkipped` when the
+        images read show that more than this share of the collection is bad
+        (`propagate.SkipLimit`); `merge` checks the whole collection.
+    batch_size: targets per model call (`batch_size_for`; 0 is auto), recorded in the
+        run file; it changes no mask.
+    progress, log: progress bars, and where messages go (default: standard error).
+    """
+
+    config: str = "sam2.1_hiera_t"
+    checkpoint: str = "random"
+    image_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    checkpoint_dir: str | os.PathLike | None = None
+    adapter: str | os.PathLike | None = None
+    engine_settings: dict | None = None
+    on_bad_image: str = "skip"
+    max_skipped_fraction: float | None = 0.2
+    batch_size: int | None = 0
+    progress: bool = True
+    log: Callable[[str], None] | None = None
+
+    def model_args(self) -> dict:
+        """The arguments of `_run_model`."""
+        return {name: getattr(self, name) for name in _MODEL_FIELDS}
+
+
 @dataclass
 class _Run:
     """A segmentation run under way: its model, templates and settings, and when it
@@ -251,71 +303,35 @@ def segment(
     out_jsonl,
     run_json,
     skipped_csv=None,
-    config: str = "sam2.1_hiera_t",
-    checkpoint="random",
-    image_size: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    threads: int | None = None,
-    engine_settings: dict | None = None,
-    on_bad_image: str = "skip",
-    checkpoint_dir=None,
-    progress: bool = True,
-    log=None,
-    adapter=None,
-    record_extra=None,
+    record_extra: Callable[[ImageRecord], ImageRecord] | None = None,
     reuse=(),
     run_extra: dict | None = None,
-    max_skipped_fraction: float | None = 0.2,
-    batch_size: int | None = 0,
+    **options,
 ) -> dict:
     """Segment `file_names` of `image_dir` from the prepared templates.
 
-    Bad image files are skipped (`on_bad_image` "fail": stop at the first). The run
-    stops early with `propagate.TooManySkipped`, after writing `skipped_csv` when
-    given, when the images read show that more than `max_skipped_fraction` of the
-    collection is bad (`propagate.SkipLimit`); `merge` checks the whole collection.
-
     Args:
         templates_json: the prepared templates (`prepare_templates`).
-        image_dir, file_names: the images (names relative to the folder).
+        image_dir: the folder of the images.
+        file_names: the images, relative to `image_dir`.
         out_jsonl: the per-image results (`sam2pal.io.records`).
         run_json: the run's provenance.
-        skipped_csv: the skipped images, when given.
-        config, checkpoint, image_size, seed, device, threads, checkpoint_dir: the
-            model (`load_model`).
-        engine_settings: propagation settings over DEFAULT_ENGINE_SETTINGS.
-        on_bad_image, max_skipped_fraction: see above.
-        progress, log: progress bar, and where messages go.
-        adapter: a folder written by `finetune` (LoRA or fully fine-tuned weights),
-            applied on top of the checkpoint it was trained from.
-        record_extra: a function (ImageRecord -> ImageRecord) applied to each
-            per-image record before it is written.
-        reuse: earlier results [(records .jsonl, its run.json)] whose records are taken
-            as they are, instead of segmenting again, where they were made with the
-            same model, templates and settings and the image has not changed since
-            (finished shards, `sam2pal.inference.shards.reusable_results`); `run_json`
-            then lists, as `reused_from`, the runs that segmented them.
+        skipped_csv: the skipped images, when given (written too when the run stops
+            for too many).
+        record_extra: applied to each per-image record before it is written.
+        reuse: earlier results [(records .jsonl, its run.json)] of finished shards
+            (`shards.reusable_results`), taken as they are where still valid
+            (`reusable_records`); `run_json` lists their runs as `reused_from`.
         run_extra: more fields for `run_json`.
-        batch_size: targets per model call (`batch_size_for`; 0 is auto), recorded in
-            `run_json`; it changes no mask.
+        **options: how to segment (`SegmentOptions`).
 
     Returns:
         The counts (`propagate.run_propagation`).
     """
     from sam2pal.inference.engine import Propagator
 
-    model_args = dict(
-        config=config,
-        checkpoint=checkpoint,
-        image_size=image_size,
-        seed=seed,
-        device=device,
-        threads=threads,
-        checkpoint_dir=checkpoint_dir,
-        adapter=adapter,
-    )
-    run = _start_run(templates_json, engine_settings, model_args)
+    opts = SegmentOptions(**options)
+    run = _start_run(templates_json, opts.engine_settings, opts.model_args())
     key = _settings_key(
         {
             "model": run.model_info,
@@ -324,23 +340,16 @@ def segment(
         }
     )
     # the batch size changes no mask: it is not part of the key
-    batch = batch_size_for(batch_size, run.device)
+    batch = batch_size_for(opts.batch_size, run.device)
     propagator = Propagator(run.model, run.templates, batch_size=batch, **run.settings)
     run_extra = dict(run_extra or {}, batch_size=batch)
-    reused = reusable_records(reuse, key, image_dir, file_names, log)
     counts = _propagate(
         propagator,
-        image_dir,
-        file_names,
-        out_jsonl,
-        skipped_csv,
+        (image_dir, file_names, out_jsonl, skipped_csv),
+        opts,
         settings_key=key,
-        on_bad_image=on_bad_image,
-        progress=progress,
-        log=log,
         transform=record_extra,
-        reused=reused,
-        max_skipped_fraction=max_skipped_fraction,
+        reused=reusable_records(reuse, key, image_dir, file_names, opts.log),
     )
     sources = _reused_from(out_jsonl)
     if sources:
@@ -351,13 +360,25 @@ def segment(
     return counts
 
 
-def _propagate(propagator, image_dir, file_names, out_jsonl, skipped_csv, **options) -> dict:
-    """`propagate.run_propagation`; when too many images are skipped, writes them all to
-    `skipped_csv` (when given) before stopping."""
+def _propagate(propagator, files, opts: SegmentOptions, **more) -> dict:
+    """`propagate.run_propagation` of `files` (image folder, file names, result file,
+    skipped.csv); when too many images are skipped, writes them all to skipped.csv
+    (when given) before stopping."""
     from sam2pal.inference.propagate import TooManySkipped, run_propagation, write_skipped_rows
 
+    image_dir, file_names, out_jsonl, skipped_csv = files
     try:
-        return run_propagation(propagator, image_dir, file_names, out_jsonl, **options)
+        return run_propagation(
+            propagator,
+            image_dir,
+            file_names,
+            out_jsonl,
+            on_bad_image=opts.on_bad_image,
+            progress=opts.progress,
+            log=opts.log,
+            max_skipped_fraction=opts.max_skipped_fraction,
+            **more,
+        )
     except TooManySkipped as exc:
         if skipped_csv is None:
             raise
@@ -538,22 +559,9 @@ def segment_video(
     run_json,
     skipped_csv=None,
     mode: str = "video",
-    config: str = "sam2.1_hiera_t",
-    checkpoint="random",
-    image_size: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    threads: int | None = None,
-    engine_settings: dict | None = None,
-    on_bad_image: str = "skip",
-    checkpoint_dir=None,
-    progress: bool = True,
-    log=None,
-    adapter=None,
     run_extra: dict | None = None,
     checkpoint_seconds: float = 60.0,
-    max_skipped_fraction: float | None = 0.2,
-    batch_size: int | None = 0,
+    **options,
 ) -> dict:
     """Segment every frame of a video (frames and their manifest from `sam2pal.io.video`)
     from its keyframes (the prepared templates).
@@ -564,35 +572,23 @@ def segment_video(
     Args:
         templates_json: the prepared keyframes (`prepare_templates`).
         frames_dir, manifest_csv: the frames and their manifest (frames.csv).
-        out_jsonl, run_json, skipped_csv: as for `segment`.
+        out_jsonl, run_json, skipped_csv, run_extra: as for `segment`.
         mode: "video": SAM2's temporal memory, from every keyframe backwards and
             forwards (`sam2pal.inference.temporal`); an interrupted run resumes from
             its last checkpoint (saved every `checkpoint_seconds`) with the same results
             as an uninterrupted run (`sam2pal.inference.temporal.track_video`).
             "independent": each frame from the keyframes only, like photos.
-        config, checkpoint, image_size, seed, device, threads, engine_settings,
-            on_bad_image, checkpoint_dir, progress, log, adapter, run_extra,
-            batch_size: as for `segment` (video mode takes no batches).
         checkpoint_seconds: time between two checkpoints in video mode.
-        max_skipped_fraction: stops an independent-mode run early as `segment` does;
-            in video mode frames are read in time order, which is no fair sample of the
-            video, so only `merge` applies it.
+        **options: how to segment (`SegmentOptions`). Video mode takes no batches, and
+            reads frames in time order, which is no fair sample of the video: its
+            `max_skipped_fraction` is only applied by `merge`.
 
     Returns:
         The counts, with the number of keyframes.
     """
-    _check_video_options(mode, batch_size, on_bad_image)
+    opts = SegmentOptions(**options)
+    _check_video_options(mode, opts.batch_size, opts.on_bad_image)
     video = _VideoFrames(templates_json, manifest_csv)
-    model_args = dict(
-        config=config,
-        checkpoint=checkpoint,
-        image_size=image_size,
-        seed=seed,
-        device=device,
-        threads=threads,
-        checkpoint_dir=checkpoint_dir,
-        adapter=adapter,
-    )
     if mode == "independent":
         counts = segment(
             templates_json,
@@ -601,20 +597,16 @@ def segment_video(
             out_jsonl,
             run_json,
             skipped_csv,
-            **model_args,
-            engine_settings=engine_settings,
-            on_bad_image=on_bad_image,
-            progress=progress,
-            log=log,
             record_extra=video.add_frame,
             run_extra=run_extra,
-            max_skipped_fraction=max_skipped_fraction,
-            batch_size=batch_size,
+            **options,
         )
         return {**counts, "keyframes": len(video.keyframes)}
-    run = _start_run(templates_json, engine_settings, model_args, templates=video.templates)
+    run = _start_run(
+        templates_json, opts.engine_settings, opts.model_args(), templates=video.templates
+    )
     outputs = (out_jsonl, run_json, skipped_csv)
-    options = dict(on_bad_image=on_bad_image, progress=progress, log=log)
+    options = dict(on_bad_image=opts.on_bad_image, progress=opts.progress, log=opts.log)
     return _track_video(
         run, video, Path(frames_dir), manifest_csv, outputs, options, checkpoint_seconds, run_extra
     )
@@ -715,49 +707,27 @@ def workflow_version(root=None) -> dict:
 def provenance(
     run_jsons, config: dict | None = None, collection: str | None = None, workflow_root=None
 ) -> dict:
-    """What produced a collection's masks, from the run files of its shards: the model
-    (checkpoint and config with their SHA-256, image size, seed), the adapter and its
-    SHA-256, the templates, the settings, `config` (the workflow settings that shape the
-    masks), package versions, the sam2-pal git commit, and when, where and on which
-    device each shard ran. The same dict is the `info` of predictions.json."""
-    runs = []
-    for path in run_jsons:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                runs.append((str(path), json.load(handle)))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read this run file ({exc})") from None
+    """What produced a collection's masks, from the run files of its shards. The same
+    dict is the `info` of predictions.json.
+
+    Args:
+        run_jsons: the run files of the shards (all of the same model, templates and
+            settings).
+        config: the workflow settings that shape the masks.
+        collection: the collection's name.
+        workflow_root: the sam2-pal checkout (default: this one).
+
+    Returns:
+        The model (checkpoint and config with their SHA-256, image size, seed), the
+        adapter and its SHA-256, the templates, the settings, `config`, package
+        versions, the sam2-pal git commit, and when, where and on which device each
+        shard ran.
+    """
+    runs = _read_runs(run_jsons)
     first = runs[0][1] if runs else {}
-    for path, run in runs[1:]:
-        for key in ("model", "templates", "settings"):
-            if run.get(key) != first.get(key):
-                raise InputError(
-                    f"{path}: segmented with other {key} than {runs[0][0]}; rerun the collection"
-                )
     model = first.get("model") or {}
-    adapter = None
-    if model.get("adapter"):
-        adapter = {
-            k: model.get(f"adapter{s}")
-            for k, s in (("path", ""), ("kind", "_kind"), ("sha256", "_sha256"))
-        }
-    shards = [
-        {
-            "shard": run.get("shard"),
-            **{
-                k: run.get(k)
-                for k in ("started", "finished", "host", "device", "device_name", "counts")
-            },
-            "reused_from": run.get("reused_from") or [],
-        }
-        for _, run in runs
-    ]
+    shards = [_shard_entry(run) for _, run in runs]
     ran = shards + [source for shard in shards for source in shard["reused_from"]]
-    totals: dict[str, int] = {}
-    for shard in shards:
-        for key, value in (shard["counts"] or {}).items():
-            if isinstance(value, int):
-                totals[key] = totals.get(key, 0) + value
     seeds = {"model": model.get("seed")}
     if config and "seed" in (config.get("finetune") or {}):
         seeds["finetune"] = config["finetune"]["seed"]
@@ -772,7 +742,7 @@ def provenance(
         "finished": max(finished) if finished else None,
         "config": config,
         "model": model,
-        "adapter": adapter,
+        "adapter": _adapter_of(model),
         "seeds": seeds,
         "templates": first.get("templates"),
         "settings": first.get("settings"),
@@ -783,9 +753,58 @@ def provenance(
         "devices": sorted(
             {f"{s['device']} ({s.get('device_name')})" for s in ran if s.get("device")}
         ),
-        "counts": totals,
+        "counts": _total_counts(shards),
         "runs": shards,
     }
+
+
+def _read_runs(run_jsons) -> list[tuple[str, dict]]:
+    """(path, content) of the run files; all must be of the same model, templates and
+    settings."""
+    runs = []
+    for path in run_jsons:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                runs.append((str(path), json.load(handle)))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read this run file ({exc})") from None
+    first = runs[0][1] if runs else {}
+    for path, run in runs[1:]:
+        for key in ("model", "templates", "settings"):
+            if run.get(key) != first.get(key):
+                raise InputError(
+                    f"{path}: segmented with other {key} than {runs[0][0]}; rerun the collection"
+                )
+    return runs
+
+
+def _adapter_of(model: dict) -> dict | None:
+    if not model.get("adapter"):
+        return None
+    return {
+        k: model.get(f"adapter{s}")
+        for k, s in (("path", ""), ("kind", "_kind"), ("sha256", "_sha256"))
+    }
+
+
+def _shard_entry(run: dict) -> dict:
+    return {
+        "shard": run.get("shard"),
+        **{
+            k: run.get(k)
+            for k in ("started", "finished", "host", "device", "device_name", "counts")
+        },
+        "reused_from": run.get("reused_from") or [],
+    }
+
+
+def _total_counts(shards: list[dict]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for shard in shards:
+        for key, value in (shard["counts"] or {}).items():
+            if isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 def merge(
@@ -898,14 +917,24 @@ def finetune(
 ) -> dict:
     """Palindrome fine-tuning on a collection; writes the adapter folder `out_dir`.
 
-    `pool_names` (relative to `pool_dir`) are the unlabelled specimens; the template
-    photos among them are left out. `ground_truth`: a COCO file whose masks give the
-    real IoU on held-out specimens. `extra_templates`: [(COCO json, image folder)].
+    Args:
+        templates_json: the prepared templates.
+        pool_dir, pool_names: the unlabelled specimens (names relative to the folder);
+            the template photos among them are left out.
+        out_dir: the adapter folder.
+        config, checkpoint, image_size, seed, device, threads, checkpoint_dir: the
+            base model (`load_model`).
+        settings: `sam2pal.training.palindrome.FinetuneSettings` as a dict.
+        ground_truth: a COCO file whose masks give the real IoU on held-out specimens.
+        extra_templates: more training templates [(COCO json, image folder)].
+        log: where messages go.
+
+    Returns:
+        The training result (`Trainer.train`).
     """
     import torch
 
     from sam2pal.models.build import resolve_device
-    from sam2pal.outputs.evaluate import category_masks, load_coco
     from sam2pal.training.palindrome import FinetuneSettings, Trainer
 
     started = now()
@@ -920,13 +949,34 @@ def finetune(
     for note in notes:
         log(note)
     pool = {name: Path(pool_dir) / name for name in pool_names}
-    truth = {}
-    if ground_truth:
-        gt_path = Path(ground_truth)
-        _, masks = category_masks(load_coco(gt_path), gt_path)
-        truth = {name: masks[name] for name in pool_names if name in masks}
+    truth = _ground_truth_masks(ground_truth, pool_names)
     trainer = Trainer(model, templates, pool, train_settings, ground_truth=truth, log=log)
-    metadata = {
+    metadata = _adapter_metadata(started, model_info, seed, templates, pool_dir, trainer)
+    metadata["device"] = str(torch_device)
+    metadata["host"] = socket.gethostname()
+    metadata["versions"] = package_versions()
+    result = trainer.train(out_dir, metadata)
+    log(
+        f"best epoch {result['best_epoch']} (score {result['best_score']}); adapter in {Path(out_dir) / 'adapter'}"
+    )
+    return result
+
+
+def _ground_truth_masks(ground_truth, pool_names) -> dict:
+    """{file name: masks} of the pool images in a ground-truth COCO file (none when
+    not given)."""
+    from sam2pal.outputs.evaluate import category_masks, load_coco
+
+    if not ground_truth:
+        return {}
+    gt_path = Path(ground_truth)
+    _, masks = category_masks(load_coco(gt_path), gt_path)
+    return {name: masks[name] for name in pool_names if name in masks}
+
+
+def _adapter_metadata(started, model_info, seed, templates, pool_dir, trainer) -> dict:
+    """What an adapter records of its base model, templates and pool."""
+    return {
         "sam2pal_version": package_versions().get("sam2pal"),
         "created": started,
         "base_id": model_info["base_id"],
@@ -942,12 +992,4 @@ def finetune(
             "train": len(trainer.train_keys),
             "holdout": trainer.holdout,
         },
-        "device": str(torch_device),
-        "host": socket.gethostname(),
-        "versions": package_versions(),
     }
-    result = trainer.train(out_dir, metadata)
-    log(
-        f"best epoch {result['best_epoch']} (score {result['best_score']}); adapter in {Path(out_dir) / 'adapter'}"
-    )
-    return result
