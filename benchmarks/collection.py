@@ -148,10 +148,10 @@ def worker_steps(args, data) -> dict:
 
     from sam2pal.inference.engine import Propagator, logits_to_masks, preprocess
     from sam2pal.inference.pipeline import categories_of
-    from sam2pal.inference.propagate import structure_record
     from sam2pal.io.coco import merge_predictions
     from sam2pal.io.images import read_image
     from sam2pal.io.masks import decode_segmentation, encode_rle
+    from sam2pal.io.records import StructureRecord
     from sam2pal.io.templates import load_coco_templates
     from sam2pal.outputs.measure import measure_mask
 
@@ -187,7 +187,9 @@ def worker_steps(args, data) -> dict:
         timed("exact_model+preprocess", exact.start_batch, [full_rgb])
         timed("exact_model+preprocess+qc", exact_qc.start_batch, [full_rgb])
         preds = timed("masks", pending.finish)
-        structures = timed("rle", lambda: [structure_record(p) for p in preds])
+        structures = timed(
+            "rle", lambda: [StructureRecord.from_prediction(p).to_json() for p in preds]
+        )
         low = torch.stack([part[1] for part in pending.parts])
         full_masks = timed("masks_full", logits_to_masks, low, size)
         timed("rle_full", lambda: [encode_rle(m) for m in full_masks])

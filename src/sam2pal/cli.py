@@ -600,10 +600,105 @@ def _trained_weights(path: str | None, checkpoint: str):
 
 def cmd_video(args) -> int:
     from sam2pal.inference import pipeline
-    from sam2pal.io.video import extract_frames, frames_from_dir
-    from sam2pal.outputs.measure import measure_coco
-    from sam2pal.outputs.visualize import export_masks, write_overlay_video
+    from sam2pal.inference.runs import RunOutputs, run_video
 
+    train = _check_video_flags(args)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config, checkpoint = _model_choice(args)
+    checkpoint, adapter = _trained_weights(args.checkpoint, checkpoint)
+    manifest = out_dir / "frames.csv"
+    frames_dir, rows = _video_frames(args, out_dir, manifest)
+    print(f"{len(rows)} frames in {frames_dir}", file=sys.stderr)
+    templates_json = out_dir / "templates.json"
+    pipeline.prepare_templates(str(args.annotations), frames_dir, templates_json)
+    names = [row.file for row in rows]
+    if train:
+        adapter = (
+            _train(
+                args,
+                out_dir / "finetune",
+                templates_json,
+                frames_dir,
+                names,
+                config,
+                checkpoint,
+                lora=not args.full_finetune,
+            )
+            / "adapter"
+        )
+        if args.train_only:
+            print(f"adapter written to {adapter}")
+            return 0
+    predictions = Path(args.export_predictions)
+    if not predictions.is_absolute():
+        predictions = out_dir / predictions
+    outputs = RunOutputs(
+        predictions=predictions,
+        px_per_mm=args.px_per_mm,
+        save_masks=args.save_masks,
+        overlays=args.overlay_video,
+    )
+    counts = run_video(
+        templates_json,
+        frames_dir,
+        manifest,
+        out_dir,
+        outputs,
+        mode=args.mode,
+        **_segment_options(args, config, checkpoint, adapter),
+    )
+    print(
+        f"segmented {counts['segmented']} frames ({counts['keyframes']} keyframes), skipped "
+        f"{counts['skipped']}; predictions in {predictions}"
+    )
+    return 0
+
+
+def _segment_options(args, config: str, checkpoint, adapter) -> dict:
+    """The `pipeline.SegmentOptions` of `segment` and `video`."""
+    return dict(
+        config=config,
+        checkpoint=checkpoint,
+        image_size=args.image_size,
+        seed=_model_seed(args),
+        device=args.device,
+        threads=args.threads or None,
+        on_bad_image=args.on_bad_image,
+        max_skipped_fraction=args.max_skipped_fraction,
+        checkpoint_dir=args.checkpoint_dir,
+        adapter=adapter,
+        engine_settings=_engine_settings(args),
+        batch_size=args.batch_size,
+    )
+
+
+def _video_frames(args, out_dir: Path, manifest: Path):
+    """(frames folder, manifest rows) of `video`: frames extracted from --input, or
+    the frames of --video_dir."""
+    from sam2pal.io.video import extract_frames, frames_from_dir
+
+    if args.input:
+        frames_dir = out_dir / "frames"
+        rows = extract_frames(
+            args.input,
+            frames_dir,
+            manifest,
+            fps=args.fps,
+            start=args.start,
+            end=args.end,
+            max_frames=args.max_frames,
+            max_size=args.max_size,
+            image_format=args.image_format or "jpg",
+        )
+    else:
+        frames_dir = Path(args.video_dir)
+        rows = frames_from_dir(frames_dir, manifest, fps=args.fps)
+    return frames_dir, rows
+
+
+def _check_video_flags(args) -> bool:
+    """Reject flags of `video` that do not go together; returns whether to train."""
     if bool(args.input) == bool(args.video_dir):
         raise InputError(
             "give the video: --input VIDEO_FILE or --video_dir FRAMES_FOLDER (one of them)"
@@ -611,6 +706,19 @@ def cmd_video(args) -> int:
     if args.full_finetune and args.use_lora:
         raise InputError("give either --use_lora or --full_finetune, not both")
     train = bool(args.use_lora or args.full_finetune) and not args.skip_training
+    _check_video_training_flags(args, train)
+    if args.video_dir and any(
+        v is not None
+        for v in (args.start, args.end, args.max_frames, args.max_size, args.image_format)
+    ):
+        raise InputError(
+            "--start, --end, --max_frames, --max_size and --image_format choose how frames are "
+            "extracted from an --input video; --video_dir frames are used as they are"
+        )
+    return train
+
+
+def _check_video_training_flags(args, train: bool) -> None:
     random_weights = _random_weights(args) and not (
         args.checkpoint and Path(args.checkpoint).is_file()
     )
@@ -640,121 +748,6 @@ def cmd_video(args) -> int:
         raise InputError(
             "--train_only needs --use_lora (or --full_finetune) without --skip_training"
         )
-    if args.video_dir and any(
-        v is not None
-        for v in (args.start, args.end, args.max_frames, args.max_size, args.image_format)
-    ):
-        raise InputError(
-            "--start, --end, --max_frames, --max_size and --image_format choose how frames are "
-            "extracted from an --input video; --video_dir frames are used as they are"
-        )
-
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config, checkpoint = _model_choice(args)
-    checkpoint, adapter = _trained_weights(args.checkpoint, checkpoint)
-    manifest = out_dir / "frames.csv"
-    if args.input:
-        frames_dir = out_dir / "frames"
-        rows = extract_frames(
-            args.input,
-            frames_dir,
-            manifest,
-            fps=args.fps,
-            start=args.start,
-            end=args.end,
-            max_frames=args.max_frames,
-            max_size=args.max_size,
-            image_format=args.image_format or "jpg",
-        )
-    else:
-        frames_dir = Path(args.video_dir)
-        rows = frames_from_dir(frames_dir, manifest, fps=args.fps)
-    print(f"{len(rows)} frames in {frames_dir}", file=sys.stderr)
-    templates_json = out_dir / "templates.json"
-    pipeline.prepare_templates(str(args.annotations), frames_dir, templates_json)
-    names = [row.file for row in rows]
-    if train:
-        adapter = (
-            _train(
-                args,
-                out_dir / "finetune",
-                templates_json,
-                frames_dir,
-                names,
-                config,
-                checkpoint,
-                lora=not args.full_finetune,
-            )
-            / "adapter"
-        )
-        if args.train_only:
-            print(f"adapter written to {adapter}")
-            return 0
-    records = out_dir / "predictions.jsonl"
-    counts = pipeline.segment_video(
-        templates_json,
-        frames_dir,
-        manifest,
-        records,
-        out_dir / "run.json",
-        out_dir / "skipped.csv",
-        mode=args.mode,
-        config=config,
-        checkpoint=checkpoint,
-        image_size=args.image_size,
-        seed=_model_seed(args),
-        device=args.device,
-        threads=args.threads or None,
-        on_bad_image=args.on_bad_image,
-        max_skipped_fraction=args.max_skipped_fraction,
-        checkpoint_dir=args.checkpoint_dir,
-        adapter=adapter,
-        engine_settings=_engine_settings(args),
-        batch_size=args.batch_size,
-    )
-    predictions = Path(args.export_predictions)
-    if not predictions.is_absolute():
-        predictions = out_dir / predictions
-    _check_skipped(args, records, frames_dir, out_dir)
-    pipeline.merge(
-        [records],
-        templates_json,
-        [out_dir / "run.json"],
-        predictions,
-        provenance_json=out_dir / "provenance.json",
-    )
-    pipeline.qc([records], templates_json, out_dir / "qc.csv")
-    measure_coco(
-        predictions,
-        out_dir / "measurements.csv",
-        px_per_mm=args.px_per_mm,
-        wide_csv=out_dir / "measurements_wide.csv",
-    )
-    if args.save_masks:
-        export_masks(predictions, out_dir / "masks")
-    if args.overlay_video:
-        write_overlay_video(
-            predictions, frames_dir, out_dir / "overlay.mp4", fps=None, manifest_csv=manifest
-        )
-    print(
-        f"segmented {counts['segmented']} frames ({counts['keyframes']} keyframes), skipped "
-        f"{counts['skipped']}; predictions in {predictions}"
-    )
-    return 0
-
-
-def _check_skipped(args, records, image_dir, out_dir: Path) -> None:
-    """--max_skipped_fraction on the whole collection: stops, pointing to skipped.csv,
-    when too many images are bad files."""
-    from sam2pal.inference.propagate import TooManySkipped, check_skipped
-
-    try:
-        check_skipped([records], args.max_skipped_fraction, image_dir)
-    except TooManySkipped as exc:
-        raise TooManySkipped(
-            f"{exc} (all of them in {out_dir / 'skipped.csv'})", exc.skipped
-        ) from None
 
 
 def _default_structure_name(mask_path: str) -> str:
@@ -822,8 +815,15 @@ def _template_spec(args, out_dir: Path):
     if not args.template_image:
         # the loader also looks next to the JSON file
         return str(args.template_json), args.template_dir or args.image_dir
-    # A template image given with a COCO file: that image (matched by file name, or the
-    # only annotated image of the file) is the template.
+    return _template_subset(args, out_dir), None
+
+
+def _template_subset(args, out_dir: Path) -> str:
+    """A template image given with a COCO file: that image (matched by file name, or
+    the only annotated image of the file) is the template; returns the COCO file of
+    that image alone (written to `out_dir`)."""
+    from sam2pal.io.atomic import write_json
+
     path = Path(args.template_json)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -846,10 +846,8 @@ def _template_spec(args, out_dir: Path):
         annotations=[a for a in data["annotations"] if a["image_id"] == image["id"]],
     )
     subset_path = out_dir / "template_input.json"
-    from sam2pal.io.atomic import write_json
-
     write_json(subset_path, subset)
-    return str(subset_path), None
+    return str(subset_path)
 
 
 _SEED_UNUSED = (
@@ -882,31 +880,9 @@ def _model_choice(args) -> tuple[str, str]:
 
 
 def cmd_segment(args) -> int:
-    from sam2pal.inference import pipeline
-    from sam2pal.outputs.measure import measure_coco
-    from sam2pal.outputs.visualize import export_masks, write_overlays
+    from sam2pal.inference.runs import RunOutputs, run_photos
 
-    given = [
-        flag
-        for flag, _, _ in FINETUNE_FLAGS
-        if getattr(args, flag[2:]) is not None and not (flag == "--seed" and _random_weights(args))
-    ]
-    if args.seed is not None and not (args.pal_finetuning or _random_weights(args)):
-        raise InputError(_SEED_UNUSED.format(train="--pal_finetuning"))
-    if given and not args.pal_finetuning:
-        raise InputError(f"{', '.join(given)}: training options need --pal_finetuning")
-    if args.output_category_prefix and not args.save_masks:
-        raise InputError(
-            "--output_category_prefix names the mask PNGs: add --save_masks to write them"
-        )
-    if args.pal_finetuning and args.adapter:
-        raise InputError(
-            "give either --pal_finetuning (train a new adapter) or --adapter (use one), not both"
-        )
-    for flag, why in DRIFT_FLAGS.items():
-        if getattr(args, flag[2:]) not in (None, False):
-            print(f"note: {flag} has no effect here: {why}", file=sys.stderr)
-
+    _check_segment_flags(args)
     out_dir = Path(args.output_dir)
     if args.output_timestamp:
         out_dir = out_dir / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -927,53 +903,51 @@ def cmd_segment(args) -> int:
             )
             / "adapter"
         )
-    records = out_dir / "predictions.jsonl"
-    counts = pipeline.segment(
+    outputs = RunOutputs(
+        polygons=args.polygons,
+        px_per_mm=args.px_per_mm,
+        calibration_csv=args.calibration_csv,
+        save_masks=args.save_masks,
+        category_prefix=args.output_category_prefix,
+        overlays=args.save_vis,
+    )
+    counts = run_photos(
         templates_json,
         args.image_dir,
         names,
-        records,
-        out_dir / "run.json",
-        out_dir / "skipped.csv",
-        config=config,
-        checkpoint=checkpoint,
-        image_size=args.image_size,
-        seed=_model_seed(args),
-        device=args.device,
-        threads=args.threads or None,
-        on_bad_image=args.on_bad_image,
-        max_skipped_fraction=args.max_skipped_fraction,
-        checkpoint_dir=args.checkpoint_dir,
-        adapter=adapter,
-        engine_settings=_engine_settings(args),
-        batch_size=args.batch_size,
+        out_dir,
+        outputs,
+        **_segment_options(args, config, checkpoint, adapter),
     )
-    predictions = out_dir / "predictions.json"
-    _check_skipped(args, records, args.image_dir, out_dir)
-    pipeline.merge(
-        [records],
-        templates_json,
-        [out_dir / "run.json"],
-        predictions,
-        polygons=args.polygons,
-        provenance_json=out_dir / "provenance.json",
-    )
-    pipeline.qc([records], templates_json, out_dir / "qc.csv")
-    measure_coco(
-        predictions,
-        out_dir / "measurements.csv",
-        px_per_mm=args.px_per_mm,
-        calibration_csv=args.calibration_csv,
-        wide_csv=out_dir / "measurements_wide.csv",
-    )
-    if args.save_masks:
-        export_masks(predictions, out_dir / "masks", category_prefix=args.output_category_prefix)
-    if args.save_vis:
-        write_overlays(predictions, args.image_dir, out_dir / "overlays")
     print(
         f"segmented {counts['segmented']} images, skipped {counts['skipped']}; results in {out_dir}"
     )
     return 0
+
+
+def _check_segment_flags(args) -> None:
+    """Reject flags of `segment` that do not go together; notes on flags of the old
+    tool that change nothing here."""
+    given = [
+        flag
+        for flag, _, _ in FINETUNE_FLAGS
+        if getattr(args, flag[2:]) is not None and not (flag == "--seed" and _random_weights(args))
+    ]
+    if args.seed is not None and not (args.pal_finetuning or _random_weights(args)):
+        raise InputError(_SEED_UNUSED.format(train="--pal_finetuning"))
+    if given and not args.pal_finetuning:
+        raise InputError(f"{', '.join(given)}: training options need --pal_finetuning")
+    if args.output_category_prefix and not args.save_masks:
+        raise InputError(
+            "--output_category_prefix names the mask PNGs: add --save_masks to write them"
+        )
+    if args.pal_finetuning and args.adapter:
+        raise InputError(
+            "give either --pal_finetuning (train a new adapter) or --adapter (use one), not both"
+        )
+    for flag, why in DRIFT_FLAGS.items():
+        if getattr(args, flag[2:]) not in (None, False):
+            print(f"note: {flag} has no effect here: {why}", file=sys.stderr)
 
 
 def _prepare(args, out_dir: Path):

@@ -14,16 +14,20 @@ from conftest import blob_image, box_mask, save_jpeg, template_set
 from sam2pal.errors import ImageReadError
 from sam2pal.inference.engine import Propagator
 from sam2pal.inference.propagate import (
-    PARTIAL_SUFFIX,
     SkipLimit,
     TooManySkipped,
     check_skipped,
     processing_order,
-    read_records,
     run_propagation,
     write_skipped,
 )
 from sam2pal.io.images import ImageAccessError, read_image
+from sam2pal.io.records import PARTIAL_SUFFIX, read_records
+
+
+def json_records(path) -> list[dict]:
+    """The records of a result file, as the JSON objects written."""
+    return [record.to_json() for record in read_records(path)]
 
 
 @pytest.fixture()
@@ -94,12 +98,12 @@ def test_resume_after_crash_loses_nothing(collection, tiny_model):
         and len(predicted) == 5 - len(done)
     )
     assert not partial.exists()
-    resumed = list(read_records(out))
+    resumed = list(json_records(out))
     assert [r["file_name"] for r in resumed] == names
 
     clean = tmp_path / "clean" / "predictions.jsonl"
     run_propagation(engine, images, list(reversed(names)), clean, settings_key="k1", progress=False)
-    assert list(read_records(clean)) == resumed  # same records, same (file-name) order
+    assert list(json_records(clean)) == resumed  # same records, same (file-name) order
 
 
 def test_other_settings_start_over(collection, tiny_model):
@@ -117,7 +121,7 @@ def test_other_settings_start_over(collection, tiny_model):
         Propagator(tiny_model, templates), images, names, out, settings_key="new", progress=False
     )
     assert counts["resumed"] == 0 and counts["segmented"] == 5
-    assert all(r["structures"] for r in read_records(out))
+    assert all(r["structures"] for r in json_records(out))
 
 
 def test_unreadable_images_are_skipped_or_fail(collection, tiny_model):
@@ -156,7 +160,7 @@ def test_record_fields(collection, tiny_model):
     tmp_path, images, templates = collection
     out = tmp_path / "p.jsonl"
     run_propagation(Propagator(tiny_model, templates), images, ["spec_0.jpg"], out, progress=False)
-    (record,) = read_records(out)
+    (record,) = json_records(out)
     assert (record["width"], record["height"]) == (100, 80)
     (s,) = record["structures"]
     assert set(s) == {
@@ -231,7 +235,7 @@ def test_skipped_images_are_tried_again_on_resume(collection, tiny_model):
     bad.write_bytes(good)  # the photo copied again
     counts = run_propagation(engine, images, names, out, settings_key="k", progress=False)
     assert counts["skipped"] == 0 and counts["segmented"] == 2
-    records = list(read_records(out))
+    records = list(json_records(out))
     assert [r["file_name"] for r in records] == names and all("structures" in r for r in records)
 
 

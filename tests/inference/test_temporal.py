@@ -402,7 +402,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sam2pal.models.build import build_model
-from sam2pal.inference.propagate import structure_record
+from sam2pal.io.records import ImageRecord, StructureRecord
 from sam2pal.inference.temporal import VideoPropagator, track_video
 
 torch.set_num_threads(1)
@@ -437,7 +437,7 @@ else:
 propagator = VideoPropagator(model, keyframes, N, frame, fill_hole_area=8)
 
 def record_of(result):
-    return {"file_name": f"{result.index:05d}.png", "structures": [structure_record(p) for p in result.predictions]}
+    return ImageRecord(f"{result.index:05d}.png", structures=[StructureRecord.from_prediction(p) for p in result.predictions])
 
 counts = track_video(propagator, out / "records.jsonl", record_of, "rss", progress=False, log=lambda m: None)
 records = sum(1 for _ in open(out / "records.jsonl"))

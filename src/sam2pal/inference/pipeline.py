@@ -14,11 +14,14 @@ import json
 import os
 import platform
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from sam2pal.errors import InputError
 from sam2pal.io.atomic import write_json
+from sam2pal.io.records import ImageRecord, StructureRecord, read_records
 
 DEFAULT_ENGINE_SETTINGS = {
     "cycle_consistency": True,
@@ -195,6 +198,104 @@ def _write_run_json(
     )
 
 
+_MODEL_FIELDS = (
+    "config",
+    "checkpoint",
+    "image_size",
+    "seed",
+    "device",
+    "threads",
+    "checkpoint_dir",
+    "adapter",
+)
+
+
+@dataclass
+class SegmentOptions:
+    """How a collection is segmented: the keyword arguments of `segment` and
+    `segment_video` (and of `sam2pal.inference.runs`).
+
+    config, checkpoint, image_size, seed, device, threads, checkpoint_dir: the model
+        (`load_model`).
+    adapter: a folder written by `finetune` (LoRA or fully fine-tuned weights),
+        applied on top of the checkpoint it was trained from.
+    engine_settings: propagation settings over DEFAULT_ENGINE_SETTINGS.
+    on_bad_image: "skip" a bad image file, or "fail" at the first.
+    max_skipped_fraction: the run stops early with `propagate.TooManySkipped` when the
+        images read show that more than this share of the collection is bad
+        (`propagate.SkipLimit`); `merge` checks the whole collection.
+    batch_size: targets per model call (`batch_size_for`; 0 is auto), recorded in the
+        run file; it changes no mask.
+    progress, log: progress bars, and where messages go (default: standard error).
+    """
+
+    config: str = "sam2.1_hiera_t"
+    checkpoint: str = "random"
+    image_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    checkpoint_dir: str | os.PathLike | None = None
+    adapter: str | os.PathLike | None = None
+    engine_settings: dict | None = None
+    on_bad_image: str = "skip"
+    max_skipped_fraction: float | None = 0.2
+    batch_size: int | None = 0
+    progress: bool = True
+    log: Callable[[str], None] | None = None
+
+    def model_args(self) -> dict:
+        """The arguments of `_run_model`."""
+        return {name: getattr(self, name) for name in _MODEL_FIELDS}
+
+
+@dataclass
+class _Run:
+    """A segmentation run under way: its model, templates and settings, and when it
+    started."""
+
+    started: str
+    settings: dict
+    templates: object
+    model: object
+    model_info: dict
+    device: object
+    templates_info: dict
+
+
+def _start_run(templates_json, engine_settings, model_args: dict, templates=None) -> _Run:
+    """The model (`_run_model(**model_args)`) and templates of a run (loaded from
+    `templates_json` unless given)."""
+    from sam2pal.io.templates import load_coco_templates
+
+    started = now()
+    settings = _engine_settings(engine_settings)
+    if templates is None:
+        templates = load_coco_templates(templates_json)
+    model, model_info, torch_device = _run_model(**model_args)
+    templates_info = _templates_info(templates_json, templates)
+    return _Run(started, settings, templates, model, model_info, torch_device, templates_info)
+
+
+def _finish_run(run: _Run, run_json, image_dir, out_jsonl, skipped_csv, counts, **extra) -> None:
+    """Write `skipped_csv` (when given) from the results, and the run's provenance."""
+    from sam2pal.inference.propagate import write_skipped
+
+    if skipped_csv is not None:
+        write_skipped([out_jsonl], skipped_csv)
+    _write_run_json(
+        run_json,
+        run.started,
+        run.device,
+        run.model_info,
+        run.templates_info,
+        run.settings,
+        image_dir,
+        counts,
+        **extra,
+    )
+
+
 def segment(
     templates_json,
     image_dir,
@@ -202,121 +303,110 @@ def segment(
     out_jsonl,
     run_json,
     skipped_csv=None,
-    config: str = "sam2.1_hiera_t",
-    checkpoint="random",
-    image_size: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    threads: int | None = None,
-    engine_settings: dict | None = None,
-    on_bad_image: str = "skip",
-    checkpoint_dir=None,
-    progress: bool = True,
-    log=None,
-    adapter=None,
-    record_extra=None,
+    record_extra: Callable[[ImageRecord], ImageRecord] | None = None,
     reuse=(),
     run_extra: dict | None = None,
-    max_skipped_fraction: float | None = 0.2,
-    batch_size: int | None = 0,
+    **options,
 ) -> dict:
     """Segment `file_names` of `image_dir` from the prepared templates.
 
-    `adapter`: a folder written by `finetune` (LoRA or fully fine-tuned weights),
-    applied on top of the checkpoint it was trained from. `record_extra`: a function
-    (record -> record) applied to each per-image record before it is written.
-    `reuse`: earlier results [(records .jsonl, its run.json)] whose records are taken
-    as they are, instead of segmenting again, where they were made with the same
-    model, templates and settings and the image has not changed since (finished
-    shards, `sam2pal.inference.shards.reusable_results`); `run_json` then lists, as
-    `reused_from`, the runs that segmented them. `run_extra`: more fields for `run_json`.
-    `batch_size`: targets per model call (`batch_size_for`; 0 is auto), recorded in
-    `run_json`; it changes no mask.
+    Args:
+        templates_json: the prepared templates (`prepare_templates`).
+        image_dir: the folder of the images.
+        file_names: the images, relative to `image_dir`.
+        out_jsonl: the per-image results (`sam2pal.io.records`).
+        run_json: the run's provenance.
+        skipped_csv: the skipped images, when given (written too when the run stops
+            for too many).
+        record_extra: applied to each per-image record before it is written.
+        reuse: earlier results [(records .jsonl, its run.json)] of finished shards
+            (`shards.reusable_results`), taken as they are where still valid
+            (`reusable_records`); `run_json` lists their runs as `reused_from`.
+        run_extra: more fields for `run_json`.
+        **options: how to segment (`SegmentOptions`).
 
-    Bad image files are skipped (`on_bad_image` "fail": stop at the first). The run
-    stops early with `propagate.TooManySkipped`, after writing `skipped_csv` when
-    given, when the images read show that more than `max_skipped_fraction` of the
-    collection is bad (`propagate.SkipLimit`); `merge` checks the whole collection.
-
-    Writes the per-image results (`out_jsonl`), the run's provenance (`run_json`) and,
-    when given, `skipped_csv`. Returns the counts.
+    Returns:
+        The counts (`propagate.run_propagation`).
     """
     from sam2pal.inference.engine import Propagator
-    from sam2pal.inference.propagate import (
-        TooManySkipped,
-        run_propagation,
-        write_skipped,
-        write_skipped_rows,
-    )
-    from sam2pal.io.templates import load_coco_templates
 
-    started = now()
-    settings = _engine_settings(engine_settings)
-    templates = load_coco_templates(templates_json)
-    model, model_info, torch_device = _run_model(
-        config, checkpoint, image_size, seed, device, threads, checkpoint_dir, adapter
-    )
-    templates_info = _templates_info(templates_json, templates)
+    opts = SegmentOptions(**options)
+    run = _start_run(templates_json, opts.engine_settings, opts.model_args())
     key = _settings_key(
-        {"model": model_info, "templates": templates_info["sha256"], "settings": settings}
+        {
+            "model": run.model_info,
+            "templates": run.templates_info["sha256"],
+            "settings": run.settings,
+        }
     )
     # the batch size changes no mask: it is not part of the key
-    batch = batch_size_for(batch_size, torch_device)
-    propagator = Propagator(model, templates, batch_size=batch, **settings)
+    batch = batch_size_for(opts.batch_size, run.device)
+    propagator = Propagator(run.model, run.templates, batch_size=batch, **run.settings)
     run_extra = dict(run_extra or {}, batch_size=batch)
-    reused = reusable_records(reuse, key, image_dir, file_names, log)
+    counts = _propagate(
+        propagator,
+        (image_dir, file_names, out_jsonl, skipped_csv),
+        opts,
+        settings_key=key,
+        transform=record_extra,
+        reused=reusable_records(reuse, key, image_dir, file_names, opts.log),
+    )
+    sources = _reused_from(out_jsonl)
+    if sources:
+        run_extra = dict(run_extra, reused_from=sources)
+    _finish_run(
+        run, run_json, image_dir, out_jsonl, skipped_csv, counts, settings_key=key, **run_extra
+    )
+    return counts
+
+
+def _propagate(propagator, files, opts: SegmentOptions, **more) -> dict:
+    """`propagate.run_propagation` of `files` (image folder, file names, result file,
+    skipped.csv); when too many images are skipped, writes them all to skipped.csv
+    (when given) before stopping."""
+    from sam2pal.inference.propagate import TooManySkipped, run_propagation, write_skipped_rows
+
+    image_dir, file_names, out_jsonl, skipped_csv = files
     try:
-        counts = run_propagation(
+        return run_propagation(
             propagator,
             image_dir,
             file_names,
             out_jsonl,
-            settings_key=key,
-            on_bad_image=on_bad_image,
-            progress=progress,
-            log=log,
-            transform=record_extra,
-            reused=reused,
-            max_skipped_fraction=max_skipped_fraction,
+            on_bad_image=opts.on_bad_image,
+            progress=opts.progress,
+            log=opts.log,
+            max_skipped_fraction=opts.max_skipped_fraction,
+            **more,
         )
     except TooManySkipped as exc:
         if skipped_csv is None:
             raise
         write_skipped_rows(exc.skipped, skipped_csv)
         raise TooManySkipped(f"{exc} (all of them in {skipped_csv})", exc.skipped) from None
-    sources = _reused_from(out_jsonl)
-    if sources:
-        run_extra = dict(run_extra or {}, reused_from=sources)
-    if skipped_csv is not None:
-        write_skipped([out_jsonl], skipped_csv)
-    _write_run_json(
-        run_json,
-        started,
-        torch_device,
-        model_info,
-        templates_info,
-        settings,
-        image_dir,
-        counts,
-        settings_key=key,
-        **(run_extra or {}),
-    )
-    return counts
 
 
 # what a reused record keeps of the run that segmented it (`segmented_by`)
 SOURCE_FIELDS = ("shard", "host", "device", "device_name", "started", "finished")
 
 
-def reusable_records(reuse, key: str, image_dir, file_names, log=None) -> list[dict]:
+def reusable_records(reuse, key: str, image_dir, file_names, log=None) -> list[ImageRecord]:
     """Records of `file_names` in earlier result files made with the same settings
     `key`, for images not modified since (skipped images are tried again); the first
-    file that has an image wins. Each record keeps, as `segmented_by`, the shard, host,
-    device and times of the run that segmented it."""
-    from sam2pal.inference.propagate import read_records
+    file that has an image wins.
 
+    Args:
+        reuse: [(records .jsonl, its run.json)].
+        key: the settings key of the run.
+        image_dir, file_names: the images of the run.
+        log: unused (kept for callers).
+
+    Returns:
+        The records, in `file_names` order; each keeps, as `segmented_by`, the shard,
+        host, device and times of the run that segmented it.
+    """
     wanted = set(file_names)
-    found: dict[str, dict] = {}
+    found: dict[str, ImageRecord] = {}
     for records_path, run_path in reuse:
         try:
             with open(run_path, encoding="utf-8") as handle:
@@ -329,15 +419,13 @@ def reusable_records(reuse, key: str, image_dir, file_names, log=None) -> list[d
             continue
         source = {field: run.get(field) for field in SOURCE_FIELDS}
         for record in read_records(records_path):
-            name = record.get("file_name")
-            if name in wanted and name not in found and "skipped" not in record:
+            name = record.file_name
+            if name in wanted and name not in found and not record.is_skipped:
                 try:
                     if os.path.getmtime(Path(image_dir) / name) <= made:
-                        found[name] = (
-                            record
-                            if "segmented_by" in record
-                            else dict(record, segmented_by=source)
-                        )
+                        if record.segmented_by is None:
+                            record.segmented_by = source
+                        found[name] = record
                 except OSError:
                     continue
     return [found[name] for name in file_names if name in found]
@@ -346,11 +434,9 @@ def reusable_records(reuse, key: str, image_dir, file_names, log=None) -> list[d
 def _reused_from(records_path) -> list[dict]:
     """The earlier runs whose results a result file took (`segmented_by`), with the
     number of images taken from each."""
-    from sam2pal.inference.propagate import read_records
-
     sources: dict[str, dict] = {}
     for record in read_records(records_path):
-        source = record.get("segmented_by")
+        source = record.segmented_by
         if source:
             entry = sources.setdefault(json.dumps(source, sort_keys=True), dict(source, images=0))
             entry["images"] += 1
@@ -389,13 +475,8 @@ def keyframes_of(templates, frames, templates_json) -> dict[int, dict]:
     return keyframes
 
 
-def _frame_fields(row) -> dict:
-    return {"frame_index": row.index, "time_s": row.time_s}
-
-
-def _keyframe_structures(masks: dict) -> list[dict]:
+def _keyframe_structures(masks: dict) -> list[StructureRecord]:
     from sam2pal.inference.engine import StructurePrediction
-    from sam2pal.inference.propagate import structure_record
     from sam2pal.io.masks import BoxMask
 
     records = []
@@ -407,8 +488,67 @@ def _keyframe_structures(masks: dict) -> list[dict]:
             predicted_iou=1.0,
             object_score=1.0,
         )
-        records.append({**structure_record(pred), "keyframe": True})
+        records.append(StructureRecord.from_prediction(pred, keyframe=True))
     return records
+
+
+class _VideoFrames:
+    """The frames of a video (its manifest) and its keyframes (the prepared templates),
+    and the records of its frames."""
+
+    def __init__(self, templates_json, manifest_csv):
+        from sam2pal.io.templates import load_coco_templates
+        from sam2pal.io.video import read_manifest
+
+        self.frames = read_manifest(manifest_csv)
+        if not self.frames:
+            raise InputError(f"{manifest_csv}: the video has no frames")
+        self.templates = load_coco_templates(templates_json)
+        self.keyframes = keyframes_of(self.templates, self.frames, templates_json)
+        self.row_of = {row.file: row for row in self.frames}
+        self.names = [row.file for row in self.frames]
+
+    def add_frame(self, record: ImageRecord) -> ImageRecord:
+        """A frame's record segmented as a photo, with the frame's index and time, and
+        on a keyframe its annotated structures as annotated."""
+        row = self.row_of[record.file_name]
+        record.frame_index, record.time_s = row.index, row.time_s
+        if row.index in self.keyframes and not record.is_skipped:
+            annotated = set(self.keyframes[row.index])
+            kept = [s for s in record.structures if s.key not in annotated]
+            record.structures = sorted(
+                kept + _keyframe_structures(self.keyframes[row.index]), key=lambda s: s.key
+            )
+        return record
+
+    def record_of(self, result) -> ImageRecord:
+        """The record of a tracked frame (`sam2pal.inference.temporal.FrameResult`)."""
+        row = self.frames[result.index]
+        if result.skipped is not None:
+            record = ImageRecord.skip(row.file, result.skipped)
+        else:
+            height, width = result.size
+            structures = [
+                StructureRecord.from_prediction(
+                    pred, keyframe=(pred.category_id, pred.instance) in result.keyframe_objects
+                )
+                for pred in result.predictions
+            ]
+            record = ImageRecord(row.file, int(width), int(height), structures)
+        record.frame_index, record.time_s = row.index, row.time_s
+        return record
+
+
+def _check_video_options(mode: str, batch_size, on_bad_image: str) -> None:
+    if mode not in VIDEO_MODES:
+        raise InputError(f"unknown video mode {mode!r} (use {' or '.join(VIDEO_MODES)})")
+    if mode == "video" and batch_size and int(batch_size) > 1:
+        raise InputError(
+            f"batch_size {batch_size}: video mode tracks one frame after the other, from the "
+            "frames before it; batches of frames need mode 'independent'"
+        )
+    if on_bad_image not in ("skip", "fail"):
+        raise InputError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
 
 
 def segment_video(
@@ -419,184 +559,110 @@ def segment_video(
     run_json,
     skipped_csv=None,
     mode: str = "video",
-    config: str = "sam2.1_hiera_t",
-    checkpoint="random",
-    image_size: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    threads: int | None = None,
-    engine_settings: dict | None = None,
-    on_bad_image: str = "skip",
-    checkpoint_dir=None,
-    progress: bool = True,
-    log=None,
-    adapter=None,
     run_extra: dict | None = None,
     checkpoint_seconds: float = 60.0,
-    max_skipped_fraction: float | None = 0.2,
-    batch_size: int | None = 0,
+    **options,
 ) -> dict:
     """Segment every frame of a video (frames and their manifest from `sam2pal.io.video`)
     from its keyframes (the prepared templates).
 
-    mode "video": SAM2's temporal memory, from every keyframe backwards and forwards
-    (`sam2pal.inference.temporal`); "independent": each frame from the keyframes only, like
-    photos. Either way a keyframe's annotated structures are output as annotated
-    (flagged `keyframe`), and each record carries the frame's index and time.
+    Either mode outputs a keyframe's annotated structures as annotated (flagged
+    `keyframe`), and each record carries the frame's index and time.
 
-    In video mode an interrupted run resumes from its last checkpoint (saved every
-    `checkpoint_seconds`) with the same results as an uninterrupted run
-    (`sam2pal.inference.temporal.track_video`).
+    Args:
+        templates_json: the prepared keyframes (`prepare_templates`).
+        frames_dir, manifest_csv: the frames and their manifest (frames.csv).
+        out_jsonl, run_json, skipped_csv, run_extra: as for `segment`.
+        mode: "video": SAM2's temporal memory, from every keyframe backwards and
+            forwards (`sam2pal.inference.temporal`); an interrupted run resumes from
+            its last checkpoint (saved every `checkpoint_seconds`) with the same results
+            as an uninterrupted run (`sam2pal.inference.temporal.track_video`).
+            "independent": each frame from the keyframes only, like photos.
+        checkpoint_seconds: time between two checkpoints in video mode.
+        **options: how to segment (`SegmentOptions`). Video mode takes no batches, and
+            reads frames in time order, which is no fair sample of the video: its
+            `max_skipped_fraction` is only applied by `merge`.
 
-    `max_skipped_fraction` stops an independent-mode run early as `segment` does; in
-    video mode frames are read in time order, which is no fair sample of the video,
-    so only `merge` applies it.
+    Returns:
+        The counts, with the number of keyframes.
     """
-    from sam2pal.io.templates import load_coco_templates
-    from sam2pal.io.video import read_manifest
-
-    if mode not in VIDEO_MODES:
-        raise InputError(f"unknown video mode {mode!r} (use {' or '.join(VIDEO_MODES)})")
-    if mode == "video" and batch_size and int(batch_size) > 1:
-        raise InputError(
-            f"batch_size {batch_size}: video mode tracks one frame after the other, from the "
-            "frames before it; batches of frames need mode 'independent'"
-        )
-    if on_bad_image not in ("skip", "fail"):
-        raise InputError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
-    frames = read_manifest(manifest_csv)
-    if not frames:
-        raise InputError(f"{manifest_csv}: the video has no frames")
-    templates = load_coco_templates(templates_json)
-    keyframes = keyframes_of(templates, frames, templates_json)
-    row_of = {row.file: row for row in frames}
-    names = [row.file for row in frames]
-
-    def add_frame(record: dict) -> dict:
-        row = row_of[record["file_name"]]
-        record.update(_frame_fields(row))
-        if row.index in keyframes and "structures" in record:
-            annotated = {(cid, inst) for cid, inst in keyframes[row.index]}
-            kept = [
-                s
-                for s in record["structures"]
-                if (s["category_id"], s["instance"]) not in annotated
-            ]
-            record["structures"] = sorted(
-                kept + _keyframe_structures(keyframes[row.index]),
-                key=lambda s: (s["category_id"], s["instance"]),
-            )
-        return record
-
+    opts = SegmentOptions(**options)
+    _check_video_options(mode, opts.batch_size, opts.on_bad_image)
+    video = _VideoFrames(templates_json, manifest_csv)
     if mode == "independent":
         counts = segment(
             templates_json,
             frames_dir,
-            names,
+            video.names,
             out_jsonl,
             run_json,
             skipped_csv,
-            config=config,
-            checkpoint=checkpoint,
-            image_size=image_size,
-            seed=seed,
-            device=device,
-            threads=threads,
-            engine_settings=engine_settings,
-            on_bad_image=on_bad_image,
-            checkpoint_dir=checkpoint_dir,
-            progress=progress,
-            log=log,
-            adapter=adapter,
-            record_extra=add_frame,
+            record_extra=video.add_frame,
             run_extra=run_extra,
-            max_skipped_fraction=max_skipped_fraction,
-            batch_size=batch_size,
+            **options,
         )
-        return {**counts, "keyframes": len(keyframes)}
+        return {**counts, "keyframes": len(video.keyframes)}
+    run = _start_run(
+        templates_json, opts.engine_settings, opts.model_args(), templates=video.templates
+    )
+    outputs = (out_jsonl, run_json, skipped_csv)
+    options = dict(on_bad_image=opts.on_bad_image, progress=opts.progress, log=opts.log)
+    return _track_video(
+        run, video, Path(frames_dir), manifest_csv, outputs, options, checkpoint_seconds, run_extra
+    )
 
-    from sam2pal.inference.propagate import structure_record, write_skipped
+
+def _track_video(
+    run: _Run, video, frames_dir: Path, manifest_csv, outputs, options, checkpoint_seconds, extra
+) -> dict:
+    """Video mode of `segment_video`: track the frames, write the results (`outputs`:
+    records, run.json, skipped.csv) and return the counts."""
     from sam2pal.inference.temporal import VideoPropagator, track_video
     from sam2pal.io.images import read_image
     from sam2pal.models.build import file_sha256
 
-    started = now()
-    settings = _engine_settings(engine_settings)
-    model, model_info, torch_device = _run_model(
-        config, checkpoint, image_size, seed, device, threads, checkpoint_dir, adapter
-    )
-    templates_info = _templates_info(templates_json, templates)
-    frames_dir = Path(frames_dir)
+    out_jsonl, run_json, skipped_csv = outputs
     # a checkpoint is only resumed from with the same model, keyframes, settings, frames
     # (a re-extraction rewrites the manifest) and kind of device
     key = _settings_key(
         {
-            "model": model_info,
-            "templates": templates_info["sha256"],
-            "settings": settings,
-            "mode": mode,
+            "model": run.model_info,
+            "templates": run.templates_info["sha256"],
+            "settings": run.settings,
+            "mode": "video",
             "frames_dir": str(frames_dir.resolve()),
             "manifest": file_sha256(manifest_csv),
             "manifest_mtime_ns": os.stat(manifest_csv).st_mtime_ns,
-            "device": torch_device.type,
+            "device": run.device.type,
         }
     )
+    frames = video.frames
     propagator = VideoPropagator(
-        model, keyframes, len(frames), lambda i: read_image(frames_dir / frames[i].file), **settings
+        run.model,
+        video.keyframes,
+        len(frames),
+        lambda i: read_image(frames_dir / frames[i].file),
+        **run.settings,
     )
-
-    def record_of(result) -> dict:
-        row = frames[result.index]
-        if result.skipped is not None:
-            record = {"file_name": row.file, "skipped": result.skipped}
-        else:
-            structures = []
-            for pred in result.predictions:
-                entry = structure_record(pred)
-                if (pred.category_id, pred.instance) in result.keyframe_objects:
-                    entry["keyframe"] = True
-                structures.append(entry)
-            height, width = result.size
-            record = {
-                "file_name": row.file,
-                "width": int(width),
-                "height": int(height),
-                "structures": structures,
-            }
-        record.update(_frame_fields(row))
-        return record
-
     counts = track_video(
         propagator,
         out_jsonl,
-        record_of,
+        video.record_of,
         key,
-        on_bad_image=on_bad_image,
-        progress=progress,
-        log=log,
         checkpoint_seconds=checkpoint_seconds,
         desc=Path(out_jsonl).parent.parent.name or "video",
+        **options,
     )
-    counts["keyframes"] = len(keyframes)
-    if skipped_csv is not None:
-        write_skipped([out_jsonl], skipped_csv)
-    _write_run_json(
-        run_json,
-        started,
-        torch_device,
-        model_info,
-        templates_info,
-        settings,
-        frames_dir,
-        counts,
-        **(run_extra or {}),
-        video={
-            "mode": mode,
-            "frames": len(frames),
-            "keyframes": sorted(keyframes),
-            "manifest": str(Path(manifest_csv).resolve()),
-            "peak_state_mb": round(propagator.peak_state_bytes / 2**20, 1),
-        },
+    counts["keyframes"] = len(video.keyframes)
+    video_info = {
+        "mode": "video",
+        "frames": len(frames),
+        "keyframes": sorted(video.keyframes),
+        "manifest": str(Path(manifest_csv).resolve()),
+        "peak_state_mb": round(propagator.peak_state_bytes / 2**20, 1),
+    }
+    _finish_run(
+        run, run_json, frames_dir, out_jsonl, skipped_csv, counts, **(extra or {}), video=video_info
     )
     return counts
 
@@ -641,49 +707,27 @@ def workflow_version(root=None) -> dict:
 def provenance(
     run_jsons, config: dict | None = None, collection: str | None = None, workflow_root=None
 ) -> dict:
-    """What produced a collection's masks, from the run files of its shards: the model
-    (checkpoint and config with their SHA-256, image size, seed), the adapter and its
-    SHA-256, the templates, the settings, `config` (the workflow settings that shape the
-    masks), package versions, the sam2-pal git commit, and when, where and on which
-    device each shard ran. The same dict is the `info` of predictions.json."""
-    runs = []
-    for path in run_jsons:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                runs.append((str(path), json.load(handle)))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read this run file ({exc})") from None
+    """What produced a collection's masks, from the run files of its shards. The same
+    dict is the `info` of predictions.json.
+
+    Args:
+        run_jsons: the run files of the shards (all of the same model, templates and
+            settings).
+        config: the workflow settings that shape the masks.
+        collection: the collection's name.
+        workflow_root: the sam2-pal checkout (default: this one).
+
+    Returns:
+        The model (checkpoint and config with their SHA-256, image size, seed), the
+        adapter and its SHA-256, the templates, the settings, `config`, package
+        versions, the sam2-pal git commit, and when, where and on which device each
+        shard ran.
+    """
+    runs = _read_runs(run_jsons)
     first = runs[0][1] if runs else {}
-    for path, run in runs[1:]:
-        for key in ("model", "templates", "settings"):
-            if run.get(key) != first.get(key):
-                raise InputError(
-                    f"{path}: segmented with other {key} than {runs[0][0]}; rerun the collection"
-                )
     model = first.get("model") or {}
-    adapter = None
-    if model.get("adapter"):
-        adapter = {
-            k: model.get(f"adapter{s}")
-            for k, s in (("path", ""), ("kind", "_kind"), ("sha256", "_sha256"))
-        }
-    shards = [
-        {
-            "shard": run.get("shard"),
-            **{
-                k: run.get(k)
-                for k in ("started", "finished", "host", "device", "device_name", "counts")
-            },
-            "reused_from": run.get("reused_from") or [],
-        }
-        for _, run in runs
-    ]
+    shards = [_shard_entry(run) for _, run in runs]
     ran = shards + [source for shard in shards for source in shard["reused_from"]]
-    totals: dict[str, int] = {}
-    for shard in shards:
-        for key, value in (shard["counts"] or {}).items():
-            if isinstance(value, int):
-                totals[key] = totals.get(key, 0) + value
     seeds = {"model": model.get("seed")}
     if config and "seed" in (config.get("finetune") or {}):
         seeds["finetune"] = config["finetune"]["seed"]
@@ -698,7 +742,7 @@ def provenance(
         "finished": max(finished) if finished else None,
         "config": config,
         "model": model,
-        "adapter": adapter,
+        "adapter": _adapter_of(model),
         "seeds": seeds,
         "templates": first.get("templates"),
         "settings": first.get("settings"),
@@ -709,9 +753,58 @@ def provenance(
         "devices": sorted(
             {f"{s['device']} ({s.get('device_name')})" for s in ran if s.get("device")}
         ),
-        "counts": totals,
+        "counts": _total_counts(shards),
         "runs": shards,
     }
+
+
+def _read_runs(run_jsons) -> list[tuple[str, dict]]:
+    """(path, content) of the run files; all must be of the same model, templates and
+    settings."""
+    runs = []
+    for path in run_jsons:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                runs.append((str(path), json.load(handle)))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read this run file ({exc})") from None
+    first = runs[0][1] if runs else {}
+    for path, run in runs[1:]:
+        for key in ("model", "templates", "settings"):
+            if run.get(key) != first.get(key):
+                raise InputError(
+                    f"{path}: segmented with other {key} than {runs[0][0]}; rerun the collection"
+                )
+    return runs
+
+
+def _adapter_of(model: dict) -> dict | None:
+    if not model.get("adapter"):
+        return None
+    return {
+        k: model.get(f"adapter{s}")
+        for k, s in (("path", ""), ("kind", "_kind"), ("sha256", "_sha256"))
+    }
+
+
+def _shard_entry(run: dict) -> dict:
+    return {
+        "shard": run.get("shard"),
+        **{
+            k: run.get(k)
+            for k in ("started", "finished", "host", "device", "device_name", "counts")
+        },
+        "reused_from": run.get("reused_from") or [],
+    }
+
+
+def _total_counts(shards: list[dict]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for shard in shards:
+        for key, value in (shard["counts"] or {}).items():
+            if isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 def merge(
@@ -824,14 +917,24 @@ def finetune(
 ) -> dict:
     """Palindrome fine-tuning on a collection; writes the adapter folder `out_dir`.
 
-    `pool_names` (relative to `pool_dir`) are the unlabelled specimens; the template
-    photos among them are left out. `ground_truth`: a COCO file whose masks give the
-    real IoU on held-out specimens. `extra_templates`: [(COCO json, image folder)].
+    Args:
+        templates_json: the prepared templates.
+        pool_dir, pool_names: the unlabelled specimens (names relative to the folder);
+            the template photos among them are left out.
+        out_dir: the adapter folder.
+        config, checkpoint, image_size, seed, device, threads, checkpoint_dir: the
+            base model (`load_model`).
+        settings: `sam2pal.training.palindrome.FinetuneSettings` as a dict.
+        ground_truth: a COCO file whose masks give the real IoU on held-out specimens.
+        extra_templates: more training templates [(COCO json, image folder)].
+        log: where messages go.
+
+    Returns:
+        The training result (`Trainer.train`).
     """
     import torch
 
     from sam2pal.models.build import resolve_device
-    from sam2pal.outputs.evaluate import category_masks, load_coco
     from sam2pal.training.palindrome import FinetuneSettings, Trainer
 
     started = now()
@@ -846,13 +949,34 @@ def finetune(
     for note in notes:
         log(note)
     pool = {name: Path(pool_dir) / name for name in pool_names}
-    truth = {}
-    if ground_truth:
-        gt_path = Path(ground_truth)
-        _, masks = category_masks(load_coco(gt_path), gt_path)
-        truth = {name: masks[name] for name in pool_names if name in masks}
+    truth = _ground_truth_masks(ground_truth, pool_names)
     trainer = Trainer(model, templates, pool, train_settings, ground_truth=truth, log=log)
-    metadata = {
+    metadata = _adapter_metadata(started, model_info, seed, templates, pool_dir, trainer)
+    metadata["device"] = str(torch_device)
+    metadata["host"] = socket.gethostname()
+    metadata["versions"] = package_versions()
+    result = trainer.train(out_dir, metadata)
+    log(
+        f"best epoch {result['best_epoch']} (score {result['best_score']}); adapter in {Path(out_dir) / 'adapter'}"
+    )
+    return result
+
+
+def _ground_truth_masks(ground_truth, pool_names) -> dict:
+    """{file name: masks} of the pool images in a ground-truth COCO file (none when
+    not given)."""
+    from sam2pal.outputs.evaluate import category_masks, load_coco
+
+    if not ground_truth:
+        return {}
+    gt_path = Path(ground_truth)
+    _, masks = category_masks(load_coco(gt_path), gt_path)
+    return {name: masks[name] for name in pool_names if name in masks}
+
+
+def _adapter_metadata(started, model_info, seed, templates, pool_dir, trainer) -> dict:
+    """What an adapter records of its base model, templates and pool."""
+    return {
         "sam2pal_version": package_versions().get("sam2pal"),
         "created": started,
         "base_id": model_info["base_id"],
@@ -868,12 +992,4 @@ def finetune(
             "train": len(trainer.train_keys),
             "holdout": trainer.holdout,
         },
-        "device": str(torch_device),
-        "host": socket.gethostname(),
-        "versions": package_versions(),
     }
-    result = trainer.train(out_dir, metadata)
-    log(
-        f"best epoch {result['best_epoch']} (score {result['best_score']}); adapter in {Path(out_dir) / 'adapter'}"
-    )
-    return result

@@ -1,135 +1,53 @@
 """Run the engine over a collection, writing each image's result as soon as it is done.
 
-Results go to a JSON-lines file, one record per image:
-
-    {"file_name": ..., "width": ..., "height": ...,
-     "structures": [{"category_id", "instance", "segmentation" (COCO RLE), "area", "bbox",
-                     "score", "predicted_iou", "object_score", "cycle_iou", "clamped"}, ...]}
-
-or, for a bad image file, ``{"file_name": ..., "skipped": "<reason>"}``. Only bad image
-files are skipped (`sam2pal.io.images.ImageReadError`); a file that cannot be read at all
-(missing, no permission, an input/output error) stops the run. Structures predicted
-absent are kept with area 0 so that QC can report them.
+Results go to a JSON-lines file, one record per image (`sam2pal.io.records`: its size
+and structures, each with its mask as COCO RLE and its scores), or, for a bad image
+file, the reason it was skipped. Only bad image files are skipped
+(`sam2pal.io.images.ImageReadError`); a file that cannot be read at all (missing, no
+permission, an input/output error) stops the run. Structures predicted absent are kept
+with area 0 so that QC can report them.
 
 Too many skipped images stop the run too (`SkipLimit`, propagate.max_skipped_fraction).
 Images are segmented in an order given by a hash of their names (`processing_order`),
 so the images read so far are a fair sample of the collection, whatever its naming.
 
-While running, records are appended (and flushed) to ``<out>.partial``, whose first
-line records a key of the model, templates and settings. If the run is interrupted,
-the next run with the same key picks up where it stopped: nothing finished is lost
-(skipped images are tried again). At the end the records are rewritten in file-name
-order to ``<out>`` (atomically) and the partial file is removed.
+While running, records are appended (and flushed) to ``<out>.partial``
+(`sam2pal.io.records.PartialRecords`), whose first line records a key of the model,
+templates and settings. If the run is interrupted, the next run with the same key picks
+up where it stopped: nothing finished is lost (skipped images are tried again). At the
+end the records are rewritten in file-name order to ``<out>`` (atomically) and the
+partial file is removed.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 import os
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sam2pal.errors import ImageReadError, InputError
 from sam2pal.io.atomic import atomic_write
 from sam2pal.io.images import read_image as default_read_image
-
-PARTIAL_SUFFIX = ".partial"
-
-
-def structure_record(pred) -> dict:
-    """JSON record of one `engine.StructurePrediction`."""
-    box = pred.box
-    return {
-        "category_id": int(pred.category_id),
-        "instance": int(pred.instance),
-        "segmentation": box.rle(),
-        "area": box.area,
-        "bbox": box.bbox(),
-        "score": round(pred.score, 6),
-        "predicted_iou": round(float(pred.predicted_iou), 6),
-        "object_score": round(float(pred.object_score), 6),
-        "cycle_iou": None if pred.cycle_iou is None else round(float(pred.cycle_iou), 6),
-        "clamped": bool(pred.clamped),
-    }
-
-
-def read_records(path: str | os.PathLike) -> Iterator[dict]:
-    """Records of a finished JSON-lines result file."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
-
-
-def _load_partial(partial: Path, key: str) -> set[str]:
-    """File names already segmented in a partial file of the same key (else start
-    over). Skipped images are not among them: they are tried again, and their new
-    record replaces the old one (`_finalise`).
-
-    A last line cut off by a crash is dropped (the file is truncated after the last
-    complete record).
-    """
-    if not partial.exists():
-        return set()
-    done: set[str] = set()
-    good_end = 0
-    with open(partial, "rb") as handle:
-        header = handle.readline()
-        try:
-            if json.loads(header).get("settings") != key:
-                return set()
-        except (ValueError, AttributeError):
-            return set()
-        good_end = handle.tell()
-        while line := handle.readline():
-            if not line.endswith(b"\n"):
-                break
-            try:
-                record = json.loads(line)
-                name = record["file_name"]
-            except (ValueError, KeyError, TypeError):
-                break
-            if "skipped" in record:
-                done.discard(name)
-            else:
-                done.add(name)
-            good_end = handle.tell()
-    with open(partial, "rb+") as handle:
-        handle.truncate(good_end)
-    return done
-
-
-def _finalise(partial: Path, out: Path) -> None:
-    """Copy the partial file's records to `out` in file-name order, atomically (the
-    last record of an image that was tried again)."""
-    last = {}
-    with open(partial, "rb") as handle:
-        handle.readline()
-        while True:
-            offset = handle.tell()
-            line = handle.readline()
-            if not line:
-                break
-            last[json.loads(line)["file_name"]] = (offset, len(line))
-    index = sorted((name, offset, length) for name, (offset, length) in last.items())
-    with open(partial, "rb") as src, atomic_write(out, "wb") as dst:
-        for _, offset, length in index:
-            src.seek(offset)
-            dst.write(src.read(length))
-    partial.unlink()
+from sam2pal.io.records import (
+    ImageRecord,
+    PartialRecords,
+    StructureRecord,
+    read_records,
+    skipped_of,
+)
 
 
 def write_skipped(records_paths: Iterable[str | os.PathLike], out_csv: str | os.PathLike) -> int:
     """`skipped.csv` (file_name, reason) from result files; returns the count."""
     rows = []
     for path in records_paths:
-        rows += [(r["file_name"], r["skipped"]) for r in read_records(path) if "skipped" in r]
+        rows += [(r.file_name, r.skipped) for r in read_records(path) if r.is_skipped]
     return write_skipped_rows(rows, out_csv)
 
 
@@ -150,17 +68,7 @@ def check_skipped(
     raises TooManySkipped, after logging every skipped file, when too many images were
     skipped. Returns (images, skipped)."""
     max_fraction = check_max_fraction(max_fraction)
-    images, skipped = 0, []
-    for path in records_paths:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                images += 1
-                if '"skipped"' in line:  # parse only the few lines that may be skipped records
-                    record = json.loads(line)
-                    if "skipped" in record:
-                        skipped.append((record["file_name"], record["skipped"]))
+    images, skipped = skipped_of(records_paths)
     if too_many_skipped(len(skipped), images, max_fraction):
         if log is not None:
             log(
@@ -308,111 +216,46 @@ def run_propagation(
     progress: bool = True,
     prefetch: int = 4,
     log=None,
-    transform: Callable[[dict], dict] | None = None,
-    reused: Iterable[dict] = (),
+    transform: Callable[[ImageRecord], ImageRecord] | None = None,
+    reused: Iterable[ImageRecord] = (),
     max_skipped_fraction: float | None = None,
 ) -> dict:
     """Segment `file_names` (relative to `image_dir`) and write `out_jsonl`.
 
-    transform: applied to each record before it is written (e.g. adds a video frame's
-    index and time). reused: finished records of some of the images, taken as they are.
+    Args:
+        propagator: the engine (`sam2pal.inference.engine.Propagator`: `predict`, or
+            `start_batch` for batches).
+        image_dir, file_names: the images to segment (names relative to the folder).
+        out_jsonl: the result file (`sam2pal.io.records`).
+        read_image: reads an image (default: the propagator's `read_target`, else
+            `sam2pal.io.images.read_image`).
+        settings_key: the key of the model, templates and settings; a partial file of
+            the same key is resumed.
+        on_bad_image: "skip" records a bad image file as skipped and goes on; "fail"
+            raises its ImageReadError. A file that cannot be read at all raises
+            ImageAccessError either way.
+        progress, log: show a progress bar; where messages go (default: stderr).
+        prefetch: images read ahead of the model.
+        transform: applied to each record before it is written (e.g. adds a video
+            frame's index and time).
+        reused: finished records of some of the images, taken as they are.
+        max_skipped_fraction: raise TooManySkipped as soon as the images read show that
+            more than this share of the collection is skipped (`SkipLimit`; the rule
+            itself is checked by `check_skipped` on the whole collection); None: no
+            limit. The partial file is kept for the next run whenever the run stops.
 
-    on_bad_image: "skip" records a bad image file as skipped and goes on; "fail"
-    raises its ImageReadError. A file that cannot be read at all raises
-    ImageAccessError either way. max_skipped_fraction: raise TooManySkipped as soon as
-    the images read show that more than this share of the collection is skipped
-    (`SkipLimit`; the rule itself is checked by `check_skipped` on the whole
-    collection); None: no limit. The partial file is kept for the next run whenever
-    the run stops.
+    Returns:
+        The counts: images, segmented, skipped, resumed, reused.
     """
-    from sam2pal.progress import progress as progress_bar
-
     if on_bad_image not in ("skip", "fail"):
         raise ValueError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
     log = log or (lambda msg: print(msg, file=sys.stderr))
     image_dir = Path(image_dir)
-    out = Path(out_jsonl)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-
-    done = _load_partial(partial, settings_key)
-    if done:
-        log(f"resuming: {len(done)} of {len(file_names)} images already done in {partial}")
-    else:
-        with open(partial, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps({"partial_of": out.name, "settings": settings_key}) + "\n")
-    n_reused = 0
-    with open(partial, "a", encoding="utf-8") as handle:
-        for record in reused:
-            if record["file_name"] not in done:
-                handle.write(json.dumps(record) + "\n")
-                done.add(record["file_name"])
-                n_reused += 1
-    if n_reused:
-        log(f"reused {n_reused} image(s) already segmented with the same settings")
+    partial = PartialRecords(out_jsonl, settings_key)
+    done, n_reused = _start_partial(partial, reused, len(file_names), log)
     todo = processing_order(name for name in file_names if name not in done)
     limit = SkipLimit(max_skipped_fraction, image_dir)
     limit.read = len(done)
-
-    if read_image is None:
-        read_image = getattr(propagator, "read_target", None) or default_read_image
-
-    def load(name: str):
-        """(image for the model, (height, width) of the photo, error)."""
-        try:
-            image = read_image(image_dir / name)
-        except ImageReadError as exc:
-            return None, None, exc
-        if isinstance(image, tuple):
-            return image[0], (int(image[1][0]), int(image[1][1])), None
-        return image, (int(image.shape[0]), int(image.shape[1])), None
-
-    batch_size = max(int(getattr(propagator, "batch_size", 1)), 1)
-    batched = hasattr(propagator, "start_batch")
-
-    def model_part(images: list, sizes: list) -> list[Callable[[], list]]:
-        """Run the model on a batch; returns per image the rest of its work."""
-        if batched:
-            return [pending.finish for pending in propagator.start_batch(images, sizes=sizes)]
-        return [(lambda image=image: propagator.predict(image)) for image in images]
-
-    def finish(name: str, size, rest) -> dict:
-        height, width = size
-        return {
-            "file_name": name,
-            "width": width,
-            "height": height,
-            "structures": [structure_record(p) for p in rest()],
-        }
-
-    def segment_all(pending: list, queued: deque, write, readers, writers) -> None:
-        """Read, segment and queue every image to do, in batches."""
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            good = []
-            for offset, name in enumerate(chunk):
-                i = start + offset
-                image, size, error = pending[i].result()
-                pending[i] = None
-                if i + prefetch < len(todo):
-                    pending.append(readers.submit(load, todo[i + prefetch]))
-                if error is None:
-                    good.append((name, image, size))
-                    continue
-                if on_bad_image == "fail":
-                    raise error
-                reason = _reason(error, image_dir / name)
-                counts["skipped"] += 1
-                log(f"skipped {name}: {reason}")
-                queued.append((name, {"file_name": name, "skipped": reason}, reason))
-            if good:
-                rests = model_part([image for _, image, _ in good], [size for _, _, size in good])
-                for (name, _, size), rest in zip(good, rests):
-                    queued.append((name, writers.submit(finish, name, size, rest), None))
-                    counts["segmented"] += 1
-            write(until=2 * batch_size)
-        write(until=0)
-
     counts = {
         "images": len(file_names),
         "segmented": 0,
@@ -420,47 +263,158 @@ def run_propagation(
         "resumed": len(done) - n_reused,
         "reused": n_reused,
     }
-    prefetch = max(prefetch, 2 * batch_size)
-    # reading runs ahead of the model in threads; resizing the masks and encoding the
-    # records runs behind it in as many more, so that the model (a GPU) never waits:
-    # two of each, more for larger batches where there are cores for them (JPEG
-    # decoding and the array work release Python's lock)
-    workers = max(2, min(batch_size, os.cpu_count() or 2))
-    with (
-        open(partial, "a", encoding="utf-8") as handle,
-        ThreadPoolExecutor(max_workers=workers) as readers,
-        ThreadPoolExecutor(max_workers=workers) as writers,
-    ):
-        pending = [readers.submit(load, name) for name in todo[:prefetch]]
-        queued: deque = deque()  # (name, future record or ready record, skip reason)
-        bar = progress_bar(
-            total=len(todo),
-            desc=f"segment {out.stem or 'images'}",
-            unit="img",
-            disable=not progress,
-        )
+    if read_image is None:
+        read_image = getattr(propagator, "read_target", None) or default_read_image
+    run = _PhotoRun(propagator, image_dir, todo, read_image, on_bad_image, prefetch, log, counts)
+    run.write_all(partial, limit, transform, progress)
+    partial.finalise()
+    return counts
 
-        def write(until: int) -> None:
-            while len(queued) > until:
-                name, record, reason = queued.popleft()
-                if not isinstance(record, dict):
-                    record = record.result()
-                if transform is not None:
-                    record = transform(record)
-                handle.write(json.dumps(record) + "\n")
-                handle.flush()
+
+def _start_partial(
+    partial: PartialRecords, reused: Iterable[ImageRecord], images: int, log
+) -> tuple[set[str], int]:
+    """Resume the partial file of the same settings (else start a new one) and add the
+    reused records; returns (file names done, number reused)."""
+    partial.out.parent.mkdir(parents=True, exist_ok=True)
+    done = partial.resume()
+    if done:
+        log(f"resuming: {len(done)} of {images} images already done in {partial.path}")
+    else:
+        partial.start()
+    n_reused = 0
+    with partial.appender() as out:
+        for record in reused:
+            if record.file_name not in done:
+                out.append(record)
+                done.add(record.file_name)
+                n_reused += 1
+    if n_reused:
+        log(f"reused {n_reused} image(s) already segmented with the same settings")
+    return done, n_reused
+
+
+class _PhotoRun:
+    """The images to do of one `run_propagation`: reading runs ahead of the model in
+    threads; resizing the masks and encoding the records runs behind it in as many
+    more, so that the model (a GPU) never waits: two of each, more for larger batches
+    where there are cores for them (JPEG decoding and the array work release Python's
+    lock). Records are written in the order the images were read."""
+
+    def __init__(
+        self, propagator, image_dir, todo, read_image, on_bad_image, prefetch, log, counts
+    ):
+        self.propagator = propagator
+        self.image_dir = image_dir
+        self.todo = todo
+        self.read_image = read_image
+        self.on_bad_image = on_bad_image
+        self.log = log
+        self.counts = counts
+        self.batch_size = max(int(getattr(propagator, "batch_size", 1)), 1)
+        self.batched = hasattr(propagator, "start_batch")
+        self.prefetch = max(prefetch, 2 * self.batch_size)
+        self.workers = max(2, min(self.batch_size, os.cpu_count() or 2))
+        # (name, future record or ready record, skip reason)
+        self.queued: deque = deque()
+
+    def load(self, name: str):
+        """(image for the model, (height, width) of the photo, error)."""
+        try:
+            image = self.read_image(self.image_dir / name)
+        except ImageReadError as exc:
+            return None, None, exc
+        if isinstance(image, tuple):
+            return image[0], (int(image[1][0]), int(image[1][1])), None
+        return image, (int(image.shape[0]), int(image.shape[1])), None
+
+    def model_part(self, images: list, sizes: list) -> list[Callable[[], list]]:
+        """Run the model on a batch; returns per image the rest of its work."""
+        if self.batched:
+            return [pending.finish for pending in self.propagator.start_batch(images, sizes=sizes)]
+        return [(lambda image=image: self.propagator.predict(image)) for image in images]
+
+    @staticmethod
+    def finish(name: str, size, rest) -> ImageRecord:
+        height, width = size
+        structures = [StructureRecord.from_prediction(p) for p in rest()]
+        return ImageRecord(file_name=name, width=width, height=height, structures=structures)
+
+    def write_all(self, partial: PartialRecords, limit: SkipLimit, transform, progress: bool):
+        """Segment every image to do, appending each record (through `transform`) to
+        the partial file and counting it in `limit`."""
+        from sam2pal.progress import progress as progress_bar
+
+        with partial.appender() as out:
+            bar = progress_bar(
+                total=len(self.todo),
+                desc=f"segment {partial.out.stem or 'images'}",
+                unit="img",
+                disable=not progress,
+            )
+
+            def write(name: str, record: ImageRecord, reason: str | None) -> None:
+                out.append(transform(record) if transform is not None else record)
                 bar.update(1)
                 limit.add(name, reason)
 
-        try:
-            segment_all(pending, queued, write, readers, writers)
-        except BaseException:
-            # keep every image finished before the failure for the next run
+            self.run(write)
+            bar.close()
+
+    def run(self, write: Callable[[str, ImageRecord, str | None], None]) -> None:
+        """Segment every image to do; `write(name, record, skip reason)` takes each
+        record, in order."""
+        with (
+            ThreadPoolExecutor(max_workers=self.workers) as readers,
+            ThreadPoolExecutor(max_workers=self.workers) as writers,
+        ):
+            pending = [readers.submit(self.load, name) for name in self.todo[: self.prefetch]]
             try:
-                write(until=0)
-            except BaseException:  # noqa: BLE001 - the first failure is the one reported
-                pass
-            raise
-        bar.close()
-    _finalise(partial, out)
-    return counts
+                for start in range(0, len(self.todo), self.batch_size):
+                    good = self._read_batch(start, pending, readers)
+                    self._segment_batch(good, writers)
+                    self._write(write, until=2 * self.batch_size)
+                self._write(write, until=0)
+            except BaseException:
+                # keep every image finished before the failure for the next run
+                try:
+                    self._write(write, until=0)
+                except BaseException:  # noqa: BLE001 - the first failure is the one reported
+                    pass
+                raise
+
+    def _read_batch(self, start: int, pending: list, readers) -> list:
+        """The images of the batch at `start` that could be read (name, image, size);
+        the others are queued as skipped (or raise, when bad images fail the run)."""
+        good = []
+        for offset, name in enumerate(self.todo[start : start + self.batch_size]):
+            i = start + offset
+            image, size, error = pending[i].result()
+            pending[i] = None
+            if i + self.prefetch < len(self.todo):
+                pending.append(readers.submit(self.load, self.todo[i + self.prefetch]))
+            if error is None:
+                good.append((name, image, size))
+                continue
+            if self.on_bad_image == "fail":
+                raise error
+            reason = _reason(error, self.image_dir / name)
+            self.counts["skipped"] += 1
+            self.log(f"skipped {name}: {reason}")
+            self.queued.append((name, ImageRecord.skip(name, reason), reason))
+        return good
+
+    def _segment_batch(self, good: list, writers) -> None:
+        if not good:
+            return
+        rests = self.model_part([image for _, image, _ in good], [size for _, _, size in good])
+        for (name, _, size), rest in zip(good, rests):
+            self.queued.append((name, writers.submit(self.finish, name, size, rest), None))
+            self.counts["segmented"] += 1
+
+    def _write(self, write, until: int) -> None:
+        while len(self.queued) > until:
+            name, record, reason = self.queued.popleft()
+            if not isinstance(record, ImageRecord):
+                record = record.result()
+            write(name, record, reason)

@@ -85,6 +85,7 @@ from sam2pal.inference.engine import (
 from sam2pal.inference.postprocess import StructureReference, clamp_mask
 from sam2pal.io.atomic import atomic_path
 from sam2pal.io.masks import BoxMask, decode_segmentation
+from sam2pal.io.records import ImageRecord, PartialRecords, RecordAppender
 from sam2pal.models.build import autocast
 
 STATE_FORMAT = 1  # version of `VideoPropagator.state()`
@@ -420,20 +421,7 @@ class VideoPropagator:
         _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
         low_res = fill_holes(low_res_masks.float(), self.fill_hole_area)
         masks = logits_to_boxes(low_res, size, self.mask_threshold, self.exact)
-        # drift guards: the output mask is cut, and so is the mask the memory is built from
-        clamped = [False] * len(group.objects)
-        boxes: list = [None] * len(group.objects)
-        for i, key in enumerate(group.objects):
-            if key in previous:
-                masks[i], clamped[i] = clamp_mask(
-                    masks[i],
-                    previous[key],
-                    area_growth_limit=self.area_growth_limit,
-                    pad=self.area_clamp_pad,
-                    always=self.bbox_clamp,
-                )
-                if clamped[i] or self.bbox_clamp:
-                    boxes[i] = previous[key].pixel_box(size[0], size[1], self.area_clamp_pad)
+        clamped, boxes = self._guard_drift(group, masks, size, previous)
         window[index] = remember(
             self.model,
             feats,
@@ -441,18 +429,7 @@ class VideoPropagator:
             object_score_logits,
             obj_ptr,
         )
-        cycle = None
-        if self.cycle_consistency:
-            nearest = self._nearest_keyframe(group, index)
-            references = [
-                (
-                    self._reference_backbone(nearest),
-                    [self.keyframes[nearest][key] for key in group.objects],
-                )
-            ]
-            cycle = cycle_ious(
-                self.model, feats, low_res, references, self.fill_hole_area, self.mask_threshold
-            )
+        cycle = self._cycle_ious(group, index, feats, low_res) if self.cycle_consistency else None
         probs = torch.sigmoid(object_score_logits.float()[:, 0]).cpu().tolist()
         ious = ious.float().max(dim=1).values.cpu().tolist()
         return {
@@ -467,6 +444,38 @@ class VideoPropagator:
             )
             for i, key in enumerate(group.objects)
         }
+
+    def _guard_drift(self, group: _Group, masks: list, size, previous: dict):
+        """The drift guards: the output masks are cut (in place), and so is the mask the
+        memory is built from; returns (clamped per object, box to cut the memory's
+        mask to per object, or None)."""
+        clamped = [False] * len(group.objects)
+        boxes: list = [None] * len(group.objects)
+        for i, key in enumerate(group.objects):
+            if key in previous:
+                masks[i], clamped[i] = clamp_mask(
+                    masks[i],
+                    previous[key],
+                    area_growth_limit=self.area_growth_limit,
+                    pad=self.area_clamp_pad,
+                    always=self.bbox_clamp,
+                )
+                if clamped[i] or self.bbox_clamp:
+                    boxes[i] = previous[key].pixel_box(size[0], size[1], self.area_clamp_pad)
+        return clamped, boxes
+
+    def _cycle_ious(self, group: _Group, index: int, feats, low_res):
+        """Cycle IoU of each object of the group from its nearest keyframe."""
+        nearest = self._nearest_keyframe(group, index)
+        references = [
+            (
+                self._reference_backbone(nearest),
+                [self.keyframes[nearest][key] for key in group.objects],
+            )
+        ]
+        return cycle_ious(
+            self.model, feats, low_res, references, self.fill_hole_area, self.mask_threshold
+        )
 
     def _state_bytes(self, windows: list) -> int:
         held = tensor_bytes([g.cond for g in self.groups]) + tensor_bytes(windows)
@@ -526,38 +535,40 @@ class VideoPropagator:
                     yield index, None, error, frozenset()
                     continue
                 size = rgb.shape[:2]
-                results: dict[ObjectKey, StructurePrediction] = {}
-                from_annotation: set[ObjectKey] = set()
                 tracked = [g for g in active if index not in self.groups[g].cond]
                 with torch.inference_mode(), autocast(self.device):
                     backbone = encode_image(self.model, rgb) if tracked else None
                     del rgb
-                    for g in active:
-                        group = self.groups[g]
-                        if index in group.cond:
-                            found = self._annotation(group, index)
-                            from_annotation.update(found)
-                        else:
-                            found = self._track_group(
-                                group,
-                                backbone,
-                                index,
-                                size,
-                                state.windows[g],
-                                step,
-                                state.previous[g],
-                            )
-                        results.update(found)
-                        state.previous[g] = {
-                            key: StructureReference.from_masks([p.box])
-                            for key, p in found.items()
-                            if p.box.area
-                        } or state.previous[g]
-                        self._prune(state.windows[g], index + step, step)
+                    results, from_annotation = self._track_frame(
+                        backbone, index, size, active, step, state
+                    )
                     del backbone
                 self.peak_state_bytes = max(self.peak_state_bytes, self._state_bytes(state.windows))
                 state.done += 1
                 yield index, size, results, frozenset(from_annotation)
+
+    def _track_frame(self, backbone, index: int, size, active: list[int], step: int, state):
+        """({key: prediction}, keys output as annotated) of one frame (its image
+        encoding `backbone`), for the groups `active` there."""
+        results: dict[ObjectKey, StructurePrediction] = {}
+        from_annotation: set[ObjectKey] = set()
+        for g in active:
+            group = self.groups[g]
+            if index in group.cond:
+                found = self._annotation(group, index)
+                from_annotation.update(found)
+            else:
+                found = self._track_group(
+                    group, backbone, index, size, state.windows[g], step, state.previous[g]
+                )
+            results.update(found)
+            state.previous[g] = {
+                key: StructureReference.from_masks([p.box])
+                for key, p in found.items()
+                if p.box.area
+            } or state.previous[g]
+            self._prune(state.windows[g], index + step, step)
+        return results, from_annotation
 
     # -- resuming ---------------------------------------------------------------------
 
@@ -648,9 +659,6 @@ class VideoPropagator:
         skip_bad_frames: False raises the InputError of the first frame that cannot be
             read, in whichever sweep reads it first (True reports it as skipped).
         """
-        first = min(g.first for g in self.groups)
-        last_first = max(g.first for g in self.groups)
-        every = range(len(self.groups))
         if resume is None:
             sweep, self._spill = self._fresh("backward"), _Spill(spill)
         else:
@@ -660,53 +668,65 @@ class VideoPropagator:
         safe_point = on_safe_point or (lambda: None)
         try:
             if sweep.phase == "backward":
-                backwards = list(range(last_first - 1, -1, -1))
-                for index, size, results, annotated in self._sweep(
-                    backwards,
-                    -1,
-                    lambda f: [i for i in every if self.groups[i].first > f],
-                    sweep,
-                    skip_bad_frames,
-                ):
-                    if index < first:
-                        if size is None:
-                            yield FrameResult(index, (0, 0), [], skipped=results)
-                        else:
-                            yield self._result(index, size, results, annotated)
-                    elif size is None:
-                        self._spill.write(index, None, None, (), skipped=results)
-                        self.spilled_frames += 1
-                    else:
-                        self._spill.write(index, size, results, annotated)
-                        self.spilled_frames += 1
-                    safe_point()
+                yield from self._backward(sweep, safe_point, skip_bad_frames)
                 sweep = self._sweep_state = self._fresh("forward")
-            forwards = list(range(first, self.num_frames))
-            for index, size, results, annotated in self._sweep(
-                forwards,
-                1,
-                lambda f: [i for i in every if self.groups[i].first <= f],
-                sweep,
-                skip_bad_frames,
-            ):
-                if self._spill.has(index):
-                    _, earlier, earlier_annotated, skipped = self._spill.read(index)
-                    if size is not None and skipped is not None:
-                        size, results = (
-                            None,
-                            skipped,
-                        )  # the frame was unreadable in the backward sweep
-                    elif size is not None:
-                        results = {**earlier, **results}
-                        annotated = annotated | earlier_annotated
+            yield from self._forward(sweep, safe_point, skip_bad_frames)
+        finally:
+            self._spill.close()
+            self._sweep_state = None
+
+    def _backward(self, sweep: _Sweep, safe_point, skip_bad_frames: bool):
+        """The backward sweep, from the latest first keyframe: yields the results of
+        frames before the first keyframe, spills those of the frames after it."""
+        first = min(g.first for g in self.groups)
+        last_first = max(g.first for g in self.groups)
+        every = range(len(self.groups))
+        backwards = list(range(last_first - 1, -1, -1))
+        for index, size, results, annotated in self._sweep(
+            backwards,
+            -1,
+            lambda f: [i for i in every if self.groups[i].first > f],
+            sweep,
+            skip_bad_frames,
+        ):
+            if index < first:
                 if size is None:
                     yield FrameResult(index, (0, 0), [], skipped=results)
                 else:
                     yield self._result(index, size, results, annotated)
-                safe_point()
-        finally:
-            self._spill.close()
-            self._sweep_state = None
+            elif size is None:
+                self._spill.write(index, None, None, (), skipped=results)
+                self.spilled_frames += 1
+            else:
+                self._spill.write(index, size, results, annotated)
+                self.spilled_frames += 1
+            safe_point()
+
+    def _forward(self, sweep: _Sweep, safe_point, skip_bad_frames: bool):
+        """The forward sweep, from the first keyframe, completed by the spilled
+        backward results."""
+        first = min(g.first for g in self.groups)
+        every = range(len(self.groups))
+        for index, size, results, annotated in self._sweep(
+            list(range(first, self.num_frames)),
+            1,
+            lambda f: [i for i in every if self.groups[i].first <= f],
+            sweep,
+            skip_bad_frames,
+        ):
+            if self._spill.has(index):
+                _, earlier, earlier_annotated, skipped = self._spill.read(index)
+                if size is not None and skipped is not None:
+                    # the frame was unreadable in the backward sweep
+                    size, results = None, skipped
+                elif size is not None:
+                    results = {**earlier, **results}
+                    annotated = annotated | earlier_annotated
+            if size is None:
+                yield FrameResult(index, (0, 0), [], skipped=results)
+            else:
+                yield self._result(index, size, results, annotated)
+            safe_point()
 
     def _result(self, index, size, results, annotated) -> FrameResult:
         return FrameResult(
@@ -717,30 +737,18 @@ class VideoPropagator:
 # -- writing a video's results, with checkpoints to resume from ----------------------------
 
 
-def _checkpoint_paths(out: Path) -> tuple[Path, Path, Path]:
-    from sam2pal.inference.propagate import PARTIAL_SUFFIX
-
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    return (
-        partial,
-        partial.with_name(partial.name + ".state"),
-        partial.with_name(partial.name + ".spill"),
-    )
+def _checkpoint_paths(partial: PartialRecords) -> tuple[Path, Path]:
+    """The tracker's state and spill files next to a run's partial file."""
+    path = partial.path
+    return path.with_name(path.name + ".state"), path.with_name(path.name + ".spill")
 
 
 def _load_checkpoint(
-    partial: Path, state_path: Path, spill_path: Path, key: str, log
+    partial: PartialRecords, state_path: Path, spill_path: Path, log
 ) -> dict | None:
-    """The last checkpoint of an interrupted run with the same settings `key`, with the
+    """The last checkpoint of an interrupted run with the same settings, with the
     partial file cut back to the records it had then; None when there is none to use."""
-    if not partial.exists() or not state_path.exists():
-        return None
-    with open(partial, "rb") as handle:
-        try:
-            header = json.loads(handle.readline())
-        except ValueError:
-            return None
-    if not isinstance(header, dict) or header.get("settings") != key:
+    if not state_path.exists() or not partial.matches():
         return None
     try:
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -751,23 +759,37 @@ def _load_checkpoint(
         return None
     if (
         not isinstance(saved, dict)
-        or saved.get("settings") != key
+        or saved.get("settings") != partial.key
         or not {"partial_end", "records", "tracker"} <= set(saved)
     ):
         return None
     spill_size = spill_path.stat().st_size if spill_path.exists() else 0
-    if partial.stat().st_size < saved["partial_end"] or spill_size < saved["tracker"]["spill_end"]:
-        log(f"{partial} is shorter than its checkpoint says; tracking from the start")
+    if partial.size() < saved["partial_end"] or spill_size < saved["tracker"]["spill_end"]:
+        log(f"{partial.path} is shorter than its checkpoint says; tracking from the start")
         return None
-    with open(partial, "rb+") as handle:
-        handle.truncate(saved["partial_end"])
+    partial.truncate(saved["partial_end"])
+    return saved
+
+
+def _resume_or_start(
+    partial: PartialRecords, state_path: Path, spill_path: Path, frames: int, log
+) -> dict | None:
+    """The checkpoint to go on from (`_load_checkpoint`), or None after starting the
+    partial file anew (stale state and spill files removed)."""
+    saved = _load_checkpoint(partial, state_path, spill_path, log)
+    if saved is None:
+        for stale in (state_path, spill_path):
+            stale.unlink(missing_ok=True)
+        partial.start()
+    else:
+        log(f"resuming: {int(saved['records'])} of {frames} frames already done in {partial.path}")
     return saved
 
 
 def track_video(
     propagator: VideoPropagator,
     out_jsonl,
-    record_of: Callable[[FrameResult], dict],
+    record_of: Callable[[FrameResult], ImageRecord],
     settings_key: str,
     on_bad_image: str = "skip",
     progress: bool = True,
@@ -775,84 +797,108 @@ def track_video(
     checkpoint_seconds: float = 60.0,
     desc: str = "video",
 ) -> dict:
-    """Track every frame and write `out_jsonl`, one record per frame (`record_of`
-    turns a result into its record), in file-name order at the end, atomically.
+    """Track every frame and write `out_jsonl`, one record per frame, in file-name
+    order at the end, atomically.
 
-    While running, records are appended to ``<out>.partial`` (first line: the settings
-    `settings_key`) and, every `checkpoint_seconds`, the tracker's state goes to
-    ``<out>.partial.state`` with the length of the partial file at that moment;
-    backward-sweep results wait in ``<out>.partial.spill``. A rerun with the same key
-    keeps the records up to the last checkpoint and goes on from its state: the output
-    is the same as that of an uninterrupted run. `on_bad_image` "fail" raises the first
-    unreadable frame's error as an InputError (the files are kept for the rerun).
-    Returns the counts (segmented and skipped in this run, resumed: records kept).
+    While running, records are appended to ``<out>.partial``
+    (`sam2pal.io.records.PartialRecords`, first line: the settings `settings_key`) and,
+    every `checkpoint_seconds`, the tracker's state goes to ``<out>.partial.state``
+    with the length of the partial file at that moment; backward-sweep results wait in
+    ``<out>.partial.spill``. A rerun with the same key keeps the records up to the last
+    checkpoint and goes on from its state: the output is the same as that of an
+    uninterrupted run.
+
+    Args:
+        propagator: the tracker of the video.
+        out_jsonl: the result file.
+        record_of: turns a frame's result into its record.
+        settings_key: the key of the model, keyframes and settings.
+        on_bad_image: "skip" records an unreadable frame as skipped; "fail" raises its
+            error as an InputError (the files are kept for the rerun).
+        progress: show a progress bar (`desc` names it).
+        log: where messages go (default: standard error).
+        checkpoint_seconds: time between two checkpoints.
+        desc: the name of the video on the progress bar.
+
+    Returns:
+        The counts: images, segmented and skipped in this run, resumed (records kept).
     """
-    from sam2pal.inference.propagate import _finalise
-    from sam2pal.progress import progress as progress_bar
-
     if on_bad_image not in ("skip", "fail"):
         raise ValueError(f"on_bad_image must be 'skip' or 'fail', not {on_bad_image!r}")
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    out = Path(out_jsonl)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial, state_path, spill_path = _checkpoint_paths(out)
-    saved = _load_checkpoint(partial, state_path, spill_path, settings_key, log)
+    partial = PartialRecords(out_jsonl, settings_key)
+    partial.out.parent.mkdir(parents=True, exist_ok=True)
+    state_path, spill_path = _checkpoint_paths(partial)
+    saved = _resume_or_start(partial, state_path, spill_path, propagator.num_frames, log)
     counts = {"images": propagator.num_frames, "segmented": 0, "skipped": 0, "resumed": 0}
-    if saved is None:
-        for stale in (state_path, spill_path):
-            stale.unlink(missing_ok=True)
-        with open(partial, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps({"partial_of": out.name, "settings": settings_key}) + "\n")
-        resume = None
-    else:
+    if saved is not None:
         counts["resumed"] = int(saved["records"])
-        resume = saved["tracker"]
-        log(
-            f"resuming: {counts['resumed']} of {propagator.num_frames} frames already done in {partial}"
-        )
-
-    with open(partial, "a", encoding="utf-8") as handle:
-        records = counts["resumed"]
-        last = time.monotonic()
-
-        def checkpoint() -> None:
-            nonlocal last
-            if time.monotonic() - last < checkpoint_seconds:
-                return
-            handle.flush()
-            os.fsync(handle.fileno())
-            state = {
-                "settings": settings_key,
-                "partial_end": handle.tell(),
-                "records": records,
-                "tracker": propagator.state(),
-            }
-            with atomic_path(state_path) as tmp:
-                torch.save(state, tmp)
-            last = time.monotonic()
-
-        bar = progress_bar(
-            total=propagator.num_frames, desc=f"track {desc}", unit="frame", disable=not progress
-        )
-        bar.update(records)
-        for result in propagator.run(
+    with partial.appender() as out:
+        checkpoints = _Checkpoints(out, propagator, settings_key, state_path, checkpoint_seconds)
+        checkpoints.records = counts["resumed"]
+        _write_frames(
+            propagator,
+            out,
+            record_of,
+            counts,
+            checkpoints,
+            resume=None if saved is None else saved["tracker"],
             spill=spill_path,
-            resume=resume,
-            on_safe_point=checkpoint,
             skip_bad_frames=on_bad_image == "skip",
-        ):
-            record = record_of(result)
-            if result.skipped is not None:
-                counts["skipped"] += 1
-                log(f"skipped {record['file_name']}: {result.skipped}")
-            else:
-                counts["segmented"] += 1
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            records += 1
-            bar.update(1)
-        bar.close()
-    _finalise(partial, out)
+            log=log,
+            bar_args=dict(desc=f"track {desc}", unit="frame", disable=not progress),
+        )
+    partial.finalise()
     state_path.unlink(missing_ok=True)
     spill_path.unlink(missing_ok=True)
     return counts
+
+
+class _Checkpoints:
+    """Saves the tracker's state with the length of the partial file, at most every
+    `seconds`."""
+
+    def __init__(self, out: RecordAppender, propagator, key: str, path: Path, seconds: float):
+        self.out = out
+        self.propagator = propagator
+        self.key = key
+        self.path = path
+        self.seconds = seconds
+        self.records = 0
+        self.last = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.last < self.seconds:
+            return
+        state = {
+            "settings": self.key,
+            "partial_end": self.out.sync(),
+            "records": self.records,
+            "tracker": self.propagator.state(),
+        }
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        self.last = time.monotonic()
+
+
+def _write_frames(
+    propagator, out, record_of, counts, checkpoints, resume, spill, skip_bad_frames, log, bar_args
+) -> None:
+    """Track the frames, appending each record to `out` and counting it."""
+    from sam2pal.progress import progress as progress_bar
+
+    bar = progress_bar(total=propagator.num_frames, **bar_args)
+    bar.update(checkpoints.records)
+    for result in propagator.run(
+        spill=spill, resume=resume, on_safe_point=checkpoints, skip_bad_frames=skip_bad_frames
+    ):
+        record = record_of(result)
+        if result.skipped is not None:
+            counts["skipped"] += 1
+            log(f"skipped {record.file_name}: {result.skipped}")
+        else:
+            counts["segmented"] += 1
+        out.append(record)
+        checkpoints.records += 1
+        bar.update(1)
+    bar.close()

@@ -39,9 +39,9 @@ import ijson
 import numpy as np
 
 from sam2pal.errors import InputError
-from sam2pal.inference.propagate import read_records
 from sam2pal.io.atomic import atomic_write
 from sam2pal.io.masks import decode_segmentation, mask_to_polygons
+from sam2pal.io.records import ImageRecord, read_records
 from sam2pal.progress import progress
 
 
@@ -50,17 +50,17 @@ def image_id(file_name: str) -> int:
     return int.from_bytes(hashlib.sha1(file_name.encode("utf-8")).digest()[:6], "big")
 
 
-def record_image_id(record: dict) -> int:
+def record_image_id(record: ImageRecord) -> int:
     """A result record's COCO image id: its frame index for a video frame, else the
     hash of its file name."""
-    if record.get("frame_index") is not None:
-        return int(record["frame_index"])
-    return image_id(record["file_name"])
+    if record.frame_index is not None:
+        return int(record.frame_index)
+    return image_id(record.file_name)
 
 
-def _sorted_records(paths: list[Path]) -> Iterator[dict]:
+def _sorted_records(paths: list[Path]) -> Iterator[ImageRecord]:
     """Records of several file-name-sorted result files, merged in file-name order."""
-    streams = [((r["file_name"], i, r) for r in read_records(p)) for i, p in enumerate(paths)]
+    streams = [((r.file_name, i, r) for r in read_records(p)) for i, p in enumerate(paths)]
     previous = None
     for name, _, record in heapq.merge(*streams, key=lambda item: (item[0], item[1])):
         if name == previous:
@@ -69,30 +69,29 @@ def _sorted_records(paths: list[Path]) -> Iterator[dict]:
         yield record
 
 
-def _annotations(record: dict, polygons: bool) -> Iterator[dict]:
-    structures = sorted(record["structures"], key=lambda s: (s["category_id"], s["instance"]))
-    for s in structures:
-        if s["area"] == 0:
+def _annotations(record: ImageRecord, polygons: bool) -> Iterator[dict]:
+    for s in sorted(record.structures, key=lambda s: s.key):
+        if s.area == 0:
             continue
-        segmentation = s["segmentation"]
+        segmentation = s.segmentation
         if polygons:
-            mask = decode_segmentation(segmentation, record["height"], record["width"])
+            mask = decode_segmentation(segmentation, record.height, record.width)
             segmentation = mask_to_polygons(mask)
         ann = {
             "image_id": record_image_id(record),
-            "category_id": s["category_id"],
+            "category_id": s.category_id,
             "segmentation": segmentation,
-            "area": s["area"],
-            "bbox": s["bbox"],
-            "score": s["score"],
+            "area": s.area,
+            "bbox": s.bbox,
+            "score": s.score,
             "iscrowd": 0,
-            "instance": s["instance"],
-            "predicted_iou": s["predicted_iou"],
-            "object_score": s["object_score"],
-            "cycle_iou": s["cycle_iou"],
-            "clamped": s["clamped"],
+            "instance": s.instance,
+            "predicted_iou": s.predicted_iou,
+            "object_score": s.object_score,
+            "cycle_iou": s.cycle_iou,
+            "clamped": s.clamped,
         }
-        if s.get("keyframe"):
+        if s.keyframe:
             ann["keyframe"] = True
         yield ann
 
@@ -104,9 +103,20 @@ def merge_predictions(
     info: dict | None = None,
     polygons: bool = False,
 ) -> dict:
-    """Write the COCO predictions file; returns counts."""
+    """Write the COCO predictions file.
+
+    Args:
+        record_paths: the per-image result files (`sam2pal.io.records`), each in
+            file-name order.
+        categories: {category id: name}.
+        out_json: the COCO file, written atomically.
+        info: its `info`.
+        polygons: segmentations as polygons instead of RLE.
+
+    Returns:
+        The counts: images, annotations, skipped.
+    """
     paths = [Path(p) for p in record_paths]
-    seen_ids: dict[int, str] = {}
     counts = {"images": 0, "annotations": 0, "skipped": 0}
     with atomic_write(out_json) as out:
         out.write('{"info": ' + json.dumps(info or {}))
@@ -120,51 +130,62 @@ def merge_predictions(
             )
         )
         out.write(', "images": [')
-        first = True
-        for record in _sorted_records(paths):
-            if "skipped" in record:
-                counts["skipped"] += 1
-                continue
-            iid = record_image_id(record)
-            if iid in seen_ids:
-                raise InputError(
-                    f"{record['file_name']}: image id collides with {seen_ids[iid]}; rename one of them"
-                )
-            seen_ids[iid] = record["file_name"]
-            entry = {
-                "id": iid,
-                "file_name": record["file_name"],
-                "width": record["width"],
-                "height": record["height"],
-            }
-            if record.get("frame_index") is not None:
-                entry.update(frame_index=int(record["frame_index"]), time_s=record.get("time_s"))
-            out.write(("" if first else ", ") + json.dumps(entry))
-            first = False
-            counts["images"] += 1
+        _write_images(out, paths, counts)
         out.write('], "annotations": [')
-        next_id = 1
-        for record in progress(
-            _sorted_records(paths),
-            total=counts["images"] + counts["skipped"],
-            desc="merge",
-            unit="img",
-        ):
-            if "skipped" in record:
-                continue
-            for ann in _annotations(record, polygons):
-                unknown = ann["category_id"] not in categories
-                if unknown:
-                    raise InputError(
-                        f"{record['file_name']}: structure with category id {ann['category_id']} "
-                        "that the templates do not define"
-                    )
-                ann = {"id": next_id, **ann}
-                out.write(("" if next_id == 1 else ", ") + json.dumps(ann))
-                next_id += 1
-        counts["annotations"] = next_id - 1
+        counts["annotations"] = _write_annotations(out, paths, categories, polygons, counts)
         out.write("]}\n")
     return counts
+
+
+def _write_images(out, paths: list[Path], counts: dict) -> None:
+    """The image entries of the records (first pass), counting images and skipped."""
+    seen_ids: dict[int, str] = {}
+    first = True
+    for record in _sorted_records(paths):
+        if record.is_skipped:
+            counts["skipped"] += 1
+            continue
+        iid = record_image_id(record)
+        if iid in seen_ids:
+            raise InputError(
+                f"{record.file_name}: image id collides with {seen_ids[iid]}; rename one of them"
+            )
+        seen_ids[iid] = record.file_name
+        entry = {
+            "id": iid,
+            "file_name": record.file_name,
+            "width": record.width,
+            "height": record.height,
+        }
+        if record.frame_index is not None:
+            entry.update(frame_index=int(record.frame_index), time_s=record.time_s)
+        out.write(("" if first else ", ") + json.dumps(entry))
+        first = False
+        counts["images"] += 1
+
+
+def _write_annotations(out, paths: list[Path], categories, polygons: bool, counts: dict) -> int:
+    """The annotations of the records (second pass); returns their number."""
+    next_id = 1
+    for record in progress(
+        _sorted_records(paths),
+        total=counts["images"] + counts["skipped"],
+        desc="merge",
+        unit="img",
+    ):
+        if record.is_skipped:
+            continue
+        for ann in _annotations(record, polygons):
+            unknown = ann["category_id"] not in categories
+            if unknown:
+                raise InputError(
+                    f"{record.file_name}: structure with category id {ann['category_id']} "
+                    "that the templates do not define"
+                )
+            ann = {"id": next_id, **ann}
+            out.write(("" if next_id == 1 else ", ") + json.dumps(ann))
+            next_id += 1
+    return next_id - 1
 
 
 # -- reading --------------------------------------------------------------------------

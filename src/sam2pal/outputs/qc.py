@@ -17,8 +17,8 @@ import math
 import os
 from collections.abc import Iterable
 
-from sam2pal.inference.propagate import read_records
 from sam2pal.io.atomic import atomic_write
+from sam2pal.io.records import ImageRecord, read_records
 
 QC_COLUMNS = [
     "rank",
@@ -51,32 +51,40 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def image_row(record: dict, categories: dict[int, str], multi_instance: set[int]) -> dict:
-    if "skipped" in record:
-        return {"file_name": record["file_name"], "status": "skipped", "reason": record["skipped"]}
+def image_row(record: ImageRecord, categories: dict[int, str], multi_instance: set[int]) -> dict:
+    """The qc.csv row of one image's record (without its rank).
+
+    Args:
+        record: the image's result.
+        categories: {category id: name}.
+        multi_instance: category ids whose structures are named with their instance.
+
+    Returns:
+        {column: value}.
+    """
+    if record.is_skipped:
+        return {"file_name": record.file_name, "status": "skipped", "reason": record.skipped}
     scores, missing, clamped = [], [], []
     cycles, ious, objs = [], [], []
-    for s in record["structures"]:
+    for s in record.structures:
         label = structure_label(
-            categories, s["category_id"], s["instance"], s["category_id"] in multi_instance
+            categories, s.category_id, s.instance, s.category_id in multi_instance
         )
-        present = s["area"] > 0
-        if s["cycle_iou"] is not None:
-            cycles.append(s["cycle_iou"])
-        ious.append(s["predicted_iou"])
-        objs.append(s["object_score"])
+        present = s.area > 0
+        if s.cycle_iou is not None:
+            cycles.append(s.cycle_iou)
+        ious.append(s.predicted_iou)
+        objs.append(s.object_score)
         if not present:
             missing.append(label)
-        if s["clamped"]:
+        if s.clamped:
             clamped.append(label)
-        quality = (
-            s["cycle_iou"] if s["cycle_iou"] is not None else min(max(s["predicted_iou"], 0.0), 1.0)
-        )
+        quality = s.cycle_iou if s.cycle_iou is not None else min(max(s.predicted_iou, 0.0), 1.0)
         scores.append((quality if present else 0.0, label))
     worst = min(scores) if scores else (float("nan"), "")
     status = "missing" if missing else ("clamped" if clamped else "ok")
     return {
-        "file_name": record["file_name"],
+        "file_name": record.file_name,
         "status": status,
         "qc_score": float(worst[0]),
         "worst_structure": worst[1],

@@ -1,0 +1,357 @@
+"""Per-image result records, and the JSON-lines files that hold them.
+
+A segmentation run writes one record per image (or video frame), one JSON object a
+line:
+
+    {"file_name": ..., "width": ..., "height": ...,
+     "structures": [{"category_id", "instance", "segmentation" (COCO RLE), "area", "bbox",
+                     "score", "predicted_iou", "object_score", "cycle_iou", "clamped"
+                     [, "keyframe": true]}, ...]
+     [, "frame_index": ..., "time_s": ...] [, "segmented_by": {...}]}
+
+or, for a bad image file, ``{"file_name": ..., "skipped": "<reason>"}`` (a video frame's
+record carries its `frame_index` and `time_s` too). `ImageRecord` and
+`StructureRecord` are these records; `to_json` gives the JSON object with its keys in
+this order, `from_json` reads one back, so that a record read and written again is the
+same text.
+
+While a run goes on, its records are appended to ``<out>.partial`` (`PartialRecords`),
+whose first line holds a key of the run's settings; at the end they are copied to
+``<out>`` in file-name order, atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from sam2pal.errors import InputError
+from sam2pal.io.atomic import atomic_write
+
+PARTIAL_SUFFIX = ".partial"
+
+_STRUCTURE_KEYS = (
+    "category_id",
+    "instance",
+    "segmentation",
+    "area",
+    "bbox",
+    "score",
+    "predicted_iou",
+    "object_score",
+    "cycle_iou",
+    "clamped",
+)
+
+
+def _rounded(value) -> float | None:
+    return None if value is None else round(float(value), 6)
+
+
+@dataclass
+class StructureRecord:
+    """One structure of an image: its mask (COCO RLE), area, bbox and scores."""
+
+    category_id: int
+    instance: int
+    segmentation: dict
+    area: int
+    bbox: list
+    score: float
+    predicted_iou: float
+    object_score: float
+    cycle_iou: float | None = None
+    clamped: bool = False
+    keyframe: bool = False
+
+    @classmethod
+    def from_prediction(cls, pred, keyframe: bool = False) -> StructureRecord:
+        """The record of a `sam2pal.inference.engine.StructurePrediction`.
+
+        Args:
+            pred: the prediction (its `box` is a `sam2pal.io.masks.BoxMask`).
+            keyframe: the mask is a video keyframe's annotation.
+
+        Returns:
+            The record, with the scores rounded to 6 decimals.
+        """
+        box = pred.box
+        return cls(
+            category_id=int(pred.category_id),
+            instance=int(pred.instance),
+            segmentation=box.rle(),
+            area=box.area,
+            bbox=box.bbox(),
+            score=round(pred.score, 6),
+            predicted_iou=_rounded(pred.predicted_iou),
+            object_score=_rounded(pred.object_score),
+            cycle_iou=_rounded(pred.cycle_iou),
+            clamped=bool(pred.clamped),
+            keyframe=keyframe,
+        )
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(category_id, instance)."""
+        return self.category_id, self.instance
+
+    def to_json(self) -> dict:
+        """The JSON object of the record (`keyframe` only when true)."""
+        data = {name: getattr(self, name) for name in _STRUCTURE_KEYS}
+        if self.keyframe:
+            data["keyframe"] = True
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> StructureRecord:
+        """The record of a JSON object written by `to_json`; raises ValueError when it
+        is not one."""
+        _check_keys(data, _STRUCTURE_KEYS, ("keyframe",), "structure")
+        return cls(
+            **{name: data[name] for name in _STRUCTURE_KEYS}, keyframe=bool(data.get("keyframe"))
+        )
+
+
+@dataclass
+class ImageRecord:
+    """The result of one image (or video frame): its size and structures, or the
+    reason it was skipped."""
+
+    file_name: str
+    width: int | None = None
+    height: int | None = None
+    structures: list[StructureRecord] = field(default_factory=list)
+    skipped: str | None = None
+    frame_index: int | None = None
+    time_s: float | None = None
+    segmented_by: dict | None = None
+
+    @classmethod
+    def skip(cls, file_name: str, reason: str) -> ImageRecord:
+        """The record of an image skipped for `reason`."""
+        return cls(file_name=file_name, skipped=reason)
+
+    @property
+    def is_skipped(self) -> bool:
+        return self.skipped is not None
+
+    def to_json(self) -> dict:
+        """The JSON object of the record, keys in the order of the module docstring."""
+        data: dict = {"file_name": self.file_name}
+        if self.skipped is not None:
+            data["skipped"] = self.skipped
+        else:
+            data["width"] = self.width
+            data["height"] = self.height
+            data["structures"] = [s.to_json() for s in self.structures]
+        if self.frame_index is not None:
+            data["frame_index"] = self.frame_index
+            data["time_s"] = self.time_s
+        if self.segmented_by is not None:
+            data["segmented_by"] = self.segmented_by
+        return data
+
+    def to_line(self) -> str:
+        """The record as one line of a JSON-lines file (with its newline)."""
+        return json.dumps(self.to_json()) + "\n"
+
+    @classmethod
+    def from_json(cls, data: dict) -> ImageRecord:
+        """The record of a JSON object written by `to_json`; raises ValueError when it
+        is not one."""
+        optional = ("frame_index", "time_s", "segmented_by")
+        if not isinstance(data, dict):
+            raise ValueError(f"a record is a JSON object, not {type(data).__name__}")
+        if "skipped" in data:
+            _check_keys(data, ("file_name", "skipped"), optional, "skipped image")
+            record = cls.skip(data["file_name"], data["skipped"])
+        else:
+            _check_keys(data, ("file_name", "width", "height", "structures"), optional, "image")
+            record = cls(
+                file_name=data["file_name"],
+                width=data["width"],
+                height=data["height"],
+                structures=[StructureRecord.from_json(s) for s in data["structures"]],
+            )
+        record.frame_index = data.get("frame_index")
+        record.time_s = data.get("time_s")
+        record.segmented_by = data.get("segmented_by")
+        return record
+
+
+def _check_keys(data, required: tuple, optional: tuple, what: str) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"a {what} record is a JSON object, not {type(data).__name__}")
+    missing = [k for k in required if k not in data]
+    unknown = sorted(set(data) - set(required) - set(optional))
+    if missing or unknown:
+        problems = [f"no {', '.join(missing)}"] if missing else []
+        problems += [f"unknown {', '.join(unknown)}"] if unknown else []
+        raise ValueError(f"{what} record with {'; '.join(problems)}")
+
+
+def parse_record(line: str | bytes, where="") -> ImageRecord:
+    """The record of one line of a result file.
+
+    Args:
+        line: the JSON text of the record.
+        where: the file (and line) it comes from, for the error.
+
+    Returns:
+        The record; raises InputError naming `where` when the line is not one.
+    """
+    try:
+        return ImageRecord.from_json(json.loads(line))
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{where}: not a result record ({exc})") from None
+
+
+def read_records(path: str | os.PathLike) -> Iterator[ImageRecord]:
+    """The records of a finished JSON-lines result file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        An iterator over its records; a line that is no record raises InputError
+        naming the file and line.
+    """
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield parse_record(line, f"{path}, line {number}")
+
+
+def skipped_of(paths: Iterable[str | os.PathLike]) -> tuple[int, list[tuple[str, str]]]:
+    """The images of result files and the (file_name, reason) of those skipped.
+
+    Args:
+        paths: the result files.
+
+    Returns:
+        (number of records, skipped); only the lines that may be skipped records are
+        parsed.
+    """
+    images, skipped = 0, []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                images += 1
+                if '"skipped"' in line:
+                    record = parse_record(line, f"{path}, line {number}")
+                    if record.is_skipped:
+                        skipped.append((record.file_name, record.skipped))
+    return images, skipped
+
+
+class RecordAppender:
+    """Appends records to an open partial file, each flushed as soon as written."""
+
+    def __init__(self, handle: IO[str]):
+        self.handle = handle
+
+    def append(self, record: ImageRecord) -> None:
+        self.handle.write(record.to_line())
+        self.handle.flush()
+
+    def sync(self) -> int:
+        """Flush to disk; returns the length of the file."""
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        return self.handle.tell()
+
+
+class PartialRecords:
+    """``<out>.partial``: the records of a run in progress under settings `key` (its
+    first line), finalised into `out` when the run is done."""
+
+    def __init__(self, out: str | os.PathLike, key: str):
+        self.out = Path(out)
+        self.path = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
+        self.key = key
+
+    def matches(self) -> bool:
+        """Whether the partial file exists and was started with the same key."""
+        if not self.path.exists():
+            return False
+        with open(self.path, "rb") as handle:
+            try:
+                header = json.loads(handle.readline())
+            except ValueError:
+                return False
+        return isinstance(header, dict) and header.get("settings") == self.key
+
+    def start(self) -> None:
+        """A new partial file: only its header line."""
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps({"partial_of": self.out.name, "settings": self.key}) + "\n")
+
+    def resume(self) -> set[str]:
+        """File names already segmented in a partial file of the same key (none when
+        there is no such file: `start` one). Skipped images are not among them: they
+        are tried again, and their new record replaces the old one (`finalise`).
+
+        A last line cut off by a crash is dropped (the file is truncated after the last
+        complete record).
+        """
+        if not self.matches():
+            return set()
+        done: set[str] = set()
+        with open(self.path, "rb") as handle:
+            handle.readline()
+            good_end = handle.tell()
+            while line := handle.readline():
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    record = ImageRecord.from_json(json.loads(line))
+                except (ValueError, TypeError):
+                    break
+                if record.is_skipped:
+                    done.discard(record.file_name)
+                else:
+                    done.add(record.file_name)
+                good_end = handle.tell()
+        self.truncate(good_end)
+        return done
+
+    def truncate(self, end: int) -> None:
+        """Cut the partial file back to its first `end` bytes."""
+        with open(self.path, "rb+") as handle:
+            handle.truncate(end)
+
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    @contextlib.contextmanager
+    def appender(self) -> Iterator[RecordAppender]:
+        """A `RecordAppender` to the partial file, open for the `with` block."""
+        with open(self.path, "a", encoding="utf-8") as handle:
+            yield RecordAppender(handle)
+
+    def finalise(self) -> None:
+        """Copy the records to `out` in file-name order, atomically (the last record
+        of an image that was tried again), and remove the partial file."""
+        last = {}
+        with open(self.path, "rb") as handle:
+            handle.readline()
+            while True:
+                offset = handle.tell()
+                line = handle.readline()
+                if not line:
+                    break
+                last[json.loads(line)["file_name"]] = (offset, len(line))
+        index = sorted((name, offset, length) for name, (offset, length) in last.items())
+        with open(self.path, "rb") as src, atomic_write(self.out, "wb") as dst:
+            for _, offset, length in index:
+                src.seek(offset)
+                dst.write(src.read(length))
+        self.path.unlink()
