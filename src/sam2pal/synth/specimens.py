@@ -225,45 +225,65 @@ class Style:
     jpeg_quality: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        def choices(name, allowed, allow_empty=False):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            value = tuple(value)
-            if not value and not allow_empty:
-                raise InputError(f"style: {name} must list at least one choice")
-            unknown = [v for v in value if v not in allowed]
-            if unknown:
-                raise InputError(f"style: unknown {name} {unknown}; choose from {list(allowed)}")
-            object.__setattr__(self, name, value)
-
-        def span(name, lo_min, hi_max):
-            value = getattr(self, name)
-            try:
-                lo, hi = (float(v) for v in value)
-            except (TypeError, ValueError):
-                raise InputError(f"style: {name} must be a (low, high) pair") from None
-            if not (lo_min <= lo <= hi <= hi_max):
-                raise InputError(
-                    f"style: {name} ({lo}, {hi}) must satisfy {lo_min} <= low <= high <= {hi_max}"
-                )
-            object.__setattr__(self, name, (lo, hi))
-
-        choices("palettes", PALETTES)
-        choices("backgrounds", BACKGROUNDS)
-        choices("clutter_items", CLUTTER_ITEMS + EXTRA_CLUTTER_ITEMS, allow_empty=True)
-        choices("textures", TEXTURES, allow_empty=True)
-        span("scale_range", 0.01, 0.95)
-        span("rotation_range", -3600.0, 3600.0)
-        span("illumination", 0.0, 0.5)
-        span("shadow_opacity", 0.0, 1.0)
-        span("blur_sigma", 0.0, 5.0)
-        span("noise_sigma", 0.0, 50.0)
-        span("motion_blur", 0.0, 50.0)
+        self._choices("palettes", PALETTES)
+        self._choices("backgrounds", BACKGROUNDS)
+        self._choices("clutter_items", CLUTTER_ITEMS + EXTRA_CLUTTER_ITEMS, allow_empty=True)
+        self._choices("textures", TEXTURES, allow_empty=True)
+        self._span("scale_range", 0.01, 0.95)
+        self._span("rotation_range", -3600.0, 3600.0)
+        self._span("illumination", 0.0, 0.5)
+        self._span("shadow_opacity", 0.0, 1.0)
+        self._span("blur_sigma", 0.0, 5.0)
+        self._span("noise_sigma", 0.0, 50.0)
+        self._span("motion_blur", 0.0, 50.0)
         if self.vignette is not None:
-            span("vignette", 0.0, 1.0)
+            self._span("vignette", 0.0, 1.0)
         if self.jpeg_quality is not None:
-            span("jpeg_quality", 1.0, 100.0)
+            self._span("jpeg_quality", 1.0, 100.0)
+        self._check_colours()
+        if self.light_angle is not None:
+            object.__setattr__(self, "light_angle", float(self.light_angle))
+        for name in ("clutter_prob", "flip_prob", "motion_blur_prob"):
+            value = float(getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise InputError(f"style: {name} must be between 0 and 1")
+            object.__setattr__(self, name, value)
+        if not float(self.gloss) >= 0.0:
+            raise InputError("style: gloss must be >= 0")
+        object.__setattr__(self, "gloss", float(self.gloss))
+        if not 0.0 <= float(self.colour_cast) <= 0.5:
+            raise InputError("style: colour_cast must be between 0 and 0.5")
+        object.__setattr__(self, "colour_cast", float(self.colour_cast))
+        object.__setattr__(self, "clutter", bool(self.clutter))
+
+    def _choices(self, name: str, allowed, allow_empty: bool = False) -> None:
+        """Check field `name`, a choice or tuple of choices from `allowed`; store a tuple."""
+        value = getattr(self, name)
+        if isinstance(value, str):
+            value = (value,)
+        value = tuple(value)
+        if not value and not allow_empty:
+            raise InputError(f"style: {name} must list at least one choice")
+        unknown = [v for v in value if v not in allowed]
+        if unknown:
+            raise InputError(f"style: unknown {name} {unknown}; choose from {list(allowed)}")
+        object.__setattr__(self, name, value)
+
+    def _span(self, name: str, lo_min: float, hi_max: float) -> None:
+        """Check field `name`, a (low, high) range inside [lo_min, hi_max]; store floats."""
+        value = getattr(self, name)
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise InputError(f"style: {name} must be a (low, high) pair") from None
+        if not (lo_min <= lo <= hi <= hi_max):
+            raise InputError(
+                f"style: {name} ({lo}, {hi}) must satisfy {lo_min} <= low <= high <= {hi_max}"
+            )
+        object.__setattr__(self, name, (lo, hi))
+
+    def _check_colours(self) -> None:
+        """Check the pinned part colours and substrate colour; store integer tuples."""
         if self.part_colors is not None:
             try:
                 colours = tuple(tuple(int(v) for v in c) for c in self.part_colors)
@@ -284,20 +304,6 @@ class Style:
             if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
                 raise InputError("style: background_color must be three integers 0-255")
             object.__setattr__(self, "background_color", rgb)
-        if self.light_angle is not None:
-            object.__setattr__(self, "light_angle", float(self.light_angle))
-        for name in ("clutter_prob", "flip_prob", "motion_blur_prob"):
-            value = float(getattr(self, name))
-            if not 0.0 <= value <= 1.0:
-                raise InputError(f"style: {name} must be between 0 and 1")
-            object.__setattr__(self, name, value)
-        if not float(self.gloss) >= 0.0:
-            raise InputError("style: gloss must be >= 0")
-        object.__setattr__(self, "gloss", float(self.gloss))
-        if not 0.0 <= float(self.colour_cast) <= 0.5:
-            raise InputError("style: colour_cast must be between 0 and 0.5")
-        object.__setattr__(self, "colour_cast", float(self.colour_cast))
-        object.__setattr__(self, "clutter", bool(self.clutter))
 
     @classmethod
     def coerce(cls, style: Style | Mapping | None) -> Style:
@@ -841,35 +847,13 @@ def _elytra_coords(elytra: np.ndarray, axis: np.ndarray):
     return ys, xs, vn, half[ub]
 
 
-def _paint_beetle(
-    labels: np.ndarray, axis: np.ndarray, palette_name: str, st: Style, rng, light3: np.ndarray
-) -> np.ndarray:
-    height, width = labels.shape
-    shape = (height, width)
-    palette = PALETTES[palette_name]
-    if st.part_colors is None:
-        colours = _specimen_colours(palette, rng)
-        sheen = palette["sheen"]
-    else:
-        colours = _pinned_colours(st.part_colors, rng)
-        sheen = None
-    colours.update(_extra_colours(colours, labels, rng))
-    gloss = _uniform(rng, palette["gloss"]) * st.gloss
-    shininess = rng.uniform(12, 30)
-    textures = st.textures
-
-    fg = labels > 0
-    height_map = np.zeros(shape, np.float32)
-    darken = np.zeros(shape, np.float32)  # 0..1, pigment darkening (grooves, pits)
-
-    # elytral suture and striae
+def _elytral_grooves(labels: np.ndarray, axis: np.ndarray, textures, rng) -> np.ndarray:
+    """Depth (0..1) of the elytral suture and, sometimes, of the striae along it."""
     elytra = labels == 3
-    suture = np.zeros(shape, bool)
-    grooves = np.zeros(shape, np.float32)
+    grooves = np.zeros(labels.shape, np.float32)
     if elytra.sum() > 30:
         ys, xs, vn, half = _elytra_coords(elytra, axis)
         dist_suture = np.abs(vn) * half
-        suture[ys, xs] = dist_suture < 0.9
         grooves[ys, xs] = 0.8 * np.exp(-(dist_suture**2) / 0.8)
         if "striae" in textures and rng.random() < 0.85:
             n = int(rng.integers(7, 10))
@@ -878,7 +862,16 @@ def _paint_beetle(
             near = np.abs(pos - np.round(pos)) / (n + 0.5) * half  # px to nearest stria
             striae = np.exp(-(near**2) / (2 * 0.55**2)) * (np.round(pos) >= 1)
             grooves[ys, xs] = np.maximum(grooves[ys, xs], depth * striae)
+    return grooves
 
+
+def _relief(labels: np.ndarray, grooves: np.ndarray, textures, rng):
+    """The height field of the beetle (domed parts, grooves, pits, micro-relief) and
+    its pigment darkening (0..1: grooves, pits)."""
+    shape = labels.shape
+    fg = labels > 0
+    height_map = np.zeros(shape, np.float32)
+    darken = np.zeros(shape, np.float32)
     for k in ALL_PARTS:
         part = labels == k
         if not part.any():
@@ -897,14 +890,17 @@ def _paint_beetle(
     if "punctures" in textures:
         density = rng.uniform(0.01, 0.05)
         pits = (rng.random(shape, dtype=np.float32) < density).astype(np.float32)
-        where = np.isin(labels, (1, 2)) | (elytra & (grooves > 0.3))
+        where = np.isin(labels, (1, 2)) | ((labels == 3) & (grooves > 0.3))
         pits = _blur(pits * where, 0.7) * 3.0
         height_map -= 0.4 * pits
         darken += 0.4 * np.clip(pits, 0, 1)
     height_map -= 0.6 * grooves
     darken += 0.35 * grooves
-    height_map = _blur(height_map * fg, 0.8)
+    return _blur(height_map * fg, 0.8), darken
 
+
+def _shading(height_map: np.ndarray, light3: np.ndarray, shininess: float):
+    """Surface normals' z, diffuse and Blinn-Phong specular terms of a height field."""
     gx = cv2.Sobel(height_map, cv2.CV_32F, 1, 0, ksize=3) / 8.0
     gy = cv2.Sobel(height_map, cv2.CV_32F, 0, 1, ksize=3) / 8.0
     norm = np.sqrt(gx**2 + gy**2 + 1.0)
@@ -913,7 +909,26 @@ def _paint_beetle(
     half_vec = light3 + np.array([0.0, 0.0, 1.0])
     half_vec /= np.linalg.norm(half_vec)
     ndoth = np.clip(nx * half_vec[0] + ny * half_vec[1] + nz * half_vec[2], 0, 1)
-    spec = ndoth**shininess
+    return nz, diffuse, ndoth**shininess
+
+
+def _paint_beetle(
+    labels: np.ndarray, axis: np.ndarray, palette_name: str, st: Style, rng, light3: np.ndarray
+) -> np.ndarray:
+    height, width = labels.shape
+    palette = PALETTES[palette_name]
+    if st.part_colors is None:
+        colours = _specimen_colours(palette, rng)
+        sheen = palette["sheen"]
+    else:
+        colours = _pinned_colours(st.part_colors, rng)
+        sheen = None
+    colours.update(_extra_colours(colours, labels, rng))
+    gloss = _uniform(rng, palette["gloss"]) * st.gloss
+    shininess = rng.uniform(12, 30)
+    grooves = _elytral_grooves(labels, axis, st.textures, rng)
+    height_map, darken = _relief(labels, grooves, st.textures, rng)
+    nz, diffuse, spec = _shading(height_map, light3, shininess)
 
     albedo = np.zeros((height, width, 3), np.float32)
     for k, rgb in colours.items():
