@@ -953,22 +953,9 @@ def _paint_beetle(
 # ---------------------------------------------------------------------------------
 
 
-def render_specimen_layers(
-    label_map: np.ndarray,
-    rng: np.random.Generator,
-    size: tuple[int, int] = (480, 360),
-    style: Style | Mapping | None = None,
-) -> Rendering:
-    """Render one specimen photo; like `render_specimen` but returns a `Rendering`.
-
-    Uses exactly the same random draws as `render_specimen`, so for the same generator
-    state both give the same image and label map.
-    """
-    st = Style.coerce(style)
-    width, height = _check_size(size)
-    src = _check_label_map(label_map)
-
-    # pose and label map
+def _pose(src: np.ndarray, st: Style, rng, width: int, height: int):
+    """Draw the pose and place the label map: (labels, matrix, scale, axis, angle,
+    flipped)."""
     angle = _uniform(rng, st.rotation_range)
     flipped = bool(rng.random() < st.flip_prob)
     frac = _uniform(rng, st.scale_range)
@@ -981,9 +968,11 @@ def render_specimen_layers(
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=0,
     )
-    fg = labels > 0
+    return labels, matrix, scale, axis, angle, flipped
 
-    # light
+
+def _light(st: Style, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Draw the light: its direction in the picture (x, y) and in 3-D (x, y, z)."""
     if st.light_angle is None:
         light_deg = rng.uniform(0.0, 360.0)
     else:
@@ -993,8 +982,13 @@ def render_specimen_layers(
     light3 = np.array(
         [light_xy[0] * math.cos(elevation), light_xy[1] * math.cos(elevation), math.sin(elevation)]
     )
+    return light_xy, light3
 
-    # substrate and the specimen's drop shadow
+
+def _substrate(st: Style, rng, fg: np.ndarray, light_xy: np.ndarray):
+    """Draw the substrate with the specimen's drop shadow on it: (canvas, substrate
+    kind, its base colour, the shadow 0..1)."""
+    height, width = fg.shape
     kind = st.backgrounds[int(rng.integers(len(st.backgrounds)))]
     if st.background_color is None:
         bg_colour = _draw_background_colour(kind, rng)
@@ -1008,19 +1002,26 @@ def render_specimen_layers(
     fg_f = fg.astype(np.float32)
     shadow = _blur(_shift(fg_f, -offset * light_xy[0], -offset * light_xy[1]), shadow_sigma)
     canvas *= (1 - opacity * shadow)[..., None]
+    return canvas, kind, bg_colour, shadow
 
-    # clutter, kept clear of the specimen and its shadow
+
+_CLUTTER_MAKERS = {
+    "label": _label_patch,
+    "pin": _pin_patch,
+    "scale_bar": _scale_bar_patch,
+    "debris": _debris_patch,
+    "fibre": _fibre_patch,
+}
+
+
+def _add_clutter(canvas, st: Style, rng, fg, shadow, bg_colour, light_xy) -> np.ndarray:
+    """Place the clutter items on `canvas`, clear of the specimen and its shadow;
+    returns the mask of the clutter pixels."""
+    height, width = fg.shape
     clutter = np.zeros((height, width), bool)
     if st.clutter and st.clutter_items:
         keepout = cv2.dilate(fg.astype(np.uint8), _disk(6)) > 0
         keepout |= shadow > 0.05
-        makers = {
-            "label": _label_patch,
-            "pin": _pin_patch,
-            "scale_bar": _scale_bar_patch,
-            "debris": _debris_patch,
-            "fibre": _fibre_patch,
-        }
         dark = float(np.mean(bg_colour)) < 110
         for item in st.clutter_items:
             if rng.random() < st.clutter_prob:
@@ -1030,8 +1031,39 @@ def render_specimen_layers(
                     if item == "scale_bar":
                         rgb, alpha = _scale_bar_patch(rng, width, height, dark)
                     else:
-                        rgb, alpha = makers[item](rng, width, height)
+                        rgb, alpha = _CLUTTER_MAKERS[item](rng, width, height)
                     _place_patch(canvas, clutter, keepout, rgb, alpha, rng, light_xy)
+    return clutter
+
+
+def render_specimen_layers(
+    label_map: np.ndarray,
+    rng: np.random.Generator,
+    size: tuple[int, int] = (480, 360),
+    style: Style | Mapping | None = None,
+) -> Rendering:
+    """Render one specimen photo; like `render_specimen` but returns a `Rendering`.
+
+    Uses exactly the same random draws as `render_specimen`, so for the same generator
+    state both give the same image and label map.
+
+    Args:
+        label_map: H x W part label map (0 background, values of `ALL_PARTS`).
+        rng: the generator every random choice comes from.
+        size: (width, height) of the photo in pixels.
+        style: a `Style`, a dict of its fields, or None for the defaults.
+
+    Returns:
+        The `Rendering`: photo, placed label map, clutter mask and the pose drawn.
+    """
+    st = Style.coerce(style)
+    width, height = _check_size(size)
+    src = _check_label_map(label_map)
+    labels, matrix, scale, axis, angle, flipped = _pose(src, st, rng, width, height)
+    fg = labels > 0
+    light_xy, light3 = _light(st, rng)
+    canvas, kind, bg_colour, shadow = _substrate(st, rng, fg, light_xy)
+    clutter = _add_clutter(canvas, st, rng, fg, shadow, bg_colour, light_xy)
 
     # the beetle on top
     palette = st.palettes[int(rng.integers(len(st.palettes)))]
