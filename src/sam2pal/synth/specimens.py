@@ -1271,27 +1271,9 @@ def lightness(rgb) -> np.ndarray:
 RANDOMISED_BACKGROUNDS = ("paper", "foam", "gradient", "card", "noise", "stripes")
 
 
-def randomised_style(
-    rng: np.random.Generator, scale_range: tuple[float, float] = (0.25, 0.95)
-) -> Style:
-    """A domain-randomised `Style` for one episode (one collection's look).
-
-    Over many draws: the contrast sign is a coin flip, a light specimen (L* of every
-    part at least 25 above the ground's, ground L* 4-45) as often as a dark one (every
-    part at least 25 below, ground L* 55-97); ground and part colours are drawn in CIE
-    LCh with uniform hue and chroma from neutral to as saturated as sRGB allows; the
-    head, pronotum and elytra share one colour (about half the draws), or the fore body
-    differs from the elytra, or every part has its own; legs and antennae take the
-    body's colour or one of their own. The substrate is any kind of
-    `RANDOMISED_BACKGROUNDS` (value-noise and stripe textures included), clutter
-    includes debris and fibres, and lighting gradient, vignetting, colour cast,
-    shadow, gloss, Gaussian or motion blur, sensor noise and JPEG quality (40-95) get
-    wide ranges, drawn again for each image. ``scale_range`` is the fraction of the
-    canvas's shorter side filled by the specimen's longest extent.
-
-    The colours, the substrate kind and the light direction are pinned, so the images
-    rendered with the returned style show one specimen look, as one collection does.
-    """
+def _randomised_colours(rng: np.random.Generator):
+    """Draw the ground colour and the five part colours of `randomised_style`:
+    ``(ground, part_colors)``, (R, G, B) tuples."""
     light = bool(rng.random() < 0.5)  # a light specimen on a dark ground
     if light:
         ground_l = rng.uniform(4.0, 45.0)
@@ -1332,6 +1314,38 @@ def randomised_style(
         legs = near(antenna) if rng.random() < 0.5 else colour()
     part_colors = tuple(_lch_to_rgb(*c) for c in (head, pronotum, elytra, antenna, legs))
 
+    return ground, part_colors
+
+
+def randomised_style(
+    rng: np.random.Generator, scale_range: tuple[float, float] = (0.25, 0.95)
+) -> Style:
+    """A domain-randomised `Style` for one episode (one collection's look).
+
+    Over many draws: the contrast sign is a coin flip, a light specimen (L* of every
+    part at least 25 above the ground's, ground L* 4-45) as often as a dark one (every
+    part at least 25 below, ground L* 55-97); ground and part colours are drawn in CIE
+    LCh with uniform hue and chroma from neutral to as saturated as sRGB allows; the
+    head, pronotum and elytra share one colour (about half the draws), or the fore body
+    differs from the elytra, or every part has its own; legs and antennae take the
+    body's colour or one of their own. The substrate is any kind of
+    `RANDOMISED_BACKGROUNDS` (value-noise and stripe textures included), clutter
+    includes debris and fibres, and lighting gradient, vignetting, colour cast,
+    shadow, gloss, Gaussian or motion blur, sensor noise and JPEG quality (40-95) get
+    wide ranges, drawn again for each image. ``scale_range`` is the fraction of the
+    canvas's shorter side filled by the specimen's longest extent.
+
+    The colours, the substrate kind and the light direction are pinned, so the images
+    rendered with the returned style show one specimen look, as one collection does.
+
+    Args:
+        rng: the generator every random choice comes from.
+        scale_range: the style's ``scale_range``.
+
+    Returns:
+        The `Style`.
+    """
+    ground, part_colors = _randomised_colours(rng)
     return Style(
         palettes=DEFAULT_PALETTES,  # with pinned part colours a palette sets the gloss only
         backgrounds=(RANDOMISED_BACKGROUNDS[int(rng.integers(len(RANDOMISED_BACKGROUNDS)))],),
@@ -1382,17 +1396,7 @@ def zoom_crop(
     pixels, (0, 0) the top-left corner of the top-left pixel.
     """
     out_w, out_h = _check_size(size)
-    if isinstance(part, bool) or int(part) != part or not 0 <= int(part) <= max(ALL_PARTS):
-        raise InputError(
-            f"zoom_crop: part must be 0 (whole specimen) or one of {sorted(ALL_PARTS)}, got {part!r}"
-        )
-    part = int(part)
-    fill = float(fill)
-    if not 0.0 < fill <= 1.0:
-        raise InputError(f"zoom_crop: fill must be in (0, 1], got {fill}")
-    if len(images) != len(labels) or not len(images):
-        raise InputError("zoom_crop: needs as many label maps as images, at least one")
-    aspect = out_w / out_h
+    part, fill = _check_zoom(images, labels, part, fill)
     out_images, out_labels, windows = [], [], []
     for i, (img, lab) in enumerate(zip(images, labels)):
         img, lab = np.asarray(img), np.asarray(lab)
@@ -1403,41 +1407,70 @@ def zoom_crop(
         mask = lab > 0 if part == 0 else lab == part
         if not mask.any():
             raise InputError(f"zoom_crop: frame {i} does not show part {part}")
-        height, width = lab.shape
-        ys, xs = np.nonzero(mask)
-        x_lo, x_hi, y_lo, y_hi = xs.min(), xs.max() + 1.0, ys.min(), ys.max() + 1.0
-        cw = max((x_hi - x_lo) / fill, (y_hi - y_lo) * aspect / fill)
-        ch = cw / aspect
-
-        def place(lo, hi, window, extent):
-            a, b = hi - window, lo  # every start that keeps the part inside
-            if window <= extent:
-                a, b = max(a, 0.0), min(b, extent - window)
-            else:
-                a, b = max(a, extent - window), min(b, 0.0)
-            return float(rng.uniform(a, b)) if b > a else float(a)
-
-        x0, y0 = place(x_lo, x_hi, cw, width), place(y_lo, y_hi, ch, height)
-        sx, sy = out_w / cw, out_h / ch
-        m = np.array([[sx, 0.0, (0.5 - x0) * sx - 0.5], [0.0, sy, (0.5 - y0) * sy - 0.5]])
-        shrink = min(sx, sy)
-        if shrink < 1.0:  # anti-aliasing
-            src = _blur(img.astype(np.float32), 0.5 * math.sqrt(1.0 / shrink**2 - 1.0))
-        else:  # enlarged: soften the pixel steps of hard edges a little
-            src = _blur(img.astype(np.float32), 0.5)
-        crop = cv2.warpAffine(
-            src, m, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-        )
-        if crop.dtype != img.dtype:
-            crop = np.clip(np.round(crop), 0, 255).astype(img.dtype)
+        window = _zoom_window(mask, fill, out_w / out_h, rng)
+        crop, crop_labels = _warp_window(img, lab, window, out_w, out_h)
         out_images.append(crop)
-        out_labels.append(
-            cv2.warpAffine(
-                lab, m, (out_w, out_h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE
-            )
-        )
-        windows.append((x0, y0, cw, ch))
+        out_labels.append(crop_labels)
+        windows.append(window)
     return out_images, out_labels, windows
+
+
+def _check_zoom(images, labels, part, fill) -> tuple[int, float]:
+    """Check `zoom_crop`'s part, fill and frame count; returns (part, fill)."""
+    if isinstance(part, bool) or int(part) != part or not 0 <= int(part) <= max(ALL_PARTS):
+        raise InputError(
+            f"zoom_crop: part must be 0 (whole specimen) or one of {sorted(ALL_PARTS)}, got {part!r}"
+        )
+    part = int(part)
+    fill = float(fill)
+    if not 0.0 < fill <= 1.0:
+        raise InputError(f"zoom_crop: fill must be in (0, 1], got {fill}")
+    if len(images) != len(labels) or not len(images):
+        raise InputError("zoom_crop: needs as many label maps as images, at least one")
+    return part, fill
+
+
+def _zoom_window(mask: np.ndarray, fill: float, aspect: float, rng):
+    """A random window (x, y, width, height) of the aspect ratio `aspect` that holds
+    all of `mask`, its bounding box spanning `fill` of it (see `zoom_crop`)."""
+    height, width = mask.shape
+    ys, xs = np.nonzero(mask)
+    x_lo, x_hi, y_lo, y_hi = xs.min(), xs.max() + 1.0, ys.min(), ys.max() + 1.0
+    cw = max((x_hi - x_lo) / fill, (y_hi - y_lo) * aspect / fill)
+    ch = cw / aspect
+
+    def place(lo, hi, window, extent):
+        a, b = hi - window, lo  # every start that keeps the part inside
+        if window <= extent:
+            a, b = max(a, 0.0), min(b, extent - window)
+        else:
+            a, b = max(a, extent - window), min(b, 0.0)
+        return float(rng.uniform(a, b)) if b > a else float(a)
+
+    x0, y0 = place(x_lo, x_hi, cw, width), place(y_lo, y_hi, ch, height)
+    return (x0, y0, cw, ch)
+
+
+def _warp_window(img: np.ndarray, lab: np.ndarray, window, out_w: int, out_h: int):
+    """The image (smoothed, bilinear) and label map (nearest) of a window, resized to
+    out_w x out_h; edge pixels repeat past the image."""
+    x0, y0, cw, ch = window
+    sx, sy = out_w / cw, out_h / ch
+    m = np.array([[sx, 0.0, (0.5 - x0) * sx - 0.5], [0.0, sy, (0.5 - y0) * sy - 0.5]])
+    shrink = min(sx, sy)
+    if shrink < 1.0:  # anti-aliasing
+        src = _blur(img.astype(np.float32), 0.5 * math.sqrt(1.0 / shrink**2 - 1.0))
+    else:  # enlarged: soften the pixel steps of hard edges a little
+        src = _blur(img.astype(np.float32), 0.5)
+    crop = cv2.warpAffine(
+        src, m, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+    if crop.dtype != img.dtype:
+        crop = np.clip(np.round(crop), 0, 255).astype(img.dtype)
+    crop_labels = cv2.warpAffine(
+        lab, m, (out_w, out_h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE
+    )
+    return crop, crop_labels
 
 
 def _select_masks(mask_names: Sequence[str] | None) -> list[tuple[str, np.ndarray]]:
