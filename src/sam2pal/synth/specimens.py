@@ -1592,6 +1592,84 @@ images in a publication.
 """
 
 
+def _check_collection(n_images, n_templates, jpeg_quality, size, style):
+    """Check a collection's settings: (n_images, n_templates, (width, height), Style)."""
+    n_images = int(n_images)
+    n_templates = int(n_templates)
+    if n_images < 1:
+        raise InputError(f"n_images must be at least 1, got {n_images}")
+    if not 0 <= n_templates <= n_images:
+        raise InputError(
+            f"n_templates must be between 0 and n_images ({n_images}), got {n_templates}"
+        )
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise InputError(f"jpeg_quality must be 1..100, got {jpeg_quality}")
+    return n_images, n_templates, _check_size(size), Style.coerce(style)
+
+
+def _write_images(renders, images_dir: Path, size, jpeg_quality: int, parts: Mapping):
+    """Write the photos of ``(mask name, Rendering)`` pairs as ``specimen_000.jpg`` ...;
+    returns their COCO images, the annotations of their `parts`, and their paths."""
+    width, height = size
+    coco_images, annotations, paths = [], [], []
+    for i, (name, r) in enumerate(renders):
+        file_name = f"specimen_{i:03d}.jpg"
+        path = images_dir / file_name
+        with atomic_path(path) as tmp:
+            Image.fromarray(r.image).save(
+                tmp, format="JPEG", quality=int(jpeg_quality), optimize=True
+            )
+        paths.append(path)
+        image_id = i + 1
+        coco_images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "width": width,
+                "height": height,
+                "source_mask": name,
+            }
+        )
+        annotations += _part_annotations(r.labels, image_id, len(annotations) + 1, parts)
+    return coco_images, annotations, paths
+
+
+def _remove_stale(images_dir: Path, written: set[str]) -> None:
+    """Remove the ``specimen_*.jpg`` files of an earlier collection not in `written`."""
+    for stale in images_dir.glob("specimen_*.jpg"):
+        if re.fullmatch(r"specimen_\d{3,}\.jpg", stale.name) and stale.name not in written:
+            stale.unlink()
+
+
+def _write_readme(path: Path, fields: Mapping, parts: Mapping, how) -> Path:
+    """Write a collection's README: `fields` fill in `_README`; `how` (style,
+    mask_names, shapes) says how it was made when not from the defaults."""
+    style, mask_names, shapes = how
+    style_note = "" if style is None else ", with a custom style"
+    if mask_names is not None:
+        style_note += ", from a chosen subset of the masks"
+    if shapes is not None:
+        style_note += ", from given label maps instead of the beetle masks"
+    categories = ", ".join(f"{k} {v}" for k, v in parts.items())
+    with atomic_write(path) as fh:
+        fh.write(_README.format(**fields, style_note=style_note, categories=categories))
+    return path
+
+
+def _write_truth(out: Path, coco_images, annotations, n_templates, seed, parts):
+    """Write a collection's ground truth and its templates' (the first `n_templates`
+    images) as COCO files; returns their paths and the number of template annotations."""
+    gt_path, tpl_path = out / "ground_truth.json", out / "templates.json"
+    template_ids = {img["id"] for img in coco_images[:n_templates]}
+    template_anns = [a for a in annotations if a["image_id"] in template_ids]
+    description = f"synthetic specimens, seed {seed}"
+    ground_truth = _coco(coco_images, annotations, f"{description}: ground truth", parts)
+    templates = _coco(coco_images[:n_templates], template_anns, f"{description}: templates", parts)
+    write_json(gt_path, ground_truth, indent=1)
+    write_json(tpl_path, templates, indent=1)
+    return gt_path, tpl_path, len(template_anns)
+
+
 def make_collection(
     out_dir,
     n_images: int = 16,
@@ -1605,119 +1683,42 @@ def make_collection(
 ) -> dict:
     """Write a synthetic specimen collection to ``out_dir`` and return what was written.
 
-    Writes ``images/specimen_000.jpg`` ..., ``ground_truth.json`` (COCO: one annotation
-    per visible part of every image, compressed RLE segmentations, categories 1..5 as
-    in PARTS), ``templates.json`` (the same for the first ``n_templates`` images only)
-    and ``README.md``. Every file is written atomically; ``specimen_*.jpg`` files left
-    in ``images/`` by an earlier, larger collection are removed so that the folder
-    matches the ground truth. ``mask_names`` restricts the beetle masks used (names as
-    in `load_beetle_masks`); ``shapes`` replaces them (see `iter_collection`).
+    Writes, each atomically, ``images/specimen_000.jpg`` ..., ``ground_truth.json``
+    (COCO: a compressed-RLE annotation per visible part of every image), ``templates.json``
+    (the same for the first ``n_templates`` images) and ``README.md``; ``specimen_*.jpg``
+    files of an earlier, larger collection are removed (the folder matches the truth).
 
-    Returns a dict with ``out_dir``, ``images_dir``, ``images`` (paths),
-    ``templates``, ``ground_truth``, ``readme`` (paths), ``n_images``, ``n_templates``,
-    ``n_annotations`` and ``n_template_annotations``.
+    Args:
+        out_dir: the collection's folder (created if needed).
+        n_images, n_templates, seed, size, style, mask_names, shapes: as in
+            `iter_collection`; the first ``n_templates`` images are the templates.
+        jpeg_quality: JPEG quality of the photos, 1..100.
+
+    Returns:
+        A dict of the paths ``out_dir``, ``images_dir``, ``images`` (a list), ``templates``,
+        ``ground_truth``, ``readme`` and the counts ``n_images``, ``n_templates``,
+        ``n_annotations``, ``n_template_annotations``.
     """
-    n_images = int(n_images)
-    n_templates = int(n_templates)
-    if n_images < 1:
-        raise InputError(f"n_images must be at least 1, got {n_images}")
-    if not 0 <= n_templates <= n_images:
-        raise InputError(
-            f"n_templates must be between 0 and n_images ({n_images}), got {n_templates}"
-        )
-    if not 1 <= int(jpeg_quality) <= 100:
-        raise InputError(f"jpeg_quality must be 1..100, got {jpeg_quality}")
-    width, height = _check_size(size)
-    st = Style.coerce(style)
-
+    n_images, n_templates, (width, height), st = _check_collection(
+        n_images, n_templates, jpeg_quality, size, style
+    )
     out = Path(out_dir)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    coco_images, annotations, paths, written = [], [], [], set()
-    ann_id = 1
-    parts = _parts_of(shapes)
-    for i, (name, r) in enumerate(
-        iter_collection(
-            n_images,
-            seed=seed,
-            size=(width, height),
-            style=st,
-            mask_names=mask_names,
-            shapes=shapes,
-        )
-    ):
-        file_name = f"specimen_{i:03d}.jpg"
-        path = images_dir / file_name
-        with atomic_path(path) as tmp:
-            Image.fromarray(r.image).save(
-                tmp, format="JPEG", quality=int(jpeg_quality), optimize=True
-            )
-        paths.append(path)
-        written.add(file_name)
-        image_id = i + 1
-        coco_images.append(
-            {
-                "id": image_id,
-                "file_name": file_name,
-                "width": width,
-                "height": height,
-                "source_mask": name,
-            }
-        )
-        for k in parts:
-            mask = r.labels == k
-            if not mask.any():
-                continue
-            annotations.append(
-                {
-                    "id": ann_id,
-                    "image_id": image_id,
-                    "category_id": k,
-                    "segmentation": encode_rle(mask),
-                    "area": int(mask.sum()),
-                    "bbox": mask_bbox(mask),
-                    "iscrowd": 0,
-                }
-            )
-            ann_id += 1
-
-    for stale in images_dir.glob("specimen_*.jpg"):
-        if re.fullmatch(r"specimen_\d{3,}\.jpg", stale.name) and stale.name not in written:
-            stale.unlink()
-
-    template_ids = {img["id"] for img in coco_images[:n_templates]}
-    template_anns = [a for a in annotations if a["image_id"] in template_ids]
-    ground_truth = _coco(
-        coco_images, annotations, f"synthetic specimens, seed {seed}: ground truth", parts
+    parts = _parts_of(shapes)  # PARTS and any extra part the shapes have
+    renders = iter_collection(
+        n_images, seed=seed, size=(width, height), style=st, mask_names=mask_names, shapes=shapes
     )
-    templates = _coco(
-        coco_images[:n_templates],
-        template_anns,
-        f"synthetic specimens, seed {seed}: templates",
-        parts,
+    coco_images, annotations, paths = _write_images(
+        renders, images_dir, (width, height), jpeg_quality, parts
     )
-    gt_path, tpl_path = out / "ground_truth.json", out / "templates.json"
-    readme_path = out / "README.md"
-    write_json(gt_path, ground_truth, indent=1)
-    write_json(tpl_path, templates, indent=1)
-    style_note = "" if style is None else ", with a custom style"
-    if mask_names is not None:
-        style_note += ", from a chosen subset of the masks"
-    if shapes is not None:
-        style_note += ", from given label maps instead of the beetle masks"
-    with atomic_write(readme_path) as fh:
-        fh.write(
-            _README.format(
-                n_images=n_images,
-                n_templates=n_templates,
-                seed=seed,
-                width=width,
-                height=height,
-                quality=int(jpeg_quality),
-                style_note=style_note,
-                categories=", ".join(f"{k} {v}" for k, v in parts.items()),
-            )
-        )
+    _remove_stale(images_dir, {p.name for p in paths})
+    gt_path, tpl_path, n_template_anns = _write_truth(
+        out, coco_images, annotations, n_templates, seed, parts
+    )
+    fields = dict(n_images=n_images, n_templates=n_templates, seed=seed, width=width, height=height)
+    fields["quality"] = int(jpeg_quality)
+    readme_path = _write_readme(out / "README.md", fields, parts, (style, mask_names, shapes))
     return {
         "out_dir": out,
         "images_dir": images_dir,
@@ -1728,7 +1729,7 @@ def make_collection(
         "n_images": n_images,
         "n_templates": n_templates,
         "n_annotations": len(annotations),
-        "n_template_annotations": len(template_anns),
+        "n_template_annotations": n_template_anns,
     }
 
 
@@ -1861,9 +1862,12 @@ def _video_coco_image(
     }
 
 
-def _part_annotations(labels: np.ndarray, image_id: int, first_id: int) -> list[dict]:
+def _part_annotations(
+    labels: np.ndarray, image_id: int, first_id: int, parts: Mapping = PARTS
+) -> list[dict]:
+    """COCO annotations (ids from `first_id`) of the `parts` visible in a label map."""
     anns = []
-    for k in PARTS:
+    for k in parts:
         mask = labels == k
         if mask.any():
             anns.append(
