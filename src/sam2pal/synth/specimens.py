@@ -1906,12 +1906,7 @@ def render_video_frames(
     if n_frames < 1:
         raise InputError(f"n_frames must be at least 1, got {n_frames}")
     width, height = _check_size(size)
-    if mask_name is None:
-        masks = [(n, m) for n, m in _load_masks_cached() if set(np.unique(m)) == {0, *PARTS}]
-        name, label_map = masks[int(_video_rng(seed, 0).integers(len(masks)))]
-    else:
-        name, label_map = _select_masks([mask_name])[0]
-
+    name, label_map = _video_specimen(seed, mask_name)
     st = collection_style(None, _video_rng(seed, 1))
     pose = dataclasses.replace(
         st,
@@ -1923,11 +1918,74 @@ def render_video_frames(
         scale_range=(0.4, 0.45),
     )
     r = render_specimen_layers(label_map, _video_rng(seed, 2), size=(width, height), style=pose)
-    fg0 = r.labels > 0
-    beetle = _fill_outside(r.image.astype(np.float32) / 255.0, fg0)
-
+    beetle = _fill_outside(r.image.astype(np.float32) / 255.0, r.labels > 0)
     rng = _video_rng(seed, 3)
     motion, damp = _video_motion(r.labels, n_frames, rng, width, height)
+    scene = _video_scene(st, rng, width, height)
+
+    def frames() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        noise_rng = _video_rng(seed, 4)
+        for t in range(n_frames):
+            m = motion.matrix(t, damp).astype(np.float64)
+            yield scene.frame(r.labels, beetle, m, noise_rng)
+
+    return name, frames()
+
+
+def _video_specimen(seed: int, mask_name: str | None) -> tuple[str, np.ndarray]:
+    """The (name, label map) of a clip's specimen: `mask_name`'s, or for None one drawn
+    from the masks that show all five parts."""
+    if mask_name is None:
+        masks = [(n, m) for n, m in _load_masks_cached() if set(np.unique(m)) == {0, *PARTS}]
+        return masks[int(_video_rng(seed, 0).integers(len(masks)))]
+    return _select_masks([mask_name])[0]
+
+
+@dataclass(frozen=True)
+class _VideoScene:
+    """What stays fixed over a clip around the moving specimen: substrate, shadow,
+    illumination, blur and noise level."""
+
+    substrate: np.ndarray
+    light_xy: np.ndarray
+    opacity: float
+    offset: float
+    shadow_sigma: float
+    illumination: np.ndarray
+    blur: float
+    noise: float
+
+    def frame(self, labels0, beetle, m, noise_rng) -> tuple[np.ndarray, np.ndarray]:
+        """The (RGB uint8 image, label map) of the specimen `labels0` coloured `beetle`
+        (frame 0) moved by the 2 x 3 map `m`, with fresh sensor noise from `noise_rng`."""
+        height, width = labels0.shape
+        labels = cv2.warpAffine(
+            labels0,
+            m,
+            (width, height),
+            flags=cv2.INTER_NEAREST,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
+        colour = cv2.warpAffine(
+            beetle, m, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        fg = labels > 0
+        light_xy, offset = self.light_xy, self.offset
+        shadow = _blur(
+            _shift(fg.astype(np.float32), -offset * light_xy[0], -offset * light_xy[1]),
+            self.shadow_sigma,
+        )
+        image = self.substrate * (1 - self.opacity * shadow)[..., None]
+        image = np.where(fg[..., None], colour, image) * self.illumination[..., None]
+        image = _blur(image, self.blur)
+        if self.noise > 0:
+            image = image + self.noise * noise_rng.standard_normal(image.shape, dtype=np.float32)
+        return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), labels
+
+
+def _video_scene(st: Style, rng, width: int, height: int) -> _VideoScene:
+    """Draw a clip's `_VideoScene` in the collection style `st`."""
     substrate = _background(st.backgrounds[0], st.background_color, rng, height, width)
     light = math.radians(st.light_angle)
     light_xy = np.array([math.cos(light), -math.sin(light)])
@@ -1937,64 +1995,13 @@ def render_video_frames(
     illumination = _illumination(rng, height, width, light_xy, _uniform(rng, st.illumination))
     blur = _uniform(rng, st.blur_sigma)
     noise = _uniform(rng, st.noise_sigma) / 255.0
-
-    def frames() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        noise_rng = _video_rng(seed, 4)
-        for t in range(n_frames):
-            m = motion.matrix(t, damp).astype(np.float64)
-            labels = cv2.warpAffine(
-                r.labels,
-                m,
-                (width, height),
-                flags=cv2.INTER_NEAREST,
-                borderMode=cv2.BORDER_CONSTANT,
-                borderValue=0,
-            )
-            colour = cv2.warpAffine(
-                beetle, m, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-            )
-            fg = labels > 0
-            shadow = _blur(
-                _shift(fg.astype(np.float32), -offset * light_xy[0], -offset * light_xy[1]),
-                shadow_sigma,
-            )
-            image = substrate * (1 - opacity * shadow)[..., None]
-            image = np.where(fg[..., None], colour, image) * illumination[..., None]
-            image = _blur(image, blur)
-            if noise > 0:
-                image = image + noise * noise_rng.standard_normal(image.shape, dtype=np.float32)
-            yield np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), labels
-
-    return name, frames()
+    return _VideoScene(
+        substrate, light_xy, opacity, offset, shadow_sigma, illumination, blur, noise
+    )
 
 
-def make_video(
-    out_dir,
-    n_frames: int = 24,
-    fps: float = 8,
-    seed: int = 0,
-    size: tuple[int, int] = (320, 240),
-    keyframes: Sequence[int] = (0,),
-    mask_name: str | None = None,
-    codec: str = "libx264",
-) -> dict:
-    """Write a synthetic clip of one moving specimen with its exact per-frame ground truth.
-
-    Writes ``out_dir/video.mp4`` (``codec``, yuv420p, crf 18, ``fps`` frames per
-    second; frames from `render_video_frames`), ``ground_truth.json`` (COCO: image
-    ``id`` = frame index, ``file_name`` ``00000.jpg`` ... as `sam2pal.io.video.extract_frames`
-    names them, one compressed-RLE annotation per visible part per frame, annotation
-    ids from 1) and ``keyframes.json`` (the same for the ``keyframes`` frames only).
-    Image ids in keyframes.json are 1000 + frame index, deliberately not the frame
-    index: code must match annotations to frames by file name. The size must be even
-    (yuv420p). Deterministic for a seed.
-
-    Returns a dict with ``out_dir``, ``video``, ``ground_truth``, ``keyframes`` (paths),
-    ``keyframe_indices``, ``n_frames``, ``fps``, ``size``, ``mask_name`` and ``labels``
-    (the per-frame uint8 label maps, 0 background, 1..5 as in PARTS).
-    """
-    from sam2pal.io.video import write_video
-
+def _check_video(size, n_frames, fps, keyframes) -> tuple[int, int, int, list[int]]:
+    """Check a clip's settings: (width, height, n_frames, sorted keyframe indices)."""
     width, height = _check_size(size)
     if width % 2 or height % 2:
         raise InputError(f"video size must be even (yuv420p), got {width} x {height}")
@@ -2016,22 +2023,13 @@ def make_video(
         raise InputError(
             f"keyframes must be frame indices in 0..{n_frames - 1}, got {list(keyframes)!r}"
         )
+    return width, height, n_frames, keys
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name, frames = render_video_frames(
-        n_frames, seed=seed, size=(width, height), mask_name=mask_name
-    )
-    labels: list[np.ndarray] = []
 
-    def images() -> Iterator[np.ndarray]:
-        for image, lab in frames:
-            labels.append(lab)
-            yield image
-
-    video_path = out / "video.mp4"
-    write_video(images(), video_path, fps=fps, crf=18, codec=codec)
-
+def _write_video_truth(out: Path, labels, keys, fps, size, name: str, seed: int):
+    """Write a clip's ``ground_truth.json`` (every frame) and ``keyframes.json`` (the
+    `keys` frames, image ids 1000 + frame index); returns their paths."""
+    width, height = size
     gt_images, gt_anns, kf_images, kf_anns = [], [], [], []
     for t, lab in enumerate(labels):
         gt_images.append(_video_coco_image(t, t, fps, width, height, name))
@@ -2046,6 +2044,58 @@ def make_video(
     write_json(
         kf_path, _coco(kf_images, kf_anns, f"synthetic video, seed {seed}: keyframes"), indent=1
     )
+    return gt_path, kf_path
+
+
+def make_video(
+    out_dir,
+    n_frames: int = 24,
+    fps: float = 8,
+    seed: int = 0,
+    size: tuple[int, int] = (320, 240),
+    keyframes: Sequence[int] = (0,),
+    mask_name: str | None = None,
+    codec: str = "libx264",
+) -> dict:
+    """Write a synthetic clip of one moving specimen with its exact per-frame ground truth.
+
+    Writes ``out_dir/video.mp4`` (``codec``, yuv420p, crf 18; frames from
+    `render_video_frames`), ``ground_truth.json`` (COCO: image ``id`` = frame index,
+    ``file_name`` ``00000.jpg`` ... as `sam2pal.io.video.extract_frames` names them, one
+    compressed-RLE annotation per visible part per frame, annotation ids from 1) and
+    ``keyframes.json`` (the same for the ``keyframes`` frames only). Image ids in
+    keyframes.json are 1000 + frame index, deliberately not the frame index: code must
+    match annotations to frames by file name. Deterministic for a seed.
+
+    Args:
+        out_dir: the clip's folder (created if needed).
+        n_frames, seed, size, mask_name: as in `render_video_frames` (an even size).
+        fps, keyframes, codec: frames per second, the frame indices of keyframes.json,
+            and ffmpeg's video encoder.
+
+    Returns:
+        A dict with ``out_dir``, ``video``, ``ground_truth``, ``keyframes`` (paths),
+        ``keyframe_indices``, ``n_frames``, ``fps``, ``size``, ``mask_name`` and ``labels``
+        (the per-frame uint8 label maps, 0 background, 1..5 as in PARTS).
+    """
+    from sam2pal.io.video import write_video
+
+    width, height, n_frames, keys = _check_video(size, n_frames, fps, keyframes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name, frames = render_video_frames(
+        n_frames, seed=seed, size=(width, height), mask_name=mask_name
+    )
+    labels: list[np.ndarray] = []
+
+    def images() -> Iterator[np.ndarray]:
+        for image, lab in frames:
+            labels.append(lab)
+            yield image
+
+    video_path = out / "video.mp4"
+    write_video(images(), video_path, fps=fps, crf=18, codec=codec)
+    gt_path, kf_path = _write_video_truth(out, labels, keys, fps, (width, height), name, seed)
     return {
         "out_dir": out,
         "video": video_path,
