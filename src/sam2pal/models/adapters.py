@@ -118,7 +118,7 @@ def read_metadata(folder: str | os.PathLike) -> dict:
 
 
 def adapter_kind(folder: str | os.PathLike) -> str:
-    """ "lora" or "full": which weights an adapter folder holds."""
+    """The kind of weights an adapter folder holds: "lora" or "full"."""
     folder = Path(folder)
     if (folder / LORA_WEIGHTS).is_file() and (folder / "adapter_config.json").is_file():
         return "lora"
