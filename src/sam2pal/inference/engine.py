@@ -257,9 +257,8 @@ def conditioning_frame(
     predictor's `add_new_mask` followed by `propagate_in_video_preflight` makes it.
 
     Args:
-        model: the SAM2Base.
-        feats: the frame's (vision_feats, vision_pos_embeds, feat_sizes).
-        frame_idx, num_frames: the frame's index and the frame count.
+        model, feats, frame_idx, num_frames: the SAM2Base, the frame's (vision_feats,
+            vision_pos_embeds, feat_sizes), its index and the frame count.
         mask_inputs: (B, 1, S, S) masks; may be soft (probabilities): gradients then
             flow from the memory back into them (the palindrome's phase 2).
         fill_hole_area: as in `fill_holes`, on the predicted masks before encoding.
@@ -267,7 +266,7 @@ def conditioning_frame(
             bfloat16 is what the official predictor stores.
 
     Returns:
-        The frame's output: maskmem_features, maskmem_pos_enc, pred_masks, obj_ptr,
+        The frame's maskmem_features, maskmem_pos_enc, pred_masks, obj_ptr and
         object_score_logits.
     """
     vision_feats, vision_pos, sizes = feats
