@@ -1144,6 +1144,14 @@ def camera_effects(
 
     For images rendered without those effects and then transformed (`zoom_crop`), so
     that blur, noise and JPEG blocks keep their size in the final picture.
+
+    Args:
+        image: an H x W x 3 uint8 RGB image.
+        rng: the generator of the effects.
+        style: a `Style`, a dict of its fields, or None for the defaults.
+
+    Returns:
+        The H x W x 3 uint8 image with the effects.
     """
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -1173,11 +1181,16 @@ def render_specimen(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one specimen photo from a part label map.
 
-    Returns ``(image, labels)``: an H x W x 3 uint8 RGB photo of the beetle placed on
-    a canvas of ``size`` = (width, height), and the H x W uint8 label map of the parts
-    as placed (0 background, 1..5 as in PARTS): the exact ground truth of the photo.
-    All randomness comes from ``rng``; ``style`` (a `Style` or a dict of its fields)
-    pins generator settings.
+    Args:
+        label_map: the specimen's part label map (0 background, values of `ALL_PARTS`).
+        rng: the generator all randomness comes from.
+        size: (width, height) of the photo.
+        style: a `Style` or a dict of its fields, pinning generator settings.
+
+    Returns:
+        ``(image, labels)``: an H x W x 3 uint8 RGB photo of the beetle placed on the
+        canvas, and the H x W uint8 label map of the parts as placed (0 background,
+        1..5 as in PARTS): the exact ground truth of the photo.
     """
     r = render_specimen_layers(label_map, rng, size=size, style=style)
     return r.image, r.labels
@@ -1194,6 +1207,13 @@ def collection_style(style: Style | Mapping | None, rng: np.random.Generator) ->
     Substrate kind and colour and the light direction are chosen once (unless the
     caller pinned them); illumination, blur and noise ranges shrink to a narrow band
     inside the caller's range.
+
+    Args:
+        style: a `Style`, a dict of its fields, or None for the defaults.
+        rng: the collection's generator.
+
+    Returns:
+        The collection's `Style`.
     """
     st = Style.coerce(style)
     kind = st.backgrounds[int(rng.integers(len(st.backgrounds)))]
@@ -1392,8 +1412,14 @@ def zoom_crop(
     Windows reaching past the image repeat its edge pixels in both. Windows stay inside
     the image whenever they fit.
 
-    Returns ``(images, labels, windows)``, a window being (x, y, width, height) in source
-    pixels, (0, 0) the top-left corner of the top-left pixel.
+    Args:
+        images, labels: the frames and their label maps, the same sizes pairwise.
+        part, fill, size: see above.
+        rng: the generator of the windows' positions.
+
+    Returns:
+        ``(images, labels, windows)``, a window being (x, y, width, height) in source
+        pixels, (0, 0) the top-left corner of the top-left pixel.
     """
     out_w, out_h = _check_size(size)
     part, fill = _check_zoom(images, labels, part, fill)
@@ -1511,8 +1537,19 @@ def iter_collection(
     settings and the mask order come from ``seed``; image ``i`` has its own random
     stream, so the first k images of a collection do not depend on ``n_images``.
     Masks are used in a seeded permutation, cycling when ``n_images`` exceeds them.
-    ``shapes``: (name, label map) pairs to draw instead of the beetle masks (e.g.
-    procedural insects, whose eyes and scapes become categories 6 and 7).
+
+    Args:
+        n_images: the number of images.
+        seed: the collection's seed (a non-negative integer).
+        size: (width, height) of the photos.
+        style: a `Style`, a dict of its fields, or None for the defaults (the
+            collection's own settings are drawn inside it, `collection_style`).
+        mask_names: restricts the beetle masks used (names as in `load_beetle_masks`).
+        shapes: (name, label map) pairs to draw instead of the beetle masks (e.g.
+            procedural insects, whose eyes and scapes become categories 6 and 7).
+
+    Returns:
+        An iterator of ``(mask_name, Rendering)``.
     """
     seed = _check_seed(seed)
     if int(n_images) < 1:
@@ -1900,6 +1937,15 @@ def render_video_frames(
     the motion is damped when needed so that the specimen stays fully inside every
     frame. A drop shadow follows the specimen; illumination, blur and fresh sensor
     noise are applied per frame, as a camera would.
+
+    Args:
+        n_frames: the clip's length.
+        seed: its seed (a non-negative integer).
+        size: (width, height) of the frames.
+        mask_name: the beetle mask to use; None draws one showing all five parts.
+
+    Returns:
+        ``(mask_name, iterator of (RGB uint8 image, uint8 label map))``.
     """
     seed = _check_seed(seed)
     n_frames = int(n_frames)
