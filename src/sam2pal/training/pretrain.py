@@ -104,8 +104,15 @@ LOG_COLUMNS = [
 
 
 def split_masks(held_out_every: int = 6) -> tuple[list, list]:
-    """(training, held-out) NEON label maps: every `held_out_every`-th mask, in name
-    order, is kept out of training for held-out tests."""
+    """Split the NEON label maps into training and held-out ones.
+
+    Args:
+        held_out_every: every `held_out_every`-th mask, in name order, is kept out of
+            training for held-out tests.
+
+    Returns:
+        (training, held-out) lists of (name, label map).
+    """
     masks = load_beetle_masks()
     held = [m for i, m in enumerate(masks) if i % held_out_every == held_out_every - 1]
     train = [m for i, m in enumerate(masks) if i % held_out_every != held_out_every - 1]
@@ -196,7 +203,15 @@ class Episode:
 
 def colour_jitter(images: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """One hue rotation, saturation, brightness and contrast change for all images of
-    an episode (a collection keeps its look), with a slight per-image variation."""
+    an episode (a collection keeps its look), with a slight per-image variation.
+
+    Args:
+        images: the episode's RGB uint8 images.
+        rng: the episode's generator.
+
+    Returns:
+        The changed images.
+    """
     hue = rng.uniform(-90, 90)  # degrees
     sat = rng.uniform(0.6, 1.5)
     gain = rng.uniform(0.75, 1.25)
@@ -214,8 +229,16 @@ def colour_jitter(images: list[np.ndarray], rng: np.random.Generator) -> list[np
 
 
 def episode_shape(step: int, settings: PretrainSettings) -> tuple[int, bool]:
-    """(number of templates, whether a second target follows) of every episode of an
-    optimizer step: the episodes of one step share it, so they run as one batch."""
+    """The frame structure of the episodes of an optimizer step: the episodes of one
+    step share it, so they run as one batch.
+
+    Args:
+        step: the optimizer step.
+        settings: the run's settings (seed, two_templates, second_target).
+
+    Returns:
+        (number of templates, whether a second target follows).
+    """
     rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(5, step)))
     return (2 if rng.random() < settings.two_templates else 1), bool(
         rng.random() < settings.second_target
@@ -376,7 +399,18 @@ def _dice(logits, target):
 
 
 def target_loss(sam_outputs, truth: torch.Tensor, present: torch.Tensor, s: PretrainSettings):
-    """SAM2's multi-mask loss on one tracked frame. truth (B, 1, S, S), present (B,)."""
+    """SAM2's multi-mask loss on one tracked frame.
+
+    Args:
+        sam_outputs: SAM2's outputs of the tracking step.
+        truth: (B, 1, S, S) true masks.
+        present: (B,) whether each structure is in the frame.
+        s: the run's settings (the loss weights).
+
+    Returns:
+        (loss, {"focal", "dice", "iou_head", "object", "target_iou": floats}), the
+        mask terms on the best of the candidate masks of each present structure.
+    """
     _, high_multi, ious, _, _, _, object_logits = sam_outputs
     truth_m = truth.expand_as(high_multi)
     focal = _focal(high_multi, truth_m)
