@@ -268,12 +268,36 @@ def _mirror_partner(name: str) -> str | None:
     return swapped if swapped != name else None
 
 
+def _swap_mirrored(masks: np.ndarray, objects, categories: dict) -> np.ndarray:
+    """The masks of a mirrored view with left and right structures' masks swapped."""
+    names = [categories.get(cid) for cid, _ in objects]
+    index = {(names[i], objects[i][1]): i for i in range(len(objects))}
+    swapped = masks.copy()
+    for i, name in enumerate(names):
+        partner = _mirror_partner(name or "")
+        j = index.get((partner, objects[i][1]))
+        if j is not None:
+            swapped[i] = masks[j]
+    return swapped
+
+
 def template_view(
     image: np.ndarray, masks: np.ndarray, objects, categories: dict, rng: np.random.Generator
 ):
-    """An augmented view of a template photo and its (N, H, W) masks: scaled 0.85-1.15
-    about a shifted centre, turned up to 15 degrees, mirrored half the time (masks of
-    left/right structures swapped), brightness, contrast and hue changed a little."""
+    """An augmented view of a template photo and its masks: scaled 0.85-1.15 about a
+    shifted centre, turned up to 15 degrees, mirrored half the time (masks of
+    left/right structures swapped), brightness, contrast and hue changed a little.
+
+    Args:
+        image: the RGB uint8 photo.
+        masks: its (N, H, W) bool masks.
+        objects: the masks' (category id, instance).
+        categories: {category id: name} (names tell left from right).
+        rng: the generator of the changes.
+
+    Returns:
+        (RGB uint8 view, its (N, H, W) bool masks).
+    """
     import cv2
 
     height, width = image.shape[:2]
@@ -305,15 +329,7 @@ def template_view(
         ]
     )
     if mirror:
-        names = [categories.get(cid) for cid, _ in objects]
-        index = {(names[i], objects[i][1]): i for i in range(len(objects))}
-        swapped = warped.copy()
-        for i, name in enumerate(names):
-            partner = _mirror_partner(name or "")
-            j = index.get((partner, objects[i][1]))
-            if j is not None:
-                swapped[i] = warped[j]
-        warped = swapped
+        warped = _swap_mirrored(warped, objects, categories)
     hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
     hsv[..., 0] = (hsv[..., 0] + rng.uniform(-8, 8)) % 256
     rgb = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL).astype(np.float32)
@@ -544,7 +560,16 @@ class Trainer:
         }
 
     def palindrome_loss(self, template: _TrainingTemplate, target_key: str):
-        """The loss of one {x0, x1, x1, x0} cycle, and its parts."""
+        """The loss of one {x0, x1, x1, x0} cycle.
+
+        Args:
+            template: the training template (x0) with its true masks.
+            target_key: the unlabelled target image (x1).
+
+        Returns:
+            (loss, parts): parts holds the bce, dice and object terms and the phase-1
+            logits on the target ("logits1").
+        """
         template_backbone = self._backbone(template.key)  # once per step, cached or not
         logits1, object1, _, target_feats = self.phase1(
             template, template_backbone, self._backbone(target_key)
@@ -579,7 +604,15 @@ class Trainer:
         return self._truth_inputs[cached]
 
     def supervised_loss(self, template: _TrainingTemplate, target_key: str):
-        """Phase 1 alone against the target's true masks (the oracle of benchmarks)."""
+        """Phase 1 alone against the target's true masks (the oracle of benchmarks).
+
+        Args:
+            template: the training template with its true masks.
+            target_key: the target image, which must have ground truth.
+
+        Returns:
+            (loss, parts), as `palindrome_loss`.
+        """
         logits1, object1, _, _ = self.phase1(
             template, self._backbone(template.key), self._backbone(target_key)
         )
@@ -613,8 +646,12 @@ class Trainer:
     # -- validation -------------------------------------------------------------------
 
     def validate(self) -> dict:
-        """Mean cycle IoU on the held-out images, and the real IoU where there is
-        ground truth (category masks by name)."""
+        """Score the model on the held-out images.
+
+        Returns:
+            {"val_cycle_iou": mean cycle IoU, "val_iou": mean real IoU where there is
+            ground truth (category masks by name)}; None for what cannot be measured.
+        """
         if not self.holdout:
             return {"val_cycle_iou": None, "val_iou": None}
         self.sam.eval()
