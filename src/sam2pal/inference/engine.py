@@ -109,10 +109,18 @@ class _Group:
 
 
 def preprocess(image: np.ndarray, image_size: int, device: torch.device) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) -> normalised float tensor (1, 3, S, S) on `device`.
+    """Resize and normalise an image for the model.
 
     The same operations, in the same dtypes, as SAM2's own frame loader (Pillow
     bicubic resize, /255 in float64, mean/std normalisation in float32).
+
+    Args:
+        image: RGB uint8 (H, W, 3).
+        image_size: the model's input size S.
+        device: where the tensor goes.
+
+    Returns:
+        The normalised float tensor (1, 3, S, S).
     """
     resized = Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
     tensor = torch.from_numpy(np.asarray(resized) / 255.0).permute(2, 0, 1).float()
@@ -131,7 +139,14 @@ def fill_holes(low_res_logits: torch.Tensor, max_area: int) -> torch.Tensor:
 
     The post-processing of SAM2's video predictor (`fill_hole_area`), which there needs
     SAM2's CUDA extension; done here with OpenCV's 8-connected components so that it
-    runs everywhere. `low_res_logits` is (B, 1, h, w).
+    runs everywhere.
+
+    Args:
+        low_res_logits: (B, 1, h, w) mask logits.
+        max_area: the largest hole filled, in pixels; 0 disables.
+
+    Returns:
+        The logits with the holes set to 0.1 (the same tensor when nothing changes).
     """
     if max_area <= 0:
         return low_res_logits
@@ -162,6 +177,14 @@ def upsample_to_box(logits: np.ndarray, size: tuple[int, int], threshold: float 
     computed. Inside, the weights are those of torch's `F.interpolate(mode="bilinear",
     align_corners=False)` in float32; the result differs from it at most where a value
     lies within rounding of the threshold.
+
+    Args:
+        logits: the (h, w) logit map.
+        size: the (height, width) of the full-size mask.
+        threshold: pixels above it are the mask.
+
+    Returns:
+        The mask as a tight `BoxMask` on the full-size grid.
     """
     logits = torch.as_tensor(logits, dtype=torch.float32).cpu()
     height, width = int(size[0]), int(size[1])
@@ -233,10 +256,18 @@ def conditioning_frame(
     """A conditioning frame's output with its memory encoded, as the official
     predictor's `add_new_mask` followed by `propagate_in_video_preflight` makes it.
 
-    `mask_inputs` (B, 1, S, S) may be soft (probabilities): gradients then flow from the
-    memory back into it (the palindrome's phase 2). `memory_dtype` None keeps the
-    memory features in the compute dtype (training); bfloat16 is what the official
-    predictor stores.
+    Args:
+        model, feats, frame_idx, num_frames: the SAM2Base, the frame's (vision_feats,
+            vision_pos_embeds, feat_sizes), its index and the frame count.
+        mask_inputs: (B, 1, S, S) masks; may be soft (probabilities): gradients then
+            flow from the memory back into them (the palindrome's phase 2).
+        fill_hole_area: as in `fill_holes`, on the predicted masks before encoding.
+        memory_dtype: None keeps the memory features in the compute dtype (training);
+            bfloat16 is what the official predictor stores.
+
+    Returns:
+        The frame's maskmem_features, maskmem_pos_enc, pred_masks, obj_ptr and
+        object_score_logits.
     """
     vision_feats, vision_pos, sizes = feats
     _, sam_outputs, _, _ = model._track_step(
@@ -301,8 +332,16 @@ def track_frame(
 ):
     """Track a non-conditioning frame from `memory`.
 
-    Returns the low-resolution mask logits (B, 1, S/4, S/4), SAM2's predicted IoU (B,)
-    and its object-score logits (B,).
+    Args:
+        model: the SAM2Base.
+        feats: the frame's (vision_feats, vision_pos_embeds, feat_sizes).
+        frame_idx, num_frames: the frame's index and the frame count.
+        memory: the SAM2 output dict to track from.
+        fill_hole_area: as in `fill_holes`, on the predicted logits.
+
+    Returns:
+        The low-resolution mask logits (B, 1, S/4, S/4), SAM2's predicted IoU (B,)
+        and its object-score logits (B,).
     """
     _, sam_outputs = track_step(model, feats, frame_idx, num_frames, memory)
     _, _, ious, low_res_masks, _, _, object_score_logits = sam_outputs
@@ -403,6 +442,17 @@ def cycle_ious(
     as on the full arrays, at the cost of the structures' boxes instead of the whole
     photo. `repeat`: the batch holds that many targets, each with the same B objects
     (the references' masks are B per reference), so B = len(low_res) / repeat.
+
+    Args:
+        model: the SAM2Base.
+        feats: the target's features, expanded to the batch.
+        low_res: the predicted low-resolution logits (batch, 1, h, w).
+        references, repeat: see above.
+        fill_hole_area: as in `fill_holes`.
+        threshold: logits above it are the mask.
+
+    Returns:
+        Per object of the batch, the mean IoU over the references.
     """
     image_size = int(model.image_size)
     mask_in = (
@@ -576,12 +626,19 @@ class Propagator:
     # -- public -----------------------------------------------------------------------
 
     def read_target(self, path) -> tuple[np.ndarray, tuple[int, int]]:
-        """A target photo as the engine wants it: (rgb, (height, width) of the photo).
+        """A target photo as the engine wants it.
 
         Decoded at a reduced size when that loses nothing the model sees (JPEG scaled
         by 1/2 to 1/8, keeping at least the model's input size on each side,
         `images.read_image_reduced`); at full size with `exact`, as the official
-        predictor reads it. The masks are on the photo's full pixel grid either way."""
+        predictor reads it. The masks are on the photo's full pixel grid either way.
+
+        Args:
+            path: the image file.
+
+        Returns:
+            (RGB uint8 image, (height, width) of the photo).
+        """
         from sam2pal.io.images import read_image, read_image_reduced
 
         if self.exact:
@@ -592,12 +649,17 @@ class Propagator:
     def predict(
         self, image, backbone: dict | None = None, size: tuple[int, int] | None = None
     ) -> list[StructurePrediction]:
-        """All structures on one RGB uint8 image, in `self.objects` order.
+        """All structures on one RGB uint8 image.
 
-        `backbone`: the image's image-encoder output when already computed (the
-        trainer's feature cache); `image` may then be just its (height, width).
-        `size`: the (height, width) of the output masks when `image` is a reduced copy
-        of the photo (`read_target`); by default the image's own size.
+        Args:
+            image: the RGB uint8 image; just its (height, width) when `backbone` is given.
+            backbone: the image's image-encoder output when already computed (the
+                trainer's feature cache).
+            size: the (height, width) of the output masks when `image` is a reduced copy
+                of the photo (`read_target`); by default the image's own size.
+
+        Returns:
+            A `StructurePrediction` per structure, in `self.objects` order.
         """
         return self.predict_batch(
             [image], None if backbone is None else [backbone], None if size is None else [size]
@@ -608,17 +670,31 @@ class Propagator:
     ) -> list[list[StructurePrediction]]:
         """`predict` for several images in one image-encoder call and one tracking call
         per template group (the batch is images x structures): the same masks as one
-        image at a time, in fewer, larger calls (what keeps a GPU busy)."""
+        image at a time, in fewer, larger calls (what keeps a GPU busy).
+
+        Args:
+            images, backbones, sizes: per image, as `predict`'s image, backbone, size.
+
+        Returns:
+            Per image, its list of `StructurePrediction`s.
+        """
         return [pending.finish() for pending in self.start_batch(images, backbones, sizes)]
 
     @torch.inference_mode()
     def start_batch(
         self, images: list, backbones: list[dict] | None = None, sizes: list | None = None
     ) -> list[PendingPrediction]:
-        """The model's part of `predict_batch`: returns per image a `PendingPrediction`
-        holding the low-resolution logits and scores, whose `finish()` (resizing the
-        masks to the photo and cutting them; CPU work that may run in another thread
-        while the model goes on with the next batch) gives the predictions."""
+        """The model's part of `predict_batch`.
+
+        Args:
+            images, backbones, sizes: as in `predict_batch`.
+
+        Returns:
+            Per image a `PendingPrediction` holding the low-resolution logits and
+            scores, whose `finish()` (resizing the masks to the photo and cutting them;
+            CPU work that may run in another thread while the model goes on with the
+            next batch) gives the predictions.
+        """
         n = len(images)
         if sizes is None:
             sizes = [image[:2] if isinstance(image, tuple) else image.shape[:2] for image in images]

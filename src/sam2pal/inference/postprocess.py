@@ -26,12 +26,22 @@ from sam2pal.io.masks import BoxMask
 
 @dataclass(frozen=True)
 class StructureReference:
+    """A template structure's size and place, in fractions of its image."""
+
     area_fraction: float  # structure area / image area
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of width/height
 
     @classmethod
     def from_masks(cls, masks: list) -> StructureReference:
-        """The reference of a structure from its masks: bool arrays or `BoxMask`s."""
+        """The reference of a structure from its masks.
+
+        Args:
+            masks: the structure's masks on the templates: bool arrays or `BoxMask`s.
+
+        Returns:
+            The mean area fraction and the union of the boxes; area 0 and the whole
+            image when every mask is empty.
+        """
         areas, boxes = [], []
         for mask in masks:
             if isinstance(mask, np.ndarray):
@@ -52,6 +62,8 @@ class StructureReference:
         return cls(float(np.mean(areas)), box)
 
     def pixel_box(self, height: int, width: int, pad: int) -> tuple[int, int, int, int]:
+        """The box in pixels of a height x width image, grown by `pad` pixels on every
+        side and kept inside the image: (x0, y0, x1, y1), x1 and y1 exclusive."""
         x0, y0, x1, y1 = self.box
         return (
             max(0, int(np.floor(x0 * width)) - pad),
@@ -68,8 +80,20 @@ def clamp_mask(
     pad: int = 10,
     always: bool = False,
 ):
-    """Cut `mask` (a bool array, or a `sam2pal.io.masks.BoxMask`) to the reference box when
-    asked to; returns (mask of the same kind, was_cut)."""
+    """Cut `mask` to the reference box when asked to.
+
+    Args:
+        mask: a bool array, or a `sam2pal.io.masks.BoxMask`.
+        reference: the template structure's `StructureReference`.
+        area_growth_limit: cut when the mask's area fraction is more than this many
+            times the reference's (0: never for this reason).
+        pad: pixels added to the reference box on every side.
+        always: cut every mask.
+
+    Returns:
+        (mask of the same kind, was_cut): was_cut is true when the mask exploded or lost
+        pixels to the cut.
+    """
     boxed = isinstance(mask, BoxMask)
     height, width = mask.size if boxed else mask.shape
     area = mask.area if boxed else int(mask.sum())

@@ -453,24 +453,56 @@ def extract_frames(
 ) -> list[FrameRow]:
     """Split `video` into ``frames_dir/00000.jpg, 00001.jpg, ...`` and write the manifest.
 
-    - ``fps`` None keeps every decoded frame (ffmpeg neither duplicates nor drops any);
-      a number resamples to that rate with ffmpeg's ``fps`` filter (each output frame is
-      the source frame shown at that time; its time_s is the time on the new grid).
-    - ``start`` / ``end`` (seconds) cut the video: frames shown at ``start <= t < end``.
-    - ``max_frames`` keeps at most that many frames (the first ones).
-    - ``max_size`` caps the longer side in pixels (aspect kept, never enlarged).
-    - ``image_format`` 'jpg' (``jpeg_quality``: ffmpeg's -q:v, 2 best .. 31 worst) or
-      'png' (lossless).
+    The frames go to a temporary sibling folder that replaces ``frames_dir`` only when
+    everything worked, so a failure leaves no half-written folder and re-extraction
+    leaves no stale frames; the manifest is written last, also atomically.
 
-    time_s is each frame's presentation time in the source video, in seconds from the
-    start of the file, read from ffmpeg's ``showinfo`` filter. The frames go to a
-    temporary sibling folder that replaces ``frames_dir`` only when everything worked,
-    so a failure leaves no half-written folder and re-extraction leaves no stale frames;
-    the manifest is written last, also atomically.
+    Args:
+        video, frames_dir, manifest_csv: the video file, the frames folder, the manifest.
+        fps: None keeps every decoded frame (ffmpeg neither duplicates nor drops any); a
+            number resamples to that rate with ffmpeg's ``fps`` filter (each output frame
+            is the source frame shown at that time; its time_s is on the new grid).
+        start, end: cut the video (seconds): frames shown at ``start <= t < end``.
+        max_frames: keep at most that many frames (the first ones).
+        max_size: cap on the longer side in pixels (aspect kept, never enlarged).
+        image_format, jpeg_quality: 'jpg' (``jpeg_quality``: ffmpeg's -q:v, 2 best .. 31
+            worst) or 'png' (lossless).
+
+    Returns:
+        The manifest rows; time_s is each frame's presentation time in the source video,
+        in seconds from the start of the file, read from ffmpeg's ``showinfo`` filter.
 
     Raises InputError naming the video when it is missing, not a video, has no video
     stream or an unsupported codec, or when no frame falls in the requested range.
     """
+    ext = _check_image_format(image_format, jpeg_quality)
+    fps = _check_positive("fps", fps)
+    max_frames = _check_positive("max_frames", max_frames, integer=True)
+    max_size = _check_positive("max_size", max_size, integer=True)
+    start, end = _check_range(start, end)
+    path = _check_video_file(video)
+    stream = _extract_stream(path, fps, start, end, max_frames, max_size)
+
+    frames_dir = Path(frames_dir)
+    if frames_dir.exists() and not frames_dir.is_dir():
+        raise InputError(f"{frames_dir}: exists and is not a folder (frames folder expected)")
+    with atomic_dir(frames_dir) as tmp:
+        out_kwargs = _frame_options(ext, jpeg_quality, max_frames)
+        # the image muxer expands '%' in the whole name: a '%' in the folder is doubled
+        pattern = _local(tmp).replace("%", "%%") + f"/%05d.{ext}"
+        args = _command(stream.output(pattern, **out_kwargs))
+        code, log = _run_logged(args)
+        rows = _extracted_rows(video, tmp, ext, code, log, start, end)
+        # the old manifest describes the old frames: drop it before they are replaced, so
+        # that a failure between the two steps leaves no manifest rather than a wrong one
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(manifest_csv)
+    write_manifest(manifest_csv, rows)
+    return rows
+
+
+def _check_image_format(image_format, jpeg_quality) -> str:
+    """The file extension of `image_format` ('jpg' or 'png'), with a valid JPEG quality."""
     ext = IMAGE_FORMATS.get(str(image_format or "jpg").lower().lstrip("."))
     if ext is None:
         raise InputError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
@@ -482,12 +514,21 @@ def extract_frames(
         raise InputError(
             f"jpeg_quality must be an integer 2 (best) .. 31 (worst), got {jpeg_quality!r}"
         )
-    fps = _check_positive("fps", fps)
-    max_frames = _check_positive("max_frames", max_frames, integer=True)
-    max_size = _check_positive("max_size", max_size, integer=True)
-    start, end = _check_range(start, end)
-    path = _check_video_file(video)
+    return ext
 
+
+def _frame_options(ext: str, jpeg_quality: int, max_frames: int | None) -> dict:
+    """ffmpeg's output options for the image files of `extract_frames`."""
+    out_kwargs = {**_passthrough(), "start_number": 0}
+    if max_frames is not None:
+        out_kwargs["frames:v"] = max_frames
+    if ext == "jpg":
+        out_kwargs["q:v"] = int(jpeg_quality)
+    return out_kwargs
+
+
+def _extract_stream(path: Path, fps, start, end, max_frames, max_size):
+    """ffmpeg's input and filters for `extract_frames`, ending in ``showinfo``."""
     input_kwargs = {}
     if start:
         input_kwargs["ss"] = _seconds(start)
@@ -507,49 +548,32 @@ def extract_frames(
         # trim (not only -frames:v) so that showinfo sees exactly the frames written:
         # with -frames:v alone the filter graph has already passed on one frame more
         stream = stream.filter("trim", end_frame=max_frames)
-    stream = stream.filter("showinfo")
+    return stream.filter("showinfo")
 
-    frames_dir = Path(frames_dir)
-    if frames_dir.exists() and not frames_dir.is_dir():
-        raise InputError(f"{frames_dir}: exists and is not a folder (frames folder expected)")
-    with atomic_dir(frames_dir) as tmp:
-        out_kwargs = {**_passthrough(), "start_number": 0}
-        if max_frames is not None:
-            out_kwargs["frames:v"] = max_frames
-        if ext == "jpg":
-            out_kwargs["q:v"] = int(jpeg_quality)
-        # the image muxer expands '%' in the whole name: a '%' in the folder is doubled
-        pattern = _local(tmp).replace("%", "%%") + f"/%05d.{ext}"
-        args = _command(stream.output(pattern, **out_kwargs))
-        code, log = _run_logged(args)
-        written = {p.name for p in tmp.iterdir()}
-        if not written:
-            _raise_if_unreadable(video, code, log)
-            raise _no_frames(video, log, start, end)
-        if code != 0:
-            raise _input_error(video, log.lines, "failed while extracting frames")
-        # %05d grows to six digits past 99999 frames: compare names, not sorted lists
-        expected = [f"{i:05d}.{ext}" for i in range(len(written))]
-        if written != set(expected) or len(written) != len(log.frames):
-            raise InputError(
-                f"{video}: ffmpeg wrote {len(written)} frame files but reported {len(log.frames)} "
-                "frames; not writing a manifest that could be wrong"
-            )
-        if [n for n, _, _ in log.frames] != list(range(len(written))):
-            raise InputError(
-                f"{video}: ffmpeg reported frames out of order; not writing a manifest"
-            )
-        offset = start or 0.0
-        rows = [
-            FrameRow(index=i, file=name, time_s=None if t is None else t + offset)
-            for i, (name, t) in enumerate(zip(expected, log.frame_times))
-        ]
-        # the old manifest describes the old frames: drop it before they are replaced, so
-        # that a failure between the two steps leaves no manifest rather than a wrong one
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(manifest_csv)
-    write_manifest(manifest_csv, rows)
-    return rows
+
+def _extracted_rows(video, folder: Path, ext: str, code: int, log: _LogReader, start, end):
+    """The manifest rows of the frames ffmpeg wrote into `folder`, once they are checked
+    against its log (exit `code`, frame numbers and times)."""
+    written = {p.name for p in folder.iterdir()}
+    if not written:
+        _raise_if_unreadable(video, code, log)
+        raise _no_frames(video, log, start, end)
+    if code != 0:
+        raise _input_error(video, log.lines, "failed while extracting frames")
+    # %05d grows to six digits past 99999 frames: compare names, not sorted lists
+    expected = [f"{i:05d}.{ext}" for i in range(len(written))]
+    if written != set(expected) or len(written) != len(log.frames):
+        raise InputError(
+            f"{video}: ffmpeg wrote {len(written)} frame files but reported {len(log.frames)} "
+            "frames; not writing a manifest that could be wrong"
+        )
+    if [n for n, _, _ in log.frames] != list(range(len(written))):
+        raise InputError(f"{video}: ffmpeg reported frames out of order; not writing a manifest")
+    offset = start or 0.0
+    return [
+        FrameRow(index=i, file=name, time_s=None if t is None else t + offset)
+        for i, (name, t) in enumerate(zip(expected, log.frame_times))
+    ]
 
 
 def _raise_if_unreadable(video, code: int, log: _LogReader) -> None:
@@ -748,6 +772,14 @@ def write_video(
     MP4/MOV files (+faststart). Odd widths or heights are padded to even on the right
     and bottom (yuv420p needs even sizes). The container follows the file extension;
     the video is written to a temporary file that is renamed to `path` at the end.
+
+    Args:
+        frames: RGB uint8 frames, H x W x 3, all the same size.
+        path: the video file to write.
+        fps: frames per second; crf: the quality; codec: ffmpeg's video encoder.
+
+    Returns:
+        The number of frames written.
     """
     fps = _check_positive("fps", fps)
     if isinstance(crf, bool) or not isinstance(crf, (int, np.integer)) or not 0 <= crf <= 63:
@@ -761,17 +793,7 @@ def write_video(
     height, width = first.shape[:2]
     rate = Fraction(fps).limit_denominator(1_000_000)
 
-    out_kwargs: dict = {"vcodec": codec, "pix_fmt": "yuv420p"}
-    if codec in _CRF_CODECS:
-        out_kwargs["crf"] = int(crf)
-        if codec == "libvpx-vp9":
-            out_kwargs["b:v"] = 0  # constant quality needs the bitrate cap off
-    else:
-        out_kwargs["q:v"] = 2
-    if path.suffix.lower() in _FASTSTART_SUFFIXES:
-        out_kwargs["movflags"] = "+faststart"
-
-    count = 0
+    out_kwargs = _encoder_options(codec, crf, path)
     with (
         atomic_path(path) as tmp,
         tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err,
@@ -791,30 +813,53 @@ def write_video(
             )
         except FileNotFoundError as exc:
             raise InputError(f"{args[0]}: ffmpeg program not found (set SAM2PAL_FFMPEG)") from exc
-        assert proc.stdin is not None
-        try:
-            frame = first
-            while frame is not None:
-                try:
-                    proc.stdin.write(frame.tobytes())
-                except BrokenPipeError:
-                    break  # ffmpeg quit; its log says why
-                count += 1
-                frame = next(iterator, None)
-                if frame is not None:
-                    frame = _check_frame(path, count, frame, first.shape)
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
-            code = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                proc.stdin.close()
+        count, code = _feed_frames(proc, path, first, iterator)
         if code != 0:
             err.seek(0)
             detail = _useful_line(err.read().splitlines())
             raise InputError(f"{path}: ffmpeg could not encode the video (ffmpeg: {detail})")
     return count
+
+
+def _encoder_options(codec: str, crf: int, path: Path) -> dict:
+    """ffmpeg's output options for `write_video`: codec, yuv420p, quality, faststart."""
+    out_kwargs: dict = {"vcodec": codec, "pix_fmt": "yuv420p"}
+    if codec in _CRF_CODECS:
+        out_kwargs["crf"] = int(crf)
+        if codec == "libvpx-vp9":
+            out_kwargs["b:v"] = 0  # constant quality needs the bitrate cap off
+    else:
+        out_kwargs["q:v"] = 2
+    if path.suffix.lower() in _FASTSTART_SUFFIXES:
+        out_kwargs["movflags"] = "+faststart"
+    return out_kwargs
+
+
+def _feed_frames(proc, path: Path, first: np.ndarray, iterator) -> tuple[int, int]:
+    """Write `first` and then the frames of `iterator` (each checked) to ffmpeg's stdin
+    and wait for it to finish; returns (frames written, ffmpeg's exit code). ffmpeg is
+    killed if anything goes wrong meanwhile."""
+    assert proc.stdin is not None
+    count = 0
+    try:
+        frame = first
+        while frame is not None:
+            try:
+                proc.stdin.write(frame.tobytes())
+            except BrokenPipeError:
+                break  # ffmpeg quit; its log says why
+            count += 1
+            frame = next(iterator, None)
+            if frame is not None:
+                frame = _check_frame(path, count, frame, first.shape)
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            proc.stdin.close()
+    return count, code

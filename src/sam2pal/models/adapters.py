@@ -77,10 +77,18 @@ def add_lora(
     dropout: float = 0.0,
     components=DEFAULT_LORA_COMPONENTS,
 ):
-    """Wrap `model` with fresh LoRA layers (in place); returns the peft model.
+    """Wrap `model` with fresh LoRA layers (in place).
 
     The SAM2 model itself (with LoRA layers inside) stays reachable as
     `peft_model.base_model.model`; only the LoRA weights are trainable.
+
+    Args:
+        model: the SAM2Base.
+        rank, alpha, dropout: LoRA's rank, scaling and dropout.
+        components: the top-level components whose linear layers get LoRA.
+
+    Returns:
+        The peft model.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -96,6 +104,7 @@ def add_lora(
 
 
 def read_metadata(folder: str | os.PathLike) -> dict:
+    """The `sam2pal_adapter.json` of an adapter folder, as a dict."""
     folder = Path(folder)
     path = folder / METADATA_FILE
     if not folder.is_dir():
@@ -109,6 +118,7 @@ def read_metadata(folder: str | os.PathLike) -> dict:
 
 
 def adapter_kind(folder: str | os.PathLike) -> str:
+    """The kind of weights an adapter folder holds: "lora" or "full"."""
     folder = Path(folder)
     if (folder / LORA_WEIGHTS).is_file() and (folder / "adapter_config.json").is_file():
         return "lora"
@@ -118,6 +128,7 @@ def adapter_kind(folder: str | os.PathLike) -> str:
 
 
 def adapter_sha256(folder: str | os.PathLike) -> str:
+    """The SHA-256 of an adapter folder's weights file."""
     from sam2pal.models.build import file_sha256
 
     folder = Path(folder)
@@ -125,9 +136,18 @@ def adapter_sha256(folder: str | os.PathLike) -> str:
 
 
 def save_adapter(model, folder: str | os.PathLike, metadata: dict, kind: str) -> Path:
-    """Write the weights (`kind` lora: a peft model; full: a SAM2Base) and metadata.
+    """Write an adapter folder: the weights and `sam2pal_adapter.json`.
 
     The folder is filled under a temporary name and renamed into place.
+
+    Args:
+        model: a peft model (`kind` "lora") or a SAM2Base (`kind` "full").
+        folder: the adapter folder.
+        metadata: what to record (kind and the model's image size are added).
+        kind: "lora" or "full".
+
+    Returns:
+        The folder's path.
     """
     folder = Path(folder)
     sam = model.base_model.model if kind == "lora" else model
@@ -214,13 +234,22 @@ def load_adapter(
     merge: bool = True,
     config_sha256: str | None = None,
 ):
-    """`model` (a SAM2Base) with the adapter of `folder` applied, in eval mode.
+    """Apply the adapter of `folder` to `model`.
 
-    Adapters of both kinds must have been trained on the same base weights
-    (`expected_base`, see `base_id`), at the model's image size and, when
-    `config_sha256` is given, with the same model config (`check_adapter`). With
-    `merge`, LoRA weights are folded into the base weights (no extra cost at
-    inference); without, the LoRA layers stay separate.
+    Adapters of both kinds must have been trained on the same base weights, at the
+    model's image size and, when `config_sha256` is given, with the same model config
+    (`check_adapter`).
+
+    Args:
+        model: the SAM2Base with the base weights.
+        folder: the adapter folder.
+        expected_base: the base weights' identity (see `base_id`).
+        merge: fold LoRA weights into the base weights (no extra cost at inference);
+            without, the LoRA layers stay separate.
+        config_sha256: the SHA-256 of the model config's yaml file, or None.
+
+    Returns:
+        The model with the adapter applied, in eval mode.
     """
     folder = Path(folder)
     meta = read_metadata(folder)
@@ -249,11 +278,20 @@ def _short(identity) -> str:
 def save_merged_checkpoint(
     peft_model, path: str | os.PathLike, metadata: dict | None = None
 ) -> Path:
-    """A full checkpoint in the official format (`{"model": ...}`) with the LoRA
+    """Write a full checkpoint in the official format (`{"model": ...}`) with the LoRA
     weights folded in; loads with `sam2.build_sam.build_sam2`. Leaves `peft_model`
     as it was. It records the image size (and from `metadata`, the adapter's, the
     config and base) under `CHECKPOINT_KEY`: `sam2pal.models.build` uses it only at that
-    image size and with that config."""
+    image size and with that config.
+
+    Args:
+        peft_model: the LoRA-wrapped model.
+        path: the checkpoint file.
+        metadata: the adapter's metadata, or None.
+
+    Returns:
+        The checkpoint's path.
+    """
     import copy
 
     from sam2pal.io.atomic import atomic_path

@@ -63,7 +63,15 @@ def packaged_config_names() -> list[str]:
 
 
 def resolve_config(config: str | os.PathLike) -> Path:
-    """Path of the yaml file a config value (packaged name or file path) stands for."""
+    """Path of the yaml file a config value stands for.
+
+    Args:
+        config: a yaml file path, or the name of a config packaged with SAM2
+            (``sam2.1_hiera_t``, ``configs/sam2.1/sam2.1_hiera_t.yaml``, ...).
+
+    Returns:
+        The yaml file's path.
+    """
     text = str(config).strip()
     as_path = Path(text).expanduser()
     if as_path.is_file():
@@ -86,7 +94,15 @@ def resolve_config(config: str | os.PathLike) -> Path:
 
 
 def load_model_config(config: str | os.PathLike, image_size: int | None = None):
-    """The OmegaConf config of a model, with our overrides applied and resolved."""
+    """The OmegaConf config of a model, with our overrides applied and resolved.
+
+    Args:
+        config: as in `resolve_config`.
+        image_size: the model's input size (a multiple of 32), or None for the config's.
+
+    Returns:
+        The resolved OmegaConf config, video-predictor overrides merged into ``model``.
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -115,8 +131,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, what sam2-pal recorded about its training) of a checkpoint file; the
-    record is empty for official checkpoints (see `sam2pal.models.adapters.CHECKPOINT_KEY`)."""
+    """Read a checkpoint file: official format, sam2-pal's, or a bare state dict.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        (state dict, what sam2-pal recorded about its training); the record is empty
+        for official checkpoints (see `sam2pal.models.adapters.CHECKPOINT_KEY`).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint file not found")
@@ -143,9 +166,21 @@ def load_checkpoint(
     config_label: str = "",
     config_sha256: str | None = None,
 ) -> None:
-    """Load a checkpoint file into `model`. A checkpoint sam2-pal fine-tuned (a full
-    adapter's model.pt, merged.pt) is refused at another image size than it was trained
-    at, or with another model config (when `config_sha256` is given)."""
+    """Load a checkpoint file into `model`, every weight of the right shape.
+
+    A checkpoint sam2-pal fine-tuned (a full adapter's model.pt, merged.pt) is refused
+    at another image size than it was trained at, or with another model config (when
+    `config_sha256` is given).
+
+    Args:
+        model: the SAM2Base to load into.
+        path: the checkpoint file.
+        config_label: the model config's name, for error messages.
+        config_sha256: the SHA-256 of the model config's yaml file, or None.
+
+    Returns:
+        None.
+    """
     state, record = read_checkpoint(path)
     _check_fine_tuned(path, record, int(model.image_size), config_sha256)
     own = model.state_dict()
@@ -204,9 +239,17 @@ def build_model(
 ):
     """Build a SAM2Base in eval mode on `device`.
 
-    `checkpoint` is a file path, ``"random"`` (seeded random weights), or None (the
-    same as ``"random"``, for library use). Official model names must be resolved to
-    a file first (`download.resolve_checkpoint`).
+    Args:
+        config: the model config (see `resolve_config`).
+        checkpoint: a file path, ``"random"`` (seeded random weights), or None (the
+            same as ``"random"``, for library use). Official model names must be
+            resolved to a file first (`download.resolve_checkpoint`).
+        image_size: the model's input size, or None for the config's.
+        device: as in `resolve_device`.
+        seed: the seed of the random weights.
+
+    Returns:
+        The model.
     """
     from hydra.utils import instantiate
 
@@ -238,10 +281,18 @@ def cuda_device_count() -> int:
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """`auto` (a free CUDA GPU if one is visible, else CPU), `cpu`, `cuda` (a free
-    visible GPU) or `cuda:i` (that one). "Free" means not claimed by another sam2-pal
-    job on this machine (`sam2pal.models.gpu`); asking for CUDA where none is visible is an
-    error, at once."""
+    """The device a device setting stands for.
+
+    "Free" means not claimed by another sam2-pal job on this machine
+    (`sam2pal.models.gpu`); asking for CUDA where none is visible is an error, at once.
+
+    Args:
+        spec: `auto` (a free CUDA GPU if one is visible, else CPU), `cpu`, `cuda` (a
+            free visible GPU), `cuda:i` (that one), or a torch.device (kept as it is).
+
+    Returns:
+        The torch.device.
+    """
     if isinstance(spec, torch.device):
         return spec
     text = (spec or "auto").strip().lower()

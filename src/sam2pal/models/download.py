@@ -40,11 +40,19 @@ def resolve_checkpoint(value, checkpoint_dir=DEFAULT_CHECKPOINT_DIR) -> str:
 def resolve_checkpoint_digest(
     value, checkpoint_dir=DEFAULT_CHECKPOINT_DIR
 ) -> tuple[str, str | None]:
-    """A checkpoint setting -> (file path or ``"random"``, the file's SHA-256 or None).
+    """Resolve a checkpoint setting to a file and its digest.
 
     Official names resolve to their local file, which must exist and carry the
     published SHA-256; other values must be existing files. The file is hashed once
     (a large checkpoint takes seconds).
+
+    Args:
+        value: a file path, an official model name, ``sam2pal-micro``, ``"random"`` or
+            None (random weights).
+        checkpoint_dir: the folder of the official checkpoints.
+
+    Returns:
+        (file path or ``"random"``, the file's SHA-256 or None).
     """
     text = str(value).strip() if value is not None else RANDOM_CHECKPOINT
     if text == RANDOM_CHECKPOINT:
@@ -87,7 +95,16 @@ def missing_message(model: OfficialModel, path: Path) -> str:
 def download_model(
     name: str | OfficialModel, checkpoint_dir=DEFAULT_CHECKPOINT_DIR, timeout: float = 60.0
 ) -> Path:
-    """Download an official checkpoint into `checkpoint_dir`, checking size and SHA-256."""
+    """Download an official checkpoint into `checkpoint_dir`, checking size and SHA-256.
+
+    Args:
+        name: an official model name, or its `OfficialModel`.
+        checkpoint_dir: the folder of the official checkpoints.
+        timeout: seconds to wait for the server.
+
+    Returns:
+        The checkpoint file (not downloaded again when already there and intact).
+    """
     model = name if isinstance(name, OfficialModel) else official_model(name)
     if model is None:
         raise InputError(f"'{name}' is not an official SAM 2.1 model name")

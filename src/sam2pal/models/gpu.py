@@ -68,9 +68,20 @@ def claim(
     timeout_s: float | None = None,
     log=None,
 ) -> int:
-    """Lock the first free GPU of `keys`; return its index. The lock lasts as long as
-    this process (or until `release`). With `wait`, poll until one is free (or until
-    `timeout_s`); else raise InputError at once when all are held."""
+    """Lock the first free GPU of `keys`. The lock lasts as long as this process (or
+    until `release`).
+
+    Args:
+        keys: one lock key per visible GPU (`gpu_keys`).
+        folder: the lock folder (default `lock_dir()`).
+        wait: poll until a GPU is free (or until `timeout_s`); else raise InputError at
+            once when all are held.
+        poll_s: seconds between polls; timeout_s: the longest wait, None for no limit.
+        log: where the waiting message goes (default stderr).
+
+    Returns:
+        The index in `keys` of the GPU locked.
+    """
     if not keys:
         raise InputError("no GPU to claim")
     folder = Path(folder) if folder is not None else lock_dir()
@@ -116,8 +127,14 @@ def release() -> None:
 
 
 def claim_cuda_device(log=None) -> int:
-    """Claim a free visible CUDA GPU for this process and make it torch's current
-    device; returns its torch index (the same one on later calls)."""
+    """Claim a free visible CUDA GPU for this process and make it torch's current device.
+
+    Args:
+        log: where the messages go (default stderr).
+
+    Returns:
+        The GPU's torch index (the same one on later calls).
+    """
     import torch
 
     if _CLAIMED:

@@ -101,9 +101,16 @@ def official_model(name: str) -> OfficialModel | None:
 
 
 def config_for_checkpoint(checkpoint) -> str | None:
-    """The config that goes with a checkpoint value when none is given, if known:
-    an official model's own config, the tiny config for random weights, sam2pal-micro's
-    config, or a yaml file of the same name next to the checkpoint file."""
+    """The config that goes with a checkpoint value when none is given, if known.
+
+    Args:
+        checkpoint: a checkpoint setting (file path, official name, ``"random"``, None).
+
+    Returns:
+        An official model's own config, the tiny config for random weights,
+        sam2pal-micro's config, or a yaml file of the same name next to the checkpoint
+        file; None when none is known.
+    """
     text = str(checkpoint).strip() if checkpoint is not None else RANDOM_CHECKPOINT
     if text == RANDOM_CHECKPOINT:
         return "configs/sam2.1/sam2.1_hiera_t.yaml"
@@ -119,7 +126,16 @@ def config_for_checkpoint(checkpoint) -> str | None:
 
 
 def choose_config(config, checkpoint) -> str:
-    """`config` if given, else the one that goes with `checkpoint` (or an error)."""
+    """The model config of a run.
+
+    Args:
+        config: the config setting, or None / empty.
+        checkpoint: the checkpoint setting.
+
+    Returns:
+        `config` if given, else the one that goes with `checkpoint`
+        (`config_for_checkpoint`); InputError when none does.
+    """
     if config:
         return str(config)
     inferred = config_for_checkpoint(checkpoint)

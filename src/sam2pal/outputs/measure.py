@@ -133,6 +133,49 @@ _PERIMETER_WEIGHTS[[21, 33]] = math.sqrt(2)
 _PERIMETER_WEIGHTS[[13, 23]] = (1 + math.sqrt(2)) / 2
 
 
+# What `measure_mask` measures, in pixels (the keys of MASK_MEASURES):
+#
+# * ``area_px``: number of pixels.
+# * ``perimeter_px``: scikit-image's ``measure.perimeter`` (4-neighbourhood, the
+#   estimator `regionprops` also uses): boundary pixels weighted by their local
+#   configuration, i.e. a contour through the centres of the boundary pixels. It is
+#   therefore a little shorter than the outline of the pixel squares (a 10 x 10 square
+#   gives 36, not 40) and 0 for a single pixel. Holes add their own boundary.
+# * ``feret_max_px`` / ``feret_min_px``: largest and smallest caliper (Feret)
+#   diameter: the widest and narrowest extent of the structure over all directions.
+#   Measured on the convex hull of the pixel squares (pixel corners), so a w x h
+#   pixel rectangle gives exactly sqrt(w^2 + h^2) and min(w, h).
+# * ``major_axis_px`` / ``minor_axis_px`` / ``eccentricity``: the axes of the ellipse
+#   with the same second moments as the pixels (``regionprops`` axis_major_length,
+#   axis_minor_length, eccentricity: 0 for a disc, towards 1 for elongated shapes).
+# * ``solidity``: pixel count over the pixel count of the convex hull (``regionprops``:
+#   the pixels whose centre lies in the convex hull of the midpoints of the pixels'
+#   edges); 1 for convex shapes, lower for concave or fragmented ones.
+# * ``curve_length_px``: the length of the structure along its midline, the length to
+#   use for curved thin parts (antennae, legs). Measured on the largest piece, in one
+#   of two ways:
+#
+#   - A *band*, a piece at least about four times as long as it is wide at its widest
+#     (area >= 4 x the square of the diameter of the largest disc inside it), is
+#     measured along its centre line: the longest path through its skeleton
+#     (scikit-image's ``skeletonize``), its two ends cut back (there the skeleton
+#     forks into the corners) and smoothed (to remove the pixel staircase), then
+#     prolonged straight at both ends to the outline, so a stroke with flat ends
+#     measures end to end. A centre line within 1 % of the distance between its two
+#     ends is straight and measures that distance. Only a centre line that bends (an
+#     arched antenna, a leg with its knee, two antennae touching at their bases)
+#     measures longer than the maximum Feret diameter, as it must.
+#   - A *compact* piece (head, pronotum, elytra, a blob, a short stub), whose
+#     skeleton branches into every corner and bump and is no midline, is measured
+#     along its long axis: its extent (caliper width) along the major axis of its
+#     ellipse. That is never more than the maximum Feret diameter: a rectangle gives
+#     its long side, a disc its diameter, an ellipse its major axis.
+#
+#   For a straight piece both give its length; they differ only for a short, thick,
+#   bent piece, which is measured along its long axis. A single pixel measures 1, a
+#   one-pixel line its number of pixels (times sqrt 2 on the diagonal).
+
+
 def measure_mask(mask: np.ndarray) -> dict:
     """Size and shape measures of one binary mask, in pixels.
 
@@ -140,53 +183,15 @@ def measure_mask(mask: np.ndarray) -> dict:
     separate pieces (connected components): area, perimeter, Feret diameters, the
     ellipse axes, eccentricity and solidity use all its pixels. The curve length alone
     is measured on the largest piece (8-connected), because a centre line only makes
-    sense for one piece.
+    sense for one piece. What each measure is: see the comment above this function.
 
-    Returns a dict of floats with the keys of `MASK_MEASURES`:
+    Args:
+        mask: a 2-D array; any dtype, non-zero is the structure.
 
-    * ``area_px``: number of pixels.
-    * ``perimeter_px``: scikit-image's ``measure.perimeter`` (4-neighbourhood, the
-      estimator `regionprops` also uses): boundary pixels weighted by their local
-      configuration, i.e. a contour through the centres of the boundary pixels. It is
-      therefore a little shorter than the outline of the pixel squares (a 10 x 10 square
-      gives 36, not 40) and 0 for a single pixel. Holes add their own boundary.
-    * ``feret_max_px`` / ``feret_min_px``: largest and smallest caliper (Feret)
-      diameter: the widest and narrowest extent of the structure over all directions.
-      Measured on the convex hull of the pixel squares (pixel corners), so a w x h
-      pixel rectangle gives exactly sqrt(w^2 + h^2) and min(w, h).
-    * ``major_axis_px`` / ``minor_axis_px`` / ``eccentricity``: the axes of the ellipse
-      with the same second moments as the pixels (``regionprops`` axis_major_length,
-      axis_minor_length, eccentricity: 0 for a disc, towards 1 for elongated shapes).
-    * ``solidity``: pixel count over the pixel count of the convex hull (``regionprops``:
-      the pixels whose centre lies in the convex hull of the midpoints of the pixels'
-      edges); 1 for convex shapes, lower for concave or fragmented ones.
-    * ``curve_length_px``: the length of the structure along its midline, the length to
-      use for curved thin parts (antennae, legs). Measured on the largest piece, in one
-      of two ways:
-
-      - A *band*, a piece at least about four times as long as it is wide at its widest
-        (area >= 4 x the square of the diameter of the largest disc inside it), is
-        measured along its centre line: the longest path through its skeleton
-        (scikit-image's ``skeletonize``), its two ends cut back (there the skeleton
-        forks into the corners) and smoothed (to remove the pixel staircase), then
-        prolonged straight at both ends to the outline, so a stroke with flat ends
-        measures end to end. A centre line within 1 % of the distance between its two
-        ends is straight and measures that distance. Only a centre line that bends (an
-        arched antenna, a leg with its knee, two antennae touching at their bases)
-        measures longer than the maximum Feret diameter, as it must.
-      - A *compact* piece (head, pronotum, elytra, a blob, a short stub), whose
-        skeleton branches into every corner and bump and is no midline, is measured
-        along its long axis: its extent (caliper width) along the major axis of its
-        ellipse. That is never more than the maximum Feret diameter: a rectangle gives
-        its long side, a disc its diameter, an ellipse its major axis.
-
-      For a straight piece both give its length; they differ only for a short, thick,
-      bent piece, which is measured along its long axis. A single pixel measures 1, a
-      one-pixel line its number of pixels (times sqrt 2 on the diagonal).
-
-    An empty mask gives area 0 and NaN for every other measure. Any dtype is accepted
-    (non-zero is the structure); a mask of a 12-megapixel photo takes some
-    milliseconds to some tens of milliseconds (benchmarks/measure_speed.py).
+    Returns:
+        A dict of floats with the keys of `MASK_MEASURES`. An empty mask gives area 0
+        and NaN for every other measure. A mask of a 12-megapixel photo takes some
+        milliseconds to some tens of milliseconds (benchmarks/measure_speed.py).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:

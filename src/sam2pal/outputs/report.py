@@ -40,13 +40,24 @@ def _plt():
 
 
 def read_qc(qc_csv) -> list[dict]:
+    """The rows of a qc.csv, in its order (worst first), as dicts of strings."""
     with open(qc_csv, encoding="utf-8", newline="") as handle:
         return list(csv.DictReader(handle))
 
 
 def gallery_selection(qc_rows: list[dict], size: int, seed: int = 0) -> list[tuple[str, int, str]]:
-    """[(kind, k, file name)]: the `size` worst images by QC rank (unreadable images
-    left out: nothing to draw), then `size` others picked at random with `seed`."""
+    """The images of the gallery.
+
+    Args:
+        qc_rows: the rows of qc.csv (`read_qc`), worst first.
+        size: how many worst images, and how many random ones.
+        seed: seed of the random pick.
+
+    Returns:
+        [(kind, k, file name)]: the `size` worst images by QC rank (unreadable images
+        left out: nothing to draw), kind "worst", then `size` others picked at random
+        with `seed`, kind "random"; k counts from 1 within each kind.
+    """
     drawable = [r for r in qc_rows if r["status"] != "skipped"]
     worst = drawable[:size]
     rest = drawable[size:]
@@ -60,7 +71,18 @@ def write_gallery(
     pred_json, qc_csv, image_dir, out_dir, size: int = 12, seed: int = 0, max_side: int = 800
 ) -> int:
     """Overlays of the worst and of randomly picked images, named
-    `worst_01_<image>.jpg` ... `random_01_<image>.jpg`; returns how many."""
+    `worst_01_<image>.jpg` ... `random_01_<image>.jpg`.
+
+    Args:
+        pred_json: the collection's predictions.json (read as a stream).
+        qc_csv: its qc.csv; image_dir: the folder of its images.
+        out_dir: the gallery folder, replaced as a whole.
+        size, seed: as in `gallery_selection`.
+        max_side: the overlays' longer side, in pixels.
+
+    Returns:
+        The number of overlays written.
+    """
     import cv2
 
     from sam2pal.io.images import unique_stems
@@ -89,7 +111,17 @@ def write_gallery(
 
 
 def write_qc_summary(qc_csv, out_png, out_csv, head: int = 200) -> None:
-    """Histogram of QC scores (with the status counts) and the `head` worst rows."""
+    """Histogram of QC scores (with the status counts) and the `head` worst rows.
+
+    Args:
+        qc_csv: the collection's qc.csv.
+        out_png: the histogram to write.
+        out_csv: the table of the `head` worst rows (qc.csv's columns).
+        head: how many rows.
+
+    Returns:
+        None.
+    """
     plt = _plt()
     rows = read_qc(qc_csv)
     scores = [float(r["qc_score"]) for r in rows if r["qc_score"]]
@@ -124,8 +156,15 @@ def measurement_columns(header: list[str]) -> list[tuple[str, str]]:
 
 
 def write_measurement_plot(measurements_csv, out_png) -> dict[str, int]:
-    """One row of histograms per structure (area, max. Feret diameter, curve length);
-    returns the number of values per structure."""
+    """One row of histograms per structure (area, max. Feret diameter, curve length).
+
+    Args:
+        measurements_csv: the long measurement table (millimetres used where present).
+        out_png: the figure to write.
+
+    Returns:
+        {structure: number of values}.
+    """
     plt = _plt()
     with open(measurements_csv, encoding="utf-8", newline="") as handle:
         reader = csv.reader(handle)
@@ -168,7 +207,15 @@ def write_measurement_plot(measurements_csv, out_png) -> dict[str, int]:
 
 
 def copy_training_record(finetune_dir, out_png, out_csv) -> None:
-    """The fine-tuning curves and log of a collection, for the report."""
+    """Copy the fine-tuning curves and log of a collection, for the report.
+
+    Args:
+        finetune_dir: the fine-tuning folder (training_curves.png, training_log.csv).
+        out_png, out_csv: where the copies go.
+
+    Returns:
+        None.
+    """
     finetune_dir = Path(finetune_dir)
     for name, out in (("training_curves.png", out_png), ("training_log.csv", out_csv)):
         with atomic_path(out) as tmp:

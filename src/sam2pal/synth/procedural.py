@@ -20,6 +20,7 @@ shapes it always did.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -113,13 +114,36 @@ def _leg(canvas, rng, base, side: int, direction: float, length: float, width: f
     _polyline(canvas, LEGS, [p0, p1, p2, mid, p3], [width * 1.3, width, width * 0.6, width * 0.55])
 
 
-def procedural_insect(rng: np.random.Generator, size: int = 512, plan: str = "v1") -> np.ndarray:
-    """A random insect part label map (size x size uint8, values 0..5, 0..7 with
-    ``plan="v2"``), head up."""
-    if plan not in PLANS:
-        raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
-    v2 = plan == "v2"
-    canvas = np.zeros((size, size), np.uint8)
+@dataclass(frozen=True)
+class _Body:
+    """The proportions and positions of one drawn insect's body parts, in pixels."""
+
+    body_len: float
+    head_len: float
+    pron_len: float
+    ely_len: float
+    ely_w: float
+    pron_w: float
+    head_w: float
+    cx: float
+    top: float
+    overlap: float
+
+    @property
+    def head_c(self) -> tuple[float, float]:
+        return (self.cx, self.top + self.head_len / 2)
+
+    @property
+    def pron_c(self) -> tuple[float, float]:
+        return (self.cx, self.top + self.head_len + self.pron_len / 2)
+
+    @property
+    def ely_c(self) -> tuple[float, float]:
+        return (self.cx, self.top + self.head_len + self.pron_len + self.ely_len / 2)
+
+
+def _draw_body(rng: np.random.Generator, size: int, v2: bool) -> _Body:
+    """Draw the proportions of the body (head, pronotum, elytra) on a `size` canvas."""
     body_len = size * (rng.uniform(0.36, 0.55) if v2 else rng.uniform(0.42, 0.55))
     head_len = body_len * (rng.uniform(0.1, 0.3) if v2 else rng.uniform(0.13, 0.22))
     pron_len = body_len * (rng.uniform(0.12, 0.32) if v2 else rng.uniform(0.16, 0.28))
@@ -129,23 +153,25 @@ def procedural_insect(rng: np.random.Generator, size: int = 512, plan: str = "v1
     head_w = min(pron_w, ely_w) * (rng.uniform(0.45, 1.0) if v2 else rng.uniform(0.5, 0.9))
     cx = size / 2 + rng.normal(0, size * 0.01)
     top = (size - body_len) / 2 + size * 0.05
-    head_c = (cx, top + head_len / 2)
-    pron_c = (cx, top + head_len + pron_len / 2)
-    ely_c = (cx, top + head_len + pron_len + ely_len / 2)
     overlap = rng.uniform(0.04, 0.1)
+    return _Body(body_len, head_len, pron_len, ely_len, ely_w, pron_w, head_w, cx, top, overlap)
 
+
+def _draw_appendages(canvas: np.ndarray, rng, body: _Body, size: int, v2: bool) -> None:
+    """Draw the two antennae and the three pairs of legs of `body` onto `canvas`."""
+    b = body
     appendage_w = max(2.0, size * rng.uniform(0.006, 0.012))
     # antennae from the front corners of the head
-    ant_len = body_len * (rng.uniform(0.2, 1.0) if v2 else rng.uniform(0.25, 0.75))
+    ant_len = b.body_len * (rng.uniform(0.2, 1.0) if v2 else rng.uniform(0.25, 0.75))
     for side in (-1, 1):
-        base = (cx + side * head_w * 0.35, top + head_len * 0.25)
+        base = (b.cx + side * b.head_w * 0.35, b.top + b.head_len * 0.25)
         _antenna(canvas, rng, base, side, ant_len * rng.uniform(0.95, 1.05), appendage_w, v2)
     # legs: front pair on the pronotum, middle and hind pairs under the elytra
-    leg_len = body_len * (rng.uniform(0.35, 0.95) if v2 else rng.uniform(0.45, 0.8))
+    leg_len = b.body_len * (rng.uniform(0.35, 0.95) if v2 else rng.uniform(0.45, 0.8))
     anchors = [
-        (pron_c[1] + pron_len * 0.1, pron_w * 0.4, -rng.uniform(20, 50)),
-        (ely_c[1] - ely_len * 0.35, ely_w * 0.35, rng.uniform(-10, 20)),
-        (ely_c[1] - ely_len * 0.1, ely_w * 0.35, rng.uniform(25, 60)),
+        (b.pron_c[1] + b.pron_len * 0.1, b.pron_w * 0.4, -rng.uniform(20, 50)),
+        (b.ely_c[1] - b.ely_len * 0.35, b.ely_w * 0.35, rng.uniform(-10, 20)),
+        (b.ely_c[1] - b.ely_len * 0.1, b.ely_w * 0.35, rng.uniform(25, 60)),
     ]
     for y, half, direction in anchors:
         for side in (-1, 1):
@@ -153,53 +179,83 @@ def procedural_insect(rng: np.random.Generator, size: int = 512, plan: str = "v1
             _leg(
                 canvas,
                 rng,
-                (cx + side * half, y),
+                (b.cx + side * half, y),
                 side,
                 direction + jitter,
                 leg_len * rng.uniform(0.8, 1.15) * (0.85 if direction < 0 else 1.0),
                 appendage_w * 1.3,
             )
-    # the body on top of the appendage bases
+
+
+def _draw_body_parts(canvas: np.ndarray, rng, body: _Body) -> None:
+    """Fill the elytra, the pronotum and the head of `body`, in that order."""
+    b = body
     _blob(
         canvas,
         ELYTRA,
-        ely_c,
-        ely_w / 2,
-        ely_len / 2 * (1 + overlap),
+        b.ely_c,
+        b.ely_w / 2,
+        b.ely_len / 2 * (1 + b.overlap),
         rng.uniform(0, 0.6),
         taper=rng.uniform(-0.5, 0.1),
     )
     _blob(
         canvas,
         PRONOTUM,
-        pron_c,
-        pron_w / 2,
-        pron_len / 2 * (1 + overlap),
+        b.pron_c,
+        b.pron_w / 2,
+        b.pron_len / 2 * (1 + b.overlap),
         rng.uniform(0.2, 0.9),
         taper=rng.uniform(-0.1, 0.5),
     )
     _blob(
         canvas,
         HEAD,
-        head_c,
-        head_w / 2,
-        head_len / 2,
+        b.head_c,
+        b.head_w / 2,
+        b.head_len / 2,
         rng.uniform(0, 0.5),
         taper=rng.uniform(0, 0.6),
     )
-    if v2:  # compound eyes on the sides of the head, bulging a little past its outline
-        ry = head_len * rng.uniform(0.15, 0.35)
-        rx = min(ry * rng.uniform(0.5, 1.1), head_w * 0.3)
-        ex = head_w / 2 * rng.uniform(0.7, 1.0) - rx * rng.uniform(0.2, 0.7)
-        ey = head_c[1] - head_len * rng.uniform(-0.1, 0.2)
-        for side in (-1, 1):
-            _blob(
-                canvas,
-                EYE,
-                (cx + side * ex, ey),
-                max(rx, 2.0),
-                max(ry, 2.0),
-                rng.uniform(0, 0.2),
-                taper=0.0,
-            )
+
+
+def _draw_eyes(canvas: np.ndarray, rng, body: _Body) -> None:
+    """Compound eyes on the sides of the head, bulging a little past its outline."""
+    b = body
+    ry = b.head_len * rng.uniform(0.15, 0.35)
+    rx = min(ry * rng.uniform(0.5, 1.1), b.head_w * 0.3)
+    ex = b.head_w / 2 * rng.uniform(0.7, 1.0) - rx * rng.uniform(0.2, 0.7)
+    ey = b.head_c[1] - b.head_len * rng.uniform(-0.1, 0.2)
+    for side in (-1, 1):
+        _blob(
+            canvas,
+            EYE,
+            (b.cx + side * ex, ey),
+            max(rx, 2.0),
+            max(ry, 2.0),
+            rng.uniform(0, 0.2),
+            taper=0.0,
+        )
+
+
+def procedural_insect(rng: np.random.Generator, size: int = 512, plan: str = "v1") -> np.ndarray:
+    """A random insect part label map, head up.
+
+    Args:
+        rng: the generator every random choice comes from.
+        size: width and height of the canvas, in pixels.
+        plan: the body plan, one of `PLANS` (see the module docstring).
+
+    Returns:
+        A size x size uint8 label map, values 0..5 (0..7 with ``plan="v2"``).
+    """
+    if plan not in PLANS:
+        raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
+    v2 = plan == "v2"
+    canvas = np.zeros((size, size), np.uint8)
+    body = _draw_body(rng, size, v2)
+    _draw_appendages(canvas, rng, body, size, v2)
+    _draw_body_parts(canvas, rng, body)  # the body on top of the appendage bases
+    if v2:
+        _draw_eyes(canvas, rng, body)
     return canvas

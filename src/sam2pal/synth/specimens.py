@@ -225,45 +225,65 @@ class Style:
     jpeg_quality: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        def choices(name, allowed, allow_empty=False):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            value = tuple(value)
-            if not value and not allow_empty:
-                raise InputError(f"style: {name} must list at least one choice")
-            unknown = [v for v in value if v not in allowed]
-            if unknown:
-                raise InputError(f"style: unknown {name} {unknown}; choose from {list(allowed)}")
-            object.__setattr__(self, name, value)
-
-        def span(name, lo_min, hi_max):
-            value = getattr(self, name)
-            try:
-                lo, hi = (float(v) for v in value)
-            except (TypeError, ValueError):
-                raise InputError(f"style: {name} must be a (low, high) pair") from None
-            if not (lo_min <= lo <= hi <= hi_max):
-                raise InputError(
-                    f"style: {name} ({lo}, {hi}) must satisfy {lo_min} <= low <= high <= {hi_max}"
-                )
-            object.__setattr__(self, name, (lo, hi))
-
-        choices("palettes", PALETTES)
-        choices("backgrounds", BACKGROUNDS)
-        choices("clutter_items", CLUTTER_ITEMS + EXTRA_CLUTTER_ITEMS, allow_empty=True)
-        choices("textures", TEXTURES, allow_empty=True)
-        span("scale_range", 0.01, 0.95)
-        span("rotation_range", -3600.0, 3600.0)
-        span("illumination", 0.0, 0.5)
-        span("shadow_opacity", 0.0, 1.0)
-        span("blur_sigma", 0.0, 5.0)
-        span("noise_sigma", 0.0, 50.0)
-        span("motion_blur", 0.0, 50.0)
+        self._choices("palettes", PALETTES)
+        self._choices("backgrounds", BACKGROUNDS)
+        self._choices("clutter_items", CLUTTER_ITEMS + EXTRA_CLUTTER_ITEMS, allow_empty=True)
+        self._choices("textures", TEXTURES, allow_empty=True)
+        self._span("scale_range", 0.01, 0.95)
+        self._span("rotation_range", -3600.0, 3600.0)
+        self._span("illumination", 0.0, 0.5)
+        self._span("shadow_opacity", 0.0, 1.0)
+        self._span("blur_sigma", 0.0, 5.0)
+        self._span("noise_sigma", 0.0, 50.0)
+        self._span("motion_blur", 0.0, 50.0)
         if self.vignette is not None:
-            span("vignette", 0.0, 1.0)
+            self._span("vignette", 0.0, 1.0)
         if self.jpeg_quality is not None:
-            span("jpeg_quality", 1.0, 100.0)
+            self._span("jpeg_quality", 1.0, 100.0)
+        self._check_colours()
+        if self.light_angle is not None:
+            object.__setattr__(self, "light_angle", float(self.light_angle))
+        for name in ("clutter_prob", "flip_prob", "motion_blur_prob"):
+            value = float(getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise InputError(f"style: {name} must be between 0 and 1")
+            object.__setattr__(self, name, value)
+        if not float(self.gloss) >= 0.0:
+            raise InputError("style: gloss must be >= 0")
+        object.__setattr__(self, "gloss", float(self.gloss))
+        if not 0.0 <= float(self.colour_cast) <= 0.5:
+            raise InputError("style: colour_cast must be between 0 and 0.5")
+        object.__setattr__(self, "colour_cast", float(self.colour_cast))
+        object.__setattr__(self, "clutter", bool(self.clutter))
+
+    def _choices(self, name: str, allowed, allow_empty: bool = False) -> None:
+        """Check field `name`, a choice or tuple of choices from `allowed`; store a tuple."""
+        value = getattr(self, name)
+        if isinstance(value, str):
+            value = (value,)
+        value = tuple(value)
+        if not value and not allow_empty:
+            raise InputError(f"style: {name} must list at least one choice")
+        unknown = [v for v in value if v not in allowed]
+        if unknown:
+            raise InputError(f"style: unknown {name} {unknown}; choose from {list(allowed)}")
+        object.__setattr__(self, name, value)
+
+    def _span(self, name: str, lo_min: float, hi_max: float) -> None:
+        """Check field `name`, a (low, high) range inside [lo_min, hi_max]; store floats."""
+        value = getattr(self, name)
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise InputError(f"style: {name} must be a (low, high) pair") from None
+        if not (lo_min <= lo <= hi <= hi_max):
+            raise InputError(
+                f"style: {name} ({lo}, {hi}) must satisfy {lo_min} <= low <= high <= {hi_max}"
+            )
+        object.__setattr__(self, name, (lo, hi))
+
+    def _check_colours(self) -> None:
+        """Check the pinned part colours and substrate colour; store integer tuples."""
         if self.part_colors is not None:
             try:
                 colours = tuple(tuple(int(v) for v in c) for c in self.part_colors)
@@ -284,20 +304,6 @@ class Style:
             if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
                 raise InputError("style: background_color must be three integers 0-255")
             object.__setattr__(self, "background_color", rgb)
-        if self.light_angle is not None:
-            object.__setattr__(self, "light_angle", float(self.light_angle))
-        for name in ("clutter_prob", "flip_prob", "motion_blur_prob"):
-            value = float(getattr(self, name))
-            if not 0.0 <= value <= 1.0:
-                raise InputError(f"style: {name} must be between 0 and 1")
-            object.__setattr__(self, name, value)
-        if not float(self.gloss) >= 0.0:
-            raise InputError("style: gloss must be >= 0")
-        object.__setattr__(self, "gloss", float(self.gloss))
-        if not 0.0 <= float(self.colour_cast) <= 0.5:
-            raise InputError("style: colour_cast must be between 0 and 0.5")
-        object.__setattr__(self, "colour_cast", float(self.colour_cast))
-        object.__setattr__(self, "clutter", bool(self.clutter))
 
     @classmethod
     def coerce(cls, style: Style | Mapping | None) -> Style:
@@ -841,35 +847,13 @@ def _elytra_coords(elytra: np.ndarray, axis: np.ndarray):
     return ys, xs, vn, half[ub]
 
 
-def _paint_beetle(
-    labels: np.ndarray, axis: np.ndarray, palette_name: str, st: Style, rng, light3: np.ndarray
-) -> np.ndarray:
-    height, width = labels.shape
-    shape = (height, width)
-    palette = PALETTES[palette_name]
-    if st.part_colors is None:
-        colours = _specimen_colours(palette, rng)
-        sheen = palette["sheen"]
-    else:
-        colours = _pinned_colours(st.part_colors, rng)
-        sheen = None
-    colours.update(_extra_colours(colours, labels, rng))
-    gloss = _uniform(rng, palette["gloss"]) * st.gloss
-    shininess = rng.uniform(12, 30)
-    textures = st.textures
-
-    fg = labels > 0
-    height_map = np.zeros(shape, np.float32)
-    darken = np.zeros(shape, np.float32)  # 0..1, pigment darkening (grooves, pits)
-
-    # elytral suture and striae
+def _elytral_grooves(labels: np.ndarray, axis: np.ndarray, textures, rng) -> np.ndarray:
+    """Depth (0..1) of the elytral suture and, sometimes, of the striae along it."""
     elytra = labels == 3
-    suture = np.zeros(shape, bool)
-    grooves = np.zeros(shape, np.float32)
+    grooves = np.zeros(labels.shape, np.float32)
     if elytra.sum() > 30:
         ys, xs, vn, half = _elytra_coords(elytra, axis)
         dist_suture = np.abs(vn) * half
-        suture[ys, xs] = dist_suture < 0.9
         grooves[ys, xs] = 0.8 * np.exp(-(dist_suture**2) / 0.8)
         if "striae" in textures and rng.random() < 0.85:
             n = int(rng.integers(7, 10))
@@ -878,7 +862,16 @@ def _paint_beetle(
             near = np.abs(pos - np.round(pos)) / (n + 0.5) * half  # px to nearest stria
             striae = np.exp(-(near**2) / (2 * 0.55**2)) * (np.round(pos) >= 1)
             grooves[ys, xs] = np.maximum(grooves[ys, xs], depth * striae)
+    return grooves
 
+
+def _relief(labels: np.ndarray, grooves: np.ndarray, textures, rng):
+    """The height field of the beetle (domed parts, grooves, pits, micro-relief) and
+    its pigment darkening (0..1: grooves, pits)."""
+    shape = labels.shape
+    fg = labels > 0
+    height_map = np.zeros(shape, np.float32)
+    darken = np.zeros(shape, np.float32)
     for k in ALL_PARTS:
         part = labels == k
         if not part.any():
@@ -897,14 +890,17 @@ def _paint_beetle(
     if "punctures" in textures:
         density = rng.uniform(0.01, 0.05)
         pits = (rng.random(shape, dtype=np.float32) < density).astype(np.float32)
-        where = np.isin(labels, (1, 2)) | (elytra & (grooves > 0.3))
+        where = np.isin(labels, (1, 2)) | ((labels == 3) & (grooves > 0.3))
         pits = _blur(pits * where, 0.7) * 3.0
         height_map -= 0.4 * pits
         darken += 0.4 * np.clip(pits, 0, 1)
     height_map -= 0.6 * grooves
     darken += 0.35 * grooves
-    height_map = _blur(height_map * fg, 0.8)
+    return _blur(height_map * fg, 0.8), darken
 
+
+def _shading(height_map: np.ndarray, light3: np.ndarray, shininess: float):
+    """Surface normals' z, diffuse and Blinn-Phong specular terms of a height field."""
     gx = cv2.Sobel(height_map, cv2.CV_32F, 1, 0, ksize=3) / 8.0
     gy = cv2.Sobel(height_map, cv2.CV_32F, 0, 1, ksize=3) / 8.0
     norm = np.sqrt(gx**2 + gy**2 + 1.0)
@@ -913,7 +909,26 @@ def _paint_beetle(
     half_vec = light3 + np.array([0.0, 0.0, 1.0])
     half_vec /= np.linalg.norm(half_vec)
     ndoth = np.clip(nx * half_vec[0] + ny * half_vec[1] + nz * half_vec[2], 0, 1)
-    spec = ndoth**shininess
+    return nz, diffuse, ndoth**shininess
+
+
+def _paint_beetle(
+    labels: np.ndarray, axis: np.ndarray, palette_name: str, st: Style, rng, light3: np.ndarray
+) -> np.ndarray:
+    height, width = labels.shape
+    palette = PALETTES[palette_name]
+    if st.part_colors is None:
+        colours = _specimen_colours(palette, rng)
+        sheen = palette["sheen"]
+    else:
+        colours = _pinned_colours(st.part_colors, rng)
+        sheen = None
+    colours.update(_extra_colours(colours, labels, rng))
+    gloss = _uniform(rng, palette["gloss"]) * st.gloss
+    shininess = rng.uniform(12, 30)
+    grooves = _elytral_grooves(labels, axis, st.textures, rng)
+    height_map, darken = _relief(labels, grooves, st.textures, rng)
+    nz, diffuse, spec = _shading(height_map, light3, shininess)
 
     albedo = np.zeros((height, width, 3), np.float32)
     for k, rgb in colours.items():
@@ -938,22 +953,9 @@ def _paint_beetle(
 # ---------------------------------------------------------------------------------
 
 
-def render_specimen_layers(
-    label_map: np.ndarray,
-    rng: np.random.Generator,
-    size: tuple[int, int] = (480, 360),
-    style: Style | Mapping | None = None,
-) -> Rendering:
-    """Render one specimen photo; like `render_specimen` but returns a `Rendering`.
-
-    Uses exactly the same random draws as `render_specimen`, so for the same generator
-    state both give the same image and label map.
-    """
-    st = Style.coerce(style)
-    width, height = _check_size(size)
-    src = _check_label_map(label_map)
-
-    # pose and label map
+def _pose(src: np.ndarray, st: Style, rng, width: int, height: int):
+    """Draw the pose and place the label map: (labels, matrix, scale, axis, angle,
+    flipped)."""
     angle = _uniform(rng, st.rotation_range)
     flipped = bool(rng.random() < st.flip_prob)
     frac = _uniform(rng, st.scale_range)
@@ -966,9 +968,11 @@ def render_specimen_layers(
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=0,
     )
-    fg = labels > 0
+    return labels, matrix, scale, axis, angle, flipped
 
-    # light
+
+def _light(st: Style, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Draw the light: its direction in the picture (x, y) and in 3-D (x, y, z)."""
     if st.light_angle is None:
         light_deg = rng.uniform(0.0, 360.0)
     else:
@@ -978,8 +982,13 @@ def render_specimen_layers(
     light3 = np.array(
         [light_xy[0] * math.cos(elevation), light_xy[1] * math.cos(elevation), math.sin(elevation)]
     )
+    return light_xy, light3
 
-    # substrate and the specimen's drop shadow
+
+def _substrate(st: Style, rng, fg: np.ndarray, light_xy: np.ndarray):
+    """Draw the substrate with the specimen's drop shadow on it: (canvas, substrate
+    kind, its base colour, the shadow 0..1)."""
+    height, width = fg.shape
     kind = st.backgrounds[int(rng.integers(len(st.backgrounds)))]
     if st.background_color is None:
         bg_colour = _draw_background_colour(kind, rng)
@@ -993,19 +1002,26 @@ def render_specimen_layers(
     fg_f = fg.astype(np.float32)
     shadow = _blur(_shift(fg_f, -offset * light_xy[0], -offset * light_xy[1]), shadow_sigma)
     canvas *= (1 - opacity * shadow)[..., None]
+    return canvas, kind, bg_colour, shadow
 
-    # clutter, kept clear of the specimen and its shadow
+
+_CLUTTER_MAKERS = {
+    "label": _label_patch,
+    "pin": _pin_patch,
+    "scale_bar": _scale_bar_patch,
+    "debris": _debris_patch,
+    "fibre": _fibre_patch,
+}
+
+
+def _add_clutter(canvas, st: Style, rng, fg, shadow, bg_colour, light_xy) -> np.ndarray:
+    """Place the clutter items on `canvas`, clear of the specimen and its shadow;
+    returns the mask of the clutter pixels."""
+    height, width = fg.shape
     clutter = np.zeros((height, width), bool)
     if st.clutter and st.clutter_items:
         keepout = cv2.dilate(fg.astype(np.uint8), _disk(6)) > 0
         keepout |= shadow > 0.05
-        makers = {
-            "label": _label_patch,
-            "pin": _pin_patch,
-            "scale_bar": _scale_bar_patch,
-            "debris": _debris_patch,
-            "fibre": _fibre_patch,
-        }
         dark = float(np.mean(bg_colour)) < 110
         for item in st.clutter_items:
             if rng.random() < st.clutter_prob:
@@ -1015,8 +1031,39 @@ def render_specimen_layers(
                     if item == "scale_bar":
                         rgb, alpha = _scale_bar_patch(rng, width, height, dark)
                     else:
-                        rgb, alpha = makers[item](rng, width, height)
+                        rgb, alpha = _CLUTTER_MAKERS[item](rng, width, height)
                     _place_patch(canvas, clutter, keepout, rgb, alpha, rng, light_xy)
+    return clutter
+
+
+def render_specimen_layers(
+    label_map: np.ndarray,
+    rng: np.random.Generator,
+    size: tuple[int, int] = (480, 360),
+    style: Style | Mapping | None = None,
+) -> Rendering:
+    """Render one specimen photo; like `render_specimen` but returns a `Rendering`.
+
+    Uses exactly the same random draws as `render_specimen`, so for the same generator
+    state both give the same image and label map.
+
+    Args:
+        label_map: H x W part label map (0 background, values of `ALL_PARTS`).
+        rng: the generator every random choice comes from.
+        size: (width, height) of the photo in pixels.
+        style: a `Style`, a dict of its fields, or None for the defaults.
+
+    Returns:
+        The `Rendering`: photo, placed label map, clutter mask and the pose drawn.
+    """
+    st = Style.coerce(style)
+    width, height = _check_size(size)
+    src = _check_label_map(label_map)
+    labels, matrix, scale, axis, angle, flipped = _pose(src, st, rng, width, height)
+    fg = labels > 0
+    light_xy, light3 = _light(st, rng)
+    canvas, kind, bg_colour, shadow = _substrate(st, rng, fg, light_xy)
+    clutter = _add_clutter(canvas, st, rng, fg, shadow, bg_colour, light_xy)
 
     # the beetle on top
     palette = st.palettes[int(rng.integers(len(st.palettes)))]
@@ -1097,6 +1144,14 @@ def camera_effects(
 
     For images rendered without those effects and then transformed (`zoom_crop`), so
     that blur, noise and JPEG blocks keep their size in the final picture.
+
+    Args:
+        image: an H x W x 3 uint8 RGB image.
+        rng: the generator of the effects.
+        style: a `Style`, a dict of its fields, or None for the defaults.
+
+    Returns:
+        The H x W x 3 uint8 image with the effects.
     """
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -1126,11 +1181,16 @@ def render_specimen(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one specimen photo from a part label map.
 
-    Returns ``(image, labels)``: an H x W x 3 uint8 RGB photo of the beetle placed on
-    a canvas of ``size`` = (width, height), and the H x W uint8 label map of the parts
-    as placed (0 background, 1..5 as in PARTS): the exact ground truth of the photo.
-    All randomness comes from ``rng``; ``style`` (a `Style` or a dict of its fields)
-    pins generator settings.
+    Args:
+        label_map: the specimen's part label map (0 background, values of `ALL_PARTS`).
+        rng: the generator all randomness comes from.
+        size: (width, height) of the photo.
+        style: a `Style` or a dict of its fields, pinning generator settings.
+
+    Returns:
+        ``(image, labels)``: an H x W x 3 uint8 RGB photo of the beetle placed on the
+        canvas, and the H x W uint8 label map of the parts as placed (0 background,
+        1..5 as in PARTS): the exact ground truth of the photo.
     """
     r = render_specimen_layers(label_map, rng, size=size, style=style)
     return r.image, r.labels
@@ -1147,6 +1207,13 @@ def collection_style(style: Style | Mapping | None, rng: np.random.Generator) ->
     Substrate kind and colour and the light direction are chosen once (unless the
     caller pinned them); illumination, blur and noise ranges shrink to a narrow band
     inside the caller's range.
+
+    Args:
+        style: a `Style`, a dict of its fields, or None for the defaults.
+        rng: the collection's generator.
+
+    Returns:
+        The collection's `Style`.
     """
     st = Style.coerce(style)
     kind = st.backgrounds[int(rng.integers(len(st.backgrounds)))]
@@ -1224,27 +1291,9 @@ def lightness(rgb) -> np.ndarray:
 RANDOMISED_BACKGROUNDS = ("paper", "foam", "gradient", "card", "noise", "stripes")
 
 
-def randomised_style(
-    rng: np.random.Generator, scale_range: tuple[float, float] = (0.25, 0.95)
-) -> Style:
-    """A domain-randomised `Style` for one episode (one collection's look).
-
-    Over many draws: the contrast sign is a coin flip, a light specimen (L* of every
-    part at least 25 above the ground's, ground L* 4-45) as often as a dark one (every
-    part at least 25 below, ground L* 55-97); ground and part colours are drawn in CIE
-    LCh with uniform hue and chroma from neutral to as saturated as sRGB allows; the
-    head, pronotum and elytra share one colour (about half the draws), or the fore body
-    differs from the elytra, or every part has its own; legs and antennae take the
-    body's colour or one of their own. The substrate is any kind of
-    `RANDOMISED_BACKGROUNDS` (value-noise and stripe textures included), clutter
-    includes debris and fibres, and lighting gradient, vignetting, colour cast,
-    shadow, gloss, Gaussian or motion blur, sensor noise and JPEG quality (40-95) get
-    wide ranges, drawn again for each image. ``scale_range`` is the fraction of the
-    canvas's shorter side filled by the specimen's longest extent.
-
-    The colours, the substrate kind and the light direction are pinned, so the images
-    rendered with the returned style show one specimen look, as one collection does.
-    """
+def _randomised_colours(rng: np.random.Generator):
+    """Draw the ground colour and the five part colours of `randomised_style`:
+    ``(ground, part_colors)``, (R, G, B) tuples."""
     light = bool(rng.random() < 0.5)  # a light specimen on a dark ground
     if light:
         ground_l = rng.uniform(4.0, 45.0)
@@ -1285,6 +1334,38 @@ def randomised_style(
         legs = near(antenna) if rng.random() < 0.5 else colour()
     part_colors = tuple(_lch_to_rgb(*c) for c in (head, pronotum, elytra, antenna, legs))
 
+    return ground, part_colors
+
+
+def randomised_style(
+    rng: np.random.Generator, scale_range: tuple[float, float] = (0.25, 0.95)
+) -> Style:
+    """A domain-randomised `Style` for one episode (one collection's look).
+
+    Over many draws: the contrast sign is a coin flip, a light specimen (L* of every
+    part at least 25 above the ground's, ground L* 4-45) as often as a dark one (every
+    part at least 25 below, ground L* 55-97); ground and part colours are drawn in CIE
+    LCh with uniform hue and chroma from neutral to as saturated as sRGB allows; the
+    head, pronotum and elytra share one colour (about half the draws), or the fore body
+    differs from the elytra, or every part has its own; legs and antennae take the
+    body's colour or one of their own. The substrate is any kind of
+    `RANDOMISED_BACKGROUNDS` (value-noise and stripe textures included), clutter
+    includes debris and fibres, and lighting gradient, vignetting, colour cast,
+    shadow, gloss, Gaussian or motion blur, sensor noise and JPEG quality (40-95) get
+    wide ranges, drawn again for each image. ``scale_range`` is the fraction of the
+    canvas's shorter side filled by the specimen's longest extent.
+
+    The colours, the substrate kind and the light direction are pinned, so the images
+    rendered with the returned style show one specimen look, as one collection does.
+
+    Args:
+        rng: the generator every random choice comes from.
+        scale_range: the style's ``scale_range``.
+
+    Returns:
+        The `Style`.
+    """
+    ground, part_colors = _randomised_colours(rng)
     return Style(
         palettes=DEFAULT_PALETTES,  # with pinned part colours a palette sets the gloss only
         backgrounds=(RANDOMISED_BACKGROUNDS[int(rng.integers(len(RANDOMISED_BACKGROUNDS)))],),
@@ -1331,21 +1412,17 @@ def zoom_crop(
     Windows reaching past the image repeat its edge pixels in both. Windows stay inside
     the image whenever they fit.
 
-    Returns ``(images, labels, windows)``, a window being (x, y, width, height) in source
-    pixels, (0, 0) the top-left corner of the top-left pixel.
+    Args:
+        images, labels: the frames and their label maps, the same sizes pairwise.
+        part, fill, size: see above.
+        rng: the generator of the windows' positions.
+
+    Returns:
+        ``(images, labels, windows)``, a window being (x, y, width, height) in source
+        pixels, (0, 0) the top-left corner of the top-left pixel.
     """
     out_w, out_h = _check_size(size)
-    if isinstance(part, bool) or int(part) != part or not 0 <= int(part) <= max(ALL_PARTS):
-        raise InputError(
-            f"zoom_crop: part must be 0 (whole specimen) or one of {sorted(ALL_PARTS)}, got {part!r}"
-        )
-    part = int(part)
-    fill = float(fill)
-    if not 0.0 < fill <= 1.0:
-        raise InputError(f"zoom_crop: fill must be in (0, 1], got {fill}")
-    if len(images) != len(labels) or not len(images):
-        raise InputError("zoom_crop: needs as many label maps as images, at least one")
-    aspect = out_w / out_h
+    part, fill = _check_zoom(images, labels, part, fill)
     out_images, out_labels, windows = [], [], []
     for i, (img, lab) in enumerate(zip(images, labels)):
         img, lab = np.asarray(img), np.asarray(lab)
@@ -1356,41 +1433,70 @@ def zoom_crop(
         mask = lab > 0 if part == 0 else lab == part
         if not mask.any():
             raise InputError(f"zoom_crop: frame {i} does not show part {part}")
-        height, width = lab.shape
-        ys, xs = np.nonzero(mask)
-        x_lo, x_hi, y_lo, y_hi = xs.min(), xs.max() + 1.0, ys.min(), ys.max() + 1.0
-        cw = max((x_hi - x_lo) / fill, (y_hi - y_lo) * aspect / fill)
-        ch = cw / aspect
-
-        def place(lo, hi, window, extent):
-            a, b = hi - window, lo  # every start that keeps the part inside
-            if window <= extent:
-                a, b = max(a, 0.0), min(b, extent - window)
-            else:
-                a, b = max(a, extent - window), min(b, 0.0)
-            return float(rng.uniform(a, b)) if b > a else float(a)
-
-        x0, y0 = place(x_lo, x_hi, cw, width), place(y_lo, y_hi, ch, height)
-        sx, sy = out_w / cw, out_h / ch
-        m = np.array([[sx, 0.0, (0.5 - x0) * sx - 0.5], [0.0, sy, (0.5 - y0) * sy - 0.5]])
-        shrink = min(sx, sy)
-        if shrink < 1.0:  # anti-aliasing
-            src = _blur(img.astype(np.float32), 0.5 * math.sqrt(1.0 / shrink**2 - 1.0))
-        else:  # enlarged: soften the pixel steps of hard edges a little
-            src = _blur(img.astype(np.float32), 0.5)
-        crop = cv2.warpAffine(
-            src, m, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-        )
-        if crop.dtype != img.dtype:
-            crop = np.clip(np.round(crop), 0, 255).astype(img.dtype)
+        window = _zoom_window(mask, fill, out_w / out_h, rng)
+        crop, crop_labels = _warp_window(img, lab, window, out_w, out_h)
         out_images.append(crop)
-        out_labels.append(
-            cv2.warpAffine(
-                lab, m, (out_w, out_h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE
-            )
-        )
-        windows.append((x0, y0, cw, ch))
+        out_labels.append(crop_labels)
+        windows.append(window)
     return out_images, out_labels, windows
+
+
+def _check_zoom(images, labels, part, fill) -> tuple[int, float]:
+    """Check `zoom_crop`'s part, fill and frame count; returns (part, fill)."""
+    if isinstance(part, bool) or int(part) != part or not 0 <= int(part) <= max(ALL_PARTS):
+        raise InputError(
+            f"zoom_crop: part must be 0 (whole specimen) or one of {sorted(ALL_PARTS)}, got {part!r}"
+        )
+    part = int(part)
+    fill = float(fill)
+    if not 0.0 < fill <= 1.0:
+        raise InputError(f"zoom_crop: fill must be in (0, 1], got {fill}")
+    if len(images) != len(labels) or not len(images):
+        raise InputError("zoom_crop: needs as many label maps as images, at least one")
+    return part, fill
+
+
+def _zoom_window(mask: np.ndarray, fill: float, aspect: float, rng):
+    """A random window (x, y, width, height) of the aspect ratio `aspect` that holds
+    all of `mask`, its bounding box spanning `fill` of it (see `zoom_crop`)."""
+    height, width = mask.shape
+    ys, xs = np.nonzero(mask)
+    x_lo, x_hi, y_lo, y_hi = xs.min(), xs.max() + 1.0, ys.min(), ys.max() + 1.0
+    cw = max((x_hi - x_lo) / fill, (y_hi - y_lo) * aspect / fill)
+    ch = cw / aspect
+
+    def place(lo, hi, window, extent):
+        a, b = hi - window, lo  # every start that keeps the part inside
+        if window <= extent:
+            a, b = max(a, 0.0), min(b, extent - window)
+        else:
+            a, b = max(a, extent - window), min(b, 0.0)
+        return float(rng.uniform(a, b)) if b > a else float(a)
+
+    x0, y0 = place(x_lo, x_hi, cw, width), place(y_lo, y_hi, ch, height)
+    return (x0, y0, cw, ch)
+
+
+def _warp_window(img: np.ndarray, lab: np.ndarray, window, out_w: int, out_h: int):
+    """The image (smoothed, bilinear) and label map (nearest) of a window, resized to
+    out_w x out_h; edge pixels repeat past the image."""
+    x0, y0, cw, ch = window
+    sx, sy = out_w / cw, out_h / ch
+    m = np.array([[sx, 0.0, (0.5 - x0) * sx - 0.5], [0.0, sy, (0.5 - y0) * sy - 0.5]])
+    shrink = min(sx, sy)
+    if shrink < 1.0:  # anti-aliasing
+        src = _blur(img.astype(np.float32), 0.5 * math.sqrt(1.0 / shrink**2 - 1.0))
+    else:  # enlarged: soften the pixel steps of hard edges a little
+        src = _blur(img.astype(np.float32), 0.5)
+    crop = cv2.warpAffine(
+        src, m, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+    if crop.dtype != img.dtype:
+        crop = np.clip(np.round(crop), 0, 255).astype(img.dtype)
+    crop_labels = cv2.warpAffine(
+        lab, m, (out_w, out_h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE
+    )
+    return crop, crop_labels
 
 
 def _select_masks(mask_names: Sequence[str] | None) -> list[tuple[str, np.ndarray]]:
@@ -1431,8 +1537,19 @@ def iter_collection(
     settings and the mask order come from ``seed``; image ``i`` has its own random
     stream, so the first k images of a collection do not depend on ``n_images``.
     Masks are used in a seeded permutation, cycling when ``n_images`` exceeds them.
-    ``shapes``: (name, label map) pairs to draw instead of the beetle masks (e.g.
-    procedural insects, whose eyes and scapes become categories 6 and 7).
+
+    Args:
+        n_images: the number of images.
+        seed: the collection's seed (a non-negative integer).
+        size: (width, height) of the photos.
+        style: a `Style`, a dict of its fields, or None for the defaults (the
+            collection's own settings are drawn inside it, `collection_style`).
+        mask_names: restricts the beetle masks used (names as in `load_beetle_masks`).
+        shapes: (name, label map) pairs to draw instead of the beetle masks (e.g.
+            procedural insects, whose eyes and scapes become categories 6 and 7).
+
+    Returns:
+        An iterator of ``(mask_name, Rendering)``.
     """
     seed = _check_seed(seed)
     if int(n_images) < 1:
@@ -1512,6 +1629,84 @@ images in a publication.
 """
 
 
+def _check_collection(n_images, n_templates, jpeg_quality, size, style):
+    """Check a collection's settings: (n_images, n_templates, (width, height), Style)."""
+    n_images = int(n_images)
+    n_templates = int(n_templates)
+    if n_images < 1:
+        raise InputError(f"n_images must be at least 1, got {n_images}")
+    if not 0 <= n_templates <= n_images:
+        raise InputError(
+            f"n_templates must be between 0 and n_images ({n_images}), got {n_templates}"
+        )
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise InputError(f"jpeg_quality must be 1..100, got {jpeg_quality}")
+    return n_images, n_templates, _check_size(size), Style.coerce(style)
+
+
+def _write_images(renders, images_dir: Path, size, jpeg_quality: int, parts: Mapping):
+    """Write the photos of ``(mask name, Rendering)`` pairs as ``specimen_000.jpg`` ...;
+    returns their COCO images, the annotations of their `parts`, and their paths."""
+    width, height = size
+    coco_images, annotations, paths = [], [], []
+    for i, (name, r) in enumerate(renders):
+        file_name = f"specimen_{i:03d}.jpg"
+        path = images_dir / file_name
+        with atomic_path(path) as tmp:
+            Image.fromarray(r.image).save(
+                tmp, format="JPEG", quality=int(jpeg_quality), optimize=True
+            )
+        paths.append(path)
+        image_id = i + 1
+        coco_images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "width": width,
+                "height": height,
+                "source_mask": name,
+            }
+        )
+        annotations += _part_annotations(r.labels, image_id, len(annotations) + 1, parts)
+    return coco_images, annotations, paths
+
+
+def _remove_stale(images_dir: Path, written: set[str]) -> None:
+    """Remove the ``specimen_*.jpg`` files of an earlier collection not in `written`."""
+    for stale in images_dir.glob("specimen_*.jpg"):
+        if re.fullmatch(r"specimen_\d{3,}\.jpg", stale.name) and stale.name not in written:
+            stale.unlink()
+
+
+def _write_readme(path: Path, fields: Mapping, parts: Mapping, how) -> Path:
+    """Write a collection's README: `fields` fill in `_README`; `how` (style,
+    mask_names, shapes) says how it was made when not from the defaults."""
+    style, mask_names, shapes = how
+    style_note = "" if style is None else ", with a custom style"
+    if mask_names is not None:
+        style_note += ", from a chosen subset of the masks"
+    if shapes is not None:
+        style_note += ", from given label maps instead of the beetle masks"
+    categories = ", ".join(f"{k} {v}" for k, v in parts.items())
+    with atomic_write(path) as fh:
+        fh.write(_README.format(**fields, style_note=style_note, categories=categories))
+    return path
+
+
+def _write_truth(out: Path, coco_images, annotations, n_templates, seed, parts):
+    """Write a collection's ground truth and its templates' (the first `n_templates`
+    images) as COCO files; returns their paths and the number of template annotations."""
+    gt_path, tpl_path = out / "ground_truth.json", out / "templates.json"
+    template_ids = {img["id"] for img in coco_images[:n_templates]}
+    template_anns = [a for a in annotations if a["image_id"] in template_ids]
+    description = f"synthetic specimens, seed {seed}"
+    ground_truth = _coco(coco_images, annotations, f"{description}: ground truth", parts)
+    templates = _coco(coco_images[:n_templates], template_anns, f"{description}: templates", parts)
+    write_json(gt_path, ground_truth, indent=1)
+    write_json(tpl_path, templates, indent=1)
+    return gt_path, tpl_path, len(template_anns)
+
+
 def make_collection(
     out_dir,
     n_images: int = 16,
@@ -1525,119 +1720,42 @@ def make_collection(
 ) -> dict:
     """Write a synthetic specimen collection to ``out_dir`` and return what was written.
 
-    Writes ``images/specimen_000.jpg`` ..., ``ground_truth.json`` (COCO: one annotation
-    per visible part of every image, compressed RLE segmentations, categories 1..5 as
-    in PARTS), ``templates.json`` (the same for the first ``n_templates`` images only)
-    and ``README.md``. Every file is written atomically; ``specimen_*.jpg`` files left
-    in ``images/`` by an earlier, larger collection are removed so that the folder
-    matches the ground truth. ``mask_names`` restricts the beetle masks used (names as
-    in `load_beetle_masks`); ``shapes`` replaces them (see `iter_collection`).
+    Writes, each atomically, ``images/specimen_000.jpg`` ..., ``ground_truth.json``
+    (COCO: a compressed-RLE annotation per visible part of every image), ``templates.json``
+    (the same for the first ``n_templates`` images) and ``README.md``; ``specimen_*.jpg``
+    files of an earlier, larger collection are removed (the folder matches the truth).
 
-    Returns a dict with ``out_dir``, ``images_dir``, ``images`` (paths),
-    ``templates``, ``ground_truth``, ``readme`` (paths), ``n_images``, ``n_templates``,
-    ``n_annotations`` and ``n_template_annotations``.
+    Args:
+        out_dir: the collection's folder (created if needed).
+        n_images, n_templates, seed, size, style, mask_names, shapes: as in
+            `iter_collection`; the first ``n_templates`` images are the templates.
+        jpeg_quality: JPEG quality of the photos, 1..100.
+
+    Returns:
+        A dict of the paths ``out_dir``, ``images_dir``, ``images`` (a list), ``templates``,
+        ``ground_truth``, ``readme`` and the counts ``n_images``, ``n_templates``,
+        ``n_annotations``, ``n_template_annotations``.
     """
-    n_images = int(n_images)
-    n_templates = int(n_templates)
-    if n_images < 1:
-        raise InputError(f"n_images must be at least 1, got {n_images}")
-    if not 0 <= n_templates <= n_images:
-        raise InputError(
-            f"n_templates must be between 0 and n_images ({n_images}), got {n_templates}"
-        )
-    if not 1 <= int(jpeg_quality) <= 100:
-        raise InputError(f"jpeg_quality must be 1..100, got {jpeg_quality}")
-    width, height = _check_size(size)
-    st = Style.coerce(style)
-
+    n_images, n_templates, (width, height), st = _check_collection(
+        n_images, n_templates, jpeg_quality, size, style
+    )
     out = Path(out_dir)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    coco_images, annotations, paths, written = [], [], [], set()
-    ann_id = 1
-    parts = _parts_of(shapes)
-    for i, (name, r) in enumerate(
-        iter_collection(
-            n_images,
-            seed=seed,
-            size=(width, height),
-            style=st,
-            mask_names=mask_names,
-            shapes=shapes,
-        )
-    ):
-        file_name = f"specimen_{i:03d}.jpg"
-        path = images_dir / file_name
-        with atomic_path(path) as tmp:
-            Image.fromarray(r.image).save(
-                tmp, format="JPEG", quality=int(jpeg_quality), optimize=True
-            )
-        paths.append(path)
-        written.add(file_name)
-        image_id = i + 1
-        coco_images.append(
-            {
-                "id": image_id,
-                "file_name": file_name,
-                "width": width,
-                "height": height,
-                "source_mask": name,
-            }
-        )
-        for k in parts:
-            mask = r.labels == k
-            if not mask.any():
-                continue
-            annotations.append(
-                {
-                    "id": ann_id,
-                    "image_id": image_id,
-                    "category_id": k,
-                    "segmentation": encode_rle(mask),
-                    "area": int(mask.sum()),
-                    "bbox": mask_bbox(mask),
-                    "iscrowd": 0,
-                }
-            )
-            ann_id += 1
-
-    for stale in images_dir.glob("specimen_*.jpg"):
-        if re.fullmatch(r"specimen_\d{3,}\.jpg", stale.name) and stale.name not in written:
-            stale.unlink()
-
-    template_ids = {img["id"] for img in coco_images[:n_templates]}
-    template_anns = [a for a in annotations if a["image_id"] in template_ids]
-    ground_truth = _coco(
-        coco_images, annotations, f"synthetic specimens, seed {seed}: ground truth", parts
+    parts = _parts_of(shapes)  # PARTS and any extra part the shapes have
+    renders = iter_collection(
+        n_images, seed=seed, size=(width, height), style=st, mask_names=mask_names, shapes=shapes
     )
-    templates = _coco(
-        coco_images[:n_templates],
-        template_anns,
-        f"synthetic specimens, seed {seed}: templates",
-        parts,
+    coco_images, annotations, paths = _write_images(
+        renders, images_dir, (width, height), jpeg_quality, parts
     )
-    gt_path, tpl_path = out / "ground_truth.json", out / "templates.json"
-    readme_path = out / "README.md"
-    write_json(gt_path, ground_truth, indent=1)
-    write_json(tpl_path, templates, indent=1)
-    style_note = "" if style is None else ", with a custom style"
-    if mask_names is not None:
-        style_note += ", from a chosen subset of the masks"
-    if shapes is not None:
-        style_note += ", from given label maps instead of the beetle masks"
-    with atomic_write(readme_path) as fh:
-        fh.write(
-            _README.format(
-                n_images=n_images,
-                n_templates=n_templates,
-                seed=seed,
-                width=width,
-                height=height,
-                quality=int(jpeg_quality),
-                style_note=style_note,
-                categories=", ".join(f"{k} {v}" for k, v in parts.items()),
-            )
-        )
+    _remove_stale(images_dir, {p.name for p in paths})
+    gt_path, tpl_path, n_template_anns = _write_truth(
+        out, coco_images, annotations, n_templates, seed, parts
+    )
+    fields = dict(n_images=n_images, n_templates=n_templates, seed=seed, width=width, height=height)
+    fields["quality"] = int(jpeg_quality)
+    readme_path = _write_readme(out / "README.md", fields, parts, (style, mask_names, shapes))
     return {
         "out_dir": out,
         "images_dir": images_dir,
@@ -1648,7 +1766,7 @@ def make_collection(
         "n_images": n_images,
         "n_templates": n_templates,
         "n_annotations": len(annotations),
-        "n_template_annotations": len(template_anns),
+        "n_template_annotations": n_template_anns,
     }
 
 
@@ -1781,9 +1899,12 @@ def _video_coco_image(
     }
 
 
-def _part_annotations(labels: np.ndarray, image_id: int, first_id: int) -> list[dict]:
+def _part_annotations(
+    labels: np.ndarray, image_id: int, first_id: int, parts: Mapping = PARTS
+) -> list[dict]:
+    """COCO annotations (ids from `first_id`) of the `parts` visible in a label map."""
     anns = []
-    for k in PARTS:
+    for k in parts:
         mask = labels == k
         if mask.any():
             anns.append(
@@ -1816,18 +1937,22 @@ def render_video_frames(
     the motion is damped when needed so that the specimen stays fully inside every
     frame. A drop shadow follows the specimen; illumination, blur and fresh sensor
     noise are applied per frame, as a camera would.
+
+    Args:
+        n_frames: the clip's length.
+        seed: its seed (a non-negative integer).
+        size: (width, height) of the frames.
+        mask_name: the beetle mask to use; None draws one showing all five parts.
+
+    Returns:
+        ``(mask_name, iterator of (RGB uint8 image, uint8 label map))``.
     """
     seed = _check_seed(seed)
     n_frames = int(n_frames)
     if n_frames < 1:
         raise InputError(f"n_frames must be at least 1, got {n_frames}")
     width, height = _check_size(size)
-    if mask_name is None:
-        masks = [(n, m) for n, m in _load_masks_cached() if set(np.unique(m)) == {0, *PARTS}]
-        name, label_map = masks[int(_video_rng(seed, 0).integers(len(masks)))]
-    else:
-        name, label_map = _select_masks([mask_name])[0]
-
+    name, label_map = _video_specimen(seed, mask_name)
     st = collection_style(None, _video_rng(seed, 1))
     pose = dataclasses.replace(
         st,
@@ -1839,11 +1964,74 @@ def render_video_frames(
         scale_range=(0.4, 0.45),
     )
     r = render_specimen_layers(label_map, _video_rng(seed, 2), size=(width, height), style=pose)
-    fg0 = r.labels > 0
-    beetle = _fill_outside(r.image.astype(np.float32) / 255.0, fg0)
-
+    beetle = _fill_outside(r.image.astype(np.float32) / 255.0, r.labels > 0)
     rng = _video_rng(seed, 3)
     motion, damp = _video_motion(r.labels, n_frames, rng, width, height)
+    scene = _video_scene(st, rng, width, height)
+
+    def frames() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        noise_rng = _video_rng(seed, 4)
+        for t in range(n_frames):
+            m = motion.matrix(t, damp).astype(np.float64)
+            yield scene.frame(r.labels, beetle, m, noise_rng)
+
+    return name, frames()
+
+
+def _video_specimen(seed: int, mask_name: str | None) -> tuple[str, np.ndarray]:
+    """The (name, label map) of a clip's specimen: `mask_name`'s, or for None one drawn
+    from the masks that show all five parts."""
+    if mask_name is None:
+        masks = [(n, m) for n, m in _load_masks_cached() if set(np.unique(m)) == {0, *PARTS}]
+        return masks[int(_video_rng(seed, 0).integers(len(masks)))]
+    return _select_masks([mask_name])[0]
+
+
+@dataclass(frozen=True)
+class _VideoScene:
+    """What stays fixed over a clip around the moving specimen: substrate, shadow,
+    illumination, blur and noise level."""
+
+    substrate: np.ndarray
+    light_xy: np.ndarray
+    opacity: float
+    offset: float
+    shadow_sigma: float
+    illumination: np.ndarray
+    blur: float
+    noise: float
+
+    def frame(self, labels0, beetle, m, noise_rng) -> tuple[np.ndarray, np.ndarray]:
+        """The (RGB uint8 image, label map) of the specimen `labels0` coloured `beetle`
+        (frame 0) moved by the 2 x 3 map `m`, with fresh sensor noise from `noise_rng`."""
+        height, width = labels0.shape
+        labels = cv2.warpAffine(
+            labels0,
+            m,
+            (width, height),
+            flags=cv2.INTER_NEAREST,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
+        colour = cv2.warpAffine(
+            beetle, m, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        fg = labels > 0
+        light_xy, offset = self.light_xy, self.offset
+        shadow = _blur(
+            _shift(fg.astype(np.float32), -offset * light_xy[0], -offset * light_xy[1]),
+            self.shadow_sigma,
+        )
+        image = self.substrate * (1 - self.opacity * shadow)[..., None]
+        image = np.where(fg[..., None], colour, image) * self.illumination[..., None]
+        image = _blur(image, self.blur)
+        if self.noise > 0:
+            image = image + self.noise * noise_rng.standard_normal(image.shape, dtype=np.float32)
+        return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), labels
+
+
+def _video_scene(st: Style, rng, width: int, height: int) -> _VideoScene:
+    """Draw a clip's `_VideoScene` in the collection style `st`."""
     substrate = _background(st.backgrounds[0], st.background_color, rng, height, width)
     light = math.radians(st.light_angle)
     light_xy = np.array([math.cos(light), -math.sin(light)])
@@ -1853,64 +2041,13 @@ def render_video_frames(
     illumination = _illumination(rng, height, width, light_xy, _uniform(rng, st.illumination))
     blur = _uniform(rng, st.blur_sigma)
     noise = _uniform(rng, st.noise_sigma) / 255.0
-
-    def frames() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        noise_rng = _video_rng(seed, 4)
-        for t in range(n_frames):
-            m = motion.matrix(t, damp).astype(np.float64)
-            labels = cv2.warpAffine(
-                r.labels,
-                m,
-                (width, height),
-                flags=cv2.INTER_NEAREST,
-                borderMode=cv2.BORDER_CONSTANT,
-                borderValue=0,
-            )
-            colour = cv2.warpAffine(
-                beetle, m, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-            )
-            fg = labels > 0
-            shadow = _blur(
-                _shift(fg.astype(np.float32), -offset * light_xy[0], -offset * light_xy[1]),
-                shadow_sigma,
-            )
-            image = substrate * (1 - opacity * shadow)[..., None]
-            image = np.where(fg[..., None], colour, image) * illumination[..., None]
-            image = _blur(image, blur)
-            if noise > 0:
-                image = image + noise * noise_rng.standard_normal(image.shape, dtype=np.float32)
-            yield np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), labels
-
-    return name, frames()
+    return _VideoScene(
+        substrate, light_xy, opacity, offset, shadow_sigma, illumination, blur, noise
+    )
 
 
-def make_video(
-    out_dir,
-    n_frames: int = 24,
-    fps: float = 8,
-    seed: int = 0,
-    size: tuple[int, int] = (320, 240),
-    keyframes: Sequence[int] = (0,),
-    mask_name: str | None = None,
-    codec: str = "libx264",
-) -> dict:
-    """Write a synthetic clip of one moving specimen with its exact per-frame ground truth.
-
-    Writes ``out_dir/video.mp4`` (``codec``, yuv420p, crf 18, ``fps`` frames per
-    second; frames from `render_video_frames`), ``ground_truth.json`` (COCO: image
-    ``id`` = frame index, ``file_name`` ``00000.jpg`` ... as `sam2pal.io.video.extract_frames`
-    names them, one compressed-RLE annotation per visible part per frame, annotation
-    ids from 1) and ``keyframes.json`` (the same for the ``keyframes`` frames only).
-    Image ids in keyframes.json are 1000 + frame index, deliberately not the frame
-    index: code must match annotations to frames by file name. The size must be even
-    (yuv420p). Deterministic for a seed.
-
-    Returns a dict with ``out_dir``, ``video``, ``ground_truth``, ``keyframes`` (paths),
-    ``keyframe_indices``, ``n_frames``, ``fps``, ``size``, ``mask_name`` and ``labels``
-    (the per-frame uint8 label maps, 0 background, 1..5 as in PARTS).
-    """
-    from sam2pal.io.video import write_video
-
+def _check_video(size, n_frames, fps, keyframes) -> tuple[int, int, int, list[int]]:
+    """Check a clip's settings: (width, height, n_frames, sorted keyframe indices)."""
     width, height = _check_size(size)
     if width % 2 or height % 2:
         raise InputError(f"video size must be even (yuv420p), got {width} x {height}")
@@ -1932,22 +2069,13 @@ def make_video(
         raise InputError(
             f"keyframes must be frame indices in 0..{n_frames - 1}, got {list(keyframes)!r}"
         )
+    return width, height, n_frames, keys
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name, frames = render_video_frames(
-        n_frames, seed=seed, size=(width, height), mask_name=mask_name
-    )
-    labels: list[np.ndarray] = []
 
-    def images() -> Iterator[np.ndarray]:
-        for image, lab in frames:
-            labels.append(lab)
-            yield image
-
-    video_path = out / "video.mp4"
-    write_video(images(), video_path, fps=fps, crf=18, codec=codec)
-
+def _write_video_truth(out: Path, labels, keys, fps, size, name: str, seed: int):
+    """Write a clip's ``ground_truth.json`` (every frame) and ``keyframes.json`` (the
+    `keys` frames, image ids 1000 + frame index); returns their paths."""
+    width, height = size
     gt_images, gt_anns, kf_images, kf_anns = [], [], [], []
     for t, lab in enumerate(labels):
         gt_images.append(_video_coco_image(t, t, fps, width, height, name))
@@ -1962,6 +2090,58 @@ def make_video(
     write_json(
         kf_path, _coco(kf_images, kf_anns, f"synthetic video, seed {seed}: keyframes"), indent=1
     )
+    return gt_path, kf_path
+
+
+def make_video(
+    out_dir,
+    n_frames: int = 24,
+    fps: float = 8,
+    seed: int = 0,
+    size: tuple[int, int] = (320, 240),
+    keyframes: Sequence[int] = (0,),
+    mask_name: str | None = None,
+    codec: str = "libx264",
+) -> dict:
+    """Write a synthetic clip of one moving specimen with its exact per-frame ground truth.
+
+    Writes ``out_dir/video.mp4`` (``codec``, yuv420p, crf 18; frames from
+    `render_video_frames`), ``ground_truth.json`` (COCO: image ``id`` = frame index,
+    ``file_name`` ``00000.jpg`` ... as `sam2pal.io.video.extract_frames` names them, one
+    compressed-RLE annotation per visible part per frame, annotation ids from 1) and
+    ``keyframes.json`` (the same for the ``keyframes`` frames only). Image ids in
+    keyframes.json are 1000 + frame index, deliberately not the frame index: code must
+    match annotations to frames by file name. Deterministic for a seed.
+
+    Args:
+        out_dir: the clip's folder (created if needed).
+        n_frames, seed, size, mask_name: as in `render_video_frames` (an even size).
+        fps, keyframes, codec: frames per second, the frame indices of keyframes.json,
+            and ffmpeg's video encoder.
+
+    Returns:
+        A dict with ``out_dir``, ``video``, ``ground_truth``, ``keyframes`` (paths),
+        ``keyframe_indices``, ``n_frames``, ``fps``, ``size``, ``mask_name`` and ``labels``
+        (the per-frame uint8 label maps, 0 background, 1..5 as in PARTS).
+    """
+    from sam2pal.io.video import write_video
+
+    width, height, n_frames, keys = _check_video(size, n_frames, fps, keyframes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name, frames = render_video_frames(
+        n_frames, seed=seed, size=(width, height), mask_name=mask_name
+    )
+    labels: list[np.ndarray] = []
+
+    def images() -> Iterator[np.ndarray]:
+        for image, lab in frames:
+            labels.append(lab)
+            yield image
+
+    video_path = out / "video.mp4"
+    write_video(images(), video_path, fps=fps, crf=18, codec=codec)
+    gt_path, kf_path = _write_video_truth(out, labels, keys, fps, (width, height), name, seed)
     return {
         "out_dir": out,
         "video": video_path,

@@ -268,12 +268,36 @@ def _mirror_partner(name: str) -> str | None:
     return swapped if swapped != name else None
 
 
+def _swap_mirrored(masks: np.ndarray, objects, categories: dict) -> np.ndarray:
+    """The masks of a mirrored view with left and right structures' masks swapped."""
+    names = [categories.get(cid) for cid, _ in objects]
+    index = {(names[i], objects[i][1]): i for i in range(len(objects))}
+    swapped = masks.copy()
+    for i, name in enumerate(names):
+        partner = _mirror_partner(name or "")
+        j = index.get((partner, objects[i][1]))
+        if j is not None:
+            swapped[i] = masks[j]
+    return swapped
+
+
 def template_view(
     image: np.ndarray, masks: np.ndarray, objects, categories: dict, rng: np.random.Generator
 ):
-    """An augmented view of a template photo and its (N, H, W) masks: scaled 0.85-1.15
-    about a shifted centre, turned up to 15 degrees, mirrored half the time (masks of
-    left/right structures swapped), brightness, contrast and hue changed a little."""
+    """An augmented view of a template photo and its masks: scaled 0.85-1.15 about a
+    shifted centre, turned up to 15 degrees, mirrored half the time (masks of
+    left/right structures swapped), brightness, contrast and hue changed a little.
+
+    Args:
+        image: the RGB uint8 photo.
+        masks: its (N, H, W) bool masks.
+        objects: the masks' (category id, instance).
+        categories: {category id: name} (names tell left from right).
+        rng: the generator of the changes.
+
+    Returns:
+        (RGB uint8 view, its (N, H, W) bool masks).
+    """
     import cv2
 
     height, width = image.shape[:2]
@@ -305,15 +329,7 @@ def template_view(
         ]
     )
     if mirror:
-        names = [categories.get(cid) for cid, _ in objects]
-        index = {(names[i], objects[i][1]): i for i in range(len(objects))}
-        swapped = warped.copy()
-        for i, name in enumerate(names):
-            partner = _mirror_partner(name or "")
-            j = index.get((partner, objects[i][1]))
-            if j is not None:
-                swapped[i] = warped[j]
-        warped = swapped
+        warped = _swap_mirrored(warped, objects, categories)
     hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
     hsv[..., 0] = (hsv[..., 0] + rng.uniform(-8, 8)) % 256
     rgb = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB_FULL).astype(np.float32)
@@ -374,7 +390,29 @@ class Trainer:
         random.seed(settings.seed)
         self.rng = np.random.default_rng(settings.seed)
         release_inference_tensors(model)
+        self._prepare_model(model)
+        self._split_pool(pool)
+        trainable_encoder = "image_encoder" in settings.targets
+        self.cache = FeatureCache(self.sam, self.device, settings.cache_features, trainable_encoder)
+        self.templates: list[_TrainingTemplate] = []
+        self.views: dict[str, list[_TrainingTemplate]] = {}
+        if settings.template_views and not self.cache.enabled:
+            raise InputError(
+                "finetune: template_views needs cache_features and a frozen image encoder"
+            )
+        for t in templates.images:
+            self._add_template(t)
+        for key in self.train_keys + self.holdout:
+            self.cache.add(key, self.read_image(self.paths[key]))
+        self.history: list[dict] = []
+        self.step_losses: list[float] = []
+        self.step_target_ious: list[float | None] = []  # phase-1 IoU where the truth is known
+        self._truth_inputs: dict[tuple[str, str], torch.Tensor | None] = {}
 
+    def _prepare_model(self, model) -> None:
+        """Add LoRA (or choose the parameters to train in full), set the attention dropout
+        and gradient checkpointing; sets `peft_model`, `sam` and `params`."""
+        settings = self.settings
         if settings.mode == "lora":
             self.peft_model = add_lora(
                 model,
@@ -397,7 +435,6 @@ class Trainer:
                 param.requires_grad_(
                     trainable and not (in_features and "image_encoder" not in settings.targets)
                 )
-        trainable_encoder = "image_encoder" in settings.targets
         for module in self.sam.modules():
             if hasattr(module, "dropout_p"):  # SAM2's attention modules
                 module.dropout_p = float(settings.attention_dropout)
@@ -408,9 +445,12 @@ class Trainer:
         if not self.params:
             raise InputError("finetune: nothing to train (check targets)")
 
-        # the pool, minus the template photos: a seeded sample of held-out images and of
-        # at most max_pool_images training images (a collection may hold 100,000)
-        template_paths = {str(Path(t.path).resolve()) for t in templates.images}
+    def _split_pool(self, pool: dict) -> None:
+        """The pool, minus the template photos: a seeded sample of held-out images and
+        of at most max_pool_images training images (a collection may hold 100,000);
+        sets `paths`, `holdout` and `train_keys`."""
+        settings = self.settings
+        template_paths = {str(Path(t.path).resolve()) for t in self.template_set.images}
         keys = sorted(k for k, p in pool.items() if str(Path(p).resolve()) not in template_paths)
         self.paths = {k: Path(pool[k]) for k in keys}
         order = list(self.rng.permutation(len(keys)))
@@ -427,7 +467,7 @@ class Trainer:
             raise InputError(
                 "finetune: no unlabelled images to train on (the pool holds only templates)"
             )
-        if objective == "supervised":
+        if self.objective == "supervised":
             unlabelled = [k for k in self.train_keys if not self.ground_truth.get(k)]
             if unlabelled:
                 raise InputError(
@@ -435,45 +475,28 @@ class Trainer:
                     f"and {len(unlabelled) - 1} more training images"
                 )
 
-        self.cache = FeatureCache(self.sam, self.device, settings.cache_features, trainable_encoder)
-        self.templates: list[_TrainingTemplate] = []
-        self.views: dict[str, list[_TrainingTemplate]] = {}
-        if settings.template_views and not self.cache.enabled:
-            raise InputError(
-                "finetune: template_views needs cache_features and a frozen image encoder"
-            )
-        for t in templates.images:
-            key = f"template:{t.file_name}"
-            self.paths[key] = Path(t.path)
-            image = self.read_image(t.path)
-            self.cache.add(key, image)
-            objects = [(i.category_id, i.instance) for i in t.instances]
-            masks = np.stack([i.mask for i in t.instances])
-            self.templates.append(
+    def _add_template(self, t) -> None:
+        """Add template image `t` (and `template_views` random views of it) to the
+        training templates and the feature cache."""
+        key = f"template:{t.file_name}"
+        self.paths[key] = Path(t.path)
+        image = self.read_image(t.path)
+        self.cache.add(key, image)
+        objects = [(i.category_id, i.instance) for i in t.instances]
+        masks = np.stack([i.mask for i in t.instances])
+        self.templates.append(
+            _TrainingTemplate(key, objects, binary_mask_input(masks, self.image_size, self.device))
+        )
+        self.views[key] = []
+        for v in range(self.settings.template_views):
+            view_image, view_masks = template_view(image, masks, objects, self.categories, self.rng)
+            view_key = f"{key}#view{v}"
+            self.cache.add(view_key, view_image)
+            self.views[key].append(
                 _TrainingTemplate(
-                    key, objects, binary_mask_input(masks, self.image_size, self.device)
+                    view_key, objects, binary_mask_input(view_masks, self.image_size, self.device)
                 )
             )
-            self.views[key] = []
-            for v in range(settings.template_views):
-                view_image, view_masks = template_view(
-                    image, masks, objects, self.categories, self.rng
-                )
-                view_key = f"{key}#view{v}"
-                self.cache.add(view_key, view_image)
-                self.views[key].append(
-                    _TrainingTemplate(
-                        view_key,
-                        objects,
-                        binary_mask_input(view_masks, self.image_size, self.device),
-                    )
-                )
-        for key in self.train_keys + self.holdout:
-            self.cache.add(key, self.read_image(self.paths[key]))
-        self.history: list[dict] = []
-        self.step_losses: list[float] = []
-        self.step_target_ious: list[float | None] = []  # phase-1 IoU where the truth is known
-        self._truth_inputs: dict[tuple[str, str], torch.Tensor | None] = {}
 
     # -- the palindrome ---------------------------------------------------------------
 
@@ -537,7 +560,16 @@ class Trainer:
         }
 
     def palindrome_loss(self, template: _TrainingTemplate, target_key: str):
-        """The loss of one {x0, x1, x1, x0} cycle, and its parts."""
+        """The loss of one {x0, x1, x1, x0} cycle.
+
+        Args:
+            template: the training template (x0) with its true masks.
+            target_key: the unlabelled target image (x1).
+
+        Returns:
+            (loss, parts): parts holds the bce, dice and object terms and the phase-1
+            logits on the target ("logits1").
+        """
         template_backbone = self._backbone(template.key)  # once per step, cached or not
         logits1, object1, _, target_feats = self.phase1(
             template, template_backbone, self._backbone(target_key)
@@ -572,7 +604,15 @@ class Trainer:
         return self._truth_inputs[cached]
 
     def supervised_loss(self, template: _TrainingTemplate, target_key: str):
-        """Phase 1 alone against the target's true masks (the oracle of benchmarks)."""
+        """Phase 1 alone against the target's true masks (the oracle of benchmarks).
+
+        Args:
+            template: the training template with its true masks.
+            target_key: the target image, which must have ground truth.
+
+        Returns:
+            (loss, parts), as `palindrome_loss`.
+        """
         logits1, object1, _, _ = self.phase1(
             template, self._backbone(template.key), self._backbone(target_key)
         )
@@ -606,8 +646,12 @@ class Trainer:
     # -- validation -------------------------------------------------------------------
 
     def validate(self) -> dict:
-        """Mean cycle IoU on the held-out images, and the real IoU where there is
-        ground truth (category masks by name)."""
+        """Score the model on the held-out images.
+
+        Returns:
+            {"val_cycle_iou": mean cycle IoU, "val_iou": mean real IoU where there is
+            ground truth (category masks by name)}; None for what cannot be measured.
+        """
         if not self.holdout:
             return {"val_cycle_iou": None, "val_iou": None}
         self.sam.eval()
@@ -700,12 +744,10 @@ class Trainer:
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    def train(self, out_dir, metadata: dict) -> dict:
-        """Train, writing into `out_dir`: adapter/ (best), adapter_last/,
-        training_log.csv, training_steps.csv, training_curves.png (and merged.pt)."""
+    def _plan_steps(self) -> tuple[int, int]:
+        """Images per epoch and optimizer steps in all; sets `num_epochs` (more than
+        the settings' when needed to reach min_steps)."""
         s = self.settings
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         per_epoch = min(len(self.train_keys), s.max_images_per_epoch)
         steps_per_epoch = math.ceil(per_epoch / s.accumulation_steps)
         self.num_epochs = max(s.num_epochs, math.ceil(s.min_steps / steps_per_epoch))
@@ -713,88 +755,112 @@ class Trainer:
             self.log(
                 f"{self.num_epochs} epochs of {steps_per_epoch} optimizer steps (min_steps {s.min_steps})"
             )
-        total_steps = steps_per_epoch * self.num_epochs
-        optimizer = torch.optim.AdamW(self.params, lr=s.lr, weight_decay=s.weight_decay)
-        scheduler = self._scheduler(optimizer, total_steps)
+        return per_epoch, steps_per_epoch * self.num_epochs
+
+    def _save(self, out_dir: Path, folder: str, epoch: int, metadata: dict) -> None:
+        """Save the adapter (or the fully trained weights) of `epoch` into `folder`."""
+        s = self.settings
         kind = s.mode
         weights = self.peft_model if kind == "lora" else self.sam
+        meta = dict(
+            metadata,
+            kind=kind,
+            epoch=epoch,
+            history=self.history,
+            settings=asdict(s),
+            categories={str(k): v for k, v in self.categories.items()},
+            **self.labels_record(),
+        )
+        save_adapter(weights, out_dir / folder, meta, kind)
 
-        def save(folder: str, epoch: int):
-            meta = dict(
-                metadata,
-                kind=kind,
-                epoch=epoch,
-                history=self.history,
-                settings=asdict(s),
-                categories={str(k): v for k, v in self.categories.items()},
-                **self.labels_record(),
-            )
-            save_adapter(weights, out_dir / folder, meta, kind)
+    def _train_epoch(self, per_epoch: int, optimizer, scheduler, step_loss) -> tuple[list, int]:
+        """One epoch over a seeded sample of `per_epoch` training images; returns the
+        images' losses and the number of optimizer steps taken."""
+        s = self.settings
+        order = self.rng.permutation(len(self.train_keys))[:per_epoch]
+        losses, optimizer_steps = [], 0
+        optimizer.zero_grad(set_to_none=True)
+        for i, index in enumerate(order):
+            template = self.templates[int(self.rng.integers(len(self.templates)))]
+            views = self.views.get(template.key)
+            if views:  # the template itself or one of its views
+                pick = int(self.rng.integers(len(views) + 1))
+                template = template if pick == len(views) else views[pick]
+            key = self.train_keys[int(index)]
+            with autocast(self.device):
+                loss, parts = step_loss(template, key)
+            (loss / s.accumulation_steps).backward()
+            losses.append(loss.item())
+            self.step_losses.append(loss.item())
+            self.step_target_ious.append(self.target_iou(template, key, parts["logits1"]))
+            if (i + 1) % s.accumulation_steps == 0 or i + 1 == len(order):
+                if s.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                optimizer_steps += 1
+        return losses, optimizer_steps
 
+    def _add_history(self, epoch, optimizer_steps, train_loss, lr, metrics, start) -> dict:
+        """Append the row of `epoch` to the history (training_log.csv) and return it."""
+        row = {
+            "epoch": epoch,
+            "optimizer_steps": optimizer_steps,
+            "train_loss": train_loss,
+            "learning_rate": lr,
+            **metrics,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        self.history.append(row)
+        return row
+
+    def train(self, out_dir, metadata: dict) -> dict:
+        """Train, writing into `out_dir`: adapter/ (best), adapter_last/,
+        training_log.csv, training_steps.csv, training_curves.png (and merged.pt).
+
+        Args:
+            out_dir: the output folder (created if needed).
+            metadata: facts about the run saved with every adapter (base_id, ...).
+
+        Returns:
+            {"best_epoch", "best_score", "history"}: the epoch whose adapter is kept
+            in adapter/, its score, and the per-epoch rows of training_log.csv.
+        """
+        s = self.settings
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        per_epoch, total_steps = self._plan_steps()
+        optimizer = torch.optim.AdamW(self.params, lr=s.lr, weight_decay=s.weight_decay)
+        scheduler = self._scheduler(optimizer, total_steps)
         start = time.perf_counter()
         baseline = self.validate()
-        self.history.append(
-            {
-                "epoch": 0,
-                "optimizer_steps": 0,
-                "train_loss": None,
-                "learning_rate": 0.0,
-                **baseline,
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-        )
+        self._add_history(0, 0, None, 0.0, baseline, start)
         best_score, best_epoch = self.score(baseline), 0
-        save("adapter", 0)  # before training: zero-initialised LoRA = the base model
+        self._save(out_dir, "adapter", 0, metadata)  # zero-initialised LoRA = the base model
         self.log(f"epoch 0 (before training): {baseline}")
-
         optimizer_steps = 0
         step_loss = self.supervised_loss if self.objective == "supervised" else self.palindrome_loss
         self.sam.train()
         for epoch in range(1, self.num_epochs + 1):
-            order = self.rng.permutation(len(self.train_keys))[:per_epoch]
-            losses = []
-            optimizer.zero_grad(set_to_none=True)
-            for i, index in enumerate(order):
-                template = self.templates[int(self.rng.integers(len(self.templates)))]
-                views = self.views.get(template.key)
-                if views:  # the template itself or one of its views
-                    pick = int(self.rng.integers(len(views) + 1))
-                    template = template if pick == len(views) else views[pick]
-                key = self.train_keys[int(index)]
-                with autocast(self.device):
-                    loss, parts = step_loss(template, key)
-                (loss / s.accumulation_steps).backward()
-                losses.append(loss.item())
-                self.step_losses.append(loss.item())
-                self.step_target_ious.append(self.target_iou(template, key, parts["logits1"]))
-                if (i + 1) % s.accumulation_steps == 0 or i + 1 == len(order):
-                    if s.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    optimizer_steps += 1
+            losses, steps = self._train_epoch(per_epoch, optimizer, scheduler, step_loss)
+            optimizer_steps += steps
             metrics = self.validate()
-            row = {
-                "epoch": epoch,
-                "optimizer_steps": optimizer_steps,
-                "train_loss": float(np.mean(losses)),
-                "learning_rate": scheduler.get_last_lr()[0],
-                **metrics,
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-            self.history.append(row)
+            lr = scheduler.get_last_lr()[0]
+            row = self._add_history(
+                epoch, optimizer_steps, float(np.mean(losses)), lr, metrics, start
+            )
             self.log(f"epoch {epoch}: loss {row['train_loss']:.4f}, {metrics}")
             score = self.score(metrics)
             if score is not None and best_score is not None and score > best_score:
                 best_score, best_epoch = score, epoch
-                save("adapter", epoch)
-            elif best_score is None:
-                save("adapter", epoch)  # nothing to choose on: the latest is the best
+                self._save(out_dir, "adapter", epoch, metadata)
+            elif best_score is None:  # nothing to choose on: the latest is the best
+                self._save(out_dir, "adapter", epoch, metadata)
             self._write_logs(out_dir)
         self.sam.eval()
-        save("adapter_last", self.num_epochs)
-        if s.merge_checkpoint and kind == "lora":
+        self._save(out_dir, "adapter_last", self.num_epochs, metadata)
+        if s.merge_checkpoint and s.mode == "lora":
             save_merged_checkpoint(self.peft_model, out_dir / "merged.pt", metadata)
         self._write_logs(out_dir)
         self._plot(out_dir / "training_curves.png")

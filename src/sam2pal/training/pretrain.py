@@ -104,8 +104,15 @@ LOG_COLUMNS = [
 
 
 def split_masks(held_out_every: int = 6) -> tuple[list, list]:
-    """(training, held-out) NEON label maps: every `held_out_every`-th mask, in name
-    order, is kept out of training for held-out tests."""
+    """Split the NEON label maps into training and held-out ones.
+
+    Args:
+        held_out_every: every `held_out_every`-th mask, in name order, is kept out of
+            training for held-out tests.
+
+    Returns:
+        (training, held-out) lists of (name, label map).
+    """
     masks = load_beetle_masks()
     held = [m for i, m in enumerate(masks) if i % held_out_every == held_out_every - 1]
     train = [m for i, m in enumerate(masks) if i % held_out_every != held_out_every - 1]
@@ -196,7 +203,15 @@ class Episode:
 
 def colour_jitter(images: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """One hue rotation, saturation, brightness and contrast change for all images of
-    an episode (a collection keeps its look), with a slight per-image variation."""
+    an episode (a collection keeps its look), with a slight per-image variation.
+
+    Args:
+        images: the episode's RGB uint8 images.
+        rng: the episode's generator.
+
+    Returns:
+        The changed images.
+    """
     hue = rng.uniform(-90, 90)  # degrees
     sat = rng.uniform(0.6, 1.5)
     gain = rng.uniform(0.75, 1.25)
@@ -214,23 +229,26 @@ def colour_jitter(images: list[np.ndarray], rng: np.random.Generator) -> list[np
 
 
 def episode_shape(step: int, settings: PretrainSettings) -> tuple[int, bool]:
-    """(number of templates, whether a second target follows) of every episode of an
-    optimizer step: the episodes of one step share it, so they run as one batch."""
+    """The frame structure of the episodes of an optimizer step: the episodes of one
+    step share it, so they run as one batch.
+
+    Args:
+        step: the optimizer step.
+        settings: the run's settings (seed, two_templates, second_target).
+
+    Returns:
+        (number of templates, whether a second target follows).
+    """
     rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(5, step)))
     return (2 if rng.random() < settings.two_templates else 1), bool(
         rng.random() < settings.second_target
     )
 
 
-def draw_episode(
-    index: int,
-    settings: PretrainSettings,
-    shapes: list[np.ndarray],
-    n_templates: int = 1,
-    second_target: bool = False,
-) -> Episode:
-    """Episode `index` of a run: deterministic in (settings.seed, index)."""
-    rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(7, index)))
+def _episode_style(index: int, settings: PretrainSettings, rng):
+    """The look of episode `index`: (appearance, style to render with, style of the
+    camera stage, the zoom stream or None when not zoomed, whether to zoom on the
+    whole specimen)."""
     appearance = settings.appearance
     if appearance == "mixed":  # its own stream: the draws below stay as they are
         mix_rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(9, index)))
@@ -245,7 +263,7 @@ def draw_episode(
         )
         style = collection_style(base, rng)
     camera = style  # the camera stage of the photos
-    zoom_rng = None
+    zoom_rng, whole = None, False
     if settings.zoom_fraction > 0:  # its own stream: the draws above stay as they are
         zoom_rng = np.random.default_rng(
             np.random.SeedSequence(settings.seed, spawn_key=(8, index))
@@ -259,9 +277,11 @@ def draw_episode(
             )
         else:
             zoom_rng = None
-    width = int(rng.choice([320, 384, 448]))
-    height = int(round(width * rng.choice([0.75, 1.0, 1.33]) / 8) * 8)
-    size = (width, height)
+    return appearance, style, camera, zoom_rng, whole
+
+
+def _episode_renders(rng, settings, shapes, size, style, n_templates: int, second_target: bool):
+    """Render the templates, the target and (with `second_target`) the target moved."""
 
     def shape():
         if rng.random() < settings.procedural_fraction:
@@ -284,6 +304,34 @@ def draw_episode(
             scale_range=_scale_near(target_src, target.scale, size, rng),
         )
         renders.append(render_specimen_layers(target_src, rng, size=size, style=moved))
+    return renders
+
+
+def draw_episode(
+    index: int,
+    settings: PretrainSettings,
+    shapes: list[np.ndarray],
+    n_templates: int = 1,
+    second_target: bool = False,
+) -> Episode:
+    """Episode `index` of a run: deterministic in (settings.seed, index).
+
+    Args:
+        index: the episode's number in the run (its random streams derive from it).
+        settings: the run's settings.
+        shapes: the beetle label maps to draw specimens from.
+        n_templates: number of templates (1 or 2).
+        second_target: whether a second target, the first one moved, follows.
+
+    Returns:
+        The `Episode`: its images and label maps, templates first.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(7, index)))
+    appearance, style, camera, zoom_rng, whole = _episode_style(index, settings, rng)
+    width = int(rng.choice([320, 384, 448]))
+    height = int(round(width * rng.choice([0.75, 1.0, 1.33]) / 8) * 8)
+    size = (width, height)
+    renders = _episode_renders(rng, settings, shapes, size, style, n_templates, second_target)
     images = [r.image for r in renders]
     labels = [r.labels for r in renders]
     if zoom_rng is not None:
@@ -351,7 +399,18 @@ def _dice(logits, target):
 
 
 def target_loss(sam_outputs, truth: torch.Tensor, present: torch.Tensor, s: PretrainSettings):
-    """SAM2's multi-mask loss on one tracked frame. truth (B, 1, S, S), present (B,)."""
+    """SAM2's multi-mask loss on one tracked frame.
+
+    Args:
+        sam_outputs: SAM2's outputs of the tracking step.
+        truth: (B, 1, S, S) true masks.
+        present: (B,) whether each structure is in the frame.
+        s: the run's settings (the loss weights).
+
+    Returns:
+        (loss, {"focal", "dice", "iou_head", "object", "target_iou": floats}), the
+        mask terms on the best of the candidate masks of each present structure.
+    """
     _, high_multi, ious, _, _, _, object_logits = sam_outputs
     truth_m = truth.expand_as(high_multi)
     focal = _focal(high_multi, truth_m)
@@ -387,11 +446,56 @@ def target_loss(sam_outputs, truth: torch.Tensor, present: torch.Tensor, s: Pret
     return total, parts
 
 
+def _row_features(model, backbone: dict, row_episode: torch.Tensor, n_frames: int, f: int):
+    """The features of frame `f` of each row's episode: (vision feats, pos, sizes)."""
+    index = row_episode * n_frames + f
+    rows = {
+        "backbone_fpn": [x[index] for x in backbone["backbone_fpn"]],
+        "vision_pos_enc": [
+            p[:1].expand(len(index), -1, -1, -1) for p in backbone["vision_pos_enc"]
+        ],
+    }
+    _, vision_feats, vision_pos, sizes = model._prepare_backbone_features(rows)
+    return vision_feats, vision_pos, sizes
+
+
+def _row_masks(episodes: list[Episode], objects: list[list[int]], f: int, size: int, device):
+    """The (rows, 1, size, size) true masks of frame `f`, a row per structure and episode."""
+    return torch.cat(
+        [
+            binary_mask_input(np.stack([e.labels[f] == k for k in objs]), size, device)
+            for e, objs in zip(episodes, objects)
+            if objs
+        ]
+    )
+
+
+def _remember(model, feats, sam_outputs, current_out: dict, memory: dict, idx: int) -> None:
+    """Encode tracked frame `idx` into the memory, as video tracking does."""
+    vision_feats, _, sizes = feats
+    _, _, _, _, high_res_masks, obj_ptr, object_logits = sam_outputs
+    model._encode_memory_in_output(
+        vision_feats, sizes, None, True, high_res_masks, object_logits, current_out
+    )
+    current_out.update(obj_ptr=obj_ptr, object_score_logits=object_logits)
+    memory["non_cond_frame_outputs"][idx] = current_out
+
+
 def batch_loss(model, episodes: list[Episode], settings: PretrainSettings):
     """Templates into memory as conditioning frames, then track the target(s).
 
     The episodes share their frame structure; all their structures are one SAM2 batch
-    (a row per structure and episode), every image is encoded once."""
+    (a row per structure and episode), every image is encoded once.
+
+    Args:
+        model: the SAM2Base being trained.
+        episodes: episodes with the same number of frames and of templates.
+        settings: the run's settings (the loss weights).
+
+    Returns:
+        (loss, {part: value}), the mean over the targets; (None, {}) when no structure
+        is seen in every template.
+    """
     size = int(model.image_size)
     device = model.device
     n_frames = len(episodes[0].images)
@@ -408,50 +512,25 @@ def batch_loss(model, episodes: list[Episode], settings: PretrainSettings):
         return None, {}
     images = torch.cat([preprocess(img, size, device) for e in episodes for img in e.images])
     backbone = model.forward_image(images)
-
-    def feats(f):
-        index = row_episode * n_frames + f
-        rows = {
-            "backbone_fpn": [x[index] for x in backbone["backbone_fpn"]],
-            "vision_pos_enc": [
-                p[:1].expand(len(index), -1, -1, -1) for p in backbone["vision_pos_enc"]
-            ],
-        }
-        _, vision_feats, vision_pos, sizes = model._prepare_backbone_features(rows)
-        return vision_feats, vision_pos, sizes
-
-    def masks(f):
-        return torch.cat(
-            [
-                binary_mask_input(np.stack([e.labels[f] == k for k in objs]), size, device)
-                for e, objs in zip(episodes, objects)
-                if objs
-            ]
-        )
-
     cond = {}
     for t in range(n_templates):
-        cond[t] = conditioning_frame(model, feats(t), t, n_frames, masks(t), memory_dtype=None)
+        feats = _row_features(model, backbone, row_episode, n_frames, t)
+        masks = _row_masks(episodes, objects, t, size, device)
+        cond[t] = conditioning_frame(model, feats, t, n_frames, masks, memory_dtype=None)
     memory = new_memory(cond)
     total, parts_sum = 0.0, {}
     n_targets = n_frames - n_templates
     for idx in range(n_templates, n_frames):
-        f = feats(idx)
+        f = _row_features(model, backbone, row_episode, n_frames, idx)
         current_out, sam_outputs = track_step(model, f, idx, n_frames, memory)
-        truth = masks(idx)
+        truth = _row_masks(episodes, objects, idx, size, device)
         present = truth.flatten(1).sum(1) > 0
         loss, parts = target_loss(sam_outputs, truth, present, settings)
         total = total + loss / n_targets
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v / n_targets
         if idx + 1 < n_frames:  # remember this frame, as video tracking does
-            vision_feats, _, sizes = f
-            _, _, _, _, high_res_masks, obj_ptr, object_logits = sam_outputs
-            model._encode_memory_in_output(
-                vision_feats, sizes, None, True, high_res_masks, object_logits, current_out
-            )
-            current_out.update(obj_ptr=obj_ptr, object_score_logits=object_logits)
-            memory["non_cond_frame_outputs"][idx] = current_out
+            _remember(model, f, sam_outputs, current_out, memory, idx)
     return total, parts_sum
 
 
@@ -524,6 +603,163 @@ class _Run:
         self.model, self.optimizer, self.params, self.size = model, optimizer, params, size
 
 
+def _resume_state(state_path: Path, s: PretrainSettings):
+    """The saved state of an interrupted run with the same settings, or None."""
+    if not state_path.is_file():
+        return None
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    # settings added since a state was saved have their defaults in it
+    saved = {**dataclasses.asdict(PretrainSettings()), **state["settings"]}
+    if saved != dataclasses.asdict(s):
+        raise InputError(
+            f"{state_path}: saved by a run with other settings; remove it to start afresh"
+        )
+    return state
+
+
+def _start_weights(run: _Run, s: PretrainSettings, state, log) -> str | None:
+    """Load the initial weights (`s.init`) or the resumed state into `run`; returns the
+    SHA-256 of the initial checkpoint (None without one)."""
+    init_sha256 = None
+    if s.init:
+        init_path, init_sha256 = resolve_checkpoint_digest(s.init)
+        if state is None:
+            load_checkpoint(run.model, init_path)
+            log(f"starting from {init_path}")
+    if state is not None:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        log(f"resuming at step {state['step']} of {s.steps}")
+    return init_sha256
+
+
+def _train_step(run: _Run, step: int, episodes: list[Episode], s: PretrainSettings, dev):
+    """One optimizer step on the episodes of `step`; returns its loss and parts, or
+    None when no structure was seen."""
+    torch.manual_seed(int(np.random.SeedSequence(s.seed, spawn_key=(3, step)).generate_state(1)[0]))
+    for group in run.optimizer.param_groups:
+        group["lr"] = s.learning_rate * _lr_factor(step, s)
+    run.optimizer.zero_grad(set_to_none=True)
+    with autocast(dev):
+        loss, parts = batch_loss(run.model, episodes, s)
+    if loss is None:
+        return None
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, s.grad_clip)
+    run.optimizer.step()
+    return {"loss": float(loss.detach()), **parts}
+
+
+def _log_row(done: int, run: _Run, seconds: float, window: list[dict]) -> dict:
+    """The loss curve's row after `done` steps: means over the steps since the last."""
+    row = {
+        "step": done,
+        "learning_rate": run.optimizer.param_groups[0]["lr"],
+        "seconds": round(seconds, 1),
+    }
+    for key in LOG_COLUMNS[1:7]:
+        row[key] = round(float(np.mean([w[key] for w in window])), 5) if window else None
+    return row
+
+
+def _save_state(state_path: Path, run: _Run, done: int, rows, seconds: float, s) -> None:
+    """Save what a resumed run needs to go on after `done` steps."""
+    with atomic_path(state_path) as tmp:
+        torch.save(
+            {
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "step": done,
+                "rows": rows,
+                "seconds": seconds,
+                "settings": dataclasses.asdict(s),
+            },
+            tmp,
+        )
+
+
+def _write_results(out: Path, name: str, model, config: Path, rows, s, extra: dict) -> dict:
+    """Write the weights, the config, the loss curve and the training record (with the
+    run's `extra` facts: init_sha256, seconds, device); returns the record."""
+    weights = out / f"{name}.pt"
+    with atomic_path(weights) as tmp:
+        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, tmp)
+    yaml_out = out / f"{name}.yaml"
+    if yaml_out.resolve() != config.resolve():
+        with atomic_path(yaml_out) as tmp:
+            shutil.copyfile(config, tmp)
+    with atomic_write(out / f"{name}.training.csv", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    record = {
+        "name": name,
+        "checkpoint": weights.name,
+        "checkpoint_sha256": file_sha256(weights),
+        "config": yaml_out.name,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "settings": dataclasses.asdict(s),
+        "init_sha256": extra["init_sha256"],
+        "episodes": s.steps * s.episodes_per_step,
+        "seconds": round(extra["seconds"], 1),
+        "device": extra["device"],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "final": rows[-1] if rows else None,
+    }
+    write_json(out / f"{name}.training.json", record, indent=1)
+    return record
+
+
+def _run_steps(
+    run: _Run,
+    dev,
+    start: int,
+    rows: list,
+    seconds_before: float,
+    state_path: Path,
+    stop_after: int | None,
+    workers: int,
+    log,
+) -> float | None:
+    """Train steps `start`.. of the run, appending the loss curve's rows to `rows` and
+    saving the state every `save_every` steps; returns the seconds of the whole run,
+    or None once `stop_after` steps are done (the state saved)."""
+    s = run.settings
+    loader = torch.utils.data.DataLoader(
+        _Episodes(s, start),
+        batch_size=None,
+        num_workers=int(workers),
+        prefetch_factor=2 if workers else None,
+    )
+    t0 = time.time()
+    window: list[dict] = []
+    for step, episodes in loader:
+        if _size_at(step, s) != run.size:
+            run.resize(_size_at(step, s))
+            log(f"step {step}: input size {run.size}")
+        losses = _train_step(run, step, episodes, s, dev)
+        if losses is not None:
+            window.append(losses)
+        done = step + 1
+        if done % s.log_every == 0 or done == s.steps:
+            row = _log_row(done, run, seconds_before + time.time() - t0, window)
+            rows.append(row)
+            window = []
+            log(
+                f"step {done}/{s.steps} loss {row['loss']} target IoU {row['target_iou']} "
+                f"({row['seconds']:.0f} s)"
+            )
+        stopping = stop_after is not None and done >= stop_after and done < s.steps
+        if (done % s.save_every == 0 and done < s.steps) or stopping:
+            _save_state(state_path, run, done, rows, seconds_before + time.time() - t0, s)
+        if stopping:
+            log(f"stopped after step {done}; run again to resume from {state_path}")
+            return None
+    return seconds_before + time.time() - t0
+
+
 def pretrain(
     settings: PretrainSettings,
     out_dir,
@@ -537,9 +773,20 @@ def pretrain(
 ) -> dict | None:
     """Train from random weights; returns the training record (also written as JSON).
 
-    `stop_after`: stop once this many steps are done, keeping the resumable state (for
-    machines with a time limit per job); returns None then. Every step seeds PyTorch
-    from (seed, step), so a resumed run ends with the same weights as one run through.
+    Every step seeds PyTorch from (seed, step), so a resumed run ends with the same
+    weights as one run through.
+
+    Args:
+        settings: the run's settings; out_dir: where the files go (created if needed).
+        config: the model config (default: sam2pal-micro's); device: "auto", "cpu", ...
+        name: the files' stem; resume: go on from ``<name>.state.pt`` if there is one.
+        workers: processes rendering episodes (0: in this process).
+        stop_after: stop once this many steps are done, keeping the resumable state
+            (for machines with a time limit per job).
+        log: where progress lines go.
+
+    Returns:
+        The training record, or None when stopped by `stop_after`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -549,118 +796,23 @@ def pretrain(
     dev = resolve_device(device)
     s = settings
     state_path = out / f"{name}.state.pt"
-    log_path = out / f"{name}.training.csv"
-    start, rows, seconds_before = 0, [], 0.0
-    state = None
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        # settings added since a state was saved have their defaults in it
-        saved = {**dataclasses.asdict(PretrainSettings()), **state["settings"]}
-        if saved != dataclasses.asdict(s):
-            raise InputError(
-                f"{state_path}: saved by a run with other settings; remove it to start afresh"
-            )
-        start, rows, seconds_before = state["step"], state["rows"], state["seconds"]
-    run = _Run(config, s, dev, _size_at(start, s))
-    init_sha256 = None
-    if s.init:
-        init_path, init_sha256 = resolve_checkpoint_digest(s.init)
-        if state is None:
-            load_checkpoint(run.model, init_path)
-            log(f"starting from {init_path}")
-    if state is not None:
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        log(f"resuming at step {start} of {s.steps}")
-    loader = torch.utils.data.DataLoader(
-        _Episodes(s, start),
-        batch_size=None,
-        num_workers=int(workers),
-        prefetch_factor=2 if workers else None,
+    state = _resume_state(state_path, s) if resume else None
+    start, rows, seconds_before = (
+        (0, [], 0.0) if state is None else (state["step"], state["rows"], state["seconds"])
     )
-    t0 = time.time()
-    window: list[dict] = []
-    for step, episodes in loader:
-        if _size_at(step, s) != run.size:
-            run.resize(_size_at(step, s))
-            log(f"step {step}: input size {run.size}")
-        torch.manual_seed(
-            int(np.random.SeedSequence(s.seed, spawn_key=(3, step)).generate_state(1)[0])
-        )
-        for group in run.optimizer.param_groups:
-            group["lr"] = s.learning_rate * _lr_factor(step, s)
-        run.optimizer.zero_grad(set_to_none=True)
-        with autocast(dev):
-            loss, parts = batch_loss(run.model, episodes, s)
-        if loss is not None:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(run.params, s.grad_clip)
-            run.optimizer.step()
-            window.append({"loss": float(loss.detach()), **parts})
-        done = step + 1
-        if done % s.log_every == 0 or done == s.steps:
-            row = {
-                "step": done,
-                "learning_rate": run.optimizer.param_groups[0]["lr"],
-                "seconds": round(seconds_before + time.time() - t0, 1),
-            }
-            for key in LOG_COLUMNS[1:7]:
-                row[key] = round(float(np.mean([w[key] for w in window])), 5) if window else None
-            rows.append(row)
-            window = []
-            log(
-                f"step {done}/{s.steps} loss {row['loss']} target IoU {row['target_iou']} "
-                f"({row['seconds']:.0f} s)"
-            )
-        stopping = stop_after is not None and done >= stop_after and done < s.steps
-        if (done % s.save_every == 0 and done < s.steps) or stopping:
-            with atomic_path(state_path) as tmp:
-                torch.save(
-                    {
-                        "model": run.model.state_dict(),
-                        "optimizer": run.optimizer.state_dict(),
-                        "step": done,
-                        "rows": rows,
-                        "seconds": seconds_before + time.time() - t0,
-                        "settings": dataclasses.asdict(s),
-                    },
-                    tmp,
-                )
-        if stopping:
-            log(f"stopped after step {done}; run again to resume from {state_path}")
-            return None
-    seconds = seconds_before + time.time() - t0
+    run = _Run(config, s, dev, _size_at(start, s))
+    init_sha256 = _start_weights(run, s, state, log)
+    seconds = _run_steps(
+        run, dev, start, rows, seconds_before, state_path, stop_after, workers, log
+    )
+    if seconds is None:
+        return None
     if run.size != s.image_size:
         run.resize(s.image_size)
     model = run.model.eval()
-    weights = out / f"{name}.pt"
-    with atomic_path(weights) as tmp:
-        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, tmp)
-    yaml_out = out / f"{name}.yaml"
-    if yaml_out.resolve() != config.resolve():
-        with atomic_path(yaml_out) as tmp:
-            shutil.copyfile(config, tmp)
-    with atomic_write(log_path, newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    record = {
-        "name": name,
-        "checkpoint": weights.name,
-        "checkpoint_sha256": file_sha256(weights),
-        "config": yaml_out.name,
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "settings": dataclasses.asdict(s),
-        "init_sha256": init_sha256,
-        "episodes": s.steps * s.episodes_per_step,
-        "seconds": round(seconds, 1),
-        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "final": rows[-1] if rows else None,
-    }
-    write_json(out / f"{name}.training.json", record, indent=1)
+    device_name = str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    extra = {"init_sha256": init_sha256, "seconds": seconds, "device": device_name}
+    record = _write_results(out, name, model, config, rows, s, extra)
     state_path.unlink(missing_ok=True)
     log(json.dumps({k: record[k] for k in ("checkpoint", "checkpoint_sha256", "seconds")}))
     return record
