@@ -1,7 +1,7 @@
 """Morphometric measurements of predicted masks, and the measurement tables.
 
 `measure_mask` turns one binary mask into a handful of size and shape measures, all in
-pixels (see its docstring for what each one is). `measure_coco` reads a COCO predictions
+pixels (the comment above it says what each one is). `measure_coco` reads a COCO predictions
 file written by the project and writes:
 
 * a long table, one row per predicted structure (annotation), and
