@@ -82,7 +82,12 @@ def worker_temporal(args, data):
     masks = _keyframe_masks(data, args.structures)
     t0 = time.perf_counter()
     tracker = VideoPropagator(
-        model, {0: masks}, len(frames), lambda i: read_image(frames[i]), fill_hole_area=0
+        model,
+        {0: masks},
+        len(frames),
+        lambda i: read_image(frames[i]),
+        fill_hole_area=0,
+        cycle_consistency=False,
     )
     out = []
     for result in tracker.run():

@@ -18,7 +18,7 @@ LIGHT_MODULES = [
     f"{package.__name__}.{info.name}"
     for package in (sam2pal.io, sam2pal.outputs)
     for info in pkgutil.iter_modules(package.__path__)
-]
+] + ["sam2pal.settings"]  # read by the Snakemake process (workflow/rules/common.smk)
 
 
 def test_the_light_packages_are_not_empty():

@@ -20,11 +20,13 @@ printed as one line, without a traceback, and the command exits with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import sys
 from pathlib import Path
 
+from sam2pal import settings as settings_module
 from sam2pal.errors import InputError
 
 # Flags of the old tool that existed to limit drift along its pseudo-video. Every image
@@ -47,32 +49,11 @@ def _flag(parser_or_group, name: str, **kwargs):
     return parser_or_group.add_argument(*names, **kwargs)
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
-    return value
+# the value checks of the settings, as argparse types
+_positive_float = settings_module.positive_float
+_non_negative_float = settings_module.non_negative_float
+_non_negative_int = settings_module.non_negative_int
+_fraction = settings_module.fraction
 
 
 MAX_SKIPPED_HELP = (
@@ -82,6 +63,11 @@ MAX_SKIPPED_HELP = (
 
 
 # -- segment --------------------------------------------------------------------------
+
+_SEGMENTATION_FIELDS = {f.name: f for f in dataclasses.fields(settings_module.Segmentation)}
+_OUTPUT_FIELDS = {f.name: f for f in dataclasses.fields(settings_module.Outputs)}
+_FINETUNE_FIELDS = {f.name: f for f in dataclasses.fields(settings_module.Finetune)}
+_VIDEO_FIELDS = {f.name: f for f in dataclasses.fields(settings_module.VideoOptions)}
 
 
 def _template_args(p, for_training: bool = False):
@@ -112,13 +98,7 @@ def _template_args(p, for_training: bool = False):
         "--template_dir",
         help="folder of the --template_json images (default: next to the JSON, then --image_dir)",
     )
-    _flag(
-        t,
-        "--max_templates",
-        type=int,
-        default=0,
-        help="use at most this many annotated templates in memory (0: all)",
-    )
+    _setting_flag(t, _SEGMENTATION_FIELDS["max_templates"])
 
 
 def _model_args(p):
@@ -145,69 +125,102 @@ def _model_args(p):
         default="resources/checkpoints",
         help="where official checkpoints are kept",
     )
-    _flag(m, "--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _setting_flag(m, _SEGMENTATION_FIELDS["device"])
+    # not propagate.threads (2): 0 keeps PyTorch's default
     _flag(
         m, "--threads", type=int, default=0, help="CPU threads for PyTorch (0: PyTorch's default)"
     )
 
 
-def _engine_args(p, reference: str, cut_note: str = ""):
+def _dest(flag: str) -> str:
+    return flag[2:]
+
+
+def _default_text(value) -> str:
+    if isinstance(value, float):
+        return format(value, "g")
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+# more spellings of settings' flags (those of the old tool)
+FLAG_ALIASES = {"--num_epochs": ("--epochs",)}
+
+
+def _setting_flag(group, field, default=dataclasses.MISSING, text=None, **help_values):
+    """Add the command-line flag of a settings field (`sam2pal.settings`).
+
+    Args:
+        group: the parser or argument group.
+        field: a dataclasses.Field of a settings class, with a flag.
+        default: the flag's default when not the setting's (None: tell whether it was
+            given); its help then names the setting's default.
+        text: the flag's help, when not the setting's.
+        help_values: fill-ins of the help's {placeholders}.
+
+    Returns:
+        The argparse action.
+    """
+    flag = field.metadata["flag"]
+    if text is None:
+        text = field.metadata["help"].format(**help_values)
+    value = settings_module.default_of(field)
+    if isinstance(value, bool):
+        if value != flag.invert:
+            raise ValueError(f"{flag.name}: a switch turns {field.name} on, or off if inverted")
+        kwargs = dict(action="store_true", default=False)
+    else:
+        kwargs = dict(default=value, choices=flag.choices, nargs=flag.nargs)
+        kwargs["type"] = flag.type or (None if flag.nargs or value is None else type(value))
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+        if value is not None and not isinstance(value, bool) and "default" not in text:
+            text = f"{text} (default {_default_text(value)})"
+    names = [flag.name, "--" + flag.name[2:].replace("_", "-"), *FLAG_ALIASES.get(flag.name, ())]
+    return group.add_argument(*dict.fromkeys(names), dest=_dest(flag.name), help=text, **kwargs)
+
+
+#: segmentation settings beside the engine's in the "propagation" group of the flags
+PROPAGATION_FLAG_KEYS = ("batch_size",)
+
+
+def _engine_args(p, reference: str, cut_note: str = "", group=settings_module.Segmentation):
+    """The "propagation" flags: the engine settings of `group` and PROPAGATION_FLAG_KEYS."""
     e = p.add_argument_group("propagation")
-    _flag(
-        e,
-        "--area_growth_limit",
-        type=_non_negative_float,
-        default=0.0,
-        help=f"cut a structure more than this many times larger than on {reference} to its box (0: off){cut_note}",
-    )
-    _flag(e, "--area_clamp_pad", type=int, default=10, help="padding in pixels of that box")
-    _flag(
-        e,
-        "--bbox_clamp",
-        action="store_true",
-        help=f"always cut structures to the box on {reference} (+ padding){cut_note}",
-    )
-    _flag(
-        e,
-        "--no_cycle_consistency",
-        action="store_true",
-        help="skip the cycle-consistency QC score (faster)",
-    )
-    _flag(
-        e,
-        "--fill_hole_area",
-        type=int,
-        default=8,
-        help="fill mask holes up to this many low-res pixels (0: off)",
-    )
-    _flag(
-        e,
-        "--exact",
-        action="store_true",
-        help="reproduce SAM2's official predictor exactly: decode and resize at full size (slower on large photos)",
-    )
-    _flag(
-        e,
-        "--batch_size",
-        type=_non_negative_int,
-        default=0,
-        help="photos per model call (0: automatic, 8 on a GPU, 1 on a CPU); changes no mask",
-    )
+    fields = {f.name: f for f in dataclasses.fields(group)}
+    for key in settings_module.keys(group, engine=True) + PROPAGATION_FLAG_KEYS:
+        _setting_flag(e, fields[key], reference=reference, cut_note=cut_note)
 
 
-def _engine_settings(args) -> dict:
-    return {
-        "cycle_consistency": not args.no_cycle_consistency,
-        "fill_hole_area": args.fill_hole_area,
-        "area_growth_limit": args.area_growth_limit,
-        "area_clamp_pad": args.area_clamp_pad,
-        "bbox_clamp": args.bbox_clamp,
-        "exact": args.exact,
-    }
+def _engine_settings(args, group=settings_module.Segmentation) -> dict:
+    """The engine settings of `group` from the parsed flags.
+
+    Args:
+        args: the parsed arguments (flags added by `_engine_args`).
+        group: the segmentation settings class.
+
+    Returns:
+        {key: value} of the engine settings, in field order.
+    """
+    values = {}
+    for field in dataclasses.fields(group):
+        if field.metadata["engine"]:
+            flag = field.metadata["flag"]
+            value = getattr(args, _dest(flag.name))
+            values[field.name] = (not value) if flag.invert else value
+    return values
 
 
-# Fine-tuning options: (flag, argparse keywords, FinetuneSettings field or None). Their
-# defaults are None so that `segment` can tell which ones were given.
+def _training_flags(group=settings_module.Training) -> list:
+    """(flag, argparse keywords, settings field) of the fine-tuning settings' flags."""
+    return [(name, None, field) for name, field in settings_module.flags(group).items()]
+
+
+# Fine-tuning options: (flag, argparse keywords or None, settings field or None): the
+# flags of the trainer's settings (`sam2pal.settings.Training`) and those that are no
+# setting. Their defaults are None so that `segment` can tell which ones were given.
 FINETUNE_FLAGS = [
     (
         "--use_lora",
@@ -218,113 +231,7 @@ FINETUNE_FLAGS = [
         ),
         None,
     ),
-    ("--lora_rank", dict(type=int, help="LoRA rank (default 8)"), "lora_rank"),
-    ("--lora_alpha", dict(type=float, help="LoRA alpha (default 16)"), "lora_alpha"),
-    ("--lora_dropout", dict(type=float, help="LoRA dropout (default 0)"), "lora_dropout"),
-    (
-        "--targets",
-        dict(
-            nargs="+",
-            help="SAM2 parts to adapt (default: memory_attention sam_mask_decoder memory_encoder; also image_encoder, obj_ptr_proj, sam_prompt_encoder)",
-        ),
-        "targets",
-    ),
-    ("--num_epochs", dict(type=int, help="training epochs (default 10)"), "num_epochs"),
-    (
-        "--min_steps",
-        dict(
-            type=int,
-            help="at least this many optimizer steps, repeating epochs on small collections (default 60)",
-        ),
-        "min_steps",
-    ),
-    (
-        "--template_views",
-        dict(
-            type=int,
-            help="augmented views of every template trained on beside it (default 0: none)",
-        ),
-        "template_views",
-    ),
-    (
-        "--learning_rate",
-        dict(
-            type=_positive_float,
-            help="learning rate (default 1e-3 with LoRA, 5e-6 for full fine-tuning)",
-        ),
-        "learning_rate",
-    ),
-    (
-        "--accumulation_steps",
-        dict(type=int, help="gradient accumulation steps (default 4)"),
-        "accumulation_steps",
-    ),
-    (
-        "--max_images_per_epoch",
-        dict(type=int, help="unlabelled images per epoch (default 100)"),
-        "max_images_per_epoch",
-    ),
-    (
-        "--max_pool_images",
-        dict(
-            type=int,
-            help="train on at most this many unlabelled images, a seeded sample (default 200)",
-        ),
-        "max_pool_images",
-    ),
-    (
-        "--schedule",
-        dict(
-            choices=["cosine", "constant"],
-            help="learning-rate schedule after warm-up (default cosine)",
-        ),
-        "schedule",
-    ),
-    ("--warmup_steps", dict(type=int, help="warm-up optimizer steps (default 5)"), "warmup_steps"),
-    (
-        "--holdout_fraction",
-        dict(
-            type=float,
-            help="share of the unlabelled images held out to pick the best epoch (default 0.1)",
-        ),
-        "holdout_fraction",
-    ),
-    (
-        "--no_feature_cache",
-        dict(
-            action="store_true",
-            default=None,
-            help="re-encode images every step instead of caching the frozen encoder's features",
-        ),
-        None,
-    ),
-    (
-        "--gradient_checkpointing",
-        dict(
-            action="store_true",
-            default=None,
-            help="less memory, slower steps (recompute memory-attention activations)",
-        ),
-        "gradient_checkpointing",
-    ),
-    (
-        "--merge_checkpoint",
-        dict(
-            action="store_true",
-            default=None,
-            help="also write merged.pt: a full checkpoint with the LoRA weights folded in",
-        ),
-        "merge_checkpoint",
-    ),
-    (
-        "--seed",
-        dict(
-            type=int,
-            help="seed (default 0) of the training (the same seed gives the same adapter on a "
-            "CPU) and of the weights of --sam2_checkpoint random",
-        ),
-        "seed",
-    ),
+    *_training_flags(),
     ("--training_json", dict(help="COCO JSON of more annotated training templates"), None),
     ("--training_images_dir", dict(help="folder of the --training_json photos"), None),
     (
@@ -337,23 +244,72 @@ FINETUNE_FLAGS = [
 
 def _finetune_args(p, title: str):
     g = p.add_argument_group(title)
-    for flag, kwargs, _ in FINETUNE_FLAGS:
-        if flag == "--num_epochs":
-            g.add_argument("--num_epochs", "--num-epochs", "--epochs", dest="num_epochs", **kwargs)
+    for flag, kwargs, field in FINETUNE_FLAGS:
+        if field is not None:
+            _setting_flag(g, field, default=None)
         else:
             _flag(g, flag, **kwargs)
     return g
 
 
 def _finetune_settings(args, lora: bool) -> dict:
-    settings = {"mode": "lora" if lora else "full"}
-    for flag, _, field_name in FINETUNE_FLAGS:
-        value = getattr(args, flag[2:])
-        if field_name and value is not None:
-            settings[field_name] = value
-    if args.no_feature_cache:
-        settings["cache_features"] = False
-    return settings
+    values = {"mode": "lora" if lora else "full"}
+    for flag, _, field in FINETUNE_FLAGS:
+        value = getattr(args, _dest(flag))
+        if field is not None and value is not None:
+            values[field.name] = (not value) if field.metadata["flag"].invert else value
+    return values
+
+
+def _bad_file_args(io, files: str, kinds: str):
+    """--on_bad_image and --max_skipped_fraction (`files`: images or frames)."""
+    _setting_flag(
+        io,
+        _SEGMENTATION_FIELDS["on_bad_image"],
+        text=f"bad {files[:-1]} files ({kinds}): list them in skipped.csv and go on (skip, "
+        "default) or stop (fail); a file that cannot be read at all (missing, no permission) "
+        "always stops",
+    )
+    _setting_flag(
+        io,
+        _SEGMENTATION_FIELDS["max_skipped_fraction"],
+        text=MAX_SKIPPED_HELP.replace("images", files),
+    )
+
+
+def _segment_io_args(p):
+    io = p.add_argument_group("input and output")
+    _flag(io, "--image_dir", required=True, help="folder of images to segment")
+    _flag(io, "--output_dir", required=True, help="folder for the results")
+    _flag(
+        io,
+        "--output_timestamp",
+        action="store_true",
+        help="write into a new OUTPUT_DIR/YYYYmmdd-HHMMSS/ subfolder",
+    )
+    _setting_flag(
+        io, _OUTPUT_FIELDS["save_masks"], text="write one PNG per structure to OUTPUT_DIR/masks/"
+    )
+    _setting_flag(
+        io,
+        _OUTPUT_FIELDS["mask_category_prefix"],
+        text="mask PNG names start with the category: CATEGORY__IMAGE__ID.png",
+    )
+    # not outputs.save_overlays (on): off unless asked for, as in the old tool
+    io.add_argument(
+        "--save_vis",
+        "--save-vis",
+        "--visualize",
+        action="store_true",
+        dest="save_vis",
+        help="write overlay images to OUTPUT_DIR/overlays/",
+    )
+    _setting_flag(
+        io,
+        _OUTPUT_FIELDS["polygons"],
+        text="COCO segmentations as polygons instead of RLE (holes are lost)",
+    )
+    _bad_file_args(io, "images", "truncated, corrupt, not an image")
 
 
 def _segment_parser(sub):
@@ -366,50 +322,7 @@ def _segment_parser(sub):
         "palindrome self-training (the adapter goes to OUTPUT_DIR/finetune/).",
     )
     _template_args(p)
-    io = p.add_argument_group("input and output")
-    _flag(io, "--image_dir", required=True, help="folder of images to segment")
-    _flag(io, "--output_dir", required=True, help="folder for the results")
-    _flag(
-        io,
-        "--output_timestamp",
-        action="store_true",
-        help="write into a new OUTPUT_DIR/YYYYmmdd-HHMMSS/ subfolder",
-    )
-    _flag(
-        io,
-        "--save_masks",
-        action="store_true",
-        help="write one PNG per structure to OUTPUT_DIR/masks/",
-    )
-    _flag(
-        io,
-        "--output_category_prefix",
-        action="store_true",
-        help="mask PNG names start with the category: CATEGORY__IMAGE__ID.png",
-    )
-    io.add_argument(
-        "--save_vis",
-        "--save-vis",
-        "--visualize",
-        action="store_true",
-        dest="save_vis",
-        help="write overlay images to OUTPUT_DIR/overlays/",
-    )
-    _flag(
-        io,
-        "--polygons",
-        action="store_true",
-        help="COCO segmentations as polygons instead of RLE (holes are lost)",
-    )
-    _flag(
-        io,
-        "--on_bad_image",
-        choices=["skip", "fail"],
-        default="skip",
-        help="bad image files (truncated, corrupt, not an image): list them in skipped.csv and go on (skip, "
-        "default) or stop (fail); a file that cannot be read at all (missing, no permission) always stops",
-    )
-    _flag(io, "--max_skipped_fraction", type=_fraction, default=0.2, help=MAX_SKIPPED_HELP)
+    _segment_io_args(p)
     _model_args(p)
 
     _engine_args(p, "the template")
@@ -419,16 +332,13 @@ def _segment_parser(sub):
     _flag(ms, "--calibration_csv", help="per-image scale: CSV with columns file_name,px_per_mm")
 
     ft = _finetune_args(p, "palindrome fine-tuning (with --pal_finetuning)")
-    _flag(
-        ft,
-        "--pal_finetuning",
-        action="store_true",
-        help="fine-tune SAM2 on --image_dir before segmenting it",
+    _setting_flag(
+        ft, _FINETUNE_FIELDS["enabled"], text="fine-tune SAM2 on --image_dir before segmenting it"
     )
-    _flag(
+    _setting_flag(
         ft,
-        "--adapter",
-        help="segment with an adapter folder from an earlier fine-tuning (no training)",
+        _FINETUNE_FIELDS["adapter"],
+        text="segment with an adapter folder from an earlier fine-tuning (no training)",
     )
 
     old = p.add_argument_group("flags of the old tool")
@@ -463,17 +373,7 @@ def _finetune_parser(sub):
     p.set_defaults(func=cmd_finetune)
 
 
-def _video_parser(sub):
-    p = sub.add_parser(
-        "video",
-        help="segment every frame of a video from annotated keyframes",
-        description="Extract the frames of --input (or read --video_dir), segment every frame from the "
-        "keyframes annotated in --annotations (SAM2's video memory, from every keyframe backwards and "
-        "forwards), and write OUTPUT_DIR/frames/ (00000.jpg ...), frames.csv, predictions.json (COCO; "
-        "image id = frame index), measurements.csv, measurements_wide.csv, qc.csv and, on request, "
-        "overlay.mp4. With --use_lora, first adapt SAM2 to the video by palindrome self-training "
-        "(keyframes as templates, the other frames unlabelled).",
-    )
+def _video_io_args(p):
     io = p.add_argument_group("input and output")
     _flag(io, "--input", help="video file (frames are extracted into OUTPUT_DIR/frames/)")
     _flag(
@@ -494,74 +394,28 @@ def _video_parser(sub):
         default="predictions.json",
         help="name of the COCO predictions file (relative names go in OUTPUT_DIR; default predictions.json)",
     )
-    _flag(
+    _setting_flag(
         io,
-        "--save_masks",
-        action="store_true",
-        help="write one PNG per structure and frame to OUTPUT_DIR/masks/",
+        _OUTPUT_FIELDS["save_masks"],
+        text="write one PNG per structure and frame to OUTPUT_DIR/masks/",
     )
-    _flag(
+    _setting_flag(
         io,
-        "--overlay_video",
-        action="store_true",
-        help="write OUTPUT_DIR/overlay.mp4: the frames with their masks drawn on",
+        _OUTPUT_FIELDS["overlay_video"],
+        text="write OUTPUT_DIR/overlay.mp4: the frames with their masks drawn on",
     )
-    _flag(
-        io,
-        "--on_bad_image",
-        choices=["skip", "fail"],
-        default="skip",
-        help="bad frame files (truncated, corrupt): list them in skipped.csv and go on (skip, default) or "
-        "stop (fail); a file that cannot be read at all (missing, no permission) always stops",
-    )
-    _flag(
-        io,
-        "--max_skipped_fraction",
-        type=_fraction,
-        default=0.2,
-        help=MAX_SKIPPED_HELP.replace("images", "frames"),
-    )
+    _bad_file_args(io, "frames", "truncated, corrupt")
 
+
+def _extraction_args(p):
+    """The video options that choose how frames are extracted; None until given (they
+    are refused with --video_dir, except --fps)."""
     fr = p.add_argument_group("frame extraction (with --input)")
-    _flag(
-        fr,
-        "--fps",
-        type=_positive_float,
-        help="frames per second to extract (default: every frame); "
-        "with --video_dir, the frame rate for the time column",
-    )
-    _flag(fr, "--start", type=_non_negative_float, help="start time in seconds")
-    _flag(fr, "--end", type=_positive_float, help="end time in seconds")
-    _flag(fr, "--max_frames", type=int, help="extract at most this many frames")
-    _flag(
-        fr,
-        "--max_size",
-        type=int,
-        help="longest side of the extracted frames in pixels (never enlarged)",
-    )
-    _flag(
-        fr,
-        "--image_format",
-        choices=["jpg", "png"],
-        help="frame files: jpg (default) or png (lossless)",
-    )
+    for key in settings_module.keys(settings_module.VideoOptions, reruns="frames"):
+        _setting_flag(fr, _VIDEO_FIELDS[key], default=None)
 
-    _model_args(p)
-    _flag(
-        p,
-        "--mode",
-        choices=["video", "independent"],
-        default="video",
-        help="video: SAM2's memory through time (default); independent: each frame from the keyframes only",
-    )
-    _engine_args(
-        p,
-        "the previous frame (video mode) or the keyframes (independent mode)",
-        cut_note="; in video mode the cut mask is also what SAM2 keeps in its memory for the next frames",
-    )
-    ms = p.add_argument_group("measurements")
-    _flag(ms, "--px_per_mm", type=_positive_float, help="scale for millimetre columns")
 
+def _video_finetune_args(p):
     ft = _finetune_args(p, "palindrome fine-tuning (with --use_lora or --full_finetune)")
     _flag(ft, "--full_finetune", action="store_true", help="full fine-tuning instead of LoRA")
     _flag(
@@ -577,6 +431,31 @@ def _video_parser(sub):
         "of an earlier run) or a merged .pt checkpoint",
     )
     _flag(ft, "--train_only", action="store_true", help="train and stop (no segmentation)")
+
+
+def _video_parser(sub):
+    p = sub.add_parser(
+        "video",
+        help="segment every frame of a video from annotated keyframes",
+        description="Extract the frames of --input (or read --video_dir), segment every frame from the "
+        "keyframes annotated in --annotations (SAM2's video memory, from every keyframe backwards and "
+        "forwards), and write OUTPUT_DIR/frames/ (00000.jpg ...), frames.csv, predictions.json (COCO; "
+        "image id = frame index), measurements.csv, measurements_wide.csv, qc.csv and, on request, "
+        "overlay.mp4. With --use_lora, first adapt SAM2 to the video by palindrome self-training "
+        "(keyframes as templates, the other frames unlabelled).",
+    )
+    _video_io_args(p)
+    _extraction_args(p)
+    _model_args(p)
+    _setting_flag(p, _VIDEO_FIELDS["mode"])
+    _engine_args(
+        p,
+        "the previous frame (video mode) or the keyframes (independent mode)",
+        cut_note="; in video mode the cut mask is also what SAM2 keeps in its memory for the next frames",
+    )
+    ms = p.add_argument_group("measurements")
+    _flag(ms, "--px_per_mm", type=_positive_float, help="scale for millimetre columns")
+    _video_finetune_args(p)
     p.set_defaults(func=cmd_video)
 
 

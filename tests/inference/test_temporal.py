@@ -67,7 +67,12 @@ def test_equals_official_video_predictor_both_ways(tmp_path, config):
     ours = {
         r.index: r
         for r in VideoPropagator(
-            model, keyframes, len(frames), lambda i: frames[i], fill_hole_area=0
+            model,
+            keyframes,
+            len(frames),
+            lambda i: frames[i],
+            fill_hole_area=0,
+            cycle_consistency=False,
         ).run()
     }
     forward = _official_masks(predictor, tmp_path, keyframes, 4, reverse=False)
@@ -98,7 +103,7 @@ def test_equals_official_video_predictor_both_ways(tmp_path, config):
 def test_backwards_from_a_middle_keyframe_reaches_frame_0(tiny_model, tmp_path):
     frames, truth = _moving_video(tmp_path, 9, seed=1)
     propagator = VideoPropagator(
-        tiny_model, {5: truth[5]}, 9, lambda i: frames[i], fill_hole_area=0
+        tiny_model, {5: truth[5]}, 9, lambda i: frames[i], fill_hole_area=0, cycle_consistency=False
     )
     order = [r.index for r in propagator.run()]
     # backwards from the keyframe first (4, 3, ... 0), then forwards from it
@@ -110,7 +115,9 @@ def test_each_structure_from_its_own_keyframes(tiny_model, tmp_path):
     first keyframe; every frame is still reported once, with all structures."""
     frames, truth = _moving_video(tmp_path, 8, seed=2)
     keyframes = {2: {(1, 1): truth[2][(1, 1)]}, 5: truth[5]}
-    propagator = VideoPropagator(tiny_model, keyframes, 8, lambda i: frames[i], fill_hole_area=0)
+    propagator = VideoPropagator(
+        tiny_model, keyframes, 8, lambda i: frames[i], fill_hole_area=0, cycle_consistency=False
+    )
     results = list(propagator.run())
     assert sorted(r.index for r in results) == list(range(8))
     by_index = {r.index: r for r in results}
@@ -130,7 +137,9 @@ def test_each_frame_encoded_once_and_read_lazily(tiny_model, tmp_path):
         reads.append(i)
         return frames[i]
 
-    propagator = VideoPropagator(tiny_model, {3: truth[3]}, 10, read, fill_hole_area=0, prefetch=2)
+    propagator = VideoPropagator(
+        tiny_model, {3: truth[3]}, 10, read, fill_hole_area=0, prefetch=2, cycle_consistency=False
+    )
     calls = EncoderCalls(tiny_model)
     try:
         results = propagator.run()
@@ -156,7 +165,12 @@ def test_memory_stays_flat_as_the_video_grows(tiny_model, tmp_path):
     peaks = {}
     for n_frames in (20, 60):
         propagator = VideoPropagator(
-            tiny_model, keyframes, n_frames, lambda i: image, fill_hole_area=0
+            tiny_model,
+            keyframes,
+            n_frames,
+            lambda i: image,
+            fill_hole_area=0,
+            cycle_consistency=False,
         )
         for _result in propagator.run():
             pass
@@ -175,7 +189,9 @@ def test_unreadable_frame_is_skipped_and_tracking_goes_on(tiny_model, tmp_path):
 
     results = {
         r.index: r
-        for r in VideoPropagator(tiny_model, {0: truth[0]}, 6, read, fill_hole_area=0).run()
+        for r in VideoPropagator(
+            tiny_model, {0: truth[0]}, 6, read, fill_hole_area=0, cycle_consistency=False
+        ).run()
     }
     assert results[3].skipped and "truncated" in results[3].skipped
     assert results[3].predictions == []
@@ -235,7 +251,9 @@ def test_frames_between_first_keyframes_wait_on_disk_not_in_memory(small_model, 
     structure gets what it gets when tracked on its own."""
     frames, truth = _moving_video(tmp_path, 14, seed=7)
     keyframes = {1: {(1, 1): truth[1][(1, 1)]}, 11: {(2, 1): truth[11][(2, 1)]}}
-    propagator = VideoPropagator(small_model, keyframes, 14, lambda i: frames[i], fill_hole_area=0)
+    propagator = VideoPropagator(
+        small_model, keyframes, 14, lambda i: frames[i], fill_hole_area=0, cycle_consistency=False
+    )
     results, alive = {}, []
     gc.collect()
     before = _predictions_alive()
@@ -254,7 +272,7 @@ def test_frames_between_first_keyframes_wait_on_disk_not_in_memory(small_model, 
         alone = {
             r.index: r.predictions[0]
             for r in VideoPropagator(
-                small_model, own, 14, lambda i: frames[i], fill_hole_area=0
+                small_model, own, 14, lambda i: frames[i], fill_hole_area=0, cycle_consistency=False
             ).run()
         }
         for index, result in results.items():
@@ -286,7 +304,7 @@ def test_resumed_from_a_saved_state_gives_the_same_masks(small_model, tmp_path):
     loaded back, gives exactly the masks of an uninterrupted run, drift guards included."""
     frames, truth = _moving_video(tmp_path, 12, seed=8)
     keyframes = {2: {(1, 1): truth[2][(1, 1)]}, 7: truth[7]}
-    settings = dict(fill_hole_area=0, bbox_clamp=True, area_clamp_pad=2)
+    settings = dict(fill_hole_area=0, bbox_clamp=True, area_clamp_pad=2, cycle_consistency=False)
 
     def propagator():
         return VideoPropagator(small_model, keyframes, 12, lambda i: frames[i], **settings)
@@ -337,6 +355,7 @@ def test_drift_guard_cut_goes_into_the_memory(small_model, tmp_path):
                 fill_hole_area=0,
                 bbox_clamp=True,
                 area_clamp_pad=0,
+                cycle_consistency=False,
             ).run()
         )
     finally:
@@ -434,7 +453,7 @@ if case == "frame0":
     keyframes = {0: masks(0)}
 else:
     keyframes = {0: {(1, 1): masks(0)[(1, 1)]}, 1900: {(2, 1): masks(1900)[(2, 1)]}}
-propagator = VideoPropagator(model, keyframes, N, frame, fill_hole_area=8)
+propagator = VideoPropagator(model, keyframes, N, frame, fill_hole_area=8, cycle_consistency=False)
 
 def record_of(result):
     return ImageRecord(f"{result.index:05d}.png", structures=[StructureRecord.from_prediction(p) for p in result.predictions])

@@ -62,7 +62,9 @@ def test_cuda_video_tracking_agrees_with_cpu():
     results = {}
     for device in ("cpu", "cuda"):
         model = build_model("sam2.1_hiera_t", "random", image_size=256, device=device)
-        tracker = VideoPropagator(model, keyframes, len(frames), lambda i: frames[i])
+        tracker = VideoPropagator(
+            model, keyframes, len(frames), lambda i: frames[i], cycle_consistency=False
+        )
         results[device] = [r.predictions[0] for r in tracker.run()]
     for cpu, gpu in zip(results["cpu"][1:], results["cuda"][1:]):
         assert mask_iou(gpu.mask, cpu.mask) > 0.9

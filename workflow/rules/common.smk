@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from sam2pal.inference import shards as sharding  # noqa: E402
 from sam2pal.errors import InputError  # noqa: E402
+from sam2pal import settings as settings_module  # noqa: E402
 from sam2pal.io.images import list_images  # noqa: E402
 from sam2pal.models.registry import (
     MICRO_MODEL,
@@ -272,16 +273,7 @@ def extraction_settings(wildcards):
 # -- fine-tuning -------------------------------------------------------------------------
 
 # finetune keys that are about the workflow rather than the training itself
-FINETUNE_WORKFLOW_KEYS = (
-    "enabled",
-    "adapter",
-    "pool_images",
-    "training_templates",
-    "training_template_images",
-    "threads",
-    "mem_mb",
-    "runtime",
-)
+FINETUNE_WORKFLOW_KEYS = settings_module.workflow_keys()
 
 
 def finetune_settings(wildcards):
@@ -387,18 +379,11 @@ def checkpoint_input(wildcards):
     return [] if path is None else [path]
 
 
-# The propagate settings that change the masks: editing these re-segments a
-# collection; device, batch_size, threads, memory, runtime and shard_size do not (the jobs read
-# the device from the config; each shard's run file records the one it ran on).
-MASK_SETTINGS = (
-    "cycle_consistency",
-    "fill_hole_area",
-    "area_growth_limit",
-    "area_clamp_pad",
-    "bbox_clamp",
-    "exact",
-    "on_bad_image",
-)
+# The propagate settings that change the masks (`reruns` "segmentation" in
+# sam2pal.settings): editing these re-segments a collection; device, batch_size, threads,
+# memory, runtime and shard_size do not (the jobs read the device from the config; each
+# shard's run file records the one it ran on).
+MASK_SETTINGS = settings_module.mask_keys()
 
 
 def propagate_params(wildcards):
@@ -461,10 +446,7 @@ def provenance_config(wildcards):
             for key in (*SOURCES, "recursive", "templates", "template_images")
         },
         "model": settings(name, "model"),
-        "propagate": {
-            key: prop[key]
-            for key in (*MASK_SETTINGS, "template_files", "max_templates")
-        },
+        "propagate": {key: prop[key] for key in settings_module.recorded_keys()},
     }
     if is_video(name):
         recorded["video_options"] = video_settings(wildcards)

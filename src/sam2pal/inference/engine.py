@@ -60,6 +60,10 @@ from PIL import Image
 from sam2pal.inference.postprocess import StructureReference, clamp_mask
 from sam2pal.io.masks import BoxMask, box_iou, mask_iou, source_index
 from sam2pal.models.build import autocast
+from sam2pal.settings import Segmentation, engine_defaults
+
+#: the defaults of the engine settings (`sam2pal.settings.Segmentation`)
+ENGINE_DEFAULTS = engine_defaults(Segmentation)
 
 IMG_MEAN = (0.485, 0.456, 0.406)
 IMG_STD = (0.229, 0.224, 0.225)
@@ -505,14 +509,14 @@ class Propagator:
         model,
         templates,
         read_image=None,
-        fill_hole_area: int = 8,
-        cycle_consistency: bool = True,
-        area_growth_limit: float = 0.0,
-        area_clamp_pad: int = 10,
-        bbox_clamp: bool = False,
+        fill_hole_area: int = ENGINE_DEFAULTS["fill_hole_area"],
+        cycle_consistency: bool = ENGINE_DEFAULTS["cycle_consistency"],
+        area_growth_limit: float = ENGINE_DEFAULTS["area_growth_limit"],
+        area_clamp_pad: int = ENGINE_DEFAULTS["area_clamp_pad"],
+        bbox_clamp: bool = ENGINE_DEFAULTS["bbox_clamp"],
         mask_threshold: float = 0.0,
         backbones: list[dict] | None = None,
-        exact: bool = False,
+        exact: bool = ENGINE_DEFAULTS["exact"],
         batch_size: int = 1,
     ):
         if read_image is None:

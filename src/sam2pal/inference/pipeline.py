@@ -22,15 +22,10 @@ from pathlib import Path
 from sam2pal.errors import InputError
 from sam2pal.io.atomic import write_json
 from sam2pal.io.records import ImageRecord, StructureRecord, read_records
+from sam2pal.settings import Segmentation, engine_defaults
 
-DEFAULT_ENGINE_SETTINGS = {
-    "cycle_consistency": True,
-    "fill_hole_area": 8,
-    "area_growth_limit": 0.0,
-    "area_clamp_pad": 10,
-    "bbox_clamp": False,
-    "exact": False,
-}
+#: The segmentation engine's settings and their defaults (`sam2pal.settings.Segmentation`).
+DEFAULT_ENGINE_SETTINGS = engine_defaults(Segmentation)
 
 #: Targets per model call on a GPU when propagate.batch_size is 0 (auto); 1 on a CPU,
 #: where a larger batch is no faster.
@@ -117,9 +112,12 @@ def _settings_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _engine_settings(engine_settings: dict | None) -> dict:
-    settings = {**DEFAULT_ENGINE_SETTINGS, **(engine_settings or {})}
-    unknown = set(settings) - set(DEFAULT_ENGINE_SETTINGS)
+def _engine_settings(engine_settings: dict | None, group=Segmentation) -> dict:
+    """The engine settings of a run: `engine_settings` over the defaults of `group`'s
+    engine settings; an unknown key is an InputError."""
+    defaults = engine_defaults(group)
+    settings = {**defaults, **(engine_settings or {})}
+    unknown = set(settings) - set(defaults)
     if unknown:
         raise InputError(f"unknown propagation setting(s): {', '.join(sorted(unknown))}")
     return settings

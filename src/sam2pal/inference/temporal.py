@@ -87,6 +87,10 @@ from sam2pal.io.atomic import atomic_path
 from sam2pal.io.masks import BoxMask, decode_segmentation
 from sam2pal.io.records import ImageRecord, PartialRecords, RecordAppender
 from sam2pal.models.build import autocast
+from sam2pal.settings import Segmentation, engine_defaults
+
+#: the defaults of the engine settings (`sam2pal.settings.Segmentation`)
+ENGINE_DEFAULTS = engine_defaults(Segmentation)
 
 STATE_FORMAT = 1  # version of `VideoPropagator.state()`
 
@@ -303,14 +307,14 @@ class VideoPropagator:
         keyframes: dict[int, dict[ObjectKey, np.ndarray]],
         num_frames: int,
         read_frame: Callable[[int], np.ndarray],
-        fill_hole_area: int = 8,
-        cycle_consistency: bool = False,
-        area_growth_limit: float = 0.0,
-        area_clamp_pad: int = 10,
-        bbox_clamp: bool = False,
+        fill_hole_area: int = ENGINE_DEFAULTS["fill_hole_area"],
+        cycle_consistency: bool = ENGINE_DEFAULTS["cycle_consistency"],
+        area_growth_limit: float = ENGINE_DEFAULTS["area_growth_limit"],
+        area_clamp_pad: int = ENGINE_DEFAULTS["area_clamp_pad"],
+        bbox_clamp: bool = ENGINE_DEFAULTS["bbox_clamp"],
         mask_threshold: float = 0.0,
         prefetch: int = 2,
-        exact: bool = False,
+        exact: bool = ENGINE_DEFAULTS["exact"],
     ):
         if not keyframes:
             raise ValueError("a video needs at least one keyframe")

@@ -47,7 +47,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +68,13 @@ from sam2pal.inference.engine import (
 from sam2pal.io.atomic import atomic_path, atomic_write
 from sam2pal.io.masks import mask_iou
 from sam2pal.models.adapters import (
-    DEFAULT_LORA_COMPONENTS,
     LORA_COMPONENTS,
     add_lora,
     save_adapter,
     save_merged_checkpoint,
 )
 from sam2pal.models.build import autocast
+from sam2pal.settings import Training
 
 LOG_COLUMNS = [
     "epoch",
@@ -87,46 +87,10 @@ LOG_COLUMNS = [
 ]
 
 
-@dataclass
-class FinetuneSettings:
-    """Training settings (the workflow's `finetune` section; see config/README.md)."""
-
-    mode: str = "lora"  # lora | full
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    # the SAM2 components adapted (LoRA) or trained (full fine-tuning)
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_COMPONENTS))
-    learning_rate: float | None = None  # None: 1e-3 for LoRA, 5e-6 for full fine-tuning
-    weight_decay: float = 0.01
-    num_epochs: int = 10
-    # at least this many optimizer steps: on a small collection the epochs are repeated
-    # until it is reached (12 photos make 3 steps an epoch)
-    min_steps: int = 60
-    max_images_per_epoch: int = 100
-    max_pool_images: int = 200  # unlabelled photos trained on (a seeded sample of the pool)
-    accumulation_steps: int = 4
-    schedule: str = "cosine"  # cosine | constant (both after a linear warm-up)
-    warmup_steps: int = 5  # optimizer steps
-    grad_clip: float = 1.0
-    bce_weight: float = 1.0
-    dice_weight: float = 1.0
-    object_weight: float = 0.5
-    # augmented views of every template (crop and scale, a small turn, mirror image with
-    # left/right structures swapped, colour): made and encoded once, one drawn at random
-    # per step with the template itself, so the loss cannot be lowered by learning the
-    # one template photo
-    template_views: int = 0
-    holdout_fraction: float = 0.1
-    max_holdout: int = 16
-    cache_features: bool = True
-    # SAM2 trains with dropout 0.1 inside attention; that forces attention to build its
-    # full matrices (no memory-efficient kernel): off unless asked for
-    attention_dropout: float = 0.0
-    # recompute memory-attention activations in the backward pass: less memory, slower
-    gradient_checkpointing: bool = False
-    merge_checkpoint: bool = False
-    seed: int = 0
+@dataclass(frozen=True)
+class FinetuneSettings(Training):
+    """Training settings: the fields of `sam2pal.settings.Training` (the workflow's
+    `finetune` section less its workflow keys; see config/README.md), checked."""
 
     def __post_init__(self):
         problems = []

@@ -1,0 +1,552 @@
+"""One definition of each setting of a collection run.
+
+Every section of the workflow's config (workflow/schemas/config.schema.yaml,
+documented in config/README.md) that shapes a run is a frozen dataclass here, one
+field per key, with its default and, in the field's metadata:
+
+    help    one line (the help of its command-line flag, where it has one)
+    reruns  what a change of it reruns in the workflow (`RERUNS`)
+    engine  True for the settings the segmentation engine takes
+            (`sam2pal.inference.engine.Propagator`, `sam2pal.inference.temporal.VideoPropagator`)
+    flag    its command-line flag (`Flag`), or None
+
+    Model         the `model` section
+    Segmentation  the `propagate` section
+    Training      the fine-tuning settings of the trainer (`sam2pal.training.palindrome`)
+    Finetune      the `finetune` section: Training and the workflow's own keys
+    VideoOptions  the `video_options` section
+    Outputs       the `outputs` section
+
+The CLI builds its segmentation and fine-tuning flags from these fields, the pipeline
+and the engine take their defaults from them, and the workflow (workflow/rules/common.smk)
+derives from `reruns` which settings rerun which steps. Adding a segmentation setting
+is one field of `Segmentation` (with `engine=True`), its key in the schema and its line
+in config/README.md (tests/test_settings.py checks the three agree).
+
+This module imports no torch: the Snakemake process reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+#: What changing a setting reruns in the workflow (each step reruns the ones after it).
+RERUNS = {
+    "nothing": "read by the jobs when they start, or resources requested: reruns nothing",
+    "inputs": "chooses a step or its input files: the steps whose inputs change rerun",
+    "frames": "how frames are taken from a video: frame extraction and everything after",
+    "templates": "which templates are used: the templates and everything after",
+    "training": "the fine-tuning (when enabled) and everything after",
+    "segmentation": "the segmentation and everything after",
+    "tables": "the tables and pictures only",
+}
+
+
+# -- value checks, also the command line's argument types ---------------------------------
+
+
+def positive_float(text: str) -> float:
+    """A number > 0 (raises argparse.ArgumentTypeError otherwise)."""
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A number >= 0 (raises argparse.ArgumentTypeError otherwise)."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number >= 0 (raises argparse.ArgumentTypeError otherwise)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number from 0 to 1 (raises argparse.ArgumentTypeError otherwise)."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
+# -- fields -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flag:
+    """The command-line flag of a setting.
+
+    name: the flag (dashed spellings are accepted too).
+    type: the argparse type (None: from the default: int, float, str; a bool default
+        makes an on/off switch).
+    invert: a switch that turns a setting that is on by default off (--no_...).
+    choices, nargs: as argparse's.
+    """
+
+    name: str
+    type: object = None
+    invert: bool = False
+    choices: tuple | None = None
+    nargs: str | None = None
+
+
+def setting(
+    default,
+    help: str,
+    reruns: str,
+    *,
+    engine: bool = False,
+    flag: Flag | str | None = None,
+):
+    """A settings field (a dataclasses.field with its metadata; see the module docstring).
+
+    Args:
+        default: the default value (a list default is copied for each instance).
+        help: one line of help.
+        reruns: a key of `RERUNS`.
+        engine: the segmentation engine takes this setting.
+        flag: its command-line flag: a `Flag`, a flag name, or None.
+
+    Returns:
+        The dataclasses.Field.
+    """
+    if reruns not in RERUNS:
+        raise ValueError(f"reruns must be one of {', '.join(RERUNS)}, not {reruns!r}")
+    if isinstance(flag, str):
+        flag = Flag(flag)
+    metadata = {"help": help, "reruns": reruns, "engine": engine, "flag": flag}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# -- the sections -------------------------------------------------------------------------
+
+DEFAULT_TARGETS = ["memory_attention", "sam_mask_decoder", "memory_encoder"]
+
+
+@dataclass(frozen=True)
+class Model:
+    """The `model` section: the SAM2 model a collection is segmented (and trained) with."""
+
+    config: str | None = setting(
+        None,
+        "SAM2 config: a packaged name or a yaml file (default: from the checkpoint)",
+        "training",
+        flag="--sam2_config",
+    )
+    checkpoint: str = setting(
+        "random",
+        "SAM2 checkpoint: a .pt file, an official name, sam2pal-micro or random",
+        "training",
+        flag="--sam2_checkpoint",
+    )
+    image_size: int | None = setting(
+        None,
+        "model input size (multiple of 32; default: the config's)",
+        "training",
+        flag="--image_size",
+    )
+    seed: int = setting(0, "seed of the random weights", "training", flag="--seed")
+    checkpoint_dir: str = setting(
+        "resources/checkpoints",
+        "where official checkpoints are kept",
+        "inputs",
+        flag="--checkpoint_dir",
+    )
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """The `propagate` section: how the images are segmented."""
+
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N", "nothing", flag="--device")
+    template_files: list[str] = setting([], "use only these annotated images", "templates")
+    max_templates: int = setting(
+        0,
+        "use at most this many annotated templates in memory (0: all)",
+        "templates",
+        flag="--max_templates",
+    )
+    cycle_consistency: bool = setting(
+        True,
+        "skip the cycle-consistency QC score (faster)",
+        "segmentation",
+        engine=True,
+        flag=Flag("--no_cycle_consistency", invert=True),
+    )
+    fill_hole_area: int = setting(
+        8,
+        "fill mask holes up to this many low-res pixels (0: off)",
+        "segmentation",
+        engine=True,
+        flag="--fill_hole_area",
+    )
+    area_growth_limit: float = setting(
+        0.0,
+        "cut a structure more than this many times larger than on {reference} to its box "
+        "(0: off){cut_note}",
+        "segmentation",
+        engine=True,
+        flag=Flag("--area_growth_limit", type=non_negative_float),
+    )
+    area_clamp_pad: int = setting(
+        10, "padding in pixels of that box", "segmentation", engine=True, flag="--area_clamp_pad"
+    )
+    bbox_clamp: bool = setting(
+        False,
+        "always cut structures to the box on {reference} (+ padding){cut_note}",
+        "segmentation",
+        engine=True,
+        flag="--bbox_clamp",
+    )
+    exact: bool = setting(
+        False,
+        "reproduce SAM2's official predictor exactly: decode and resize at full size "
+        "(slower on large photos)",
+        "segmentation",
+        engine=True,
+        flag="--exact",
+    )
+    batch_size: int = setting(
+        0,
+        "photos per model call (0: automatic, 8 on a GPU, 1 on a CPU); changes no mask",
+        "nothing",
+        flag=Flag("--batch_size", type=non_negative_int),
+    )
+    on_bad_image: str = setting(
+        "skip",
+        "bad image files: list them in skipped.csv and go on (skip) or stop (fail)",
+        "segmentation",
+        flag=Flag("--on_bad_image", choices=("skip", "fail")),
+    )
+    max_skipped_fraction: float = setting(
+        0.2,
+        "stop when more than this share of the images (and at least two) are bad files",
+        "nothing",
+        flag=Flag("--max_skipped_fraction", type=fraction),
+    )
+    shard_size: int = setting(1000, "photos per segmentation job, about", "nothing")
+    threads: int = setting(2, "CPU threads of the segmentation job", "nothing")
+    mem_mb: int = setting(8000, "memory requested for the segmentation job", "nothing")
+    runtime: int = setting(240, "minutes requested for the segmentation job", "nothing")
+
+
+@dataclass(frozen=True)
+class Training:
+    """The trainer's settings: the `finetune` keys that change the adapter."""
+
+    # no flag of its own: --use_lora, --full and --full_finetune choose it
+    mode: str = setting("lora", "lora or full fine-tuning", "training")
+    lora_rank: int = setting(8, "LoRA rank", "training", flag="--lora_rank")
+    lora_alpha: float = setting(16.0, "LoRA alpha", "training", flag="--lora_alpha")
+    lora_dropout: float = setting(0.0, "LoRA dropout", "training", flag="--lora_dropout")
+    # the SAM2 components adapted (LoRA) or trained (full fine-tuning)
+    targets: list[str] = setting(
+        DEFAULT_TARGETS,
+        "SAM2 parts to adapt (default: memory_attention sam_mask_decoder memory_encoder; "
+        "also image_encoder, obj_ptr_proj, sam_prompt_encoder)",
+        "training",
+        flag=Flag("--targets", nargs="+"),
+    )
+    learning_rate: float | None = setting(
+        None,
+        "learning rate (default 1e-3 with LoRA, 5e-6 for full fine-tuning)",
+        "training",
+        flag=Flag("--learning_rate", type=positive_float),
+    )
+    weight_decay: float = setting(0.01, "AdamW weight decay", "training")
+    num_epochs: int = setting(10, "training epochs", "training", flag="--num_epochs")
+    # on a small collection the epochs are repeated until min_steps is reached
+    # (12 photos make 3 steps an epoch)
+    min_steps: int = setting(
+        60,
+        "at least this many optimizer steps, repeating epochs on small collections",
+        "training",
+        flag="--min_steps",
+    )
+    max_images_per_epoch: int = setting(
+        100, "unlabelled images per epoch", "training", flag="--max_images_per_epoch"
+    )
+    max_pool_images: int = setting(
+        200,
+        "train on at most this many unlabelled images, a seeded sample",
+        "training",
+        flag="--max_pool_images",
+    )
+    accumulation_steps: int = setting(
+        4, "gradient accumulation steps", "training", flag="--accumulation_steps"
+    )
+    schedule: str = setting(
+        "cosine",
+        "learning-rate schedule after warm-up",
+        "training",
+        flag=Flag("--schedule", choices=("cosine", "constant")),
+    )
+    warmup_steps: int = setting(5, "warm-up optimizer steps", "training", flag="--warmup_steps")
+    grad_clip: float = setting(1.0, "gradient norm clipping (0: off)", "training")
+    bce_weight: float = setting(1.0, "weight of the binary cross-entropy term", "training")
+    dice_weight: float = setting(1.0, "weight of the Dice term", "training")
+    object_weight: float = setting(0.5, "weight of the object-score term", "training")
+    # augmented views of every template (crop and scale, a small turn, mirror image with
+    # left/right structures swapped, colour): made and encoded once, one drawn at random
+    # per step with the template itself, so the loss cannot be lowered by learning the
+    # one template photo
+    template_views: int = setting(
+        0,
+        "augmented views of every template trained on beside it (default 0: none)",
+        "training",
+        flag="--template_views",
+    )
+    holdout_fraction: float = setting(
+        0.1,
+        "share of the unlabelled images held out to pick the best epoch",
+        "training",
+        flag="--holdout_fraction",
+    )
+    max_holdout: int = setting(16, "at most this many held-out images", "training")
+    cache_features: bool = setting(
+        True,
+        "re-encode images every step instead of caching the frozen encoder's features",
+        "training",
+        flag=Flag("--no_feature_cache", invert=True),
+    )
+    # SAM2 trains with dropout 0.1 inside attention; that forces attention to build its
+    # full matrices (no memory-efficient kernel): off unless asked for
+    attention_dropout: float = setting(0.0, "dropout inside SAM2's attention", "training")
+    gradient_checkpointing: bool = setting(
+        False,
+        "less memory, slower steps (recompute memory-attention activations)",
+        "training",
+        flag="--gradient_checkpointing",
+    )
+    merge_checkpoint: bool = setting(
+        False,
+        "also write merged.pt: a full checkpoint with the LoRA weights folded in",
+        "training",
+        flag="--merge_checkpoint",
+    )
+    seed: int = setting(
+        0,
+        "seed (default 0) of the training (the same seed gives the same adapter on a CPU) "
+        "and of the weights of --sam2_checkpoint random",
+        "training",
+        flag="--seed",
+    )
+
+
+@dataclass(frozen=True)
+class Finetune(Training):
+    """The `finetune` section: the trainer's settings and the workflow's own keys."""
+
+    enabled: bool = setting(False, "fine-tune before segmenting", "inputs", flag="--pal_finetuning")
+    adapter: str | None = setting(
+        None, "segment with this adapter folder (no training)", "inputs", flag="--adapter"
+    )
+    pool_images: str | None = setting(None, "the unlabelled photos to train on", "inputs")
+    training_templates: str | None = setting(
+        None, "COCO JSON of more annotated training templates", "inputs", flag="--training_json"
+    )
+    training_template_images: str | None = setting(
+        None, "folder of the training templates' photos", "inputs", flag="--training_images_dir"
+    )
+    threads: int = setting(2, "CPU threads of the training job", "nothing")
+    mem_mb: int = setting(16000, "memory requested for the training job", "nothing")
+    runtime: int = setting(720, "minutes requested for the training job", "nothing")
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """The `video_options` section: how a video's frames are taken and tracked."""
+
+    mode: str = setting(
+        "video",
+        "video: SAM2's memory through time (default); independent: each frame from the "
+        "keyframes only",
+        "segmentation",
+        flag=Flag("--mode", choices=("video", "independent")),
+    )
+    fps: float | None = setting(
+        None,
+        "frames per second to extract (default: every frame); with --video_dir, the frame "
+        "rate for the time column",
+        "frames",
+        flag=Flag("--fps", type=positive_float),
+    )
+    start: float | None = setting(
+        None, "start time in seconds", "frames", flag=Flag("--start", type=non_negative_float)
+    )
+    end: float | None = setting(
+        None, "end time in seconds", "frames", flag=Flag("--end", type=positive_float)
+    )
+    max_frames: int | None = setting(
+        None, "extract at most this many frames", "frames", flag=Flag("--max_frames", type=int)
+    )
+    max_size: int | None = setting(
+        None,
+        "longest side of the extracted frames in pixels (never enlarged)",
+        "frames",
+        flag=Flag("--max_size", type=int),
+    )
+    image_format: str = setting(
+        "jpg",
+        "frame files: jpg (default) or png (lossless)",
+        "frames",
+        flag=Flag("--image_format", choices=("jpg", "png")),
+    )
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The `outputs` section: the files written besides the predictions."""
+
+    save_masks: bool = setting(False, "one PNG per structure", "tables", flag="--save_masks")
+    save_overlays: bool = setting(True, "overlay images", "tables", flag="--save_vis")
+    polygons: bool = setting(
+        False, "COCO segmentations as polygons instead of RLE", "tables", flag="--polygons"
+    )
+    overlay_max_side: int = setting(1600, "longest side of the overlays in pixels", "tables")
+    mask_category_prefix: bool = setting(
+        False,
+        "mask PNG names start with the category",
+        "tables",
+        flag="--output_category_prefix",
+    )
+    overlay_video: bool = setting(
+        False, "the frames with their masks drawn on", "tables", flag="--overlay_video"
+    )
+    overlay_video_fps: float | None = setting(None, "frame rate of the overlay video", "tables")
+    report: bool = setting(True, "the figures of the HTML report", "tables")
+    gallery_size: int = setting(12, "overlays in the report's gallery", "tables")
+
+
+#: config section -> its settings class
+SECTIONS = {
+    "model": Model,
+    "propagate": Segmentation,
+    "finetune": Finetune,
+    "video_options": VideoOptions,
+    "outputs": Outputs,
+}
+
+
+# -- what the code derives from them ------------------------------------------------------
+
+
+def default_of(field):
+    """The default of a settings field (a fresh list for a list default)."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def defaults(group) -> dict:
+    """The settings of a group with their defaults.
+
+    Args:
+        group: a settings class (e.g. `Segmentation`).
+
+    Returns:
+        {key: default} in field order.
+    """
+    return dataclasses.asdict(group())
+
+
+def keys(group, reruns: str | None = None, engine: bool | None = None) -> tuple[str, ...]:
+    """The keys of a group, in field order, optionally only those with a given metadata.
+
+    Args:
+        group: a settings class.
+        reruns: only the settings whose change reruns this (a key of `RERUNS`).
+        engine: only the settings the segmentation engine takes (True) or does not (False).
+
+    Returns:
+        The keys.
+    """
+    if reruns is not None and reruns not in RERUNS:
+        raise ValueError(f"reruns must be one of {', '.join(RERUNS)}, not {reruns!r}")
+    return tuple(
+        f.name
+        for f in dataclasses.fields(group)
+        if (reruns is None or f.metadata["reruns"] == reruns)
+        and (engine is None or f.metadata["engine"] == engine)
+    )
+
+
+def engine_defaults(group=Segmentation) -> dict:
+    """The segmentation engine's settings with their defaults.
+
+    Args:
+        group: the segmentation settings class (`Segmentation`, or one derived from it).
+
+    Returns:
+        {key: default} of the fields marked `engine`, in field order.
+    """
+    values = defaults(group)
+    return {key: values[key] for key in keys(group, engine=True)}
+
+
+def mask_keys(group=Segmentation) -> tuple[str, ...]:
+    """The `propagate` settings that change the masks: the propagate rule's params
+    (editing one re-segments the collection).
+
+    Args:
+        group: the segmentation settings class.
+
+    Returns:
+        The keys whose change reruns the segmentation, in field order.
+    """
+    return keys(group, reruns="segmentation")
+
+
+def recorded_keys(group=Segmentation) -> tuple[str, ...]:
+    """The `propagate` settings recorded in provenance.json: those that change the
+    masks, then those that choose the templates.
+
+    Args:
+        group: the segmentation settings class.
+
+    Returns:
+        The keys.
+    """
+    return mask_keys(group) + keys(group, reruns="templates")
+
+
+def workflow_keys(group=Finetune) -> tuple[str, ...]:
+    """The `finetune` keys about the workflow rather than the training itself (which
+    steps run, on which files, with which resources): all but the trainer's settings.
+
+    Args:
+        group: the fine-tuning section's class.
+
+    Returns:
+        The keys whose change does not rerun the training as a setting of it, in field order.
+    """
+    training = set(keys(group, reruns="training"))
+    return tuple(key for key in keys(group) if key not in training)
+
+
+def flags(group) -> dict:
+    """The command-line flags of a group.
+
+    Args:
+        group: a settings class.
+
+    Returns:
+        {flag name: dataclasses.Field} of the fields that have a flag, in field order.
+    """
+    return {
+        f.metadata["flag"].name: f
+        for f in dataclasses.fields(group)
+        if f.metadata["flag"] is not None
+    }
