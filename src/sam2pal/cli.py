@@ -1123,6 +1123,13 @@ def _pretrain_parser(sub):
         help="steps trained at --low_res_size",
     )
     _flag(p, "--seed", type=int, default=d.seed, help="seed of the episodes and of the weights")
+    _pretrain_episode_flags(p, d)
+    _pretrain_run_flags(p, d)
+    p.set_defaults(func=cmd_pretrain)
+
+
+def _pretrain_episode_flags(p, d) -> None:
+    """What the synthetic training episodes look like."""
     _flag(
         p,
         "--appearance",
@@ -1151,6 +1158,10 @@ def _pretrain_parser(sub):
         default=d.procedural_fraction,
         help="share of shapes (0-1) drawn from procedural insects rather than the NEON masks",
     )
+
+
+def _pretrain_run_flags(p, d) -> None:
+    """Schedule, start point, machine and resuming."""
     _flag(
         p,
         "--warmup_steps",
@@ -1177,7 +1188,6 @@ def _pretrain_parser(sub):
     )
     _flag(p, "--restart", action="store_true", help="ignore a saved NAME.state.pt and start afresh")
     _flag(p, "--stop_after", type=int, help="stop once this many steps are done (resume later)")
-    p.set_defaults(func=cmd_pretrain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1190,7 +1200,14 @@ def build_parser() -> argparse.ArgumentParser:
     _video_parser(sub)
     _finetune_parser(sub)
     _pretrain_parser(sub)
+    _templates_parser(sub)
+    _table_parsers(sub)
+    _picture_parsers(sub)
+    _tool_parsers(sub)
+    return parser
 
+
+def _templates_parser(sub) -> None:
     p = sub.add_parser("templates", help="check templates and write the normalised template file")
     _flag(p, "--coco", help="COCO JSON of the templates")
     _flag(p, "--image_dir", help="folder of the template images (default: next to the JSON)")
@@ -1205,6 +1222,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--out", required=True, help="normalised template file to write")
     p.set_defaults(func=cmd_templates)
 
+
+def _table_parsers(sub) -> None:
     p = sub.add_parser("measure", help="measurement tables from COCO predictions")
     _flag(p, "--coco", required=True, help="COCO predictions file")
     _flag(p, "--out", required=True, help="long table (one row per structure)")
@@ -1233,6 +1252,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_evaluate)
 
+
+def _picture_parsers(sub) -> None:
     p = sub.add_parser("masks", help="one PNG per predicted structure")
     _flag(p, "--coco", required=True, help="COCO predictions file")
     _flag(p, "--out_dir", required=True, help="folder to write")
@@ -1246,6 +1267,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--max_side", type=int, default=1600, help="longest side of the overlays in pixels")
     p.set_defaults(func=cmd_overlays)
 
+
+def _tool_parsers(sub) -> None:
     p = sub.add_parser(
         "download-model", help="download an official SAM 2.1 checkpoint (checks its SHA-256)"
     )
@@ -1270,7 +1293,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the demo video (video.mp4, keyframes.json, ground_truth.json) instead",
     )
     p.set_defaults(func=cmd_make_demo)
-    return parser
 
 
 def main(argv=None) -> int:

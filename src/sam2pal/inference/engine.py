@@ -536,22 +536,30 @@ class Propagator:
         self.mask_threshold = float(mask_threshold)
         self.categories = dict(templates.categories)
 
+        self._templates = self._encode_templates(templates, read_image, backbones)
+        self._build_groups()
+
+    def _encode_templates(self, templates, read_image, backbones) -> list[_Template]:
+        """Each template image's features (encoded here, or the given backbones) and its
+        structures' masks."""
         if backbones is not None and len(backbones) != len(templates.images):
             raise ValueError(
                 f"{len(backbones)} template backbones for {len(templates.images)} template images"
             )
-        self._templates: list[_Template] = []
+        encoded: list[_Template] = []
         with torch.inference_mode(), autocast(self.device):
             for index, tmpl in enumerate(templates.images):
                 masks = {(inst.category_id, inst.instance): inst.mask for inst in tmpl.instances}
                 if backbones is None:
                     rgb = read_image(tmpl.path)
-                    self._templates.append(_Template(rgb.shape[:2], self._encode(rgb), masks))
+                    encoded.append(_Template(rgb.shape[:2], self._encode(rgb), masks))
                 else:
-                    self._templates.append(
-                        _Template((tmpl.height, tmpl.width), backbones[index], masks)
-                    )
+                    encoded.append(_Template((tmpl.height, tmpl.width), backbones[index], masks))
+        return encoded
 
+    def _build_groups(self) -> None:
+        """Structures grouped by the templates that show them, each group's memory built
+        once (and the template boxes the cycle-consistency check compares with)."""
         keys = sorted({k for t in self._templates for k in t.masks})
         if not keys:
             raise ValueError("the template set has no structures")

@@ -336,7 +336,19 @@ class VideoPropagator:
         self.mask_threshold = float(mask_threshold)
         self.prefetch = max(1, int(prefetch))
         self.mem_span, self.ptr_span = memory_window(model)
+        # statistics a caller (or a test) can check: frames read, peak tensor bytes held,
+        # frames whose backward results went to the spill file
+        self.frames_read = 0
+        self.peak_state_bytes = 0
+        self.spilled_frames = 0
+        self._keyframe_backbones: dict[int, dict] = {}
+        self._sweep_state: _Sweep | None = None
+        self._spill: _Spill | None = None
+        self._group_structures()
+        self._condition_keyframes()
 
+    def _group_structures(self) -> None:
+        """Structures grouped by the keyframes that annotate them."""
         self.objects: list[ObjectKey] = sorted(
             {key for masks in self.keyframes.values() for key in masks}
         )
@@ -347,15 +359,9 @@ class VideoPropagator:
             frames = tuple(sorted(k for k, masks in self.keyframes.items() if key in masks))
             by_frames.setdefault(frames, []).append(key)
         self.groups = [_Group(objs, list(frames)) for frames, objs in by_frames.items()]
-        # statistics a caller (or a test) can check: frames read, peak tensor bytes held,
-        # frames whose backward results went to the spill file
-        self.frames_read = 0
-        self.peak_state_bytes = 0
-        self.spilled_frames = 0
-        self._keyframe_backbones: dict[int, dict] = {}
-        self._sweep_state: _Sweep | None = None
-        self._spill: _Spill | None = None
 
+    def _condition_keyframes(self) -> None:
+        """Each group's keyframes encoded once into conditioning memory."""
         with torch.inference_mode(), autocast(self.device):
             for index in sorted(self.keyframes):
                 groups = [g for g in self.groups if index in g.keyframes]
