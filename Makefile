@@ -38,4 +38,4 @@ lint: install
 	$(BIN)/snakemake --lint
 
 clean-demo:
-	rm -rf results/demo logs/demo
+	rm -rf results/demo logs/demo results/demo_video logs/demo_video
