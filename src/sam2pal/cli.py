@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import json
 import sys
 from pathlib import Path
 
@@ -702,14 +701,12 @@ def _template_subset(args, out_dir: Path) -> str:
     the only annotated image of the file) is the template; returns the COCO file of
     that image alone (written to `out_dir`)."""
     from sam2pal.io.atomic import write_json
+    from sam2pal.io.coco import load_coco
 
     path = Path(args.template_json)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        annotated = {a["image_id"] for a in data["annotations"]}
-        images = [im for im in data["images"] if im["id"] in annotated]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: not a readable COCO file ({exc})") from None
+    data = load_coco(path, role="template file", sizes=False, integer_ids=True)
+    annotated = {a["image_id"] for a in data["annotations"]}
+    images = [im for im in data["images"] if im["id"] in annotated]
     wanted = Path(args.template_image).name
     chosen = [im for im in images if Path(im["file_name"]).name == wanted]
     if not chosen and len(images) == 1:

@@ -322,7 +322,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(templates, pool):
 
 
 def _demo_truth(names):
-    from sam2pal.outputs.evaluate import category_masks, load_coco
+    from sam2pal.io.coco import category_masks, load_coco
 
     _, masks = category_masks(load_coco(DEMO / "ground_truth.json"), DEMO / "ground_truth.json")
     return {n: masks[n] for n in names if n in masks}

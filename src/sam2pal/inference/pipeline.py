@@ -963,7 +963,7 @@ def finetune(
 def _ground_truth_masks(ground_truth, pool_names) -> dict:
     """{file name: masks} of the pool images in a ground-truth COCO file (none when
     not given)."""
-    from sam2pal.outputs.evaluate import category_masks, load_coco
+    from sam2pal.io.coco import category_masks, load_coco
 
     if not ground_truth:
         return {}
