@@ -206,7 +206,7 @@ def _write_annotations(out, paths: list[Path], categories, polygons: bool, count
 COCO_LISTS = ("images", "annotations", "categories")
 
 
-def _whole(value):
+def whole_number(value):
     """An int from JSON (integral floats accepted), else None."""
     if isinstance(value, bool):
         return None
@@ -219,7 +219,7 @@ def _whole(value):
 
 def _key(value):
     """A reference (image_id, category_id) as the id it names, None when it cannot be one."""
-    whole = _whole(value)
+    whole = whole_number(value)
     if whole is not None:
         return whole
     return value if isinstance(value, str) and value else None
@@ -228,7 +228,7 @@ def _key(value):
 def _entry_id(path, label: str, entry: dict, integer_ids: bool):
     if "id" not in entry:
         raise InputError(f"{path}: {label} has no 'id'")
-    value = _whole(entry["id"])
+    value = whole_number(entry["id"])
     if value is None and not integer_ids and isinstance(entry["id"], str) and entry["id"]:
         value = entry["id"]
     if value is None:
@@ -253,7 +253,7 @@ def _check_image(path, index: int, image, sizes: bool, integer_ids: bool) -> dic
             if sizes:
                 raise InputError(f"{path}: {_image_label(image)} has no '{key}'")
             continue
-        value = _whole(image[key])
+        value = whole_number(image[key])
         if value is None or value <= 0:
             raise InputError(
                 f"{path}: {_image_label(image)}: {key} {image[key]!r} is not a positive whole number"
@@ -356,7 +356,7 @@ def check_annotation(
     if "segmentation" not in ann:
         raise InputError(f"{label} has no 'segmentation'")
     if ann.get("instance") is not None:
-        instance = _whole(ann["instance"])
+        instance = whole_number(ann["instance"])
         if instance is None or instance < 1:
             raise InputError(
                 f"{label}: instance {ann['instance']!r} is not a positive whole number"

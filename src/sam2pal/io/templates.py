@@ -38,7 +38,7 @@ from PIL import Image, ImageOps
 
 from sam2pal.errors import InputError
 from sam2pal.io.atomic import write_json
-from sam2pal.io.coco import annotation_mask, load_coco
+from sam2pal.io.coco import annotation_mask, load_coco, whole_number
 from sam2pal.io.images import read_image_size
 from sam2pal.io.masks import encode_rle, mask_bbox, polygons_out_of_bounds
 
@@ -169,17 +169,6 @@ def _size_mismatch(found: tuple[int, int], expected: tuple[int, int]) -> str:
 
 
 # -- COCO -----------------------------------------------------------------------------
-
-
-def _as_int(value):
-    """A whole number from JSON as int (integral floats accepted), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
 
 
 def _locate_image(
@@ -423,7 +412,7 @@ def _label_table(labels, mask_path: Path, where: str) -> list[tuple[int, str]]:
     table: list[tuple[int, str]] = []
     seen: set[int] = set()
     for key, name in labels.items():
-        value = _as_int(key)
+        value = whole_number(key)
         if value is None and isinstance(key, str) and key.strip().isdigit():
             value = int(key.strip())
         if value is None:
