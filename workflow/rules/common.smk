@@ -254,6 +254,19 @@ def image_paths(wildcards):
     return [os.path.join(folder, name) for name in image_names(wildcards.collection)]
 
 
+def video_mode(collection):
+    """video_options.mode of a video collection (None for photos)."""
+    if not is_video(collection):
+        return None
+    return settings(collection, "video_options")["mode"]
+
+
+def template_image_dir(collection):
+    """The folder the template photos are read from: template_images, else the
+    collection's images."""
+    return COLLECTIONS[collection]["template_images"] or image_dir(collection)
+
+
 def manifest_input(wildcards):
     """frames.csv for a video collection (nothing for photos)."""
     if not is_video(wildcards.collection):

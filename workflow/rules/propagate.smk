@@ -32,9 +32,7 @@ rule propagate:
         runtime=setting("propagate", "runtime"),
     params:
         image_dir=of_collection(image_dir),
-        video_mode=lambda wc: (
-            video_settings(wc)["mode"] if is_video(wc.collection) else None
-        ),
+        video_mode=of_collection(video_mode),
         model=section("model"),
         checkpoint_dir=config["model"]["checkpoint_dir"],
         propagate=propagate_params,

@@ -19,8 +19,7 @@ rule prepare_templates:
         runtime=10,
     params:
         spec=setting("collection", "templates"),
-        image_dir=lambda wc: COLLECTIONS[wc.collection]["template_images"]
-        or image_dir(wc.collection),
+        image_dir=of_collection(template_image_dir),
         template_files=setting("propagate", "template_files"),
         max_templates=setting("propagate", "max_templates"),
     script:
