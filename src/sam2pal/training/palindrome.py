@@ -45,7 +45,6 @@ import csv
 import functools
 import math
 import random
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,6 +64,7 @@ from sam2pal.inference.engine import (
     new_memory,
     track_frame,
 )
+from sam2pal.inference.orientation import mirror_partner
 from sam2pal.io.atomic import atomic_path, atomic_write
 from sam2pal.io.masks import mask_iou
 from sam2pal.models.adapters import (
@@ -218,27 +218,13 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - (2 * inter + 1) / (prob.sum(1) + target.sum(1) + 1)).mean()
 
 
-def _mirror_partner(name: str) -> str | None:
-    """The other side's structure name ("left antenna" <-> "Right antenna"), or None."""
-
-    def swap(match):
-        word = match.group(0)
-        other = "right" if word.lower() == "left" else "left"
-        return (
-            other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
-        )
-
-    swapped = re.sub(r"(?i)(?<![a-z])(left|right)(?![a-z])", swap, name)
-    return swapped if swapped != name else None
-
-
 def _swap_mirrored(masks: np.ndarray, objects, categories: dict) -> np.ndarray:
     """The masks of a mirrored view with left and right structures' masks swapped."""
     names = [categories.get(cid) for cid, _ in objects]
     index = {(names[i], objects[i][1]): i for i in range(len(objects))}
     swapped = masks.copy()
     for i, name in enumerate(names):
-        partner = _mirror_partner(name or "")
+        partner = mirror_partner(name or "")
         j = index.get((partner, objects[i][1]))
         if j is not None:
             swapped[i] = masks[j]
