@@ -71,7 +71,8 @@ EXTRACTION_KEYS = ("start", "end", "max_frames", "max_size", "image_format")
 
 def _check_unused_settings():
     """Settings that would be accepted and do nothing are refused: extraction options
-    of a folder of frames (used as it is), video options of a photo collection, and a
+    of a folder of frames (used as it is), video options of a photo collection, an
+    orientation search of a video (tracked in its keyframes' orientation), and a
     per-collection model.checkpoint_dir (one folder for the whole run)."""
     import yaml
 
@@ -90,11 +91,12 @@ def _check_unused_settings():
                 "collection's model.checkpoint as a file path)"
             )
         if not entry.get("images"):
-            orientation = settings(name, "propagate").get("orientation", "none")
+            own_propagate = entry.get("propagate") or {}
+            orientation = dict(config["propagate"], **own_propagate).get("orientation", "none")
             if orientation != "none":
                 where = (
                     f"collections.{name}.propagate.orientation"
-                    if "orientation" in (entry.get("propagate") or {})
+                    if "orientation" in own_propagate
                     else "propagate.orientation (set for all collections: set it under the photo collections instead)"
                 )
                 raise WorkflowError(
