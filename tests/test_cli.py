@@ -364,6 +364,83 @@ def test_version_and_help():
         assert flag in help_text, flag
 
 
+# -- orientation search and framing ---------------------------------------------------------
+
+
+def _parsed(*argv):
+    from sam2pal import cli
+
+    return cli.build_parser().parse_args([str(a) for a in argv])
+
+
+def test_orientation_and_framing_flags_reach_the_engine_settings():
+    from sam2pal import cli
+
+    base = ("segment", "--image_dir", "x", "--output_dir", "y", "--template_json", "t.json")
+    given = cli._segment_options(
+        _parsed(
+            *base,
+            "--orientation",
+            "rot4_mirror",
+            "--mirror-swap",
+            "--framing",
+            "letterbox",
+            "--framing_fill",
+            " 10, 20,030",
+        ),
+        "sam2.1_hiera_t",
+        "random",
+        None,
+    )["engine_settings"]
+    assert {k: given[k] for k in ("orientation", "mirror_swap", "framing", "framing_fill")} == {
+        "orientation": "rot4_mirror",
+        "mirror_swap": True,
+        "framing": "letterbox",
+        "framing_fill": "10,20,30",
+    }
+    assert given["mirror_pairs"] == []  # config only
+    default = cli._engine_settings(_parsed(*base))
+    assert (default["orientation"], default["mirror_swap"]) == ("none", False)
+    assert (default["framing"], default["framing_fill"]) == ("stretch", "border")
+    assert cli._engine_settings(_parsed(*base, "--framing_fill", "128"))["framing_fill"] == "128"
+    # the fine-tuning frames its images alike: `finetune` takes the framing flags too
+    finetune = ("finetune", "--image_dir", "x", "--output_dir", "y")
+    assert cli._framing(_parsed(*finetune)) == {"framing": "stretch", "framing_fill": "border"}
+    assert cli._framing(
+        _parsed(*finetune, "--framing", "letterbox", "--framing-fill", "0,0,0")
+    ) == {"framing": "letterbox", "framing_fill": "0,0,0"}
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (
+            ["--framing_fill", "red"],
+            "argument --framing_fill/--framing-fill: must be border, a grey level 0-255",
+        ),
+        (["--framing_fill", "256"], "got '256'"),
+        (["--framing_fill", "1,2"], "R,G,B"),
+        (["--framing", "pad"], "argument --framing: invalid choice: 'pad'"),
+        (["--orientation", "rot8"], "argument --orientation: invalid choice: 'rot8'"),
+    ],
+)
+def test_bad_orientation_and_framing_values_are_one_line_errors(capsys, extra, needle):
+    argv = ["segment", "--image_dir", "x", "--output_dir", "y", "--template_json", "t.json"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *extra])
+    assert exit_info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error) == 1 and needle in error[0], error
+
+
+def test_video_has_no_orientation_search(capsys):
+    argv = ["video", "--video_dir", "x", "--annotations", "a.json", "--output_dir", "y"]
+    for flag in (["--orientation", "rot4"], ["--mirror_swap"]):
+        with pytest.raises(SystemExit):
+            main([*argv, *flag])
+        assert f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
+
+
 # -- flags that would change nothing are refused -------------------------------------------
 
 

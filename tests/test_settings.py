@@ -49,6 +49,16 @@ OLD_DEFAULT_ENGINE_SETTINGS = {
     "bbox_clamp": False,
     "exact": False,
 }
+# the orientation search, mirror pairs and framing (issue 16)
+ORIENTATION_SETTINGS = {
+    "orientation": "none",
+    "mirror_swap": False,
+    "mirror_pairs": [],
+    "framing": "stretch",
+    "framing_fill": "border",
+}
+DEFAULT_ENGINE_SETTINGS = {**OLD_DEFAULT_ENGINE_SETTINGS, **ORIENTATION_SETTINGS}
+MASK_SETTINGS = (*OLD_MASK_SETTINGS[:-1], *ORIENTATION_SETTINGS, "on_bad_image")
 
 # Flags of `segment` and `video` that are no setting of a config section.
 NON_SETTING_FLAGS = {
@@ -165,8 +175,10 @@ def test_every_flag_is_a_setting_or_listed_as_none(command):
 
 
 def test_the_rerun_sets_are_the_workflows():
-    assert settings.mask_keys() == OLD_MASK_SETTINGS
-    assert settings.recorded_keys() == (*OLD_MASK_SETTINGS, "template_files", "max_templates")
+    assert settings.mask_keys() == MASK_SETTINGS
+    assert settings.recorded_keys() == (*MASK_SETTINGS, "template_files", "max_templates")
+    # the fine-tuning frames its images as the segmentation does
+    assert settings.training_keys() == ("framing", "framing_fill")
     assert settings.workflow_keys() == OLD_FINETUNE_WORKFLOW_KEYS
     # the trainer's settings are the rest of the section
     assert settings.keys(settings.Finetune, reruns="training") == tuple(_fields(settings.Training))
@@ -177,14 +189,26 @@ def test_one_default_of_each_engine_setting():
     from sam2pal.inference.temporal import VideoPropagator
 
     defaults = settings.engine_defaults()
-    assert defaults == OLD_DEFAULT_ENGINE_SETTINGS
+    assert defaults == DEFAULT_ENGINE_SETTINGS
     assert [type(v) for v in defaults.values()] == [
-        type(v) for v in OLD_DEFAULT_ENGINE_SETTINGS.values()
+        type(v) for v in DEFAULT_ENGINE_SETTINGS.values()
     ]
     assert defaults == pipeline.DEFAULT_ENGINE_SETTINGS
-    for engine in (Propagator, VideoPropagator):
+
+    def default(parameters, key):
+        value = parameters[key].default
+        # a list setting (mirror_pairs) may default to an empty tuple in the signature
+        return list(value) if isinstance(defaults[key], list) else value
+
+    for engine, keys in (
+        (Propagator, list(defaults)),
+        # a video is tracked in its keyframes' orientation: no search
+        (VideoPropagator, [k for k in defaults if k not in settings.PHOTO_ONLY_SETTINGS]),
+    ):
         parameters = inspect.signature(engine.__init__).parameters
-        assert {key: parameters[key].default for key in defaults} == defaults, engine
+        assert {key: default(parameters, key) for key in keys} == {
+            key: defaults[key] for key in keys
+        }, engine
     args = cli.build_parser().parse_args(
         ["segment", "--image_dir", "x", "--output_dir", "y", "--template_json", "t.json"]
     )
@@ -236,13 +260,104 @@ def test_a_new_engine_setting_is_one_field():
     cli._engine_args(parser, "the template", group=extended)
     assert "smooth outlines" in parser.format_help()
     given = cli._engine_settings(parser.parse_args(["--smooth-edges", "3"]), group=extended)
-    assert given == {**OLD_DEFAULT_ENGINE_SETTINGS, "smooth_edges": 3}
+    assert given == {**DEFAULT_ENGINE_SETTINGS, "smooth_edges": 3}
     assert cli._engine_settings(parser.parse_args([]), group=extended)["smooth_edges"] == 0
 
     assert pipeline._engine_settings({"smooth_edges": 3}, group=extended)["smooth_edges"] == 3
     with pytest.raises(InputError, match="unknown propagation setting"):
         pipeline._engine_settings({"smooth_edges": 3})
 
-    assert settings.mask_keys(extended) == (*OLD_MASK_SETTINGS, "smooth_edges")
+    assert settings.mask_keys(extended) == (*MASK_SETTINGS, "smooth_edges")
     assert "smooth_edges" in settings.recorded_keys(extended)
     assert settings.engine_defaults(extended)["smooth_edges"] == 0
+
+
+# -- the orientation search, mirror pairs and framing -------------------------------------
+
+
+def _propagate_schema():
+    import jsonschema
+
+    return jsonschema.Draft7Validator(SCHEMA["properties"]["propagate"])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"orientation": "rot4_mirror", "mirror_swap": True},
+        {"mirror_pairs": [["fore_wing_a", "fore_wing_b"], ["x", "y"]]},
+        {"framing": "letterbox", "framing_fill": "border"},
+        {"framing_fill": 0},
+        {"framing_fill": 255},
+        {"framing_fill": "128"},
+        {"framing_fill": "10, 20,30"},
+        {"framing_fill": [10, 20, 30]},
+    ],
+)
+def test_the_schema_takes_the_orientation_and_framing_settings(values):
+    assert list(_propagate_schema().iter_errors(values)) == []
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"orientation": "rot8"},
+        {"orientation": "rot4", "mirror_swap": "yes"},
+        {"mirror_pairs": [["a"]]},
+        {"mirror_pairs": [["a", "b", "c"]]},
+        {"mirror_pairs": ["a", "b"]},
+        {"mirror_pairs": [["a", 2]]},
+        {"framing": "pad"},
+        {"framing_fill": 256},
+        {"framing_fill": -1},
+        {"framing_fill": "red"},
+        {"framing_fill": "300"},
+        {"framing_fill": "1,2"},
+        {"framing_fill": [1, 2]},
+        {"framing_fill": [1, 2, 300]},
+    ],
+)
+def test_the_schema_refuses_bad_orientation_and_framing_settings(values):
+    assert list(_propagate_schema().iter_errors(values)) != []
+
+
+@pytest.mark.parametrize(
+    "text", ["border", "0", "128", "255", "1,2,3", " 10, 20 ,30 ", "256", "-1", "red", "1,2", ""]
+)
+def test_the_framing_fill_flag_and_the_schema_agree(text):
+    """A fill the command line takes is one the config takes, and the other way round."""
+    try:
+        value = settings.fill_value(text)
+    except argparse.ArgumentTypeError as exc:
+        assert "border, a grey level 0-255 or R,G,B" in str(exc)
+        assert list(_propagate_schema().iter_errors({"framing_fill": text})) != [], text
+    else:
+        assert list(_propagate_schema().iter_errors({"framing_fill": text})) == [], text
+        assert value == text.replace(" ", "")
+
+
+def test_only_photos_search_the_orientation():
+    video = _options("video")
+    for flag in ("--orientation", "--mirror_swap"):
+        assert flag in _options("segment") and flag not in video, flag
+    for flag in ("--framing", "--framing_fill"):
+        assert flag in _options("segment") and flag in video, flag
+    args = cli.build_parser().parse_args(
+        ["video", "--annotations", "a.json", "--output_dir", "y", "--framing", "letterbox"]
+    )
+    given = cli._engine_settings(args)
+    assert given["framing"] == "letterbox"
+    assert "orientation" not in given and "mirror_swap" not in given
+    # the pipeline fills in the defaults of the settings the command has no flag for
+    assert pipeline._engine_settings(given) == {**DEFAULT_ENGINE_SETTINGS, "framing": "letterbox"}
+    # a video given an orientation search by its settings (the workflow's config) stops
+    # before anything is read
+    with pytest.raises(InputError, match=r"^orientation rot4_mirror: .*propagate\.orientation"):
+        pipeline.segment_video(
+            "t.json",
+            "frames",
+            "frames.csv",
+            "o.jsonl",
+            "r.json",
+            engine_settings={"orientation": "rot4_mirror"},
+        )

@@ -185,11 +185,22 @@ def _setting_flag(group, field, default=dataclasses.MISSING, text=None, **help_v
 PROPAGATION_FLAG_KEYS = ("batch_size",)
 
 
-def _engine_args(p, reference: str, cut_note: str = "", group=settings_module.Segmentation):
-    """The "propagation" flags: the engine settings of `group` and PROPAGATION_FLAG_KEYS."""
+def _engine_args(
+    p,
+    reference: str,
+    cut_note: str = "",
+    group=settings_module.Segmentation,
+    photos: bool = True,
+):
+    """The "propagation" flags: the engine settings of `group` that have a flag (those of
+    photos only when `photos`) and PROPAGATION_FLAG_KEYS."""
     e = p.add_argument_group("propagation")
     fields = {f.name: f for f in dataclasses.fields(group)}
     for key in settings_module.keys(group, engine=True) + PROPAGATION_FLAG_KEYS:
+        if fields[key].metadata["flag"] is None:
+            continue
+        if not photos and key in settings_module.PHOTO_ONLY_SETTINGS:
+            continue
         _setting_flag(e, fields[key], reference=reference, cut_note=cut_note)
 
 
@@ -201,15 +212,33 @@ def _engine_settings(args, group=settings_module.Segmentation) -> dict:
         group: the segmentation settings class.
 
     Returns:
-        {key: value} of the engine settings, in field order.
+        {key: value} of the engine settings, in field order: the default of those
+        without a flag (config only), none of those the command has no flag for.
     """
     values = {}
     for field in dataclasses.fields(group):
-        if field.metadata["engine"]:
-            flag = field.metadata["flag"]
+        if not field.metadata["engine"]:
+            continue
+        flag = field.metadata["flag"]
+        if flag is None:
+            values[field.name] = settings_module.default_of(field)
+        elif hasattr(args, _dest(flag.name)):
             value = getattr(args, _dest(flag.name))
             values[field.name] = (not value) if flag.invert else value
     return values
+
+
+def _framing_args(p):
+    """The propagate settings that the fine-tuning takes too (--framing, --framing_fill),
+    for `finetune`, whose other flags are the trainer's."""
+    g = p.add_argument_group("framing (use the same when segmenting)")
+    for key in settings_module.training_keys():
+        _setting_flag(g, _SEGMENTATION_FIELDS[key])
+
+
+def _framing(args) -> dict:
+    """{framing, framing_fill} of the parsed flags, for `pipeline.finetune`."""
+    return {key: getattr(args, key) for key in settings_module.training_keys()}
 
 
 def _training_flags(group=settings_module.Training) -> list:
@@ -369,6 +398,7 @@ def _finetune_parser(sub):
     _flag(
         p, "--full", action="store_true", help="full fine-tuning of the --targets instead of LoRA"
     )
+    _framing_args(p)
     p.set_defaults(func=cmd_finetune)
 
 
@@ -450,6 +480,7 @@ def _video_parser(sub):
     _engine_args(
         p,
         "the previous frame (video mode) or the keyframes (independent mode)",
+        photos=False,
         cut_note="; in video mode the cut mask is also what SAM2 keeps in its memory for the next frames",
     )
     ms = p.add_argument_group("measurements")
@@ -870,6 +901,7 @@ def _train(
         extra_templates=extra,
         checkpoint_dir=args.checkpoint_dir,
         log=lambda msg: print(msg, file=sys.stderr),
+        **_framing(args),
     )
     return out_dir
 

@@ -79,6 +79,19 @@ def fraction(text: str) -> float:
     return value
 
 
+def fill_value(text: str) -> str:
+    """A fill of the letterbox frame: "border", a grey level 0-255 or "R,G,B" (raises
+    argparse.ArgumentTypeError otherwise); returns it without spaces or leading zeros."""
+    parts = [part.strip() for part in str(text).split(",")]
+    if parts == ["border"]:
+        return "border"
+    if len(parts) in (1, 3) and all(p.isdigit() and int(p) <= 255 for p in parts):
+        return ",".join(str(int(p)) for p in parts)
+    raise argparse.ArgumentTypeError(
+        f"must be border, a grey level 0-255 or R,G,B (each 0-255), got {text!r}"
+    )
+
+
 # -- fields -------------------------------------------------------------------------------
 
 
@@ -133,6 +146,13 @@ def setting(
 # -- the sections -------------------------------------------------------------------------
 
 DEFAULT_TARGETS = ["memory_attention", "sam_mask_decoder", "memory_encoder"]
+
+#: propagate.orientation: no search; the four quarter turns; those and their mirror images
+ORIENTATIONS = ("none", "rot4", "rot4_mirror")
+#: propagate.framing: how a photo is fitted to the model's square input
+FRAMINGS = ("stretch", "letterbox")
+#: engine settings of photos only: a video is tracked in its keyframes' orientation
+PHOTO_ONLY_SETTINGS = ("orientation", "mirror_swap", "mirror_pairs")
 
 
 @dataclass(frozen=True)
@@ -217,6 +237,46 @@ class Segmentation:
         "segmentation",
         engine=True,
         flag="--exact",
+    )
+    orientation: str = setting(
+        "none",
+        "search the orientation of each photo: none; rot4: the four quarter turns; "
+        "rot4_mirror: those and their mirror images",
+        "segmentation",
+        engine=True,
+        flag=Flag("--orientation", choices=ORIENTATIONS),
+    )
+    mirror_swap: bool = setting(
+        False,
+        "a mirrored match shows the specimen's other side: swap the names of paired "
+        "left/right structures (lateral views; not for dorsal or ventral views)",
+        "segmentation",
+        engine=True,
+        flag="--mirror_swap",
+    )
+    # config only: [[name_a, name_b], ...], pairs besides left_/right_ names
+    mirror_pairs: list[list[str]] = setting(
+        [],
+        "more pairs of structure names that swap on a mirrored match",
+        "segmentation",
+        engine=True,
+    )
+    # the palindrome fine-tuning frames its images alike: a change retrains too
+    framing: str = setting(
+        "stretch",
+        "fit each photo to the model's square input: stretch it, or letterbox it "
+        "(aspect kept, padded with --framing_fill)",
+        "training",
+        engine=True,
+        flag=Flag("--framing", choices=FRAMINGS),
+    )
+    framing_fill: str = setting(
+        "border",
+        "padding of letterboxed photos: border (the photo's border colour), a grey level "
+        "0-255 or R,G,B",
+        "training",
+        engine=True,
+        flag=Flag("--framing_fill", type=fill_value),
     )
     batch_size: int = setting(
         0,
@@ -504,9 +564,27 @@ def mask_keys(group=Segmentation) -> tuple[str, ...]:
         group: the segmentation settings class.
 
     Returns:
-        The keys whose change reruns the segmentation, in field order.
+        The keys whose change reruns the segmentation (or the fine-tuning, and so the
+        segmentation after it), in field order.
     """
-    return keys(group, reruns="segmentation")
+    return tuple(
+        f.name
+        for f in dataclasses.fields(group)
+        if f.metadata["reruns"] in ("training", "segmentation")
+    )
+
+
+def training_keys(group=Segmentation) -> tuple[str, ...]:
+    """The `propagate` settings the fine-tuning takes too (the images are framed alike
+    for training and segmentation): params of the finetune rule as well.
+
+    Args:
+        group: the segmentation settings class.
+
+    Returns:
+        The keys whose change reruns the fine-tuning, in field order.
+    """
+    return keys(group, reruns="training")
 
 
 def recorded_keys(group=Segmentation) -> tuple[str, ...]:

@@ -64,6 +64,36 @@ def test_round_trip_of_records_made_here():
     assert list(record.to_json()) == ["file_name", "width", "height", "structures"]
 
 
+ORIENTATION = {
+    "rotation": 90,
+    "mirrored": True,
+    "candidates": [
+        {"rotation": r, "mirrored": m, "score": round(0.1 + r / 1000 + 0.5 * m, 6)}
+        for m in (False, True)
+        for r in (0, 90, 180, 270)
+    ],
+}
+
+
+def test_the_orientation_found_round_trips_and_is_left_out_when_not_searched(tmp_path):
+    searched = ImageRecord.from_json(json.loads(PHOTO_LINE))
+    assert searched.orientation is None and "orientation" not in searched.to_json()
+    searched.orientation = ORIENTATION
+    line = searched.to_line()
+    data = json.loads(line)
+    assert list(data) == ["file_name", "width", "height", "structures", "orientation"]
+    assert data["orientation"] == ORIENTATION
+    again = ImageRecord.from_json(data)
+    assert again == searched and again.to_line() == line
+    # through a result file, and a skipped image has none
+    path = tmp_path / "r.jsonl"
+    path.write_text(line + ImageRecord.skip("c.jpg", "empty file").to_line())
+    read = list(read_records(path))
+    assert read[0].orientation == ORIENTATION and read[1].orientation is None
+    with pytest.raises(ValueError, match="unknown orientation"):
+        ImageRecord.from_json({"file_name": "c.jpg", "skipped": "x", "orientation": ORIENTATION})
+
+
 def test_read_records_names_the_file_and_line_of_a_bad_record(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(PHOTO_LINE + "\n" + '{"file_name": "x.jpg", "width": 3}\n')

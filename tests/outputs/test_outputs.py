@@ -120,6 +120,37 @@ def test_coco_round_trip_rle_keeps_holes(tmp_path, records):
     assert sorted(a["instance"] for a in b_antennae) == [1, 2]
 
 
+def _searched(path):
+    """The records of `path` with the orientation found on b.jpg (a search's result)."""
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    for rec in recs:
+        if rec["file_name"] == "b.jpg":
+            rec["orientation"] = ORIENTATION
+    return write_records(path.with_name("searched.jsonl"), recs)
+
+
+ORIENTATION = {
+    "rotation": 270,
+    "mirrored": True,
+    "candidates": [
+        {"rotation": r, "mirrored": m, "score": 0.2 + 0.1 * m + r / 1000}
+        for m in (False, True)
+        for r in (0, 90, 180, 270)
+    ],
+}
+
+
+def test_predictions_record_the_orientation_found(tmp_path, records):
+    path, _ = records
+    out = tmp_path / "predictions.json"
+    merge_predictions([_searched(path)], CATEGORIES, out)
+    images = {im["file_name"]: im for im in json.loads(out.read_text())["images"]}
+    assert images["b.jpg"]["orientation"] == ORIENTATION
+    assert "orientation" not in images["a.jpg"]  # not searched
+    merge_predictions([path], CATEGORIES, out)
+    assert not any("orientation" in im for im in json.loads(out.read_text())["images"])
+
+
 def test_image_ids_are_stable_when_images_are_added(tmp_path, records):
     path, masks = records
     merge_predictions([path], CATEGORIES, tmp_path / "one.json")
@@ -288,3 +319,20 @@ def test_masks_and_overlays_from_a_file_in_any_order(tmp_path, records):
 def test_decode_helpers_round_trip():
     m = ring(40, 50, 25, 20, 15, 5)
     assert np.array_equal(decode_segmentation(encode_rle(m), 40, 50), m)
+
+
+def test_qc_gives_the_orientation_found(tmp_path, records):
+    path, _ = records
+    out = tmp_path / "qc.csv"
+    write_qc([_searched(path)], CATEGORIES, out, multi_instance={2})
+    rows = {r["file_name"]: r for r in csv.DictReader(open(out))}
+    assert list(rows["b.jpg"])[-3:] == ["rotation", "mirrored", "reason"]
+    assert (rows["b.jpg"]["rotation"], rows["b.jpg"]["mirrored"]) == ("270", "true")
+    # empty where the orientation was not searched, and for a skipped image
+    for name in ("a.jpg", "c.jpg"):
+        assert (rows[name]["rotation"], rows[name]["mirrored"]) == ("", ""), name
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    recs[0]["orientation"] = dict(ORIENTATION, rotation=0, mirrored=False)
+    write_qc([write_records(tmp_path / "upright.jsonl", recs)], CATEGORIES, out)
+    row = next(r for r in csv.DictReader(open(out)) if r["file_name"] == recs[0]["file_name"])
+    assert (row["rotation"], row["mirrored"]) == ("0", "false")

@@ -5,6 +5,7 @@ photos with PNG templates, a video, and palindrome fine-tuning."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import shutil
@@ -117,7 +118,8 @@ def test_demo_video_outputs(tmp_path):
 
 def test_finetune_in_the_workflow(tmp_path):
     """finetune.enabled trains an adapter that propagate uses; another collection reuses
-    it without training; editing propagation settings does not retrain."""
+    it without training; editing propagation settings does not retrain, but for the
+    framing, which the training shares."""
     workdir = scenario("finetune", tmp_path)
     config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
     collection = dict(config["collections"]["trained"])
@@ -173,6 +175,15 @@ def test_finetune_in_the_workflow(tmp_path):
     (workdir / "retrain.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     assert "finetune" in planned_jobs(
         snakemake(workdir, "--configfile", "retrain.yaml", "-n").stdout
+    )
+    # the training frames its images as the segmentation does: framing retrains
+    framed = copy.deepcopy(config)
+    framed["finetune"]["num_epochs"] = 1
+    framed["propagate"]["area_growth_limit"] = 0.0
+    framed["propagate"]["framing"] = "letterbox"
+    (workdir / "framed.yaml").write_text(yaml.safe_dump(framed, sort_keys=False))
+    assert {"finetune", "propagate"} <= planned_jobs(
+        snakemake(workdir, "--configfile", "framed.yaml", "-n").stdout
     )
 
     reuse = {

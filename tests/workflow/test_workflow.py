@@ -331,6 +331,41 @@ def test_dry_run_and_lint_of_the_repository_config():
             },
             "max_skipped_fraction",
         ),
+        # the orientation search is for photos, and its settings are checked
+        (
+            {
+                "collections": {
+                    "x": {
+                        "frames": ".",
+                        "templates": "t.json",
+                        "propagate": {"orientation": "rot4"},
+                    }
+                }
+            },
+            "collections.x.propagate.orientation: rot4 searches the orientation of photos",
+        ),
+        (
+            {
+                "collections": {"x": {"frames": ".", "templates": "t.json"}},
+                "propagate": {"orientation": "rot4_mirror"},
+            },
+            "propagate.orientation (set for all collections",
+        ),
+        (
+            {
+                "collections": {"x": {"images": ".", "templates": "t.json"}},
+                "propagate": {"mirror_pairs": [["fore_wing_a"]]},
+            },
+            "mirror_pairs",
+        ),
+        (
+            {
+                "collections": {
+                    "x": {"images": ".", "templates": "t.json", "propagate": {"framing_fill": 300}}
+                }
+            },
+            "collections.x.propagate: framing_fill",
+        ),
     ],
 )
 def test_bad_config_gives_a_clear_error(tmp_path, change, message):

@@ -71,7 +71,8 @@ EXTRACTION_KEYS = ("start", "end", "max_frames", "max_size", "image_format")
 
 def _check_unused_settings():
     """Settings that would be accepted and do nothing are refused: extraction options
-    of a folder of frames (used as it is), video options of a photo collection, and a
+    of a folder of frames (used as it is), video options of a photo collection, an
+    orientation search of a video (tracked in its keyframes' orientation), and a
     per-collection model.checkpoint_dir (one folder for the whole run)."""
     import yaml
 
@@ -89,6 +90,19 @@ def _check_unused_settings():
                 "for the whole run; set model.checkpoint_dir at the top level (or give this "
                 "collection's model.checkpoint as a file path)"
             )
+        if not entry.get("images"):
+            own_propagate = entry.get("propagate") or {}
+            orientation = dict(config["propagate"], **own_propagate).get("orientation", "none")
+            if orientation != "none":
+                where = (
+                    f"collections.{name}.propagate.orientation"
+                    if "orientation" in own_propagate
+                    else "propagate.orientation (set for all collections: set it under the photo collections instead)"
+                )
+                raise WorkflowError(
+                    f"{where}: {orientation} searches the orientation of photos; collection "
+                    f"{name} is a video, tracked in its keyframes' orientation: use none"
+                )
         own = entry.get("video_options") or {}
         if entry.get("images") and own:
             raise WorkflowError(
@@ -293,6 +307,13 @@ def finetune_settings(wildcards):
     """The training settings (editing any other setting does not retrain)."""
     ft = settings(wildcards.collection, "finetune")
     return {k: v for k, v in ft.items() if k not in FINETUNE_WORKFLOW_KEYS}
+
+
+def finetune_framing(wildcards):
+    """The propagate settings the fine-tuning takes too (framing, framing_fill: the
+    training images are framed as the segmentation frames them), so editing them retrains."""
+    prop = settings(wildcards.collection, "propagate")
+    return {key: prop[key] for key in settings_module.training_keys()}
 
 
 def pool_folder(collection):

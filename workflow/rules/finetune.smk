@@ -1,7 +1,8 @@
 # Palindrome fine-tuning of SAM2 on a collection's unlabelled images (when
 # finetune.enabled): the adapter it writes is what `propagate` segments with. Editing
 # propagation (propagate.device included: the job reads it from the config),
-# measurement or output settings does not retrain.
+# measurement or output settings does not retrain, except propagate.framing and
+# framing_fill: the training frames its images as the segmentation does.
 
 
 rule finetune:
@@ -29,6 +30,7 @@ rule finetune:
         model=section("model"),
         checkpoint_dir=config["model"]["checkpoint_dir"],
         training=finetune_settings,
+        framing=finetune_framing,
         training_template_images=setting("finetune", "training_template_images"),
     script:
         "../scripts/finetune.py"

@@ -22,7 +22,7 @@ from pathlib import Path
 from sam2pal.errors import InputError
 from sam2pal.io.atomic import write_json
 from sam2pal.io.records import ImageRecord, StructureRecord, read_records
-from sam2pal.settings import Segmentation, engine_defaults
+from sam2pal.settings import PHOTO_ONLY_SETTINGS, Segmentation, engine_defaults
 
 #: The segmentation engine's settings and their defaults (`sam2pal.settings.Segmentation`).
 DEFAULT_ENGINE_SETTINGS = engine_defaults(Segmentation)
@@ -537,7 +537,14 @@ class _VideoFrames:
         return record
 
 
-def _check_video_options(mode: str, batch_size, on_bad_image: str) -> None:
+def _check_video_options(mode: str, batch_size, on_bad_image: str, engine_settings) -> None:
+    orientation = _engine_settings(engine_settings)["orientation"]
+    if orientation != "none":
+        raise InputError(
+            f"orientation {orientation}: the orientation search is for photos; a video is "
+            "tracked in its keyframes' orientation (set propagate.orientation, --orientation, "
+            "to none)"
+        )
     if mode not in VIDEO_MODES:
         raise InputError(f"unknown video mode {mode!r} (use {' or '.join(VIDEO_MODES)})")
     if mode == "video" and batch_size and int(batch_size) > 1:
@@ -585,7 +592,7 @@ def segment_video(
         The counts, with the number of keyframes.
     """
     opts = SegmentOptions(**options)
-    _check_video_options(mode, opts.batch_size, opts.on_bad_image)
+    _check_video_options(mode, opts.batch_size, opts.on_bad_image, opts.engine_settings)
     video = _VideoFrames(templates_json, manifest_csv)
     if mode == "independent":
         counts = segment(
@@ -640,7 +647,7 @@ def _track_video(
         video.keyframes,
         len(frames),
         lambda i: read_image(frames_dir / frames[i].file),
-        **run.settings,
+        **{k: v for k, v in run.settings.items() if k not in PHOTO_ONLY_SETTINGS},
     )
     counts = track_video(
         propagator,
@@ -911,6 +918,8 @@ def finetune(
     ground_truth=None,
     extra_templates=(),
     checkpoint_dir=None,
+    framing: str = Segmentation.framing,
+    framing_fill=Segmentation.framing_fill,
     log=print,
 ) -> dict:
     """Palindrome fine-tuning on a collection; writes the adapter folder `out_dir`.
@@ -925,6 +934,8 @@ def finetune(
         settings: `sam2pal.training.palindrome.FinetuneSettings` as a dict.
         ground_truth: a COCO file whose masks give the real IoU on held-out specimens.
         extra_templates: more training templates [(COCO json, image folder)].
+        framing, framing_fill: how the images are fitted to the model's square input
+            (propagate.framing and framing_fill: as the segmentation frames them).
         log: where messages go.
 
     Returns:
@@ -948,7 +959,16 @@ def finetune(
         log(note)
     pool = {name: Path(pool_dir) / name for name in pool_names}
     truth = _ground_truth_masks(ground_truth, pool_names)
-    trainer = Trainer(model, templates, pool, train_settings, ground_truth=truth, log=log)
+    trainer = Trainer(
+        model,
+        templates,
+        pool,
+        train_settings,
+        ground_truth=truth,
+        log=log,
+        framing=framing,
+        framing_fill=framing_fill,
+    )
     metadata = _adapter_metadata(started, model_info, seed, templates, pool_dir, trainer)
     metadata["device"] = str(torch_device)
     metadata["host"] = socket.gethostname()

@@ -337,8 +337,16 @@ class _PhotoRun:
     @staticmethod
     def finish(name: str, size, rest) -> ImageRecord:
         height, width = size
-        structures = [StructureRecord.from_prediction(p) for p in rest()]
-        return ImageRecord(file_name=name, width=width, height=height, structures=structures)
+        predictions = rest()
+        structures = [StructureRecord.from_prediction(p) for p in predictions]
+        return ImageRecord(
+            file_name=name,
+            width=width,
+            height=height,
+            structures=structures,
+            # the orientation found when propagate.orientation searched it (else None)
+            orientation=getattr(predictions, "orientation", None),
+        )
 
     def write_all(self, partial: PartialRecords, limit: SkipLimit, transform, progress: bool):
         """Segment every image to do, appending each record (through `transform`) to

@@ -159,6 +159,10 @@ def _write_images(out, paths: list[Path], counts: dict) -> None:
         }
         if record.frame_index is not None:
             entry.update(frame_index=int(record.frame_index), time_s=record.time_s)
+        if record.orientation is not None:
+            # propagate.orientation's search: the photo shows the template turned
+            # `rotation` degrees clockwise, after a mirror when `mirrored`
+            entry["orientation"] = record.orientation
         out.write(("" if first else ", ") + json.dumps(entry))
         first = False
         counts["images"] += 1

@@ -7,7 +7,11 @@ line:
      "structures": [{"category_id", "instance", "segmentation" (COCO RLE), "area", "bbox",
                      "score", "predicted_iou", "object_score", "cycle_iou", "clamped"
                      [, "keyframe": true]}, ...]
+     [, "orientation": {"rotation", "mirrored", "candidates"}]
      [, "frame_index": ..., "time_s": ...] [, "segmented_by": {...}]}
+
+(`orientation`: the orientation found by propagate.orientation's search, when searched;
+see `ImageRecord`)
 
 or, for a bad image file, ``{"file_name": ..., "skipped": "<reason>"}`` (a video frame's
 record carries its `frame_index` and `time_s` too). `ImageRecord` and
@@ -130,6 +134,10 @@ class ImageRecord:
     frame_index: int | None = None
     time_s: float | None = None
     segmented_by: dict | None = None
+    # {"rotation": 0/90/180/270, "mirrored": bool, "candidates": [{"rotation", "mirrored",
+    # "score"}, ...]}: the photo shows the template turned `rotation` degrees clockwise,
+    # after a left-right mirror when `mirrored`; None when the orientation was not searched
+    orientation: dict | None = None
 
     @classmethod
     def skip(cls, file_name: str, reason: str) -> ImageRecord:
@@ -149,6 +157,8 @@ class ImageRecord:
             data["width"] = self.width
             data["height"] = self.height
             data["structures"] = [s.to_json() for s in self.structures]
+            if self.orientation is not None:
+                data["orientation"] = self.orientation
         if self.frame_index is not None:
             data["frame_index"] = self.frame_index
             data["time_s"] = self.time_s
@@ -171,12 +181,14 @@ class ImageRecord:
             _check_keys(data, ("file_name", "skipped"), optional, "skipped image")
             record = cls.skip(data["file_name"], data["skipped"])
         else:
-            _check_keys(data, ("file_name", "width", "height", "structures"), optional, "image")
+            required = ("file_name", "width", "height", "structures")
+            _check_keys(data, required, (*optional, "orientation"), "image")
             record = cls(
                 file_name=data["file_name"],
                 width=data["width"],
                 height=data["height"],
                 structures=[StructureRecord.from_json(s) for s in data["structures"]],
+                orientation=data.get("orientation"),
             )
         record.frame_index = data.get("frame_index")
         record.time_s = data.get("time_s")

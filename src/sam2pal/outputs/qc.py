@@ -7,7 +7,11 @@ not be read come first, then images by increasing QC score.
 
 Columns: rank, file_name, status (ok | missing | clamped | skipped), qc_score,
 worst_structure, n_structures, n_found, missing, clamped, min_cycle_iou,
-mean_cycle_iou, min_predicted_iou, min_object_score, reason.
+mean_cycle_iou, min_predicted_iou, min_object_score, rotation, mirrored, reason.
+
+`rotation` and `mirrored` are the orientation found by propagate.orientation's search
+(the photo shows the template turned `rotation` degrees clockwise, after a left-right
+mirror when `mirrored` is true); both are empty when the orientation was not searched.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ QC_COLUMNS = [
     "mean_cycle_iou",
     "min_predicted_iou",
     "min_object_score",
+    "rotation",
+    "mirrored",
     "reason",
 ]
 
@@ -83,6 +89,8 @@ def image_row(record: ImageRecord, categories: dict[int, str], multi_instance: s
         scores.append((quality if present else 0.0, label))
     worst = min(scores) if scores else (float("nan"), "")
     status = "missing" if missing else ("clamped" if clamped else "ok")
+    orientation = record.orientation or {}
+    rotation, mirrored = orientation.get("rotation"), orientation.get("mirrored")
     return {
         "file_name": record.file_name,
         "status": status,
@@ -96,6 +104,8 @@ def image_row(record: ImageRecord, categories: dict[int, str], multi_instance: s
         "mean_cycle_iou": sum(cycles) / len(cycles) if cycles else None,
         "min_predicted_iou": min(ious) if ious else None,
         "min_object_score": min(objs) if objs else None,
+        "rotation": None if rotation is None else int(rotation),
+        "mirrored": None if mirrored is None else ("true" if mirrored else "false"),
         "reason": "",
     }
 
