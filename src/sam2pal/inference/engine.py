@@ -45,6 +45,20 @@ it much smaller. `exact=True` decodes and resizes at full size, as the official
 predictor does (the equivalence tests use it). `batch_size` targets go through the
 image encoder and each tracking call together (`predict_batch`): the same masks as one
 at a time, in larger calls that keep a GPU busy.
+
+Turned and mirrored specimens (`orientation`): SAM2's tracking is anchored to the
+template's orientation. With "rot4" (or "rot4_mirror") the templates are turned by 0,
+90, 180 and 270 degrees clockwise (and mirrored first), each orientation's memory is
+built once, and the memories are joined along the batch: a target is encoded once and
+tracked from every orientation in one call (orientations x structures), the most
+confident orientation wins (`Propagator.start_batch`) and its masks, already on the
+target's own pixel grid, are kept. With `mirror_swap`, a mirrored match reports each
+paired structure (left/right) under its partner's name.
+
+Framing (`framing`): SAM2 stretches every image to its square input; "letterbox" keeps
+the aspect (`sam2pal.inference.framing`): the image is scaled to fit, padded with a
+fill colour, and the prediction is mapped back from the image's rectangle in one
+bilinear resampling. Templates and targets are framed alike.
 """
 
 from __future__ import annotations
@@ -57,8 +71,24 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sam2pal.inference.framing import (
+    FRAMINGS,
+    Frame,
+    framed_image,
+    framed_masks,
+    make_frame,
+    parse_fill,
+    unframe_to_box,
+)
+from sam2pal.inference.orientation import (
+    Candidate,
+    candidates,
+    mirror_map,
+    transform_image,
+    transform_masks,
+)
 from sam2pal.inference.postprocess import StructureReference, clamp_mask
-from sam2pal.io.masks import BoxMask, box_iou, mask_iou, source_index
+from sam2pal.io.masks import BoxMask, box_iou, mask_iou
 from sam2pal.models.build import autocast
 from sam2pal.settings import Segmentation, engine_defaults
 
@@ -94,48 +124,74 @@ class StructurePrediction:
         return float(min(max(self.predicted_iou, 0.0), 1.0) * self.object_score)
 
 
+class Predictions(list):
+    """The `StructurePrediction`s of one image (a list), and the orientation chosen for
+    it: None when no orientation was searched, else {"rotation": R, "mirrored": M,
+    "candidates": [{"rotation", "mirrored", "score"}, ...]}: the photo shows the
+    template turned R degrees clockwise, after a left-right mirror when M is true."""
+
+    orientation: dict | None = None
+
+
 @dataclass
 class _Template:
     size: tuple[int, int]  # (height, width)
     backbone: dict  # forward_image output for batch 1
     masks: dict[ObjectKey, np.ndarray]
+    frame: Frame | None = None  # where it sits in the model's input (None: stretched)
 
 
 @dataclass
 class _Group:
     objects: list[ObjectKey]
-    templates: list[int]  # indices into Propagator._templates
-    memory: dict = field(default_factory=dict)  # SAM2 output dict of conditioning frames
-    # per template index: its masks of the group's objects as boxes (the cycle IoU's truth)
-    boxes: dict[int, list] = field(default_factory=dict)
+    templates: list[int]  # indices into a template view (Propagator._views[c])
+    # SAM2 output dict of conditioning frames: the memories of every orientation
+    # candidate joined along the batch, candidate after candidate (objects in each)
+    memory: dict = field(default_factory=dict)
+    # per candidate, per template index: its masks of the group's objects as boxes
+    # (the cycle IoU's truth)
+    boxes: list[dict[int, list]] = field(default_factory=list)
     # `memory` for a batch of several targets: (targets, repeated memory), the last one asked for
     repeated: tuple[int, dict] = (1, {})
 
 
-def preprocess(image: np.ndarray, image_size: int, device: torch.device) -> torch.Tensor:
+def preprocess(
+    image: np.ndarray, image_size: int, device: torch.device, frame=None, fill="border"
+) -> torch.Tensor:
     """Resize and normalise an image for the model.
 
-    The same operations, in the same dtypes, as SAM2's own frame loader (Pillow
-    bicubic resize, /255 in float64, mean/std normalisation in float32).
+    Stretched (no `frame`, or a stretched one): the same operations, in the same dtypes,
+    as SAM2's own frame loader (Pillow bicubic resize, /255 in float64, mean/std
+    normalisation in float32). Letterboxed: the image resized into the frame's inner
+    rectangle, on a square of the fill colour (`sam2pal.inference.framing`), then
+    normalised alike.
 
     Args:
-        image: RGB uint8 (H, W, 3).
+        image: RGB uint8 (H, W, 3); a reduced copy of the photo is resized alike.
         image_size: the model's input size S.
         device: where the tensor goes.
+        frame: the photo's `framing.Frame` (None: stretched).
+        fill: the letterbox's fill (`framing.parse_fill`).
 
     Returns:
         The normalised float tensor (1, 3, S, S).
     """
-    resized = Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
-    tensor = torch.from_numpy(np.asarray(resized) / 255.0).permute(2, 0, 1).float()
+    if frame is None or frame.stretched:
+        resized = np.asarray(
+            Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
+        )
+    else:
+        resized = framed_image(image, frame, fill)
+    tensor = torch.from_numpy(resized / 255.0).permute(2, 0, 1).float()
     tensor -= torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
     tensor /= torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
     return tensor.unsqueeze(0).to(device)
 
 
-def encode_image(model, image: np.ndarray) -> dict:
-    """One image-encoder pass (batch 1) on an RGB uint8 image, on the model's device."""
-    return model.forward_image(preprocess(image, int(model.image_size), model.device))
+def encode_image(model, image: np.ndarray, frame=None, fill="border") -> dict:
+    """One image-encoder pass (batch 1) on an RGB uint8 image, on the model's device
+    (framed as `preprocess` says)."""
+    return model.forward_image(preprocess(image, int(model.image_size), model.device, frame, fill))
 
 
 def fill_holes(low_res_logits: torch.Tensor, max_area: int) -> torch.Tensor:
@@ -168,11 +224,7 @@ def fill_holes(low_res_logits: torch.Tensor, max_area: int) -> torch.Tensor:
     return torch.where(hole_tensor, torch.full_like(low_res_logits, 0.1), low_res_logits)
 
 
-# upsample_to_box resizes the whole image when the box covers more than this share of it
-_WHOLE = 0.5
-
-
-def upsample_to_box(logits: np.ndarray, size: tuple[int, int], threshold: float = 0.0) -> BoxMask:
+def upsample_to_box(logits, size: tuple[int, int], threshold: float = 0.0) -> BoxMask:
     """Threshold a low-resolution logit map (h, w) resized bilinearly to `size` (height,
     width), computing the resize only where it can exceed the threshold.
 
@@ -180,7 +232,8 @@ def upsample_to_box(logits: np.ndarray, size: tuple[int, int], threshold: float 
     only where one of its neighbours does: outside the box of those, nothing is
     computed. Inside, the weights are those of torch's `F.interpolate(mode="bilinear",
     align_corners=False)` in float32; the result differs from it at most where a value
-    lies within rounding of the threshold.
+    lies within rounding of the threshold. (`framing.unframe_to_box` on a stretched
+    frame, which this is.)
 
     Args:
         logits: the (h, w) logit map.
@@ -190,33 +243,8 @@ def upsample_to_box(logits: np.ndarray, size: tuple[int, int], threshold: float 
     Returns:
         The mask as a tight `BoxMask` on the full-size grid.
     """
-    logits = torch.as_tensor(logits, dtype=torch.float32).cpu()
-    height, width = int(size[0]), int(size[1])
-    above = (logits > threshold).numpy()
-    rows = np.flatnonzero(above.any(axis=1))
-    if rows.size == 0:
-        return BoxMask.empty((height, width))
-    cols = np.flatnonzero(above[rows[0] : rows[-1] + 1].any(axis=0))
-    r_lo, r_hi, r_w = source_index(height, logits.shape[0])
-    c_lo, c_hi, c_w = source_index(width, logits.shape[1])
-    ys = np.flatnonzero((r_lo <= rows[-1]) & (r_hi >= rows[0]))
-    xs = np.flatnonzero((c_lo <= cols[-1]) & (c_hi >= cols[0]))
-    y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
-    if (y1 - y0) * (x1 - x0) > _WHOLE * height * width:
-        # the box is most of the image (a mask scattered all over it): torch's own resize
-        # of the whole image is faster, and gives the same pixels
-        full = F.interpolate(
-            logits[None, None], size=(height, width), mode="bilinear", align_corners=False
-        )
-        return BoxMask((height, width), 0, 0, (full[0, 0] > threshold).numpy()).tight()
-    # rows first (a small band), then columns, in place: torch's order of operations
-    wy = torch.from_numpy(r_w[y0:y1, None])
-    band = logits.index_select(0, torch.from_numpy(r_lo[y0:y1])).mul_(1.0 - wy)
-    band.add_(logits.index_select(0, torch.from_numpy(r_hi[y0:y1])).mul_(wy))
-    wx = torch.from_numpy(c_w[x0:x1])
-    values = band.index_select(1, torch.from_numpy(c_lo[x0:x1])).mul_(1.0 - wx)
-    values.add_(band.index_select(1, torch.from_numpy(c_hi[x0:x1])).mul_(wx))
-    return BoxMask((height, width), y0, x0, (values > threshold).numpy()).tight()
+    side = int(logits.shape[-1])
+    return unframe_to_box(logits, make_frame(int(size[0]), int(size[1]), side), threshold)
 
 
 # -- SAM2 steps shared by the engine and the palindrome trainer ---------------------------
@@ -233,8 +261,11 @@ def expand_features(model, backbone: dict, batch: int):
     return feats, pos, sizes
 
 
-def binary_mask_input(masks: np.ndarray, image_size: int, device) -> torch.Tensor:
-    """(B, H, W) bool masks -> (B, 1, S, S) binary float, as `add_new_mask` does."""
+def binary_mask_input(masks: np.ndarray, image_size: int, device, frame=None) -> torch.Tensor:
+    """(B, H, W) bool masks -> (B, 1, S, S) binary float, as `add_new_mask` does
+    (letterboxed into the frame's inner rectangle when a letterbox `frame` is given)."""
+    if frame is not None and not frame.stretched:
+        return torch.from_numpy(framed_masks(masks, frame)[:, None]).to(device)
     tensor = torch.from_numpy(masks[:, None].astype(np.float32)).to(device)
     if tensor.shape[-2:] != (image_size, image_size):
         tensor = F.interpolate(
@@ -373,12 +404,21 @@ def logits_to_masks(
 
 
 def logits_to_boxes(
-    low_res: torch.Tensor, size: tuple[int, int], threshold: float = 0.0, exact: bool = False
+    low_res: torch.Tensor,
+    size: tuple[int, int],
+    threshold: float = 0.0,
+    exact: bool = False,
+    frame=None,
 ) -> list[BoxMask]:
     """Low-res logits (B, 1, h, w) -> B masks at `size` (height, width) as `BoxMask`s.
 
     Resized only inside each structure's box (`upsample_to_box`), or, with `exact`,
-    over the whole image as the official predictor does (`logits_to_masks`)."""
+    over the whole image as the official predictor does (`logits_to_masks`). With a
+    letterbox `frame`, mapped from the frame's inner rectangle back to the photo
+    (`framing.unframe_to_box`: one bilinear resampling, no crop-then-resize)."""
+    if frame is not None and not frame.stretched:
+        low_res = low_res.detach().float().cpu()
+        return [unframe_to_box(low_res[b, 0], frame, threshold) for b in range(low_res.shape[0])]
     if exact:
         return [BoxMask.from_full(mask) for mask in logits_to_masks(low_res, size, threshold)]
     low_res = low_res.detach().float().cpu()
@@ -410,6 +450,31 @@ def repeat_memory(memory: dict, times: int) -> dict:
     }
 
 
+def _concat_batch(values: list):
+    """Memory entries of several memories joined along the batch (object) dimension."""
+    first = values[0]
+    if torch.is_tensor(first):
+        return torch.cat(values)
+    if isinstance(first, list):
+        return [_concat_batch([v[i] for v in values]) for i in range(len(first))]
+    return first
+
+
+def concat_memories(memories: list[dict]) -> dict:
+    """SAM2 output dicts of conditioning frames with the same frames, joined along the
+    batch: the objects of the first, then those of the second, ..."""
+    if len(memories) == 1:
+        return memories[0]
+    first = memories[0]
+    return {
+        kind: {
+            frame: {name: _concat_batch([m[kind][frame][name] for m in memories]) for name in out}
+            for frame, out in frames.items()
+        }
+        for kind, frames in first.items()
+    }
+
+
 def stacked_features(model, backbones: list[dict], batch: int):
     """Features of several images for tracking, each image's expanded to `batch`
     objects, image after image (flattened as `expand_features`)."""
@@ -434,6 +499,7 @@ def cycle_ious(
     fill_hole_area: int = 0,
     threshold: float = 0.0,
     repeat: int = 1,
+    frames: list | None = None,
 ) -> list[float]:
     """Label-free quality of predicted masks: the target, with its predicted masks
     (`low_res`, B objects), becomes the conditioning frame of a fresh memory, and each
@@ -446,6 +512,8 @@ def cycle_ious(
     as on the full arrays, at the cost of the structures' boxes instead of the whole
     photo. `repeat`: the batch holds that many targets, each with the same B objects
     (the references' masks are B per reference), so B = len(low_res) / repeat.
+    `frames`: per reference its `framing.Frame` when the references are letterboxed
+    (their predictions are mapped back to their own pixel grids through it).
 
     Args:
         model: the SAM2Base.
@@ -475,7 +543,14 @@ def cycle_ious(
     totals = np.zeros(batch)
     for r, (_, masks) in enumerate(references):
         logits = back[r * batch : (r + 1) * batch]
-        if isinstance(masks[0], BoxMask):
+        frame = None if frames is None else frames[r]
+        if frame is not None and not frame.stretched:
+            for i in range(batch):
+                truth = masks[i % len(masks)]
+                if not isinstance(truth, BoxMask):
+                    truth = BoxMask.from_full(truth)
+                totals[i] += box_iou(unframe_to_box(logits[i, 0], frame, threshold), truth)
+        elif isinstance(masks[0], BoxMask):
             for i in range(batch):
                 truth = masks[i % len(masks)]
                 totals[i] += box_iou(upsample_to_box(logits[i, 0], truth.size, threshold), truth)
@@ -498,10 +573,28 @@ class Propagator:
         SAM2's video predictor does (8 there); 0 disables.
     cycle_consistency: compute the cycle IoU (costs one memory pass per template).
     backbones: the template images' image-encoder outputs, in `templates.images`
-        order, when already computed (the trainer's feature cache); the template
-        images are then neither read nor encoded again.
+        order, when already computed (the trainer's feature cache, encoded with the
+        same framing); the template images are then neither read nor encoded again.
     area_growth_limit, area_clamp_pad, bbox_clamp: post-processing relative to the
         template structure (see `sam2pal.inference.postprocess.clamp_mask`); off by default.
+    orientation: "none", "rot4" or "rot4_mirror": the orientation search. The templates
+        are turned by 0, 90, 180 and 270 degrees (and mirrored), each orientation's
+        memory built once; each target is encoded once and tracked from all of them in
+        one batch, and the orientation with the highest confidence wins: the mean over
+        all structures of SAM2's predicted IoU times its object probability (a structure
+        predicted absent counts with its low score). The masks are on the target's own
+        pixel grid; the choice is recorded (`Predictions.orientation`).
+    mirror_swap: on a mirrored match, report each paired structure under its partner's
+        name (left <-> right): for lateral views, where a mirrored match shows the
+        specimen's other side. Off for dorsal and ventral views.
+    mirror_pairs: more pairs of category names for `mirror_swap` ([[a, b], ...]); names
+        with left/right in them pair by themselves, instances of one category by side
+        (`orientation.mirror_map`).
+    framing: "stretch" (SAM2's own: every image stretched to the square input) or
+        "letterbox" (aspect kept, padded with `framing_fill`); see
+        `sam2pal.inference.framing`.
+    framing_fill: the letterbox's fill: "border" (each image's border colour), a grey
+        level or an RGB colour.
     """
 
     def __init__(
@@ -518,11 +611,18 @@ class Propagator:
         backbones: list[dict] | None = None,
         exact: bool = ENGINE_DEFAULTS["exact"],
         batch_size: int = 1,
+        orientation: str = ENGINE_DEFAULTS["orientation"],
+        mirror_swap: bool = ENGINE_DEFAULTS["mirror_swap"],
+        mirror_pairs=ENGINE_DEFAULTS["mirror_pairs"],
+        framing: str = ENGINE_DEFAULTS["framing"],
+        framing_fill=ENGINE_DEFAULTS["framing_fill"],
     ):
         if read_image is None:
             from sam2pal.io.images import read_image
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
         self.model = model
         self.exact = bool(exact)
         self.batch_size = int(batch_size)
@@ -535,31 +635,64 @@ class Propagator:
         self.bbox_clamp = bool(bbox_clamp)
         self.mask_threshold = float(mask_threshold)
         self.categories = dict(templates.categories)
+        self.orientation = str(orientation)
+        self.candidates: list[Candidate] = candidates(self.orientation)
+        self.mirror_swap = bool(mirror_swap)
+        self.framing = framing
+        self.framing_fill = parse_fill(framing_fill)
+        if backbones is not None and len(self.candidates) > 1:
+            raise ValueError("template backbones can be given only without an orientation search")
 
-        self._templates = self._encode_templates(templates, read_image, backbones)
+        # per orientation candidate, the templates turned (and mirrored) that way
+        self._views = self._encode_templates(templates, read_image, backbones)
+        self._templates = self._views[0]
         self._build_groups()
+        self.mirror = self._mirror_map(mirror_pairs)
 
-    def _encode_templates(self, templates, read_image, backbones) -> list[_Template]:
+    def _frame(self, height: int, width: int) -> Frame:
+        return make_frame(int(height), int(width), self.image_size, self.framing)
+
+    def _encode_templates(self, templates, read_image, backbones) -> list[list[_Template]]:
         """Each template image's features (encoded here, or the given backbones) and its
-        structures' masks."""
+        structures' masks, per orientation candidate: the image and masks turned (and
+        mirrored) as the candidate says."""
         if backbones is not None and len(backbones) != len(templates.images):
             raise ValueError(
                 f"{len(backbones)} template backbones for {len(templates.images)} template images"
             )
-        encoded: list[_Template] = []
+        views: list[list[_Template]] = [[] for _ in self.candidates]
         with torch.inference_mode(), autocast(self.device):
             for index, tmpl in enumerate(templates.images):
                 masks = {(inst.category_id, inst.instance): inst.mask for inst in tmpl.instances}
-                if backbones is None:
-                    rgb = read_image(tmpl.path)
-                    encoded.append(_Template(rgb.shape[:2], self._encode(rgb), masks))
-                else:
-                    encoded.append(_Template((tmpl.height, tmpl.width), backbones[index], masks))
-        return encoded
+                if backbones is not None:
+                    frame = self._frame(tmpl.height, tmpl.width)
+                    size = (tmpl.height, tmpl.width)
+                    views[0].append(_Template(size, backbones[index], masks, frame))
+                    continue
+                rgb = read_image(tmpl.path)
+                for view, candidate in zip(views, self.candidates):
+                    turned = transform_image(rgb, candidate)
+                    keys = list(masks)
+                    turned_masks = (
+                        transform_masks(np.stack([masks[k] for k in keys]), candidate)
+                        if keys
+                        else []
+                    )
+                    frame = self._frame(*turned.shape[:2])
+                    view.append(
+                        _Template(
+                            turned.shape[:2],
+                            self._encode(turned, frame),
+                            dict(zip(keys, turned_masks)),
+                            frame,
+                        )
+                    )
+        return views
 
     def _build_groups(self) -> None:
         """Structures grouped by the templates that show them, each group's memory built
-        once (and the template boxes the cycle-consistency check compares with)."""
+        once per orientation candidate (and the template boxes the cycle-consistency
+        check compares with)."""
         keys = sorted({k for t in self._templates for k in t.masks})
         if not keys:
             raise ValueError("the template set has no structures")
@@ -569,45 +702,62 @@ class Propagator:
             shown_on = tuple(i for i, t in enumerate(self._templates) if key in t.masks)
             by_templates.setdefault(shown_on, []).append(key)
         self.groups = [_Group(objs, list(tids)) for tids, objs in by_templates.items()]
-        self.references = {
-            key: StructureReference.from_masks(
-                [t.masks[key] for t in self._templates if key in t.masks]
-            )
-            for key in keys
-        }
+        # per candidate: the clamping references of the structures, on the turned templates
+        self._references = [
+            {
+                key: StructureReference.from_masks([t.masks[key] for t in view if key in t.masks])
+                for key in keys
+            }
+            for view in self._views
+        ]
+        self.references = self._references[0]
         with torch.inference_mode(), autocast(self.device):
             for group in self.groups:
-                group.memory = self._template_memory(group)
+                group.memory = concat_memories(
+                    [self._template_memory(group, view) for view in self._views]
+                )
                 if self.cycle_consistency:
-                    group.boxes = {
-                        t: [
-                            BoxMask.from_full(self._templates[t].masks[key])
-                            for key in group.objects
-                        ]
-                        for t in group.templates
-                    }
+                    group.boxes = [
+                        {
+                            t: [BoxMask.from_full(view[t].masks[key]) for key in group.objects]
+                            for t in group.templates
+                        }
+                        for view in self._views
+                    ]
+
+    def _mirror_map(self, pairs) -> dict[ObjectKey, ObjectKey]:
+        """Which structure a structure is reported as on a mirrored match (`mirror_swap`)."""
+        if not self.mirror_swap or not any(c.mirrored for c in self.candidates):
+            return {}
+        # positions for pairing instances by side: each structure on the first template
+        # that shows it
+        masks: dict[ObjectKey, np.ndarray] = {}
+        for tmpl in self._templates:
+            for key, mask in tmpl.masks.items():
+                masks.setdefault(key, mask)
+        return mirror_map(self.objects, self.categories, masks, pairs or ())
 
     # -- SAM2 steps -------------------------------------------------------------------
 
-    def _encode(self, rgb: np.ndarray) -> dict:
+    def _encode(self, rgb: np.ndarray, frame: Frame | None = None) -> dict:
         """One image-encoder pass (batch 1)."""
-        return encode_image(self.model, rgb)
+        return encode_image(self.model, rgb, frame, self.framing_fill)
 
     def _features(self, backbone: dict, batch: int):
         return expand_features(self.model, backbone, batch)
 
-    def _template_memory(self, group: _Group) -> dict:
+    def _template_memory(self, group: _Group, view: list[_Template]) -> dict:
         num_frames = len(group.templates) + 1
         cond = {}
         for frame_idx, t_index in enumerate(group.templates):
-            tmpl = self._templates[t_index]
+            tmpl = view[t_index]
             masks = np.stack([tmpl.masks[key] for key in group.objects])
             cond[frame_idx] = conditioning_frame(
                 self.model,
                 self._features(tmpl.backbone, len(group.objects)),
                 frame_idx,
                 num_frames,
-                binary_mask_input(masks, self.image_size, self.device),
+                binary_mask_input(masks, self.image_size, self.device, tmpl.frame),
                 self.fill_hole_area,
             )
         return new_memory(cond)
@@ -616,15 +766,18 @@ class Propagator:
         return track_frame(self.model, feats, frame_idx, num_frames, memory, self.fill_hole_area)
 
     def _memory(self, group: _Group, targets: int) -> dict:
-        """The group's template memory for a batch of `targets` images."""
+        """The group's template memory (all candidates) for a batch of `targets` images."""
         if targets == 1:
             return group.memory
         if group.repeated[0] != targets:
             group.repeated = (targets, repeat_memory(group.memory, targets))
         return group.repeated[1]
 
-    def _cycle_iou(self, group: _Group, feats, low_res: torch.Tensor, targets: int) -> list[float]:
-        references = [(self._templates[t].backbone, group.boxes[t]) for t in group.templates]
+    def _cycle_iou(
+        self, group: _Group, candidate: int, feats, low_res: torch.Tensor, targets: int
+    ) -> list[float]:
+        view = self._views[candidate]
+        references = [(view[t].backbone, group.boxes[candidate][t]) for t in group.templates]
         return cycle_ious(
             self.model,
             feats,
@@ -633,6 +786,7 @@ class Propagator:
             self.fill_hole_area,
             self.mask_threshold,
             repeat=targets,
+            frames=[view[t].frame for t in group.templates],
         )
 
     # -- public -----------------------------------------------------------------------
@@ -660,7 +814,7 @@ class Propagator:
 
     def predict(
         self, image, backbone: dict | None = None, size: tuple[int, int] | None = None
-    ) -> list[StructurePrediction]:
+    ) -> Predictions:
         """All structures on one RGB uint8 image.
 
         Args:
@@ -671,7 +825,8 @@ class Propagator:
                 of the photo (`read_target`); by default the image's own size.
 
         Returns:
-            A `StructurePrediction` per structure, in `self.objects` order.
+            A `StructurePrediction` per structure, in `self.objects` order (a
+            `Predictions` list, with the orientation chosen).
         """
         return self.predict_batch(
             [image], None if backbone is None else [backbone], None if size is None else [size]
@@ -679,18 +834,37 @@ class Propagator:
 
     def predict_batch(
         self, images: list, backbones: list[dict] | None = None, sizes: list | None = None
-    ) -> list[list[StructurePrediction]]:
+    ) -> list[Predictions]:
         """`predict` for several images in one image-encoder call and one tracking call
-        per template group (the batch is images x structures): the same masks as one
-        image at a time, in fewer, larger calls (what keeps a GPU busy).
+        per template group (the batch is images x orientations x structures): the same
+        masks as one image at a time, in fewer, larger calls (what keeps a GPU busy).
 
         Args:
             images, backbones, sizes: per image, as `predict`'s image, backbone, size.
 
         Returns:
-            Per image, its list of `StructurePrediction`s.
+            Per image, its `Predictions`.
         """
         return [pending.finish() for pending in self.start_batch(images, backbones, sizes)]
+
+    def _encode_targets(self, images: list, frames: list[Frame]) -> list[dict]:
+        """The targets' image-encoder outputs, from one call."""
+        batch = torch.cat(
+            [
+                preprocess(image, self.image_size, self.device, frame, self.framing_fill)
+                for image, frame in zip(images, frames)
+            ]
+        )
+        encoded = self.model.forward_image(batch)
+        if len(images) == 1:
+            return [encoded]
+        return [
+            {
+                key: [level[i : i + 1] for level in encoded[key]]
+                for key in ("backbone_fpn", "vision_pos_enc")
+            }
+            for i in range(len(images))
+        ]
 
     @torch.inference_mode()
     def start_batch(
@@ -710,51 +884,108 @@ class Propagator:
         n = len(images)
         if sizes is None:
             sizes = [image[:2] if isinstance(image, tuple) else image.shape[:2] for image in images]
-        pending = [PendingPrediction(self, (int(s[0]), int(s[1]))) for s in sizes]
+        frames = [self._frame(s[0], s[1]) for s in sizes]
+        count = len(self.candidates)
         with autocast(self.device):
             if backbones is None:
-                batch = torch.cat(
-                    [preprocess(image, self.image_size, self.device) for image in images]
-                )
-                encoded = self.model.forward_image(batch)
-                backbones = (
-                    [
-                        {
-                            key: [level[i : i + 1] for level in encoded[key]]
-                            for key in ("backbone_fpn", "vision_pos_enc")
-                        }
-                        for i in range(n)
-                    ]
-                    if n > 1
-                    else [encoded]
-                )
+                backbones = self._encode_targets(images, frames)
+            tracked = []
+            scores = np.zeros((n, count))
             for group in self.groups:
                 objects = len(group.objects)
-                feats = stacked_features(self.model, backbones, objects)
+                # the batch: target after target, in each candidate after candidate
+                feats = stacked_features(self.model, backbones, count * objects)
                 num_frames = len(group.templates) + 1
                 low_res, ious, obj_logits = self._track(
                     feats, num_frames - 1, num_frames, self._memory(group, n)
                 )
-                cycle = (
-                    self._cycle_iou(group, feats, low_res, n) if self.cycle_consistency else None
-                )
-                probs = torch.sigmoid(obj_logits).cpu().tolist()
-                ious = ious.cpu().tolist()
-                low_res = low_res.float().cpu()
+                probs = torch.sigmoid(obj_logits).cpu().numpy().reshape(n, count, objects)
+                ious = ious.cpu().numpy().reshape(n, count, objects)
+                scores += (np.clip(ious, 0.0, 1.0) * probs).sum(axis=2)
+                tracked.append((group, feats, low_res, ious, probs))
+            scores /= len(self.objects)
+            # np.argmax keeps the first of equal scores: the template's own orientation
+            chosen = scores.argmax(axis=1)
+            pending = [
+                PendingPrediction(self, (int(s[0]), int(s[1])), frame, int(c))
+                for s, frame, c in zip(sizes, frames, chosen)
+            ]
+            if self.orientation != "none":
                 for j in range(n):
-                    for i, key in enumerate(group.objects):
-                        b = j * objects + i
-                        pending[j].add(
-                            key, low_res[b], ious[b], probs[b], None if cycle is None else cycle[b]
-                        )
+                    pending[j].orientation = self._orientation_record(int(chosen[j]), scores[j])
+            for group, feats, low_res, ious, probs in tracked:
+                self._add_chosen(pending, group, backbones, feats, low_res, ious, probs, chosen)
         return pending
+
+    def _orientation_record(self, chosen: int, scores: np.ndarray) -> dict:
+        winner = self.candidates[chosen]
+        return {
+            "rotation": winner.rotation,
+            "mirrored": winner.mirrored,
+            "candidates": [
+                {
+                    "rotation": c.rotation,
+                    "mirrored": c.mirrored,
+                    "score": round(float(score), 6),
+                }
+                for c, score in zip(self.candidates, scores)
+            ],
+        }
+
+    def _add_chosen(self, pending, group, backbones, feats, low_res, ious, probs, chosen) -> None:
+        """Hand each target's structures of `group`, as tracked from its chosen
+        orientation, to its PendingPrediction (with their cycle IoU)."""
+        n, count = len(pending), len(self.candidates)
+        objects = len(group.objects)
+        if count == 1:
+            won = low_res
+        else:
+            rows = [
+                j * count * objects + int(chosen[j]) * objects + i
+                for j in range(n)
+                for i in range(objects)
+            ]
+            won = low_res[torch.as_tensor(rows, device=low_res.device)]
+        cycle = None
+        if self.cycle_consistency:
+            if count == 1:
+                cycle = self._cycle_iou(group, 0, feats, won, n)
+            else:
+                cycle = []
+                for j in range(n):
+                    cycle += self._cycle_iou(
+                        group,
+                        int(chosen[j]),
+                        stacked_features(self.model, [backbones[j]], objects),
+                        won[j * objects : (j + 1) * objects],
+                        1,
+                    )
+        won = won.float().cpu()
+        for j in range(n):
+            c = int(chosen[j])
+            for i, key in enumerate(group.objects):
+                b = j * objects + i
+                pending[j].add(
+                    key,
+                    won[b],
+                    float(ious[j, c, i]),
+                    float(probs[j, c, i]),
+                    None if cycle is None else cycle[b],
+                )
 
 
 class PendingPrediction:
     """The model's output for one image, before its masks are resized to the photo."""
 
-    def __init__(self, engine: Propagator, size: tuple[int, int]):
-        self.engine, self.size = engine, size
+    def __init__(
+        self,
+        engine: Propagator,
+        size: tuple[int, int],
+        frame: Frame | None = None,
+        candidate: int = 0,
+    ):
+        self.engine, self.size, self.frame, self.candidate = engine, size, frame, candidate
+        self.orientation: dict | None = None
         self.parts: list[tuple] = []
 
     def add(
@@ -762,26 +993,36 @@ class PendingPrediction:
     ) -> None:
         self.parts.append((key, low_res, iou, prob, cycle))
 
-    def finish(self) -> list[StructurePrediction]:
-        """The structures of the image, in the engine's `objects` order."""
+    def finish(self) -> Predictions:
+        """The structures of the image, in the engine's `objects` order (each paired
+        structure under its partner's name after a mirrored match with `mirror_swap`)."""
         engine = self.engine
+        swap = engine.mirror if engine.candidates[self.candidate].mirrored else {}
+        references = engine._references[self.candidate]
         results: dict[ObjectKey, StructurePrediction] = {}
         for key, low_res, iou, prob, cycle in self.parts:
-            box = logits_to_boxes(low_res[None], self.size, engine.mask_threshold, engine.exact)[0]
+            box = logits_to_boxes(
+                low_res[None], self.size, engine.mask_threshold, engine.exact, self.frame
+            )[0]
             box, clamped = clamp_mask(
                 box,
-                engine.references[key],
+                references[key],
                 area_growth_limit=engine.area_growth_limit,
                 pad=engine.area_clamp_pad,
                 always=engine.bbox_clamp,
             )
-            results[key] = StructurePrediction(
-                category_id=key[0],
-                instance=key[1],
+            named = swap.get(key, key)
+            results[named] = StructurePrediction(
+                category_id=named[0],
+                instance=named[1],
                 box=box,
                 predicted_iou=float(iou),
                 object_score=float(prob),
                 cycle_iou=None if cycle is None else float(cycle),
                 clamped=clamped,
             )
-        return [results[key] for key in engine.objects]
+        order = [key for key in engine.objects if key in results]
+        order += [key for key in results if key not in set(engine.objects)]
+        predictions = Predictions(results[key] for key in order)
+        predictions.orientation = self.orientation
+        return predictions

@@ -971,6 +971,7 @@ def finetune(
     )
     metadata = _adapter_metadata(started, model_info, seed, templates, pool_dir, trainer)
     metadata["device"] = str(torch_device)
+    metadata["framing"] = {"framing": framing, "framing_fill": framing_fill}
     metadata["host"] = socket.gethostname()
     metadata["versions"] = package_versions()
     result = trainer.train(out_dir, metadata)

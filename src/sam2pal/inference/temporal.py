@@ -82,6 +82,7 @@ from sam2pal.inference.engine import (
     logits_to_boxes,
     track_step,
 )
+from sam2pal.inference.framing import FRAMINGS, Frame, make_frame, parse_fill
 from sam2pal.inference.postprocess import StructureReference, clamp_mask
 from sam2pal.io.atomic import atomic_path
 from sam2pal.io.masks import BoxMask, decode_segmentation
@@ -119,7 +120,7 @@ class _Group:
 
 
 def cut_logits_to_boxes(
-    high_res: torch.Tensor, boxes: list, frame_size: tuple[int, int]
+    high_res: torch.Tensor, boxes: list, frame_size: tuple[int, int], frame=None
 ) -> torch.Tensor:
     """Mask logits (B, 1, S, S) with every object's logits outside its box set to
     SAM2's "no object" score (-1024, background after the sigmoid).
@@ -128,13 +129,20 @@ def cut_logits_to_boxes(
     width); x1, y1 exclusive), or None to leave that object as it is. The frame was
     resized to the S x S model input, so a cell of the logit grid is kept when its
     centre falls inside the box, the rule by which the box cuts the frame's pixels.
+    With a letterbox `frame` (`sam2pal.inference.framing.Frame`) the cells are mapped
+    through its inner rectangle; the padding's cells are cut.
     """
     if all(box is None for box in boxes):
         return high_res
     size = high_res.shape[-1]
     height, width = frame_size
     centres = torch.arange(size, dtype=torch.float64, device=high_res.device) + 0.5
-    xs, ys = centres * (width / size), centres * (height / size)
+    if frame is None or frame.stretched:
+        xs, ys = centres * (width / size), centres * (height / size)
+    else:  # outside the inner rectangle the coordinates fall outside every box
+        scale = size / frame.size
+        xs = (centres * scale - frame.left) * (width / frame.inner_width)
+        ys = (centres * scale - frame.top) * (height / frame.inner_height)
     cut = high_res.clone()
     background = torch.full_like(cut[0, 0], NO_OBJ_SCORE)
     for b, box in enumerate(boxes):
@@ -299,6 +307,8 @@ class VideoPropagator:
     prefetch: frames read ahead in a background thread.
     exact: resize the masks to the frame over the whole frame, as the official
         predictor does, instead of inside each structure's box (`engine.logits_to_boxes`).
+    framing, framing_fill: how frames go into the model's square input, as the photo
+        engine's (`sam2pal.inference.framing`): keyframes and frames alike.
     """
 
     def __init__(
@@ -315,16 +325,22 @@ class VideoPropagator:
         mask_threshold: float = 0.0,
         prefetch: int = 2,
         exact: bool = ENGINE_DEFAULTS["exact"],
+        framing: str = ENGINE_DEFAULTS["framing"],
+        framing_fill=ENGINE_DEFAULTS["framing_fill"],
     ):
         if not keyframes:
             raise ValueError("a video needs at least one keyframe")
         bad = sorted(k for k in keyframes if not 0 <= k < num_frames)
         if bad:
             raise ValueError(f"keyframe index {bad[0]} is outside the video's {num_frames} frames")
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
         self.model = model
         self.exact = bool(exact)
         self.device = model.device
         self.image_size = int(model.image_size)
+        self.framing = framing
+        self.framing_fill = parse_fill(framing_fill)
         self.num_frames = int(num_frames)
         self.read_frame = read_frame
         self.keyframes = {int(k): dict(v) for k, v in keyframes.items()}
@@ -365,7 +381,9 @@ class VideoPropagator:
         with torch.inference_mode(), autocast(self.device):
             for index in sorted(self.keyframes):
                 groups = [g for g in self.groups if index in g.keyframes]
-                backbone = encode_image(self.model, self._read(index))
+                rgb = self._read(index)
+                frame = self._frame(rgb.shape[:2])
+                backbone = self._encode(rgb)
                 for group in groups:
                     masks = np.stack([self.keyframes[index][key] for key in group.objects])
                     group.cond[index] = conditioning_frame(
@@ -373,11 +391,19 @@ class VideoPropagator:
                         expand_features(self.model, backbone, len(group.objects)),
                         index,
                         self.num_frames,
-                        binary_mask_input(masks, self.image_size, self.device),
+                        binary_mask_input(masks, self.image_size, self.device, frame),
                         self.fill_hole_area,
                     )
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _frame(self, size) -> Frame:
+        """Where a frame of `size` (height, width) sits in the model's input."""
+        return make_frame(int(size[0]), int(size[1]), self.image_size, self.framing)
+
+    def _encode(self, rgb: np.ndarray) -> dict:
+        """One image-encoder pass on a frame, framed."""
+        return encode_image(self.model, rgb, self._frame(rgb.shape[:2]), self.framing_fill)
 
     def _read(self, index: int) -> np.ndarray:
         self.frames_read += 1
@@ -397,7 +423,7 @@ class VideoPropagator:
         if index not in self._keyframe_backbones:
             if len(self._keyframe_backbones) >= 2:
                 self._keyframe_backbones.pop(next(iter(self._keyframe_backbones)))
-            self._keyframe_backbones[index] = encode_image(self.model, self._read(index))
+            self._keyframe_backbones[index] = self._encode(self._read(index))
         return self._keyframe_backbones[index]
 
     def _nearest_keyframe(self, group: _Group, index: int) -> int:
@@ -430,16 +456,21 @@ class VideoPropagator:
         _, sam_outputs = track_step(self.model, feats, index, self.num_frames, memory, step < 0)
         _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
         low_res = fill_holes(low_res_masks.float(), self.fill_hole_area)
-        masks = logits_to_boxes(low_res, size, self.mask_threshold, self.exact)
+        frame = self._frame(size)
+        masks = logits_to_boxes(low_res, size, self.mask_threshold, self.exact, frame)
         clamped, boxes = self._guard_drift(group, masks, size, previous)
         window[index] = remember(
             self.model,
             feats,
-            cut_logits_to_boxes(high_res_masks, boxes, size),
+            cut_logits_to_boxes(high_res_masks, boxes, size, frame),
             object_score_logits,
             obj_ptr,
         )
-        cycle = self._cycle_ious(group, index, feats, low_res) if self.cycle_consistency else None
+        cycle = (
+            self._cycle_ious(group, index, feats, low_res, frame)
+            if self.cycle_consistency
+            else None
+        )
         probs = torch.sigmoid(object_score_logits.float()[:, 0]).cpu().tolist()
         ious = ious.float().max(dim=1).values.cpu().tolist()
         return {
@@ -474,7 +505,7 @@ class VideoPropagator:
                     boxes[i] = previous[key].pixel_box(size[0], size[1], self.area_clamp_pad)
         return clamped, boxes
 
-    def _cycle_ious(self, group: _Group, index: int, feats, low_res):
+    def _cycle_ious(self, group: _Group, index: int, feats, low_res, frame=None):
         """Cycle IoU of each object of the group from its nearest keyframe."""
         nearest = self._nearest_keyframe(group, index)
         references = [
@@ -483,8 +514,15 @@ class VideoPropagator:
                 [self.keyframes[nearest][key] for key in group.objects],
             )
         ]
+        # keyframes and frames have one size: the keyframe's frame is the frame's
         return cycle_ious(
-            self.model, feats, low_res, references, self.fill_hole_area, self.mask_threshold
+            self.model,
+            feats,
+            low_res,
+            references,
+            self.fill_hole_area,
+            self.mask_threshold,
+            frames=[frame],
         )
 
     def _state_bytes(self, windows: list) -> int:
@@ -547,7 +585,7 @@ class VideoPropagator:
                 size = rgb.shape[:2]
                 tracked = [g for g in active if index not in self.groups[g].cond]
                 with torch.inference_mode(), autocast(self.device):
-                    backbone = encode_image(self.model, rgb) if tracked else None
+                    backbone = self._encode(rgb) if tracked else None
                     del rgb
                     results, from_annotation = self._track_frame(
                         backbone, index, size, active, step, state

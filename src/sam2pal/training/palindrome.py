@@ -64,6 +64,7 @@ from sam2pal.inference.engine import (
     new_memory,
     track_frame,
 )
+from sam2pal.inference.framing import FRAMINGS, make_frame, parse_fill
 from sam2pal.inference.orientation import mirror_partner
 from sam2pal.io.atomic import atomic_path, atomic_write
 from sam2pal.io.masks import mask_iou
@@ -159,8 +160,17 @@ class FeatureCache:
     images. Without caching (or with a trainable image encoder) every call encodes.
     """
 
-    def __init__(self, model, device, enabled: bool, trainable_encoder: bool):
+    def __init__(
+        self,
+        model,
+        device,
+        enabled: bool,
+        trainable_encoder: bool,
+        framing: str = "stretch",
+        fill="border",
+    ):
         self.model = model
+        self.framing, self.fill = framing, fill
         self.device = device
         self.enabled = enabled and not trainable_encoder
         self.trainable_encoder = trainable_encoder
@@ -170,8 +180,9 @@ class FeatureCache:
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def _encode(self, image: np.ndarray) -> dict:
+        frame = make_frame(*image.shape[:2], int(self.model.image_size), self.framing)
         with autocast(self.device):
-            return encode_image(self.model, image)
+            return encode_image(self.model, image, frame, self.fill)
 
     def add(self, key: str, image: np.ndarray) -> None:
         self.sizes[key] = image.shape[:2]
@@ -311,12 +322,16 @@ class Trainer:
         log=print,
         objective: str = "palindrome",
         select_by: str = "auto",
+        framing: str = "stretch",
+        framing_fill="border",
     ):
         """`objective` "supervised" (an upper bound for benchmarks, not a workflow
         mode) trains phase 1 alone against the targets' true masks: every training
         image needs ground truth. `select_by` "cycle_iou" picks the best epoch on the
         label-free cycle IoU even where ground truth is known (it is then only logged,
-        as is the training targets' IoU beside the loss, step by step)."""
+        as is the training targets' IoU beside the loss, step by step). `framing` and
+        `framing_fill`: how images go into the model's square input, as at inference
+        (`sam2pal.inference.framing`): the adapter is trained on what it will see."""
         if objective not in self.OBJECTIVES:
             raise InputError(
                 f"finetune: objective must be one of {', '.join(self.OBJECTIVES)}, got {objective!r}"
@@ -333,6 +348,9 @@ class Trainer:
         self.log = log
         self.device = model.device
         self.image_size = int(model.image_size)
+        if framing not in FRAMINGS:
+            raise InputError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
+        self.framing, self.framing_fill = framing, parse_fill(framing_fill)
         self.categories = dict(templates.categories)
         self.template_set = templates
         self.ground_truth = ground_truth or {}
@@ -343,7 +361,14 @@ class Trainer:
         self._prepare_model(model)
         self._split_pool(pool)
         trainable_encoder = "image_encoder" in settings.targets
-        self.cache = FeatureCache(self.sam, self.device, settings.cache_features, trainable_encoder)
+        self.cache = FeatureCache(
+            self.sam,
+            self.device,
+            settings.cache_features,
+            trainable_encoder,
+            self.framing,
+            self.framing_fill,
+        )
         self.templates: list[_TrainingTemplate] = []
         self.views: dict[str, list[_TrainingTemplate]] = {}
         if settings.template_views and not self.cache.enabled:
@@ -434,19 +459,20 @@ class Trainer:
         self.cache.add(key, image)
         objects = [(i.category_id, i.instance) for i in t.instances]
         masks = np.stack([i.mask for i in t.instances])
-        self.templates.append(
-            _TrainingTemplate(key, objects, binary_mask_input(masks, self.image_size, self.device))
-        )
+        self.templates.append(_TrainingTemplate(key, objects, self._mask_input(masks)))
         self.views[key] = []
         for v in range(self.settings.template_views):
             view_image, view_masks = template_view(image, masks, objects, self.categories, self.rng)
             view_key = f"{key}#view{v}"
             self.cache.add(view_key, view_image)
             self.views[key].append(
-                _TrainingTemplate(
-                    view_key, objects, binary_mask_input(view_masks, self.image_size, self.device)
-                )
+                _TrainingTemplate(view_key, objects, self._mask_input(view_masks))
             )
+
+    def _mask_input(self, masks: np.ndarray) -> torch.Tensor:
+        """(B, H, W) masks as the model's (B, 1, S, S) mask input, framed."""
+        frame = make_frame(*masks.shape[1:], self.image_size, self.framing)
+        return binary_mask_input(masks, self.image_size, self.device, frame)
 
     # -- the palindrome ---------------------------------------------------------------
 
@@ -549,7 +575,7 @@ class Trainer:
                         for cid, _ in template.objects
                     ]
                 )
-                value = binary_mask_input(masks, self.image_size, self.device)
+                value = self._mask_input(masks)
             self._truth_inputs[cached] = value
         return self._truth_inputs[cached]
 
@@ -615,6 +641,8 @@ class Trainer:
             fill_hole_area=0,
             cycle_consistency=True,
             backbones=backbones,
+            framing=self.framing,
+            framing_fill=self.framing_fill,
         )
         cycles, ious = [], []
         for key in self.holdout:
