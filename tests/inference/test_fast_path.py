@@ -4,6 +4,7 @@ from boxes, several targets per model call; each against the exact path."""
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,7 @@ from PIL import Image
 from sam2pal.inference.engine import Propagator, preprocess, upsample_to_box
 from sam2pal.inference.postprocess import StructureReference, clamp_mask
 from sam2pal.io.images import read_image, read_image_reduced
-from sam2pal.io.masks import BoxMask, encode_rle, mask_bbox
+from sam2pal.io.masks import BoxMask, decode_segmentation, encode_rle, mask_bbox
 
 
 def _random_mask(rng, height, width):
@@ -117,9 +118,14 @@ def _collection(tmp_path, n_targets=3, size=(120, 160)):
 
 
 def _same(a, b):
+    """The same structures, masks and scores, up to the rounding of batched matrix
+    products: their order of summation depends on the batch size and on the CPU's
+    vector unit, and a pixel whose logit lies within rounding of 0 may flip (1 pixel in
+    15,000 seen on AVX2)."""
     assert [(p.category_id, p.instance) for p in a] == [(p.category_id, p.instance) for p in b]
     for p, q in zip(a, b):
-        assert p.box.rle() == q.box.rle()
+        differ = int((p.mask != q.mask).sum())
+        assert differ <= max(2, 1e-3 * max(p.box.area, q.box.area)), differ
         assert p.predicted_iou == pytest.approx(q.predicted_iou, abs=1e-5)
         assert p.object_score == pytest.approx(q.object_score, abs=1e-5)
         assert (p.cycle_iou is None) == (q.cycle_iou is None)
@@ -266,5 +272,18 @@ def test_collection_run_in_batches_writes_the_same_records(tmp_path, tiny_model)
             progress=False,
         )
         assert counts["segmented"] == 5 and counts["skipped"] == 1
-        outputs.append(out.read_text())
-    assert outputs[0] == outputs[1]
+        outputs.append([json.loads(line) for line in out.read_text().splitlines()])
+    # the same records, up to the rounding of batched matrix products (see _same)
+    assert len(outputs[0]) == len(outputs[1])
+    for one, many in zip(*outputs):
+        assert one.keys() == many.keys() and one["file_name"] == many["file_name"]
+        assert one.get("skipped") == many.get("skipped")
+        for a, b in zip(one.get("structures", []), many.get("structures", [])):
+            assert a.keys() == b.keys()
+            assert (a["category_id"], a["instance"]) == (b["category_id"], b["instance"])
+            masks = [
+                decode_segmentation(x["segmentation"], one["height"], one["width"]) for x in (a, b)
+            ]
+            assert (masks[0] != masks[1]).sum() <= max(2, 1e-3 * masks[0].sum())
+            for key in ("predicted_iou", "object_score", "cycle_iou"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5)
