@@ -5,6 +5,7 @@ from boxes, several targets per model call; each against the exact path."""
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 import torch
