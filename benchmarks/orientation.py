@@ -209,7 +209,7 @@ def iou_table(pairs) -> tuple[dict, dict]:
                 ious.setdefault(s, []).append(float(mask_iou(pred[s], gt[s])))
     table = {s: round(float(np.mean(v)), 3) for s, v in ious.items()}
     parts = [np.mean(v) for s, v in ious.items() if s != "body"]
-    table["mean"] = round(float(np.mean(parts)), 3) if parts else float("nan")
+    table["mean"] = round(float(np.mean(parts)), 3) if parts else None
     return table, ious
 
 
@@ -218,9 +218,13 @@ def by_structure(engine, predictions, shape) -> dict:
     return _with_body(masks, shape)
 
 
+def fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def row(label: str, table: dict, extra: str = "") -> str:
-    cells = " | ".join(f"{table.get(s, float('nan')):.3f}" for s in SHOWN)
-    return f"| {label} | {cells} | {table['mean']:.3f} |{extra}"
+    cells = " | ".join(fmt(table.get(s)) for s in SHOWN)
+    return f"| {label} | {cells} | {fmt(table['mean'])} |{extra}"
 
 
 def header(first: str, extra: str = "") -> str:
@@ -233,6 +237,12 @@ def header(first: str, extra: str = "") -> str:
         + "\n"
         + ("|---" * cols + "|")
     )
+
+
+def candidate_scores(predictions) -> list[float] | None:
+    """The confidence of each candidate orientation (the engine's order), or None."""
+    found = getattr(predictions, "orientation", None)
+    return None if found is None else [round(c["score"], 4) for c in found["candidates"]]
 
 
 def chosen(predictions) -> tuple[int, bool] | None:
@@ -274,6 +284,9 @@ def orientation_experiment(model, templates, targets, args) -> dict:
         tail = " - | - |"
         if mode != "none":
             entry.update(orientation_scores([chosen(p) for p in preds], items, len(targets)))
+            entry["candidate_scores"] = {
+                key: candidate_scores(p) for key, p in zip(entry["chosen"], preds)
+            }
             tail = f" {entry['correct_orientation']:.3f} | {entry['correct_rotation']:.3f} |"
         if baseline is None:
             baseline = table
@@ -281,7 +294,7 @@ def orientation_experiment(model, templates, targets, args) -> dict:
             entry["iou_points_below_upright"] = {
                 s: round(100 * (baseline[s] - table[s]), 1)
                 for s in table
-                if s in baseline and np.isfinite(table[s])
+                if baseline.get(s) is not None and table[s] is not None
             }
         results["modes"][label] = entry
         print(row(label, table, f"{tail} {seconds:.3f} |"))
@@ -355,7 +368,7 @@ def pairs_experiment(model, templates, targets, args) -> dict:
                     f"| {variant} | {'on' if swap else 'off'} | {kind} "
                     f"| {summary['named_correctly']:.3f} | {summary['swapped']:.3f} "
                     f"| {summary['undecided']:.3f} "
-                    f"| {summary['named_correctly_when_orientation_right']:.3f} "
+                    f"| {fmt(summary['named_correctly_when_orientation_right'])} "
                     f"| {seconds:.3f} |"
                 )
             results[variant]["swap on" if swap else "swap off"] = entry
@@ -389,7 +402,7 @@ def naming_summary(found: list[tuple[bool, str]]) -> dict:
             when_right.count("right") / len(when_right), 3
         )
         if when_right
-        else float("nan"),
+        else None,
     }
 
 
