@@ -73,6 +73,7 @@ STYLE = {
     "palettes": ("dark_brown",),
     "backgrounds": ("paper",),
     "flip_prob": 0.0,
+    "heading": True,  # rotation_range is the head's direction: every beetle in one pose
     "scale_range": (0.6, 0.8),
     "clutter_prob": 0.0,
 }

@@ -1,8 +1,9 @@
-"""The orientation search in the workflow (`propagate.orientation: rot4_mirror`): demo
-photos turned and mirrored, segmented from the upright templates with sam2pal-micro.
-Each photo's orientation is recorded in predictions.json and qc.csv, the masks come
-back on the photo's own pixel grid (metrics.csv against the ground truth turned
-alike), and the settings are recorded and rerun the segmentation."""
+"""The orientation search in the workflow (`propagate.orientation: rot4_mirror`):
+synthetic beetles in their template's pose (leaning 20 degrees, so that a mirror image
+is no turn of it), turned and mirrored, segmented with sam2pal-micro. Each photo's
+orientation is recorded in predictions.json and qc.csv, the masks come back on the
+photo's own pixel grid (metrics.csv against the ground truth turned alike), and the
+settings are recorded and rerun the segmentation."""
 
 from __future__ import annotations
 
@@ -10,57 +11,66 @@ import csv
 import json
 
 import numpy as np
-import pytest
 import yaml
 from PIL import Image
 from test_evaluate import check_metrics_file
-from test_workflow import DEMO, planned_jobs, snakemake
+from test_workflow import planned_jobs, snakemake
 
+from sam2pal.inference.orientation import Candidate, transform_image
 from sam2pal.io.masks import decode_segmentation, encode_rle, mask_bbox
+from sam2pal.synth.quality import held_out_masks
+from sam2pal.synth.specimens import make_collection
 
-# file name -> (demo photo, rotation, mirrored): the photo shows the demo photo turned
-# `rotation` degrees clockwise, after a left-right mirror when `mirrored`
-TARGETS = {
-    "upright.png": ("specimen_002.jpg", 0, False),
-    "turned_090.png": ("specimen_003.jpg", 90, False),
-    "turned_180.png": ("specimen_004.jpg", 180, False),
-    "mirrored_turned_270.png": ("specimen_005.jpg", 270, True),
-    "mirrored.png": ("specimen_006.jpg", 0, True),
-}
+# photo -> (rotation, mirrored): the photo shows its beetle turned `rotation` degrees
+# clockwise from the template's pose, after a left-right mirror when `mirrored`
+POSES = [(0, False), (90, False), (180, False), (270, True), (0, True)]
 CANDIDATES = {(r, m) for r in (0, 90, 180, 270) for m in (False, True)}
-
-
-def turned(array: np.ndarray, rotation: int, mirrored: bool) -> np.ndarray:
-    """An image or mask (H, W, ...) mirrored left-right when `mirrored`, then turned
-    `rotation` degrees clockwise."""
-    if mirrored:
-        array = array[:, ::-1]
-    return np.ascontiguousarray(np.rot90(array, k=-(rotation // 90)))
+STYLE = {
+    "palettes": ("dark_brown",),
+    "backgrounds": ("paper",),
+    "flip_prob": 0.0,
+    "heading": True,
+    "rotation_range": (110.0, 110.0),
+    "scale_range": (0.6, 0.8),
+    "clutter_prob": 0.0,
+}
 
 
 def write_collection(folder):
-    """The turned photos (PNG: their pixels exactly) and their ground truth, turned
-    alike; returns the ground-truth file."""
+    """One template and five beetles in its pose, turned (PNG: their pixels exactly),
+    and their ground truth turned alike; returns (templates.json, template folder,
+    ground truth, {photo: (rotation, mirrored)})."""
+    source = folder / "source"
+    make_collection(
+        source,
+        n_images=len(POSES),
+        n_templates=1,
+        seed=5,
+        mask_names=held_out_masks()[:6],
+        style=STYLE,
+    )
+    gt = json.loads((source / "ground_truth.json").read_text())
     photos = folder / "photos"
     photos.mkdir()
-    gt = json.loads((DEMO / "ground_truth.json").read_text())
-    by_name = {image["file_name"]: image for image in gt["images"]}
-    images, annotations = [], []
-    for image_id, (name, (source, rotation, mirrored)) in enumerate(TARGETS.items(), start=1):
-        rgb = np.array(Image.open(DEMO / "images" / source).convert("RGB"))
-        Image.fromarray(turned(rgb, rotation, mirrored)).save(photos / name)
-        image = by_name[source]
-        height, width = turned(rgb, rotation, mirrored).shape[:2]
-        images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+    images, annotations, poses = [], [], {}
+    for image, (rotation, mirrored) in zip(gt["images"], POSES):
+        pose = Candidate(rotation, mirrored)
+        name = f"{rotation:03d}{'_mirrored' if mirrored else ''}_{image['file_name'][:-4]}.png"
+        rgb = np.array(Image.open(source / "images" / image["file_name"]).convert("RGB"))
+        turned = transform_image(rgb, pose)
+        Image.fromarray(turned).save(photos / name)
+        poses[name] = (rotation, mirrored)
+        height, width = turned.shape[:2]
+        images.append({"id": image["id"], "file_name": name, "width": width, "height": height})
         for ann in gt["annotations"]:
             if ann["image_id"] != image["id"]:
                 continue
             mask = decode_segmentation(ann["segmentation"], image["height"], image["width"])
-            mask = turned(mask, rotation, mirrored)
+            mask = transform_image(mask, pose)
             annotations.append(
                 {
                     "id": len(annotations) + 1,
-                    "image_id": image_id,
+                    "image_id": image["id"],
                     "category_id": ann["category_id"],
                     "segmentation": encode_rle(mask),
                     "area": int(mask.sum()),
@@ -72,19 +82,17 @@ def write_collection(folder):
     truth.write_text(
         json.dumps(dict(gt, images=images, annotations=annotations), separators=(",", ":"))
     )
-    return truth
+    return source / "templates.json", source / "images", truth, poses
 
 
-# eight tracking passes per photo: about a minute and a half on two CPU cores
-@pytest.mark.slow
 def test_turned_and_mirrored_photos_in_the_workflow(tmp_path):
-    truth = write_collection(tmp_path)
+    templates, template_images, truth, poses = write_collection(tmp_path)
     config = {
         "collections": {
             "turned": {
                 "images": str(tmp_path / "photos"),
-                "templates": str(DEMO / "templates.json"),
-                "template_images": str(DEMO / "images"),
+                "templates": str(templates),
+                "template_images": str(template_images),
                 "ground_truth": str(truth),
             }
         },
@@ -99,16 +107,14 @@ def test_turned_and_mirrored_photos_in_the_workflow(tmp_path):
     # predictions.json: each photo's orientation, chosen among the eight candidates
     coco = json.loads((out / "predictions.json").read_text())
     found = {image["file_name"]: image for image in coco["images"]}
-    assert sorted(found) == sorted(TARGETS)
-    for name, (_, rotation, _) in TARGETS.items():
+    assert sorted(found) == sorted(poses)
+    for name, pose in poses.items():
         image, chosen = found[name], found[name]["orientation"]
         candidates = chosen["candidates"]
         assert {(c["rotation"], c["mirrored"]) for c in candidates} == CANDIDATES, name
         best = max(candidates, key=lambda c: c["score"])
         assert (best["rotation"], best["mirrored"]) == (chosen["rotation"], chosen["mirrored"])
-        # the demo beetles are seen from above, near mirror-symmetric: a mirrored photo
-        # may match the template with or without a mirror, but only at its true turn
-        assert chosen["rotation"] == rotation, (name, chosen)
+        assert (chosen["rotation"], chosen["mirrored"]) == pose, (name, chosen)
         size = Image.open(tmp_path / "photos" / name).size
         assert (image["width"], image["height"]) == size
 
@@ -126,7 +132,7 @@ def test_turned_and_mirrored_photos_in_the_workflow(tmp_path):
         for r in rows
         if r["level"] == "image" and r["category"] == "elytra"
     }
-    assert len(elytra) == len(TARGETS) and min(elytra.values()) > 0.3, elytra
+    assert len(elytra) == len(poses) and min(elytra.values()) > 0.3, elytra
 
     # the search is recorded with the run, and turning it off re-segments
     provenance = json.loads((out / "provenance.json").read_text())

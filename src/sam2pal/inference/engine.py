@@ -50,9 +50,16 @@ Turned and mirrored specimens (`orientation`): SAM2's tracking is anchored to th
 template's orientation. With "rot4" (or "rot4_mirror") the templates are turned by 0,
 90, 180 and 270 degrees clockwise (and mirrored first), each orientation's memory is
 built once, and the memories are joined along the batch: a target is encoded once and
-tracked from every orientation in one call (orientations x structures), the most
-confident orientation wins (`Propagator.start_batch`) and its masks, already on the
-target's own pixel grid, are kept. With `mirror_swap`, a mirrored match reports each
+tracked from every orientation in one call (orientations x structures), and the
+orientation with the best score wins: SAM2's confidence (predicted IoU times object
+probability, averaged over all structures, absent ones included) times the agreement
+of the predicted structures' silhouette with the turned templates'
+(`orientation.silhouette`: their layout around their centroid, at their scale). The
+confidence alone is what the upstream tool used; it tells the orientation only for a
+model anchored to the template's orientation, and a model trained on turned pairs (the
+shipped sam2pal-micro) gives every orientation the same confidence, while its masks
+follow the specimen: the silhouette then tells which way the template is turned. The
+winner's masks, already on the target's own pixel grid, are kept. With `mirror_swap`, a mirrored match reports each
 paired structure (left/right) under its partner's name.
 
 Framing (`framing`): SAM2 stretches every image to its square input; "letterbox" keeps
@@ -83,7 +90,10 @@ from sam2pal.inference.framing import (
 from sam2pal.inference.orientation import (
     Candidate,
     candidates,
+    mask_silhouette,
     mirror_map,
+    silhouette,
+    silhouette_iou,
     transform_image,
     transform_masks,
 )
@@ -580,10 +590,12 @@ class Propagator:
     orientation: "none", "rot4" or "rot4_mirror": the orientation search. The templates
         are turned by 0, 90, 180 and 270 degrees (and mirrored), each orientation's
         memory built once; each target is encoded once and tracked from all of them in
-        one batch, and the orientation with the highest confidence wins: the mean over
-        all structures of SAM2's predicted IoU times its object probability (a structure
-        predicted absent counts with its low score). The masks are on the target's own
-        pixel grid; the choice is recorded (`Predictions.orientation`).
+        one batch, and the orientation with the best score wins: the mean over all
+        structures of SAM2's predicted IoU times its object probability (a structure
+        predicted absent counts with its low score), times the silhouette agreement
+        (see the module docstring). The masks are on the target's own pixel grid; the
+        choice and every candidate's score, confidence and shape agreement are recorded
+        (`Predictions.orientation`).
     mirror_swap: on a mirrored match, report each paired structure under its partner's
         name (left <-> right): for lateral views, where a mirrored match shows the
         specimen's other side. Off for dorsal and ventral views.
@@ -648,6 +660,15 @@ class Propagator:
         self._templates = self._views[0]
         self._build_groups()
         self.mirror = self._mirror_map(mirror_pairs)
+        # per candidate, per template: the silhouette of its structures, turned
+        self._silhouettes = (
+            [
+                [mask_silhouette(np.logical_or.reduce(list(t.masks.values()))) for t in view]
+                for view in self._views
+            ]
+            if len(self.candidates) > 1
+            else []
+        )
 
     def _frame(self, height: int, width: int) -> Frame:
         return make_frame(int(height), int(width), self.image_size, self.framing)
@@ -890,7 +911,8 @@ class Propagator:
             if backbones is None:
                 backbones = self._encode_targets(images, frames)
             tracked = []
-            scores = np.zeros((n, count))
+            confidence = np.zeros((n, count))
+            union = None  # per target and candidate: the union of the predicted masks
             for group in self.groups:
                 objects = len(group.objects)
                 # the batch: target after target, in each candidate after candidate
@@ -901,23 +923,65 @@ class Propagator:
                 )
                 probs = torch.sigmoid(obj_logits).cpu().numpy().reshape(n, count, objects)
                 ious = ious.cpu().numpy().reshape(n, count, objects)
-                scores += (np.clip(ious, 0.0, 1.0) * probs).sum(axis=2)
+                confidence += (np.clip(ious, 0.0, 1.0) * probs).sum(axis=2)
+                if count > 1:
+                    above = (low_res > self.mask_threshold).reshape(
+                        n, count, objects, *low_res.shape[-2:]
+                    )
+                    above = above.any(dim=2).cpu().numpy()
+                    union = above if union is None else union | above
                 tracked.append((group, feats, low_res, ious, probs))
-            scores /= len(self.objects)
+            confidence /= len(self.objects)
+            if count > 1:
+                shape = self._shape_agreement(union, frames)
+                scores = confidence * shape
+            else:
+                shape, scores = None, confidence
             # np.argmax keeps the first of equal scores: the template's own orientation
             chosen = scores.argmax(axis=1)
             pending = [
                 PendingPrediction(self, (int(s[0]), int(s[1])), frame, int(c))
                 for s, frame, c in zip(sizes, frames, chosen)
             ]
-            if self.orientation != "none":
+            if count > 1:
                 for j in range(n):
-                    pending[j].orientation = self._orientation_record(int(chosen[j]), scores[j])
+                    pending[j].orientation = self._orientation_record(
+                        int(chosen[j]), scores[j], confidence[j], shape[j]
+                    )
             for group, feats, low_res, ious, probs in tracked:
                 self._add_chosen(pending, group, backbones, feats, low_res, ious, probs, chosen)
         return pending
 
-    def _orientation_record(self, chosen: int, scores: np.ndarray) -> dict:
+    def _shape_agreement(self, union: np.ndarray, frames: list[Frame]) -> np.ndarray:
+        """Per target and candidate, how well the silhouette of its predicted structures
+        (`union`: (targets, candidates, h, w) low-resolution masks of the square input)
+        agrees with that of the candidate's turned templates (`orientation.silhouette`,
+        the mean over the templates): the masks of a wrong orientation, or the right
+        masks matched against a template turned the wrong way, sit elsewhere."""
+        n, count, rows, cols = union.shape
+        shape = np.zeros((n, count))
+        for j, frame in enumerate(frames):
+            # the cells' centres in the photo's pixel coordinates, through the frame
+            ys = ((np.arange(rows) + 0.5) * frame.size / rows - frame.top) * (
+                frame.height / frame.inner_height
+            )
+            xs = ((np.arange(cols) + 0.5) * frame.size / cols - frame.left) * (
+                frame.width / frame.inner_width
+            )
+            inside = ((ys >= 0) & (ys < frame.height))[:, None] & ((xs >= 0) & (xs < frame.width))[
+                None, :
+            ]
+            # each cell's area in the photo's pixels
+            cell = (frame.size / rows * frame.height / frame.inner_height) * (
+                frame.size / cols * frame.width / frame.inner_width
+            )
+            for c in range(count):
+                r, k = np.nonzero(union[j, c] & inside)
+                target = silhouette(xs[k], ys[r], np.full(len(r), cell))
+                shape[j, c] = np.mean([silhouette_iou(target, ref) for ref in self._silhouettes[c]])
+        return shape
+
+    def _orientation_record(self, chosen: int, scores, confidence, shape) -> dict:
         winner = self.candidates[chosen]
         return {
             "rotation": winner.rotation,
@@ -926,9 +990,11 @@ class Propagator:
                 {
                     "rotation": c.rotation,
                     "mirrored": c.mirrored,
-                    "score": round(float(score), 6),
+                    "score": round(float(scores[i]), 6),
+                    "confidence": round(float(confidence[i]), 6),
+                    "shape": round(float(shape[i]), 6),
                 }
-                for c, score in zip(self.candidates, scores)
+                for i, c in enumerate(self.candidates)
             ],
         }
 

@@ -221,3 +221,76 @@ def mirror_map(objects, categories: dict, template_masks: dict, pairs=()) -> dic
             for keys in groups:
                 result.update(_by_side(keys, template_masks, float(centre[0])))
     return result
+
+
+# -- the specimen's silhouette: where its structures lie ----------------------------------
+
+#: bins per side of a silhouette, and its half-width in units of sqrt(area)
+SILHOUETTE_BINS = 48
+SILHOUETTE_EXTENT = 2.5
+# template masks are reduced to at most this many pixels a side for their silhouette
+_SILHOUETTE_SIDE = 256
+
+
+def silhouette(xs: np.ndarray, ys: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Where a specimen's structures lie, whatever its place and size in the photo.
+
+    The points (pixel centres of the union of its structures' masks, in the photo's
+    pixel coordinates, x right and y down) are centred on their centroid and scaled by
+    the square root of their area, and binned on a square grid: a density that keeps
+    the specimen's shape and orientation (a beetle turned 90 degrees, or mirrored, gives
+    another silhouette) and drops its position and size.
+
+    Args:
+        xs, ys: the points' coordinates.
+        weights: each point's area (default 1).
+
+    Returns:
+        (SILHOUETTE_BINS, SILHOUETTE_BINS) float64 densities summing to at most 1
+        (all zeros when there are no points).
+    """
+    bins = SILHOUETTE_BINS
+    xs = np.asarray(xs, np.float64)
+    ys = np.asarray(ys, np.float64)
+    weights = np.ones_like(xs) if weights is None else np.asarray(weights, np.float64)
+    area = float(weights.sum())
+    if xs.size == 0 or area <= 0:
+        return np.zeros((bins, bins))
+    cx, cy = float((xs * weights).sum() / area), float((ys * weights).sum() / area)
+    r = np.sqrt(area)
+    extent = SILHOUETTE_EXTENT
+    density, _, _ = np.histogram2d(
+        (ys - cy) / r,
+        (xs - cx) / r,
+        bins=bins,
+        range=[[-extent, extent], [-extent, extent]],
+        weights=weights / area,
+    )
+    return density
+
+
+def mask_silhouette(mask: np.ndarray) -> np.ndarray:
+    """The `silhouette` of a bool mask (the union of a template's structures), from a
+    copy of it reduced to at most 256 pixels a side (area-averaged: each reduced pixel
+    weighs the share of it the mask covers)."""
+    mask = np.asarray(mask, bool)
+    height, width = mask.shape
+    step = max(1.0, max(height, width) / _SILHOUETTE_SIDE)
+    if step > 1.0:
+        import cv2
+
+        size = (max(1, round(width / step)), max(1, round(height / step)))
+        cover = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    else:
+        cover = mask.astype(np.float32)
+    rows, cols = np.nonzero(cover)
+    sy, sx = height / cover.shape[0], width / cover.shape[1]
+    return silhouette((cols + 0.5) * sx, (rows + 0.5) * sy, cover[rows, cols] * (sx * sy))
+
+
+def silhouette_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """How far two silhouettes agree: the sum of their smaller densities over the sum of
+    their larger ones (1 for the same shape in the same orientation, 0 when one is
+    empty)."""
+    larger = float(np.maximum(a, b).sum())
+    return float(np.minimum(a, b).sum()) / larger if larger > 0 else 0.0

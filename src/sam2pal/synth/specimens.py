@@ -51,6 +51,10 @@ ranges are (low, high) tuples, drawn uniformly:
 - ``scale_range``: fraction of the canvas's shorter side filled by the beetle's longest
   extent (at most 0.95).
 - ``rotation_range``: rotation in degrees.
+- ``heading``: True makes ``rotation_range`` the direction the head points on the
+  canvas, in degrees as ``light_angle`` (0 = right, 90 = up), whatever the direction
+  in the source label map (the head's centroid seen from the body's): a collection in
+  one pose, for measuring what a turned or mirrored specimen does.
 - ``flip_prob``: probability of a mirror image.
 - ``textures``: surface detail from ``("noise", "punctures", "striae")``.
 - ``illumination``: strength of the low-frequency illumination gradient.
@@ -210,6 +214,7 @@ class Style:
     clutter_prob: float = 0.5
     scale_range: tuple[float, float] = (0.35, 0.75)
     rotation_range: tuple[float, float] = (0.0, 360.0)
+    heading: bool = False
     flip_prob: float = 0.5
     textures: tuple[str, ...] = TEXTURES
     illumination: tuple[float, float] = (0.04, 0.14)
@@ -953,11 +958,28 @@ def _paint_beetle(
 # ---------------------------------------------------------------------------------
 
 
+def _heading_rotation(src: np.ndarray, heading: float, flipped: bool) -> float:
+    """The rotation (degrees, as `_placement` takes it) that makes the head of label map
+    `src` (mirrored first when `flipped`) point to `heading` (0 = right, 90 = up)."""
+    head = np.argwhere(src == 1)
+    body = np.argwhere(np.isin(src, _BODY))
+    if len(head) == 0 or len(body) == 0:
+        return heading
+    dy, dx = head.mean(axis=0) - body.mean(axis=0)
+    if flipped:
+        dx = -dx
+    # `_placement` turns (x, y) vectors (y down) by +angle; the heading's vector is
+    # (cos h, -sin h)
+    return float(-heading - math.degrees(math.atan2(dy, dx)))
+
+
 def _pose(src: np.ndarray, st: Style, rng, width: int, height: int):
     """Draw the pose and place the label map: (labels, matrix, scale, axis, angle,
     flipped)."""
     angle = _uniform(rng, st.rotation_range)
     flipped = bool(rng.random() < st.flip_prob)
+    if st.heading:
+        angle = _heading_rotation(src, angle, flipped)
     frac = _uniform(rng, st.scale_range)
     matrix, scale, axis = _placement(src, angle, flipped, frac, width, height, rng)
     labels = cv2.warpAffine(
