@@ -189,3 +189,25 @@ def test_mirror_map_by_side_skips_structures_the_template_does_not_show():
     assert got == {(1, 1): (1, 2), (1, 2): (1, 1)}
     # one instance shown: nothing to pair
     assert mirror_map([(1, 1), (1, 3)], categories, template) == {}
+
+
+def test_silhouette_keeps_the_pose_and_drops_place_and_size():
+    """A specimen's silhouette is the same wherever it lies and at any size, and tells
+    its turns and its mirror image apart."""
+    from sam2pal.inference.orientation import mask_silhouette, silhouette_iou
+
+    def specimen(height, width, y, x, scale):
+        mask = np.zeros((height, width), bool)
+        mask[y : y + 30 * scale, x : x + 10 * scale] = True  # body
+        mask[y : y + 6 * scale, x + 10 * scale : x + 16 * scale] = True  # one antenna
+        return mask
+
+    upright = mask_silhouette(specimen(200, 300, 40, 50, 3))
+    assert silhouette_iou(upright, upright) == pytest.approx(1.0)
+    moved = mask_silhouette(specimen(400, 240, 150, 120, 6))
+    assert silhouette_iou(upright, moved) > 0.85
+    base = specimen(200, 300, 40, 50, 3)
+    for candidate in (Candidate(90, False), Candidate(180, False), Candidate(0, True)):
+        other = mask_silhouette(transform_image(base, candidate))
+        assert silhouette_iou(upright, other) < 0.7, candidate
+    assert silhouette_iou(upright, np.zeros_like(upright)) == 0.0

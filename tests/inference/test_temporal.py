@@ -223,6 +223,50 @@ def test_cycle_consistency_and_drift_guard(tiny_model, tmp_path):
                 assert not outside.any()
 
 
+def test_letterboxed_video_with_drift_guard_and_cycle(tiny_model, tmp_path):
+    """framing: letterbox in video mode: keyframe and frames framed alike, masks on the
+    frame's grid, the cycle IoU computed, the drift guard's cut kept inside the previous
+    mask's box (its cut of the memory's mask goes through the letterbox too)."""
+    frames, truth = _moving_video(tmp_path, 5, seed=6)
+    common = dict(fill_hole_area=0, cycle_consistency=True, bbox_clamp=True, area_clamp_pad=0)
+    boxed = VideoPropagator(
+        tiny_model, {0: truth[0]}, 5, lambda i: frames[i], framing="letterbox", **common
+    )
+    results = list(boxed.run())
+    assert all(p.mask.shape == (H, W) for r in results for p in r.predictions)
+    tracked = [p for r in results[1:] for p in r.predictions]
+    assert all(p.cycle_iou is not None and 0.0 <= p.cycle_iou <= 1.0 for p in tracked)
+    for before, after in zip(results, results[1:]):
+        for p0, p1 in zip(before.predictions, after.predictions):
+            if p0.mask.any():
+                ys, xs = np.nonzero(p0.mask)
+                outside = p1.mask.copy()
+                outside[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = False
+                assert not outside.any()
+    stretched = list(
+        VideoPropagator(tiny_model, {0: truth[0]}, 5, lambda i: frames[i], **common).run()
+    )
+    assert any(
+        p.predicted_iou != q.predicted_iou
+        for a, b in zip(results[1:], stretched[1:])
+        for p, q in zip(a.predictions, b.predictions)
+    )
+
+
+def test_cut_logits_through_a_letterbox():
+    """cut_logits_to_boxes with a letterbox frame keeps the cells whose centre falls in
+    the box in the frame's own pixels, and cuts the padding."""
+    from sam2pal.inference.framing import make_frame
+    from sam2pal.inference.temporal import cut_logits_to_boxes
+
+    frame = make_frame(50, 100, 64, "letterbox")  # inner 32 x 64 at row 16
+    high = torch.ones(1, 1, 64, 64)
+    cut = cut_logits_to_boxes(high, [(0, 0, 100, 50)], (50, 100), frame)[0, 0] > 0
+    assert cut[16:48].all() and not cut[:16].any() and not cut[48:].any()
+    cut = cut_logits_to_boxes(high, [(0, 0, 50, 25)], (50, 100), frame)[0, 0] > 0
+    assert cut[16:32, :32].all() and cut.sum() == 16 * 32
+
+
 def test_bad_keyframes(tiny_model):
     with pytest.raises(ValueError, match="at least one keyframe"):
         VideoPropagator(tiny_model, {}, 5, lambda i: None)

@@ -454,3 +454,22 @@ def test_zoom_crop_rejects_bad_arguments(masks):
         synthetic.zoom_crop([r.image], [np.where(r.labels == 1, 0, r.labels)], 1, 0.5, SMALL, rng)
     with pytest.raises(InputError):
         synthetic.zoom_crop([r.image], [r.labels[:10]], 1, 0.5, SMALL, rng)
+
+
+@pytest.mark.parametrize("heading", [0.0, 90.0, 200.0])
+def test_heading_points_every_head_one_way(masks, heading):
+    """Style.heading: rotation_range is the direction the head points (0 right, 90 up),
+    whatever the source label map's own pose, mirrored or not."""
+    style = synthetic.Style(rotation_range=(heading, heading), heading=True, clutter=False)
+    want = np.array([np.cos(np.radians(heading)), -np.sin(np.radians(heading))])
+    for index in (0, 7, 40, 90):
+        lm = masks[index][1]
+        for seed in (1, 2):
+            r = synthetic.render_specimen_layers(
+                lm, np.random.default_rng(seed), size=(360, 360), style=style
+            )
+            head = np.argwhere(r.labels == 1).mean(axis=0)
+            body = np.argwhere(np.isin(r.labels, (1, 2, 3))).mean(axis=0)
+            direction = (head - body)[::-1]  # (x, y)
+            direction /= np.linalg.norm(direction)
+            assert direction @ want > 0.99, (index, seed)

@@ -406,3 +406,41 @@ def test_supervised_objective_needs_truth_and_learns_the_targets(templates, pool
         loss.backward()
         optimizer.step()
     assert loss.item() < first  # the loss on the target's own masks falls
+
+
+def test_letterbox_framing_in_training(templates, pool, tmp_path):
+    """framing: letterbox in fine-tuning: the templates' masks and the cached image
+    features are framed as the engine frames them (aspect kept, padded), and training
+    and validation run on them."""
+    from sam2pal.inference.engine import binary_mask_input, encode_image
+    from sam2pal.inference.framing import make_frame
+
+    model = fresh_model()
+    settings = FinetuneSettings(
+        num_epochs=1,
+        min_steps=0,
+        max_images_per_epoch=2,
+        accumulation_steps=1,
+        warmup_steps=0,
+        holdout_fraction=0.3,
+    )
+    trainer = Trainer(
+        model, templates, pool, settings, log=lambda *_: None, framing="letterbox", framing_fill=0
+    )
+    tmpl = templates.images[0]
+    frame = make_frame(tmpl.height, tmpl.width, SIZE, "letterbox")
+    assert not frame.stretched  # the demo photos are 4:3
+    masks = np.stack([i.mask for i in tmpl.instances])
+    assert torch.equal(
+        trainer.templates[0].mask_input, binary_mask_input(masks, SIZE, "cpu", frame)
+    )
+    key = trainer.templates[0].key
+    with torch.no_grad():
+        expected = encode_image(trainer.sam, read_image(tmpl.path), frame, (0, 0, 0))
+    for cached, fresh in zip(trainer.cache.store[key], expected["backbone_fpn"]):
+        assert torch.allclose(cached, fresh, atol=1e-5)
+    result = trainer.train(tmp_path, {"base_id": BASE})
+    assert result["best_epoch"] is not None
+    assert all(h["val_cycle_iou"] is not None for h in trainer.history)
+    with pytest.raises(InputError, match="framing"):
+        Trainer(fresh_model(), templates, pool, settings, framing="pad")
