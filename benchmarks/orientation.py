@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from poses import benchmark_model, heading_style, pose_template  # noqa: E402
 from record import Recorder  # noqa: E402
 
 from sam2pal.inference.engine import Propagator  # noqa: E402
@@ -55,7 +56,6 @@ from sam2pal.inference.orientation import (  # noqa: E402
     transform_image,
     transform_masks,
 )
-from sam2pal.inference.pipeline import _run_model  # noqa: E402
 from sam2pal.io.coco import category_masks, load_coco  # noqa: E402
 from sam2pal.io.images import read_image  # noqa: E402
 from sam2pal.io.masks import mask_iou  # noqa: E402
@@ -63,20 +63,10 @@ from sam2pal.io.templates import (  # noqa: E402
     TemplateImage,
     TemplateInstance,
     TemplateSet,
-    load_coco_templates,
 )
-from sam2pal.models.registry import choose_config  # noqa: E402
 from sam2pal.synth.quality import STRUCTURES, _with_body, held_out_masks  # noqa: E402
 from sam2pal.synth.specimens import make_collection  # noqa: E402
 
-STYLE = {
-    "palettes": ("dark_brown",),
-    "backgrounds": ("paper",),
-    "flip_prob": 0.0,
-    "heading": True,  # rotation_range is the head's direction: every beetle in one pose
-    "scale_range": (0.6, 0.8),
-    "clutter_prob": 0.0,
-}
 SHOWN = STRUCTURES[:6]  # body, head, pronotum, elytra, antenna, legs
 ASPECTS = {"4:3": (480, 360), "1:1": (360, 360), "3:4": (360, 480)}  # (width, height)
 EXPERIMENTS = ("orientation", "pairs", "framing")
@@ -99,7 +89,7 @@ def render(folder: Path, n: int, n_templates: int, seed: int, names, size, tilt:
         seed=seed,
         size=size,
         mask_names=names,
-        style={**STYLE, "rotation_range": (90.0 + tilt, 90.0 + tilt)},
+        style=heading_style(90.0 + tilt),
     )
     gt_path = folder / "ground_truth.json"
     _, truth = category_masks(load_coco(gt_path), gt_path)
@@ -426,16 +416,7 @@ def framing_experiment(model, names, args) -> dict:
     print(header("template, framing, targets", " s / target |"))
     for template_aspect in args.template_aspects:
         folder = out / f"template_{template_aspect.replace(':', 'x')}"
-        make_collection(
-            folder,
-            n_images=1,
-            n_templates=1,
-            seed=7,
-            size=ASPECTS[template_aspect],
-            mask_names=names[:1],
-            style={**STYLE, "rotation_range": (90.0 + args.tilt, 90.0 + args.tilt)},
-        )
-        templates = load_coco_templates(folder / "templates.json", folder / "images")
+        templates = pose_template(folder, names[0], 90.0 + args.tilt, ASPECTS[template_aspect])
         results[f"template {template_aspect}"] = per_template = {}
         for framing in ("stretch", "letterbox"):
             engine = Propagator(model, templates, framing=framing, framing_fill=args.framing_fill)
@@ -496,27 +477,9 @@ def main(argv=None) -> int:
         args.record or f"orientation-{Path(args.checkpoint).stem}", args, args.device
     )
     out = Path(args.out)
-    model, info, _ = _run_model(
-        config=choose_config(args.config, args.checkpoint),
-        checkpoint=args.checkpoint,
-        image_size=None,
-        seed=0,
-        device=args.device,
-        threads=args.threads,
-        checkpoint_dir=None,
-        adapter=None,
-    )
+    model, info = benchmark_model(args)
     names = held_out_masks()
-    template_dir = out / "template"
-    make_collection(
-        template_dir,
-        n_images=1,
-        n_templates=1,
-        seed=7,
-        mask_names=names[:1],
-        style={**STYLE, "rotation_range": (90.0 + args.tilt, 90.0 + args.tilt)},
-    )
-    templates = load_coco_templates(template_dir / "templates.json", template_dir / "images")
+    templates = pose_template(out / "template", names[0], 90.0 + args.tilt)
     results = {"model": info, "targets": args.targets, "tilt": args.tilt}
     if {"orientation", "pairs"} & set(args.experiments):
         targets = render(

@@ -1,7 +1,8 @@
 """How a model copes with a target turned (or mirrored) relative to its template.
 
 One head-up template (a held-out NEON beetle), then for each relative rotation the same
-10 held-out beetles rendered at that angle (and mirrored at 0 degrees), in one look (a
+10 held-out beetles rendered with their heads turned by that angle (`poses.py`: every
+beetle in the template's pose first) (and mirrored at 0 degrees), in one look (a
 training palette on paper, so that only the pose differs): zero-shot IoU per structure
 and relative rotation. This is what decides how much rotation the training episodes put
 between template and target (see resources/models/README.md).
@@ -23,25 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from poses import benchmark_model, heading_style, pose_template  # noqa: E402
 from record import Recorder  # noqa: E402
 
 from sam2pal.inference.engine import Propagator  # noqa: E402
-from sam2pal.inference.pipeline import _run_model  # noqa: E402
 from sam2pal.io.coco import category_masks, load_coco  # noqa: E402
 from sam2pal.io.images import read_image  # noqa: E402
 from sam2pal.io.masks import mask_iou  # noqa: E402
-from sam2pal.io.templates import load_coco_templates  # noqa: E402
-from sam2pal.models.registry import choose_config  # noqa: E402
 from sam2pal.synth.quality import STRUCTURES, _with_body, held_out_masks  # noqa: E402
 from sam2pal.synth.specimens import make_collection  # noqa: E402
-
-STYLE = {
-    "palettes": ("dark_brown",),
-    "backgrounds": ("paper",),
-    "flip_prob": 0.0,
-    "scale_range": (0.6, 0.8),
-    "clutter_prob": 0.0,
-}
 
 
 def main(argv=None) -> int:
@@ -57,27 +48,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     recorder = Recorder(args.record or f"rotation-{Path(args.checkpoint).stem}", args, args.device)
     out = Path(args.out)
-    model, info, _ = _run_model(
-        config=choose_config(args.config, args.checkpoint),
-        checkpoint=args.checkpoint,
-        image_size=None,
-        seed=0,
-        device=args.device,
-        threads=args.threads,
-        checkpoint_dir=None,
-        adapter=None,
-    )
+    model, info = benchmark_model(args)
     names = held_out_masks()
-    template_dir = out / "template"
-    make_collection(
-        template_dir,
-        n_images=1,
-        n_templates=1,
-        seed=7,
-        mask_names=names[:1],
-        style={**STYLE, "rotation_range": (90.0, 90.0)},
-    )
-    templates = load_coco_templates(template_dir / "templates.json", template_dir / "images")
+    templates = pose_template(out / "template", names[0], 90.0)
     engine = Propagator(model, templates)
     categories = dict(templates.categories)
     poses = [(a, False) for a in args.angles] + [(0.0, True)]
@@ -93,11 +66,7 @@ def main(argv=None) -> int:
             n_templates=0,
             seed=8,
             mask_names=names[1 : 1 + args.targets],
-            style={
-                **STYLE,
-                "rotation_range": (90.0 + angle, 90.0 + angle),
-                "flip_prob": 1.0 if mirrored else 0.0,
-            },
+            style=heading_style(90.0 + angle, flip_prob=1.0 if mirrored else 0.0),
         )
         gt_path = coll / "ground_truth.json"
         _, truth = category_masks(load_coco(gt_path), gt_path)
