@@ -549,11 +549,89 @@ def rotation() -> str:
     return "\n".join(lines) + "\n\n" + source("rotation-sam2pal-micro-v1")
 
 
+ORIENTATION_RECORD = "orientation-sam2pal-micro"
+
+
+def orientation() -> str:
+    """Orientation search, mirror pairs and framing on turned, mirrored and differently
+    framed synthetic beetles."""
+    rec = load(ORIENTATION_RECORD)
+    res = rec["results"]
+    n = res["targets"]
+    modes = res["orientation"]["modes"]
+    upright = modes["upright, none"]["iou"]
+    text = [
+        f"Measured with `benchmarks/orientation.py` (sam2pal-micro; {n} held-out beetles in "
+        f"the template's pose, leaning {res['tilt']:g} degrees, shown in the eight orientations; "
+        "IoU per structure, mean of the parts without the body):",
+        "",
+        "| targets | orientation | correct orientation | body | mean of parts "
+        "| parts, points below upright | s / photo |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, entry in modes.items():
+        targets, mode = label.rsplit(", ", 1)
+        correct = entry.get("correct_orientation")
+        below = 100 * (upright["mean"] - entry["iou"]["mean"])
+        text.append(
+            f"| {targets} | `{mode}` | {'-' if correct is None else f'{correct:.1%}'} "
+            f"| {_iou(entry['iou'].get('body'))} | {entry['iou']['mean']:.3f} "
+            f"| {'-' if entry is modes['upright, none'] else f'{below:.1f}'} "
+            f"| {entry['seconds_per_target']:.2f} |"
+        )
+    text += [
+        "",
+        "Paired structures after a mirrored match (`rot4_mirror`; elytra, antennae and legs "
+        "split by side, by name or as two instances; a mirrored photo taken as the specimen's "
+        "other side): the share named as their true side.",
+        "",
+        "| pairs by | `mirror_swap` | photos | named correctly | named the other side "
+        "| named correctly, orientation found |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, runs in res["pairs"].items():
+        for swap, entry in runs.items():
+            for kind in ("mirrored", "unmirrored"):
+                if kind not in entry:
+                    continue
+                summary = entry[kind]
+                when = summary["named_correctly_when_orientation_right"]
+                text.append(
+                    f"| {variant} | {swap.split()[-1]} | {kind} | {summary['named_correctly']:.3f} "
+                    f"| {summary['swapped']:.3f} | {'-' if when is None else f'{when:.3f}'} |"
+                )
+    aspects = list(next(iter(next(iter(res["framing"].values())).values()))["targets"])
+    text += [
+        "",
+        "Framing: templates of one aspect, photos of 4:3, 1:1 and 3:4 (mean IoU of the parts; "
+        "body in brackets):",
+        "",
+        "| template | framing | "
+        + " | ".join(f"{a} photos" for a in aspects)
+        + " | all | s / photo |",
+        "|---|---|" + "---|" * (len(aspects) + 2),
+    ]
+    for template, framings in res["framing"].items():
+        for framing, entry in framings.items():
+            cells = [
+                f"{entry['targets'][a]['iou']['mean']:.3f} ({_iou(entry['targets'][a]['iou'].get('body'))})"
+                for a in aspects
+            ]
+            text.append(
+                f"| {template.split()[-1]} | `{framing}` | "
+                + " | ".join(cells)
+                + f" | {entry['all']['mean']:.3f} ({_iou(entry['all'].get('body'))}) "
+                f"| {entry['seconds_per_target']:.2f} |"
+            )
+    return "\n".join(text) + "\n\n" + source(ORIENTATION_RECORD)
+
+
 BLOCKS = {
     "quality": quality,
     "quality-card": quality_card,
     "palindrome": palindrome,
     "rotation": rotation,
+    "orientation": orientation,
     "propagate": propagate,
     "finetune": finetune,
     "finetune-step": finetune_step,
