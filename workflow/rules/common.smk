@@ -92,7 +92,9 @@ def _check_unused_settings():
             )
         if not entry.get("images"):
             own_propagate = entry.get("propagate") or {}
-            orientation = dict(config["propagate"], **own_propagate).get("orientation", "none")
+            orientation = dict(config["propagate"], **own_propagate).get(
+                "orientation", "none"
+            )
             if orientation != "none":
                 where = (
                     f"collections.{name}.propagate.orientation"
@@ -311,7 +313,8 @@ def finetune_settings(wildcards):
 
 def finetune_framing(wildcards):
     """The propagate settings the fine-tuning takes too (framing, framing_fill: the
-    training images are framed as the segmentation frames them), so editing them retrains."""
+    training images are framed as the segmentation frames them), so editing them retrains.
+    """
     prop = settings(wildcards.collection, "propagate")
     return {key: prop[key] for key in settings_module.training_keys()}
 
