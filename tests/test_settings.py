@@ -57,8 +57,15 @@ ORIENTATION_SETTINGS = {
     "framing": "stretch",
     "framing_fill": "border",
 }
-DEFAULT_ENGINE_SETTINGS = {**OLD_DEFAULT_ENGINE_SETTINGS, **ORIENTATION_SETTINGS}
-MASK_SETTINGS = (*OLD_MASK_SETTINGS[:-1], *ORIENTATION_SETTINGS, "on_bad_image")
+# the zoom pass for small structures (issue 17)
+ZOOM_SETTINGS = {"zoom": "off", "zoom_below": 0.1, "zoom_margin": 0.5}
+DEFAULT_ENGINE_SETTINGS = {**OLD_DEFAULT_ENGINE_SETTINGS, **ORIENTATION_SETTINGS, **ZOOM_SETTINGS}
+MASK_SETTINGS = (
+    *OLD_MASK_SETTINGS[:-1],
+    *ORIENTATION_SETTINGS,
+    *ZOOM_SETTINGS,
+    "on_bad_image",
+)
 
 # Flags of `segment` and `video` that are no setting of a config section.
 NON_SETTING_FLAGS = {
@@ -115,7 +122,9 @@ def test_schema_defaults_are_the_settings_defaults(section):
         assert type(spec.get("default")) in (type(defaults[key]), int), f"{section}.{key}"
         flag = _fields(group)[key].metadata["flag"]
         if flag is not None and flag.choices:
-            assert set(flag.choices) == set(spec["enum"]), f"{section}.{key}"
+            # a schema may also take YAML's unquoted off / on (read as false / true)
+            named = {choice for choice in spec["enum"] if not isinstance(choice, bool)}
+            assert set(flag.choices) == named, f"{section}.{key}"
 
 
 def _readme_section(section: str) -> str:

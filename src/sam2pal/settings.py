@@ -152,7 +152,17 @@ ORIENTATIONS = ("none", "rot4", "rot4_mirror")
 #: propagate.framing: how a photo is fitted to the model's square input
 FRAMINGS = ("stretch", "letterbox")
 #: engine settings of photos only: a video is tracked in its keyframes' orientation
-PHOTO_ONLY_SETTINGS = ("orientation", "mirror_swap", "mirror_pairs")
+#: settings of the photo engine only (the video tracker takes none of them; the zoom pass
+#: runs on video frames in the independent mode, which segments them as photos)
+PHOTO_ONLY_SETTINGS = (
+    "orientation",
+    "mirror_swap",
+    "mirror_pairs",
+    "zoom",
+    "zoom_below",
+    "zoom_margin",
+)
+ZOOMS = ("off", "auto", "on")
 
 
 @dataclass(frozen=True)
@@ -277,6 +287,29 @@ class Segmentation:
         "training",
         engine=True,
         flag=Flag("--framing_fill", type=fill_value),
+    )
+    zoom: str = setting(
+        "off",
+        "segment small structures again on crops at the model's full input: off; auto: "
+        "those under --zoom_below of the photo; on: every structure",
+        "segmentation",
+        engine=True,
+        flag=Flag("--zoom", choices=ZOOMS),
+    )
+    zoom_below: float = setting(
+        0.1,
+        "with --zoom auto: zoom a structure whose box on the templates is under this share "
+        "of the photo's longer side",
+        "segmentation",
+        engine=True,
+        flag=Flag("--zoom_below", type=fraction),
+    )
+    zoom_margin: float = setting(
+        0.5,
+        "the zoom window around a structure: its longer side plus this share of it on each side",
+        "segmentation",
+        engine=True,
+        flag=Flag("--zoom_margin", type=non_negative_float),
     )
     batch_size: int = setting(
         0,

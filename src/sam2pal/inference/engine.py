@@ -98,6 +98,7 @@ from sam2pal.inference.orientation import (
     transform_masks,
 )
 from sam2pal.inference.postprocess import StructureReference, clamp_mask
+from sam2pal.inference.zoom_pass import ZOOMS, ZoomPass, low_res_box
 from sam2pal.io.masks import BoxMask, box_iou, mask_iou
 from sam2pal.models.build import autocast
 from sam2pal.settings import Segmentation, engine_defaults
@@ -122,6 +123,8 @@ class StructurePrediction:
     object_score: float  # probability that the structure is present
     cycle_iou: float | None = None
     clamped: bool = False
+    zoomed: bool = False  # the mask and scores are the zoom pass's
+    zoom_placed: bool = False  # its window was placed from the template (nothing found first)
 
     @property
     def mask(self) -> np.ndarray:
@@ -607,6 +610,8 @@ class Propagator:
         `sam2pal.inference.framing`.
     framing_fill: the letterbox's fill: "border" (each image's border colour), a grey
         level or an RGB colour.
+    zoom, zoom_below, zoom_margin: the zoom pass for small structures ("off", "auto" or
+        "on"; see `sam2pal.inference.zoom_pass`).
     """
 
     def __init__(
@@ -628,6 +633,9 @@ class Propagator:
         mirror_pairs=ENGINE_DEFAULTS["mirror_pairs"],
         framing: str = ENGINE_DEFAULTS["framing"],
         framing_fill=ENGINE_DEFAULTS["framing_fill"],
+        zoom: str = ENGINE_DEFAULTS["zoom"],
+        zoom_below: float = ENGINE_DEFAULTS["zoom_below"],
+        zoom_margin: float = ENGINE_DEFAULTS["zoom_margin"],
     ):
         if read_image is None:
             from sam2pal.io.images import read_image
@@ -654,6 +662,15 @@ class Propagator:
         self.framing_fill = parse_fill(framing_fill)
         if backbones is not None and len(self.candidates) > 1:
             raise ValueError("template backbones can be given only without an orientation search")
+        if isinstance(zoom, bool):  # YAML's unquoted off / on
+            zoom = "on" if zoom else "off"
+        if zoom not in ZOOMS:
+            raise ValueError(f"zoom must be one of {', '.join(ZOOMS)}, not {zoom!r}")
+        if backbones is not None and zoom != "off":
+            raise ValueError("template backbones can be given only without the zoom pass")
+        self.zoom = zoom
+        # the template photos, kept for the zoom pass's windows
+        self._template_images: list[np.ndarray] = []
 
         # per orientation candidate, the templates turned (and mirrored) that way
         self._views = self._encode_templates(templates, read_image, backbones)
@@ -669,6 +686,12 @@ class Propagator:
             if len(self.candidates) > 1
             else []
         )
+        self._zoom = (
+            ZoomPass(self, self._template_images, zoom, zoom_below, zoom_margin)
+            if zoom != "off"
+            else None
+        )
+        self._template_images = []
 
     def _frame(self, height: int, width: int) -> Frame:
         return make_frame(int(height), int(width), self.image_size, self.framing)
@@ -691,6 +714,8 @@ class Propagator:
                     views[0].append(_Template(size, backbones[index], masks, frame))
                     continue
                 rgb = read_image(tmpl.path)
+                if self.zoom != "off":
+                    self._template_images.append(rgb)
                 for view, candidate in zip(views, self.candidates):
                     turned = transform_image(rgb, candidate)
                     keys = list(masks)
@@ -828,7 +853,8 @@ class Propagator:
         """
         from sam2pal.io.images import read_image, read_image_reduced
 
-        if self.exact:
+        if self.exact or (self._zoom is not None and self._zoom.clusters):
+            # the zoom pass cuts its windows from the photo at full resolution
             rgb = read_image(path)
             return rgb, rgb.shape[:2]
         return read_image_reduced(path, self.image_size)
@@ -950,6 +976,8 @@ class Propagator:
                     )
             for group, feats, low_res, ious, probs in tracked:
                 self._add_chosen(pending, group, backbones, feats, low_res, ious, probs, chosen)
+            if self._zoom is not None:
+                self._zoom.run(pending, images, chosen)
         return pending
 
     def _shape_agreement(self, union: np.ndarray, frames: list[Frame]) -> np.ndarray:
@@ -1053,6 +1081,20 @@ class PendingPrediction:
         self.engine, self.size, self.frame, self.candidate = engine, size, frame, candidate
         self.orientation: dict | None = None
         self.parts: list[tuple] = []
+        # per structure, the zoom pass's (mask, predicted IoU, object probability, cycle
+        # IoU, placed)
+        self.zoomed: dict[ObjectKey, tuple] = {}
+
+    def first_boxes(self) -> dict:
+        """Per structure, the box (x, y, w, h) in the photo's pixels of its whole-photo
+        prediction (from its low-resolution cells; None when it found nothing)."""
+        frame = self.frame or make_frame(*self.size, self.engine.image_size)
+        found = {}
+        for key, low_res, _, _, _ in self.parts:
+            box = low_res_box(low_res[0], frame, self.engine.mask_threshold)
+            if box is not None:
+                found[key] = box
+        return found
 
     def add(
         self, key: ObjectKey, low_res: torch.Tensor, iou: float, prob: float, cycle: float | None
@@ -1067,9 +1109,13 @@ class PendingPrediction:
         references = engine._references[self.candidate]
         results: dict[ObjectKey, StructurePrediction] = {}
         for key, low_res, iou, prob, cycle in self.parts:
-            box = logits_to_boxes(
-                low_res[None], self.size, engine.mask_threshold, engine.exact, self.frame
-            )[0]
+            zoomed = self.zoomed.get(key)
+            if zoomed is not None:
+                box, iou, prob, cycle, _ = zoomed
+            else:
+                box = logits_to_boxes(
+                    low_res[None], self.size, engine.mask_threshold, engine.exact, self.frame
+                )[0]
             box, clamped = clamp_mask(
                 box,
                 references[key],
@@ -1086,6 +1132,8 @@ class PendingPrediction:
                 object_score=float(prob),
                 cycle_iou=None if cycle is None else float(cycle),
                 clamped=clamped,
+                zoomed=zoomed is not None,
+                zoom_placed=zoomed is not None and bool(zoomed[4]),
             )
         order = [key for key in engine.objects if key in results]
         order += [key for key in results if key not in set(engine.objects)]

@@ -547,6 +547,12 @@ def _check_video_options(mode: str, batch_size, on_bad_image: str, engine_settin
         )
     if mode not in VIDEO_MODES:
         raise InputError(f"unknown video mode {mode!r} (use {' or '.join(VIDEO_MODES)})")
+    zoom = _engine_settings(engine_settings)["zoom"]
+    if mode == "video" and zoom not in ("off", False):
+        raise InputError(
+            f"zoom {zoom}: the zoom pass segments each frame on its own; video mode tracks "
+            "the frames through time (use video_options.mode independent, or zoom off)"
+        )
     if mode == "video" and batch_size and int(batch_size) > 1:
         raise InputError(
             f"batch_size {batch_size}: video mode tracks one frame after the other, from the "
