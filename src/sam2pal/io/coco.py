@@ -13,7 +13,9 @@
 * Each annotation carries COCO's `segmentation` (compressed RLE, or polygons on
   request: polygons cannot carry holes), `area` (pixels), `bbox`, `score`, `iscrowd`
   0, and our QC fields `instance`, `predicted_iou`, `object_score`, `cycle_iou`,
-  `clamped` (and `keyframe`: true where the mask is a video keyframe's annotation).
+  `clamped` (and `keyframe`: true where the mask is a video keyframe's annotation;
+  `zoomed`: true where it comes from the zoom pass, `zoom_placed` where that pass's
+  window was placed from the template).
 
 The file is written as a stream (two passes over the per-image files), so merging
 does not hold a collection's masks in memory.
@@ -91,8 +93,9 @@ def _annotations(record: ImageRecord, polygons: bool) -> Iterator[dict]:
             "cycle_iou": s.cycle_iou,
             "clamped": s.clamped,
         }
-        if s.keyframe:
-            ann["keyframe"] = True
+        for flag in ("keyframe", "zoomed", "zoom_placed"):
+            if getattr(s, flag):
+                ann[flag] = True
         yield ann
 
 

@@ -6,7 +6,8 @@ line:
     {"file_name": ..., "width": ..., "height": ...,
      "structures": [{"category_id", "instance", "segmentation" (COCO RLE), "area", "bbox",
                      "score", "predicted_iou", "object_score", "cycle_iou", "clamped"
-                     [, "keyframe": true]}, ...]
+                     [, "keyframe": true] [, "zoomed": true [, "zoom_placed": true]]},
+                    ...]
      [, "orientation": {"rotation", "mirrored", "candidates"}]
      [, "frame_index": ..., "time_s": ...] [, "segmented_by": {...}]}
 
@@ -53,6 +54,10 @@ _STRUCTURE_KEYS = (
 )
 
 
+# the structure's optional keys, written only when true
+_STRUCTURE_FLAGS = ("keyframe", "zoomed", "zoom_placed")
+
+
 def _rounded(value) -> float | None:
     return None if value is None else round(float(value), 6)
 
@@ -72,6 +77,8 @@ class StructureRecord:
     cycle_iou: float | None = None
     clamped: bool = False
     keyframe: bool = False
+    zoomed: bool = False  # the mask and scores come from the zoom pass
+    zoom_placed: bool = False  # its window was placed from the template
 
     @classmethod
     def from_prediction(cls, pred, keyframe: bool = False) -> StructureRecord:
@@ -97,6 +104,8 @@ class StructureRecord:
             cycle_iou=_rounded(pred.cycle_iou),
             clamped=bool(pred.clamped),
             keyframe=keyframe,
+            zoomed=bool(getattr(pred, "zoomed", False)),
+            zoom_placed=bool(getattr(pred, "zoom_placed", False)),
         )
 
     @property
@@ -105,19 +114,22 @@ class StructureRecord:
         return self.category_id, self.instance
 
     def to_json(self) -> dict:
-        """The JSON object of the record (`keyframe` only when true)."""
+        """The JSON object of the record (`keyframe`, `zoomed` and `zoom_placed` only when
+        true)."""
         data = {name: getattr(self, name) for name in _STRUCTURE_KEYS}
-        if self.keyframe:
-            data["keyframe"] = True
+        for flag in _STRUCTURE_FLAGS:
+            if getattr(self, flag):
+                data[flag] = True
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> StructureRecord:
         """The record of a JSON object written by `to_json`; raises ValueError when it
         is not one."""
-        _check_keys(data, _STRUCTURE_KEYS, ("keyframe",), "structure")
+        _check_keys(data, _STRUCTURE_KEYS, _STRUCTURE_FLAGS, "structure")
         return cls(
-            **{name: data[name] for name in _STRUCTURE_KEYS}, keyframe=bool(data.get("keyframe"))
+            **{name: data[name] for name in _STRUCTURE_KEYS},
+            **{flag: bool(data.get(flag)) for flag in _STRUCTURE_FLAGS},
         )
 
 

@@ -7,11 +7,15 @@ not be read come first, then images by increasing QC score.
 
 Columns: rank, file_name, status (ok | missing | clamped | skipped), qc_score,
 worst_structure, n_structures, n_found, missing, clamped, min_cycle_iou,
-mean_cycle_iou, min_predicted_iou, min_object_score, rotation, mirrored, reason.
+mean_cycle_iou, min_predicted_iou, min_object_score, rotation, mirrored, zoomed,
+zoom_placed, reason.
 
 `rotation` and `mirrored` are the orientation found by propagate.orientation's search
 (the photo shows the template turned `rotation` degrees clockwise, after a left-right
 mirror when `mirrored` is true); both are empty when the orientation was not searched.
+`zoomed` lists the structures whose mask (and scores) come from the zoom pass
+(propagate.zoom), `zoom_placed` those of them whose window was placed from the template
+because the whole-photo pass found nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ QC_COLUMNS = [
     "min_object_score",
     "rotation",
     "mirrored",
+    "zoomed",
+    "zoom_placed",
     "reason",
 ]
 
@@ -70,7 +76,7 @@ def image_row(record: ImageRecord, categories: dict[int, str], multi_instance: s
     """
     if record.is_skipped:
         return {"file_name": record.file_name, "status": "skipped", "reason": record.skipped}
-    scores, missing, clamped = [], [], []
+    scores, missing, clamped, zoomed, placed = [], [], [], [], []
     cycles, ious, objs = [], [], []
     for s in record.structures:
         label = structure_label(
@@ -85,6 +91,10 @@ def image_row(record: ImageRecord, categories: dict[int, str], multi_instance: s
             missing.append(label)
         if s.clamped:
             clamped.append(label)
+        if s.zoomed:
+            zoomed.append(label)
+        if s.zoom_placed:
+            placed.append(label)
         quality = s.cycle_iou if s.cycle_iou is not None else min(max(s.predicted_iou, 0.0), 1.0)
         scores.append((quality if present else 0.0, label))
     worst = min(scores) if scores else (float("nan"), "")
@@ -106,6 +116,8 @@ def image_row(record: ImageRecord, categories: dict[int, str], multi_instance: s
         "min_object_score": min(objs) if objs else None,
         "rotation": None if rotation is None else int(rotation),
         "mirrored": None if mirrored is None else ("true" if mirrored else "false"),
+        "zoomed": ";".join(zoomed),
+        "zoom_placed": ";".join(placed),
         "reason": "",
     }
 
