@@ -626,12 +626,66 @@ def orientation() -> str:
     return "\n".join(text) + "\n\n" + source(ORIENTATION_RECORD)
 
 
+ZOOM_RECORD = "zoom-sam2pal-micro"
+ZOOM_STRUCTURES = ["body", "head", "pronotum", "elytra", "antenna", "legs", "eye", "scape"]
+ZOOM_THIN = ["antenna", "legs", "eye", "scape"]
+
+
+def _percent(value) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.0f}%"
+
+
+def zoom() -> str:
+    """The zoom pass on high-resolution specimens with small structures."""
+    res = load(ZOOM_RECORD)["results"]
+    modes = res["modes"]
+    base = modes["off"]["seconds_per_target"]
+    width, height = res["size"]
+    widths = modes["off"].get("true_width_px", {})
+    text = [
+        f"Measured with `benchmarks/zoom.py` (sam2pal-micro; {res['targets']} targets of each "
+        f"kind, procedural insects and NEON beetles, at {width} x {height} pixels; "
+        f"`zoom_below` {res['zoom_below']:g}):",
+        "",
+        "| zoom | " + " | ".join(ZOOM_STRUCTURES) + " | mean of parts | s / photo |",
+        "|---|" + "---|" * (len(ZOOM_STRUCTURES) + 2),
+    ]
+    for mode, entry in modes.items():
+        text.append(
+            f"| `{mode}` | "
+            + " | ".join(_iou(entry["iou"].get(s)) for s in ZOOM_STRUCTURES)
+            + f" | {entry['iou']['mean']:.3f} | {entry['seconds_per_target']:.2f} "
+            f"({entry['seconds_per_target'] / base:.1f}x) |"
+        )
+    text += [
+        "",
+        "Relative error of the area and of the curve length of the thin parts (true mean "
+        "width in pixels in brackets), and the share of photos whose mask the zoom pass made:",
+        "",
+        "| zoom | "
+        + " | ".join(
+            f"{s} ({widths.get(s, float('nan')):.0f} px) area / length / zoomed" for s in ZOOM_THIN
+        )
+        + " |",
+        "|---|" + "---|" * len(ZOOM_THIN),
+    ]
+    for mode, entry in modes.items():
+        cells = [
+            f"{_percent(entry['area_error'].get(s))} / {_percent(entry['length_error'].get(s))}"
+            f" / {_percent(entry.get('zoomed', {}).get(s))}"
+            for s in ZOOM_THIN
+        ]
+        text.append(f"| `{mode}` | " + " | ".join(cells) + " |")
+    return "\n".join(text) + "\n\n" + source(ZOOM_RECORD)
+
+
 BLOCKS = {
     "quality": quality,
     "quality-card": quality_card,
     "palindrome": palindrome,
     "rotation": rotation,
     "orientation": orientation,
+    "zoom": zoom,
     "propagate": propagate,
     "finetune": finetune,
     "finetune-step": finetune_step,
