@@ -19,6 +19,16 @@ from sam2pal.io.masks import mask_iou
 
 H, W = 96, 144
 CATEGORIES = {1: "body", 2: "left_horn", 3: "right_horn"}
+# synthetic beetles in one pose: heads up, leaning 20 degrees (a mirror image is no turn)
+ONE_POSE = {
+    "palettes": ("dark_brown",),
+    "backgrounds": ("paper",),
+    "flip_prob": 0.0,
+    "heading": True,
+    "rotation_range": (110.0, 110.0),
+    "scale_range": (0.6, 0.8),
+    "clutter_prob": 0.0,
+}
 
 
 def _specimen(rng, height=H, width=W):
@@ -170,18 +180,9 @@ def test_trained_model_finds_turned_and_mirrored_beetles(tmp_path):
     model, _, _ = _run_model(
         choose_config(None, "sam2pal-micro"), "sam2pal-micro", None, 0, "cpu", 2, None, None
     )
-    style = {
-        "palettes": ("dark_brown",),
-        "backgrounds": ("paper",),
-        "flip_prob": 0.0,
-        "heading": True,
-        "rotation_range": (110.0, 110.0),
-        "scale_range": (0.6, 0.8),
-        "clutter_prob": 0.0,
-    }
     names = held_out_masks()
     make_collection(
-        tmp_path / "c", n_images=2, n_templates=1, seed=3, mask_names=names[:2], style=style
+        tmp_path / "c", n_images=2, n_templates=1, seed=3, mask_names=names[:2], style=ONE_POSE
     )
     templates = load_coco_templates(tmp_path / "c" / "templates.json", tmp_path / "c" / "images")
     gt = tmp_path / "c" / "ground_truth.json"

@@ -198,7 +198,7 @@ def test_unreadable_frame_is_skipped_and_tracking_goes_on(tiny_model, tmp_path):
     assert all(len(results[i].predictions) == 2 for i in (0, 1, 2, 4, 5))
 
 
-def test_cycle_consistency_and_drift_guard(tiny_model, tmp_path):
+def _guarded_run(tiny_model, tmp_path, framing: str):
     frames, truth = _moving_video(tmp_path, 5, seed=6)
     propagator = VideoPropagator(
         tiny_model,
@@ -209,8 +209,18 @@ def test_cycle_consistency_and_drift_guard(tiny_model, tmp_path):
         cycle_consistency=True,
         bbox_clamp=True,
         area_clamp_pad=0,
+        framing=framing,
     )
-    results = list(propagator.run())
+    return list(propagator.run())
+
+
+@pytest.mark.parametrize("framing", ["stretch", "letterbox"])
+def test_cycle_consistency_and_drift_guard(tiny_model, tmp_path, framing):
+    """Cycle IoU and the drift guard, with the frames stretched or letterboxed (the
+    keyframe and the frames framed alike, the guard's cut of the memory's mask through
+    the letterbox too)."""
+    results = _guarded_run(tiny_model, tmp_path, framing)
+    assert all(p.mask.shape == (H, W) for r in results for p in r.predictions)
     tracked = [p for r in results[1:] for p in r.predictions]
     assert all(p.cycle_iou is not None and 0.0 <= p.cycle_iou <= 1.0 for p in tracked)
     # with bbox_clamp and no padding a frame's mask never leaves the previous one's box
@@ -223,32 +233,12 @@ def test_cycle_consistency_and_drift_guard(tiny_model, tmp_path):
                 assert not outside.any()
 
 
-def test_letterboxed_video_with_drift_guard_and_cycle(tiny_model, tmp_path):
-    """framing: letterbox in video mode: keyframe and frames framed alike, masks on the
-    frame's grid, the cycle IoU computed, the drift guard's cut kept inside the previous
-    mask's box (its cut of the memory's mask goes through the letterbox too)."""
-    frames, truth = _moving_video(tmp_path, 5, seed=6)
-    common = dict(fill_hole_area=0, cycle_consistency=True, bbox_clamp=True, area_clamp_pad=0)
-    boxed = VideoPropagator(
-        tiny_model, {0: truth[0]}, 5, lambda i: frames[i], framing="letterbox", **common
-    )
-    results = list(boxed.run())
-    assert all(p.mask.shape == (H, W) for r in results for p in r.predictions)
-    tracked = [p for r in results[1:] for p in r.predictions]
-    assert all(p.cycle_iou is not None and 0.0 <= p.cycle_iou <= 1.0 for p in tracked)
-    for before, after in zip(results, results[1:]):
-        for p0, p1 in zip(before.predictions, after.predictions):
-            if p0.mask.any():
-                ys, xs = np.nonzero(p0.mask)
-                outside = p1.mask.copy()
-                outside[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = False
-                assert not outside.any()
-    stretched = list(
-        VideoPropagator(tiny_model, {0: truth[0]}, 5, lambda i: frames[i], **common).run()
-    )
+def test_letterboxed_video_is_another_input(tiny_model, tmp_path):
+    boxed = _guarded_run(tiny_model, tmp_path / "boxed", "letterbox")
+    stretched = _guarded_run(tiny_model, tmp_path / "stretched", "stretch")
     assert any(
         p.predicted_iou != q.predicted_iou
-        for a, b in zip(results[1:], stretched[1:])
+        for a, b in zip(boxed[1:], stretched[1:])
         for p, q in zip(a.predictions, b.predictions)
     )
 

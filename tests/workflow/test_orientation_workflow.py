@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 from PIL import Image
 from test_evaluate import check_metrics_file
+from test_orientation_engine import ONE_POSE
 from test_workflow import planned_jobs, snakemake
 
 from sam2pal.inference.orientation import Candidate, transform_image
@@ -25,15 +26,6 @@ from sam2pal.synth.specimens import make_collection
 # clockwise from the template's pose, after a left-right mirror when `mirrored`
 POSES = [(0, False), (90, False), (180, False), (270, True), (0, True)]
 CANDIDATES = {(r, m) for r in (0, 90, 180, 270) for m in (False, True)}
-STYLE = {
-    "palettes": ("dark_brown",),
-    "backgrounds": ("paper",),
-    "flip_prob": 0.0,
-    "heading": True,
-    "rotation_range": (110.0, 110.0),
-    "scale_range": (0.6, 0.8),
-    "clutter_prob": 0.0,
-}
 
 
 def write_collection(folder):
@@ -47,7 +39,7 @@ def write_collection(folder):
         n_templates=1,
         seed=5,
         mask_names=held_out_masks()[:6],
-        style=STYLE,
+        style=ONE_POSE,
     )
     gt = json.loads((source / "ground_truth.json").read_text())
     photos = folder / "photos"
