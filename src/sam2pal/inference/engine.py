@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sam2pal.errors import InputError
 from sam2pal.inference.framing import (
     FRAMINGS,
     Frame,
@@ -642,7 +643,7 @@ class Propagator:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
         if framing not in FRAMINGS:
-            raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
+            raise InputError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
         self.model = model
         self.exact = bool(exact)
         self.batch_size = int(batch_size)
@@ -656,16 +657,19 @@ class Propagator:
         self.mask_threshold = float(mask_threshold)
         self.categories = dict(templates.categories)
         self.orientation = str(orientation)
-        self.candidates: list[Candidate] = candidates(self.orientation)
         self.mirror_swap = bool(mirror_swap)
         self.framing = framing
-        self.framing_fill = parse_fill(framing_fill)
+        try:  # settings of the user's: a bad one is an InputError (one line, no traceback)
+            self.candidates: list[Candidate] = candidates(self.orientation)
+            self.framing_fill = parse_fill(framing_fill)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         if backbones is not None and len(self.candidates) > 1:
             raise ValueError("template backbones can be given only without an orientation search")
         if isinstance(zoom, bool):  # YAML's unquoted off / on
             zoom = "on" if zoom else "off"
         if zoom not in ZOOMS:
-            raise ValueError(f"zoom must be one of {', '.join(ZOOMS)}, not {zoom!r}")
+            raise InputError(f"zoom must be one of {', '.join(ZOOMS)}, not {zoom!r}")
         if backbones is not None and zoom != "off":
             raise ValueError("template backbones can be given only without the zoom pass")
         self.zoom = zoom
@@ -676,7 +680,10 @@ class Propagator:
         self._views = self._encode_templates(templates, read_image, backbones)
         self._templates = self._views[0]
         self._build_groups()
-        self.mirror = self._mirror_map(mirror_pairs)
+        try:
+            self.mirror = self._mirror_map(mirror_pairs)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         # per candidate, per template: the silhouette of its structures, turned
         self._silhouettes = (
             [

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sam2pal.errors import InputError
 from sam2pal.inference.framing import make_frame
 from sam2pal.inference.zoom import (
     Crop,
@@ -110,11 +111,11 @@ class ZoomPass:
         from sam2pal.inference.orientation import transform_image
 
         if mode not in ZOOMS or mode == "off":
-            raise ValueError(f"zoom must be one of {', '.join(ZOOMS)}, not {mode!r}")
+            raise InputError(f"zoom must be one of {', '.join(ZOOMS)}, not {mode!r}")
         if not 0.0 < float(below) <= 1.0:
-            raise ValueError(f"zoom_below must be above 0 and at most 1, not {below!r}")
+            raise InputError(f"zoom_below must be above 0 and at most 1, not {below!r}")
         if not float(margin) >= 0.0:
-            raise ValueError(f"zoom_margin must be at least 0, not {margin!r}")
+            raise InputError(f"zoom_margin must be at least 0, not {margin!r}")
         self.engine = engine
         self.mode, self.below, self.margin = mode, float(below), float(margin)
         self.clusters: list[_Cluster] = []
