@@ -403,12 +403,18 @@ def test_orientation_and_framing_flags_reach_the_engine_settings():
     assert (default["orientation"], default["mirror_swap"]) == ("none", False)
     assert (default["framing"], default["framing_fill"]) == ("stretch", "border")
     assert cli._engine_settings(_parsed(*base, "--framing_fill", "128"))["framing_fill"] == "128"
-    # the fine-tuning frames its images alike: `finetune` takes the framing flags too
+    # the fine-tuning frames its images, and cuts the zoom windows, alike: `finetune`
+    # takes the framing and zoom flags too
     finetune = ("finetune", "--image_dir", "x", "--output_dir", "y")
-    assert cli._framing(_parsed(*finetune)) == {"framing": "stretch", "framing_fill": "border"}
+    zoom_defaults = {"zoom": "off", "zoom_below": 0.1, "zoom_margin": 0.5}
+    assert cli._framing(_parsed(*finetune)) == {
+        "framing": "stretch",
+        "framing_fill": "border",
+        **zoom_defaults,
+    }
     assert cli._framing(
-        _parsed(*finetune, "--framing", "letterbox", "--framing-fill", "0,0,0")
-    ) == {"framing": "letterbox", "framing_fill": "0,0,0"}
+        _parsed(*finetune, "--framing", "letterbox", "--framing-fill", "0,0,0", "--zoom", "auto")
+    ) == {"framing": "letterbox", "framing_fill": "0,0,0", **zoom_defaults, "zoom": "auto"}
 
 
 @pytest.mark.parametrize(

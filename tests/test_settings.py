@@ -186,8 +186,14 @@ def test_every_flag_is_a_setting_or_listed_as_none(command):
 def test_the_rerun_sets_are_the_workflows():
     assert settings.mask_keys() == MASK_SETTINGS
     assert settings.recorded_keys() == (*MASK_SETTINGS, "template_files", "max_templates")
-    # the fine-tuning frames its images as the segmentation does
-    assert settings.training_keys() == ("framing", "framing_fill")
+    # the fine-tuning frames its images, and cuts the zoom windows, as the segmentation does
+    assert settings.training_keys() == (
+        "framing",
+        "framing_fill",
+        "zoom",
+        "zoom_below",
+        "zoom_margin",
+    )
     assert settings.workflow_keys() == OLD_FINETUNE_WORKFLOW_KEYS
     # the trainer's settings are the rest of the section
     assert settings.keys(settings.Finetune, reruns="training") == tuple(_fields(settings.Training))

@@ -229,15 +229,15 @@ def _engine_settings(args, group=settings_module.Segmentation) -> dict:
 
 
 def _framing_args(p):
-    """The propagate settings that the fine-tuning takes too (--framing, --framing_fill),
-    for `finetune`, whose other flags are the trainer's."""
-    g = p.add_argument_group("framing (use the same when segmenting)")
+    """The propagate settings that the fine-tuning takes too (--framing, --framing_fill,
+    --zoom...), for `finetune`, whose other flags are the trainer's."""
+    g = p.add_argument_group("framing and zoom (use the same when segmenting)")
     for key in settings_module.training_keys():
         _setting_flag(g, _SEGMENTATION_FIELDS[key])
 
 
 def _framing(args) -> dict:
-    """{framing, framing_fill} of the parsed flags, for `pipeline.finetune`."""
+    """{framing, framing_fill, zoom...} of the parsed flags, for `pipeline.finetune`."""
     return {key: getattr(args, key) for key in settings_module.training_keys()}
 
 

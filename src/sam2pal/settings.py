@@ -288,11 +288,13 @@ class Segmentation:
         engine=True,
         flag=Flag("--framing_fill", type=fill_value),
     )
+    # the fine-tuning trains on the zoom pass's windows too (finetune.zoom_crops) and
+    # scores its held-out photos with the zoom pass: a change retrains
     zoom: str = setting(
         "off",
         "segment small structures again on crops at the model's full input: off; auto: "
         "those under --zoom_below of the photo; on: every structure",
-        "segmentation",
+        "training",
         engine=True,
         flag=Flag("--zoom", choices=ZOOMS),
     )
@@ -300,14 +302,14 @@ class Segmentation:
         0.1,
         "with --zoom auto: zoom a structure whose box on the templates is under this share "
         "of the photo's longer side",
-        "segmentation",
+        "training",
         engine=True,
         flag=Flag("--zoom_below", type=fraction),
     )
     zoom_margin: float = setting(
         0.5,
         "the zoom window around a structure: its longer side plus this share of it on each side",
-        "segmentation",
+        "training",
         engine=True,
         flag=Flag("--zoom_margin", type=non_negative_float),
     )
@@ -400,6 +402,13 @@ class Training:
         "augmented views of every template trained on beside it (default 0: none)",
         "training",
         flag="--template_views",
+    )
+    zoom_crops: bool = setting(
+        True,
+        "do not train on the zoom pass's windows (with --zoom on or auto, the fine-tuning "
+        "trains on the windows of the small structures too, cut as the segmentation cuts them)",
+        "training",
+        flag=Flag("--no_zoom_crops", invert=True),
     )
     holdout_fraction: float = setting(
         0.1,

@@ -4,6 +4,8 @@ down. Random weights at 64 px (object score biased to "present", see conftest)."
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -444,3 +446,80 @@ def test_letterbox_framing_in_training(templates, pool, tmp_path):
     assert all(h["val_cycle_iou"] is not None for h in trainer.history)
     with pytest.raises(InputError, match="framing"):
         Trainer(fresh_model(), templates, pool, settings, framing="pad")
+
+
+def test_zoom_crops_in_training(templates, pool, tmp_path):
+    """With the zoom pass on, the training cuts the zoom pass's windows as the
+    segmentation cuts them (templates around their small structures, training photos
+    framed from their whole-photo prediction), trains a cycle on each, cuts the ground
+    truth alike, and scores the held-out photos with the zoom pass."""
+    from sam2pal.inference.engine import encode_image
+    from sam2pal.inference.framing import make_frame
+    from sam2pal.inference.zoom import crop_image, crop_masks
+
+    truth = _demo_truth(pool)
+    settings = FinetuneSettings(
+        num_epochs=1,
+        min_steps=0,
+        max_images_per_epoch=3,
+        accumulation_steps=2,
+        warmup_steps=0,
+        holdout_fraction=0.3,
+        lora_rank=2,
+    )
+    zoom = {"zoom": "auto", "zoom_below": 0.3, "zoom_margin": 0.5}
+    trainer = Trainer(
+        fresh_model(),
+        templates,
+        pool,
+        settings,
+        ground_truth=truth,
+        log=lambda *_: None,
+        select_by="cycle_iou",
+        **zoom,
+    )
+    engine = Propagator(trainer.sam, templates, **zoom)
+    clusters = engine.zoom_pass.clusters
+    assert clusters and set(trainer.crop_templates) == set(range(len(clusters)))
+    tmpl = templates.images[0]
+    for k, cluster in enumerate(clusters):
+        crop = trainer.crop_templates[k][0]
+        assert crop.objects == list(cluster.objects)
+        window = cluster.windows[0][0]
+        by_key = {(i.category_id, i.instance): i.mask for i in tmpl.instances}
+        masks = crop_masks(np.stack([by_key[o] for o in cluster.objects]), window)
+        assert torch.equal(crop.mask_input, trainer._mask_input(masks))
+    # every training photo's windows: those the segmentation's zoom pass cuts
+    assert set(trainer.crop_targets) == set(trainer.train_keys)
+    key = trainer.train_keys[0]
+    image = read_image(pool[key])
+    pending = engine.start_batch([image], zoom=False)[0]
+    windows = engine.zoom_pass.target_windows(pending.first_boxes(), pending.size)
+    assert [(k, f"{key}#zoom{k}") for k, _, _ in windows] == trainer.crop_targets[key]
+    k, window, _ = windows[0]
+    crop_key = f"{key}#zoom{k}"
+    cut = engine.zoom_pass.cut(image, window)
+    assert np.array_equal(cut, crop_image(image, window))
+    with torch.no_grad():
+        expected = encode_image(trainer.sam, cut, make_frame(*cut.shape[:2], SIZE))
+    for cached, fresh in zip(trainer.cache.store[crop_key], expected["backbone_fpn"]):
+        assert torch.allclose(cached, fresh, atol=1e-5)
+    for name, mask in trainer.ground_truth[crop_key].items():
+        assert np.array_equal(mask, crop_masks(truth[key][name][None], window)[0])
+    # a cycle per photo and per window of it, each with the target IoU logged
+    trainer.train(tmp_path / "ft", {"base_id": BASE})
+    steps = (tmp_path / "ft" / "training_steps.csv").read_text().splitlines()[1:]
+    windows_per_photo = len(clusters)
+    assert len(steps) == 3 * (1 + windows_per_photo)
+    assert all(row.split(",")[2] != "" for row in steps)
+    assert all(h["val_cycle_iou"] is not None for h in trainer.history)
+    # zoom_crops false: no windows, the held-out photos still scored with the zoom pass
+    off = Trainer(
+        fresh_model(),
+        templates,
+        pool,
+        dataclasses.replace(settings, zoom_crops=False),
+        log=lambda *_: None,
+        **zoom,
+    )
+    assert not off.crop_templates and not off.crop_targets and off.zoom["zoom"] == "auto"

@@ -185,6 +185,22 @@ def test_finetune_in_the_workflow(tmp_path):
     assert {"finetune", "propagate"} <= planned_jobs(
         snakemake(workdir, "--configfile", "framed.yaml", "-n").stdout
     )
+    # and it trains on the zoom pass's windows: zoom retrains too
+    zoomed = copy.deepcopy(framed)
+    zoomed["propagate"]["framing"] = config["propagate"].get("framing", "stretch")
+    zoomed["propagate"]["zoom"] = "auto"
+    (workdir / "zoomed.yaml").write_text(yaml.safe_dump(zoomed, sort_keys=False))
+    assert {"finetune", "propagate"} <= planned_jobs(
+        snakemake(workdir, "--configfile", "zoomed.yaml", "-n").stdout
+    )
+    meta = json.loads((finetune / "adapter" / "sam2pal_adapter.json").read_text())
+    assert meta["zoom"] == {
+        "zoom": "off",
+        "zoom_below": 0.1,
+        "zoom_margin": 0.5,
+        "crops": False,
+        "windows": 0,
+    }
 
     reuse = {
         "collections": {

@@ -311,9 +311,11 @@ def finetune_settings(wildcards):
     return {k: v for k, v in ft.items() if k not in FINETUNE_WORKFLOW_KEYS}
 
 
-def finetune_framing(wildcards):
+def finetune_propagate(wildcards):
     """The propagate settings the fine-tuning takes too (framing, framing_fill: the
-    training images are framed as the segmentation frames them), so editing them retrains.
+    training images are framed as the segmentation frames them; zoom, zoom_below,
+    zoom_margin: the zoom pass's windows are trained on and score the held-out photos),
+    so editing them retrains.
     """
     prop = settings(wildcards.collection, "propagate")
     return {key: prop[key] for key in settings_module.training_keys()}

@@ -30,7 +30,7 @@ rule finetune:
         model=section("model"),
         checkpoint_dir=config["model"]["checkpoint_dir"],
         training=finetune_settings,
-        framing=finetune_framing,
+        propagate=finetune_propagate,
         training_template_images=setting("finetune", "training_template_images"),
     script:
         "../scripts/finetune.py"

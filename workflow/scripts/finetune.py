@@ -30,7 +30,8 @@ with logged(snakemake):
         ground_truth=snakemake.input.ground_truth or None,
         extra_templates=[(path, image_dir or Path(path).parent) for path in extra],
         checkpoint_dir=snakemake.params.checkpoint_dir,
-        # propagate.framing and framing_fill: the images are framed as for segmentation
-        **snakemake.params.framing,
+        # propagate.framing, framing_fill and zoom...: the images are framed, and the
+        # zoom pass's windows cut, as for segmentation
+        **snakemake.params.propagate,
     )
     print(f"best epoch: {result['best_epoch']}")

@@ -703,6 +703,11 @@ class Propagator:
     def _frame(self, height: int, width: int) -> Frame:
         return make_frame(int(height), int(width), self.image_size, self.framing)
 
+    @property
+    def zoom_pass(self) -> ZoomPass | None:
+        """The zoom pass (None with zoom off)."""
+        return self._zoom
+
     def _encode_templates(self, templates, read_image, backbones) -> list[list[_Template]]:
         """Each template image's features (encoded here, or the given backbones) and its
         structures' masks, per orientation candidate: the image and masks turned (and
@@ -922,12 +927,18 @@ class Propagator:
 
     @torch.inference_mode()
     def start_batch(
-        self, images: list, backbones: list[dict] | None = None, sizes: list | None = None
+        self,
+        images: list,
+        backbones: list[dict] | None = None,
+        sizes: list | None = None,
+        zoom: bool = True,
     ) -> list[PendingPrediction]:
         """The model's part of `predict_batch`.
 
         Args:
             images, backbones, sizes: as in `predict_batch`.
+            zoom: run the zoom pass (when the engine has one); False gives the
+                whole-photo pass alone (the trainer frames its zoom windows from it).
 
         Returns:
             Per image a `PendingPrediction` holding the low-resolution logits and
@@ -983,7 +994,7 @@ class Propagator:
                     )
             for group, feats, low_res, ious, probs in tracked:
                 self._add_chosen(pending, group, backbones, feats, low_res, ious, probs, chosen)
-            if self._zoom is not None:
+            if zoom and self._zoom is not None:
                 self._zoom.run(pending, images, chosen)
         return pending
 

@@ -926,6 +926,9 @@ def finetune(
     checkpoint_dir=None,
     framing: str = Segmentation.framing,
     framing_fill=Segmentation.framing_fill,
+    zoom: str = Segmentation.zoom,
+    zoom_below: float = Segmentation.zoom_below,
+    zoom_margin: float = Segmentation.zoom_margin,
     log=print,
 ) -> dict:
     """Palindrome fine-tuning on a collection; writes the adapter folder `out_dir`.
@@ -942,6 +945,9 @@ def finetune(
         extra_templates: more training templates [(COCO json, image folder)].
         framing, framing_fill: how the images are fitted to the model's square input
             (propagate.framing and framing_fill: as the segmentation frames them).
+        zoom, zoom_below, zoom_margin: the segmentation's zoom pass (propagate.zoom...):
+            its windows are trained on too (with `zoom_crops`), and the held-out photos
+            are scored with it.
         log: where messages go.
 
     Returns:
@@ -974,10 +980,18 @@ def finetune(
         log=log,
         framing=framing,
         framing_fill=framing_fill,
+        zoom=zoom,
+        zoom_below=zoom_below,
+        zoom_margin=zoom_margin,
     )
     metadata = _adapter_metadata(started, model_info, seed, templates, pool_dir, trainer)
     metadata["device"] = str(torch_device)
     metadata["framing"] = {"framing": framing, "framing_fill": framing_fill}
+    metadata["zoom"] = {
+        **trainer.zoom,
+        "crops": len(trainer.crop_templates) > 0,
+        "windows": sum(map(len, trainer.crop_targets.values())),
+    }
     metadata["host"] = socket.gethostname()
     metadata["versions"] = package_versions()
     result = trainer.train(out_dir, metadata)

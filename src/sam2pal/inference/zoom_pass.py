@@ -125,7 +125,7 @@ class ZoomPass:
             if not small:
                 continue
             t0 = group.templates[0]
-            windows = [self._window(first[t0].masks[key], first[t0].size) for key in small]
+            windows = [self.window(first[t0].masks[key]) for key in small]
             for members in clusters(windows):
                 keys = [small[i] for i in members]
                 self.clusters.append(_Cluster(keys, list(group.templates)))
@@ -147,8 +147,9 @@ class ZoomPass:
                 return False
         return True
 
-    def _window(self, mask: np.ndarray, size) -> Crop:
-        return crop_around(mask_bbox(mask), size, self.margin, MIN_SIDE)
+    def window(self, mask: np.ndarray) -> Crop:
+        """The zoom window around one structure's (H, W) mask on its photo."""
+        return crop_around(mask_bbox(mask), mask.shape[:2], self.margin, MIN_SIDE)
 
     def _build(self, cluster: _Cluster, view, turned: list[np.ndarray]) -> None:
         """The cluster's template windows, encodings and memory in one orientation."""
@@ -166,7 +167,7 @@ class ZoomPass:
         num_frames = len(cluster.templates) + 1
         for frame_idx, t in enumerate(cluster.templates):
             tmpl = view[t]
-            window = union_crop([self._window(tmpl.masks[k], tmpl.size) for k in cluster.objects])
+            window = union_crop([self.window(tmpl.masks[k]) for k in cluster.objects])
             masks = crop_masks(np.stack([tmpl.masks[k] for k in cluster.objects]), window)
             backbone = encode_image(model, crop_image(turned[t], window, engine.framing_fill))
             cond[frame_idx] = conditioning_frame(
@@ -207,8 +208,28 @@ class ZoomPass:
             return None, False
         return same_framing(template_box, template_window, found, size), placed
 
+    def target_windows(self, boxes: dict, size, candidate: int = 0) -> list[tuple]:
+        """The zoom windows of one target.
+
+        Args:
+            boxes: per structure, the box (x, y, w, h) of its whole-photo prediction
+                (`PendingPrediction.first_boxes`).
+            size: the photo's (height, width).
+            candidate: the orientation candidate chosen for the target.
+
+        Returns:
+            [(cluster index, window, placed from the reference)] for the clusters that
+            get a window.
+        """
+        found = []
+        for k, cluster in enumerate(self.clusters):
+            window, placed = self._target_window(cluster, candidate, boxes, size)
+            if window is not None:
+                found.append((k, window, placed))
+        return found
+
     @staticmethod
-    def _cut(image: np.ndarray, window: Crop) -> np.ndarray:
+    def cut(image: np.ndarray, window: Crop) -> np.ndarray:
         """The window's pixels from the photo (or from a reduced copy of it, scaled)."""
         import cv2
 
@@ -247,17 +268,14 @@ class ZoomPass:
         jobs: dict[tuple[int, int], list] = {}  # (cluster, candidate) -> [(target, window, placed)]
         for j, item in enumerate(pending):
             c = int(chosen[j])
-            boxes = item.first_boxes()
-            for k, cluster in enumerate(self.clusters):
-                window, placed = self._target_window(cluster, c, boxes, item.size)
-                if window is not None:
-                    jobs.setdefault((k, c), []).append((j, window, placed))
+            for k, window, placed in self.target_windows(item.first_boxes(), item.size, c):
+                jobs.setdefault((k, c), []).append((j, window, placed))
         for (k, c), items in jobs.items():
             cluster = self.clusters[k]
             objects = len(cluster.objects)
             # the windows of the bucket through the image encoder in one call
             backbones = engine._encode_targets(
-                [self._cut(images[j], window) for j, window, _ in items],
+                [self.cut(images[j], window) for j, window, _ in items],
                 [make_frame(window.side, window.side, engine.image_size) for _, window, _ in items],
             )
             feats = stacked_features(model, backbones, objects)

@@ -56,6 +56,7 @@ import torch.utils.checkpoint
 
 from sam2pal.errors import InputError
 from sam2pal.inference.engine import (
+    ENGINE_DEFAULTS,
     Propagator,
     binary_mask_input,
     conditioning_frame,
@@ -66,6 +67,7 @@ from sam2pal.inference.engine import (
 )
 from sam2pal.inference.framing import FRAMINGS, make_frame, parse_fill
 from sam2pal.inference.orientation import mirror_partner
+from sam2pal.inference.zoom import crop_image, crop_masks, union_crop
 from sam2pal.io.atomic import atomic_path, atomic_write
 from sam2pal.io.masks import mask_iou
 from sam2pal.models.adapters import (
@@ -324,6 +326,9 @@ class Trainer:
         select_by: str = "auto",
         framing: str = "stretch",
         framing_fill="border",
+        zoom: str = "off",
+        zoom_below: float = ENGINE_DEFAULTS["zoom_below"],
+        zoom_margin: float = ENGINE_DEFAULTS["zoom_margin"],
     ):
         """`objective` "supervised" (an upper bound for benchmarks, not a workflow
         mode) trains phase 1 alone against the targets' true masks: every training
@@ -331,7 +336,11 @@ class Trainer:
         label-free cycle IoU even where ground truth is known (it is then only logged,
         as is the training targets' IoU beside the loss, step by step). `framing` and
         `framing_fill`: how images go into the model's square input, as at inference
-        (`sam2pal.inference.framing`): the adapter is trained on what it will see."""
+        (`sam2pal.inference.framing`): the adapter is trained on what it will see.
+        `zoom`, `zoom_below`, `zoom_margin`: the segmentation's zoom pass
+        (`sam2pal.inference.zoom_pass`); with it on and `zoom_crops` set, the zoom
+        pass's windows are trained on as well (`_add_zoom_crops`), and the held-out
+        images are scored with the zoom pass."""
         if objective not in self.OBJECTIVES:
             raise InputError(
                 f"finetune: objective must be one of {', '.join(self.OBJECTIVES)}, got {objective!r}"
@@ -371,6 +380,8 @@ class Trainer:
         )
         self.templates: list[_TrainingTemplate] = []
         self.views: dict[str, list[_TrainingTemplate]] = {}
+        self._zoom_wanted = zoom not in ("off", False) and settings.zoom_crops
+        self._view_sources: dict[str, tuple] = {}
         if settings.template_views and not self.cache.enabled:
             raise InputError(
                 "finetune: template_views needs cache_features and a frozen image encoder"
@@ -379,6 +390,16 @@ class Trainer:
             self._add_template(t)
         for key in self.train_keys + self.holdout:
             self.cache.add(key, self.read_image(self.paths[key]))
+        if isinstance(zoom, bool):  # YAML's unquoted off / on
+            zoom = "on" if zoom else "off"
+        self.zoom = {"zoom": zoom, "zoom_below": zoom_below, "zoom_margin": zoom_margin}
+        # per zoom cluster, its training templates (template windows, and windows of
+        # the template views); per training image, its (cluster, window key) pairs
+        self.crop_templates: dict[int, list[_TrainingTemplate]] = {}
+        self.crop_targets: dict[str, list[tuple[int, str]]] = {}
+        self.crop_images: dict[str, np.ndarray] = {}  # without the feature cache
+        if zoom != "off" and settings.zoom_crops:
+            self._add_zoom_crops()
         self.history: list[dict] = []
         self.step_losses: list[float] = []
         self.step_target_ious: list[float | None] = []  # phase-1 IoU where the truth is known
@@ -465,6 +486,8 @@ class Trainer:
             view_image, view_masks = template_view(image, masks, objects, self.categories, self.rng)
             view_key = f"{key}#view{v}"
             self.cache.add(view_key, view_image)
+            if self._zoom_wanted:  # the zoom crops cut the views too
+                self._view_sources[view_key] = (view_image, dict(zip(objects, view_masks)))
             self.views[key].append(
                 _TrainingTemplate(view_key, objects, self._mask_input(view_masks))
             )
@@ -477,7 +500,86 @@ class Trainer:
     # -- the palindrome ---------------------------------------------------------------
 
     def _backbone(self, key: str) -> dict:
-        return self.cache.backbone(key, lambda k: self.read_image(self.paths[k]))
+        return self.cache.backbone(key, self._image)
+
+    def _image(self, key: str) -> np.ndarray:
+        crop = self.crop_images.get(key)
+        return crop if crop is not None else self.read_image(self.paths[key])
+
+    def _add_crop(self, key: str, image: np.ndarray) -> None:
+        """A zoom window's pixels into the feature cache (kept as pixels without it)."""
+        self.cache.add(key, image)
+        if not self.cache.enabled:
+            self.crop_images[key] = image
+
+    def _add_zoom_crops(self) -> None:
+        """Train on the zoom pass's windows too, cut as the segmentation cuts them.
+
+        The engine with the zoom pass (on the untrained adapter: the base model) gives
+        the clusters of small structures and each template's window; every training
+        image's whole-photo prediction frames its window (or places it from the
+        template, `zoom_pass.ZoomPass.target_windows`). Each cycle on a window pairs
+        it with a template window of the same cluster (or of a template view, with the
+        window framed on the view's masks), whose structures' masks the loss is taken
+        on. Ground truth, where given, is cut alike (the logged target IoU)."""
+        self.sam.eval()  # the windows are framed as the segmentation frames them
+        engine = Propagator(
+            self.sam,
+            self.template_set,
+            read_image=self.read_image,
+            cycle_consistency=False,
+            framing=self.framing,
+            framing_fill=self.framing_fill,
+            **self.zoom,
+        )
+        zoom = engine.zoom_pass
+        if zoom is None or not zoom.clusters:
+            release_inference_tensors(self.sam)
+            return
+        by_index = list(self.template_set.images)
+        for k, cluster in enumerate(zoom.clusters):
+            crops = self.crop_templates.setdefault(k, [])
+            for t in cluster.templates:
+                key = f"template:{by_index[t].file_name}"
+                masks = {(i.category_id, i.instance): i.mask for i in by_index[t].instances}
+                sources = [(key, self.read_image(by_index[t].path), masks)]
+                for view in self.views.get(key, []):
+                    sources.append((view.key, *self._view_sources[view.key]))
+                for source_key, image, source_masks in sources:
+                    stacked = np.stack([source_masks[o] for o in cluster.objects])
+                    if not stacked.any():
+                        continue  # a view that turned the structures out of the frame
+                    window = union_crop([zoom.window(m) for m in stacked if m.any()])
+                    crop_key = f"{source_key}#zoom{k}"
+                    self._add_crop(crop_key, crop_image(image, window, self.framing_fill))
+                    crops.append(
+                        _TrainingTemplate(
+                            crop_key,
+                            list(cluster.objects),
+                            self._mask_input(crop_masks(stacked, window)),
+                        )
+                    )
+        self._view_sources.clear()
+        for key in self.train_keys:
+            image = self.read_image(self.paths[key])
+            pending = engine.start_batch([image], zoom=False)[0]
+            truth = self.ground_truth.get(key)
+            for k, window, _ in zoom.target_windows(pending.first_boxes(), pending.size):
+                if not self.crop_templates.get(k):
+                    continue
+                crop_key = f"{key}#zoom{k}"
+                self._add_crop(crop_key, zoom.cut(image, window))
+                self.crop_targets.setdefault(key, []).append((k, crop_key))
+                if truth:
+                    self.ground_truth[crop_key] = {
+                        name: crop_masks(mask[None], window)[0] for name, mask in truth.items()
+                    }
+        del engine
+        release_inference_tensors(self.sam)
+        self.log(
+            f"zoom crops: {len(self.crop_templates)} cluster(s) of small structures, "
+            f"{sum(map(len, self.crop_targets.values()))} windows of training photos"
+        )
 
     def phase1(self, template: _TrainingTemplate, template_backbone: dict, target_backbone: dict):
         """Template (with its true masks) in memory -> logits on the target.
@@ -633,7 +735,13 @@ class Trainer:
         self.sam.eval()
         # the templates' features come from the cache too: every image of the training
         # (templates, training and held-out photos) goes through the image encoder once
-        backbones = [self._backbone(t.key) for t in self.templates] if self.cache.enabled else None
+        # (with the zoom pass, whose windows are cut from the photos, the photos are read)
+        zoom = self.zoom["zoom"] != "off"
+        backbones = (
+            [self._backbone(t.key) for t in self.templates]
+            if self.cache.enabled and not zoom
+            else None
+        )
         engine = Propagator(
             self.sam,
             self.template_set,
@@ -643,12 +751,15 @@ class Trainer:
             backbones=backbones,
             framing=self.framing,
             framing_fill=self.framing_fill,
+            **self.zoom,
         )
         cycles, ious = [], []
         for key in self.holdout:
             backbone = self._backbone(key) if self.cache.enabled else None
             image = (
-                self.cache.sizes[key] if backbone is not None else self.read_image(self.paths[key])
+                self.cache.sizes[key]
+                if backbone is not None and not zoom
+                else self.read_image(self.paths[key])
             )
             preds = engine.predict(image, backbone=backbone)
             cycles += [p.cycle_iou for p in preds]
@@ -724,10 +835,12 @@ class Trainer:
 
     def _plan_steps(self) -> tuple[int, int]:
         """Images per epoch and optimizer steps in all; sets `num_epochs` (more than
-        the settings' when needed to reach min_steps)."""
+        the settings' when needed to reach min_steps). An image's zoom windows are
+        cycles of their own (on average over the training images)."""
         s = self.settings
         per_epoch = min(len(self.train_keys), s.max_images_per_epoch)
-        steps_per_epoch = math.ceil(per_epoch / s.accumulation_steps)
+        windows = sum(map(len, self.crop_targets.values())) / len(self.train_keys)
+        steps_per_epoch = math.ceil(round(per_epoch * (1 + windows)) / s.accumulation_steps)
         self.num_epochs = max(s.num_epochs, math.ceil(s.min_steps / steps_per_epoch))
         if self.num_epochs > s.num_epochs:
             self.log(
@@ -758,20 +871,26 @@ class Trainer:
         order = self.rng.permutation(len(self.train_keys))[:per_epoch]
         losses, optimizer_steps = [], 0
         optimizer.zero_grad(set_to_none=True)
-        for i, index in enumerate(order):
+        cycles = []  # (template, target key): the whole photo, then its zoom windows
+        for index in order:
+            key = self.train_keys[int(index)]
             template = self.templates[int(self.rng.integers(len(self.templates)))]
             views = self.views.get(template.key)
             if views:  # the template itself or one of its views
                 pick = int(self.rng.integers(len(views) + 1))
                 template = template if pick == len(views) else views[pick]
-            key = self.train_keys[int(index)]
+            cycles.append((template, key))
+            for k, crop_key in self.crop_targets.get(key, []):
+                crops = self.crop_templates[k]
+                cycles.append((crops[int(self.rng.integers(len(crops)))], crop_key))
+        for i, (template, key) in enumerate(cycles):
             with autocast(self.device):
                 loss, parts = step_loss(template, key)
             (loss / s.accumulation_steps).backward()
             losses.append(loss.item())
             self.step_losses.append(loss.item())
             self.step_target_ious.append(self.target_iou(template, key, parts["logits1"]))
-            if (i + 1) % s.accumulation_steps == 0 or i + 1 == len(order):
+            if (i + 1) % s.accumulation_steps == 0 or i + 1 == len(cycles):
                 if s.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
                 optimizer.step()
