@@ -8,6 +8,7 @@
     sam2pal evaluate ...        IoU / Dice of predictions against ground truth
     sam2pal masks ...           one PNG per predicted structure
     sam2pal overlays ...        overlay images
+    sam2pal publish ...         Darwin Core Archive and Fiji ROI sets of a results folder
     sam2pal download-model ...  fetch an official SAM 2.1 checkpoint
     sam2pal make-demo ...       write a synthetic specimen collection
 
@@ -1233,6 +1234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _table_parsers(sub)
     _picture_parsers(sub)
     _tool_parsers(sub)
+    _publish_parser(sub)
     return parser
 
 
@@ -1322,6 +1324,44 @@ def _tool_parsers(sub) -> None:
         help="write the demo video (video.mp4, keyframes.json, ground_truth.json) instead",
     )
     p.set_defaults(func=cmd_make_demo)
+
+
+# -- publish --------------------------------------------------------------------------
+
+
+def _publish_parser(sub) -> None:
+    p = sub.add_parser(
+        "publish",
+        help="Darwin Core Archive (dwca.zip) and ImageJ/Fiji ROI sets of a results folder",
+    )
+    _flag(
+        p,
+        "--results",
+        required=True,
+        help="results folder (predictions.json, measurements.csv, provenance.json, qc.csv)",
+    )
+    _flag(
+        p,
+        "--sample_sheet",
+        help="CSV of file_name and Darwin Core Occurrence terms (occurrenceID, catalogNumber, "
+        "...), a row per image (default: occurrenceID from the file names)",
+    )
+    _flag(p, "--out", help="folder to write dwca.zip and roi/ into (default: RESULTS/publish)")
+    p.set_defaults(func=cmd_publish)
+
+
+def cmd_publish(args) -> int:
+    from sam2pal.outputs.publish import write_dwca, write_roi_sets
+
+    results = Path(args.results)
+    out = Path(args.out) if args.out else results / "publish"
+    counts = write_dwca(results, out / "dwca.zip", sample_sheet=args.sample_sheet)
+    rois = write_roi_sets(results / "predictions.json", out / "roi")
+    print(
+        f"{out / 'dwca.zip'}: {counts['occurrences']} occurrences, "
+        f"{counts['measurements']} measurements; {rois} ROIs in {out / 'roi'}"
+    )
+    return 0
 
 
 def main(argv=None) -> int:

@@ -530,6 +530,7 @@ class Outputs:
     overlay_video_fps: float | None = setting(None, "frame rate of the overlay video", "tables")
     report: bool = setting(True, "the figures of the HTML report", "tables")
     gallery_size: int = setting(12, "overlays in the report's gallery", "tables")
+    publish: bool = setting(False, "a Darwin Core Archive and Fiji ROI sets in publish/", "tables")
 
 
 #: config section -> its settings class

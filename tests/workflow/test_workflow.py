@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from test_evaluate import check_metrics_file
 
 from sam2pal.models.registry import MICRO_SHA256
+from sam2pal.outputs.measure import MASK_MEASURES
 
 DEMO = REPO / "resources" / "demo"
 
@@ -68,6 +69,14 @@ def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     config = absolute_demo_config()
     del config["collections"]["demo_video"]
+    # publish/ too, with a sample sheet (test_publish_outputs)
+    sheet = workdir / "specimens.csv"
+    names = sorted(p.name for p in (DEMO / "images").iterdir())
+    sheet.write_text(
+        "file_name,occurrenceID,catalogNumber\n"
+        + "".join(f"{name},urn:demo:{k},D-{k}\n" for k, name in enumerate(names))
+    )
+    config["collections"]["demo"].update(sample_sheet=str(sheet), outputs={"publish": True})
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     snakemake(workdir, "--configfile", "config.yaml")
     return workdir, config
@@ -159,6 +168,30 @@ def test_demo_run_outputs(demo_run):
     assert len(list((out / "masks").glob("*.png"))) == len(coco.dataset["annotations"])
     assert len(list((out / "overlays").glob("*.jpg"))) == n_images
     assert (workdir / "logs" / "demo" / "propagate" / "shard-0-of-1.log").read_text().strip()
+
+
+def test_publish_outputs(demo_run):
+    """outputs.publish: the Darwin Core Archive (occurrences from the sample sheet, a
+    measurement per filled cell of measurements.csv) and a Fiji ROI set per image."""
+    import roifile
+    from dwca.read import DwCAReader
+
+    workdir, _ = demo_run
+    out = workdir / "results" / "demo"
+    rows = list(csv.DictReader(open(out / "measurements.csv")))
+    cells = sum(1 for row in rows for key in MASK_MEASURES if row[key])
+    names = sorted(p.name for p in (DEMO / "images").iterdir())
+    with DwCAReader(out / "publish" / "dwca.zip") as archive:
+        assert [row.id for row in archive] == [f"urn:demo:{k}" for k in range(len(names))]
+        assert archive.rows[1].data["http://rs.tdwg.org/dwc/terms/catalogNumber"] == "D-1"
+        assert sum(len(row.extensions) for row in archive) == cells
+    per_image = {}
+    for row in rows:
+        per_image.setdefault(row["file_name"].rsplit(".", 1)[0], set()).add(row["category"])
+    sets = {p.stem: p for p in (out / "publish" / "roi").glob("*.zip")}
+    assert set(sets) == set(per_image)
+    for stem, path in sets.items():
+        assert {roi.name for roi in roifile.roiread(path)} == per_image[stem]
 
 
 def test_rerun_has_nothing_to_do_and_measure_settings_do_not_resegment(demo_run):

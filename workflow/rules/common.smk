@@ -533,4 +533,6 @@ def all_outputs():
                 outputs.append(f"{base}/report/gallery")
             if settings(name, "finetune")["enabled"]:
                 outputs.append(f"{base}/report/training_curves.png")
+        if out["publish"]:
+            outputs += [f"{base}/publish/dwca.zip", f"{base}/publish/roi"]
     return outputs

@@ -422,8 +422,9 @@ def _label_structures(structures: list[_Structure]) -> None:
         s.label = f"{s.category}-{s.instance}" if s.category in several else s.category
 
 
-def _read_structures(path: Path) -> tuple[dict, list[_Structure]]:
-    """({image id: image}, structures) of a predictions file, streamed (no masks kept)."""
+def _read_structures(path: Path) -> tuple[dict, dict, list[_Structure]]:
+    """({image id: image}, {category id: category}, structures) of a predictions file,
+    streamed (no masks kept)."""
     images, categories = scan_coco(path, role="predictions file")
     names = {cid: c["name"] for cid, c in categories.items()}
     structures = []
@@ -448,7 +449,7 @@ def _read_structures(path: Path) -> tuple[dict, list[_Structure]]:
                 f"{path}: image {images[s.image_id]['file_name']!r}: annotations {other!r} and "
                 f"{s.id!r} are both {s.label!r}; give each structure its own instance"
             )
-    return images, structures
+    return images, categories, structures
 
 
 def _read_info(results_dir: Path, predictions: Path) -> dict:
@@ -847,7 +848,7 @@ def write_dwca(
     results_dir = Path(results_dir)
     predictions = _predictions(results_dir)
     sheet = read_sample_sheet(sample_sheet) if sample_sheet is not None else None
-    images_by_id, structures = _read_structures(predictions)
+    images_by_id, _, structures = _read_structures(predictions)
     images = sorted(images_by_id.values(), key=lambda im: im["file_name"])
     info = _read_info(results_dir, predictions)
     by_id = {str(s.id): s for s in structures}
@@ -1010,6 +1011,8 @@ def write_roi_sets(predictions: str | os.PathLike, out_dir: str | os.PathLike) -
         predictions: the COCO predictions file (predictions.json).
         out_dir: the folder of the ROI sets.
 
+    Images where no structure was found get no ROI set.
+
     Returns:
         The number of ROIs written. Raises InputError (one line naming the file) on a bad
         predictions file, or when two images would share a ROI set (photo.jpg and
@@ -1020,7 +1023,7 @@ def write_roi_sets(predictions: str | os.PathLike, out_dir: str | os.PathLike) -
     predictions = Path(predictions)
     if not predictions.is_file():
         raise InputError(f"{predictions}: predictions file not found")
-    images, structures = _read_structures(predictions)
+    images, categories, structures = _read_structures(predictions)
     zips: dict[str, str] = {}
     for image in sorted(images.values(), key=lambda im: im["file_name"]):
         name = _roi_zip_name(image["file_name"])
@@ -1031,7 +1034,6 @@ def write_roi_sets(predictions: str | os.PathLike, out_dir: str | os.PathLike) -
                 f"their extension and would share the ROI set {name}; rename one"
             )
     labels = {s.id: s.label for s in structures}
-    _, categories = scan_coco(predictions, role="predictions file")
     count = 0
     with atomic_dir(out_dir) as tmp:
         written: set = set()
