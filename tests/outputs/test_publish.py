@@ -247,6 +247,7 @@ def test_the_sample_sheet_gives_the_occurrences(results, tmp_path):
             "no row for image 'tray/sp_003.png'",
         ),
         ("file_name,occurrenceID\nsp_001.jpg,a\nsp_001.jpg,b\n", "listed twice"),
+        ("file_name,occurrenceID\nsp_001.jpg,a\nsp_002.jpg,\n", "line 3: empty occurrenceID"),
         (
             "file_name,occurrenceID\nsp_001.jpg,a\nsp_002.jpg,a\ntray/sp_003.png,c\n",
             "both give occurrenceID 'a'",

@@ -455,8 +455,9 @@ def _read_structures(path: Path) -> tuple[dict, dict, list[_Structure]]:
 def _read_info(results_dir: Path, predictions: Path) -> dict:
     """The run's provenance: provenance.json, else the `info` of predictions.json."""
     path = results_dir / "provenance.json"
+    source = path if path.is_file() else predictions
     try:
-        if path.is_file():
+        if source == path:
             with open(path, encoding="utf-8") as handle:
                 info = json.load(handle)
         else:
@@ -465,7 +466,7 @@ def _read_info(results_dir: Path, predictions: Path) -> dict:
             with open(predictions, "rb") as handle:
                 info = next(ijson.items(handle, "info", use_float=True), None)
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read the provenance ({exc})") from None
+        raise InputError(f"{source}: cannot read the provenance ({exc})") from None
     return info if isinstance(info, dict) else {}
 
 
@@ -560,6 +561,10 @@ def read_sample_sheet(path: str | os.PathLike) -> dict[str, dict[str, str]]:
                 name = values.pop("file_name")
                 if not name:
                     raise InputError(f"{path}, line {reader.line_num}: empty file_name")
+                if "occurrenceID" in header and not values.get("occurrenceID"):
+                    raise InputError(
+                        f"{path}, line {reader.line_num}: empty occurrenceID for {name!r}"
+                    )
                 if name in sheet:
                     raise InputError(
                         f"{path}, line {reader.line_num}: file_name {name!r} is listed twice "
@@ -611,16 +616,18 @@ def _derived_id(file_name: str) -> str:
     return str(path.with_suffix("")) if path.suffix else str(path)
 
 
-def _occurrences(images: list[dict], sheet: dict | None, sheet_path) -> list[dict]:
+def _occurrences(images: list[dict], sheet: dict | None, sheet_path) -> tuple[list[dict], bool]:
     """One core row per image ({term: value}), in file-name order, with occurrenceID
-    unique."""
+    unique; and whether the occurrenceIDs were made from the file names (no sheet, or a
+    sheet without that column)."""
     names = [image["file_name"] for image in images]
     rows = _sheet_rows(sheet, names, sheet_path) if sheet is not None else {}
     where = sheet_path if sheet is not None else "predictions.json"
-    occurrences, seen = [], {}
+    occurrences, seen, derived = [], {}, False
     for name in names:
         row = dict(rows.get(name, {}))
-        row.setdefault("occurrenceID", _derived_id(name))
+        if "occurrenceID" not in row:
+            row["occurrenceID"], derived = _derived_id(name), True
         row.setdefault("basisOfRecord", "PreservedSpecimen")
         row.setdefault("occurrenceRemarks", f"measured on the image {name} by sam2-pal")
         other = seen.setdefault(row["occurrenceID"], name)
@@ -630,7 +637,7 @@ def _occurrences(images: list[dict], sheet: dict | None, sheet_path) -> list[dic
                 f"{row['occurrenceID']!r}; each specimen needs its own"
             )
         occurrences.append(row)
-    return occurrences
+    return occurrences, derived
 
 
 # --------------------------------------------------------------------------------------
@@ -721,6 +728,8 @@ def _measurement_rows(
 
 
 def _clean(value) -> str:
+    """A cell of a DwC text file, which has no quoting: tabs and line breaks become
+    spaces."""
     text = "" if value is None else str(value)
     return (
         " ".join(text.replace("\t", " ").splitlines())
@@ -803,8 +812,8 @@ def _eml_xml(info: dict, collection: str, n_images: int, derived_ids: bool) -> b
         ET.SubElement(dataset, "pubDate").text = made[:10]
     ET.SubElement(dataset, "language").text = "en"
     ids = (
-        "occurrenceID is the image file name without its extension (no sample sheet was "
-        "given): unique within this dataset only."
+        "occurrenceID is the image file name without its extension (the sample sheet, if "
+        "any, gave none): unique within this dataset only."
         if derived_ids
         else "occurrenceID and the other occurrence terms come from the sample sheet."
     )
@@ -854,7 +863,7 @@ def write_dwca(
     by_id = {str(s.id): s for s in structures}
     rows = _read_measurements(results_dir / "measurements.csv", images_by_id, by_id)
     qc = _read_qc(results_dir / "qc.csv")
-    occurrences = _occurrences(images, sheet, sample_sheet)
+    occurrences, derived_ids = _occurrences(images, sheet, sample_sheet)
     occurrence_ids = {
         image["file_name"]: row["occurrenceID"] for image, row in zip(images, occurrences)
     }
@@ -869,7 +878,7 @@ def write_dwca(
     collection = str(info.get("collection") or results_dir.resolve().name)
     files = {
         "meta.xml": _meta_xml(core_terms),
-        "eml.xml": _eml_xml(info, collection, len(images), sheet is None),
+        "eml.xml": _eml_xml(info, collection, len(images), derived_ids),
         "occurrence.txt": _table(["id", *core_terms], core_rows),
         "measurementorfact.txt": _table(["coreid", *MOF_TERMS], measurements),
     }
