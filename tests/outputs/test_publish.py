@@ -197,6 +197,7 @@ def test_the_archive_reads_back_with_the_measurements(results, tmp_path):
 
 def test_without_a_scale_the_units_are_pixels(tmp_path):
     results = make_results(tmp_path / "out", px_per_mm=None, corrected=False)
+    (results / "provenance.json").unlink()  # the predictions' info says the same
     write_dwca(results, tmp_path / "dwca.zip")
     with DwCAReader(tmp_path / "dwca.zip") as archive:
         units = {
@@ -210,6 +211,8 @@ def test_without_a_scale_the_units_are_pixels(tmp_path):
             ext.data[DWC + "measurementRemarks"] for row in archive for ext in row.extensions
         ]
         assert all(r.endswith("corrected by a person: no") for r in remarks)
+        methods = {ext.data[DWC + "measurementMethod"] for row in archive for ext in row.extensions}
+        assert all(SHA in method for method in methods)
 
 
 def test_the_sample_sheet_gives_the_occurrences(results, tmp_path):
