@@ -22,6 +22,7 @@ from sam2pal.io.masks import BoxMask, decode_segmentation
 from sam2pal.io.records import ImageRecord, StructureRecord, read_records
 from sam2pal.outputs import corrections as corr
 from sam2pal.outputs.measure import measure_mask
+from sam2pal.outputs.report import write_review_plot
 
 H, W = 40, 60
 WHEN = "2026-05-01T12:00:00+00:00"
@@ -258,6 +259,10 @@ def test_review_summary_numbers_by_hand(results, tmp_path):
     assert worst["ci_low"] == "" and "biased" in worst["note"]
     assert "estimate" in head["note"]
     assert any("1 of the 3 random images" in note for note in notes)
+    # the report's figure of it
+    figure = tmp_path / "review.png"
+    assert write_review_plot(out / "review_summary.csv", figure) == ["head", "antenna", "all"]
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_coco_corrections_cvat_layout(results, tmp_path):
