@@ -402,8 +402,11 @@ def test_brushlabels_result(results, tmp_path):
         "original_height": H,
         "value": {"format": "rle", "rle": runs_rle(rgba), "brushlabels": ["head"]},
     }
+    uploaded = task("c.jpg", [brush, *unchanged_antennae()])
+    # a photo uploaded to Label Studio: no file_name, the name prefixed
+    uploaded["data"] = {"image": "/data/upload/1/0bcf1a2e-c.jpg"}
     path = tmp_path / "brush.json"
-    path.write_text(json.dumps([task("c.jpg", [brush, *unchanged_antennae()])]))
+    path.write_text(json.dumps([uploaded]))
     corr.import_corrections(out, [path], px_per_mm=10.0, log=lambda _: None)
     c = {(x["category_id"], x["instance"]): x for x in annotations_of(out, "c.jpg")}
     assert np.array_equal(decode_segmentation(c[(1, 1)]["segmentation"], H, W), drawn)

@@ -328,10 +328,17 @@ def _task_name(data: dict) -> tuple[str, bool] | None:
     image = data.get("image")
     if not isinstance(image, str) or not image.strip():
         return None
-    url = urlparse(image)
-    local = parse_qs(url.query).get("d")  # /data/local-files/?d=<path>
-    path = local[0] if local else unquote(url.path)
-    return PurePosixPath(path.replace("\\", "/")).name, True
+    return _url_name(image), True
+
+
+def _url_name(text: str) -> str:
+    """The image's name in a Label Studio URL: the path of a local-files URL
+    (`...?d=<path>`), else the bare name (an upload: `/data/upload/1/<8 hex>-<name>`)."""
+    url = urlparse(text)
+    local = parse_qs(url.query).get("d")
+    if local:  # relative to the served folder: the file name, folders included
+        return PurePosixPath(local[0].replace("\\", "/")).as_posix()
+    return PurePosixPath(unquote(url.path).replace("\\", "/")).name
 
 
 def _latest_annotation(task: dict):
@@ -462,11 +469,14 @@ def read_coco_corrections(path: str | os.PathLike, data: dict) -> list[ImageCorr
     corrections = {}
     for iid, image in images.items():
         where = f"{path}: image {image['file_name']!r}"
+        # Label Studio's COCO export names an image by its URL
+        url = "?d=" in image["file_name"] or image["file_name"].startswith("/data/")
         corrections[iid] = ImageCorrection(
-            name=image["file_name"],
+            name=_url_name(image["file_name"]) if url else image["file_name"],
             source=str(path),
             where=where,
             size=(image["width"], image["height"]),
+            upload_prefixed=url,
         )
     seen: set = set()
     for index, ann in enumerate(data["annotations"]):
@@ -1076,6 +1086,6 @@ def import_corrections(
         if (results / folder).is_dir():
             log(
                 f"note: {results / folder} still shows the predictions before correction; "
-                f"make it again with sam2pal {folder} --coco {results / 'predictions.json'}"
+                f"make it again from {results / 'predictions.json'} with `sam2pal {folder}`"
             )
     return counts
