@@ -29,6 +29,7 @@ include: "workflow/rules/propagate.smk"
 include: "workflow/rules/outputs.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/publish.smk"
+include: "workflow/rules/review.smk"
 
 
 rule all:

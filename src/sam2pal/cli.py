@@ -9,6 +9,7 @@
     sam2pal masks ...           one PNG per predicted structure
     sam2pal overlays ...        overlay images
     sam2pal publish ...         Darwin Core Archive and Fiji ROI sets of a results folder
+    sam2pal review import ...   bring a reviewer's corrections back into a results folder
     sam2pal download-model ...  fetch an official SAM 2.1 checkpoint
     sam2pal make-demo ...       write a synthetic specimen collection
 
@@ -1235,6 +1236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _picture_parsers(sub)
     _tool_parsers(sub)
     _publish_parser(sub)
+    _review_parsers(sub)
     return parser
 
 
@@ -1360,6 +1362,71 @@ def cmd_publish(args) -> int:
     print(
         f"{out / 'dwca.zip'}: {counts['occurrences']} occurrences, "
         f"{counts['measurements']} measurements; {rois} ROIs in {out / 'roi'}"
+    )
+    return 0
+
+
+# -- review ---------------------------------------------------------------------------
+
+
+def _review_parsers(sub) -> None:
+    p = sub.add_parser(
+        "review", help="send results to a reviewer (export) and bring corrections back (import)"
+    )
+    review = p.add_subparsers(dest="review_command", required=True)
+    _review_import_parser(review)
+
+
+def _review_import_parser(review) -> None:
+    p = review.add_parser(
+        "import",
+        help="corrected masks replace the predictions; tables and QC are made again",
+        description="Read a reviewer's corrections (a Label Studio JSON export, or a COCO file "
+        "such as CVAT's COCO 1.0 export), matched to the results by file name and structure "
+        "name: the corrected masks replace the predictions of the reviewed images in "
+        "predictions.json (marked corrected), and qc.csv, measurements.csv and "
+        "measurements_wide.csv are made again, without running the model. With --review, "
+        "review_summary.csv estimates the collection's accuracy from the random sample.",
+    )
+    _flag(p, "--results", required=True, help="the results folder (OUTPUT_DIR of segment/video)")
+    _flag(
+        p,
+        "--corrections",
+        required=True,
+        nargs="+",
+        help="corrections file(s): Label Studio JSON export or COCO (a later file wins for an "
+        "image in several; the predictions of the segmentation are the start of every import)",
+    )
+    _flag(
+        p,
+        "--review",
+        help="the folder of `sam2pal review export` (its review_sample.csv): adds "
+        "review_summary.csv",
+    )
+    _flag(p, "--px_per_mm", type=_positive_float, help="the run's scale for millimetre columns")
+    _flag(p, "--calibration_csv", help="the run's per-image scale: CSV file_name,px_per_mm")
+    p.set_defaults(func=cmd_review_import)
+
+
+def cmd_review_import(args) -> int:
+    from sam2pal.outputs.corrections import import_corrections
+
+    counts = import_corrections(
+        args.results,
+        args.corrections,
+        review_dir=args.review,
+        px_per_mm=args.px_per_mm,
+        calibration_csv=args.calibration_csv,
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
+    summary = (
+        f"; accuracy estimate in {Path(args.results) / 'review_summary.csv'}"
+        if counts["summary_rows"] is not None
+        else ""
+    )
+    print(
+        f"corrected {counts['corrected']} of {counts['images']} images; predictions.json, "
+        f"qc.csv and the measurement tables made again in {args.results}{summary}"
     )
     return 0
 

@@ -326,7 +326,14 @@ def test_qc_gives_the_orientation_found(tmp_path, records):
     out = tmp_path / "qc.csv"
     write_qc([_searched(path)], CATEGORIES, out, multi_instance={2})
     rows = {r["file_name"]: r for r in csv.DictReader(open(out))}
-    assert list(rows["b.jpg"])[-5:] == ["rotation", "mirrored", "zoomed", "zoom_placed", "reason"]
+    assert list(rows["b.jpg"])[-6:] == [
+        "rotation",
+        "mirrored",
+        "zoomed",
+        "zoom_placed",
+        "corrected",
+        "reason",
+    ]
     assert (rows["b.jpg"]["rotation"], rows["b.jpg"]["mirrored"]) == ("270", "true")
     # empty where the orientation was not searched, and for a skipped image
     for name in ("a.jpg", "c.jpg"):

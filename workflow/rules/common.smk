@@ -497,6 +497,42 @@ def provenance_config(wildcards):
     return recorded
 
 
+# -- corrections (workflow/rules/review.smk) ----------------------------------------------
+
+
+def corrections_files(collection):
+    """The corrections files of a collection (its `corrections`: a file or a list)."""
+    value = COLLECTIONS[collection].get("corrections") or []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _check_corrections():
+    """`review_sample` estimates accuracy from corrections: refused without them."""
+    for name, entry in COLLECTIONS.items():
+        if entry.get("review_sample") and not corrections_files(name):
+            raise WorkflowError(
+                f"collections.{name}.review_sample: the sample's accuracy is estimated from "
+                f"the reviewer's corrections; give them in collections.{name}.corrections"
+            )
+
+
+_check_corrections()
+
+
+def corrected_collections():
+    """Wildcard pattern matching the collections with corrections (or nothing)."""
+    names = [name for name in COLLECTIONS if corrections_files(name)]
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+def collection_records(wildcards):
+    """The records merge_predictions and qc read: the shards' results, or those with
+    the corrections applied (reviewed.jsonl) when the collection has corrections."""
+    if corrections_files(wildcards.collection):
+        return [f"results/{wildcards.collection}/reviewed.jsonl"]
+    return shard_results(".jsonl")(wildcards)
+
+
 def uses_gpu(wildcards):
     return 0 if settings(wildcards.collection, "propagate")["device"] == "cpu" else 1
 
@@ -515,6 +551,9 @@ def all_outputs():
         ]
         if entry.get("ground_truth"):
             outputs.append(f"{base}/metrics.csv")
+        reviewed = bool(entry.get("review_sample"))
+        if reviewed:
+            outputs.append(f"{base}/review_summary.csv")
         out = settings(name, "outputs")
         if is_video(name):
             outputs.append(f"{base}/frames.csv")
@@ -533,6 +572,8 @@ def all_outputs():
                 outputs.append(f"{base}/report/gallery")
             if settings(name, "finetune")["enabled"]:
                 outputs.append(f"{base}/report/training_curves.png")
+            if reviewed:
+                outputs.append(f"{base}/report/review.png")
         if out["publish"]:
             outputs += [f"{base}/publish/dwca.zip", f"{base}/publish/roi"]
     return outputs

@@ -6,7 +6,8 @@
 
 rule merge_predictions:
     input:
-        records=shard_results(".jsonl"),
+        # the shards' results, or reviewed.jsonl with a collection's corrections
+        records=collection_records,
         runs=shard_results(".run.json"),
         templates="results/{collection}/templates.json",
     output:
@@ -35,7 +36,7 @@ rule merge_predictions:
 
 rule qc:
     input:
-        records=shard_results(".jsonl"),
+        records=collection_records,
         templates="results/{collection}/templates.json",
     output:
         "results/{collection}/qc.csv",

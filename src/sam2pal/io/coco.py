@@ -15,7 +15,9 @@
   0, and our QC fields `instance`, `predicted_iou`, `object_score`, `cycle_iou`,
   `clamped` (and `keyframe`: true where the mask is a video keyframe's annotation;
   `zoomed`: true where it comes from the zoom pass, `zoom_placed` where that pass's
-  window was placed from the template).
+  window was placed from the template; `corrected`: {"when", "source"[, "reviewed_at"]}
+  where a reviewer's correction replaced the prediction, see
+  `sam2pal.outputs.corrections`).
 
 The file is written as a stream (two passes over the per-image files), so merging
 does not hold a collection's masks in memory.
@@ -96,6 +98,8 @@ def _annotations(record: ImageRecord, polygons: bool) -> Iterator[dict]:
         for flag in ("keyframe", "zoomed", "zoom_placed"):
             if getattr(s, flag):
                 ann[flag] = True
+        if s.corrected is not None:
+            ann["corrected"] = s.corrected
         yield ann
 
 

@@ -6,13 +6,15 @@ line:
     {"file_name": ..., "width": ..., "height": ...,
      "structures": [{"category_id", "instance", "segmentation" (COCO RLE), "area", "bbox",
                      "score", "predicted_iou", "object_score", "cycle_iou", "clamped"
-                     [, "keyframe": true] [, "zoomed": true [, "zoom_placed": true]]},
+                     [, "keyframe": true] [, "zoomed": true [, "zoom_placed": true]]
+                     [, "corrected": {"when", "source" [, "reviewed_at"]}]},
                     ...]
      [, "orientation": {"rotation", "mirrored", "candidates"}]
      [, "frame_index": ..., "time_s": ...] [, "segmented_by": {...}]}
 
 (`orientation`: the orientation found by propagate.orientation's search, when searched;
-see `ImageRecord`)
+see `ImageRecord`; `corrected`: the mask is a reviewer's correction brought back by
+`sam2pal.outputs.corrections`, see `StructureRecord`)
 
 or, for a bad image file, ``{"file_name": ..., "skipped": "<reason>"}`` (a video frame's
 record carries its `frame_index` and `time_s` too). `ImageRecord` and
@@ -79,6 +81,10 @@ class StructureRecord:
     keyframe: bool = False
     zoomed: bool = False  # the mask and scores come from the zoom pass
     zoom_placed: bool = False  # its window was placed from the template
+    # a reviewer's correction replaced the mask: {"when": ISO time of the import,
+    # "source": the corrections file [, "reviewed_at": the annotation's time]}; the
+    # scores stay those of the prediction it replaced
+    corrected: dict | None = None
 
     @classmethod
     def from_prediction(cls, pred, keyframe: bool = False) -> StructureRecord:
@@ -115,21 +121,27 @@ class StructureRecord:
 
     def to_json(self) -> dict:
         """The JSON object of the record (`keyframe`, `zoomed` and `zoom_placed` only when
-        true)."""
+        true, `corrected` only when set)."""
         data = {name: getattr(self, name) for name in _STRUCTURE_KEYS}
         for flag in _STRUCTURE_FLAGS:
             if getattr(self, flag):
                 data[flag] = True
+        if self.corrected is not None:
+            data["corrected"] = self.corrected
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> StructureRecord:
         """The record of a JSON object written by `to_json`; raises ValueError when it
         is not one."""
-        _check_keys(data, _STRUCTURE_KEYS, _STRUCTURE_FLAGS, "structure")
+        _check_keys(data, _STRUCTURE_KEYS, (*_STRUCTURE_FLAGS, "corrected"), "structure")
+        corrected = data.get("corrected")
+        if corrected is not None and not isinstance(corrected, dict):
+            raise ValueError("structure record whose 'corrected' is not an object")
         return cls(
             **{name: data[name] for name in _STRUCTURE_KEYS},
             **{flag: bool(data.get(flag)) for flag in _STRUCTURE_FLAGS},
+            corrected=corrected,
         )
 
 

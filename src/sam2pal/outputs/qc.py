@@ -2,20 +2,23 @@
 
 An image's QC score is the lowest score of its structures, where a structure scores
 its cycle IoU when cycle consistency was computed (a label-free estimate of the real
-IoU), else SAM2's predicted IoU, and 0 when it was predicted absent. Images that could
-not be read come first, then images by increasing QC score.
+IoU), else SAM2's predicted IoU, and 0 when it was predicted absent; a structure a
+reviewer corrected (`sam2pal review import`) scores 1, present or absent: a person has
+checked it. Images that could not be read come first, then images by increasing QC
+score.
 
 Columns: rank, file_name, status (ok | missing | clamped | skipped), qc_score,
 worst_structure, n_structures, n_found, missing, clamped, min_cycle_iou,
 mean_cycle_iou, min_predicted_iou, min_object_score, rotation, mirrored, zoomed,
-zoom_placed, reason.
+zoom_placed, corrected, reason.
 
 `rotation` and `mirrored` are the orientation found by propagate.orientation's search
 (the photo shows the template turned `rotation` degrees clockwise, after a left-right
 mirror when `mirrored` is true); both are empty when the orientation was not searched.
 `zoomed` lists the structures whose mask (and scores) come from the zoom pass
 (propagate.zoom), `zoom_placed` those of them whose window was placed from the template
-because the whole-photo pass found nothing.
+because the whole-photo pass found nothing. `corrected` lists the structures whose mask
+is a reviewer's correction (or that the reviewer removed).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ QC_COLUMNS = [
     "mirrored",
     "zoomed",
     "zoom_placed",
+    "corrected",
     "reason",
 ]
 
@@ -76,7 +80,7 @@ def image_row(record: ImageRecord, categories: dict[int, str], multi_instance: s
     """
     if record.is_skipped:
         return {"file_name": record.file_name, "status": "skipped", "reason": record.skipped}
-    scores, missing, clamped, zoomed, placed = [], [], [], [], []
+    scores, missing, clamped, zoomed, placed, corrected = [], [], [], [], [], []
     cycles, ious, objs = [], [], []
     for s in record.structures:
         label = structure_label(
@@ -96,7 +100,11 @@ def image_row(record: ImageRecord, categories: dict[int, str], multi_instance: s
         if s.zoom_placed:
             placed.append(label)
         quality = s.cycle_iou if s.cycle_iou is not None else min(max(s.predicted_iou, 0.0), 1.0)
-        scores.append((quality if present else 0.0, label))
+        if s.corrected is not None:
+            corrected.append(label)
+            scores.append((1.0, label))
+        else:
+            scores.append((quality if present else 0.0, label))
     worst = min(scores) if scores else (float("nan"), "")
     status = "missing" if missing else ("clamped" if clamped else "ok")
     orientation = record.orientation or {}
@@ -118,6 +126,7 @@ def image_row(record: ImageRecord, categories: dict[int, str], multi_instance: s
         "mirrored": None if mirrored is None else ("true" if mirrored else "false"),
         "zoomed": ";".join(zoomed),
         "zoom_placed": ";".join(placed),
+        "corrected": ";".join(corrected),
         "reason": "",
     }
 

@@ -4,7 +4,9 @@
   drawn from predictions.json streamed image by image (`visualize.image_groups`);
 * the QC score distribution, and the head of the QC ranking as a table;
 * the distributions of the measurements, per structure;
-* the fine-tuning curves, where the collection was fine-tuned.
+* the fine-tuning curves, where the collection was fine-tuned;
+* the accuracy estimated from a review's corrections, where the collection has a
+  review_summary.csv (`sam2pal.outputs.corrections`).
 
 Every function reads the collection's files as streams, so the report of a 100,000-image
 collection costs no more memory than the figures themselves.
@@ -220,3 +222,68 @@ def copy_training_record(finetune_dir, out_png, out_csv) -> None:
     for name, out in (("training_curves.png", out_png), ("training_log.csv", out_csv)):
         with atomic_path(out) as tmp:
             shutil.copyfile(finetune_dir / name, tmp)
+
+
+# the quantities of review_summary.csv drawn by `write_review_plot`: (quantity, label)
+REVIEW_PANELS = [
+    ("iou", "IoU of the prediction"),
+    ("area_px_rel_error", "relative error: area"),
+    ("curve_length_px_rel_error", "relative error: curve length"),
+]
+
+
+def write_review_plot(review_summary_csv, out_png) -> list[str]:
+    """The accuracy estimated from a review: per structure, the mean IoU and the mean
+    relative errors of the area and curve length (`REVIEW_PANELS`), with their 95%
+    intervals; filled for the random sample, open for the worst images (biased).
+
+    Args:
+        review_summary_csv: the collection's review_summary.csv.
+        out_png: the figure to write.
+
+    Returns:
+        The structures shown.
+    """
+    plt = _plt()
+    with open(review_summary_csv, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    structures = list(dict.fromkeys(r["structure"] for r in rows)) or ["(nothing reviewed)"]
+    fig, axes = plt.subplots(
+        1,
+        len(REVIEW_PANELS),
+        squeeze=False,
+        figsize=(3.6 * len(REVIEW_PANELS), 0.45 * len(structures) + 1.6),
+    )
+    styles = {
+        "random": {"color": "#4477aa", "markerfacecolor": "#4477aa", "label": "random sample"},
+        "worst": {"color": "#cc6677", "markerfacecolor": "white", "label": "worst (biased)"},
+    }
+    found = {(r["sample"], r["structure"], r["quantity"]): r for r in rows}
+    for ax, (quantity, label) in zip(axes[0], REVIEW_PANELS, strict=True):
+        for offset, (sample, style) in zip((-0.15, 0.15), styles.items(), strict=True):
+            shown = [(y, found.get((sample, s, quantity))) for y, s in enumerate(structures)]
+            shown = [(y, row) for y, row in shown if row is not None]
+            for y, row in shown:
+                if row["ci_low"] and row["ci_high"]:
+                    bounds = [float(row["ci_low"]), float(row["ci_high"])]
+                    ax.plot(bounds, [y + offset] * 2, color=style["color"], lw=1.5)
+            ax.plot(
+                [float(row["mean"]) for _, row in shown],
+                [y + offset for y, _ in shown],
+                "o",
+                linestyle="none",
+                color=style["color"],
+                markerfacecolor=style["markerfacecolor"],
+                label=style["label"],
+            )
+        ax.set_yticks(range(len(structures)), structures, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return structures if rows else []
