@@ -191,6 +191,12 @@ def boxes_overlap(a: Box, b: Box, margin: int = 0) -> bool:
 # -- which structures are outlined ---------------------------------------------------
 
 
+def bounding_box(mask: np.ndarray) -> Box:
+    """(x0, y0, x1, y1) of a non-empty mask's pixels (x1, y1 exclusive)."""
+    x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
+    return x, y, x + w, y + h
+
+
 def mean_width(mask: np.ndarray) -> float:
     """The mean width of a mask, 2 x area / perimeter (a strip of width w and length L
     has area wL and perimeter about 2L; a disc of radius r gives r)."""
@@ -255,10 +261,9 @@ def _disk(radius: int) -> np.ndarray:
 def _outer_outline(out: np.ndarray, mask: np.ndarray, colour: Colour, width: int) -> None:
     """Outline a small or thin structure from outside: its edge pixels and `width` - 1
     pixels around it in its colour, a dark rim beyond; the photo inside stays as it is."""
-    ys, xs = np.nonzero(mask)
     reach = width + 2
-    y0, x0 = max(int(ys.min()) - reach, 0), max(int(xs.min()) - reach, 0)
-    y1, x1 = int(ys.max()) + reach + 1, int(xs.max()) + reach + 1
+    x0, y0, x1, y1 = bounding_box(mask)
+    x0, y0, x1, y1 = max(x0 - reach, 0), max(y0 - reach, 0), x1 + reach, y1 + reach
     piece = mask[y0:y1, x0:x1].astype(np.uint8)
     inner = cv2.erode(piece, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT)
     ring = cv2.dilate(piece, _disk(max(width - 1, 0))).astype(bool) & ~inner.astype(bool)
@@ -395,13 +400,15 @@ def _draw_legend(draw: ImageDraw.ImageDraw, legend: _Legend, box: Box, outlined:
 def anchor_point(mask: np.ndarray) -> tuple[int, int]:
     """The point of a mask a leader line points at: the innermost point (farthest from
     the edge) of its largest 8-connected piece."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    x0, y0, x1, y1 = bounding_box(mask)
+    crop = mask[y0:y1, x0:x1].astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
     biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     x, y, w, h = stats[biggest, :4]
     piece = np.pad(labels[y : y + h, x : x + w] == biggest, 1).astype(np.uint8)
     distance = cv2.distanceTransform(piece, cv2.DIST_L2, 3)
     py, px = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return int(x + px - 1), int(y + py - 1)
+    return int(x0 + x + px - 1), int(y0 + y + py - 1)
 
 
 def _candidates(anchor, w: int, h: int, sizes: Sizes, far: int) -> Iterable[list[Box]]:
@@ -434,17 +441,18 @@ def place_labels(
     integral: np.ndarray,
     sizes: Sizes,
     blocked: Sequence[Box] = (),
-) -> dict[str, tuple[Box, tuple[int, int]]]:
+) -> dict[str, tuple[Box, tuple[tuple[int, int], tuple[int, int]]]]:
     """Label rectangles that overlap neither each other nor `blocked` (the legend).
 
     Greedy, smallest structures first (they need a label close by the most). Each label
     is tried on rings of growing radius around its structure's anchor point
     (`anchor_point`, `_candidates`); a position is allowed when it lies in the image,
     keeps `sizes.pad` clear of every rectangle placed so far, and its leader line
-    crosses no other label (nor theirs it). On the nearest ring with an allowed position
-    covering at most 2 % structure pixels, the least covering one is taken; without
-    one, the least covering allowed position of all rings. A label with no room
-    anywhere is left out (the legend still lists its structure).
+    crosses no other label (nor theirs it; where no such position exists within a third
+    of the image's longer side, crossings are allowed). On the nearest ring with an allowed position covering at most 2 %
+    structure pixels, the least covering one is taken; without one, the least covering
+    allowed position of all rings. A label with no room anywhere is left out (the
+    legend still lists its structure).
 
     Args:
         structures: the structures (those with an empty mask get no label).
@@ -454,10 +462,12 @@ def place_labels(
         blocked: rectangles no label may overlap.
 
     Returns:
-        {name: (rectangle, anchor point)}.
+        {name: (rectangle, leader line)}: the leader runs from the rectangle to the
+        first pixel of the structure on the way to its anchor point (`leader_line`), so
+        that it does not cover the inside of a small part.
     """
     height, width = shape
-    placed: dict[str, tuple[Box, tuple[int, int]]] = {}
+    placed: dict[str, tuple[Box, tuple[tuple[int, int], tuple[int, int]]]] = {}
     taken = list(blocked)
     leaders = []
     drawn = [s for s in structures if s.mask.any()]
@@ -465,23 +475,34 @@ def place_labels(
         w, h = text_size(s.name, sizes.font)
         w, h = w + 2 * sizes.pad, h + sizes.pad
         anchor = anchor_point(s.mask)
-        best, best_cover = None, 2.0
-        for ring in _candidates(anchor, w, h, sizes, far=width + height):
-            choice, cover = _best_on_ring(
-                ring, anchor, (height, width), integral, taken, leaders, sizes
-            )
-            if choice is not None and cover < best_cover:
-                best, best_cover = choice, cover
-            if best_cover <= 0.02:
+        best = None
+        for strict in (True, False):
+            best = _search(anchor, (w, h), (height, width), integral, taken, leaders, sizes, strict)
+            if best is not None:
                 break
         if best is not None:
-            placed[s.name] = (best, anchor)
+            placed[s.name] = (best, leader_line(s.mask, best, anchor))
             taken.append(best)
             leaders.append((anchor, _nearest_on_box(best, anchor)))
     return placed
 
 
-def _best_on_ring(ring, anchor, shape, integral, taken, leaders, sizes):
+def _search(anchor, size, shape, integral, taken, leaders, sizes, strict: bool) -> Box | None:
+    """The label rectangle for one structure (see `place_labels`); `strict`: its leader
+    line may cross no label, nor theirs it (else crossings are allowed)."""
+    height, width = shape
+    best, best_cover = None, 2.0
+    far = max(height, width) // 3 if strict else width + height
+    for ring in _candidates(anchor, *size, sizes, far=far):
+        choice, cover = _best_on_ring(ring, anchor, shape, integral, taken, leaders, sizes, strict)
+        if choice is not None and cover < best_cover:
+            best, best_cover = choice, cover
+        if best_cover <= 0.02:
+            break
+    return best
+
+
+def _best_on_ring(ring, anchor, shape, integral, taken, leaders, sizes, strict):
     """The allowed rectangle of a ring covering the fewest structure pixels, and that
     share (None, 2.0 when none is allowed)."""
     height, width = shape
@@ -492,13 +513,22 @@ def _best_on_ring(ring, anchor, shape, integral, taken, leaders, sizes):
             continue
         if any(boxes_overlap(box, t, sizes.pad) for t in taken):
             continue
-        leader = (anchor, _nearest_on_box(box, anchor))
-        if any(_crosses(t, leader) for t in taken) or any(_crosses(box, seg) for seg in leaders):
+        if strict and _tangled(box, anchor, taken, leaders):
             continue
         cover = _covered(integral, box) / ((x1 - x0) * (y1 - y0))
         if cover < best_cover:
             best, best_cover = box, cover
     return best, best_cover
+
+
+def _tangled(box: Box, anchor, taken: Sequence[Box], leaders) -> bool:
+    """Whether a label at `box` would have its leader line cross another rectangle
+    (other than one over its own anchor point), or another leader cross it."""
+    leader = (anchor, _nearest_on_box(box, anchor))
+    for t in taken:
+        if not (t[0] <= anchor[0] < t[2] and t[1] <= anchor[1] < t[3]) and _crosses(t, leader):
+            return True
+    return any(_crosses(box, segment) for segment in leaders)
 
 
 def _readable_on(colour: Colour) -> tuple[int, int, int, int]:
@@ -507,6 +537,18 @@ def _readable_on(colour: Colour) -> tuple[int, int, int, int]:
     linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
     luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
     return (0, 0, 0, 255) if luminance > 0.18 else (255, 255, 255, 255)
+
+
+def leader_line(mask: np.ndarray, box: Box, anchor: tuple[int, int]):
+    """((x, y) on the label's rectangle, (x, y) of the structure's first pixel met
+    on the straight way from there to its anchor point)."""
+    start = _nearest_on_box(box, anchor)
+    steps = max(abs(anchor[0] - start[0]), abs(anchor[1] - start[1]), 1)
+    xs = np.linspace(start[0], anchor[0], steps + 1).round().astype(int)
+    ys = np.linspace(start[1], anchor[1], steps + 1).round().astype(int)
+    hits = np.flatnonzero(mask[ys, xs])
+    at = int(hits[0]) if len(hits) else steps
+    return start, (int(xs[at]), int(ys[at]))
 
 
 def _nearest_on_box(box: Box, point: tuple[int, int]) -> tuple[int, int]:
@@ -570,14 +612,9 @@ def render_overlay(
             blocked.append(result.legend)
     labels = place_labels(structures, (height, width), integral, sizes, blocked)
     colours = {s.name: s.colour for s in structures}
-    for name, (box, anchor) in labels.items():
-        end = _nearest_on_box(box, anchor)
-        draw.line([anchor, end], fill=(*HALO, 255), width=sizes.line + 2)
-        draw.line([anchor, end], fill=(*colours[name], 255), width=sizes.line)
-        r = sizes.line + 1
-        draw.ellipse(
-            (anchor[0] - r, anchor[1] - r, anchor[0] + r, anchor[1] + r), fill=(*HALO, 255)
-        )
+    for name, (_, (start, end)) in labels.items():
+        draw.line([start, end], fill=(*HALO, 255), width=sizes.line + 2)
+        draw.line([start, end], fill=(*colours[name], 255), width=sizes.line)
     for name, (box, _) in labels.items():
         colour = colours[name]
         draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(*colour, 235))

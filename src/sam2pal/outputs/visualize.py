@@ -132,7 +132,7 @@ def structure_quality(ann: dict) -> tuple[float | None, str]:
 
 
 def _shrink(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A mask reduced to `size` (w, h) by area averaging, so thin parts stay whole."""
+    """A mask resized to `size` (w, h) by area averaging, so thin parts stay whole."""
     small = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
     out = small >= 0.5
     return out if out.any() or not mask.any() else small > 0
@@ -170,34 +170,52 @@ def overlay_structures(
     empty = np.zeros((height, width) if size is None else (size[1], size[0]), bool)
     structures = []
     for cid in sorted(categories):
-        group = sorted(per_category.get(cid, []), key=lambda a: (a.get("instance", 1), a["id"]))
-        multi = len(group) > 1 or any(a.get("instance", 1) > 1 for a in group)
+        group = sorted(per_category.get(cid, []), key=lambda a: (a.get("instance") or 1, a["id"]))
+        numbers = [a.get("instance") for a in group]
+        if None in numbers or len(set(numbers)) < len(numbers):
+            numbers = list(range(1, len(group) + 1))  # a file without (unique) instances
+        multi = len(group) > 1 or any(n > 1 for n in numbers)
         name = categories[cid]
         if not group:
             structures.append(
                 Structure(empty, name, colours[cid], note="not found", style=styles[cid])
             )
-        for ann in group:
+        for ann, number in zip(group, numbers):
             mask = decode_segmentation(ann["segmentation"], height, width)
             if size is not None and size != (width, height):
                 mask = _shrink(mask, size)
             score, note = structure_quality(ann)
-            label = f"{name}_{ann.get('instance', 1)}" if multi else name
+            label = f"{name}_{number}" if multi else name
             structures.append(Structure(mask, label, colours[cid], score, note, styles[cid]))
     return structures
 
 
 def score_notes(structures: list[Structure]) -> list[str]:
     """The lines under the legend that say what its scores are."""
-    notes = ["QC score: cycle IoU (as in qc.csv)"]
+    notes = []
+    if any(s.score is not None and not s.note for s in structures):
+        notes.append("QC score: cycle IoU (as in qc.csv)")
     if any(s.note == "p" for s in structures):
         notes.append("p: SAM2's predicted IoU (no cycle IoU)")
     return notes
 
 
-def _overlays(categories, groups, image_dir, max_side: int, steady_legend: bool = False):
-    """(image entry, overlay RGB) for each (image, annotations) of `groups`, reduced to
-    `max_side`; `steady_legend` keeps the legend in the first image's corner (video)."""
+def render_images(
+    categories: list[dict], groups, image_dir, max_side: int = 1600, steady_legend: bool = False
+):
+    """The overlay of each image of a predictions file, as `write_overlays` draws it.
+
+    Args:
+        categories: the file's COCO categories (all of them: they fix the colours).
+        groups: iterable of (image entry, [its annotations]), as `image_groups` gives.
+        image_dir: the folder of the images.
+        max_side: the overlays' longer side in pixels (photos are only reduced).
+        steady_legend: keep the legend in the corner it took on the first image (a
+            video's frames), instead of the least crowded corner of each image.
+
+    Yields:
+        (image entry, `Overlay`): the picture, and where its labels and legend went.
+    """
     from sam2pal.io.images import read_image
 
     names = {c["id"]: c["name"] for c in categories}
@@ -205,16 +223,22 @@ def _overlays(categories, groups, image_dir, max_side: int, steady_legend: bool 
     for image_info, anns in groups:
         image = read_image(Path(image_dir) / image_info["file_name"])
         scale = min(1.0, max_side / max(image.shape[:2]))
-        size = None
         if scale < 1.0:
             size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
             image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        structures = overlay_structures(anns, image_info, names, size)
+        structures = overlay_structures(anns, image_info, names, (image.shape[1], image.shape[0]))
         drawn = render_overlay(
             image, structures, notes=score_notes(structures), legend_corner=corner
         )
         if steady_legend and corner is None:
             corner = drawn.legend_corner
+        yield image_info, drawn
+
+
+def _overlays(categories, groups, image_dir, max_side: int, steady_legend: bool = False):
+    """(image entry, overlay RGB) for each (image, annotations): `render_images`'
+    pictures."""
+    for image_info, drawn in render_images(categories, groups, image_dir, max_side, steady_legend):
         yield image_info, drawn.image
 
 
