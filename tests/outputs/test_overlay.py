@@ -277,3 +277,19 @@ def test_gallery_and_video_are_drawn_like_the_overlays(tmp_path):
     assert np.abs(overlay[300, 360] - 120).max() > 25
     assert write_overlay_video(pred, images_dir, tmp_path / "overlay.mp4", fps=5) == 3
     assert count_frames(tmp_path / "overlay.mp4") == 3
+
+
+def test_a_long_legend_shrinks_to_fit_and_marks_repeated_colours():
+    """25 structures on an 800 x 600 overlay: the legend still lists all of them (in
+    smaller text), and the five past the palette are drawn dashed."""
+    shape = (600, 800)
+    categories = {cid: f"part {cid}" for cid in range(1, 26)}
+    colours, styles = structure_colours(categories), structure_style(categories)
+    structures = [
+        Structure(disc(shape, 60 + 28 * k, 300, 10), name, colours[cid], 0.9, style=styles[cid])
+        for k, (cid, name) in enumerate(categories.items())
+    ]
+    out = render_overlay(np.full((*shape, 3), 128, np.uint8), structures)
+    assert [name for name, _ in out.legend_rows] == list(categories.values())
+    assert [s.style for s in structures].count("dashed") == 5
+    assert out.legend[3] - out.legend[1] <= 600

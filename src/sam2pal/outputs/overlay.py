@@ -130,7 +130,8 @@ class Overlay:
     Attributes:
         image: the RGB picture (uint8).
         labels: {structure name: label rectangle}, for the structures that got a label.
-        legend: the legend's rectangle (None when the picture is too small for it).
+        legend: the legend's rectangle (None when it does not fit in the picture, even
+            in text down to 60 % of the labels' size and no less than 10 px).
         legend_rows: the legend's rows, (name, score text), in order.
         legend_corner: the corner the legend is in ("top-left", ... ; None without one).
         outlined: names of the structures drawn as outlines only.
@@ -316,7 +317,6 @@ class _Legend:
     size: int
     width: int
     height: int
-    name_width: int
 
 
 def _legend_layout(
@@ -332,7 +332,7 @@ def _legend_layout(
     line = text_size("Ag", size)[1] + pad
     note_line = text_size("Ag", round(size * 0.8))[1] + pad // 2
     height = line * (len(rows) + 1) + note_line * len(notes)
-    return _Legend(rows, title, notes, size, width + 2 * pad, height + 2 * pad, name_width)
+    return _Legend(rows, title, notes, size, width + 2 * pad, height + 2 * pad)
 
 
 CORNERS = ("top-right", "top-left", "bottom-right", "bottom-left")
@@ -376,11 +376,15 @@ def _draw_legend(draw: ImageDraw.ImageDraw, legend: _Legend, box: Box, outlined:
         y += line
         top = y + (line - pad - size) // 2
         swatch = (x, top, x + size, top + size)
-        if s.name in outlined or not s.mask.any():
+        if s.name in outlined or not s.mask.any() or s.style != "solid":
             border = max(2, size // 5)
             draw.rectangle(
                 swatch, fill=(255, 255, 255, 255), outline=(*s.colour, 255), width=border
             )
+            if s.style != "solid":  # a gap in the middle of each side: a dashed square
+                g, mx, my = max(1, size // 6), x + size // 2, top + size // 2
+                for cx, cy in ((mx, top), (mx, top + size), (x, my), (x + size, my)):
+                    draw.rectangle((cx - g, cy - g, cx + g, cy + g), fill=(255, 255, 255, 255))
         else:
             draw.rectangle(swatch, fill=(*s.colour, 255), outline=(*HALO, 255), width=1)
         grey = not s.mask.any()
@@ -604,8 +608,12 @@ def render_overlay(
     draw = ImageDraw.Draw(layer)
     blocked = []
     if legend and structures:
-        layout = _legend_layout(structures, ("structure", score_title), list(notes), sizes.font)
-        spot = place_legend((layout.width, layout.height), integral, sizes, legend_corner)
+        spot = None
+        for size in range(sizes.font, max(10, round(sizes.font * 0.6)) - 1, -1):
+            layout = _legend_layout(structures, ("structure", score_title), list(notes), size)
+            spot = place_legend((layout.width, layout.height), integral, sizes, legend_corner)
+            if spot is not None:
+                break
         if spot is not None:
             result.legend_corner, result.legend = spot
             result.legend_rows = [(s.name, text) for s, text in layout.rows]
