@@ -88,15 +88,15 @@ def write_gallery(
     import cv2
 
     from sam2pal.io.images import unique_stems
-    from sam2pal.outputs.visualize import _overlays, image_groups
+    from sam2pal.outputs.visualize import image_groups, render_images
 
     picks = gallery_selection(read_qc(qc_csv), size, seed)
     wanted = {name for _, _, name in picks}
     categories, _, groups = image_groups(pred_json)
     groups = ((image, anns) for image, anns in groups if image["file_name"] in wanted)
     overlays = {
-        info["file_name"]: overlay
-        for info, overlay in _overlays(categories, groups, image_dir, max_side)
+        info["file_name"]: drawn.image
+        for info, drawn in render_images(categories, groups, image_dir, max_side)
     }
     stems = unique_stems([name for _, _, name in picks])
     count = 0

@@ -3,7 +3,8 @@
 Mask PNGs are named ``{image_stem}__{category}__{annotation_id}.png`` (8-bit, 0 and
 255), or ``{category}__{image_stem}__{annotation_id}.png`` with `category_prefix`, so
 that instances never collide. Overlays are JPEGs named ``{image_stem}.jpg``: the
-photo with each structure tinted in its category's colour, outlined, and labelled.
+photo with its structures drawn by `sam2pal.outputs.overlay` (one colour per structure
+for the whole collection, labels, a legend with each structure's QC score).
 
 Both write into a temporary folder renamed into place at the end, so an interrupted
 run leaves no half-filled output folder. Both read the predictions file as a stream,
@@ -22,23 +23,14 @@ import numpy as np
 from sam2pal.io.atomic import atomic_dir
 from sam2pal.io.coco import load_coco, scan_coco, stream_annotations
 from sam2pal.io.masks import decode_segmentation
+from sam2pal.outputs.overlay import (  # noqa: F401  (draw_overlay: this module's API too)
+    Structure,
+    draw_overlay,
+    render_overlay,
+    structure_colours,
+    structure_style,
+)
 from sam2pal.progress import progress
-
-# Colour-blind-safe palette (Okabe-Ito), RGB.
-PALETTE = [
-    (230, 159, 0),
-    (86, 180, 233),
-    (0, 158, 115),
-    (240, 228, 66),
-    (0, 114, 178),
-    (213, 94, 0),
-    (204, 121, 167),
-    (120, 120, 120),
-]
-
-
-def category_colour(index: int) -> tuple[int, int, int]:
-    return PALETTE[index % len(PALETTE)]
 
 
 def safe_name(text: str) -> str:
@@ -121,84 +113,133 @@ def export_masks(pred_json, out_dir, category_prefix: bool = False) -> int:
     return count
 
 
-def draw_overlay(
-    image: np.ndarray,
-    masks: list[tuple[np.ndarray, str, tuple[int, int, int]]],
-    alpha: float = 0.45,
-) -> np.ndarray:
-    """RGB image with each (mask, label, colour) tinted, outlined and labelled."""
-    out = image.astype(np.float32)
-    height, width = image.shape[:2]
-    thickness = max(1, round(min(height, width) / 300))
-    for mask, _, colour in masks:
-        out[mask] = (1 - alpha) * out[mask] + alpha * np.array(colour, np.float32)
-    out = out.clip(0, 255).astype(np.uint8)
-    font_scale = max(0.35, min(height, width) / 900)
-    for mask, label, colour in masks:
-        contours, _ = cv2.findContours(
-            mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-        )
-        cv2.drawContours(out, contours, -1, colour, thickness)
-        ys, xs = np.nonzero(mask)
-        if len(xs):
-            org = (int(xs.min()), max(int(ys.min()) - 4, 12))
-            cv2.putText(
-                out,
-                label,
-                org,
-                cv2.FONT_HERSHEY_SIMPLEX,
-                font_scale,
-                (0, 0, 0),
-                thickness + 2,
-                cv2.LINE_AA,
-            )
-            cv2.putText(
-                out,
-                label,
-                org,
-                cv2.FONT_HERSHEY_SIMPLEX,
-                font_scale,
-                colour,
-                thickness,
-                cv2.LINE_AA,
-            )
-    return out
+def structure_quality(ann: dict) -> tuple[float | None, str]:
+    """The QC score of one annotation, as qc.csv ranks images (`sam2pal.outputs.qc`):
+    its cycle IoU when cycle consistency was computed, else SAM2's predicted IoU
+    (clipped to 0..1).
+
+    Returns:
+        (score, note): note "p" when the score is the predicted IoU, "keyframe" for a
+        video keyframe's annotation (its mask is the annotation itself: no score).
+    """
+    if ann.get("keyframe"):
+        return None, "keyframe"
+    if ann.get("cycle_iou") is not None:
+        return float(ann["cycle_iou"]), ""
+    if ann.get("predicted_iou") is not None:
+        return min(max(float(ann["predicted_iou"]), 0.0), 1.0), "p"
+    return None, ""
 
 
-def _overlays(categories, groups, image_dir, max_side: int):
-    """(image entry, overlay RGB) for each (image, annotations) of `groups`."""
+def _shrink(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A mask resized to `size` (w, h) by area averaging, so thin parts stay whole."""
+    small = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    out = small >= 0.5
+    return out if out.any() or not mask.any() else small > 0
+
+
+def overlay_structures(
+    anns: list[dict],
+    image_info: dict,
+    categories: dict[int, str],
+    size: tuple[int, int] | None = None,
+) -> list[Structure]:
+    """The `Structure`s of one image's annotations, ready for `draw_overlay`.
+
+    Each structure takes its collection colour (`structure_colours` over all of
+    `categories`), is named `{category}_{instance}` where its category has several
+    instances (as in qc.csv), and carries its QC score (`structure_quality`).
+    Categories without an annotation on the image are listed too, with an empty mask
+    and the note "not found".
+
+    Args:
+        anns: the image's annotations (predictions.json entries).
+        image_info: its COCO image entry (height, width).
+        categories: {category id: name} of the whole collection.
+        size: (width, height) to reduce the masks to; None: the image's size.
+
+    Returns:
+        [Structure], in category id, then instance order.
+    """
+    colours = structure_colours(categories)
+    styles = structure_style(categories)
+    height, width = image_info["height"], image_info["width"]
+    per_category: dict[int, list[dict]] = defaultdict(list)
+    for ann in anns:
+        per_category[ann["category_id"]].append(ann)
+    empty = np.zeros((height, width) if size is None else (size[1], size[0]), bool)
+    structures = []
+    for cid in sorted(categories):
+        group = sorted(per_category.get(cid, []), key=lambda a: (a.get("instance") or 1, a["id"]))
+        numbers = [a.get("instance") for a in group]
+        if None in numbers or len(set(numbers)) < len(numbers):
+            numbers = list(range(1, len(group) + 1))  # a file without (unique) instances
+        multi = len(group) > 1 or any(n > 1 for n in numbers)
+        name = categories[cid]
+        if not group:
+            structures.append(
+                Structure(empty, name, colours[cid], note="not found", style=styles[cid])
+            )
+        for ann, number in zip(group, numbers):
+            mask = decode_segmentation(ann["segmentation"], height, width)
+            if size is not None and size != (width, height):
+                mask = _shrink(mask, size)
+            score, note = structure_quality(ann)
+            label = f"{name}_{number}" if multi else name
+            structures.append(Structure(mask, label, colours[cid], score, note, styles[cid]))
+    return structures
+
+
+def score_notes(structures: list[Structure]) -> list[str]:
+    """The lines under the legend that say what its scores are."""
+    notes = []
+    if any(s.score is not None and not s.note for s in structures):
+        notes.append("QC score: cycle IoU (as in qc.csv)")
+    if any(s.note == "p" for s in structures):
+        notes.append("p: SAM2's predicted IoU (no cycle IoU)")
+    return notes
+
+
+def render_images(
+    categories: list[dict], groups, image_dir, max_side: int = 1600, steady_legend: bool = False
+):
+    """The overlay of each image of a predictions file, as `write_overlays` draws it.
+
+    Args:
+        categories: the file's COCO categories (all of them: they fix the colours).
+        groups: iterable of (image entry, [its annotations]), as `image_groups` gives.
+        image_dir: the folder of the images.
+        max_side: the overlays' longer side in pixels (photos are only reduced).
+        steady_legend: keep the legend in the corner it took on the first image (a
+            video's frames), instead of the least crowded corner of each image.
+
+    Yields:
+        (image entry, `Overlay`): the picture, and where its labels and legend went.
+    """
     from sam2pal.io.images import read_image
 
-    order = {c["id"]: i for i, c in enumerate(sorted(categories, key=lambda c: c["id"]))}
     names = {c["id"]: c["name"] for c in categories}
+    corner = None
     for image_info, anns in groups:
         image = read_image(Path(image_dir) / image_info["file_name"])
-        masks = []
-        for ann in sorted(anns, key=lambda a: (a["category_id"], a["id"])):
-            mask = decode_segmentation(
-                ann["segmentation"], image_info["height"], image_info["width"]
-            )
-            label = names[ann["category_id"]]
-            if ann.get("keyframe"):
-                label += " (keyframe)"
-            elif ann.get("cycle_iou") is not None:
-                label += f" {ann['cycle_iou']:.2f}"
-            masks.append((mask, label, category_colour(order[ann["category_id"]])))
         scale = min(1.0, max_side / max(image.shape[:2]))
         if scale < 1.0:
             size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
             image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-            masks = [
-                (
-                    cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(
-                        bool
-                    ),
-                    lab,
-                    c,
-                )
-                for m, lab, c in masks
-            ]
-        yield image_info, draw_overlay(image, masks)
+        structures = overlay_structures(anns, image_info, names, (image.shape[1], image.shape[0]))
+        drawn = render_overlay(
+            image, structures, notes=score_notes(structures), legend_corner=corner
+        )
+        if steady_legend and corner is None:
+            corner = drawn.legend_corner
+        yield image_info, drawn
+
+
+def _overlays(categories, groups, image_dir, max_side: int, steady_legend: bool = False):
+    """(image entry, overlay RGB) for each (image, annotations): `render_images`'
+    pictures."""
+    for image_info, drawn in render_images(categories, groups, image_dir, max_side, steady_legend):
+        yield image_info, drawn.image
 
 
 def write_overlays(pred_json, image_dir, out_dir, max_side: int = 1600, quality: int = 90) -> int:
@@ -249,7 +290,12 @@ def write_overlay_video(
         unit="frame",
     )
     return write_video(
-        (overlay for _, overlay in _overlays(coco["categories"], groups, image_dir, max_side)),
+        (
+            overlay
+            for _, overlay in _overlays(
+                coco["categories"], groups, image_dir, max_side, steady_legend=True
+            )
+        ),
         out_mp4,
         fps,
     )
