@@ -50,7 +50,7 @@ review-tools: $(TOOLS)/labelstudio/.installed $(TOOLS)/datumaro/.installed
 $(TOOLS)/labelstudio/.installed: tools-constraints.txt
 	test -x $(TOOLS)/labelstudio/bin/python || $(PYTHON) -m venv $(TOOLS)/labelstudio
 	$(TOOLS_PIP) $(TOOLS)/labelstudio/bin/python -m pip install --quiet label-studio label-studio-sdk
-	$(TOOLS)/labelstudio/bin/label-studio --version
+	$(TOOLS)/labelstudio/bin/python -c "import label_studio; print('label-studio', label_studio.__version__)"
 	touch $@
 
 $(TOOLS)/datumaro/.installed: tools-constraints.txt

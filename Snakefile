@@ -28,6 +28,7 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/propagate.smk"
 include: "workflow/rules/outputs.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/review.smk"
 
 
 rule all:

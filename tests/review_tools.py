@@ -227,7 +227,11 @@ class LabelStudio:
             LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
             LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(self.document_root),
             LABEL_STUDIO_BASE_DATA_DIR=str(self.data_dir),
-            LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="false",
+            # the tests' token authenticates the API calls
+            LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",
+            # nothing leaves this machine: no telemetry, no version check
+            COLLECT_ANALYTICS="false",
+            LATEST_VERSION_CHECK="false",
         )
         env.pop("DJANGO_SETTINGS_MODULE", None)
         return env
@@ -239,7 +243,7 @@ class LabelStudio:
             str(binary),
             "start",
             "--no-browser",
-            "--host",
+            "--internal-host",
             "127.0.0.1",
             "--port",
             str(self.port),
@@ -251,6 +255,7 @@ class LabelStudio:
             self.PASSWORD,
             "--user-token",
             self.TOKEN,
+            "--enable-legacy-api-token",
         ]
         self._log_handle = open(self.log, "w")  # noqa: SIM115 (closed in __exit__)
         self.process = subprocess.Popen(
@@ -337,5 +342,53 @@ class LabelStudio:
     def export(self, project: int, export_type: str) -> bytes:
         """The project's export (JSON, COCO...) as Label Studio serves it."""
         return self.request(
-            "GET", f"/api/projects/{project}/export?exportType={export_type}", raw=True
+            "GET",
+            f"/api/projects/{project}/export?exportType={export_type}&download_resources=false",
+            raw=True,
         )
+
+
+def labelstudio_round_trip(review_dir: Path, work: Path, correct=None) -> dict:
+    """A review folder's Label Studio project, made, corrected and exported by a real
+    Label Studio server, as a reviewer would.
+
+    Args:
+        review_dir: what `sam2pal review export --format labelstudio` wrote.
+        work: a folder for the server's data and the exports.
+        correct: a function (task as read back from the server, with its
+            `predictions`) -> the `result` of the reviewer's annotation of that task, or
+            None to leave the task unannotated; None: no task is annotated.
+
+    Returns:
+        {"project": id, "tasks": the tasks as read back (with their predictions),
+        "json": the JSON export's path, "coco": the COCO export's path, "seconds":
+        {"start", "calls"}}.
+    """
+    folder = review_dir / "labelstudio"
+    tasks = json.loads((folder / "tasks.json").read_text())
+    started = time.monotonic()
+    with LabelStudio(work / "label-studio", review_dir) as ls:
+        up = time.monotonic()
+        project = ls.create_project("review", (folder / "labeling_config.xml").read_text())
+        ls.add_local_storage(project, review_dir / "images")
+        ls.import_tasks(project, tasks)
+        found = ls.tasks(project)
+        for task in found:
+            task["predictions"] = ls.predictions(task["id"])
+            status, content = ls.get_file(task["data"]["image"])
+            task["served"] = (status, content)
+            result = correct(task) if correct is not None else None
+            if result is not None:
+                ls.annotate(task["id"], result)
+        exports = work / "exports"
+        exports.mkdir(parents=True, exist_ok=True)
+        (exports / "labelstudio.json").write_bytes(ls.export(project, "JSON"))
+        (exports / "labelstudio_coco.zip").write_bytes(ls.export(project, "COCO"))
+        done = time.monotonic()
+    return {
+        "project": project,
+        "tasks": found,
+        "json": exports / "labelstudio.json",
+        "coco": exports / "labelstudio_coco.zip",
+        "seconds": {"start": up - started, "calls": done - up},
+    }

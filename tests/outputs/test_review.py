@@ -144,7 +144,7 @@ def test_labelstudio_tasks_and_config(collection, tmp_path):
     assert [t["data"]["file_name"] for t in tasks] == [s.file_name for s in sample]
     for task, selected in zip(tasks, sample, strict=True):
         name = task["data"]["file_name"]
-        assert task["data"]["image"] == f"/data/local-files/?d={name}"
+        assert task["data"]["image"] == f"/data/local-files/?d=images/{name}"
         assert (out / "images" / name).read_bytes() == (collection["images"] / name).read_bytes()
         (prediction,) = task["predictions"]
         assert prediction["model_version"].startswith("sam2pal ")

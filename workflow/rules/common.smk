@@ -22,7 +22,7 @@ from sam2pal.models.registry import (
 )  # noqa: E402
 
 COLLECTIONS = config["collections"]
-SECTIONS = ("model", "propagate", "outputs", "finetune", "video_options")
+SECTIONS = ("model", "propagate", "outputs", "finetune", "video_options", "review")
 SOURCES = ("images", "video", "frames")
 
 
@@ -533,4 +533,6 @@ def all_outputs():
                 outputs.append(f"{base}/report/gallery")
             if settings(name, "finetune")["enabled"]:
                 outputs.append(f"{base}/report/training_curves.png")
+        if settings(name, "review")["enabled"]:
+            outputs.append(f"{base}/review")
     return outputs

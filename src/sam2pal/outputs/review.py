@@ -34,8 +34,11 @@ Two formats, each a folder of the review folder:
   structure) and `tasks.json` (one task per image, its prediction a polygon per piece,
   points in percent of the image size, the instance in the result's `meta` text). The
   photos are copied (hard-linked where possible) to `images/` and referenced by Label
-  Studio's local-files URL, relative to that folder; photos a browser cannot show (TIFF)
-  are written there as PNG too (`<file name>.png`), `data.file_name` keeping the name.
+  Studio's local-files URL relative to the review folder (`?d=images/<file name>`: the
+  document root is the review folder, as Label Studio serves files only from a storage
+  folder inside its document root, never the root itself); photos a browser cannot
+  show (TIFF) are written there as PNG (`<file name>.png`), `data.file_name` keeping
+  the name.
 - `cvat/`: `task.zip` (`annotations/instances_default.json`, COCO 1.0 with polygons,
   and `images/<file name>`: what CVAT's "COCO 1.0" import and Datumaro's
   `coco_instances` read), `labels.json` (CVAT's label constructor, each label with an
@@ -67,8 +70,9 @@ from sam2pal.errors import InputError
 from sam2pal.io.atomic import atomic_dir, atomic_path, atomic_write, write_json
 from sam2pal.io.coco import annotation_mask, load_coco, scan_coco, stream_annotations
 from sam2pal.outputs.evaluate import match_names
+from sam2pal.settings import REVIEW_FORMATS
 
-FORMATS = ("labelstudio", "cvat")
+FORMATS = REVIEW_FORMATS
 SAMPLE_COLUMNS = ["file_name", "selected_by", "qc_rank", "qc_score", "seed"]
 #: photo formats a browser shows; others go to Label Studio as PNG
 BROWSER_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
@@ -90,12 +94,13 @@ PALETTE = (
 
 LABEL_STUDIO_README = """Label Studio project of the review sample ({n} images).
 
-1. Start Label Studio so that it serves this folder's photos:
+1. Start Label Studio so that it serves the photos of this review folder:
      LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true \\
-     LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={images} label-studio start
+     LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={root} label-studio start
 2. Create a project; Settings > Labeling Interface > Code: paste labeling_config.xml.
 3. Settings > Cloud Storage > Add Source Storage: Local files, absolute local path
-   {images} (Label Studio serves local files only under a storage). Do not sync it.
+   {images} (Label Studio serves local files only from a storage folder, and that
+   folder must lie inside the document root). Save it; do not sync it.
 4. Import tasks.json: each photo comes with sam2pal's masks as predictions (polygons).
    Correct them, submit, and export the project as JSON (or COCO) for
    `sam2pal review import`.
@@ -473,10 +478,12 @@ def write_labelstudio(
     for selected in sample:
         name = selected.file_name
         served = name if Path(name).suffix.lower() in BROWSER_SUFFIXES else name + ".png"
-        url = local_files_url(PurePosixPath(served).as_posix())
+        url = local_files_url(PurePosixPath(images_dir.name, served).as_posix())
         tasks.append(labelstudio_task(predictions[name], categories, url, selected, model_version))
     (folder / "tasks.json").write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
-    readme = LABEL_STUDIO_README.format(n=len(sample), images=images_dir.resolve())
+    readme = LABEL_STUDIO_README.format(
+        n=len(sample), root=images_dir.parent.resolve(), images=images_dir.resolve()
+    )
     (folder / "README.txt").write_text(readme, encoding="utf-8")
 
 
