@@ -231,10 +231,24 @@ def test_bad_inputs_are_one_line_errors(collection, tmp_path):
     with pytest.raises(InputError, match=r"qc.csv: qc.csv not found"):
         export_review(results, images, tmp_path / "r", 1, 1)
     (tmp_path / "qc.csv").rename(results / "qc.csv")
-    (results / "predictions.json").unlink()
-    with pytest.raises(InputError, match=r"predictions.json: predictions file not found"):
+    for name, message in (
+        ("predictions.json", "predictions file not found"),
+        ("templates.json", "template file not found"),
+    ):
+        (results / name).rename(tmp_path / name)
+        with pytest.raises(InputError, match=f"{name}: {message}"):
+            export_review(results, images, tmp_path / "r", 1, 1)
+        (tmp_path / name).rename(results / name)
+    assert not (tmp_path / "r").exists()
+    # the worst image's photo is gone: nothing is written
+    (images / "img03.jpg").rename(tmp_path / "img03.jpg")
+    with pytest.raises(InputError, match=r"img03.jpg: photo of the review sample not found"):
         export_review(results, images, tmp_path / "r", 1, 1)
     assert not (tmp_path / "r").exists()
+    (tmp_path / "img03.jpg").rename(images / "img03.jpg")
+    # a folder with other files is not taken for a review folder (it would be replaced)
+    with pytest.raises(InputError, match="not empty and not a review folder"):
+        export_review(results, images, results, 1, 1)
 
 
 def test_cli_review_export(collection, tmp_path, capsys):

@@ -457,7 +457,7 @@ def _browser_copy(source: Path, dest: Path) -> None:
 
 def write_labelstudio(
     folder: Path,
-    images_dir: Path,
+    review_dir: Path,
     sample: list[Selected],
     predictions: dict[str, ImagePrediction],
     categories: dict[int, str],
@@ -467,7 +467,8 @@ def write_labelstudio(
 
     Args:
         folder: where to write.
-        images_dir: the review folder's images/ (the photos, already placed).
+        review_dir: the review folder (Label Studio's document root; the photos are in
+            its images/), named in the README.
         sample: the images, in task order.
         predictions: their predictions.
         categories: {category id: name}.
@@ -478,12 +479,11 @@ def write_labelstudio(
     for selected in sample:
         name = selected.file_name
         served = name if Path(name).suffix.lower() in BROWSER_SUFFIXES else name + ".png"
-        url = local_files_url(PurePosixPath(images_dir.name, served).as_posix())
+        url = local_files_url(PurePosixPath("images", served).as_posix())
         tasks.append(labelstudio_task(predictions[name], categories, url, selected, model_version))
-    (folder / "tasks.json").write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
-    readme = LABEL_STUDIO_README.format(
-        n=len(sample), root=images_dir.parent.resolve(), images=images_dir.resolve()
-    )
+    (folder / "tasks.json").write_text(json.dumps(tasks) + "\n", encoding="utf-8")
+    root = review_dir.resolve()
+    readme = LABEL_STUDIO_README.format(n=len(sample), root=root, images=root / "images")
     (folder / "README.txt").write_text(readme, encoding="utf-8")
 
 
@@ -491,15 +491,9 @@ def place_photos(images_dir: Path, image_dir: Path, names: list[str]) -> None:
     """Put the sample's photos into `images_dir` for Label Studio: each photo under its
     name, plus a PNG (`<name>.png`) of those a browser cannot show; other files there
     are removed."""
-    wanted = {}
-    for name in names:
-        source = image_dir / name
-        if not source.is_file():
-            raise InputError(f"{source}: photo of the review sample not found in --image_dir")
-        wanted[name] = source
     keep = set()
-    for name, source in wanted.items():
-        dest = images_dir / name
+    for name in names:
+        source, dest = image_dir / name, images_dir / name
         if Path(name).suffix.lower() in BROWSER_SUFFIXES:
             _place_photo(source, dest)
             keep.add(dest)
@@ -659,8 +653,9 @@ def export_review(
         log: where messages go.
 
     Returns:
-        The sample. A folder of another sample (another seed, size or results) is
-        replaced as a whole; with the same sample, the formats not asked for are kept.
+        The sample. A review folder of another sample (another seed, size or results)
+        is replaced as a whole; with the same sample, the formats not asked for are
+        kept. A folder that is not empty and holds no review_sample.csv is refused.
     """
     formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FORMATS]
@@ -697,24 +692,33 @@ def export_review(
     from sam2pal import __version__
 
     model_version = f"sam2pal {__version__}"
-    out.mkdir(parents=True, exist_ok=True)
+    for s in sample:
+        if not (image_dir / s.file_name).is_file():
+            raise InputError(f"{image_dir / s.file_name}: photo of the review sample not found")
     sample_csv = out / "review_sample.csv"
-    if not _same_sample(sample_csv, sample, seed):
-        for name in (*FORMATS, "images"):
-            if (out / name).exists() and name not in formats:
-                log(f"review: removing {out / name} (it was of another sample)")
-                shutil.rmtree(out / name)
-    write_sample_csv(sample_csv, sample, seed)
-    names = [s.file_name for s in sample]
-    if "labelstudio" in formats:
-        place_photos(out / "images", image_dir, names)
-        with atomic_dir(out / "labelstudio") as folder:
-            write_labelstudio(
-                folder, out / "images", sample, predictions, categories, model_version
-            )
-    if "cvat" in formats:
-        with atomic_dir(out / "cvat") as folder:
-            write_cvat(folder, image_dir, sample, predictions, categories)
+    if out.is_dir() and any(out.iterdir()) and not sample_csv.is_file():
+        raise InputError(
+            f"{out}: not empty and not a review folder (no review_sample.csv): give a new "
+            "or empty folder to --out"
+        )
+
+    def write(folder: Path) -> None:
+        if "labelstudio" in formats:
+            place_photos(folder / "images", image_dir, [s.file_name for s in sample])
+            with atomic_dir(folder / "labelstudio") as ls_folder:
+                write_labelstudio(ls_folder, out, sample, predictions, categories, model_version)
+        if "cvat" in formats:
+            with atomic_dir(folder / "cvat") as cvat_folder:
+                write_cvat(cvat_folder, image_dir, sample, predictions, categories)
+
+    if _same_sample(sample_csv, sample, seed):
+        write(out)  # the other formats' folders stay: they are of this sample
+    else:
+        if sample_csv.is_file():
+            log(f"review: {out} held another sample: replacing it")
+        with atomic_dir(out) as folder:
+            write_sample_csv(folder / "review_sample.csv", sample, seed)
+            write(folder)
     counts = defaultdict(int)
     for s in sample:
         counts[s.selected_by] += 1
