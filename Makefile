@@ -41,7 +41,7 @@ lint: install
 # (the library CVAT imports and exports with). Each gets a venv of its own under
 # .venv-tools/: they pin their own opencv, pandas and friends, which .venv's
 # constraints.txt does not allow, and label-studio and datumaro cannot share one either
-# (pip finds their requirements in conflict). Versions: tools-constraints.txt.
+# (their pyarrow ranges do not meet). Versions: tools-constraints.txt.
 TOOLS ?= .venv-tools
 TOOLS_PIP = PIP_CONSTRAINT=$(CURDIR)/tools-constraints.txt
 
