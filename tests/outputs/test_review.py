@@ -308,3 +308,36 @@ def test_exported_polygons_keep_a_mask_in_several_pieces(tmp_path):
     assert len(results) == 2
     assert {r["meta"]["text"][0] for r in results} == {"instance 2"}
     assert {r["value"]["polygonlabels"][0] for r in results} == {"leg"}
+
+
+def test_photos_a_browser_cannot_show_go_to_label_studio_as_png(tmp_path):
+    from PIL import Image
+
+    from sam2pal.outputs.review import ImagePrediction, Selected, place_photos, write_labelstudio
+
+    photos, review = tmp_path / "photos", tmp_path / "review"
+    photos.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(photos / "a.tif")
+    Image.fromarray(rgb).save(photos / "b.jpg")
+    (review / "images").mkdir(parents=True)
+    (review / "images" / "old.jpg").write_bytes(b"from another sample")
+    place_photos(review / "images", photos, ["a.tif", "b.jpg"])
+    assert sorted(p.name for p in (review / "images").iterdir()) == ["a.tif.png", "b.jpg"]
+    assert np.array_equal(np.array(Image.open(review / "images" / "a.tif.png")), rgb)
+    assert (review / "images" / "b.jpg").read_bytes() == (photos / "b.jpg").read_bytes()
+
+    sample = [Selected("a.tif", "worst", 1, 0.5), Selected("b.jpg", "random", 2, 0.7)]
+    predictions = {
+        s.file_name: ImagePrediction({"file_name": s.file_name, "width": 30, "height": 20}, [])
+        for s in sample
+    }
+    (review / "labelstudio").mkdir()
+    write_labelstudio(review / "labelstudio", review, sample, predictions, {1: "head"}, "v")
+    tasks = json.loads((review / "labelstudio" / "tasks.json").read_text())
+    assert [t["data"] for t in tasks] == [
+        {"image": "/data/local-files/?d=images/a.tif.png", "file_name": "a.tif"},
+        {"image": "/data/local-files/?d=images/b.jpg", "file_name": "b.jpg"},
+    ]
+    readme = (review / "labelstudio" / "README.txt").read_text()
+    assert f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={review.resolve()}" in readme
