@@ -12,7 +12,7 @@ CORES ?= all
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo test lint clean-demo review-tools
 
 install: $(STAMP)
 
@@ -36,6 +36,28 @@ test: install
 
 lint: install
 	$(BIN)/snakemake --lint
+
+# The review tools the tests drive from the outside: a Label Studio server, and Datumaro
+# (the library CVAT imports and exports with). Each gets a venv of its own under
+# .venv-tools/: they pin their own opencv, pandas and friends, which .venv's
+# constraints.txt does not allow, and label-studio and datumaro cannot share one either
+# (their pyarrow ranges do not meet). Versions: tools-constraints.txt.
+TOOLS ?= .venv-tools
+TOOLS_PIP = PIP_CONSTRAINT=$(CURDIR)/tools-constraints.txt
+
+review-tools: $(TOOLS)/labelstudio/.installed $(TOOLS)/datumaro/.installed
+
+$(TOOLS)/labelstudio/.installed: tools-constraints.txt
+	test -x $(TOOLS)/labelstudio/bin/python || $(PYTHON) -m venv $(TOOLS)/labelstudio
+	$(TOOLS_PIP) $(TOOLS)/labelstudio/bin/python -m pip install --quiet label-studio label-studio-sdk
+	$(TOOLS)/labelstudio/bin/python -c "import label_studio; print('label-studio', label_studio.__version__)"
+	touch $@
+
+$(TOOLS)/datumaro/.installed: tools-constraints.txt
+	test -x $(TOOLS)/datumaro/bin/python || $(PYTHON) -m venv $(TOOLS)/datumaro
+	$(TOOLS_PIP) $(TOOLS)/datumaro/bin/python -m pip install --quiet datumaro
+	$(TOOLS)/datumaro/bin/python -c "import datumaro; print('datumaro', datumaro.__version__)"
+	touch $@
 
 clean-demo:
 	rm -rf results/demo logs/demo results/demo_video logs/demo_video

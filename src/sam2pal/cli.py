@@ -9,6 +9,7 @@
     sam2pal masks ...           one PNG per predicted structure
     sam2pal overlays ...        overlay images
     sam2pal publish ...         Darwin Core Archive and Fiji ROI sets of a results folder
+    sam2pal review export ...   a review sample for Label Studio or CVAT
     sam2pal review import ...   bring a reviewer's corrections back into a results folder
     sam2pal download-model ...  fetch an official SAM 2.1 checkpoint
     sam2pal make-demo ...       write a synthetic specimen collection
@@ -1370,11 +1371,62 @@ def cmd_publish(args) -> int:
 
 
 def _review_parsers(sub) -> None:
+    """`sam2pal review ...`: correcting results in an annotation tool."""
     p = sub.add_parser(
         "review", help="send results to a reviewer (export) and bring corrections back (import)"
     )
     review = p.add_subparsers(dest="review_command", required=True)
+    _review_export_parser(review)
     _review_import_parser(review)
+
+
+def _review_export_parser(review) -> None:
+    from sam2pal.outputs.review import FORMATS
+
+    p = review.add_parser(
+        "export",
+        help="the worst images by QC and a random sample, with their masks as pre-annotations",
+        description="Write a review folder: review_sample.csv (which images, worst by QC or drawn "
+        "at random), and a Label Studio project (labelstudio/, photos in images/) and/or a CVAT "
+        "task (cvat/task.zip, COCO 1.0) with the predicted structures as polygons. The random "
+        "sample's corrections estimate the collection's accuracy without bias.",
+    )
+    _flag(
+        p,
+        "--results",
+        required=True,
+        help="folder `sam2pal segment` wrote (qc.csv, predictions.json, templates.json)",
+    )
+    _flag(p, "--image_dir", required=True, help="folder of the collection's images")
+    _flag(
+        p, "--top", type=_non_negative_int, required=True, help="how many of the worst images by QC"
+    )
+    _flag(
+        p,
+        "--random",
+        type=_non_negative_int,
+        required=True,
+        help="how many other images drawn at random",
+    )
+    _flag(p, "--seed", type=int, default=0, help="seed of the random sample (default 0)")
+    _flag(p, "--format", nargs="+", choices=FORMATS, required=True, help="labelstudio and/or cvat")
+    _flag(p, "--out", required=True, help="the review folder to write")
+    p.set_defaults(func=cmd_review_export)
+
+
+def cmd_review_export(args) -> int:
+    from sam2pal.outputs.review import export_review
+
+    export_review(
+        args.results,
+        args.image_dir,
+        args.out,
+        top=args.top,
+        n_random=args.random,
+        seed=args.seed,
+        formats=args.format,
+    )
+    return 0
 
 
 def _review_import_parser(review) -> None:

@@ -16,6 +16,7 @@ field per key, with its default and, in the field's metadata:
     Finetune      the `finetune` section: Training and the workflow's own keys
     VideoOptions  the `video_options` section
     Outputs       the `outputs` section
+    Review        the `review` section
 
 The CLI builds its segmentation and fine-tuning flags from these fields, the pipeline
 and the engine take their defaults from them, and the workflow (workflow/rules/common.smk)
@@ -533,6 +534,22 @@ class Outputs:
     publish: bool = setting(False, "a Darwin Core Archive and Fiji ROI sets in publish/", "tables")
 
 
+#: review.formats: the annotation tools a review sample is written for
+REVIEW_FORMATS = ("labelstudio", "cvat")
+
+
+@dataclass(frozen=True)
+class Review:
+    """The `review` section: a sample of the results to correct in an annotation tool
+    (`sam2pal.outputs.review`; `sam2pal review export` on the command line)."""
+
+    enabled: bool = setting(False, "write results/<collection>/review/ in every run", "inputs")
+    top: int = setting(10, "how many of the worst images by QC score", "tables")
+    random: int = setting(10, "how many other images drawn at random", "tables")
+    seed: int = setting(0, "seed of the random sample", "tables")
+    formats: list = setting(list(REVIEW_FORMATS), "labelstudio and/or cvat", "tables")
+
+
 #: config section -> its settings class
 SECTIONS = {
     "model": Model,
@@ -540,6 +557,7 @@ SECTIONS = {
     "finetune": Finetune,
     "video_options": VideoOptions,
     "outputs": Outputs,
+    "review": Review,
 }
 
 

@@ -132,6 +132,7 @@ ENV_MODULES = {
         "outputs.evaluate",
         "outputs.visualize",
         "outputs.report",
+        "outputs.review",
         "inference.shards",
         "smk",
     ],

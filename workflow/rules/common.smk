@@ -22,7 +22,7 @@ from sam2pal.models.registry import (
 )  # noqa: E402
 
 COLLECTIONS = config["collections"]
-SECTIONS = ("model", "propagate", "outputs", "finetune", "video_options")
+SECTIONS = ("model", "propagate", "outputs", "finetune", "video_options", "review")
 SOURCES = ("images", "video", "frames")
 
 
@@ -576,4 +576,6 @@ def all_outputs():
                 outputs.append(f"{base}/report/review.png")
         if out["publish"]:
             outputs += [f"{base}/publish/dwca.zip", f"{base}/publish/roi"]
+        if settings(name, "review")["enabled"]:
+            outputs.append(f"{base}/review")
     return outputs

@@ -1,3 +1,7 @@
+# A sample of a collection's results to correct in Label Studio or CVAT: the worst
+# images by QC and a seeded random sample (sam2pal.outputs.review). Made when asked for
+# (`snakemake results/<collection>/review`) or in every run with review.enabled.
+#
 # Corrections back (sam2pal.outputs.corrections): a collection's `corrections` (Label
 # Studio JSON or COCO exports of reviewed images) replace its predictions after the
 # segmentation. apply_corrections writes the records with the corrections applied
@@ -5,6 +9,31 @@
 # so adding or editing a corrections file reruns the tables and pictures only, never the
 # segmentation or the fine-tuning. With `review_sample`, review_summary.csv estimates the
 # collection's accuracy from the random sample of the review.
+
+
+rule review_export:
+    input:
+        predictions="results/{collection}/predictions.json",
+        qc="results/{collection}/qc.csv",
+        templates="results/{collection}/templates.json",
+    output:
+        directory("results/{collection}/review"),
+    log:
+        "logs/{collection}/review_export.log",
+    conda:
+        "../../envs/tables.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        image_dir=of_collection(image_dir),
+        top=setting("review", "top"),
+        random=setting("review", "random"),
+        seed=setting("review", "seed"),
+        formats=setting("review", "formats"),
+    script:
+        "../scripts/review_export.py"
 
 
 rule apply_corrections:
