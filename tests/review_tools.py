@@ -123,10 +123,11 @@ def make_results(root: Path, n_images: int = 12) -> dict:
         masks[name] = {k: m for k, m in structures.items() if m.any()}
     (images / "bad.jpg").write_bytes(b"not a photo")
     records.append({"file_name": "bad.jpg", "skipped": "cannot read image (not an image)"})
-    jsonl = results / "shard.jsonl"
+    jsonl = results / "predictions.jsonl"  # as `sam2pal segment` names its records
     jsonl.write_text(
         "".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["file_name"]))
     )
+    (results / "run.json").write_text(json.dumps({"model": {"checkpoint": "random"}}))
     merge_predictions([jsonl], CATEGORIES, results / "predictions.json")
     write_qc([jsonl], CATEGORIES, results / "qc.csv", multi_instance=[2])
     template = masks["template.jpg"]

@@ -240,6 +240,9 @@ def _planned_shards(stdout: str) -> list[str]:
     )
 
 
+# slow: three whole sharded runs (~2 minutes on 2 cores); shard layout, resume and
+# merging have quick tests above
+@pytest.mark.slow
 def test_sharded_runs_reruns_provenance_and_determinism(tmp_path):
     names = [f"specimen_{i:03d}.jpg" for i in range(8)]
     runs = {}

@@ -9,6 +9,7 @@ several minutes). Marked `tools` and `slow`: `pytest -m tools`.
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 import zipfile
@@ -26,6 +27,8 @@ from review_tools import (
 )
 
 from sam2pal.io.masks import mask_iou
+from sam2pal.io.records import read_records
+from sam2pal.outputs.corrections import REVIEWED_RECORDS, import_corrections
 from sam2pal.outputs.review import export_review
 
 pytestmark = [pytest.mark.slow, pytest.mark.tools]
@@ -109,6 +112,25 @@ def test_label_studio_takes_the_project_and_exports_the_corrections(tmp_path):
         coco = json.loads(archive.read(name))
     assert {c["name"] for c in coco["categories"]} == set(CATEGORIES.values())
     assert len(coco["annotations"]) == 2
+
+    # and back into the results: Label Studio's JSON export, then its COCO export
+    (tmp_path / "ls_coco.json").write_bytes(json.dumps(coco).encode())
+    for export in (done["json"], tmp_path / "ls_coco.json"):
+        counts = import_corrections(
+            collection["results"], [export], review_dir=review, log=lambda *_: None
+        )
+        assert counts["corrected"] == 1
+        records = {r.file_name: r for r in read_records(collection["results"] / REVIEWED_RECORDS)}
+        found = {s.key: s for s in records[target].structures if s.area}
+        assert set(found) == {(1, 1), (2, 2)}  # the left antenna deleted
+        head = found[(1, 1)]
+        assert head.corrected["source"] == str(export)
+        assert mask_iou(mask_utils.decode(head.segmentation).astype(bool), moved) > 0.95
+        untouched = records[sample[0].file_name].structures
+        assert all(s.corrected is None for s in untouched)
+        summary = list(csv.DictReader(open(collection["results"] / "review_summary.csv")))
+        # the reviewed photo was among the worst: reported apart, not as the estimate
+        assert {r["sample"] for r in summary} == {"worst"}
 
 
 def test_datumaro_reads_the_cvat_package(tmp_path):

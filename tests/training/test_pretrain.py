@@ -358,6 +358,9 @@ def test_pretrain_from_init_weights_records_them(tmp_path):
         )
 
 
+# slow: trains and scores several adapters (~2 minutes on 2 cores); the trainer's
+# steps, loss and adapters have quick tests in tests/training/test_pal.py
+@pytest.mark.slow
 def test_palindrome_training_raises_the_held_out_iou(tmp_path):
     """Palindrome LoRA on a small held-out collection, then the same photos segmented
     again: the true IoU of their parts goes up, not only the loss down (sam2pal-micro,

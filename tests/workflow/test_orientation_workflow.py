@@ -11,6 +11,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 from test_evaluate import check_metrics_file
@@ -77,6 +78,9 @@ def write_collection(folder):
     return source / "templates.json", source / "images", truth, poses
 
 
+# slow: a rot4_mirror run of 8 turned photos (~2 minutes on 2 cores); the orientation
+# search has quick engine tests in tests/inference/test_orientation_engine.py
+@pytest.mark.slow
 def test_turned_and_mirrored_photos_in_the_workflow(tmp_path):
     templates, template_images, truth, poses = write_collection(tmp_path)
     config = {

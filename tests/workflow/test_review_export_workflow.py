@@ -39,6 +39,14 @@ def test_review_is_made_when_enabled_or_asked_for(tmp_path):
     write_config(tmp_path, collection, review={"enabled": True})
     plan = snakemake(tmp_path, "--configfile", "config.yaml", "-n", "--forceall").stdout
     assert "review_export" in planned_jobs(plan)
+    # once corrections come back, the sample they belong to is not drawn again
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    (tmp_path / "corrections.json").write_text("[]")
+    config["collections"]["beetles"]["corrections"] = "corrections.json"
+    (tmp_path / "corrected.yaml").write_text(yaml.safe_dump(config))
+    plan = snakemake(tmp_path, "--configfile", "corrected.yaml", "-n", "--forceall").stdout
+    assert "apply_corrections" in planned_jobs(plan)
+    assert "review_export" not in planned_jobs(plan)
 
     # the rule alone, on the results already there
     write_config(tmp_path, collection, review={"top": 2, "random": 3}, own={"formats": ["cvat"]})

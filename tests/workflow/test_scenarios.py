@@ -73,6 +73,9 @@ def test_photos_with_coco_templates(tmp_path):
     assert len(elytra) == 4 and min(elytra) > 0.3, elytra  # real masks, not random weights
 
 
+# slow: a whole scenario run (~40 s on 2 cores); test_photos_with_coco_templates runs the
+# same rules, and the PNG template reader has its own unit tests
+@pytest.mark.slow
 def test_photos_with_png_templates(tmp_path):
     out = run_scenario("photos-png", tmp_path) / "results" / "beetles"
     coco = json.loads((out / "predictions.json").read_text())
@@ -94,6 +97,9 @@ def test_photos_with_png_templates(tmp_path):
     assert len(elytra) == 5 and min(elytra) > 0.3, elytra  # real masks, not random weights
 
 
+# slow: the demo clip through the whole workflow (~3 minutes on 2 cores); the video
+# rules run in the default suite in test_video_workflow.py
+@pytest.mark.slow
 def test_demo_video_outputs(tmp_path):
     """The demo's video: 32 frames tracked from keyframes 8 and 24, with an overlay video."""
     workdir = run_scenario("video", tmp_path)

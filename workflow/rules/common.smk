@@ -576,6 +576,8 @@ def all_outputs():
                 outputs.append(f"{base}/report/review.png")
         if out["publish"]:
             outputs += [f"{base}/publish/dwca.zip", f"{base}/publish/roi"]
-        if settings(name, "review")["enabled"]:
+        # once corrections come back, the review folder stays as it is: drawn again from
+        # the corrected QC ranking, its sample would no longer be the one reviewed
+        if settings(name, "review")["enabled"] and not corrections_files(name):
             outputs.append(f"{base}/review")
     return outputs
