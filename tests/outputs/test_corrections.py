@@ -497,3 +497,45 @@ def test_cli_review_import(results, tmp_path, capsys):
     assert main([*args[:-1], str(tmp_path / "nowhere.json"), "--px_per_mm", "10"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"sam2pal: error: {tmp_path / 'nowhere.json'}: corrections file not found"
+
+
+def test_corrected_images_as_templates(tmp_path):
+    """corrections.as_templates: the reviewed images join the templates with the
+    reviewer's masks, instances numbered as the export named them; a region of a
+    structure with several instances must say which."""
+    from conftest import template_set
+    from PIL import Image
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for name in NAMES:
+        Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(images / name)
+    templates = template_set(
+        [
+            (
+                images / "a.jpg",
+                {(1, 1): box(*HEAD), (2, 1): box(*ANTENNA[1]), (2, 2): box(*ANTENNA[2])},
+            )
+        ],
+        {1: "head", 2: "antenna"},
+    )
+    moved = (12, 14, 30, 22)
+    export = tmp_path / "export.json"
+    results = [polygon_result("head", moved), polygon_result("antenna", ANTENNA[2], instance=2)]
+    export.write_text(json.dumps([task("c.jpg", results), task("b.jpg", [], reviewed=False)]))
+    both = corr.corrected_templates(templates, [export], images)
+    assert [im.file_name for im in both.images] == ["a.jpg", "c.jpg"]  # b.jpg was not reviewed
+    added = both.images[1]
+    assert (added.width, added.height) == (W, H) and added.path == (images / "c.jpg").resolve()
+    got = {(i.category_id, i.instance): i.mask for i in added.instances}
+    assert set(got) == {(1, 1), (2, 2)}  # the reviewer removed antenna 1
+    assert np.array_equal(got[(1, 1)], box(*moved))
+    assert np.array_equal(got[(2, 2)], box(*ANTENNA[2]))
+    assert len({i.annotation_id for im in both.images for i in im.instances}) == 5
+    # an antenna region that does not say which antenna it is cannot be a template
+    export.write_text(json.dumps([task("c.jpg", [polygon_result("antenna", ANTENNA[1])])]))
+    with pytest.raises(InputError, match="antenna region without its instance"):
+        corr.corrected_templates(templates, [export], images)
+    export.write_text(json.dumps([task("zz.jpg", results)]))
+    with pytest.raises(InputError, match="no image of that name"):
+        corr.corrected_templates(templates, [export], images)

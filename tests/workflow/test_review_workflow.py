@@ -110,6 +110,23 @@ def test_corrections_rerun_the_tables_only(tmp_path):
     plan = planned_jobs(snakemake(tmp_path, "--configfile", "reviewed.yaml", "-n").stdout)
     assert "apply_corrections" in plan and "propagate" not in plan
 
+    # as templates: the reviewed image joins the templates and the collection is
+    # segmented again
+    config["collections"]["drawer"]["corrections"] = {
+        "files": [str(export)],
+        "as_templates": True,
+    }
+    (tmp_path / "templates.yaml").write_text(yaml.safe_dump(config))
+    plan = planned_jobs(snakemake(tmp_path, "--configfile", "templates.yaml", "-n").stdout)
+    assert {"prepare_templates", "propagate", "apply_corrections"} <= plan
+    snakemake(tmp_path, "--configfile", "templates.yaml")
+    templates = json.loads((out / "templates.json").read_text())
+    added = next(im for im in templates["images"] if im["file_name"] == "specimen_004.jpg")
+    (head,) = [a for a in templates["annotations"] if a["image_id"] == added["id"]]
+    assert head["category_id"] == 1
+    assert np.array_equal(decode_segmentation(head["segmentation"], height, width), drawn)
+    assert len(templates["images"]) == 3  # the collection's two, and the reviewed one
+
     # a sample without corrections is refused
     del config["collections"]["drawer"]["corrections"]
     (tmp_path / "sample_only.yaml").write_text(yaml.safe_dump(config))

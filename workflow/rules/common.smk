@@ -501,9 +501,21 @@ def provenance_config(wildcards):
 
 
 def corrections_files(collection):
-    """The corrections files of a collection (its `corrections`: a file or a list)."""
+    """The corrections files of a collection (its `corrections`: a file, a list, or
+    {files, as_templates})."""
     value = COLLECTIONS[collection].get("corrections") or []
+    if isinstance(value, dict):
+        value = value.get("files") or []
     return [value] if isinstance(value, str) else list(value)
+
+
+def correction_templates(collection):
+    """The corrections files whose reviewed images join the templates
+    (`corrections.as_templates`): the segmentation reruns with them."""
+    value = COLLECTIONS[collection].get("corrections")
+    if isinstance(value, dict) and value.get("as_templates"):
+        return corrections_files(collection)
+    return []
 
 
 def _check_corrections():

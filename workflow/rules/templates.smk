@@ -1,12 +1,14 @@
 # Load and validate a collection's templates (COCO or PNG masks), select those to
 # use, and write the normalised template file the later steps read. For a video the
-# templates are its keyframes, found among the frames by file name.
+# templates are its keyframes, found among the frames by file name. With
+# corrections.as_templates, the reviewed images of the corrections files join them.
 
 
 rule prepare_templates:
     input:
         templates=template_files,
         frames=manifest_input,
+        corrections=of_collection(correction_templates),
     output:
         "results/{collection}/templates.json",
     log:
@@ -20,6 +22,7 @@ rule prepare_templates:
     params:
         spec=setting("collection", "templates"),
         image_dir=of_collection(template_image_dir),
+        collection_dir=of_collection(image_dir),
         template_files=setting("propagate", "template_files"),
         max_templates=setting("propagate", "max_templates"),
     script:

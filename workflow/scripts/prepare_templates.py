@@ -15,5 +15,8 @@ with logged(snakemake):
         snakemake.output[0],
         template_files=snakemake.params.template_files,
         max_templates=snakemake.params.max_templates,
+        # corrections.as_templates: the reviewed images join the templates
+        corrections=snakemake.input.corrections,
+        collection_dir=snakemake.params.collection_dir,
     )
     print(f"{len(templates.images)} template image(s); categories: {templates.categories}")

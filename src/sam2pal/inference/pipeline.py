@@ -70,16 +70,31 @@ def package_versions() -> dict[str, str]:
 
 
 def prepare_templates(
-    spec, image_dir, out_json, base_dir=None, template_files=None, max_templates=None
+    spec,
+    image_dir,
+    out_json,
+    base_dir=None,
+    template_files=None,
+    max_templates=None,
+    corrections=(),
+    collection_dir=None,
 ):
     """Load and validate the templates of a collection, select those to use, and write
-    the normalised template file (COCO with RLE and absolute image paths)."""
+    the normalised template file (COCO with RLE and absolute image paths).
+
+    `corrections`: a reviewer's corrections files whose reviewed images join the
+    selected templates (`corrections.as_templates`), found by name in `collection_dir`
+    (`sam2pal.outputs.corrections.corrected_templates`)."""
     from sam2pal.io.templates import load_templates, save_template_set
 
     templates = load_templates(spec, image_dir=image_dir, base_dir=base_dir)
     templates = templates.select(
         file_names=template_files or None, max_templates=max_templates or None
     )
+    if corrections:
+        from sam2pal.outputs.corrections import corrected_templates
+
+        templates = corrected_templates(templates, corrections, collection_dir or image_dir)
     save_template_set(templates, out_json)
     return templates
 

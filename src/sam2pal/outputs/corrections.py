@@ -1089,3 +1089,100 @@ def import_corrections(
                 f"make it again from {results / 'predictions.json'} with `sam2pal {folder}`"
             )
     return counts
+
+
+# -- corrections as templates -------------------------------------------------------------
+
+
+def corrected_templates(templates, paths: Iterable[str | os.PathLike], image_dir):
+    """The template set with the reviewed images of corrections files as more templates.
+
+    A reviewed image is annotated in full: what the reviewer kept or drew is the truth,
+    so it can be a template (in the memory and in palindrome training) for the rest of
+    the collection. Its structures are named by category; a structure with one instance
+    per template takes all its pieces, one with several takes the instance numbers of
+    the review export's regions ("instance n" in Label Studio, the `instance` attribute
+    in COCO), which are the numbers the templates' instances go by. The masks come from
+    the corrections files alone (not from the results), so the segmentation can use them
+    without depending on itself.
+
+    Args:
+        templates: the collection's `sam2pal.io.templates.TemplateSet`.
+        paths: the corrections files (a later file wins for an image in several).
+        image_dir: the collection's images (the reviewed images are found there by name).
+
+    Returns:
+        A new TemplateSet: the templates, then the reviewed images that are not templates
+        already, in file-name order. Raises InputError (one line naming the file) for an
+        image not in `image_dir`, an unknown structure, or a region of a structure with
+        several instances that does not say which instance it is.
+    """
+    from sam2pal.io.images import list_images, read_image_size
+    from sam2pal.io.templates import TemplateImage, TemplateInstance, TemplateSet
+
+    image_dir = Path(image_dir)
+    names = list_images(image_dir, recursive=True)
+    ids = {name: cid for cid, name in templates.categories.items()}
+    counts: dict[int, int] = {}
+    for image in templates.images:
+        for inst in image.instances:
+            counts[inst.category_id] = max(counts.get(inst.category_id, 0), inst.instance)
+    reviewed: dict[str, ImageCorrection] = {}
+    for path in paths:
+        own: dict[str, ImageCorrection] = {}
+        for correction in read_corrections(path):
+            target = _match_file(correction, names)
+            if target is None:
+                raise InputError(f"{correction.where}: no image of that name in {image_dir}")
+            if target in own:
+                raise InputError(f"{correction.where}: the file reviews {target} twice")
+            own[target] = correction
+        reviewed.update(own)
+    known = {image.file_name for image in templates.images}
+    added = []
+    next_id = max((image.image_id for image in templates.images), default=0) + 1
+    next_annotation = 1 + max(
+        (inst.annotation_id for image in templates.images for inst in image.instances), default=0
+    )
+    for name in sorted(reviewed):
+        if Path(name).name in known or name in known:
+            continue
+        correction = reviewed[name]
+        path = image_dir / name
+        width, height = read_image_size(path)  # upright, as the templates'
+        if correction.size is not None and tuple(correction.size) != (width, height):
+            raise InputError(
+                f"{correction.where}: drawn on a {correction.size[0]}x{correction.size[1]} "
+                f"image, but {path} is {width}x{height} (width x height)"
+            )
+        by_category: dict[int, list[Piece]] = {}
+        for piece in correction.pieces:
+            if piece.category not in ids:
+                raise InputError(
+                    f"{piece.where}: unknown structure {piece.category!r} "
+                    f"(the templates have {', '.join(templates.categories.values())})"
+                )
+            by_category.setdefault(ids[piece.category], []).append(piece)
+        instances = []
+        for cid, pieces in sorted(by_category.items()):
+            several = counts.get(cid, 1) > 1
+            groups: dict[int, np.ndarray] = {}
+            for piece in pieces:
+                if several and not piece.group:
+                    raise InputError(
+                        f"{piece.where}: a {piece.category} region without its instance "
+                        f"({piece.category} has {counts[cid]} per template): as a template, "
+                        "each region must say which instance it is"
+                    )
+                number = int(piece.group) if several else 1
+                mask = piece.mask(height, width)
+                groups[number] = mask if number not in groups else groups[number] | mask
+            for number, mask in sorted(groups.items()):
+                if mask.any():
+                    instances.append(TemplateInstance(next_annotation, cid, number, mask))
+                    next_annotation += 1
+        if not instances:
+            continue  # the reviewer removed every structure: nothing to show the model
+        added.append(TemplateImage(name, path.resolve(), width, height, next_id, instances))
+        next_id += 1
+    return TemplateSet(categories=dict(templates.categories), images=[*templates.images, *added])
