@@ -679,7 +679,33 @@ def zoom() -> str:
     return "\n".join(text) + "\n\n" + source(ZOOM_RECORD)
 
 
+REVIEW_TEMPLATES_RECORD = "review-templates-sam2pal-micro"
+
+
+def review_templates() -> str:
+    """Corrections as templates: IoU of the images not reviewed, for K reviewed worst."""
+    res = load(REVIEW_TEMPLATES_RECORD)["results"]
+    rows = res["rows"]
+    structures = [s for s in next(iter(rows.values())) if s != "mean of structures"]
+    lines = [
+        f"Measured with `benchmarks/review_templates.py` (sam2pal-micro; held-out collection "
+        f"`{res['collection']}`, {res['description']}; {res['images']} photos segmented "
+        f"from one template, the K worst by QC reviewed, IoU on the {res['evaluated']} "
+        "photos that are neither the template nor among the 5 worst):",
+        "",
+        "| reviewed worst photos as templates (K) | "
+        + " | ".join(structures)
+        + " | mean of structures |",
+        "|---|" + "---|" * (len(structures) + 1),
+    ]
+    for k, row in rows.items():
+        cells = [f"{row[s]:.3f}" for s in structures] + [f"{row['mean of structures']:.3f}"]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + source(REVIEW_TEMPLATES_RECORD)
+
+
 BLOCKS = {
+    "review-templates": review_templates,
     "quality": quality,
     "quality-card": quality_card,
     "palindrome": palindrome,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import zipfile
+from pathlib import Path
 from xml.etree import ElementTree
 
 import cv2
@@ -142,6 +143,10 @@ def test_labelstudio_tasks_and_config(collection, tmp_path):
 
     tasks = json.loads((out / "labelstudio" / "tasks.json").read_text())
     assert [t["data"]["file_name"] for t in tasks] == [s.file_name for s in sample]
+    # the sample's overlays, drawn as the collection's, to glance through first
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(
+        Path(s.file_name).stem + ".jpg" for s in sample
+    )
     for task, selected in zip(tasks, sample, strict=True):
         name = task["data"]["file_name"]
         assert task["data"]["image"] == f"/data/local-files/?d=images/{name}"

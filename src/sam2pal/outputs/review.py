@@ -70,6 +70,7 @@ from sam2pal.errors import InputError
 from sam2pal.io.atomic import atomic_dir, atomic_path, atomic_write, write_json
 from sam2pal.io.coco import annotation_mask, load_coco, scan_coco, stream_annotations
 from sam2pal.outputs.evaluate import match_names
+from sam2pal.outputs.visualize import write_overlays
 from sam2pal.settings import REVIEW_FORMATS
 
 FORMATS = REVIEW_FORMATS
@@ -703,6 +704,11 @@ def export_review(
         )
 
     def write(folder: Path) -> None:
+        # what the reviewer will see, as the collection's overlays draw it (the same
+        # colours, legend and QC scores): to glance through before opening the tool
+        write_overlays(
+            predictions_json, image_dir, folder / "overlays", only=[s.file_name for s in sample]
+        )
         if "labelstudio" in formats:
             place_photos(folder / "images", image_dir, [s.file_name for s in sample])
             with atomic_dir(folder / "labelstudio") as ls_folder:

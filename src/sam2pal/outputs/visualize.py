@@ -242,11 +242,18 @@ def _overlays(categories, groups, image_dir, max_side: int, steady_legend: bool 
         yield image_info, drawn.image
 
 
-def write_overlays(pred_json, image_dir, out_dir, max_side: int = 1600, quality: int = 90) -> int:
-    """Write one overlay JPEG per image; returns the number written."""
+def write_overlays(
+    pred_json, image_dir, out_dir, max_side: int = 1600, quality: int = 90, only=None
+) -> int:
+    """Write one overlay JPEG per image (of the file names in `only`, when given: the
+    review export's sample); returns the number written."""
     from sam2pal.io.images import unique_stems
 
     categories, images, groups = image_groups(pred_json)
+    if only is not None:
+        only = set(only)
+        images = [im for im in images if im["file_name"] in only]
+        groups = ((im, anns) for im, anns in groups if im["file_name"] in only)
     stems = unique_stems([im["file_name"] for im in images])
     count = 0
     with atomic_dir(out_dir) as tmp:
