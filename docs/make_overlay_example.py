@@ -18,21 +18,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import zoom  # noqa: E402  (benchmarks/zoom.py)
 
 from sam2pal.outputs.visualize import write_overlays  # noqa: E402
 from sam2pal.synth.quality import held_out_procedural  # noqa: E402
 from sam2pal.synth.specimens import make_collection  # noqa: E402
 
 SEED = 3
-STYLE = {
-    "palettes": ("dark_brown",),
-    "backgrounds": ("paper",),
-    "heading": True,
-    "rotation_range": (80.0, 100.0),
-    "flip_prob": 0.0,
-    "scale_range": (0.45, 0.5),
-    "clutter_prob": 0.0,
-}
+# the zoom benchmark's specimens (heads up, one palette on paper), larger in the frame
+STYLE = {**zoom.STYLE, "scale_range": (0.45, 0.5)}
 
 
 def main() -> int:

@@ -57,7 +57,8 @@ def antenna_mask(side: int, shift: int = 0) -> np.ndarray:
     return mask.astype(bool)
 
 
-def _structure(cid: int, inst: int, mask: np.ndarray, cycle: float) -> dict:
+def structure_record(cid: int, inst: int, mask: np.ndarray, cycle: float) -> dict:
+    """The JSON record of one predicted structure (the scores fixed, `cycle` its cycle IoU)."""
     return {
         "category_id": cid,
         "instance": inst,
@@ -115,7 +116,7 @@ def make_results(root: Path, n_images: int = 12) -> dict:
                 "width": WIDTH,
                 "height": HEIGHT,
                 "structures": [
-                    _structure(cid, inst, m, cycle if (cid, inst) == (2, 1) else 0.99)
+                    structure_record(cid, inst, m, cycle if (cid, inst) == (2, 1) else 0.99)
                     for (cid, inst), m in sorted(structures.items())
                 ],
             }

@@ -12,12 +12,13 @@ import pytest
 import roifile
 from dwca.read import DwCAReader
 from matplotlib.path import Path as MplPath
+from review_tools import structure_record
 
 from sam2pal.cli import main
 from sam2pal.errors import InputError
 from sam2pal.io.atomic import write_json
 from sam2pal.io.coco import merge_predictions
-from sam2pal.io.masks import decode_segmentation, encode_rle, mask_bbox
+from sam2pal.io.masks import decode_segmentation
 from sam2pal.outputs.measure import MASK_MEASURES, measure_coco
 from sam2pal.outputs.publish import (
     MEASURE_DEFINITIONS,
@@ -57,21 +58,6 @@ def _masks(shift: int) -> dict:
     }
 
 
-def _structure(key, mask, cycle):
-    return {
-        "category_id": key[0],
-        "instance": key[1],
-        "segmentation": encode_rle(mask),
-        "area": int(mask.sum()),
-        "bbox": mask_bbox(mask),
-        "score": 0.9,
-        "predicted_iou": 0.9,
-        "object_score": 0.99,
-        "cycle_iou": cycle,
-        "clamped": False,
-    }
-
-
 NAMES = ("sp_001.jpg", "sp_002.jpg", "tray/sp_003.png")
 
 
@@ -83,7 +69,8 @@ def make_results(folder, px_per_mm=None, corrected=True):
     lines = []
     for k, name in enumerate(NAMES):
         structures = [
-            _structure(key, mask, 0.5 + 0.1 * k + 0.01 * key[0]) for key, mask in _masks(k).items()
+            structure_record(*key, mask, 0.5 + 0.1 * k + 0.01 * key[0])
+            for key, mask in _masks(k).items()
         ]
         lines.append({"file_name": name, "width": W, "height": H, "structures": structures})
     records.write_text("".join(json.dumps(r) + "\n" for r in lines))

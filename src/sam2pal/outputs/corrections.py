@@ -77,6 +77,7 @@ import numpy as np
 from sam2pal.errors import InputError
 from sam2pal.io.atomic import atomic_write
 from sam2pal.io.records import ImageRecord, StructureRecord, read_records
+from sam2pal.outputs.measure import MASK_MEASURES
 
 #: The records file of a collection with its corrections applied.
 REVIEWED_RECORDS = "reviewed.jsonl"
@@ -87,15 +88,7 @@ REVIEW_SAMPLE = "review_sample.csv"
 
 #: Size measures (`sam2pal.outputs.measure.MASK_MEASURES`) whose relative error is
 #: reported; eccentricity and solidity are ratios already.
-SUMMARY_MEASURES = [
-    "area_px",
-    "perimeter_px",
-    "feret_max_px",
-    "feret_min_px",
-    "major_axis_px",
-    "minor_axis_px",
-    "curve_length_px",
-]
+SUMMARY_MEASURES = [m for m in MASK_MEASURES if m.endswith("_px")]
 
 SUMMARY_COLUMNS = [
     "sample",
