@@ -240,8 +240,12 @@ def _framing_args(p):
 
 
 def _framing(args) -> dict:
-    """{framing, framing_fill, zoom...} of the parsed flags, for `pipeline.finetune`."""
-    return {key: getattr(args, key) for key in settings_module.training_keys()}
+    """{framing, framing_fill, zoom...} of the parsed flags, for `pipeline.finetune`; a
+    command without one of these flags (`video` has no --zoom) trains with its default."""
+    return {
+        key: getattr(args, key, settings_module.default_of(_SEGMENTATION_FIELDS[key]))
+        for key in settings_module.training_keys()
+    }
 
 
 def _training_flags(group=settings_module.Training) -> list:
