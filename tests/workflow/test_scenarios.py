@@ -47,6 +47,9 @@ def test_the_scenarios_use_sam2pal_micro_on_a_few_images():
     assert [f"specimen_{k:03d}.jpg" for k in range(6)] == PHOTOS
 
 
+# slow: a whole scenario run (~40 s on 2 cores); test_workflow.py's demo run uses COCO
+# templates through the same rules
+@pytest.mark.slow
 def test_photos_with_coco_templates(tmp_path):
     out = run_scenario("photos-coco", tmp_path) / "results" / "beetles"
     coco = COCO(str(out / "predictions.json"))

@@ -197,6 +197,9 @@ def test_a_collection_needs_exactly_one_source(tmp_path, clip):
     assert result.returncode != 0 and "exactly one of images" in result.stdout + result.stderr
 
 
+# slow: trains an adapter on a clip and segments it twice (~30 s on 2 cores); adapters
+# are reloaded in the default suite by test_cli.py's photo fine-tuning test
+@pytest.mark.slow
 def test_cli_video_trains_then_reloads_the_trained_weights(tmp_path, clip, capsys):
     """The old tool's recipe: train with --use_lora, then predict later with
     --checkpoint and --skip_training, on the frames folder; the reloaded adapter gives
