@@ -485,6 +485,23 @@ def _check_top_level(path, is_object: bool, lists: dict) -> None:
             raise InputError(f"{path}: '{key}' must be a list")
 
 
+def read_json(path: str | os.PathLike, role: str) -> object:
+    """A JSON file's value (past a UTF-8 byte order mark); InputError (one line naming
+    the file, what it is: `role`) when it is missing, unreadable, not UTF-8 or not JSON."""
+    path = Path(path)
+    with _open_coco(path, role) as handle:
+        raw = handle.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{path}: not valid JSON ({exc.msg}: invalid JSON at line {exc.lineno}, "
+            f"column {exc.colno})"
+        ) from None
+
+
 def load_coco(
     path: str | os.PathLike,
     role: str = "COCO file",
@@ -504,17 +521,7 @@ def load_coco(
         naming the file) on any problem; segmentations are checked by `annotation_mask`.
     """
     path = Path(path)
-    with _open_coco(path, role) as handle:
-        raw = handle.read()
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"{path}: not valid JSON ({exc.msg}: invalid JSON at line {exc.lineno}, "
-            f"column {exc.colno})"
-        ) from None
+    data = read_json(path, role)
     is_object = isinstance(data, dict)
     _check_top_level(
         path, is_object, {k: isinstance(v, list) for k, v in data.items()} if is_object else {}

@@ -59,7 +59,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import heapq
-import json
 import math
 import os
 import re
@@ -76,6 +75,7 @@ import numpy as np
 
 from sam2pal.errors import InputError
 from sam2pal.io.atomic import atomic_write
+from sam2pal.io.coco import read_json
 from sam2pal.io.records import ImageRecord, StructureRecord, read_records
 from sam2pal.outputs.measure import MASK_MEASURES
 
@@ -267,26 +267,6 @@ class ImageCorrection:
         return stamp
 
 
-def _load_json(path: Path):
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except FileNotFoundError:
-        raise InputError(f"{path}: corrections file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not a corrections file") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the corrections file ({exc.strerror})") from None
-    try:
-        return json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
-        ) from None
-
-
 def read_corrections(path: str | os.PathLike) -> list[ImageCorrection]:
     """The reviewed images of a corrections file, Label Studio JSON export or COCO.
 
@@ -298,7 +278,7 @@ def read_corrections(path: str | os.PathLike) -> list[ImageCorrection]:
         when it is neither format or holds no reviewed image.
     """
     path = Path(path)
-    data = _load_json(path)
+    data = read_json(path, "corrections file")
     if isinstance(data, list):
         images = read_labelstudio(path, data)
     elif isinstance(data, dict) and {"images", "annotations", "categories"} <= set(data):
