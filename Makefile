@@ -12,7 +12,7 @@ CORES ?= all
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint clean-demo review-tools
+.PHONY: install demo test lint clean-demo review-tools gpu-kit
 
 install: $(STAMP)
 
@@ -58,6 +58,22 @@ $(TOOLS)/datumaro/.installed: tools-constraints.txt
 	$(TOOLS_PIP) $(TOOLS)/datumaro/bin/python -m pip install --quiet datumaro
 	$(TOOLS)/datumaro/bin/python -c "import datumaro; print('datumaro', datumaro.__version__)"
 	touch $@
+
+# Wheels for a machine whose Python has PyTorch, NumPy, OpenCV and Pillow but nothing else
+# of ours and no package index (a lent GPU machine: Python 3.12, x86-64). The source-only
+# packages are built here as pure-Python wheels; the others are downloaded for cp312.
+# Versions: constraints.txt (antlr4's is omegaconf's). Used by scripts/pretrain_gpu.sh.
+GPU_PYTHON ?= 3.12
+KIT ?= .whl
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+gpu-kit: install
+	rm -rf $(KIT) && mkdir -p $(KIT)
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w $(KIT) \
+		sam2 iopath "antlr4-python3-runtime==4.9.3"
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		--implementation cp $(GPU_PLATFORMS) -d $(KIT) \
+		hydra-core omegaconf pycocotools ijson
+	ls $(KIT)
 
 clean-demo:
 	rm -rf results/demo logs/demo results/demo_video logs/demo_video

@@ -1088,6 +1088,7 @@ def cmd_pretrain(args) -> int:
             "init",
             "procedural_fraction",
             "warmup_steps",
+            "minutes",
         )
     }
     record = pretrain(
@@ -1099,6 +1100,7 @@ def cmd_pretrain(args) -> int:
         resume=not args.restart,
         workers=args.workers,
         stop_after=args.stop_after,
+        eval_every=args.eval_every,
     )
     if record is None:
         return 0
@@ -1120,8 +1122,9 @@ def _pretrain_parser(sub):
         "random weights on synthetic specimen episodes: annotated template(s) in memory, the target's part "
         "masks as supervision (or, with --init, from given weights). The defaults reproduce the shipped "
         "sam2pal-micro (v1, about an hour on 2 CPU cores); resources/models/README.md gives the options of a "
-        "second version that was tried. Writes NAME.pt, NAME.yaml, NAME.training.json and "
-        "NAME.training.csv to --out_dir; an interrupted run resumes from NAME.state.pt.",
+        "second version that was tried. Writes NAME.pt, NAME.yaml, NAME.training.json, "
+        "NAME.training.csv (the loss curve) and NAME.heldout.csv (the held-out curve) to --out_dir; an "
+        "interrupted run resumes from NAME.state.pt.",
     )
     _flag(p, "--out_dir", default="resources/models", help="folder to write the model to")
     _flag(p, "--name", default="sam2pal-micro", help="file name stem of the model")
@@ -1224,6 +1227,21 @@ def _pretrain_run_flags(p, d) -> None:
     )
     _flag(p, "--restart", action="store_true", help="ignore a saved NAME.state.pt and start afresh")
     _flag(p, "--stop_after", type=int, help="stop once this many steps are done (resume later)")
+    _flag(
+        p,
+        "--minutes",
+        type=float,
+        default=d.minutes,
+        help="a time budget: train for this many minutes (the learning rate and resolution schedule "
+        "follow the share of it spent; --steps is then an upper bound) and write the model (0: none)",
+    )
+    _flag(
+        p,
+        "--eval_every",
+        type=int,
+        default=50,
+        help="score the held-out episodes every this many steps into NAME.heldout.csv (0: never)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

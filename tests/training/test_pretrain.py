@@ -30,9 +30,14 @@ from sam2pal.synth.quality import (
 from sam2pal.synth.specimens import PARTS, render_specimen_layers
 from sam2pal.training.pretrain import (
     PretrainSettings,
+    _lr_factor,
+    _size_at,
     batch_loss,
     draw_episode,
+    episode_loader,
     episode_shape,
+    heldout_episodes,
+    heldout_iou,
     pretrain,
     split_masks,
 )
@@ -257,6 +262,13 @@ def test_pretrain_writes_an_official_checkpoint_and_resumes_to_the_same_weights(
     assert (tmp_path / "whole" / "m.yaml").read_text() == CONFIG.read_text()
     rows = (tmp_path / "whole" / "m.training.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) == 4
+    assert (whole["steps_done"], whole["episodes"], whole["stopped_by"]) == (3, 3, "steps")
+    # the held-out curve: before the first step and after the last, every collection
+    curve = (tmp_path / "whole" / "m.heldout.csv").read_text().splitlines()
+    names = [spec.name for spec in HELD_OUT]
+    assert curve[0].split(",") == ["step", "size", "seconds", *names, "mean"]
+    assert [line.split(",")[0] for line in curve[1:]] == ["0", "3"]
+    assert whole["heldout_final"]["step"] == 3 and 0 <= whole["heldout_final"]["mean"] <= 1
     assert not (tmp_path / "whole" / "m.state.pt").exists()
     build_model(str(tmp_path / "whole" / "m.yaml"), ckpt)  # loads strictly
 
@@ -271,20 +283,70 @@ def test_pretrain_writes_an_official_checkpoint_and_resumes_to_the_same_weights(
         _tiny(), tmp_path / "cut", device="cpu", name="m", resume=True, log=lambda *_: None
     )
     a, b = read_state_dict(ckpt), read_state_dict(tmp_path / "cut" / "m.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the held-out scoring changed nothing
     assert resumed["final"]["loss"] == whole["final"]["loss"]
+    scores = [
+        {k: v for k, v in r["heldout_final"].items() if k != "seconds"} for r in (resumed, whole)
+    ]
+    assert scores[0] == scores[1]
+    cut_curve = (tmp_path / "cut" / "m.heldout.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in cut_curve[1:]] == ["0", "2", "3"]
 
     # a saved state from other settings is not silently mixed in
-    pretrain(_tiny(), tmp_path / "other", device="cpu", name="m", stop_after=1, log=lambda *_: None)
+    quiet = {"device": "cpu", "name": "m", "eval_every": 0, "log": lambda *_: None}
+    pretrain(_tiny(), tmp_path / "other", stop_after=1, **quiet)
     with pytest.raises(InputError, match="other settings"):
-        pretrain(
-            _tiny(seed=1),
-            tmp_path / "other",
-            device="cpu",
-            name="m",
-            resume=True,
-            log=lambda *_: None,
-        )
+        pretrain(_tiny(seed=1), tmp_path / "other", resume=True, **quiet)
+
+
+def test_a_time_budget_ends_the_run_with_a_model_and_runs_the_schedule_by_the_clock(tmp_path):
+    s = _tiny(steps=100000, minutes=0.02, low_res_steps=50000, low_res_size=64, image_size=96)
+    record = pretrain(s, tmp_path, device="cpu", name="m", eval_every=0, log=lambda *_: None)
+    assert record["stopped_by"] == "time budget" and 1 <= record["steps_done"] < 100000
+    assert record["seconds"] >= 0.02 * 60 and record["heldout_final"] is None
+    assert record["episodes"] == record["steps_done"] and not (tmp_path / "m.state.pt").exists()
+    build_model(str(tmp_path / "m.yaml"), tmp_path / "m.pt", image_size=96)  # at the final size
+    # warm-up by steps; then the cosine follows the steps or the clock, whichever is further
+    b = PretrainSettings(steps=1000, warmup_steps=10, low_res_steps=800, minutes=10.0)
+    assert _lr_factor(5, b, elapsed=590.0) == _lr_factor(5, b)
+    assert _lr_factor(100, b, elapsed=300.0) == pytest.approx(
+        b.min_lr_fraction + (1 - b.min_lr_fraction) * 0.5
+    )
+    assert _lr_factor(100, b, elapsed=600.0) == pytest.approx(b.min_lr_fraction)
+    assert _lr_factor(100, b, elapsed=1.0) == _lr_factor(
+        100, PretrainSettings(**{**vars(b), "minutes": 0.0})
+    )
+    assert _size_at(100, b, elapsed=100.0) == b.low_res_size
+    assert _size_at(100, b, elapsed=0.81 * 600) == b.image_size  # 80% of the budget spent
+    assert _size_at(900, b, elapsed=1.0) == b.image_size
+    with pytest.raises(InputError, match="minutes must be >= 0"):
+        PretrainSettings(minutes=-1)
+
+
+def test_several_workers_render_each_step_once_in_order():
+    s = _tiny(steps=5)
+    got = list(episode_loader(s, 1, workers=2))
+    assert [step for step, _ in got] == [1, 2, 3, 4]
+    shapes = [m for _, m in split_masks()[0]]
+    for step, episodes in got:  # each step's own episodes, as rendered in this process
+        n_templates, second = episode_shape(step, s)
+        again = draw_episode(step, s, shapes, n_templates, second)
+        assert np.array_equal(episodes[0].images[-1], again.images[-1])
+
+
+def test_held_out_scores_come_from_unseen_collections_and_the_tracker_s_own_masks():
+    episodes = heldout_episodes(per_collection=1, size=(160, 120))
+    assert list(episodes) == [spec.name for spec in HELD_OUT]
+    assert all(len(e) == 1 and e[0].n_templates == 1 for e in episodes.values())
+    model = build_model(str(CONFIG), CHECKPOINT, image_size=128)
+    model.train()
+    scores = heldout_iou(model, episodes)
+    assert model.training and set(scores) == {*episodes, "mean"}
+    assert 0 < scores["mean"] <= 1 and scores["mean"] == pytest.approx(
+        np.mean([scores[n] for n in episodes]), abs=1e-3
+    )
+    random = build_model(str(CONFIG), "random", image_size=128, seed=0)
+    assert heldout_iou(random, episodes)["mean"] < scores["mean"]
 
 
 def test_pretrain_cli_rejects_bad_settings_in_one_line(tmp_path, capsys):

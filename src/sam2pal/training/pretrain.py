@@ -46,8 +46,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -159,6 +161,10 @@ class PretrainSettings:
     object_weight: float = 1.0
     save_every: int = 100
     log_every: int = 10
+    # a wall-clock budget in minutes (0: none): the run ends when it is spent, with the
+    # schedule (warm-up aside: learning rate, resolution) run by the share of the
+    # budget spent when that is further than the share of `steps` done
+    minutes: float = 0.0
 
     def __post_init__(self):
         problems = []
@@ -167,6 +173,8 @@ class PretrainSettings:
                 problems.append(f"{name} must be >= 1")
         if self.learning_rate <= 0:
             problems.append("learning_rate must be > 0")
+        if not self.minutes >= 0:
+            problems.append("minutes must be >= 0")
         for name in ("image_size", "low_res_size"):
             if int(getattr(self, name)) < 64 or int(getattr(self, name)) % 32:
                 problems.append(f"{name} must be a multiple of 32, at least 64")
@@ -481,20 +489,17 @@ def _remember(model, feats, sam_outputs, current_out: dict, memory: dict, idx: i
     memory["non_cond_frame_outputs"][idx] = current_out
 
 
-def batch_loss(model, episodes: list[Episode], settings: PretrainSettings):
-    """Templates into memory as conditioning frames, then track the target(s).
+def _tracked(model, episodes: list[Episode]):
+    """Templates into memory as conditioning frames, then track the target(s), each
+    tracked frame remembered as video tracking does.
 
     The episodes share their frame structure; all their structures are one SAM2 batch
     (a row per structure and episode), every image is encoded once.
 
-    Args:
-        model: the SAM2Base being trained.
-        episodes: episodes with the same number of frames and of templates.
-        settings: the run's settings (the loss weights).
-
-    Returns:
-        (loss, {part: value}), the mean over the targets; (None, {}) when no structure
-        is seen in every template.
+    Yields:
+        (sam_outputs, truth, present) per target: SAM2's outputs of the tracking step,
+        the (rows, 1, S, S) true masks and whether each row's structure is in the frame.
+        Nothing when no structure is seen in every template.
     """
     size = int(model.image_size)
     device = model.device
@@ -509,7 +514,7 @@ def batch_loss(model, episodes: list[Episode], settings: PretrainSettings):
     # row r is structure objects[e][j] of episode e; image (e, f) is e * n_frames + f
     row_episode = torch.tensor([e for e, objs in enumerate(objects) for _ in objs], device=device)
     if not len(row_episode):
-        return None, {}
+        return
     images = torch.cat([preprocess(img, size, device) for e in episodes for img in e.images])
     backbone = model.forward_image(images)
     cond = {}
@@ -518,37 +523,119 @@ def batch_loss(model, episodes: list[Episode], settings: PretrainSettings):
         masks = _row_masks(episodes, objects, t, size, device)
         cond[t] = conditioning_frame(model, feats, t, n_frames, masks, memory_dtype=None)
     memory = new_memory(cond)
-    total, parts_sum = 0.0, {}
-    n_targets = n_frames - n_templates
     for idx in range(n_templates, n_frames):
         f = _row_features(model, backbone, row_episode, n_frames, idx)
         current_out, sam_outputs = track_step(model, f, idx, n_frames, memory)
         truth = _row_masks(episodes, objects, idx, size, device)
-        present = truth.flatten(1).sum(1) > 0
-        loss, parts = target_loss(sam_outputs, truth, present, settings)
-        total = total + loss / n_targets
-        for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0.0) + v / n_targets
+        yield sam_outputs, truth, truth.flatten(1).sum(1) > 0
         if idx + 1 < n_frames:  # remember this frame, as video tracking does
             _remember(model, f, sam_outputs, current_out, memory, idx)
+
+
+def batch_loss(model, episodes: list[Episode], settings: PretrainSettings):
+    """Templates into memory as conditioning frames, then track the target(s)
+    (`_tracked`); SAM2's loss on every target.
+
+    Args:
+        model: the SAM2Base being trained.
+        episodes: episodes with the same number of frames and of templates.
+        settings: the run's settings (the loss weights).
+
+    Returns:
+        (loss, {part: value}), the mean over the targets; (None, {}) when no structure
+        is seen in every template.
+    """
+    n_targets = len(episodes[0].images) - episodes[0].n_templates
+    total, parts_sum = None, {}
+    for sam_outputs, truth, present in _tracked(model, episodes):
+        loss, parts = target_loss(sam_outputs, truth, present, settings)
+        total = loss / n_targets if total is None else total + loss / n_targets
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v / n_targets
     return total, parts_sum
+
+
+# -- held-out curve ----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)  # rendered once per process (the episodes are only read)
+def heldout_episodes(per_collection: int = 4, size=(384, 288)) -> dict[str, list[Episode]]:
+    """Episodes for the held-out curve of a run: per held-out collection of
+    `benchmarks/quality.py` (`synth.quality.HELD_OUT`: palettes, grounds, poses and
+    shapes no training episode draws), one template and `per_collection` targets,
+    rendered from seeds the benchmark does not use either (its seed + 1000).
+
+    Returns:
+        {collection name: [Episode(template, target), ...]}.
+    """
+    from sam2pal.synth.quality import HELD_OUT, held_out_masks, held_out_procedural
+    from sam2pal.synth.specimens import iter_collection
+
+    out = {}
+    for spec in HELD_OUT:
+        seed, n = spec.seed + 1000, per_collection + 1
+        kinds = (
+            {"shapes": held_out_procedural(seed, n)}
+            if spec.shapes == "procedural"
+            else {"mask_names": held_out_masks()}
+        )
+        renders = [
+            r for _, r in iter_collection(n, seed=seed, size=size, style=spec.style, **kinds)
+        ]
+        template = renders[0]
+        out[spec.name] = [
+            Episode([template.image, r.image], [template.labels, r.labels], 1) for r in renders[1:]
+        ]
+    return out
+
+
+def heldout_iou(model, heldout: dict[str, list[Episode]]) -> dict[str, float]:
+    """Zero-shot IoU of the masks the tracker would output (the candidate SAM2 picks,
+    after its object score), per collection the mean over its targets' structures,
+    and their mean ("mean"). The model's training mode is restored."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for name, episodes in heldout.items():
+            ious = []
+            for sam_outputs, truth, present in _tracked(model, episodes):
+                pred = sam_outputs[4] > 0
+                true = truth > 0.5
+                inter = (pred & true).flatten(1).sum(1).float()
+                union = (pred | true).flatten(1).sum(1).float().clamp(min=1)
+                ious.extend((inter / union)[present].tolist())
+            out[name] = round(float(np.mean(ious)), 4) if ious else 0.0
+    out["mean"] = round(float(np.mean(list(out.values()))), 4) if out else 0.0
+    model.train(was_training)
+    return out
 
 
 # -- the run -----------------------------------------------------------------------------
 
 
-def _lr_factor(step: int, s: PretrainSettings) -> float:
+def _budget_share(elapsed: float, s: PretrainSettings) -> float:
+    """The share of the time budget spent after `elapsed` seconds (0 without one)."""
+    return elapsed / (60.0 * s.minutes) if s.minutes else 0.0
+
+
+def _lr_factor(step: int, s: PretrainSettings, elapsed: float = 0.0) -> float:
+    """Linear warm-up over `warmup_steps`, then a cosine to `min_lr_fraction` over the
+    remaining steps, or over the time budget when that is further spent."""
     if step < s.warmup_steps:
         return (step + 1) / s.warmup_steps
     progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    progress = max(progress, _budget_share(elapsed, s))
     return s.min_lr_fraction + (1 - s.min_lr_fraction) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, progress))
     )
 
 
 class _Episodes(torch.utils.data.IterableDataset):
-    """The episodes of steps start.. in order, rendered in a worker process while the
-    model trains (every episode comes from its own seed, so the order is fixed)."""
+    """The episodes of steps start.. in order, rendered in worker processes while the
+    model trains (every episode comes from its own seed, so the order is fixed). With
+    several workers each renders every n-th step, and the loader takes the workers in
+    turn: the steps arrive in order, each once."""
 
     def __init__(self, settings: PretrainSettings, start: int):
         self.settings, self.start = settings, start
@@ -557,7 +644,9 @@ class _Episodes(torch.utils.data.IterableDataset):
         cv2.setNumThreads(1)
         s = self.settings
         shapes = [m for _, m in split_masks()[0]]
-        for step in range(self.start, s.steps):
+        worker = torch.utils.data.get_worker_info()
+        first, every = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        for step in range(self.start + first, s.steps, every):
             n_templates, second = episode_shape(step, s)
             yield (
                 step,
@@ -568,8 +657,25 @@ class _Episodes(torch.utils.data.IterableDataset):
             )
 
 
-def _size_at(step: int, s: PretrainSettings) -> int:
-    return s.low_res_size if step < s.low_res_steps else s.image_size
+def episode_loader(s: PretrainSettings, start: int, workers: int):
+    """The (step, episodes) of steps `start`.. in order, rendered by `workers`
+    processes (0: in this one)."""
+    return torch.utils.data.DataLoader(
+        _Episodes(s, start),
+        batch_size=None,
+        num_workers=int(workers),
+        prefetch_factor=2 if workers else None,
+        # fresh processes, not forks: a fork of a process that has run PyTorch's CPU
+        # threads (the held-out curve) or CUDA can hang in its first parallel region
+        multiprocessing_context="spawn" if workers else None,
+    )
+
+
+def _size_at(step: int, s: PretrainSettings, elapsed: float = 0.0) -> int:
+    """The input size of `step`: `low_res_size` for the first `low_res_steps` (or the
+    same share of the time budget, when that is further spent), then `image_size`."""
+    low = step < s.low_res_steps and _budget_share(elapsed, s) < s.low_res_steps / s.steps
+    return s.low_res_size if low else s.image_size
 
 
 class _Run:
@@ -633,12 +739,12 @@ def _start_weights(run: _Run, s: PretrainSettings, state, log) -> str | None:
     return init_sha256
 
 
-def _train_step(run: _Run, step: int, episodes: list[Episode], s: PretrainSettings, dev):
-    """One optimizer step on the episodes of `step`; returns its loss and parts, or
-    None when no structure was seen."""
+def _train_step(run: _Run, step: int, episodes: list[Episode], s: PretrainSettings, dev, elapsed):
+    """One optimizer step on the episodes of `step`, `elapsed` seconds into the run;
+    returns its loss and parts, or None when no structure was seen."""
     torch.manual_seed(int(np.random.SeedSequence(s.seed, spawn_key=(3, step)).generate_state(1)[0]))
     for group in run.optimizer.param_groups:
-        group["lr"] = s.learning_rate * _lr_factor(step, s)
+        group["lr"] = s.learning_rate * _lr_factor(step, s, elapsed)
     run.optimizer.zero_grad(set_to_none=True)
     with autocast(dev):
         loss, parts = batch_loss(run.model, episodes, s)
@@ -662,25 +768,45 @@ def _log_row(done: int, run: _Run, seconds: float, window: list[dict]) -> dict:
     return row
 
 
-def _save_state(state_path: Path, run: _Run, done: int, rows, seconds: float, s) -> None:
-    """Save what a resumed run needs to go on after `done` steps."""
+@dataclass
+class _Progress:
+    """What a run has done so far, saved with its state: the steps, the seconds, the
+    loss curve's rows and the held-out curve's rows."""
+
+    step: int = 0
+    seconds: float = 0.0
+    rows: list = dataclasses.field(default_factory=list)
+    heldout: list = dataclasses.field(default_factory=list)
+
+
+def _save_state(state_path: Path, run: _Run, progress: _Progress, s) -> None:
+    """Save what a resumed run needs to go on."""
     with atomic_path(state_path) as tmp:
         torch.save(
             {
                 "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(),
-                "step": done,
-                "rows": rows,
-                "seconds": seconds,
+                "step": progress.step,
+                "rows": progress.rows,
+                "heldout_rows": progress.heldout,
+                "seconds": progress.seconds,
                 "settings": dataclasses.asdict(s),
             },
             tmp,
         )
 
 
-def _write_results(out: Path, name: str, model, config: Path, rows, s, extra: dict) -> dict:
-    """Write the weights, the config, the loss curve and the training record (with the
-    run's `extra` facts: init_sha256, seconds, device); returns the record."""
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with atomic_write(path, newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_results(out: Path, name: str, model, config: Path, progress: _Progress, s, extra):
+    """Write the weights, the config, the loss curve, the held-out curve and the
+    training record (with the run's `extra` facts: init_sha256, device, workers);
+    returns the record."""
     weights = out / f"{name}.pt"
     with atomic_path(weights) as tmp:
         torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, tmp)
@@ -688,10 +814,9 @@ def _write_results(out: Path, name: str, model, config: Path, rows, s, extra: di
     if yaml_out.resolve() != config.resolve():
         with atomic_path(yaml_out) as tmp:
             shutil.copyfile(config, tmp)
-    with atomic_write(out / f"{name}.training.csv", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(out / f"{name}.training.csv", progress.rows, LOG_COLUMNS)
+    if progress.heldout:
+        _write_csv(out / f"{name}.heldout.csv", progress.heldout, list(progress.heldout[0]))
     record = {
         "name": name,
         "checkpoint": weights.name,
@@ -700,64 +825,90 @@ def _write_results(out: Path, name: str, model, config: Path, rows, s, extra: di
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "settings": dataclasses.asdict(s),
         "init_sha256": extra["init_sha256"],
-        "episodes": s.steps * s.episodes_per_step,
-        "seconds": round(extra["seconds"], 1),
+        "steps_done": progress.step,
+        "stopped_by": "steps" if progress.step >= s.steps else "time budget",
+        "episodes": progress.step * s.episodes_per_step,
+        "seconds": round(progress.seconds, 1),
         "device": extra["device"],
+        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "threads": torch.get_num_threads(),
+        "workers": extra["workers"],
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "final": rows[-1] if rows else None,
+        "final": progress.rows[-1] if progress.rows else None,
+        "heldout_first": progress.heldout[0] if progress.heldout else None,
+        "heldout_final": progress.heldout[-1] if progress.heldout else None,
     }
     write_json(out / f"{name}.training.json", record, indent=1)
     return record
 
 
+class _HeldOutCurve:
+    """The held-out IoU every `every` steps (0: never), appended to the run's progress."""
+
+    def __init__(self, every: int, progress: _Progress, log):
+        self.every, self.progress, self.log = int(every), progress, log
+        self.episodes = heldout_episodes() if self.every else None
+
+    def __call__(self, run: _Run, done: int, seconds: float, last: bool = False) -> None:
+        if not self.every or not (done % self.every == 0 or last):
+            return
+        if self.progress.heldout and self.progress.heldout[-1]["step"] == done:
+            return
+        scores = heldout_iou(run.model, self.episodes)
+        row = {"step": done, "size": run.size, "seconds": round(seconds, 1), **scores}
+        self.progress.heldout.append(row)
+        self.log(f"step {done}: held-out IoU {scores['mean']} ({run.size} px)")
+
+
 def _run_steps(
     run: _Run,
     dev,
-    start: int,
-    rows: list,
-    seconds_before: float,
+    progress: _Progress,
     state_path: Path,
     stop_after: int | None,
     workers: int,
+    curve: _HeldOutCurve,
     log,
-) -> float | None:
-    """Train steps `start`.. of the run, appending the loss curve's rows to `rows` and
-    saving the state every `save_every` steps; returns the seconds of the whole run,
-    or None once `stop_after` steps are done (the state saved)."""
+) -> bool:
+    """Train the run's steps from `progress.step` on, appending the loss curve's rows
+    and saving the state every `save_every` steps; returns True when the run is over
+    (its steps done or its time budget spent), False once `stop_after` steps are done
+    (the state saved)."""
     s = run.settings
-    loader = torch.utils.data.DataLoader(
-        _Episodes(s, start),
-        batch_size=None,
-        num_workers=int(workers),
-        prefetch_factor=2 if workers else None,
-    )
-    t0 = time.time()
+    loader = episode_loader(s, progress.step, workers)
+    t0, before = time.time(), progress.seconds
     window: list[dict] = []
+    curve(run, progress.step, before)  # the curve's first point (once per run)
     for step, episodes in loader:
-        if _size_at(step, s) != run.size:
-            run.resize(_size_at(step, s))
+        elapsed = before + time.time() - t0
+        if _size_at(step, s, elapsed) != run.size:
+            run.resize(_size_at(step, s, elapsed))
             log(f"step {step}: input size {run.size}")
-        losses = _train_step(run, step, episodes, s, dev)
+        losses = _train_step(run, step, episodes, s, dev, elapsed)
         if losses is not None:
             window.append(losses)
         done = step + 1
-        if done % s.log_every == 0 or done == s.steps:
-            row = _log_row(done, run, seconds_before + time.time() - t0, window)
-            rows.append(row)
+        progress.step, progress.seconds = done, before + time.time() - t0
+        over = done >= s.steps or _budget_share(progress.seconds, s) >= 1.0
+        if done % s.log_every == 0 or over:
+            row = _log_row(done, run, progress.seconds, window)
+            progress.rows.append(row)
             window = []
             log(
                 f"step {done}/{s.steps} loss {row['loss']} target IoU {row['target_iou']} "
                 f"({row['seconds']:.0f} s)"
             )
-        stopping = stop_after is not None and done >= stop_after and done < s.steps
-        if (done % s.save_every == 0 and done < s.steps) or stopping:
-            _save_state(state_path, run, done, rows, seconds_before + time.time() - t0, s)
+        stopping = stop_after is not None and done >= stop_after
+        curve(run, done, progress.seconds, last=over or stopping)
+        if over:
+            return True
+        if done % s.save_every == 0 or stopping:
+            _save_state(state_path, run, progress, s)
         if stopping:
             log(f"stopped after step {done}; run again to resume from {state_path}")
-            return None
-    return seconds_before + time.time() - t0
+            return False
+    return True
 
 
 def pretrain(
@@ -769,12 +920,13 @@ def pretrain(
     resume: bool = False,
     workers: int = 0,
     stop_after: int | None = None,
+    eval_every: int = 50,
     log=print,
 ) -> dict | None:
     """Train from random weights; returns the training record (also written as JSON).
 
     Every step seeds PyTorch from (seed, step), so a resumed run ends with the same
-    weights as one run through.
+    weights as one run through (without a time budget, which ends a run by the clock).
 
     Args:
         settings: the run's settings; out_dir: where the files go (created if needed).
@@ -783,6 +935,9 @@ def pretrain(
         workers: processes rendering episodes (0: in this process).
         stop_after: stop once this many steps are done, keeping the resumable state
             (for machines with a time limit per job).
+        eval_every: score the held-out episodes (`heldout_episodes`) every this many
+            steps, at the start and at the end, into ``<name>.heldout.csv`` (0: never;
+            it does not change the weights).
         log: where progress lines go.
 
     Returns:
@@ -797,22 +952,24 @@ def pretrain(
     s = settings
     state_path = out / f"{name}.state.pt"
     state = _resume_state(state_path, s) if resume else None
-    start, rows, seconds_before = (
-        (0, [], 0.0) if state is None else (state["step"], state["rows"], state["seconds"])
+    progress = (
+        _Progress()
+        if state is None
+        else _Progress(
+            state["step"], state["seconds"], state["rows"], state.get("heldout_rows", [])
+        )
     )
-    run = _Run(config, s, dev, _size_at(start, s))
+    run = _Run(config, s, dev, _size_at(progress.step, s, progress.seconds))
     init_sha256 = _start_weights(run, s, state, log)
-    seconds = _run_steps(
-        run, dev, start, rows, seconds_before, state_path, stop_after, workers, log
-    )
-    if seconds is None:
+    curve = _HeldOutCurve(eval_every, progress, log)
+    if not _run_steps(run, dev, progress, state_path, stop_after, workers, curve, log):
         return None
     if run.size != s.image_size:
         run.resize(s.image_size)
     model = run.model.eval()
     device_name = str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev)
-    extra = {"init_sha256": init_sha256, "seconds": seconds, "device": device_name}
-    record = _write_results(out, name, model, config, rows, s, extra)
+    extra = {"init_sha256": init_sha256, "device": device_name, "workers": int(workers)}
+    record = _write_results(out, name, model, config, progress, s, extra)
     state_path.unlink(missing_ok=True)
     log(json.dumps({k: record[k] for k in ("checkpoint", "checkpoint_sha256", "seconds")}))
     return record
