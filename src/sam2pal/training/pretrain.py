@@ -406,6 +406,13 @@ def _dice(logits, target):
     return 1 - (2 * (prob * target).sum(-1) + 1) / (prob.sum(-1) + target.sum(-1) + 1)
 
 
+def _mask_ious(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean masks over their last two dimensions (an empty union scores 0)."""
+    inter = (pred & true).flatten(-2).sum(-1).float()
+    union = (pred | true).flatten(-2).sum(-1).float()
+    return inter / union.clamp(min=1)
+
+
 def target_loss(sam_outputs, truth: torch.Tensor, present: torch.Tensor, s: PretrainSettings):
     """SAM2's multi-mask loss on one tracked frame.
 
@@ -424,10 +431,7 @@ def target_loss(sam_outputs, truth: torch.Tensor, present: torch.Tensor, s: Pret
     focal = _focal(high_multi, truth_m)
     dice = _dice(high_multi, truth_m)
     with torch.no_grad():
-        pred = high_multi > 0
-        inter = (pred & (truth_m > 0.5)).flatten(2).sum(-1).float()
-        union = (pred | (truth_m > 0.5)).flatten(2).sum(-1).float()
-        actual_iou = inter / union.clamp(min=1)
+        actual_iou = _mask_ious(high_multi > 0, truth_m > 0.5)
     iou_head = (ious.float() - actual_iou).abs()
     combo = s.focal_weight * focal + s.dice_weight * dice
     best = combo.argmin(dim=1)
@@ -600,11 +604,8 @@ def heldout_iou(model, heldout: dict[str, list[Episode]]) -> dict[str, float]:
         for name, episodes in heldout.items():
             ious = []
             for sam_outputs, truth, present in _tracked(model, episodes):
-                pred = sam_outputs[4] > 0
-                true = truth > 0.5
-                inter = (pred & true).flatten(1).sum(1).float()
-                union = (pred | true).flatten(1).sum(1).float().clamp(min=1)
-                ious.extend((inter / union)[present].tolist())
+                rows = _mask_ious(sam_outputs[4] > 0, truth > 0.5)[:, 0]
+                ious.extend(rows[present].tolist())
             out[name] = round(float(np.mean(ious)), 4) if ious else 0.0
     out["mean"] = round(float(np.mean(list(out.values()))), 4) if out else 0.0
     model.train(was_training)
