@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Train sam2pal-micro v2 on a CUDA machine for a fixed number of minutes, from a bare
-# Python with PyTorch (no venv, nothing fetched): the packages the project needs beyond
-# PyTorch, NumPy, OpenCV and Pillow come as wheels from `make gpu-kit` (in .whl/).
+# Train the next sam2pal-micro (v3, from the shipped v2) on a CUDA machine for a fixed
+# number of minutes, from a bare Python with PyTorch (no venv, nothing fetched): the
+# packages the project needs beyond PyTorch, NumPy, OpenCV and Pillow come as wheels
+# from `make gpu-kit` (in .whl/).
 #
 #   bash scripts/pretrain_gpu.sh MINUTES OUT_DIR [WORKERS]
 #
 # Writes to OUT_DIR the model's record, its loss and held-out curves, its config, the
 # log, and the checkpoint in two parts of at most 15 MiB (some machines return files
-# of at most 16 MiB): `cat sam2pal-micro-v2.pt.part-* > sam2pal-micro-v2.pt`, then
+# of at most 16 MiB): `cat sam2pal-micro-v3.pt.part-* > sam2pal-micro-v3.pt`, then
 # check it against the record's checkpoint_sha256.
 #
-# The episodes are v2's (resources/models/README.md); on a GPU a step takes 16 of them,
-# rendered by WORKERS processes (default: all cores but two), and the learning rate and
-# resolution schedule run by the clock (`sam2pal pretrain --minutes`).
+# The episodes are those v2 was trained on (resources/models/README.md); on a GPU a
+# step takes 16 of them, rendered by WORKERS processes (default: all cores but two),
+# and the learning rate and resolution schedule run by the clock (`sam2pal pretrain
+# --minutes`).
 set -euo pipefail
 minutes=${1:?minutes}
 out=${2:?output folder}
@@ -21,6 +23,7 @@ python=${PYTHON:-python3}
 device=${DEVICE:-cuda}  # DEVICE=cpu: a dry run of this script on a machine without one
 site=${SITE:-/tmp/sam2pal-site}
 kit=${KIT:-.whl}
+name=sam2pal-micro-v3
 recipe=(--init sam2pal-micro --appearance mixed --zoom_fraction 0.3 --body_plan v2
     --procedural_fraction 0.5)
 
@@ -30,9 +33,9 @@ mkdir -p "$out" "$site"
 export PYTHONPATH="$PWD/src:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 run=$(mktemp -d)
 "$python" -m sam2pal.cli pretrain --device "$device" --workers "$workers" --minutes "$minutes" \
-    --out_dir "$run" --name sam2pal-micro-v2 "${recipe[@]}" --episodes_per_step 16 \
+    --out_dir "$run" --name "$name" "${recipe[@]}" --episodes_per_step 16 \
     --steps 100000 --low_res_steps 85000 --learning_rate 6e-4 --warmup_steps 100 \
-    2>&1 | tee "$out/sam2pal-micro-v2.train.log"
-split -b 15M -d "$run/sam2pal-micro-v2.pt" "$out/sam2pal-micro-v2.pt.part-"
-cp "$run"/sam2pal-micro-v2.{yaml,training.json,training.csv,heldout.csv} "$out/"
+    2>&1 | tee "$out/$name.train.log"
+split -b 15M -d "$run/$name.pt" "$out/$name.pt.part-"
+cp "$run/$name".{yaml,training.json,training.csv,heldout.csv} "$out/"
 echo "wrote $out: $(ls "$out" | tr '\n' ' ')"

@@ -74,11 +74,13 @@ def held_out_collection(tmp_path_factory):
     return out
 
 
-def test_quick_quality_floor_well_above_random_weights(held_out_collection):
+def test_quick_quality_floor_well_above_random_weights_and_v1_on_parts(held_out_collection):
     """Zero-shot from one template on a held-out collection (palettes, specimen sizes
-    and beetle masks never trained on): a floor far above what random weights reach.
-    (On 6 targets sam2pal-micro scored body 0.785, elytra 0.619; random weights 0.147
-    and 0.117.)"""
+    and beetle masks never trained on): a floor far above what random weights reach,
+    and on the parts above what the first version reached.
+    On these 6 targets, mean IoU of the parts / body / elytra / pronotum / legs:
+    sam2pal-micro v2 0.286 / 0.817 / 0.743 / 0.369 / 0.128, v1 0.158 / 0.785 / 0.619 /
+    0.134 / 0.009, random weights 0.034 / 0.147 / 0.117 / 0.025 / 0.012."""
     model = build_model(str(CONFIG), CHECKPOINT)
     scores = score_collection(model, held_out_collection, n_templates=1, targets_from=1, cycle=True)
     assert len({r["image"] for r in scores.rows}) == 6
@@ -86,11 +88,14 @@ def test_quick_quality_floor_well_above_random_weights(held_out_collection):
     floor = score_collection(random_model, held_out_collection, n_templates=1, targets_from=1)
     assert floor.mean_iou("body") < 0.3
     assert (
-        scores.mean_iou("body") >= 0.65 and scores.mean_iou("body") >= floor.mean_iou("body") + 0.4
+        scores.mean_iou("body") >= 0.75 and scores.mean_iou("body") >= floor.mean_iou("body") + 0.4
     )
-    assert scores.mean_iou("elytra") >= 0.5
-    assert scores.mean_parts() >= floor.mean_parts() + 0.08
-    assert rank_correlation(scores) > 0.3  # cycle IoU ranks the predictions
+    # v1 reached 0.619, 0.134, 0.009 and 0.158 here
+    assert scores.mean_iou("elytra") >= 0.68
+    assert scores.mean_iou("pronotum") >= 0.25
+    assert scores.mean_iou("legs") >= 0.07
+    assert scores.mean_parts() >= 0.24 and scores.mean_parts() >= floor.mean_parts() + 0.2
+    assert rank_correlation(scores) > 0.35  # cycle IoU ranks the predictions
 
 
 def test_held_out_masks_are_never_trained_on():
@@ -135,7 +140,8 @@ def _episode_hash(e) -> str:
 
 def test_default_episodes_are_the_shipped_models_episodes():
     """Hashes of draw_episode taken before the randomised appearance and zoomed crops
-    existed: the defaults still draw exactly the episodes sam2pal-micro was trained on."""
+    existed: the defaults still draw exactly the episodes sam2pal-micro v1 was trained on
+    (from scratch; v2 went on from v1 with `--appearance mixed`)."""
     s = PretrainSettings()
     assert s.appearance == "v1" and s.zoom_fraction == 0.0
     shapes = [m for _, m in split_masks()[0]][:12]
