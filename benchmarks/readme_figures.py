@@ -107,13 +107,24 @@ def _span(values) -> str:
 
 #: the quality records of the shipped model: the first three collections, then the two
 #: added with the palindrome measurements (run side by side, one thread each)
-QUALITY_RECORDS = ("quality-sam2pal-micro", "quality-sam2pal-micro-new")
+QUALITY_RECORDS = ("quality-sam2pal-micro-v2", "quality-sam2pal-micro-v2-new")
+#: the same for the first version, kept in the model card for comparison
+QUALITY_RECORDS_V1 = ("quality-sam2pal-micro-v1", "quality-sam2pal-micro-v1-new")
+PALINDROME_RECORD = "palindrome-sam2pal-micro-v2"
+PALINDROME_RECORD_V1 = "palindrome-sam2pal-micro-v1"
+ROTATION_RECORD = "rotation-sam2pal-micro-v2"
 
 
-def _quality_results() -> dict:
+def micro(record: str) -> str:
+    """The model a record of sam2pal-micro was measured with, from its name: "sam2pal-micro v2"."""
+    version = re.search(r"-(v\d+)(-|$)", record)
+    return f"sam2pal-micro {version.group(1)}" if version else "sam2pal-micro"
+
+
+def _quality_results(records=QUALITY_RECORDS) -> dict:
     """The quality records merged: collections in order, the goals of all."""
     merged = {"collections": {}, "goals": {"met": {}}}
-    for name in QUALITY_RECORDS:
+    for name in records:
         res = load(name)["results"]
         merged["collections"].update(res["collections"])
         merged["goals"]["met"].update(res["goals"]["met"])
@@ -124,7 +135,7 @@ def quality() -> str:
     res = _quality_results()
     args = load(QUALITY_RECORDS[0])["args"]
     text = [
-        "Measured with `benchmarks/quality.py` (sam2pal-micro; "
+        f"Measured with `benchmarks/quality.py` ({micro(QUALITY_RECORDS[0])}; "
         f"{next(iter(res['collections'].values()))['targets']} targets per collection, "
         f"{args['n_templates']} templates for the multi-template row; palindrome with the workflow's "
         "default settings, the epoch picked by cycle IoU; the oracle with as many optimizer steps):",
@@ -178,14 +189,14 @@ def quality() -> str:
     return "\n".join(text) + "\n\n" + source(*names)
 
 
-def palindrome() -> str:
+def palindrome(record: str = PALINDROME_RECORD) -> str:
     """The palindrome diagnosis: four settings side by side, and the curves."""
-    rec = load("palindrome-sam2pal-micro-v1")
+    rec = load(record)
     res = rec["results"]
     text = []
     for name, entry in res["collections"].items():
         text += [
-            f"On {name} ({entry['description']}, {entry['targets']} targets), sam2pal-micro v1:",
+            f"On {name} ({entry['description']}, {entry['targets']} targets), {micro(record)}:",
             "",
         ]
         structures = [
@@ -218,10 +229,24 @@ def palindrome() -> str:
                 f"training targets' IoU went {first['train_target_iou']:.3f} to "
                 f"{last['train_target_iou']:.3f}; held-out cycle IoU {hist[0]['val_cycle_iou']:.3f} to "
                 f"{last['val_cycle_iou']:.3f} (rank correlation with the targets' IoU over epochs "
-                f"{run['cycle_vs_target_iou_spearman']})"
+                f"{run['cycle_vs_target_iou_spearman']}){_true_holdout(run)}"
             )
         text.append("")
-    return "\n".join(text).rstrip() + "\n\n" + source("palindrome-sam2pal-micro-v1")
+    return "\n".join(text).rstrip() + "\n\n" + source(record)
+
+
+def _true_holdout(run: dict) -> str:
+    """The held-out photos' true IoU over the epochs, and at the epoch kept."""
+    hist = [h for h in run["history"] if h.get("val_iou") is not None]
+    if len(hist) < 2 or "best_epoch" not in run:
+        return ""
+    best = max(hist, key=lambda h: h["val_iou"])
+    kept = next((h for h in hist if h["epoch"] == run["best_epoch"]), None)
+    text = (
+        f"; their true IoU {hist[0]['val_iou']:.3f} before, at most {best['val_iou']:.3f} "
+        f"(epoch {best['epoch']})"
+    )
+    return text + (f", {kept['val_iou']:.3f} at the epoch kept ({kept['epoch']})" if kept else "")
 
 
 def propagate() -> str:
@@ -508,9 +533,9 @@ def measure_speed() -> str:
     return "\n".join(lines)
 
 
-def quality_card() -> str:
-    """The model card's summary of the same record: zero-shot per structure."""
-    res = _quality_results()
+def quality_card(records=QUALITY_RECORDS) -> str:
+    """The model card's summary of the same records: zero-shot per structure."""
+    res = _quality_results(records)
     lines = [
         "| collection | "
         + " | ".join(QUALITY_STRUCTURES)
@@ -534,22 +559,22 @@ def quality_card() -> str:
         "Zero-shot IoU per structure from one template; the last four columns are the mean of the parts.\n\n"
         + "\n".join(lines)
         + "\n\n"
-        + source(*QUALITY_RECORDS)
+        + source(*records)
     )
 
 
 def rotation() -> str:
     """Zero-shot IoU against the relative pose of template and target."""
-    poses = load("rotation-sam2pal-micro-v1")["results"]["poses"]
+    poses = load(ROTATION_RECORD)["results"]["poses"]
     lines = ["| relative pose | " + " | ".join(poses) + " |", "|---|" + "---|" * len(poses)]
     lines.append("| body | " + " | ".join(f"{t['body']:.3f}" for t in poses.values()) + " |")
     lines.append(
         "| mean of parts | " + " | ".join(f"{t['mean']:.3f}" for t in poses.values()) + " |"
     )
-    return "\n".join(lines) + "\n\n" + source("rotation-sam2pal-micro-v1")
+    return "\n".join(lines) + "\n\n" + source(ROTATION_RECORD)
 
 
-ORIENTATION_RECORD = "orientation-sam2pal-micro"
+ORIENTATION_RECORD = "orientation-sam2pal-micro-v1"
 
 
 def orientation() -> str:
@@ -561,7 +586,7 @@ def orientation() -> str:
     modes = res["orientation"]["modes"]
     upright = modes["upright, none"]["iou"]
     text = [
-        f"Measured with `benchmarks/orientation.py` (sam2pal-micro; {n} held-out beetles in "
+        f"Measured with `benchmarks/orientation.py` ({micro(ORIENTATION_RECORD)}; {n} held-out beetles in "
         f"the template's pose, leaning {res['tilt']:g} degrees, shown in the eight orientations; "
         "IoU per structure, mean of the parts without the body):",
         "",
@@ -626,7 +651,7 @@ def orientation() -> str:
     return "\n".join(text) + "\n\n" + source(ORIENTATION_RECORD)
 
 
-ZOOM_RECORD = "zoom-sam2pal-micro"
+ZOOM_RECORD = "zoom-sam2pal-micro-v2"
 ZOOM_STRUCTURES = ["body", "head", "pronotum", "elytra", "antenna", "legs", "eye", "scape"]
 ZOOM_THIN = ["antenna", "legs", "eye", "scape"]
 
@@ -643,7 +668,7 @@ def zoom() -> str:
     width, height = res["size"]
     widths = modes["off"].get("true_width_px", {})
     text = [
-        f"Measured with `benchmarks/zoom.py` (sam2pal-micro; {res['targets']} targets of each "
+        f"Measured with `benchmarks/zoom.py` ({micro(ZOOM_RECORD)}; {res['targets']} targets of each "
         f"kind, procedural insects and NEON beetles, at {width} x {height} pixels; "
         f"`zoom_below` {res['zoom_below']:g}):",
         "",
@@ -679,7 +704,7 @@ def zoom() -> str:
     return "\n".join(text) + "\n\n" + source(ZOOM_RECORD)
 
 
-REVIEW_TEMPLATES_RECORD = "review-templates-sam2pal-micro"
+REVIEW_TEMPLATES_RECORD = "review-templates-sam2pal-micro-v2"
 
 
 def review_templates() -> str:
@@ -688,7 +713,7 @@ def review_templates() -> str:
     rows = res["rows"]
     structures = [s for s in next(iter(rows.values())) if s != "mean of structures"]
     lines = [
-        f"Measured with `benchmarks/review_templates.py` (sam2pal-micro; held-out collection "
+        f"Measured with `benchmarks/review_templates.py` ({micro(REVIEW_TEMPLATES_RECORD)}; held-out collection "
         f"`{res['collection']}`, {res['description']}; {res['images']} photos segmented "
         f"from one template, the K worst by QC reviewed, IoU on the {res['evaluated']} "
         "photos that are neither the template nor among the 5 worst):",
@@ -708,7 +733,9 @@ BLOCKS = {
     "review-templates": review_templates,
     "quality": quality,
     "quality-card": quality_card,
+    "quality-card-v1": lambda: quality_card(QUALITY_RECORDS_V1),
     "palindrome": palindrome,
+    "palindrome-v1": lambda: palindrome(PALINDROME_RECORD_V1),
     "rotation": rotation,
     "orientation": orientation,
     "zoom": zoom,
