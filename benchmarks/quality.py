@@ -80,6 +80,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--no-finetune", action="store_true")
+    ap.add_argument(
+        "--framing",
+        default="stretch",
+        choices=("stretch", "letterbox"),
+        help="how the photos go into the model's square input (propagate.framing)",
+    )
     ap.add_argument("--no-oracle", action="store_true", help="skip the supervised upper bound")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0)
@@ -111,8 +117,10 @@ def main(argv=None) -> int:
         coll = out / name
         make_held_out(coll, spec, args.n_images, args.n_templates)
         t0 = time.time()
-        zero = score_collection(base, coll, 1, args.n_templates, cycle=True)
-        multi = score_collection(base, coll, args.n_templates, args.n_templates)
+        zero = score_collection(base, coll, 1, args.n_templates, cycle=True, framing=args.framing)
+        multi = score_collection(
+            base, coll, args.n_templates, args.n_templates, framing=args.framing
+        )
         rows = {
             "zero-shot (1 template)": zero.table(),
             f"{args.n_templates} templates": multi.table(),
@@ -148,11 +156,12 @@ def main(argv=None) -> int:
                 device=args.device,
                 threads=args.threads,
                 settings=settings,
+                framing=args.framing,
                 log=lambda *_: None,
             )
             entry["finetune_seconds"] = round(time.time() - t_ft, 1)
             tuned, _, _ = _run_model(**model_args, adapter=out / f"{name}-adapter" / "adapter")
-            pal = score_collection(tuned, coll, 1, args.n_templates)
+            pal = score_collection(tuned, coll, 1, args.n_templates, framing=args.framing)
             rows["palindrome LoRA (1 template)"] = pal.table()
             entry["palindrome_gain"] = round(pal.mean_parts() - zero.mean_parts(), 3)
             if not args.no_oracle:  # the same optimizer steps, on the true masks

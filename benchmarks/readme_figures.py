@@ -574,7 +574,7 @@ def rotation() -> str:
     return "\n".join(lines) + "\n\n" + source(ROTATION_RECORD)
 
 
-ORIENTATION_RECORD = "orientation-sam2pal-micro-v1"
+ORIENTATION_RECORD = "orientation-sam2pal-micro-v2"
 
 
 def orientation() -> str:

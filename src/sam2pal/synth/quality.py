@@ -183,10 +183,16 @@ class Scores:
 
 
 def score_collection(
-    model, coll_dir, n_templates: int, targets_from: int, cycle: bool = False
+    model,
+    coll_dir,
+    n_templates: int,
+    targets_from: int,
+    cycle: bool = False,
+    framing: str = "stretch",
 ) -> Scores:
     """Segment the targets (images from index `targets_from` on) of a collection made by
-    `make_held_out` from its first `n_templates` templates; IoU against the truth."""
+    `make_held_out` from its first `n_templates` templates (photos framed into the model's
+    input by `framing`); IoU against the truth."""
     from sam2pal.inference.engine import Propagator
     from sam2pal.io.images import read_image
     from sam2pal.io.templates import load_coco_templates
@@ -196,7 +202,7 @@ def score_collection(
     templates = templates.select(max_templates=n_templates)
     gt_path = coll_dir / "ground_truth.json"
     _, truth = category_masks(load_coco(gt_path), gt_path)
-    engine = Propagator(model, templates, cycle_consistency=cycle)
+    engine = Propagator(model, templates, cycle_consistency=cycle, framing=framing)
     names = {cid: name for cid, name in templates.categories.items()}
     scores = Scores()
     files = sorted(truth)[targets_from:]
