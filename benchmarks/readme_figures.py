@@ -729,7 +729,41 @@ def review_templates() -> str:
     return "\n".join(lines) + "\n\n" + source(REVIEW_TEMPLATES_RECORD)
 
 
+HOLDOUT_TEMPLATE_RECORDS = (
+    "palindrome-sam2pal-micro-v2-holdout-template",
+    "palindrome-sam2pal-micro-v2-holdout-template-b",
+)
+HOLDOUT_METHOD = "palindrome (defaults, second template picks the epoch)"
+
+
+def holdout_template() -> str:
+    """Palindrome LoRA with its epoch picked by the cycle IoU (the quality records) and
+    by a second template held out of the training (mean IoU of the parts)."""
+    quality_runs = _quality_results()["collections"]
+    text = [
+        f"Mean IoU of the parts on the held-out collections ({micro(QUALITY_RECORDS[0])}, 20 "
+        "targets segmented from one template; the palindrome with the default settings):",
+        "",
+        "| collection | zero-shot | epoch picked by the cycle IoU | epoch picked by a second "
+        "template | epoch | last epoch | antenna: zero-shot / second template |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for record in HOLDOUT_TEMPLATE_RECORDS:
+        for name, entry in load(record)["results"]["collections"].items():
+            run = entry["methods"][HOLDOUT_METHOD]
+            zero = entry["methods"]["zero-shot"]["table"]
+            cycle = quality_runs[name]["methods"]["palindrome LoRA (1 template)"]
+            text.append(
+                f"| {name} | {zero['mean']:.3f} | {cycle['mean']:.3f} | {run['table']['mean']:.3f} "
+                f"| {run['best_epoch']} of {len(run['history']) - 1} "
+                f"| {run['last_epoch_table']['mean']:.3f} "
+                f"| {zero['antenna']:.3f} / {run['table']['antenna']:.3f} |"
+            )
+    return "\n".join(text) + "\n\n" + source(*QUALITY_RECORDS, *HOLDOUT_TEMPLATE_RECORDS)
+
+
 BLOCKS = {
+    "holdout-template": holdout_template,
     "review-templates": review_templates,
     "quality": quality,
     "quality-card": quality_card,

@@ -242,15 +242,28 @@ def test_finetune_command(tmp_path, specimens):
         r["val_iou"] for r in log
     )  # no ground truth
     assert all(0 <= float(r["val_cycle_iou"]) <= 1 for r in log)
-    # the record metrics.csv reads: one of the two photos held out, chosen by the cycle IoU
+    assert all(0 <= float(r["val_template_iou"]) <= 1 for r in log)
+    # the record metrics.csv reads: one of the two photos held out; of the demo's two
+    # templates, the second held out of the training, its true masks chose the epoch
     selection = json.loads((tmp_path / "ft" / "adapter" / "sam2pal_adapter.json").read_text())[
         "selection"
     ]
-    assert selection["by"] == "cycle_iou" and not selection["ground_truth_images"]
+    assert selection["by"] == "template_iou" and not selection["ground_truth_images"]
+    assert selection["validation_template"] == "specimen_001.jpg"
     assert len(selection["holdout"]) == 1 and selection["holdout"][0] in (
         "specimen_003.jpg",
         "specimen_004.jpg",
     )
+
+    # --no_holdout_template: both templates train, the cycle IoU chooses
+    args = [str(a) for a in result.args[result.args.index("finetune") + 1 :]]
+    out = args.index("--output_dir") + 1
+    args[out] = str(tmp_path / "ft2")
+    again = run_cli("finetune", *args, "--no_holdout_template")
+    assert again.returncode == 0, again.stderr[-3000:]
+    meta = json.loads((tmp_path / "ft2" / "adapter" / "sam2pal_adapter.json").read_text())
+    assert meta["selection"]["by"] == "cycle_iou"
+    assert sorted(meta["training_templates"]) == ["specimen_000.jpg", "specimen_001.jpg"]
 
 
 @pytest.mark.parametrize("flags", [["--use_lora"], ["--lora_rank", "8"], ["--num_epochs", "5"]])

@@ -411,6 +411,17 @@ class Training:
         "training",
         flag=Flag("--no_zoom_crops", invert=True),
     )
+    # with two templates or more, one is kept out of the training and its true masks,
+    # segmented from the others, choose the best epoch: the label-free cycle IoU cannot
+    # tell when the adapter gets worse (it ends on the template the loss trains on)
+    holdout_template: bool = setting(
+        True,
+        "train on every template instead of keeping one out to choose the best epoch "
+        "(with two templates or more, one whose structures the others show is held out "
+        "and its true masks pick the epoch)",
+        "training",
+        flag=Flag("--no_holdout_template", invert=True),
+    )
     holdout_fraction: float = setting(
         0.1,
         "share of the unlabelled images held out to pick the best epoch",

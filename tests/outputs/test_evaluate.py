@@ -210,13 +210,18 @@ def test_video_keyframes_are_not_targets(tmp_path):
     check_means_are_means_of_rows(rows)
 
 
-def adapter_record(folder, by, images, training_templates=None):
+def adapter_record(folder, by, images, training_templates=None, validation_template=None):
     folder.mkdir(parents=True)
     write(
         folder / "sam2pal_adapter.json",
         {
             "kind": "lora",
-            "selection": {"by": by, "holdout": images, "ground_truth_images": images},
+            "selection": {
+                "by": by,
+                "holdout": images,
+                "ground_truth_images": images,
+                "validation_template": validation_template,
+            },
             "training_templates": training_templates or {},
         },
     )
@@ -252,6 +257,22 @@ def test_holdout_that_picked_the_epoch_is_not_a_target(tmp_path, photos):
     assert means == pytest.approx({"head": (0.5 + 1 / 3) / 2, "antenna": 0.5})
 
 
+def test_held_out_template_that_picked_the_epoch_is_not_a_target(tmp_path, photos):
+    """A template held out of the fine-tuning whose true masks picked the epoch, and
+    which the segmentation does not use as a template, is scored apart."""
+    gt, pred, templates = photos
+    adapter_record(tmp_path / "ft", "template_iou", [], validation_template="a.jpg")
+    evaluate(
+        gt, pred, tmp_path / "metrics.csv", templates=templates, finetune_record=tmp_path / "ft"
+    )
+    rows = rows_of(tmp_path / "metrics.csv")
+    assert {f for f, _ in image_rows(rows, "finetune_holdout")} == {"a.jpg"}
+    assert read_finetune_record(tmp_path / "ft")["validation_template"] == "a.jpg"
+    adapter_record(tmp_path / "bad", "template_iou", [])
+    with pytest.raises(InputError, match="unreadable 'selection' record"):
+        read_finetune_record(tmp_path / "bad")
+
+
 def test_finetune_templates_are_not_targets(tmp_path, photos):
     gt, pred, templates = photos
     # b.jpg was a training template for its head only: the loss saw that mask
@@ -279,6 +300,7 @@ def test_records_of_older_adapters(tmp_path):
         "by": "ground_truth_iou",
         "ground_truth_images": ["h.jpg"],
         "training_templates": {"t.jpg": None},
+        "validation_template": None,
     }
     meta["history"][0]["val_iou"] = None
     write(folder / "sam2pal_adapter.json", meta)
@@ -324,6 +346,7 @@ def test_the_trainer_records_what_picked_the_epoch(tmp_path):
         "by": "ground_truth_iou",
         "holdout": holdout,
         "ground_truth_images": [n for n in holdout if n in truth],
+        "validation_template": None,
     }
     assert meta["training_templates"] == {
         "specimen_000.jpg": ["antenna", "elytra", "head", "legs", "pronotum"]
@@ -339,6 +362,7 @@ def test_the_trainer_records_what_picked_the_epoch(tmp_path):
         "by": "cycle_iou",
         "holdout": holdout,
         "ground_truth_images": [],
+        "validation_template": None,
     }
 
 

@@ -523,3 +523,59 @@ def test_zoom_crops_in_training(templates, pool, tmp_path):
         **zoom,
     )
     assert not off.crop_templates and not off.crop_targets and off.zoom["zoom"] == "auto"
+
+
+def test_second_template_is_held_out_and_picks_the_epoch(pool, tmp_path):
+    """With two templates, the last in file-name order is kept out of the training: its
+    photo is neither a training template nor a pool image, its true masks segmented
+    from the other template are scored every epoch, and that score picks the epoch
+    (recorded as such); `holdout_template: false` trains on both."""
+    both = load_coco_templates(DEMO / "templates.json", DEMO / "images")
+    names = sorted(t.file_name for t in both.images)
+    assert len(names) == 2
+    trainer = make_trainer(both, pool, num_epochs=2, holdout_fraction=0.2)
+    assert [t.key for t in trainer.templates] == [f"template:{names[0]}"]
+    assert trainer.validation_template.file_name == names[1]
+    assert not set(names) & set(trainer.train_keys + trainer.holdout)
+    result = trainer.train(tmp_path / "ft", {"base_id": BASE})
+    scores = [h["val_template_iou"] for h in trainer.history]
+    assert all(0.0 <= s <= 1.0 for s in scores) and len(scores) == 3
+    assert all(h["val_cycle_iou"] is not None for h in trainer.history)  # still logged
+    assert result["best_epoch"] == int(np.argmax(scores))
+    record = read_metadata(tmp_path / "ft" / "adapter")["selection"]
+    assert record["by"] == "template_iou" and record["validation_template"] == names[1]
+    assert trainer.score({"val_iou": 0.9, "val_cycle_iou": 0.2, "val_template_iou": 0.5}) == 0.5
+    log = (tmp_path / "ft" / "training_log.csv").read_text().splitlines()
+    assert "val_template_iou" in log[0].split(",")
+
+    kept = make_trainer(both, pool, holdout_template=False)
+    assert len(kept.templates) == 2 and kept.validation_template is None
+    assert kept.labels_record()["selection"]["by"] == "cycle_iou"
+
+
+def test_a_template_with_a_structure_of_its_own_is_not_held_out():
+    """The held-out template is the last whose structures the others all show: the
+    training never loses a structure to the hold-out."""
+    both = load_coco_templates(DEMO / "templates.json", DEMO / "images")
+    first, last = sorted(both.images, key=lambda t: t.file_name)
+    cats = sorted({i.category_id for i in first.instances})
+
+    def only(image, keep):
+        return dataclasses.replace(
+            image, instances=[i for i in image.instances if i.category_id in keep]
+        )
+
+    def held(a, b):
+        kept, out = Trainer._hold_out_template(
+            dataclasses.replace(both, images=[a, b]), FinetuneSettings()
+        )
+        return out and out.file_name, [t.file_name for t in kept.images]
+
+    assert held(first, last) == (last.file_name, [first.file_name])
+    # the last shows a structure the first does not: the first is held out
+    assert held(only(first, cats[:1]), last) == (first.file_name, [last.file_name])
+    # each shows one of its own: none is held out
+    assert held(only(first, cats[:1]), only(last, cats[1:2])) == (
+        None,
+        [first.file_name, last.file_name],
+    )

@@ -100,8 +100,9 @@ def read_finetune_record(path: str | os.PathLike) -> dict:
     """What a fine-tuning saw of the true masks, from the adapter's metadata.
 
     `path`: an adapter folder, the folder `finetune` wrote (with adapter/ in it), or the
-    `sam2pal_adapter.json` file. Returns {"by": "ground_truth_iou" | "cycle_iou" | None,
-    "ground_truth_images": [names], "training_templates": {name: [structure names]}}.
+    `sam2pal_adapter.json` file. Returns {"by": "ground_truth_iou" | "template_iou" |
+    "cycle_iou" | None, "ground_truth_images": [names], "training_templates": {name:
+    [structure names]}, "validation_template": the held-out template's name or None}.
     """
     path = Path(path)
     candidates = (
@@ -119,8 +120,10 @@ def read_finetune_record(path: str | os.PathLike) -> dict:
     if not isinstance(meta, dict):
         raise InputError(f"{meta_path}: not an adapter record (expected a JSON object)")
     selection = meta.get("selection")
+    validation = None
     if isinstance(selection, dict):
         by, images = selection.get("by"), selection.get("ground_truth_images") or []
+        validation = selection.get("validation_template")
     else:  # adapters written before the record: the epoch log tells how it was chosen
         history = meta.get("history") or []
         holdout = (meta.get("pool") or {}).get("holdout") or []
@@ -131,12 +134,17 @@ def read_finetune_record(path: str | os.PathLike) -> dict:
     templates = meta.get("training_templates")
     if not isinstance(templates, dict):  # older record: names only, every structure
         templates = {name: None for name in meta.get("templates") or []}
-    if not isinstance(images, list) or by not in ("ground_truth_iou", "cycle_iou", None):
+    if (
+        not isinstance(images, list)
+        or by not in ("ground_truth_iou", "template_iou", "cycle_iou", None)
+        or (by == "template_iou" and not validation)
+    ):
         raise InputError(f"{meta_path}: unreadable 'selection' record")
     return {
         "by": by,
         "ground_truth_images": [str(n) for n in images],
         "training_templates": templates,
+        "validation_template": str(validation) if validation else None,
     }
 
 
@@ -172,6 +180,8 @@ def _roles(gt_masks: dict, pred_data: dict, templates, finetune_record) -> dict:
         mark(record["training_templates"], "finetune_template")
         if record["by"] == "ground_truth_iou":
             mark({name: None for name in record["ground_truth_images"]}, "finetune_holdout")
+        if record["by"] == "template_iou":  # its true masks picked the epoch
+            mark({record["validation_template"]: None}, "finetune_holdout")
     return roles
 
 
