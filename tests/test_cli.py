@@ -250,6 +250,7 @@ def test_finetune_command(tmp_path, specimens):
     ]
     assert selection["by"] == "template_iou" and not selection["ground_truth_images"]
     assert selection["validation_template"] == "specimen_001.jpg"
+    assert selection["untouched_structures"] == []  # a full adapter: no per-structure choice
     assert len(selection["holdout"]) == 1 and selection["holdout"][0] in (
         "specimen_003.jpg",
         "specimen_004.jpg",
@@ -259,10 +260,11 @@ def test_finetune_command(tmp_path, specimens):
     args = [str(a) for a in result.args[result.args.index("finetune") + 1 :]]
     out = args.index("--output_dir") + 1
     args[out] = str(tmp_path / "ft2")
-    again = run_cli("finetune", *args, "--no_holdout_template")
+    again = run_cli("finetune", *args, "--no_holdout_template", "--no_per_structure_choice")
     assert again.returncode == 0, again.stderr[-3000:]
     meta = json.loads((tmp_path / "ft2" / "adapter" / "sam2pal_adapter.json").read_text())
     assert meta["selection"]["by"] == "cycle_iou"
+    assert meta["settings"]["per_structure_choice"] is False
     assert sorted(meta["training_templates"]) == ["specimen_000.jpg", "specimen_001.jpg"]
 
 

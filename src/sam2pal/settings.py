@@ -418,9 +418,18 @@ class Training:
         True,
         "train on every template instead of keeping one out to choose the best epoch "
         "(with two templates or more, one whose structures the others show is held out "
-        "and its true masks pick the epoch)",
+        "and its true masks, with those of six augmented views of it, pick the epoch)",
         "training",
         flag=Flag("--no_holdout_template", invert=True),
+    )
+    # the held-out template scores each structure: where the adapter does worse on one
+    # than the untouched model, the segmentation keeps the untouched model for it
+    per_structure_choice: bool = setting(
+        True,
+        "use the adapter for every structure instead of keeping the untouched model for "
+        "those the held-out template says the adapter segments worse",
+        "training",
+        flag=Flag("--no_per_structure_choice", invert=True),
     )
     holdout_fraction: float = setting(
         0.1,

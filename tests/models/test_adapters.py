@@ -16,7 +16,7 @@ from conftest import REPO
 
 from sam2pal.errors import InputError
 from sam2pal.inference import pipeline
-from sam2pal.models.adapters import read_metadata
+from sam2pal.models.adapters import METADATA_FILE, read_metadata
 from sam2pal.models.build import build_model, file_sha256, read_checkpoint, resolve_config
 
 DEMO = REPO / "resources" / "demo"
@@ -171,4 +171,151 @@ def test_fine_tuned_checkpoints_are_used_at_their_image_size_and_config(trained,
     run = _segment(root, templates, None, checkpoint="lora/merged.pt")
     assert run["counts"]["segmented"] == 1 and run["model"]["checkpoint_sha256"] == file_sha256(
         merged
+    )
+
+
+def _boosted(root, folder, untouched):
+    """A copy of the trained LoRA adapter with its B weights drawn at random (one
+    training step leaves them near zero) and `untouched` as the structures it leaves
+    to the untouched model."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(root / "lora" / "adapter", folder)
+    weights = load_file(folder / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name, value in weights.items():
+        if "lora_B" in name:
+            weights[name] = torch.randn(value.shape, generator=generator) * 0.5
+    save_file(weights, folder / "adapter_model.safetensors")
+    meta = read_metadata(folder)
+    meta["selection"]["untouched_structures"] = list(untouched)
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("zoom", ["off", "on"])
+def test_structures_left_to_the_untouched_model_are_segmented_without_the_adapter(
+    trained, tmp_path, zoom
+):
+    """An adapter whose record leaves structures to the untouched model: their masks
+    and scores are the base model's, the others' the adapter's (the engine switches the
+    LoRA layers off for their group and their zoom windows). With the zoom pass a
+    window may hold structures of both kinds: it is framed as without the choice, and
+    every structure is left to the untouched model there to compare exactly."""
+    from sam2pal.inference.engine import Propagator
+    from sam2pal.io.images import read_image
+    from sam2pal.io.templates import load_coco_templates
+    from sam2pal.models.adapters import load_adapter, untouched_structures
+
+    root, templates_json = trained
+    templates = load_coco_templates(templates_json)
+    names = sorted(set(templates.categories.values()))
+    left = set(names[:1]) if zoom == "off" else set(names)
+    base_id = file_sha256(root / "a.pt")
+
+    def model(adapter=None):
+        sam = build_model(CONFIG, str(root / "a.pt"), image_size=SIZE).eval()
+        return sam if adapter is None else load_adapter(sam, adapter, base_id, merge=False)
+
+    every = _boosted(root, tmp_path / "every", [])
+    some = _boosted(root, tmp_path / "some", left)
+    assert not untouched_structures(model(every))
+    assert untouched_structures(model(some)) == left
+    image = read_image(DEMO / "images" / "specimen_009.jpg")
+
+    def engine(sam):
+        return Propagator(sam, templates, zoom=zoom, cycle_consistency=True)
+
+    def predict(sam):
+        return {
+            (templates.categories[p.category_id], p.instance): p for p in engine(sam).predict(image)
+        }
+
+    base, adapted, chosen = predict(model()), predict(model(every)), predict(model(some))
+    assert set(base) == set(adapted) == set(chosen)
+    differs = 0
+    for key, p in chosen.items():
+        expected = base[key] if key[0] in left else adapted[key]
+        assert p.predicted_iou == pytest.approx(expected.predicted_iou, abs=1e-4)
+        assert p.object_score == pytest.approx(expected.object_score, abs=1e-4)
+        assert p.cycle_iou == pytest.approx(expected.cycle_iou, abs=1e-3)
+        assert (p.mask != expected.mask).mean() < 1e-3
+        differs += abs(base[key].predicted_iou - adapted[key].predicted_iou) > 1e-3
+    assert differs  # the adapter changes the masks: the test tells the two apart
+    if zoom == "on":  # one structure left: it shares its window with its neighbours
+        mixed = engine(model(_boosted(root, tmp_path / "one", names[:1]))).zoom_pass
+        alone = engine(model(every)).zoom_pass
+        assert sorted(map(tuple, (c.framed_by for c in alone.clusters))) == sorted(
+            {tuple(c.framed_by) for c in mixed.clusters}
+        )
+        for cluster in mixed.clusters:
+            assert {templates.categories[k[0]] == names[0] for k in cluster.objects} == {
+                cluster.untouched
+            }
+
+
+def test_video_tracks_structures_left_to_the_untouched_model_without_the_adapter(trained, tmp_path):
+    """Video mode too: a structure the adapter leaves to the untouched model is tracked
+    with the LoRA layers off (the base model's masks), the others with them."""
+    import numpy as np
+
+    from sam2pal.inference.temporal import VideoPropagator
+    from sam2pal.io.images import read_image
+    from sam2pal.io.templates import load_coco_templates
+    from sam2pal.models.adapters import load_adapter
+
+    root, templates_json = trained
+    templates = load_coco_templates(templates_json)
+    template = templates.images[0]
+    names = sorted(set(templates.categories.values()))
+    photo = read_image(template.path)
+    frames = [np.roll(photo, shift, axis=1) for shift in (0, 3, 6)]
+    keyframes = {0: {(i.category_id, i.instance): i.mask for i in template.instances}}
+    base_id = file_sha256(root / "a.pt")
+
+    def track(adapter=None):
+        sam = build_model(CONFIG, str(root / "a.pt"), image_size=SIZE).eval()
+        if adapter is not None:
+            sam = load_adapter(sam, adapter, base_id, merge=False)
+        propagator = VideoPropagator(
+            sam, keyframes, 3, lambda i: frames[i], categories=templates.categories
+        )
+        return {
+            (r.index, templates.categories[p.category_id], p.instance): p
+            for r in propagator.run()
+            for p in r.predictions
+        }
+
+    base = track()
+    adapted = track(_boosted(root, tmp_path / "every", []))
+    chosen = track(_boosted(root, tmp_path / "some", names[:1]))
+    assert set(base) == set(adapted) == set(chosen)
+    differs = 0
+    for key, p in chosen.items():
+        expected = base[key] if key[1] == names[0] else adapted[key]
+        assert p.predicted_iou == pytest.approx(expected.predicted_iou, abs=1e-4)
+        assert (p.mask != expected.mask).mean() < 1e-3
+        differs += abs(base[key].predicted_iou - adapted[key].predicted_iou) > 1e-3
+    assert differs
+    with pytest.raises(ValueError, match="give categories"):
+        VideoPropagator(
+            load_adapter(
+                build_model(CONFIG, str(root / "a.pt"), image_size=SIZE).eval(),
+                tmp_path / "some",
+                base_id,
+            ),
+            keyframes,
+            3,
+            lambda i: frames[i],
+        )
+
+
+def test_a_run_records_the_structures_left_to_the_untouched_model(trained, tmp_path):
+    root, templates = trained
+    left = [json.loads(templates.read_text())["categories"][0]["name"]]
+    run = _segment(root, templates, _boosted(root, tmp_path / "some", left))
+    assert run["counts"]["segmented"] == 1
+    assert run["model"]["untouched_structures"] == left
+    assert (
+        "untouched_structures" not in _segment(root, templates, root / "lora" / "adapter")["model"]
     )

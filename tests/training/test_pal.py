@@ -4,6 +4,7 @@ down. Random weights at 64 px (object score biased to "present", see conftest)."
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -541,16 +542,65 @@ def test_second_template_is_held_out_and_picks_the_epoch(pool, tmp_path):
     scores = [h["val_template_iou"] for h in trainer.history]
     assert all(0.0 <= s <= 1.0 for s in scores) and len(scores) == 3
     assert all(h["val_cycle_iou"] is not None for h in trainer.history)  # still logged
-    assert result["best_epoch"] == int(np.argmax(scores))
+    # per structure, the better of the epoch's adapter and the untouched model (epoch
+    # 0) is what the segmentation uses: that picks the epoch, and the structures the
+    # untouched model does better are recorded for the segmentation
+    per_name = [h["val_template_ious"] for h in trainer.history]
+    assert all(np.mean(list(p.values())) == pytest.approx(s) for p, s in zip(per_name, scores))
+    chosen = [np.mean([max(v, per_name[0][n]) for n, v in p.items()]) for p in per_name]
+    best = result["best_epoch"]
+    assert best == int(np.argmax(chosen))
+    left = sorted(n for n, v in per_name[best].items() if v < per_name[0][n]) if best else []
+    assert result["untouched_structures"] == left
     record = read_metadata(tmp_path / "ft" / "adapter")["selection"]
     assert record["by"] == "template_iou" and record["validation_template"] == names[1]
+    assert record["untouched_structures"] == left
+    last = read_metadata(tmp_path / "ft" / "adapter_last")["selection"]
+    assert last["untouched_structures"] == sorted(
+        n for n, v in per_name[-1].items() if v < per_name[0][n]
+    )
+    plain = make_trainer(both, pool, num_epochs=2, per_structure_choice=False)
+    plain.history = trainer.history
+    assert plain.untouched_structures(2) == [] and plain.score(trainer.history[1]) == scores[1]
     assert trainer.score({"val_iou": 0.9, "val_cycle_iou": 0.2, "val_template_iou": 0.5}) == 0.5
     log = (tmp_path / "ft" / "training_log.csv").read_text().splitlines()
     assert "val_template_iou" in log[0].split(",")
 
     kept = make_trainer(both, pool, holdout_template=False)
     assert len(kept.templates) == 2 and kept.validation_template is None
+    assert not kept.validation_truths
     assert kept.labels_record()["selection"]["by"] == "cycle_iou"
+
+
+def test_the_held_out_template_is_judged_with_its_views(pool):
+    """The held-out template comes with `VALIDATION_VIEWS` augmented views, the same
+    every run (a fixed seed), their true masks warped with them; the template IoU is
+    the same whether the features are cached or the views are read back as pixels."""
+    both = load_coco_templates(DEMO / "templates.json", DEMO / "images")
+    held = sorted(both.images, key=lambda t: t.file_name)[-1]
+    model = fresh_model()
+    twin = copy.deepcopy(model)  # the same weights for the second trainer
+    cached = make_trainer(both, pool, model=model, holdout_fraction=0.0)
+    key = f"validation-template:{held.file_name}"
+    truths = cached.validation_truths
+    assert list(truths) == [key] + [f"{key}#view{v}" for v in range(Trainer.VALIDATION_VIEWS)]
+    names = {cached.categories[i.category_id] for i in held.instances}
+    assert all(set(truth) == names for truth in truths.values())
+    first = truths[key]
+    # each view moves the masks (scaled, turned, shifted, maybe mirrored)
+    assert all(
+        any(not np.array_equal(truth[n], first[n]) for n in names)
+        for k, truth in truths.items()
+        if k != key
+    )
+    again = make_trainer(both, pool, model=twin, holdout_fraction=0.0, cache_features=False)
+    assert list(again.validation_pixels) == list(truths)[1:]
+    for k, truth in truths.items():
+        assert all(np.array_equal(truth[n], again.validation_truths[k][n]) for n in names)
+    assert not cached.validation_pixels
+    a, b = cached.validate(), again.validate()
+    assert a["val_template_iou"] == pytest.approx(b["val_template_iou"], abs=1e-6)
+    assert a["val_cycle_iou"] is None and a["val_iou"] is None
 
 
 def test_a_template_with_a_structure_of_its_own_is_not_held_out():

@@ -101,6 +101,7 @@ from sam2pal.inference.orientation import (
 from sam2pal.inference.postprocess import StructureReference, clamp_mask
 from sam2pal.inference.zoom_pass import ZOOMS, ZoomPass, low_res_box
 from sam2pal.io.masks import BoxMask, box_iou, mask_iou
+from sam2pal.models.adapters import adapter_off, untouched_structures
 from sam2pal.models.build import autocast
 from sam2pal.settings import Segmentation, engine_defaults
 
@@ -167,6 +168,9 @@ class _Group:
     boxes: list[dict[int, list]] = field(default_factory=list)
     # `memory` for a batch of several targets: (targets, repeated memory), the last one asked for
     repeated: tuple[int, dict] = (1, {})
+    # segmented with the adapter's LoRA layers off (structures the adapter left to the
+    # untouched model, `adapters.untouched_structures`)
+    untouched: bool = False
 
 
 def preprocess(
@@ -656,6 +660,8 @@ class Propagator:
         self.bbox_clamp = bool(bbox_clamp)
         self.mask_threshold = float(mask_threshold)
         self.categories = dict(templates.categories)
+        # structures the model's adapter leaves to the untouched model (by name)
+        self.untouched = untouched_structures(model)
         self.orientation = str(orientation)
         self.mirror_swap = bool(mirror_swap)
         self.framing = framing
@@ -755,11 +761,15 @@ class Propagator:
         if not keys:
             raise ValueError("the template set has no structures")
         self.objects: list[ObjectKey] = keys
-        by_templates: dict[tuple[int, ...], list[ObjectKey]] = {}
+        by_templates: dict[tuple, list[ObjectKey]] = {}
         for key in keys:
             shown_on = tuple(i for i, t in enumerate(self._templates) if key in t.masks)
-            by_templates.setdefault(shown_on, []).append(key)
-        self.groups = [_Group(objs, list(tids)) for tids, objs in by_templates.items()]
+            untouched = self.categories.get(key[0]) in self.untouched
+            by_templates.setdefault((shown_on, untouched), []).append(key)
+        self.groups = [
+            _Group(objs, list(tids), untouched=untouched)
+            for (tids, untouched), objs in by_templates.items()
+        ]
         # per candidate: the clamping references of the structures, on the turned templates
         self._references = [
             {
@@ -771,9 +781,10 @@ class Propagator:
         self.references = self._references[0]
         with torch.inference_mode(), autocast(self.device):
             for group in self.groups:
-                group.memory = concat_memories(
-                    [self._template_memory(group, view) for view in self._views]
-                )
+                with self.model_of(group):
+                    group.memory = concat_memories(
+                        [self._template_memory(group, view) for view in self._views]
+                    )
                 if self.cycle_consistency:
                     group.boxes = [
                         {
@@ -796,6 +807,11 @@ class Propagator:
         return mirror_map(self.objects, self.categories, masks, pairs or ())
 
     # -- SAM2 steps -------------------------------------------------------------------
+
+    def model_of(self, group):
+        """A block in which the model is the one of `group` (or of a zoom cluster): the
+        untouched model (LoRA layers off) for the structures the adapter leaves to it."""
+        return adapter_off(self.model, group.untouched)
 
     def _encode(self, rgb: np.ndarray, frame: Frame | None = None) -> dict:
         """One image-encoder pass (batch 1)."""
@@ -962,9 +978,10 @@ class Propagator:
                 # the batch: target after target, in each candidate after candidate
                 feats = stacked_features(self.model, backbones, count * objects)
                 num_frames = len(group.templates) + 1
-                low_res, ious, obj_logits = self._track(
-                    feats, num_frames - 1, num_frames, self._memory(group, n)
-                )
+                with self.model_of(group):
+                    low_res, ious, obj_logits = self._track(
+                        feats, num_frames - 1, num_frames, self._memory(group, n)
+                    )
                 probs = torch.sigmoid(obj_logits).cpu().numpy().reshape(n, count, objects)
                 ious = ious.cpu().numpy().reshape(n, count, objects)
                 confidence += (np.clip(ious, 0.0, 1.0) * probs).sum(axis=2)
@@ -1060,18 +1077,19 @@ class Propagator:
             won = low_res[torch.as_tensor(rows, device=low_res.device)]
         cycle = None
         if self.cycle_consistency:
-            if count == 1:
-                cycle = self._cycle_iou(group, 0, feats, won, n)
-            else:
-                cycle = []
-                for j in range(n):
-                    cycle += self._cycle_iou(
-                        group,
-                        int(chosen[j]),
-                        stacked_features(self.model, [backbones[j]], objects),
-                        won[j * objects : (j + 1) * objects],
-                        1,
-                    )
+            with self.model_of(group):
+                if count == 1:
+                    cycle = self._cycle_iou(group, 0, feats, won, n)
+                else:
+                    cycle = []
+                    for j in range(n):
+                        cycle += self._cycle_iou(
+                            group,
+                            int(chosen[j]),
+                            stacked_features(self.model, [backbones[j]], objects),
+                            won[j * objects : (j + 1) * objects],
+                            1,
+                        )
         won = won.float().cpu()
         for j in range(n):
             c = int(chosen[j])

@@ -151,7 +151,12 @@ def _run_model(config, checkpoint, image_size, seed, device, threads, checkpoint
         config, checkpoint, image_size, seed, torch_device, checkpoint_dir
     )
     if adapter:
-        from sam2pal.models.adapters import adapter_kind, adapter_sha256, load_adapter
+        from sam2pal.models.adapters import (
+            adapter_kind,
+            adapter_sha256,
+            load_adapter,
+            untouched_structures,
+        )
 
         model = load_adapter(
             model, adapter, model_info["base_id"], config_sha256=model_info["config_sha256"]
@@ -161,6 +166,9 @@ def _run_model(config, checkpoint, image_size, seed, device, threads, checkpoint
             adapter_kind=adapter_kind(adapter),
             adapter_sha256=adapter_sha256(adapter),
         )
+        untouched = untouched_structures(model)
+        if untouched:  # segmented with the LoRA layers off
+            model_info["untouched_structures"] = sorted(untouched)
     return model, model_info, torch_device
 
 
@@ -668,6 +676,7 @@ def _track_video(
         video.keyframes,
         len(frames),
         lambda i: read_image(frames_dir / frames[i].file),
+        categories=run.templates.categories,
         **{k: v for k, v in run.settings.items() if k not in PHOTO_ONLY_SETTINGS},
     )
     counts = track_video(
@@ -807,10 +816,13 @@ def _read_runs(run_jsons) -> list[tuple[str, dict]]:
 def _adapter_of(model: dict) -> dict | None:
     if not model.get("adapter"):
         return None
-    return {
+    adapter = {
         k: model.get(f"adapter{s}")
         for k, s in (("path", ""), ("kind", "_kind"), ("sha256", "_sha256"))
     }
+    if model.get("untouched_structures"):
+        adapter["untouched_structures"] = model["untouched_structures"]
+    return adapter
 
 
 def _shard_entry(run: dict) -> dict:

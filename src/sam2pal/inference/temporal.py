@@ -87,6 +87,7 @@ from sam2pal.inference.postprocess import StructureReference, clamp_mask
 from sam2pal.io.atomic import atomic_path
 from sam2pal.io.masks import BoxMask, decode_segmentation
 from sam2pal.io.records import ImageRecord, PartialRecords, RecordAppender
+from sam2pal.models.adapters import adapter_off, untouched_structures
 from sam2pal.models.build import autocast
 from sam2pal.settings import Segmentation, engine_defaults
 
@@ -113,6 +114,7 @@ class _Group:
     objects: list[ObjectKey]
     keyframes: list[int]  # sorted
     cond: dict[int, dict] = field(default_factory=dict)  # conditioning outputs per keyframe
+    untouched: bool = False  # tracked with the adapter's LoRA layers off
 
     @property
     def first(self) -> int:
@@ -309,6 +311,9 @@ class VideoPropagator:
         predictor does, instead of inside each structure's box (`engine.logits_to_boxes`).
     framing, framing_fill: how frames go into the model's square input, as the photo
         engine's (`sam2pal.inference.framing`): keyframes and frames alike.
+    categories: {category id: name}; needed when the model's adapter leaves structures
+        to the untouched model (`sam2pal.models.adapters.untouched_structures`, by
+        name): those are tracked with the LoRA layers off.
     """
 
     def __init__(
@@ -327,6 +332,7 @@ class VideoPropagator:
         exact: bool = ENGINE_DEFAULTS["exact"],
         framing: str = ENGINE_DEFAULTS["framing"],
         framing_fill=ENGINE_DEFAULTS["framing_fill"],
+        categories: dict | None = None,
     ):
         if not keyframes:
             raise ValueError("a video needs at least one keyframe")
@@ -336,6 +342,10 @@ class VideoPropagator:
         if framing not in FRAMINGS:
             raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
         self.model = model
+        self.untouched = untouched_structures(model)
+        if self.untouched and categories is None:
+            raise ValueError("the model leaves structures to the untouched model: give categories")
+        self.categories = dict(categories or {})
         self.exact = bool(exact)
         self.device = model.device
         self.image_size = int(model.image_size)
@@ -370,11 +380,15 @@ class VideoPropagator:
         )
         if not self.objects:
             raise ValueError("the keyframes have no structures")
-        by_frames: dict[tuple[int, ...], list[ObjectKey]] = {}
+        by_frames: dict[tuple, list[ObjectKey]] = {}
         for key in self.objects:
             frames = tuple(sorted(k for k, masks in self.keyframes.items() if key in masks))
-            by_frames.setdefault(frames, []).append(key)
-        self.groups = [_Group(objs, list(frames)) for frames, objs in by_frames.items()]
+            untouched = self.categories.get(key[0]) in self.untouched
+            by_frames.setdefault((frames, untouched), []).append(key)
+        self.groups = [
+            _Group(objs, list(frames), untouched=untouched)
+            for (frames, untouched), objs in by_frames.items()
+        ]
 
     def _condition_keyframes(self) -> None:
         """Each group's keyframes encoded once into conditioning memory."""
@@ -386,14 +400,15 @@ class VideoPropagator:
                 backbone = self._encode(rgb)
                 for group in groups:
                     masks = np.stack([self.keyframes[index][key] for key in group.objects])
-                    group.cond[index] = conditioning_frame(
-                        self.model,
-                        expand_features(self.model, backbone, len(group.objects)),
-                        index,
-                        self.num_frames,
-                        binary_mask_input(masks, self.image_size, self.device, frame),
-                        self.fill_hole_area,
-                    )
+                    with adapter_off(self.model, group.untouched):
+                        group.cond[index] = conditioning_frame(
+                            self.model,
+                            expand_features(self.model, backbone, len(group.objects)),
+                            index,
+                            self.num_frames,
+                            binary_mask_input(masks, self.image_size, self.device, frame),
+                            self.fill_hole_area,
+                        )
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -451,40 +466,41 @@ class VideoPropagator:
         step: int,
         previous: dict,
     ) -> dict[ObjectKey, StructurePrediction]:
-        feats = expand_features(self.model, backbone, len(group.objects))
-        memory = {"cond_frame_outputs": group.cond, "non_cond_frame_outputs": window}
-        _, sam_outputs = track_step(self.model, feats, index, self.num_frames, memory, step < 0)
-        _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
-        low_res = fill_holes(low_res_masks.float(), self.fill_hole_area)
-        frame = self._frame(size)
-        masks = logits_to_boxes(low_res, size, self.mask_threshold, self.exact, frame)
-        clamped, boxes = self._guard_drift(group, masks, size, previous)
-        window[index] = remember(
-            self.model,
-            feats,
-            cut_logits_to_boxes(high_res_masks, boxes, size, frame),
-            object_score_logits,
-            obj_ptr,
-        )
-        cycle = (
-            self._cycle_ious(group, index, feats, low_res, frame)
-            if self.cycle_consistency
-            else None
-        )
-        probs = torch.sigmoid(object_score_logits.float()[:, 0]).cpu().tolist()
-        ious = ious.float().max(dim=1).values.cpu().tolist()
-        return {
-            key: StructurePrediction(
-                category_id=key[0],
-                instance=key[1],
-                box=masks[i],
-                predicted_iou=float(ious[i]),
-                object_score=float(probs[i]),
-                cycle_iou=None if cycle is None else float(cycle[i]),
-                clamped=clamped[i],
+        with adapter_off(self.model, group.untouched):  # the group's weights
+            feats = expand_features(self.model, backbone, len(group.objects))
+            memory = {"cond_frame_outputs": group.cond, "non_cond_frame_outputs": window}
+            _, sam_outputs = track_step(self.model, feats, index, self.num_frames, memory, step < 0)
+            _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
+            low_res = fill_holes(low_res_masks.float(), self.fill_hole_area)
+            frame = self._frame(size)
+            masks = logits_to_boxes(low_res, size, self.mask_threshold, self.exact, frame)
+            clamped, boxes = self._guard_drift(group, masks, size, previous)
+            window[index] = remember(
+                self.model,
+                feats,
+                cut_logits_to_boxes(high_res_masks, boxes, size, frame),
+                object_score_logits,
+                obj_ptr,
             )
-            for i, key in enumerate(group.objects)
-        }
+            cycle = (
+                self._cycle_ious(group, index, feats, low_res, frame)
+                if self.cycle_consistency
+                else None
+            )
+            probs = torch.sigmoid(object_score_logits.float()[:, 0]).cpu().tolist()
+            ious = ious.float().max(dim=1).values.cpu().tolist()
+            return {
+                key: StructurePrediction(
+                    category_id=key[0],
+                    instance=key[1],
+                    box=masks[i],
+                    predicted_iou=float(ious[i]),
+                    object_score=float(probs[i]),
+                    cycle_iou=None if cycle is None else float(cycle[i]),
+                    clamped=clamped[i],
+                )
+                for i, key in enumerate(group.objects)
+            }
 
     def _guard_drift(self, group: _Group, masks: list, size, previous: dict):
         """The drift guards: the output masks are cut (in place), and so is the mask the

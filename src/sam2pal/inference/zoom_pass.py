@@ -62,6 +62,13 @@ class _Cluster:
     memories: list[dict] = field(default_factory=list)  # per candidate
     backbones: list[list[dict]] = field(default_factory=list)  # the windows' encodings
     truths: list[list[list]] = field(default_factory=list)  # masks in the windows (boxes)
+    untouched: bool = False  # its group's (`engine._Group.untouched`)
+    # the structures whose boxes frame the window: `objects` and those of the same
+    # window segmented with the other weights (adapter or untouched model)
+    framed_by: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.framed_by = list(self.framed_by or self.objects)
 
 
 def _union_box(boxes) -> tuple | None:
@@ -120,15 +127,27 @@ class ZoomPass:
         self.mode, self.below, self.margin = mode, float(below), float(margin)
         self.clusters: list[_Cluster] = []
         first = engine._views[0]
+        # the small structures per set of templates that show them (structures the
+        # adapter leaves to the untouched model are in groups of their own, but share
+        # windows with the others as without the choice)
+        small: dict[tuple[int, ...], list] = {}
         for group in engine.groups:
-            small = [key for key in group.objects if self._small(key, group, first)]
-            if not small:
-                continue
-            t0 = group.templates[0]
-            windows = [self.window(first[t0].masks[key]) for key in small]
-            for members in clusters(windows):
-                keys = [small[i] for i in members]
-                self.clusters.append(_Cluster(keys, list(group.templates)))
+            small.setdefault(tuple(group.templates), []).extend(
+                (key, group.untouched) for key in group.objects if self._small(key, group, first)
+            )
+        for templates, members in small.items():
+            members.sort()
+            windows = [self.window(first[templates[0]].masks[key]) for key, _ in members]
+            for indices in clusters(windows):
+                framed_by = [members[i][0] for i in indices]
+                for untouched in (False, True):
+                    keys = [members[i][0] for i in indices if members[i][1] == untouched]
+                    if keys:
+                        self.clusters.append(
+                            _Cluster(
+                                keys, list(templates), untouched=untouched, framed_by=framed_by
+                            )
+                        )
         if not self.clusters:
             return
         with torch.inference_mode():
@@ -167,19 +186,20 @@ class ZoomPass:
         num_frames = len(cluster.templates) + 1
         for frame_idx, t in enumerate(cluster.templates):
             tmpl = view[t]
-            window = union_crop([self.window(tmpl.masks[k]) for k in cluster.objects])
+            window = union_crop([self.window(tmpl.masks[k]) for k in cluster.framed_by])
             masks = crop_masks(np.stack([tmpl.masks[k] for k in cluster.objects]), window)
             backbone = encode_image(model, crop_image(turned[t], window, engine.framing_fill))
-            cond[frame_idx] = conditioning_frame(
-                model,
-                expand_features(model, backbone, len(cluster.objects)),
-                frame_idx,
-                num_frames,
-                binary_mask_input(masks, engine.image_size, engine.device),
-                engine.fill_hole_area,
-            )
+            with engine.model_of(cluster):
+                cond[frame_idx] = conditioning_frame(
+                    model,
+                    expand_features(model, backbone, len(cluster.objects)),
+                    frame_idx,
+                    num_frames,
+                    binary_mask_input(masks, engine.image_size, engine.device),
+                    engine.fill_hole_area,
+                )
             windows.append(window)
-            boxes.append(_union_box([mask_bbox(tmpl.masks[k]) for k in cluster.objects]))
+            boxes.append(_union_box([mask_bbox(tmpl.masks[k]) for k in cluster.framed_by]))
             references.append(_union_box([mask_bbox(m) for m in tmpl.masks.values()]))
             backbones.append(backbone)
             truths.append([BoxMask.from_full(m) for m in masks])
@@ -195,7 +215,7 @@ class ZoomPass:
     def _target_window(self, cluster: _Cluster, c: int, boxes: dict, size) -> tuple:
         """(window on the target, placed from the reference) or (None, False)."""
         template_box, template_window = cluster.boxes[c][0], cluster.windows[c][0]
-        found = _union_box([boxes.get(k) for k in cluster.objects])
+        found = _union_box([boxes.get(k) for k in cluster.framed_by])
         placed = False
         if found is None:
             reference = _union_box(list(boxes.values()))
@@ -281,21 +301,22 @@ class ZoomPass:
             feats = stacked_features(model, backbones, objects)
             num_frames = len(cluster.templates) + 1
             memory = repeat_memory(cluster.memories[c], len(items))
-            low_res, ious, obj_logits = track_frame(
-                model, feats, num_frames - 1, num_frames, memory, engine.fill_hole_area
-            )
-            cycle = None
-            if engine.cycle_consistency:
-                references = list(zip(cluster.backbones[c], cluster.truths[c]))
-                cycle = cycle_ious(
-                    model,
-                    feats,
-                    low_res,
-                    references,
-                    engine.fill_hole_area,
-                    engine.mask_threshold,
-                    repeat=len(items),
+            with engine.model_of(cluster):
+                low_res, ious, obj_logits = track_frame(
+                    model, feats, num_frames - 1, num_frames, memory, engine.fill_hole_area
                 )
+                cycle = None
+                if engine.cycle_consistency:
+                    references = list(zip(cluster.backbones[c], cluster.truths[c]))
+                    cycle = cycle_ious(
+                        model,
+                        feats,
+                        low_res,
+                        references,
+                        engine.fill_hole_area,
+                        engine.mask_threshold,
+                        repeat=len(items),
+                    )
             probs = torch.sigmoid(obj_logits).cpu().tolist()
             ious = ious.cpu().tolist()
             low_res = low_res.float().cpu()

@@ -28,6 +28,7 @@ LoRA goes on the `nn.Linear` layers of the chosen components of SAM2
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -42,6 +43,9 @@ METADATA_FILE = "sam2pal_adapter.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHTS = "model.pt"
 CHECKPOINT_KEY = "sam2pal"  # what a full checkpoint we write records about its training
+# the attribute of a model loaded with an adapter that leaves some structures to the
+# untouched model (`load_adapter`, `untouched_structures`)
+UNTOUCHED = "sam2pal_untouched_structures"
 DEFAULT_LORA_COMPONENTS = ("memory_attention", "sam_mask_decoder", "memory_encoder")
 LORA_COMPONENTS = DEFAULT_LORA_COMPONENTS + ("image_encoder", "obj_ptr_proj", "sam_prompt_encoder")
 
@@ -245,7 +249,12 @@ def load_adapter(
         folder: the adapter folder.
         expected_base: the base weights' identity (see `base_id`).
         merge: fold LoRA weights into the base weights (no extra cost at inference);
-            without, the LoRA layers stay separate.
+            without, the LoRA layers stay separate. They stay separate too when the
+            adapter record leaves structures to the untouched model
+            (`selection.untouched_structures`, written by the fine-tuning's
+            per-structure choice): the model then carries their names
+            (`untouched_structures`) and the engine segments them with the LoRA layers
+            switched off (`adapter_off`).
         config_sha256: the SHA-256 of the model config's yaml file, or None.
 
     Returns:
@@ -262,10 +271,41 @@ def load_adapter(
         return model.eval()
     from peft import PeftModel
 
+    untouched = sorted((meta.get("selection") or {}).get("untouched_structures") or [])
     peft_model = PeftModel.from_pretrained(model, str(folder))
     peft_model.eval()
-    sam = peft_model.merge_and_unload() if merge else peft_model.base_model.model
+    if untouched:  # the LoRA layers stay separate, to be switched off for those
+        sam = peft_model.base_model.model
+        setattr(sam, UNTOUCHED, frozenset(untouched))
+    else:
+        sam = peft_model.merge_and_unload() if merge else peft_model.base_model.model
     return sam.eval()
+
+
+def untouched_structures(model) -> frozenset[str]:
+    """The structure names a loaded adapter leaves to the untouched model (the record's
+    `selection.untouched_structures`; see `load_adapter`), or none."""
+    return getattr(model, UNTOUCHED, frozenset())
+
+
+@contextlib.contextmanager
+def adapter_off(model, off: bool = True):
+    """Inside the block, `model`'s LoRA layers (unmerged) add nothing: the untouched
+    model. The gradient flags of the LoRA weights are restored after. `off` False: a
+    block that changes nothing."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)] if off else []
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 def _short(identity) -> str:

@@ -321,6 +321,7 @@ class Trainer:
 
     OBJECTIVES = ("palindrome", "supervised")
     SELECT_BY = ("auto", "cycle_iou", "no_ground_truth")
+    VALIDATION_VIEWS = 6  # augmented views of the held-out template beside it
 
     def __init__(
         self,
@@ -403,8 +404,11 @@ class Trainer:
             self._add_template(t)
         for key in self.train_keys + self.holdout:
             self.cache.add(key, self.read_image(self.paths[key]))
+        self.validation_truths: dict[str, dict[str, np.ndarray]] = {}
+        self.validation_pixels: dict[str, np.ndarray] = {}  # views, when read back
         if self.validation_template is not None:
-            self._add_validation_template(self.validation_template)
+            keep_pixels = not self.cache.enabled or zoom not in ("off", False)
+            self._add_validation_template(self.validation_template, keep_pixels)
         if isinstance(zoom, bool):  # YAML's unquoted off / on
             zoom = "on" if zoom else "off"
         self.zoom = {"zoom": zoom, "zoom_below": zoom_below, "zoom_margin": zoom_margin}
@@ -472,19 +476,42 @@ class Trainer:
                 return templates.select([other.file_name for other in others]), image
         return templates, None
 
-    def _add_validation_template(self, image) -> None:
-        """The held-out template: its photo into the feature cache, its true masks (of
-        the structures the training templates show, by name) for `validate`."""
+    def _add_validation_template(self, image, keep_pixels: bool) -> None:
+        """The held-out template: its photo and `VALIDATION_VIEWS` augmented views of it
+        (`template_view`, a fixed seed: the same views every epoch) into the feature
+        cache, and their true masks (of the structures the training templates show, by
+        name) for `validate`. One photo alone is a noisy judge; its views (scaled,
+        turned, mirrored, recoloured) steady it. `keep_pixels`: keep the views' pixels
+        (the validation reads the photos when the features are not cached or with the
+        zoom pass)."""
         key = f"validation-template:{image.file_name}"
         self.paths[key] = Path(image.path)
-        self.cache.add(key, self.read_image(image.path))
+        photo = self.read_image(image.path)
+        self.cache.add(key, photo)
+        objects = [(inst.category_id, inst.instance) for inst in image.instances]
+        masks = np.stack([inst.mask for inst in image.instances])
+        self.validation_truths = {key: self._named_truth(objects, masks)}
+        rng = np.random.default_rng(1234)
+        for v in range(self.VALIDATION_VIEWS):
+            view, view_masks = template_view(photo, masks, objects, self.categories, rng)
+            view_key = f"{key}#view{v}"
+            self.cache.add(view_key, view)
+            if keep_pixels:
+                self.validation_pixels[view_key] = view
+            self.validation_truths[view_key] = self._named_truth(objects, view_masks)
+        self.log(
+            f"template {image.file_name} held out: its true masks (and those of "
+            f"{self.VALIDATION_VIEWS} views of it) choose the best epoch"
+        )
+
+    def _named_truth(self, objects, masks: np.ndarray) -> dict[str, np.ndarray]:
+        """{structure name: union of its masks} of the categories the training knows."""
         truth: dict[str, np.ndarray] = {}
-        for inst in image.instances:
-            name = self.categories.get(inst.category_id)
+        for (category_id, _), mask in zip(objects, masks):
+            name = self.categories.get(category_id)
             if name is not None:
-                truth[name] = truth[name] | inst.mask if name in truth else inst.mask.copy()
-        self.validation_key, self.validation_truth = key, truth
-        self.log(f"template {image.file_name} held out: its true masks choose the best epoch")
+                truth[name] = truth[name] | mask if name in truth else mask.copy()
+        return truth
 
     def _split_pool(self, pool: dict, templates) -> None:
         """The pool, minus the template photos (`templates`, the held-out one included):
@@ -772,11 +799,18 @@ class Trainer:
         """Score the model on the held-out images.
 
         Returns:
-            {"val_cycle_iou": mean cycle IoU, "val_iou": mean real IoU where there is
-            ground truth (category masks by name)}; None for what cannot be measured.
+            {"val_cycle_iou": mean cycle IoU, "val_template_iou": mean IoU of the
+            held-out template and its views, "val_template_ious": the same per structure
+            name, "val_iou": mean real IoU where there is ground truth (category masks
+            by name)}; None (or {}) for what cannot be measured.
         """
         if not self.holdout and self.validation_template is None:
-            return {"val_cycle_iou": None, "val_template_iou": None, "val_iou": None}
+            return {
+                "val_cycle_iou": None,
+                "val_template_iou": None,
+                "val_template_ious": {},
+                "val_iou": None,
+            }
         self.sam.eval()
         # the templates' features come from the cache too: every image of the training
         # (templates, training and held-out photos) goes through the image encoder once
@@ -798,18 +832,22 @@ class Trainer:
             framing_fill=self.framing_fill,
             **self.zoom,
         )
-        cycles, ious, template_ious = [], [], []
-        validation = [] if self.validation_template is None else [self.validation_key]
-        for key in self.holdout + validation:
+        cycles, ious = [], []
+        template_ious: dict[str, list[float]] = {}  # per structure name
+        validation = self.validation_truths
+        for key in self.holdout + list(validation):
             backbone = self._backbone(key) if self.cache.enabled else None
-            image = (
-                self.cache.sizes[key]
-                if backbone is not None and not zoom
-                else self.read_image(self.paths[key])
-            )
+            if backbone is not None and not zoom:
+                image = self.cache.sizes[key]
+            elif key in self.validation_pixels:
+                image = self.validation_pixels[key]
+            else:
+                image = self.read_image(self.paths[key])
             preds = engine.predict(image, backbone=backbone)
             if key in validation:
-                template_ious += self._truth_ious(preds, self.validation_truth)
+                names = list(validation[key])
+                for name, iou in zip(names, self._truth_ious(preds, validation[key])):
+                    template_ious.setdefault(name, []).append(iou)
                 continue
             cycles += [p.cycle_iou for p in preds]
             ious += self._truth_ious(preds, self.ground_truth.get(key) or {})
@@ -818,7 +856,12 @@ class Trainer:
         self.sam.train()
         return {
             "val_cycle_iou": float(np.mean(cycles)) if cycles else None,
-            "val_template_iou": float(np.mean(template_ious)) if template_ious else None,
+            "val_template_iou": (
+                float(np.mean([v for per in template_ious.values() for v in per]))
+                if template_ious
+                else None
+            ),
+            "val_template_ious": {name: float(np.mean(v)) for name, v in template_ious.items()},
             "val_iou": float(np.mean(ious)) if ious else None,
         }
 
@@ -875,7 +918,37 @@ class Trainer:
             "template_iou": "val_template_iou",
             "cycle_iou": "val_cycle_iou",
         }.get(self.labels_record()["selection"]["by"])
+        if key == "val_template_iou" and self._chooses_per_structure():
+            # what the segmentation will use: per structure, the better of the adapter
+            # and the untouched model (epoch 0) on the held-out template
+            ious, before = metrics.get("val_template_ious"), self.history[0]["val_template_ious"]
+            if ious:
+                return float(np.mean([max(v, before.get(n, v)) for n, v in ious.items()]))
         return None if key is None else metrics.get(key)
+
+    def _chooses_per_structure(self) -> bool:
+        """Whether the adapters record the structures left to the untouched model
+        (`per_structure_choice`, a LoRA adapter off the image encoder, the held-out
+        template choosing the epoch, its epoch-0 scores known)."""
+        s = self.settings
+        return (
+            s.per_structure_choice
+            and s.mode == "lora"
+            and "image_encoder" not in s.targets
+            and self.labels_record()["selection"]["by"] == "template_iou"
+            and bool(self.history)
+            and bool(self.history[0].get("val_template_ious"))
+        )
+
+    def untouched_structures(self, epoch: int) -> list[str]:
+        """The structures whose held-out-template IoU at `epoch` is below the untouched
+        model's (epoch 0): the segmentation keeps the untouched model for them (none
+        without the per-structure choice)."""
+        if epoch == 0 or not self._chooses_per_structure():
+            return []
+        before = self.history[0]["val_template_ious"]
+        after = self.history[epoch]["val_template_ious"]
+        return sorted(n for n, v in after.items() if v < before.get(n, v))
 
     # -- training ---------------------------------------------------------------------
 
@@ -921,6 +994,7 @@ class Trainer:
             categories={str(k): v for k, v in self.categories.items()},
             **self.labels_record(),
         )
+        meta["selection"]["untouched_structures"] = self.untouched_structures(epoch)
         save_adapter(weights, out_dir / folder, meta, kind)
 
     def _train_epoch(self, per_epoch: int, optimizer, scheduler, step_loss) -> tuple[list, int]:
@@ -980,8 +1054,10 @@ class Trainer:
             metadata: facts about the run saved with every adapter (base_id, ...).
 
         Returns:
-            {"best_epoch", "best_score", "history"}: the epoch whose adapter is kept
-            in adapter/, its score, and the per-epoch rows of training_log.csv.
+            {"best_epoch", "best_score", "untouched_structures", "history"}: the epoch
+            whose adapter is kept in adapter/, its score, the structures it leaves to
+            the untouched model (`untouched_structures`), and the per-epoch rows of
+            training_log.csv.
         """
         s = self.settings
         out_dir = Path(out_dir)
@@ -1020,7 +1096,19 @@ class Trainer:
             save_merged_checkpoint(self.peft_model, out_dir / "merged.pt", metadata)
         self._write_logs(out_dir)
         self._plot(out_dir / "training_curves.png")
-        return {"best_epoch": best_epoch, "best_score": best_score, "history": self.history}
+        untouched = self.untouched_structures(best_epoch)
+        if untouched:
+            self.log(
+                f"epoch {best_epoch} kept; the held-out template says the untouched model "
+                f"segments these better, the segmentation keeps it for them: "
+                f"{', '.join(untouched)}"
+            )
+        return {
+            "best_epoch": best_epoch,
+            "best_score": best_score,
+            "untouched_structures": untouched,
+            "history": self.history,
+        }
 
     def _write_logs(self, out_dir: Path) -> None:
         with atomic_write(out_dir / "training_log.csv") as handle:
