@@ -215,7 +215,7 @@ def test_structures_left_to_the_untouched_model_are_segmented_without_the_adapte
 
     def model(adapter=None):
         sam = build_model(CONFIG, str(root / "a.pt"), image_size=SIZE).eval()
-        return sam if adapter is None else load_adapter(sam, adapter, base_id, merge=False)
+        return sam if adapter is None else load_adapter(sam, adapter, base_id)
 
     every = _boosted(root, tmp_path / "every", [])
     some = _boosted(root, tmp_path / "some", left)
@@ -276,7 +276,7 @@ def test_video_tracks_structures_left_to_the_untouched_model_without_the_adapter
     def track(adapter=None):
         sam = build_model(CONFIG, str(root / "a.pt"), image_size=SIZE).eval()
         if adapter is not None:
-            sam = load_adapter(sam, adapter, base_id, merge=False)
+            sam = load_adapter(sam, adapter, base_id)
         propagator = VideoPropagator(
             sam, keyframes, 3, lambda i: frames[i], categories=templates.categories
         )
@@ -319,3 +319,20 @@ def test_a_run_records_the_structures_left_to_the_untouched_model(trained, tmp_p
     assert (
         "untouched_structures" not in _segment(root, templates, root / "lora" / "adapter")["model"]
     )
+
+
+def test_an_adapter_that_trained_the_encoder_cannot_leave_structures_untouched(trained, tmp_path):
+    """The untouched model shares the adapted model's image features: a record that
+    leaves structures to it from an adapter that trained the image encoder is refused."""
+    from sam2pal.models.adapters import load_adapter
+
+    root, _ = trained
+    folder = _boosted(root, tmp_path / "some", ["head"])
+    meta = read_metadata(folder)
+    meta["settings"]["targets"] = ["image_encoder", "sam_mask_decoder"]
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    sam = build_model(CONFIG, str(root / "a.pt"), image_size=SIZE)
+    with pytest.raises(InputError) as refused:
+        load_adapter(sam, folder, file_sha256(root / "a.pt"))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{folder}: the adapter trained the image")

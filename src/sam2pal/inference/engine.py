@@ -101,7 +101,7 @@ from sam2pal.inference.orientation import (
 from sam2pal.inference.postprocess import StructureReference, clamp_mask
 from sam2pal.inference.zoom_pass import ZOOMS, ZoomPass, low_res_box
 from sam2pal.io.masks import BoxMask, box_iou, mask_iou
-from sam2pal.models.adapters import adapter_off, untouched_structures
+from sam2pal.models.adapters import untouched_model, untouched_structures
 from sam2pal.models.build import autocast
 from sam2pal.settings import Segmentation, engine_defaults
 
@@ -660,8 +660,10 @@ class Propagator:
         self.bbox_clamp = bool(bbox_clamp)
         self.mask_threshold = float(mask_threshold)
         self.categories = dict(templates.categories)
-        # structures the model's adapter leaves to the untouched model (by name)
+        # structures the model's adapter leaves to the untouched model (by name), and
+        # that model (the base weights, sharing the image encoder)
         self.untouched = untouched_structures(model)
+        self.untouched_model = untouched_model(model)
         self.orientation = str(orientation)
         self.mirror_swap = bool(mirror_swap)
         self.framing = framing
@@ -781,10 +783,9 @@ class Propagator:
         self.references = self._references[0]
         with torch.inference_mode(), autocast(self.device):
             for group in self.groups:
-                with self.model_of(group):
-                    group.memory = concat_memories(
-                        [self._template_memory(group, view) for view in self._views]
-                    )
+                group.memory = concat_memories(
+                    [self._template_memory(group, view) for view in self._views]
+                )
                 if self.cycle_consistency:
                     group.boxes = [
                         {
@@ -809,9 +810,10 @@ class Propagator:
     # -- SAM2 steps -------------------------------------------------------------------
 
     def model_of(self, group):
-        """A block in which the model is the one of `group` (or of a zoom cluster): the
-        untouched model (LoRA layers off) for the structures the adapter leaves to it."""
-        return adapter_off(self.model, group.untouched)
+        """The model that segments `group` (or a zoom cluster): the untouched model for
+        the structures the adapter leaves to it, else the model. The image encoder is
+        the same in both."""
+        return self.untouched_model if group.untouched else self.model
 
     def _encode(self, rgb: np.ndarray, frame: Frame | None = None) -> dict:
         """One image-encoder pass (batch 1)."""
@@ -827,7 +829,7 @@ class Propagator:
             tmpl = view[t_index]
             masks = np.stack([tmpl.masks[key] for key in group.objects])
             cond[frame_idx] = conditioning_frame(
-                self.model,
+                self.model_of(group),
                 self._features(tmpl.backbone, len(group.objects)),
                 frame_idx,
                 num_frames,
@@ -836,8 +838,10 @@ class Propagator:
             )
         return new_memory(cond)
 
-    def _track(self, feats, frame_idx: int, num_frames: int, memory: dict):
-        return track_frame(self.model, feats, frame_idx, num_frames, memory, self.fill_hole_area)
+    def _track(self, group: _Group, feats, frame_idx: int, num_frames: int, memory: dict):
+        return track_frame(
+            self.model_of(group), feats, frame_idx, num_frames, memory, self.fill_hole_area
+        )
 
     def _memory(self, group: _Group, targets: int) -> dict:
         """The group's template memory (all candidates) for a batch of `targets` images."""
@@ -853,7 +857,7 @@ class Propagator:
         view = self._views[candidate]
         references = [(view[t].backbone, group.boxes[candidate][t]) for t in group.templates]
         return cycle_ious(
-            self.model,
+            self.model_of(group),
             feats,
             low_res,
             references,
@@ -978,10 +982,9 @@ class Propagator:
                 # the batch: target after target, in each candidate after candidate
                 feats = stacked_features(self.model, backbones, count * objects)
                 num_frames = len(group.templates) + 1
-                with self.model_of(group):
-                    low_res, ious, obj_logits = self._track(
-                        feats, num_frames - 1, num_frames, self._memory(group, n)
-                    )
+                low_res, ious, obj_logits = self._track(
+                    group, feats, num_frames - 1, num_frames, self._memory(group, n)
+                )
                 probs = torch.sigmoid(obj_logits).cpu().numpy().reshape(n, count, objects)
                 ious = ious.cpu().numpy().reshape(n, count, objects)
                 confidence += (np.clip(ious, 0.0, 1.0) * probs).sum(axis=2)
@@ -1077,19 +1080,18 @@ class Propagator:
             won = low_res[torch.as_tensor(rows, device=low_res.device)]
         cycle = None
         if self.cycle_consistency:
-            with self.model_of(group):
-                if count == 1:
-                    cycle = self._cycle_iou(group, 0, feats, won, n)
-                else:
-                    cycle = []
-                    for j in range(n):
-                        cycle += self._cycle_iou(
-                            group,
-                            int(chosen[j]),
-                            stacked_features(self.model, [backbones[j]], objects),
-                            won[j * objects : (j + 1) * objects],
-                            1,
-                        )
+            if count == 1:
+                cycle = self._cycle_iou(group, 0, feats, won, n)
+            else:
+                cycle = []
+                for j in range(n):
+                    cycle += self._cycle_iou(
+                        group,
+                        int(chosen[j]),
+                        stacked_features(self.model, [backbones[j]], objects),
+                        won[j * objects : (j + 1) * objects],
+                        1,
+                    )
         won = won.float().cpu()
         for j in range(n):
             c = int(chosen[j])

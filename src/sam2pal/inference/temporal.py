@@ -87,7 +87,7 @@ from sam2pal.inference.postprocess import StructureReference, clamp_mask
 from sam2pal.io.atomic import atomic_path
 from sam2pal.io.masks import BoxMask, decode_segmentation
 from sam2pal.io.records import ImageRecord, PartialRecords, RecordAppender
-from sam2pal.models.adapters import adapter_off, untouched_structures
+from sam2pal.models.adapters import untouched_model, untouched_structures
 from sam2pal.models.build import autocast
 from sam2pal.settings import Segmentation, engine_defaults
 
@@ -343,6 +343,7 @@ class VideoPropagator:
             raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
         self.model = model
         self.untouched = untouched_structures(model)
+        self.untouched_model = untouched_model(model)
         if self.untouched and categories is None:
             raise ValueError("the model leaves structures to the untouched model: give categories")
         self.categories = dict(categories or {})
@@ -400,15 +401,14 @@ class VideoPropagator:
                 backbone = self._encode(rgb)
                 for group in groups:
                     masks = np.stack([self.keyframes[index][key] for key in group.objects])
-                    with adapter_off(self.model, group.untouched):
-                        group.cond[index] = conditioning_frame(
-                            self.model,
-                            expand_features(self.model, backbone, len(group.objects)),
-                            index,
-                            self.num_frames,
-                            binary_mask_input(masks, self.image_size, self.device, frame),
-                            self.fill_hole_area,
-                        )
+                    group.cond[index] = conditioning_frame(
+                        self._model_of(group),
+                        expand_features(self.model, backbone, len(group.objects)),
+                        index,
+                        self.num_frames,
+                        binary_mask_input(masks, self.image_size, self.device, frame),
+                        self.fill_hole_area,
+                    )
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -419,6 +419,11 @@ class VideoPropagator:
     def _encode(self, rgb: np.ndarray) -> dict:
         """One image-encoder pass on a frame, framed."""
         return encode_image(self.model, rgb, self._frame(rgb.shape[:2]), self.framing_fill)
+
+    def _model_of(self, group: _Group):
+        """The model that tracks `group` (the untouched model for the structures the
+        adapter leaves to it; the image encoder is the same in both)."""
+        return self.untouched_model if group.untouched else self.model
 
     def _read(self, index: int) -> np.ndarray:
         self.frames_read += 1
@@ -466,41 +471,41 @@ class VideoPropagator:
         step: int,
         previous: dict,
     ) -> dict[ObjectKey, StructurePrediction]:
-        with adapter_off(self.model, group.untouched):  # the group's weights
-            feats = expand_features(self.model, backbone, len(group.objects))
-            memory = {"cond_frame_outputs": group.cond, "non_cond_frame_outputs": window}
-            _, sam_outputs = track_step(self.model, feats, index, self.num_frames, memory, step < 0)
-            _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
-            low_res = fill_holes(low_res_masks.float(), self.fill_hole_area)
-            frame = self._frame(size)
-            masks = logits_to_boxes(low_res, size, self.mask_threshold, self.exact, frame)
-            clamped, boxes = self._guard_drift(group, masks, size, previous)
-            window[index] = remember(
-                self.model,
-                feats,
-                cut_logits_to_boxes(high_res_masks, boxes, size, frame),
-                object_score_logits,
-                obj_ptr,
+        model = self._model_of(group)
+        feats = expand_features(self.model, backbone, len(group.objects))
+        memory = {"cond_frame_outputs": group.cond, "non_cond_frame_outputs": window}
+        _, sam_outputs = track_step(model, feats, index, self.num_frames, memory, step < 0)
+        _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
+        low_res = fill_holes(low_res_masks.float(), self.fill_hole_area)
+        frame = self._frame(size)
+        masks = logits_to_boxes(low_res, size, self.mask_threshold, self.exact, frame)
+        clamped, boxes = self._guard_drift(group, masks, size, previous)
+        window[index] = remember(
+            model,
+            feats,
+            cut_logits_to_boxes(high_res_masks, boxes, size, frame),
+            object_score_logits,
+            obj_ptr,
+        )
+        cycle = (
+            self._cycle_ious(group, index, feats, low_res, frame)
+            if self.cycle_consistency
+            else None
+        )
+        probs = torch.sigmoid(object_score_logits.float()[:, 0]).cpu().tolist()
+        ious = ious.float().max(dim=1).values.cpu().tolist()
+        return {
+            key: StructurePrediction(
+                category_id=key[0],
+                instance=key[1],
+                box=masks[i],
+                predicted_iou=float(ious[i]),
+                object_score=float(probs[i]),
+                cycle_iou=None if cycle is None else float(cycle[i]),
+                clamped=clamped[i],
             )
-            cycle = (
-                self._cycle_ious(group, index, feats, low_res, frame)
-                if self.cycle_consistency
-                else None
-            )
-            probs = torch.sigmoid(object_score_logits.float()[:, 0]).cpu().tolist()
-            ious = ious.float().max(dim=1).values.cpu().tolist()
-            return {
-                key: StructurePrediction(
-                    category_id=key[0],
-                    instance=key[1],
-                    box=masks[i],
-                    predicted_iou=float(ious[i]),
-                    object_score=float(probs[i]),
-                    cycle_iou=None if cycle is None else float(cycle[i]),
-                    clamped=clamped[i],
-                )
-                for i, key in enumerate(group.objects)
-            }
+            for i, key in enumerate(group.objects)
+        }
 
     def _guard_drift(self, group: _Group, masks: list, size, previous: dict):
         """The drift guards: the output masks are cut (in place), and so is the mask the
@@ -532,7 +537,7 @@ class VideoPropagator:
         ]
         # keyframes and frames have one size: the keyframe's frame is the frame's
         return cycle_ious(
-            self.model,
+            self._model_of(group),
             feats,
             low_res,
             references,

@@ -189,15 +189,14 @@ class ZoomPass:
             window = union_crop([self.window(tmpl.masks[k]) for k in cluster.framed_by])
             masks = crop_masks(np.stack([tmpl.masks[k] for k in cluster.objects]), window)
             backbone = encode_image(model, crop_image(turned[t], window, engine.framing_fill))
-            with engine.model_of(cluster):
-                cond[frame_idx] = conditioning_frame(
-                    model,
-                    expand_features(model, backbone, len(cluster.objects)),
-                    frame_idx,
-                    num_frames,
-                    binary_mask_input(masks, engine.image_size, engine.device),
-                    engine.fill_hole_area,
-                )
+            cond[frame_idx] = conditioning_frame(
+                engine.model_of(cluster),
+                expand_features(model, backbone, len(cluster.objects)),
+                frame_idx,
+                num_frames,
+                binary_mask_input(masks, engine.image_size, engine.device),
+                engine.fill_hole_area,
+            )
             windows.append(window)
             boxes.append(_union_box([mask_bbox(tmpl.masks[k]) for k in cluster.framed_by]))
             references.append(_union_box([mask_bbox(m) for m in tmpl.masks.values()]))
@@ -301,22 +300,22 @@ class ZoomPass:
             feats = stacked_features(model, backbones, objects)
             num_frames = len(cluster.templates) + 1
             memory = repeat_memory(cluster.memories[c], len(items))
-            with engine.model_of(cluster):
-                low_res, ious, obj_logits = track_frame(
-                    model, feats, num_frames - 1, num_frames, memory, engine.fill_hole_area
+            tracker = engine.model_of(cluster)
+            low_res, ious, obj_logits = track_frame(
+                tracker, feats, num_frames - 1, num_frames, memory, engine.fill_hole_area
+            )
+            cycle = None
+            if engine.cycle_consistency:
+                references = list(zip(cluster.backbones[c], cluster.truths[c]))
+                cycle = cycle_ious(
+                    tracker,
+                    feats,
+                    low_res,
+                    references,
+                    engine.fill_hole_area,
+                    engine.mask_threshold,
+                    repeat=len(items),
                 )
-                cycle = None
-                if engine.cycle_consistency:
-                    references = list(zip(cluster.backbones[c], cluster.truths[c]))
-                    cycle = cycle_ious(
-                        model,
-                        feats,
-                        low_res,
-                        references,
-                        engine.fill_hole_area,
-                        engine.mask_threshold,
-                        repeat=len(items),
-                    )
             probs = torch.sigmoid(obj_logits).cpu().tolist()
             ious = ious.cpu().tolist()
             low_res = low_res.float().cpu()

@@ -28,7 +28,6 @@ LoRA goes on the `nn.Linear` layers of the chosen components of SAM2
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -43,9 +42,10 @@ METADATA_FILE = "sam2pal_adapter.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHTS = "model.pt"
 CHECKPOINT_KEY = "sam2pal"  # what a full checkpoint we write records about its training
-# the attribute of a model loaded with an adapter that leaves some structures to the
-# untouched model (`load_adapter`, `untouched_structures`)
+# the attributes of a model loaded with an adapter that leaves some structures to the
+# untouched model: their names, and that model (`load_adapter`)
 UNTOUCHED = "sam2pal_untouched_structures"
+UNTOUCHED_MODEL = "sam2pal_untouched_model"
 DEFAULT_LORA_COMPONENTS = ("memory_attention", "sam_mask_decoder", "memory_encoder")
 LORA_COMPONENTS = DEFAULT_LORA_COMPONENTS + ("image_encoder", "obj_ptr_proj", "sam_prompt_encoder")
 
@@ -249,12 +249,12 @@ def load_adapter(
         folder: the adapter folder.
         expected_base: the base weights' identity (see `base_id`).
         merge: fold LoRA weights into the base weights (no extra cost at inference);
-            without, the LoRA layers stay separate. They stay separate too when the
-            adapter record leaves structures to the untouched model
-            (`selection.untouched_structures`, written by the fine-tuning's
-            per-structure choice): the model then carries their names
-            (`untouched_structures`) and the engine segments them with the LoRA layers
-            switched off (`adapter_off`).
+            without, the LoRA layers stay separate. When the adapter record leaves
+            structures to the untouched model (`selection.untouched_structures`,
+            written by the fine-tuning's per-structure choice), the returned model
+            carries their names (`untouched_structures`) and a copy of the base
+            weights sharing its image encoder (`untouched_model`), with which the
+            engine segments them.
         config_sha256: the SHA-256 of the model config's yaml file, or None.
 
     Returns:
@@ -264,22 +264,45 @@ def load_adapter(
     meta = read_metadata(folder)
     kind = adapter_kind(folder)
     check_adapter(folder, meta, expected_base, int(model.image_size), config_sha256)
+    untouched = sorted((meta.get("selection") or {}).get("untouched_structures") or [])
+    base = _untouched_copy(model, folder, meta) if untouched else None
     if kind == "full":
         from sam2pal.models.build import load_checkpoint
 
         load_checkpoint(model, folder / FULL_WEIGHTS)
-        return model.eval()
-    from peft import PeftModel
-
-    untouched = sorted((meta.get("selection") or {}).get("untouched_structures") or [])
-    peft_model = PeftModel.from_pretrained(model, str(folder))
-    peft_model.eval()
-    if untouched:  # the LoRA layers stay separate, to be switched off for those
-        sam = peft_model.base_model.model
-        setattr(sam, UNTOUCHED, frozenset(untouched))
+        sam = model
     else:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, str(folder))
+        peft_model.eval()
         sam = peft_model.merge_and_unload() if merge else peft_model.base_model.model
+    if base is not None:  # plain attributes: not parameters of the adapted model
+        object.__setattr__(sam, UNTOUCHED, frozenset(untouched))
+        object.__setattr__(sam, UNTOUCHED_MODEL, base)
     return sam.eval()
+
+
+def _untouched_copy(model, folder: Path, meta: dict):
+    """A copy of `model` (the base weights) for the structures the adapter leaves to the
+    untouched model, sharing its image encoder, which the adapter must not have trained
+    (the targets are encoded once, for both)."""
+    import copy
+
+    if "image_encoder" in ((meta.get("settings") or {}).get("targets") or []):
+        raise InputError(
+            f"{folder}: the adapter trained the image encoder and leaves structures to "
+            "the untouched model (selection.untouched_structures): the two cannot share "
+            "the image features"
+        )
+    encoder = model.image_encoder
+    model.image_encoder = None
+    try:
+        base = copy.deepcopy(model)
+    finally:
+        model.image_encoder = encoder
+    base.image_encoder = encoder
+    return base.eval()
 
 
 def untouched_structures(model) -> frozenset[str]:
@@ -288,24 +311,10 @@ def untouched_structures(model) -> frozenset[str]:
     return getattr(model, UNTOUCHED, frozenset())
 
 
-@contextlib.contextmanager
-def adapter_off(model, off: bool = True):
-    """Inside the block, `model`'s LoRA layers (unmerged) add nothing: the untouched
-    model. The gradient flags of the LoRA weights are restored after. `off` False: a
-    block that changes nothing."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)] if off else []
-    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-        for param, flag in flags:
-            param.requires_grad_(flag)
+def untouched_model(model):
+    """The untouched model (base weights, the image encoder shared) that segments the
+    structures of `untouched_structures`, or None."""
+    return getattr(model, UNTOUCHED_MODEL, None)
 
 
 def _short(identity) -> str:

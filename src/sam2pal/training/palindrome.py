@@ -322,6 +322,9 @@ class Trainer:
     OBJECTIVES = ("palindrome", "supervised")
     SELECT_BY = ("auto", "cycle_iou", "no_ground_truth")
     VALIDATION_VIEWS = 6  # augmented views of the held-out template beside it
+    # a structure goes to the untouched model when the adapter is worse on the held-out
+    # template and its views by more than this many standard errors of the difference
+    UNTOUCHED_MARGIN = 2.0
 
     def __init__(
         self,
@@ -809,6 +812,7 @@ class Trainer:
                 "val_cycle_iou": None,
                 "val_template_iou": None,
                 "val_template_ious": {},
+                "val_template_view_ious": {},
                 "val_iou": None,
             }
         self.sam.eval()
@@ -862,6 +866,8 @@ class Trainer:
                 else None
             ),
             "val_template_ious": {name: float(np.mean(v)) for name, v in template_ious.items()},
+            # per structure, the IoU of the held-out template and of each of its views
+            "val_template_view_ious": {name: list(v) for name, v in template_ious.items()},
             "val_iou": float(np.mean(ious)) if ious else None,
         }
 
@@ -919,12 +925,31 @@ class Trainer:
             "cycle_iou": "val_cycle_iou",
         }.get(self.labels_record()["selection"]["by"])
         if key == "val_template_iou" and self._chooses_per_structure():
-            # what the segmentation will use: per structure, the better of the adapter
-            # and the untouched model (epoch 0) on the held-out template
+            # what the segmentation will use: per structure, the adapter, or the
+            # untouched model (epoch 0) where it is surely better on the held-out template
             ious, before = metrics.get("val_template_ious"), self.history[0]["val_template_ious"]
             if ious:
-                return float(np.mean([max(v, before.get(n, v)) for n, v in ious.items()]))
+                left = self._left_untouched(metrics)
+                return float(np.mean([before[n] if n in left else v for n, v in ious.items()]))
         return None if key is None else metrics.get(key)
+
+    def _left_untouched(self, metrics: dict) -> list[str]:
+        """The structures the untouched model (epoch 0) segments surely better than the
+        adapter of `metrics`: over the held-out template and its views, the adapter's
+        IoU minus the untouched model's is below zero by more than `UNTOUCHED_MARGIN`
+        standard errors (one photo and its views are a noisy judge: a structure the
+        adapter leaves as it was stays with the adapter)."""
+        before = self.history[0].get("val_template_view_ious") or {}
+        after = metrics.get("val_template_view_ious") or {}
+        left = []
+        for name, ious in after.items():
+            if name not in before:
+                continue
+            diff = np.asarray(ious) - np.asarray(before[name])
+            error = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+            if diff.mean() + self.UNTOUCHED_MARGIN * error < 0:
+                left.append(name)
+        return sorted(left)
 
     def _chooses_per_structure(self) -> bool:
         """Whether the adapters record the structures left to the untouched model
@@ -946,9 +971,7 @@ class Trainer:
         without the per-structure choice)."""
         if epoch == 0 or not self._chooses_per_structure():
             return []
-        before = self.history[0]["val_template_ious"]
-        after = self.history[epoch]["val_template_ious"]
-        return sorted(n for n, v in after.items() if v < before.get(n, v))
+        return self._left_untouched(self.history[epoch])
 
     # -- training ---------------------------------------------------------------------
 
