@@ -804,8 +804,9 @@ class Trainer:
         Returns:
             {"val_cycle_iou": mean cycle IoU, "val_template_iou": mean IoU of the
             held-out template and its views, "val_template_ious": the same per structure
-            name, "val_iou": mean real IoU where there is ground truth (category masks
-            by name)}; None (or {}) for what cannot be measured.
+            name, "val_template_view_ious": per structure name, the IoU of the template
+            and of each view, "val_iou": mean real IoU where there is ground truth
+            (category masks by name)}; None (or {}) for what cannot be measured.
         """
         if not self.holdout and self.validation_template is None:
             return {
