@@ -94,7 +94,7 @@ def test_engine_equals_official_video_predictor(tmp_path, config):
         group = engine.groups[0]
         with torch.inference_mode():
             feats = engine._features(engine._encode(target), len(group.objects))
-            low_res, _, _ = engine._track(feats, 1, 2, group.memory)
+            low_res, _, _ = engine._track(group, feats, 1, 2, group.memory)
         for obj_idx in range(len(masks)):
             official_low = state["output_dict_per_obj"][obj_idx]["non_cond_frame_outputs"][1][
                 "pred_masks"
@@ -177,7 +177,7 @@ def test_engine_equals_official_video_predictor_with_defaults(
     group = engine.groups[0]
     with torch.inference_mode():
         feats = engine._features(engine._encode(target), len(group.objects))
-        low_res, _, _ = engine._track(feats, n_templates, n_templates + 1, group.memory)
+        low_res, _, _ = engine._track(group, feats, n_templates, n_templates + 1, group.memory)
     filled_template = filled_target = 0
     for obj_idx, pred in enumerate(ours):
         official = state["output_dict_per_obj"][obj_idx]

@@ -183,7 +183,7 @@ def test_cycle_iou_from_boxes_equals_full_size(tmp_path, tiny_model):
     with torch.inference_mode():
         backbone = tiny_model.forward_image(preprocess(targets[0], IMAGE_SIZE, tiny_model.device))
         feats = stacked_features(tiny_model, [backbone], len(group.objects))
-        low_res, _, _ = engine._track(feats, 2, 3, group.memory)
+        low_res, _, _ = engine._track(group, feats, 2, 3, group.memory)
         full = [
             (engine._templates[t].backbone, [engine._templates[t].masks[k] for k in group.objects])
             for t in group.templates

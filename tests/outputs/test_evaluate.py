@@ -347,6 +347,7 @@ def test_the_trainer_records_what_picked_the_epoch(tmp_path):
         "holdout": holdout,
         "ground_truth_images": [n for n in holdout if n in truth],
         "validation_template": None,
+        "untouched_structures": [],  # no held-out template: no per-structure choice
     }
     assert meta["training_templates"] == {
         "specimen_000.jpg": ["antenna", "elytra", "head", "legs", "pronotum"]
