@@ -198,8 +198,8 @@ def test_structures_left_to_the_untouched_model_are_segmented_without_the_adapte
     trained, tmp_path, zoom
 ):
     """An adapter whose record leaves structures to the untouched model: their masks
-    and scores are the base model's, the others' the adapter's (the engine switches the
-    LoRA layers off for their group and their zoom windows). With the zoom pass a
+    and scores are the base model's, the others' the adapter's (the engine tracks their group
+    and their zoom windows with the untouched model's weights). With the zoom pass a
     window may hold structures of both kinds: it is framed as without the choice, and
     every structure is left to the untouched model there to compare exactly."""
     from sam2pal.inference.engine import Propagator
@@ -256,7 +256,7 @@ def test_structures_left_to_the_untouched_model_are_segmented_without_the_adapte
 
 def test_video_tracks_structures_left_to_the_untouched_model_without_the_adapter(trained, tmp_path):
     """Video mode too: a structure the adapter leaves to the untouched model is tracked
-    with the LoRA layers off (the base model's masks), the others with them."""
+    with the untouched model (the base model's masks), the others with the adapter."""
     import numpy as np
 
     from sam2pal.inference.temporal import VideoPropagator

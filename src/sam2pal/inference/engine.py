@@ -168,8 +168,8 @@ class _Group:
     boxes: list[dict[int, list]] = field(default_factory=list)
     # `memory` for a batch of several targets: (targets, repeated memory), the last one asked for
     repeated: tuple[int, dict] = (1, {})
-    # segmented with the adapter's LoRA layers off (structures the adapter left to the
-    # untouched model, `adapters.untouched_structures`)
+    # segmented with the untouched model (structures the adapter left to it,
+    # `adapters.untouched_structures` and `adapters.untouched_model`)
     untouched: bool = False
 
 

@@ -167,7 +167,7 @@ def _run_model(config, checkpoint, image_size, seed, device, threads, checkpoint
             adapter_sha256=adapter_sha256(adapter),
         )
         untouched = untouched_structures(model)
-        if untouched:  # segmented with the LoRA layers off
+        if untouched:  # segmented with the base weights
             model_info["untouched_structures"] = sorted(untouched)
     return model, model_info, torch_device
 

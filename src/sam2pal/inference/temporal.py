@@ -114,7 +114,7 @@ class _Group:
     objects: list[ObjectKey]
     keyframes: list[int]  # sorted
     cond: dict[int, dict] = field(default_factory=dict)  # conditioning outputs per keyframe
-    untouched: bool = False  # tracked with the adapter's LoRA layers off
+    untouched: bool = False  # tracked with the untouched model (base weights)
 
     @property
     def first(self) -> int:
@@ -313,7 +313,7 @@ class VideoPropagator:
         engine's (`sam2pal.inference.framing`): keyframes and frames alike.
     categories: {category id: name}; needed when the model's adapter leaves structures
         to the untouched model (`sam2pal.models.adapters.untouched_structures`, by
-        name): those are tracked with the LoRA layers off.
+        name): those are tracked with the untouched model.
     """
 
     def __init__(
