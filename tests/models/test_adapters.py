@@ -336,3 +336,18 @@ def test_an_adapter_that_trained_the_encoder_cannot_leave_structures_untouched(t
         load_adapter(sam, folder, file_sha256(root / "a.pt"))
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"{folder}: the adapter trained the image")
+
+
+def test_a_bad_untouched_structures_record_is_refused(trained, tmp_path):
+    from sam2pal.models.adapters import load_adapter
+
+    root, _ = trained
+    folder = _boosted(root, tmp_path / "bad", [])
+    meta = read_metadata(folder)
+    meta["selection"]["untouched_structures"] = "head"
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    sam = build_model(CONFIG, str(root / "a.pt"), image_size=SIZE)
+    with pytest.raises(InputError) as refused:
+        load_adapter(sam, folder, file_sha256(root / "a.pt"))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{folder / METADATA_FILE}: selection.")

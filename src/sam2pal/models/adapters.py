@@ -264,7 +264,13 @@ def load_adapter(
     meta = read_metadata(folder)
     kind = adapter_kind(folder)
     check_adapter(folder, meta, expected_base, int(model.image_size), config_sha256)
-    untouched = sorted((meta.get("selection") or {}).get("untouched_structures") or [])
+    untouched = (meta.get("selection") or {}).get("untouched_structures") or []
+    if not isinstance(untouched, list) or not all(isinstance(n, str) for n in untouched):
+        raise InputError(
+            f"{folder / METADATA_FILE}: selection.untouched_structures must be a list of "
+            f"structure names, not {untouched!r}"
+        )
+    untouched = sorted(untouched)
     base = _untouched_copy(model, folder, meta) if untouched else None
     if kind == "full":
         from sam2pal.models.build import load_checkpoint
