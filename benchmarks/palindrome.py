@@ -20,10 +20,15 @@ saw), the same 20 targets are segmented from one template by
       workflow does with two templates or more): per structure, the held-out
       template scores the adapter against the untouched model (epoch 0), the
       segmentation keeps the untouched model for the structures it does better, and the
-      epoch is picked on that combined score. The same training as (f).
+      epoch is picked on that combined score. The same training as (f);
+  (h) as (g), given three templates: the first two train (meant as a counter to the
+      degenerate solution: with two, one template's masks whatever is in memory no
+      longer lower the loss), the third is held out. What the workflow does with
+      three templates.
 
-The palindrome rows pick their epoch on the label-free held-out cycle IoU, as the
-workflow does without ground truth; the truth is only logged. For every epoch the record keeps
+The palindrome rows with one template pick their epoch on the label-free held-out
+cycle IoU, those with two or more on the held-out template, as the workflow does
+without ground truth; the truth is only logged. For every epoch the record keeps
 the training loss, the true IoU of the training targets' phase-1 predictions (the
 degenerate solution shows as a falling loss with a flat target IoU), the held-out
 cycle IoU and the held-out true IoU, and for every method the IoU of the last epoch
@@ -65,7 +70,14 @@ METHODS = (
     "palindrome (defaults, template views)",
     "palindrome (second template picks the epoch)",
     "palindrome (defaults, second template picks the epoch and each structure's model)",
+    "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)",
 )
+# the templates the trainer is given (the last is held out to pick the epoch)
+TEMPLATES = {
+    "palindrome (second template picks the epoch)": 2,
+    "palindrome (defaults, second template picks the epoch and each structure's model)": 2,
+    "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)": 3,
+}
 PREVIOUS_DEFAULTS = {"learning_rate": 1e-4, "min_steps": 0}
 
 
@@ -80,8 +92,8 @@ def finetune_and_score(
     args, model_args, coll: Path, out: Path, settings: dict, objective: str, templates: int = 1
 ) -> dict:
     """`templates`: the first this many of the collection's templates go to the
-    trainer (with two, the second is held out to pick the epoch); the targets are
-    segmented from the first alone either way."""
+    trainer (with two or more, the last is held out to pick the epoch); the targets
+    are segmented from the first alone either way."""
     import numpy as np
 
     templates = load_coco_templates(coll / "templates.json", coll / "images").select(
@@ -241,6 +253,10 @@ def main(argv=None) -> int:
                 tuned,
                 "palindrome",
             ),
+            "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)": (
+                tuned,
+                "palindrome",
+            ),
         }
         for method, (settings, objective) in runs.items():
             if method in args.methods:
@@ -251,7 +267,7 @@ def main(argv=None) -> int:
                     out / f"{name}-{METHODS.index(method)}",
                     settings,
                     objective,
-                    templates=2 if "second template" in method else 1,
+                    templates=TEMPLATES.get(method, 1),
                 )
                 _print_method(name, method, entry["methods"][method])
         results["collections"][name] = entry

@@ -737,28 +737,50 @@ STRUCTURE_CHOICE_RECORDS = (
     "palindrome-sam2pal-micro-v2-structures",
     "palindrome-sam2pal-micro-v2-structures-b",
 )
+THREE_TEMPLATE_RECORDS = (
+    "palindrome-sam2pal-micro-v2-three-templates",
+    "palindrome-sam2pal-micro-v2-three-templates-b",
+)
+# (g) with template views (template_views: 8), the same method name
+VIEWS_RECORDS = (
+    "palindrome-sam2pal-micro-v2-structures-views",
+    "palindrome-sam2pal-micro-v2-structures-views-b",
+)
 HOLDOUT_EPOCH = "palindrome (second template picks the epoch)"
 HOLDOUT_METHOD = "palindrome (defaults, second template picks the epoch and each structure's model)"
+THREE_TEMPLATE_METHOD = (
+    "palindrome (defaults, two templates train, the third picks the epoch and each "
+    "structure's model)"
+)
+
+
+def _runs(records, method: str) -> dict:
+    """{collection: the run of `method`} over the palindrome `records`."""
+    return {
+        name: entry["methods"][method]
+        for record in records
+        for name, entry in load(record)["results"]["collections"].items()
+    }
 
 
 def holdout_template() -> str:
     """Palindrome LoRA with its epoch picked by the cycle IoU (the quality records), by
-    a second template held out of the training, and by it with the per-structure choice
+    a second template held out of the training, by it with the per-structure choice,
+    with three templates, two training and the third held out, and with template views
     (mean IoU of the parts)."""
     quality_runs = _quality_results()["collections"]
-    epoch_runs = {
-        name: entry["methods"][HOLDOUT_EPOCH]
-        for record in HOLDOUT_TEMPLATE_RECORDS
-        for name, entry in load(record)["results"]["collections"].items()
-    }
+    epoch_runs = _runs(HOLDOUT_TEMPLATE_RECORDS, HOLDOUT_EPOCH)
+    three_runs = _runs(THREE_TEMPLATE_RECORDS, THREE_TEMPLATE_METHOD)
+    views_runs = _runs(VIEWS_RECORDS, HOLDOUT_METHOD)
     text = [
         f"Mean IoU of the parts on the held-out collections ({micro(QUALITY_RECORDS[0])}, 20 "
         "targets segmented from one template; the palindrome with the default settings):",
         "",
         "| collection | zero-shot | epoch picked by the cycle IoU | epoch picked by a second "
         "template | and per structure, adapter or untouched model | structures left to the "
-        "untouched model | antenna: zero-shot / per structure |",
-        "|---|---|---|---|---|---|---|",
+        "untouched model | antenna: zero-shot / per structure | two templates train, the "
+        "third picks (structures left) | per structure, with 8 template views |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for record in STRUCTURE_CHOICE_RECORDS:
         for name, entry in load(record)["results"]["collections"].items():
@@ -767,13 +789,24 @@ def holdout_template() -> str:
             cycle = quality_runs[name]["methods"]["palindrome LoRA (1 template)"]
             epoch = epoch_runs[name]
             left = ", ".join(run["untouched_structures"]) or "none"
+            three = three_runs[name]
+            left_three = ", ".join(three["untouched_structures"]) or "none"
+            views = views_runs[name]
             text.append(
                 f"| {name} | {zero['mean']:.3f} | {cycle['mean']:.3f} "
                 f"| {epoch['table']['mean']:.3f} (epoch {epoch['best_epoch']}) "
                 f"| {run['table']['mean']:.3f} (epoch {run['best_epoch']}) | {left} "
-                f"| {zero['antenna']:.3f} / {run['table']['antenna']:.3f} |"
+                f"| {zero['antenna']:.3f} / {run['table']['antenna']:.3f} "
+                f"| {three['table']['mean']:.3f} (epoch {three['best_epoch']}; {left_three}) "
+                f"| {views['table']['mean']:.3f} (epoch {views['best_epoch']}) |"
             )
-    records = (*QUALITY_RECORDS, *HOLDOUT_TEMPLATE_RECORDS, *STRUCTURE_CHOICE_RECORDS)
+    records = (
+        *QUALITY_RECORDS,
+        *HOLDOUT_TEMPLATE_RECORDS,
+        *STRUCTURE_CHOICE_RECORDS,
+        *THREE_TEMPLATE_RECORDS,
+        *VIEWS_RECORDS,
+    )
     return "\n".join(text) + "\n\n" + source(*records)
 
 
