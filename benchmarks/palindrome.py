@@ -149,6 +149,8 @@ def finetune_and_score(
                 "val_template_ious": {
                     name: round(v, 4) for name, v in row.get("val_template_ious", {}).items()
                 },
+                # the held-out photos' true IoU per structure (the judges' yardstick)
+                "val_ious": {name: round(v, 4) for name, v in row.get("val_ious", {}).items()},
             }
         )
     scored = {}

@@ -352,7 +352,11 @@ def test_the_trainer_records_what_picked_the_epoch(tmp_path):
     assert meta["training_templates"] == {
         "specimen_000.jpg": ["antenna", "elytra", "head", "legs", "pronotum"]
     }
-    assert meta["history"][-1]["val_iou"] is not None  # the real IoU did the picking
+    last = meta["history"][-1]
+    assert last["val_iou"] is not None  # the real IoU did the picking
+    # and per structure: every held-out photo with truth shows all five structures
+    assert set(last["val_ious"]) == {"antenna", "elytra", "head", "legs", "pronotum"}
+    assert np.mean(list(last["val_ious"].values())) == pytest.approx(last["val_iou"])
     saved = read_finetune_record(tmp_path / "ft")
     assert saved["by"] == "ground_truth_iou" and saved["ground_truth_images"] == [
         n for n in holdout if n in truth

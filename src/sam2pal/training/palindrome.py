@@ -806,7 +806,8 @@ class Trainer:
             held-out template and its views, "val_template_ious": the same per structure
             name, "val_template_view_ious": per structure name, the IoU of the template
             and of each view, "val_iou": mean real IoU where there is ground truth
-            (category masks by name)}; None (or {}) for what cannot be measured.
+            (category masks by name), "val_ious": the same per structure name}; None
+            (or {}) for what cannot be measured.
         """
         if not self.holdout and self.validation_template is None:
             return {
@@ -815,6 +816,7 @@ class Trainer:
                 "val_template_ious": {},
                 "val_template_view_ious": {},
                 "val_iou": None,
+                "val_ious": {},
             }
         self.sam.eval()
         # the templates' features come from the cache too: every image of the training
@@ -837,8 +839,9 @@ class Trainer:
             framing_fill=self.framing_fill,
             **self.zoom,
         )
-        cycles, ious = [], []
+        cycles = []
         template_ious: dict[str, list[float]] = {}  # per structure name
+        truth_ious: dict[str, list[float]] = {}  # held-out photos', per structure name
         validation = self.validation_truths
         for key in self.holdout + list(validation):
             backbone = self._backbone(key) if self.cache.enabled else None
@@ -855,10 +858,13 @@ class Trainer:
                     template_ious.setdefault(name, []).append(iou)
                 continue
             cycles += [p.cycle_iou for p in preds]
-            ious += self._truth_ious(preds, self.ground_truth.get(key) or {})
+            truth = self.ground_truth.get(key) or {}
+            for name, iou in zip(truth, self._truth_ious(preds, truth)):
+                truth_ious.setdefault(name, []).append(iou)
         del engine
         release_inference_tensors(self.sam)
         self.sam.train()
+        ious = [v for per in truth_ious.values() for v in per]
         return {
             "val_cycle_iou": float(np.mean(cycles)) if cycles else None,
             "val_template_iou": (
@@ -870,6 +876,7 @@ class Trainer:
             # per structure, the IoU of the held-out template and of each of its views
             "val_template_view_ious": {name: list(v) for name, v in template_ious.items()},
             "val_iou": float(np.mean(ious)) if ious else None,
+            "val_ious": {name: float(np.mean(v)) for name, v in truth_ious.items()},
         }
 
     def _truth_ious(self, preds, truth: dict) -> list[float]:
