@@ -72,12 +72,6 @@ METHODS = (
     "palindrome (defaults, second template picks the epoch and each structure's model)",
     "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)",
 )
-# the templates the trainer is given (the last is held out to pick the epoch)
-TEMPLATES = {
-    "palindrome (second template picks the epoch)": 2,
-    "palindrome (defaults, second template picks the epoch and each structure's model)": 2,
-    "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)": 3,
-}
 PREVIOUS_DEFAULTS = {"learning_rate": 1e-4, "min_steps": 0}
 
 
@@ -239,28 +233,34 @@ def main(argv=None) -> int:
             entry["methods"]["zero-shot"] = {
                 "table": score_collection(base, coll, 1, args.n_templates).table()
             }
+        # method: (settings, objective, templates given to the trainer: with two or
+        # more, the last is held out to pick the epoch)
         runs = {
-            "palindrome (previous defaults)": (PREVIOUS_DEFAULTS, "palindrome"),
-            "oracle (supervised)": (tuned, "supervised"),
-            "palindrome (defaults)": (tuned, "palindrome"),
+            "palindrome (previous defaults)": (PREVIOUS_DEFAULTS, "palindrome", 1),
+            "oracle (supervised)": (tuned, "supervised", 1),
+            "palindrome (defaults)": (tuned, "palindrome", 1),
             "palindrome (defaults, template views)": (
                 {**tuned, "template_views": args.views},
                 "palindrome",
+                1,
             ),
             "palindrome (second template picks the epoch)": (
                 {**tuned, "per_structure_choice": False},
                 "palindrome",
+                2,
             ),
             "palindrome (defaults, second template picks the epoch and each structure's model)": (
                 tuned,
                 "palindrome",
+                2,
             ),
             "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)": (
                 tuned,
                 "palindrome",
+                3,
             ),
         }
-        for method, (settings, objective) in runs.items():
+        for method, (settings, objective, templates) in runs.items():
             if method in args.methods:
                 entry["methods"][method] = finetune_and_score(
                     args,
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
                     out / f"{name}-{METHODS.index(method)}",
                     settings,
                     objective,
-                    templates=TEMPLATES.get(method, 1),
+                    templates=templates,
                 )
                 _print_method(name, method, entry["methods"][method])
         results["collections"][name] = entry

@@ -321,33 +321,39 @@ def test_a_run_records_the_structures_left_to_the_untouched_model(trained, tmp_p
     )
 
 
+def _refused_record(root, folder, edit) -> str:
+    """The one-line message `load_adapter` refuses `folder` with once `edit` has
+    changed its record."""
+    from sam2pal.models.adapters import load_adapter
+
+    meta = read_metadata(folder)
+    edit(meta)
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    sam = build_model(CONFIG, str(root / "a.pt"), image_size=SIZE)
+    with pytest.raises(InputError) as refused:
+        load_adapter(sam, folder, file_sha256(root / "a.pt"))
+    message = str(refused.value)
+    assert "\n" not in message
+    return message
+
+
 def test_an_adapter_that_trained_the_encoder_cannot_leave_structures_untouched(trained, tmp_path):
     """The untouched model shares the adapted model's image features: a record that
     leaves structures to it from an adapter that trained the image encoder is refused."""
-    from sam2pal.models.adapters import load_adapter
-
     root, _ = trained
     folder = _boosted(root, tmp_path / "some", ["head"])
-    meta = read_metadata(folder)
-    meta["settings"]["targets"] = ["image_encoder", "sam_mask_decoder"]
-    (folder / METADATA_FILE).write_text(json.dumps(meta))
-    sam = build_model(CONFIG, str(root / "a.pt"), image_size=SIZE)
-    with pytest.raises(InputError) as refused:
-        load_adapter(sam, folder, file_sha256(root / "a.pt"))
-    message = str(refused.value)
-    assert "\n" not in message and message.startswith(f"{folder}: the adapter trained the image")
+    message = _refused_record(
+        root,
+        folder,
+        lambda meta: meta["settings"].update(targets=["image_encoder", "sam_mask_decoder"]),
+    )
+    assert message.startswith(f"{folder}: the adapter trained the image")
 
 
 def test_a_bad_untouched_structures_record_is_refused(trained, tmp_path):
-    from sam2pal.models.adapters import load_adapter
-
     root, _ = trained
     folder = _boosted(root, tmp_path / "bad", [])
-    meta = read_metadata(folder)
-    meta["selection"]["untouched_structures"] = "head"
-    (folder / METADATA_FILE).write_text(json.dumps(meta))
-    sam = build_model(CONFIG, str(root / "a.pt"), image_size=SIZE)
-    with pytest.raises(InputError) as refused:
-        load_adapter(sam, folder, file_sha256(root / "a.pt"))
-    message = str(refused.value)
-    assert "\n" not in message and message.startswith(f"{folder / METADATA_FILE}: selection.")
+    message = _refused_record(
+        root, folder, lambda meta: meta["selection"].update(untouched_structures="head")
+    )
+    assert message.startswith(f"{folder / METADATA_FILE}: selection.")
