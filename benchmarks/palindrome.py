@@ -25,6 +25,10 @@ saw), the same 20 targets are segmented from one template by
       degenerate solution: with two, one template's masks whatever is in memory no
       longer lower the loss), the third is held out. What the workflow does with
       three templates.
+  (i) as (g), given three templates: the first trains, the other two are held out
+      (`holdout_templates: 2`) and judge together, each with its views: a judge less
+      tied to one specimen than (g)'s. The same training as (g) but for the third
+      template's photo, which (g) trains on or holds out as an unlabelled photo.
 
 The palindrome rows with one template pick their epoch on the label-free held-out
 cycle IoU, those with two or more on the held-out template, as the workflow does
@@ -71,6 +75,7 @@ METHODS = (
     "palindrome (second template picks the epoch)",
     "palindrome (defaults, second template picks the epoch and each structure's model)",
     "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)",
+    "palindrome (defaults, one template trains, the other two pick the epoch and each structure's model)",
 )
 PREVIOUS_DEFAULTS = {"learning_rate": 1e-4, "min_steps": 0}
 
@@ -86,7 +91,8 @@ def finetune_and_score(
     args, model_args, coll: Path, out: Path, settings: dict, objective: str, templates: int = 1
 ) -> dict:
     """`templates`: the first this many of the collection's templates go to the
-    trainer (with two or more, the last is held out to pick the epoch); the targets
+    trainer (with two or more, the last, or the last `holdout_templates`, are held
+    out to pick the epoch); the targets
     are segmented from the first alone either way."""
     import numpy as np
 
@@ -256,6 +262,11 @@ def main(argv=None) -> int:
             ),
             "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)": (
                 tuned,
+                "palindrome",
+                3,
+            ),
+            "palindrome (defaults, one template trains, the other two pick the epoch and each structure's model)": (
+                {**tuned, "holdout_templates": 2},
                 "palindrome",
                 3,
             ),

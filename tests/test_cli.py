@@ -249,7 +249,7 @@ def test_finetune_command(tmp_path, specimens):
         "selection"
     ]
     assert selection["by"] == "template_iou" and not selection["ground_truth_images"]
-    assert selection["validation_template"] == "specimen_001.jpg"
+    assert selection["validation_templates"] == ["specimen_001.jpg"]
     assert selection["untouched_structures"] == []  # a full adapter: no per-structure choice
     assert len(selection["holdout"]) == 1 and selection["holdout"][0] in (
         "specimen_003.jpg",

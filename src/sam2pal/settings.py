@@ -72,6 +72,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (raises argparse.ArgumentTypeError otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A number from 0 to 1 (raises argparse.ArgumentTypeError otherwise)."""
     value = float(text)
@@ -421,6 +429,15 @@ class Training:
         "and its true masks, with those of six augmented views of it, pick the epoch)",
         "training",
         flag=Flag("--no_holdout_template", invert=True),
+    )
+    # several held-out templates judge together: one photo (and its views) is a noisy
+    # judge of an epoch, whichever photo it is
+    holdout_templates: int = setting(
+        1,
+        "with holdout_template, hold out up to this many templates (the last in file-name "
+        "order whose structures the training templates still show; one always trains)",
+        "training",
+        flag=Flag("--holdout_templates", type=positive_int),
     )
     # the held-out template scores each structure: where the adapter does worse on one
     # than the untouched model, the segmentation keeps the untouched model for it

@@ -210,7 +210,7 @@ def test_video_keyframes_are_not_targets(tmp_path):
     check_means_are_means_of_rows(rows)
 
 
-def adapter_record(folder, by, images, training_templates=None, validation_template=None):
+def adapter_record(folder, by, images, training_templates=None, validation=None):
     folder.mkdir(parents=True)
     write(
         folder / "sam2pal_adapter.json",
@@ -220,7 +220,7 @@ def adapter_record(folder, by, images, training_templates=None, validation_templ
                 "by": by,
                 "holdout": images,
                 "ground_truth_images": images,
-                "validation_template": validation_template,
+                "validation_templates": validation,
             },
             "training_templates": training_templates or {},
         },
@@ -261,13 +261,25 @@ def test_held_out_template_that_picked_the_epoch_is_not_a_target(tmp_path, photo
     """A template held out of the fine-tuning whose true masks picked the epoch, and
     which the segmentation does not use as a template, is scored apart."""
     gt, pred, templates = photos
-    adapter_record(tmp_path / "ft", "template_iou", [], validation_template="a.jpg")
+    adapter_record(tmp_path / "ft", "template_iou", [], validation=["a.jpg"])
     evaluate(
         gt, pred, tmp_path / "metrics.csv", templates=templates, finetune_record=tmp_path / "ft"
     )
     rows = rows_of(tmp_path / "metrics.csv")
     assert {f for f, _ in image_rows(rows, "finetune_holdout")} == {"a.jpg"}
-    assert read_finetune_record(tmp_path / "ft")["validation_template"] == "a.jpg"
+    assert read_finetune_record(tmp_path / "ft")["validation_templates"] == ["a.jpg"]
+    # several held-out templates: each is scored apart
+    adapter_record(tmp_path / "two", "template_iou", [], validation=["a.jpg", "b.jpg"])
+    evaluate(gt, pred, tmp_path / "two.csv", templates=templates, finetune_record=tmp_path / "two")
+    held = {f for f, _ in image_rows(rows_of(tmp_path / "two.csv"), "finetune_holdout")}
+    assert held == {"a.jpg", "b.jpg"}
+    # a record of one held-out template, as written before several could be
+    old = adapter_record(tmp_path / "old", "template_iou", [])
+    meta = json.loads((old / "sam2pal_adapter.json").read_text())
+    meta["selection"]["validation_template"] = "a.jpg"
+    del meta["selection"]["validation_templates"]
+    write(old / "sam2pal_adapter.json", meta)
+    assert read_finetune_record(old)["validation_templates"] == ["a.jpg"]
     adapter_record(tmp_path / "bad", "template_iou", [])
     with pytest.raises(InputError, match="unreadable 'selection' record"):
         read_finetune_record(tmp_path / "bad")
@@ -300,7 +312,7 @@ def test_records_of_older_adapters(tmp_path):
         "by": "ground_truth_iou",
         "ground_truth_images": ["h.jpg"],
         "training_templates": {"t.jpg": None},
-        "validation_template": None,
+        "validation_templates": [],
     }
     meta["history"][0]["val_iou"] = None
     write(folder / "sam2pal_adapter.json", meta)
@@ -346,7 +358,7 @@ def test_the_trainer_records_what_picked_the_epoch(tmp_path):
         "by": "ground_truth_iou",
         "holdout": holdout,
         "ground_truth_images": [n for n in holdout if n in truth],
-        "validation_template": None,
+        "validation_templates": [],
         "untouched_structures": [],  # no held-out template: no per-structure choice
     }
     assert meta["training_templates"] == {
@@ -367,7 +379,7 @@ def test_the_trainer_records_what_picked_the_epoch(tmp_path):
         "by": "cycle_iou",
         "holdout": holdout,
         "ground_truth_images": [],
-        "validation_template": None,
+        "validation_templates": [],
     }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -536,7 +537,7 @@ def test_second_template_is_held_out_and_picks_the_epoch(pool, tmp_path):
     assert len(names) == 2
     trainer = make_trainer(both, pool, num_epochs=2, holdout_fraction=0.2)
     assert [t.key for t in trainer.templates] == [f"template:{names[0]}"]
-    assert trainer.validation_template.file_name == names[1]
+    assert [t.file_name for t in trainer.validation_templates] == [names[1]]
     assert not set(names) & set(trainer.train_keys + trainer.holdout)
     result = trainer.train(tmp_path / "ft", {"base_id": BASE})
     scores = [h["val_template_iou"] for h in trainer.history]
@@ -562,7 +563,7 @@ def test_second_template_is_held_out_and_picks_the_epoch(pool, tmp_path):
     assert best == int(np.argmax(chosen))
     assert result["untouched_structures"] == trainer.untouched_structures(best)
     record = read_metadata(tmp_path / "ft" / "adapter")["selection"]
-    assert record["by"] == "template_iou" and record["validation_template"] == names[1]
+    assert record["by"] == "template_iou" and record["validation_templates"] == [names[1]]
     assert record["untouched_structures"] == result["untouched_structures"]
     last = read_metadata(tmp_path / "ft" / "adapter_last")["selection"]
     assert last["untouched_structures"] == trainer.untouched_structures(2)
@@ -573,9 +574,59 @@ def test_second_template_is_held_out_and_picks_the_epoch(pool, tmp_path):
     assert "val_template_iou" in log[0].split(",")
 
     kept = make_trainer(both, pool, holdout_template=False)
-    assert len(kept.templates) == 2 and kept.validation_template is None
+    assert len(kept.templates) == 2 and kept.validation_templates == []
     assert not kept.validation_truths
     assert kept.labels_record()["selection"]["by"] == "cycle_iou"
+
+
+def three_templates(tmp_path, solo=None):
+    """The demo's two templates and a third (the first's masks on specimen_002.jpg);
+    `solo`: a structure name only the third shows (dropped from the other two)."""
+    coco = json.loads((DEMO / "templates.json").read_text())
+    third = {**coco["images"][0], "id": 3, "file_name": "specimen_002.jpg"}
+    copies = [
+        {**a, "id": 100 + i, "image_id": 3}
+        for i, a in enumerate(coco["annotations"])
+        if a["image_id"] == 1
+    ]
+    solo_id = next((c["id"] for c in coco["categories"] if c["name"] == solo), None)
+    kept = [a for a in coco["annotations"] if a["category_id"] != solo_id]
+    coco = {**coco, "images": coco["images"] + [third], "annotations": kept + copies}
+    (tmp_path / "three.json").write_text(json.dumps(coco))
+    return load_coco_templates(tmp_path / "three.json", DEMO / "images")
+
+
+def test_several_templates_are_held_out_and_judge_together(pool, tmp_path):
+    """`holdout_templates: 2` of three: the last two in file-name order are held out,
+    each with its views, and every epoch's template score is the mean over all of
+    them, per structure; the record names both. At least one template trains, and a
+    template showing a structure the training templates lack is not held out."""
+    three = three_templates(tmp_path)
+    names = sorted(t.file_name for t in three.images)
+    trainer = make_trainer(three, pool, holdout_templates=2, holdout_fraction=0.0)
+    assert [t.key for t in trainer.templates] == [f"template:{names[0]}"]
+    assert [t.file_name for t in trainer.validation_templates] == names[1:]
+    keys = [f"validation-template:{n}" for n in names[1:]]
+    assert list(trainer.validation_truths) == [
+        f"{key}{view}" for key in keys for view in ["", *(f"#view{v}" for v in range(6))]
+    ]
+    scores = trainer.validate()
+    per_view = scores["val_template_view_ious"]
+    assert all(len(v) == 2 * (1 + Trainer.VALIDATION_VIEWS) for v in per_view.values())
+    assert scores["val_template_ious"] == {
+        n: pytest.approx(np.mean(v)) for n, v in per_view.items()
+    }
+    assert trainer.labels_record()["selection"]["validation_templates"] == names[1:]
+    # more than there are: all but the first; one: the last, as before
+    assert (
+        make_trainer(three, pool, holdout_templates=5).templates[0].key == trainer.templates[0].key
+    )
+    one = make_trainer(three, pool, holdout_templates=1)
+    assert [t.file_name for t in one.validation_templates] == names[2:]
+    # the last shows "legs" alone: it trains, the two before it are held out
+    solo = make_trainer(three_templates(tmp_path, solo="legs"), pool, holdout_templates=2)
+    assert [t.file_name for t in solo.validation_templates] == names[:2]
+    assert [t.key for t in solo.templates] == [f"template:{names[2]}"]
 
 
 def test_the_held_out_template_is_judged_with_its_views(pool):
@@ -648,10 +699,10 @@ def test_a_template_with_a_structure_of_its_own_is_not_held_out():
         )
 
     def held(a, b):
-        kept, out = Trainer._hold_out_template(
+        kept, out = Trainer._hold_out_templates(
             dataclasses.replace(both, images=[a, b]), FinetuneSettings()
         )
-        return out and out.file_name, [t.file_name for t in kept.images]
+        return (out[0].file_name if out else None), [t.file_name for t in kept.images]
 
     assert held(first, last) == (last.file_name, [first.file_name])
     # the last shows a structure the first does not: the first is held out

@@ -102,7 +102,7 @@ def read_finetune_record(path: str | os.PathLike) -> dict:
     `path`: an adapter folder, the folder `finetune` wrote (with adapter/ in it), or the
     `sam2pal_adapter.json` file. Returns {"by": "ground_truth_iou" | "template_iou" |
     "cycle_iou" | None, "ground_truth_images": [names], "training_templates": {name:
-    [structure names]}, "validation_template": the held-out template's name or None}.
+    [structure names]}, "validation_templates": the held-out templates' names}.
     """
     path = Path(path)
     candidates = (
@@ -120,10 +120,13 @@ def read_finetune_record(path: str | os.PathLike) -> dict:
     if not isinstance(meta, dict):
         raise InputError(f"{meta_path}: not an adapter record (expected a JSON object)")
     selection = meta.get("selection")
-    validation = None
+    validation = []
     if isinstance(selection, dict):
         by, images = selection.get("by"), selection.get("ground_truth_images") or []
-        validation = selection.get("validation_template")
+        validation = selection.get("validation_templates")
+        if validation is None:  # records of one held-out template at most
+            one = selection.get("validation_template")
+            validation = [one] if one else []
     else:  # adapters written before the record: the epoch log tells how it was chosen
         history = meta.get("history") or []
         holdout = (meta.get("pool") or {}).get("holdout") or []
@@ -137,6 +140,7 @@ def read_finetune_record(path: str | os.PathLike) -> dict:
     if (
         not isinstance(images, list)
         or by not in ("ground_truth_iou", "template_iou", "cycle_iou", None)
+        or not isinstance(validation, list)
         or (by == "template_iou" and not validation)
     ):
         raise InputError(f"{meta_path}: unreadable 'selection' record")
@@ -144,7 +148,7 @@ def read_finetune_record(path: str | os.PathLike) -> dict:
         "by": by,
         "ground_truth_images": [str(n) for n in images],
         "training_templates": templates,
-        "validation_template": str(validation) if validation else None,
+        "validation_templates": [str(name) for name in validation],
     }
 
 
@@ -180,8 +184,8 @@ def _roles(gt_masks: dict, pred_data: dict, templates, finetune_record) -> dict:
         mark(record["training_templates"], "finetune_template")
         if record["by"] == "ground_truth_iou":
             mark({name: None for name in record["ground_truth_images"]}, "finetune_holdout")
-        if record["by"] == "template_iou":  # its true masks picked the epoch
-            mark({record["validation_template"]: None}, "finetune_holdout")
+        if record["by"] == "template_iou":  # their true masks picked the epoch
+            mark({name: None for name in record["validation_templates"]}, "finetune_holdout")
     return roles
 
 

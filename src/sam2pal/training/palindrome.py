@@ -26,8 +26,8 @@ Unlabelled specimens come from the collection (or another folder); a few are hel
 out. After every epoch the engine segments the held-out specimens and the mean
 cycle-consistency IoU (no labels needed), or the real IoU when ground truth is given,
 picks the best adapter. The last one is kept too. With two templates or more
-(`holdout_template`), one is held out of the training instead and its true masks,
-segmented from the others, pick the adapter: the cycle IoU ends on the template the
+(`holdout_template`), one (or up to `holdout_templates`) is held out of the training
+instead and its true masks, segmented from the others, pick the adapter: the cycle IoU ends on the template the
 loss trains on, and the adapter's shortcut raises it while the targets get worse
 (sam2pal-micro v2 on bronze_aligned: held-out cycle IoU 0.16 -> 0.33, true IoU
 0.34 -> 0.26). Two label-free alternatives failed the same test in a probe on that
@@ -321,7 +321,7 @@ class Trainer:
 
     OBJECTIVES = ("palindrome", "supervised")
     SELECT_BY = ("auto", "cycle_iou", "no_ground_truth")
-    VALIDATION_VIEWS = 6  # augmented views of the held-out template beside it
+    VALIDATION_VIEWS = 6  # augmented views of each held-out template beside it
     # a structure goes to the untouched model when the adapter is worse on the held-out
     # template and its views by more than this many standard errors of the difference
     UNTOUCHED_MARGIN = 2.0
@@ -349,7 +349,7 @@ class Trainer:
         label-free cycle IoU even where ground truth is known (it is then only logged,
         as is the training targets' IoU beside the loss, step by step);
         "no_ground_truth" picks it as the workflow does without ground truth (on the
-        held-out template where there is one, else on the cycle IoU). `framing` and
+        held-out templates where there are any, else on the cycle IoU). `framing` and
         `framing_fill`: how images go into the model's square input, as at inference
         (`sam2pal.inference.framing`): the adapter is trained on what it will see.
         `zoom`, `zoom_below`, `zoom_margin`: the segmentation's zoom pass
@@ -376,7 +376,7 @@ class Trainer:
             raise InputError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
         self.framing, self.framing_fill = framing, parse_fill(framing_fill)
         all_templates = templates
-        templates, self.validation_template = self._hold_out_template(templates, settings)
+        templates, self.validation_templates = self._hold_out_templates(templates, settings)
         self.categories = dict(templates.categories)
         self.template_set = templates
         self.ground_truth = ground_truth or {}
@@ -409,9 +409,9 @@ class Trainer:
             self.cache.add(key, self.read_image(self.paths[key]))
         self.validation_truths: dict[str, dict[str, np.ndarray]] = {}
         self.validation_pixels: dict[str, np.ndarray] = {}  # views, when read back
-        if self.validation_template is not None:
-            keep_pixels = not self.cache.enabled or zoom not in ("off", False)
-            self._add_validation_template(self.validation_template, keep_pixels)
+        keep_pixels = not self.cache.enabled or zoom not in ("off", False)
+        for held in self.validation_templates:
+            self._add_validation_template(held, keep_pixels)
         if isinstance(zoom, bool):  # YAML's unquoted off / on
             zoom = "on" if zoom else "off"
         self.zoom = {"zoom": zoom, "zoom_below": zoom_below, "zoom_margin": zoom_margin}
@@ -464,23 +464,29 @@ class Trainer:
             raise InputError("finetune: nothing to train (check targets)")
 
     @staticmethod
-    def _hold_out_template(templates, settings):
-        """(training templates, the held-out template or None): with `holdout_template`
-        and two templates or more, the last in file-name order whose structures the
-        other templates all show is held out (none when each shows one of its own:
-        the training would lose it)."""
+    def _hold_out_templates(templates, settings):
+        """(training templates, the held-out templates in file-name order): with
+        `holdout_template` and two templates or more, up to `holdout_templates` of them,
+        the last in file-name order first, each one only if the templates left to train
+        still show all its structures (a template showing one of its own trains: the
+        training would lose it); at least one template trains."""
         if not settings.holdout_template or len(templates.images) < 2:
-            return templates, None
-        ordered = sorted(templates.images, key=lambda image: image.file_name)
-        for image in reversed(ordered):
-            others = [other for other in ordered if other is not image]
+            return templates, []
+        training = sorted(templates.images, key=lambda image: image.file_name)
+        held = []
+        for image in reversed(list(training)):
+            if len(held) >= settings.holdout_templates or len(training) < 2:
+                break
+            others = [other for other in training if other is not image]
             shown = {inst.category_id for other in others for inst in other.instances}
             if {inst.category_id for inst in image.instances} <= shown:
-                return templates.select([other.file_name for other in others]), image
-        return templates, None
+                training, held = others, [image, *held]
+        if not held:
+            return templates, []
+        return templates.select([t.file_name for t in training]), held
 
     def _add_validation_template(self, image, keep_pixels: bool) -> None:
-        """The held-out template: its photo and `VALIDATION_VIEWS` augmented views of it
+        """A held-out template: its photo and `VALIDATION_VIEWS` augmented views of it
         (`template_view`, a fixed seed: the same views every epoch) into the feature
         cache, and their true masks (of the structures the training templates show, by
         name) for `validate`. One photo alone is a noisy judge; its views (scaled,
@@ -493,7 +499,7 @@ class Trainer:
         self.cache.add(key, photo)
         objects = [(inst.category_id, inst.instance) for inst in image.instances]
         masks = np.stack([inst.mask for inst in image.instances])
-        self.validation_truths = {key: self._named_truth(objects, masks)}
+        self.validation_truths[key] = self._named_truth(objects, masks)
         rng = np.random.default_rng(1234)
         for v in range(self.VALIDATION_VIEWS):
             view, view_masks = template_view(photo, masks, objects, self.categories, rng)
@@ -803,13 +809,13 @@ class Trainer:
 
         Returns:
             {"val_cycle_iou": mean cycle IoU, "val_template_iou": mean IoU of the
-            held-out template and its views, "val_template_ious": the same per structure
+            held-out templates and their views, "val_template_ious": the same per structure
             name, "val_template_view_ious": per structure name, the IoU of the template
             and of each view, "val_iou": mean real IoU where there is ground truth
             (category masks by name), "val_ious": the same per structure name}; None
             (or {}) for what cannot be measured.
         """
-        if not self.holdout and self.validation_template is None:
+        if not self.holdout and not self.validation_templates:
             return {
                 "val_cycle_iou": None,
                 "val_template_iou": None,
@@ -873,7 +879,7 @@ class Trainer:
                 else None
             ),
             "val_template_ious": {name: float(np.mean(v)) for name, v in template_ious.items()},
-            # per structure, the IoU of the held-out template and of each of its views
+            # per structure, the IoU of each held-out template and of each of its views
             "val_template_view_ious": {name: list(v) for name, v in template_ious.items()},
             "val_iou": float(np.mean(ious)) if ious else None,
             "val_ious": {name: float(np.mean(v)) for name, v in truth_ious.items()},
@@ -896,7 +902,7 @@ class Trainer:
 
         selection.by: "ground_truth_iou" when the real IoU on `ground_truth_images` (the
         held-out images with ground truth) picks the best epoch, "template_iou" when the
-        held-out template's (`validation_template`) does, "cycle_iou" when the
+        held-out templates' (`validation_templates`, file names) do, "cycle_iou" when the
         label-free cycle IoU does, null without held-out images. training_templates:
         {file name: structure names} of the templates whose masks the loss is taken on.
         """
@@ -904,7 +910,7 @@ class Trainer:
         by = None
         if with_truth and self.select_by == "auto":
             by = "ground_truth_iou"
-        elif self.validation_template is not None and self.select_by != "cycle_iou":
+        elif self.validation_templates and self.select_by != "cycle_iou":
             by = "template_iou"
         elif self.holdout:
             by = "cycle_iou"
@@ -917,16 +923,14 @@ class Trainer:
                 "by": by,
                 "holdout": list(self.holdout),
                 "ground_truth_images": with_truth,
-                "validation_template": None
-                if self.validation_template is None
-                else self.validation_template.file_name,
+                "validation_templates": [t.file_name for t in self.validation_templates],
             },
             "training_templates": {name: sorted(cats) for name, cats in sorted(structures.items())},
         }
 
     def score(self, metrics: dict) -> float | None:
         """The number the best adapter is chosen on, as `labels_record` says: the real
-        IoU of held-out photos, the held-out template's, or the cycle IoU."""
+        IoU of held-out photos, the held-out templates', or the cycle IoU."""
         key = {
             "ground_truth_iou": "val_iou",
             "template_iou": "val_template_iou",
@@ -934,7 +938,7 @@ class Trainer:
         }.get(self.labels_record()["selection"]["by"])
         if key == "val_template_iou" and self._chooses_per_structure():
             # what the segmentation will use: per structure, the adapter, or the
-            # untouched model (epoch 0) where it is surely better on the held-out template
+            # untouched model (epoch 0) where it is surely better on the held-out templates
             ious, before = metrics.get("val_template_ious"), self.history[0]["val_template_ious"]
             if ious:
                 left = self._left_untouched(metrics)
@@ -943,7 +947,7 @@ class Trainer:
 
     def _left_untouched(self, metrics: dict) -> list[str]:
         """The structures the untouched model (epoch 0) segments surely better than the
-        adapter of `metrics`: over the held-out template and its views, the adapter's
+        adapter of `metrics`: over the held-out templates and their views, the adapter's
         IoU minus the untouched model's is below zero by more than `UNTOUCHED_MARGIN`
         standard errors (one photo and its views are a noisy judge: a structure the
         adapter leaves as it was stays with the adapter)."""
@@ -962,7 +966,7 @@ class Trainer:
     def _chooses_per_structure(self) -> bool:
         """Whether the adapters record the structures left to the untouched model
         (`per_structure_choice`, a LoRA adapter off the image encoder, the held-out
-        template choosing the epoch, its epoch-0 scores known)."""
+        templates choosing the epoch, their epoch-0 scores known)."""
         s = self.settings
         return (
             s.per_structure_choice
@@ -1130,7 +1134,7 @@ class Trainer:
         untouched = self.untouched_structures(best_epoch)
         if untouched:
             self.log(
-                f"epoch {best_epoch} kept; the held-out template says the untouched model "
+                f"epoch {best_epoch} kept; the held-out templates say the untouched model "
                 f"segments these better, the segmentation keeps it for them: "
                 f"{', '.join(untouched)}"
             )
