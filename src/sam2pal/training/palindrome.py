@@ -152,6 +152,22 @@ class FinetuneSettings(Training):
         return cls(**values)
 
 
+def left_untouched(before: dict, after: dict, margin: float) -> list[str]:
+    """The structure names whose IoU over the held-out templates and their views,
+    `after` minus `before` ({name: [IoU per template or view]}), is below zero by more
+    than `margin` standard errors of that difference (a negative margin: the names
+    where it is not above zero by that much)."""
+    left = []
+    for name, ious in after.items():
+        if name not in before:
+            continue
+        diff = np.asarray(ious) - np.asarray(before[name])
+        error = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        if diff.mean() + margin * error < 0:
+            left.append(name)
+    return sorted(left)
+
+
 def release_inference_tensors(model) -> None:
     """Replace tensors that SAM2 modules cache across calls (RoPE frequencies, position
     encodings) if an inference-mode pass created them: autograd cannot use those."""
@@ -951,17 +967,11 @@ class Trainer:
         IoU minus the untouched model's is below zero by more than `UNTOUCHED_MARGIN`
         standard errors (one photo and its views are a noisy judge: a structure the
         adapter leaves as it was stays with the adapter)."""
-        before = self.history[0].get("val_template_view_ious") or {}
-        after = metrics.get("val_template_view_ious") or {}
-        left = []
-        for name, ious in after.items():
-            if name not in before:
-                continue
-            diff = np.asarray(ious) - np.asarray(before[name])
-            error = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-            if diff.mean() + self.UNTOUCHED_MARGIN * error < 0:
-                left.append(name)
-        return sorted(left)
+        return left_untouched(
+            self.history[0].get("val_template_view_ious") or {},
+            metrics.get("val_template_view_ious") or {},
+            self.UNTOUCHED_MARGIN,
+        )
 
     def _chooses_per_structure(self) -> bool:
         """Whether the adapters record the structures left to the untouched model
