@@ -23,12 +23,13 @@ saw), the same 20 targets are segmented from one template by
       epoch is picked on that combined score. The same training as (f);
   (h) as (g), given three templates: the first two train (meant as a counter to the
       degenerate solution: with two, one template's masks whatever is in memory no
-      longer lower the loss), the third is held out. What the workflow does with
-      three templates.
+      longer lower the loss), the third is held out (`holdout_templates: 1`; what
+      the workflow did with three templates before `holdout_templates` was 2).
   (i) as (g), given three templates: the first trains, the other two are held out
       (`holdout_templates: 2`) and judge together, each with its views: a judge less
       tied to one specimen than (g)'s. The same training as (g) but for the third
       template's photo, which (g) trains on or holds out as an unlabelled photo.
+      What the workflow does with three templates.
 
 The palindrome rows with one template pick their epoch on the label-free held-out
 cycle IoU, those with two or more on the held-out template, as the workflow does
@@ -39,6 +40,12 @@ cycle IoU and the held-out true IoU, and for every method the IoU of the last ep
 beside the selected one.
 
     .venv/bin/python -u benchmarks/palindrome.py --collections bronze_aligned   # ~25 min on 2 cores
+
+`--score-epochs` segments the targets after every epoch as well (as the table does,
+the adapter for every structure) and keeps their IoU per structure and photo in each
+epoch's row (`targets`), beside the held-out templates' IoU per structure and view
+(`val_template_view_ious`): other rules for choosing the epoch and the structures
+can then be scored from one run (`benchmarks/selection.py`).
 
 Writes benchmarks/results/palindrome-<checkpoint>.json (adapters and collections go to
 benchmarks/out/palindrome/).
@@ -64,7 +71,7 @@ from sam2pal.io.coco import category_masks, load_coco  # noqa: E402
 from sam2pal.io.templates import load_coco_templates  # noqa: E402
 from sam2pal.models.registry import choose_config  # noqa: E402
 from sam2pal.synth.quality import HELD_OUT, STRUCTURES, make_held_out, score_collection, spearman  # noqa: E402
-from sam2pal.training.palindrome import FinetuneSettings, Trainer  # noqa: E402
+from sam2pal.training.palindrome import FinetuneSettings, Trainer, release_inference_tensors  # noqa: E402
 
 METHODS = (
     "zero-shot",
@@ -87,6 +94,34 @@ def _spearman(a, b) -> float | None:
     return None if value != value else round(value, 3)
 
 
+class _EpochScoringTrainer(Trainer):
+    """A Trainer that also segments the table's targets after every epoch, as the
+    table does (from the first template; the adapter for every structure), and keeps
+    their IoU per structure and photo in the epoch's row (`targets`), so that other
+    ways to choose the epoch and the structures can be scored from one run."""
+
+    def __init__(self, coll: Path, targets_from: int, *args, **kwargs):
+        self.coll, self.targets_from = coll, targets_from
+        super().__init__(*args, **kwargs)
+
+    def validate(self) -> dict:
+        metrics = super().validate()
+        self.sam.eval()
+        rows = score_collection(
+            self.sam, self.coll, 1, self.targets_from, framing=self.framing
+        ).rows
+        release_inference_tensors(self.sam)
+        self.sam.train()
+        metrics["targets"] = {
+            s: [round(r["iou"], 4) for r in rows if r["structure"] == s] for s in STRUCTURES
+        }
+        return metrics
+
+
+def _plain_trainer(coll, targets_from, *args, **kwargs) -> Trainer:
+    return Trainer(*args, **kwargs)
+
+
 def finetune_and_score(
     args, model_args, coll: Path, out: Path, settings: dict, objective: str, templates: int = 1
 ) -> dict:
@@ -103,7 +138,9 @@ def finetune_and_score(
     _, truth = category_masks(load_coco(gt_path), gt_path)
     pool = {p.name: p for p in sorted((coll / "images").iterdir())}
     model, info, _ = _run_model(**model_args, adapter=None)
-    trainer = Trainer(
+    trainer = (_EpochScoringTrainer if args.score_epochs else _plain_trainer)(
+        coll,
+        args.n_templates,
         model,
         templates,
         pool,
@@ -151,6 +188,13 @@ def finetune_and_score(
                 },
                 # the held-out photos' true IoU per structure (the judges' yardstick)
                 "val_ious": {name: round(v, 4) for name, v in row.get("val_ious", {}).items()},
+                # per structure, the held-out templates' and their views' IoU (what the
+                # per-structure choice weighs)
+                "val_template_view_ious": {
+                    name: [round(v, 4) for v in values]
+                    for name, values in row.get("val_template_view_ious", {}).items()
+                },
+                **({"targets": row["targets"]} if "targets" in row else {}),
             }
         )
     scored = {}
@@ -204,6 +248,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--views", type=int, default=8, help="template views of the last method")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument(
+        "--score-epochs",
+        action="store_true",
+        help="segment the targets after every epoch too (their IoU per structure and photo "
+        "in each epoch's row: other selection rules can be scored from one run; slower)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "palindrome"))
@@ -261,7 +311,7 @@ def main(argv=None) -> int:
                 2,
             ),
             "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)": (
-                tuned,
+                {**tuned, "holdout_templates": 1},
                 "palindrome",
                 3,
             ),

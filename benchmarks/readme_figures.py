@@ -746,10 +746,19 @@ VIEWS_RECORDS = (
     "palindrome-sam2pal-micro-v2-structures-views",
     "palindrome-sam2pal-micro-v2-structures-views-b",
 )
+# (i): three templates, one trains, two judge (holdout_templates: 2)
+TWO_JUDGES_RECORDS = (
+    "palindrome-sam2pal-micro-v2-two-judges",
+    "palindrome-sam2pal-micro-v2-two-judges-b",
+)
 HOLDOUT_EPOCH = "palindrome (second template picks the epoch)"
 HOLDOUT_METHOD = "palindrome (defaults, second template picks the epoch and each structure's model)"
 THREE_TEMPLATE_METHOD = (
     "palindrome (defaults, two templates train, the third picks the epoch and each "
+    "structure's model)"
+)
+TWO_JUDGES_METHOD = (
+    "palindrome (defaults, one template trains, the other two pick the epoch and each "
     "structure's model)"
 )
 
@@ -766,12 +775,13 @@ def _runs(records, method: str) -> dict:
 def holdout_template() -> str:
     """Palindrome LoRA with its epoch picked by the cycle IoU (the quality records), by
     a second template held out of the training, by it with the per-structure choice,
-    with three templates, two training and the third held out, and with template views
-    (mean IoU of the parts)."""
+    with three templates, two training and the third held out, with template views, and
+    with three templates, one training and two held out (mean IoU of the parts)."""
     quality_runs = _quality_results()["collections"]
     epoch_runs = _runs(HOLDOUT_TEMPLATE_RECORDS, HOLDOUT_EPOCH)
     three_runs = _runs(THREE_TEMPLATE_RECORDS, THREE_TEMPLATE_METHOD)
     views_runs = _runs(VIEWS_RECORDS, HOLDOUT_METHOD)
+    judges_runs = _runs(TWO_JUDGES_RECORDS, TWO_JUDGES_METHOD)
     text = [
         f"Mean IoU of the parts on the held-out collections ({micro(QUALITY_RECORDS[0])}, 20 "
         "targets segmented from one template; the palindrome with the default settings):",
@@ -779,8 +789,9 @@ def holdout_template() -> str:
         "| collection | zero-shot | epoch picked by the cycle IoU | epoch picked by a second "
         "template | and per structure, adapter or untouched model | structures left to the "
         "untouched model | antenna: zero-shot / per structure | two templates train, the "
-        "third picks (structures left) | per structure, with 8 template views |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "third picks (structures left) | per structure, with 8 template views | one "
+        "template trains, two pick (structures left) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for record in STRUCTURE_CHOICE_RECORDS:
         for name, entry in load(record)["results"]["collections"].items():
@@ -792,13 +803,16 @@ def holdout_template() -> str:
             three = three_runs[name]
             left_three = ", ".join(three["untouched_structures"]) or "none"
             views = views_runs[name]
+            judges = judges_runs[name]
+            left_judges = ", ".join(judges["untouched_structures"]) or "none"
             text.append(
                 f"| {name} | {zero['mean']:.3f} | {cycle['mean']:.3f} "
                 f"| {epoch['table']['mean']:.3f} (epoch {epoch['best_epoch']}) "
                 f"| {run['table']['mean']:.3f} (epoch {run['best_epoch']}) | {left} "
                 f"| {zero['antenna']:.3f} / {run['table']['antenna']:.3f} "
                 f"| {three['table']['mean']:.3f} (epoch {three['best_epoch']}; {left_three}) "
-                f"| {views['table']['mean']:.3f} (epoch {views['best_epoch']}) |"
+                f"| {views['table']['mean']:.3f} (epoch {views['best_epoch']}) "
+                f"| {judges['table']['mean']:.3f} (epoch {judges['best_epoch']}; {left_judges}) |"
             )
     records = (
         *QUALITY_RECORDS,
@@ -806,6 +820,7 @@ def holdout_template() -> str:
         *STRUCTURE_CHOICE_RECORDS,
         *THREE_TEMPLATE_RECORDS,
         *VIEWS_RECORDS,
+        *TWO_JUDGES_RECORDS,
     )
     return "\n".join(text) + "\n\n" + source(*records)
 

@@ -621,6 +621,8 @@ def test_several_templates_are_held_out_and_judge_together(pool, tmp_path):
     assert (
         make_trainer(three, pool, holdout_templates=5).templates[0].key == trainer.templates[0].key
     )
+    default = make_trainer(three, pool).validation_templates
+    assert [t.file_name for t in default] == names[1:]
     one = make_trainer(three, pool, holdout_templates=1)
     assert [t.file_name for t in one.validation_templates] == names[2:]
     # the last shows "legs" alone: it trains, the two before it are held out
