@@ -21,7 +21,7 @@ from sam2pal.io.images import list_images, read_image
 from sam2pal.io.templates import load_coco_templates
 from sam2pal.models.adapters import adapter_kind, load_adapter, read_metadata
 from sam2pal.models.build import build_model
-from sam2pal.training.palindrome import FinetuneSettings, Trainer
+from sam2pal.training.palindrome import FinetuneSettings, Trainer, left_untouched
 
 DEMO = REPO / "resources" / "demo"
 SIZE = 64
@@ -686,6 +686,13 @@ def test_a_structure_goes_to_the_untouched_model_only_when_surely_worse(pool):
     assert trainer.untouched_structures(1) == ["a"]
     # the epoch's score: what the segmentation will use (a from the untouched model)
     assert trainer.score(row(after)) == pytest.approx(np.mean([0.5, np.mean(after["b"]), 0.6]))
+    # the rule with other margins (benchmarks/selection.py scores them): no margin sends
+    # the noise to the untouched model when its mean falls; a negative margin keeps
+    # the adapter only where it is surely better
+    assert left_untouched(before, after, Trainer.UNTOUCHED_MARGIN) == ["a"]
+    assert left_untouched(before, after, 0.0) == ["a", "b"]
+    assert left_untouched(before, after, -2.0) == ["a", "b"]
+    assert left_untouched(before, {**after, "c": [0.5] * 6 + [0.6]}, -2.0) == ["a", "b", "c"]
 
 
 def test_a_template_with_a_structure_of_its_own_is_not_held_out():
