@@ -412,6 +412,16 @@ class Training:
         "training",
         flag="--template_views",
     )
+    # a supervised term on known masks beside the palindrome: each cycle also segments
+    # another view of its template from the template's memory
+    anchor_weight: float = setting(
+        0.0,
+        "weight of a supervised term beside the palindrome loss: each cycle also segments "
+        "another augmented view of its template from it, against the view's true masks "
+        "(needs --template_views; default 0: off)",
+        "training",
+        flag=Flag("--anchor_weight", type=non_negative_float),
+    )
     zoom_crops: bool = setting(
         True,
         "do not train on the zoom pass's windows (with --zoom on or auto, the fine-tuning "

@@ -721,3 +721,22 @@ def test_a_template_with_a_structure_of_its_own_is_not_held_out():
         None,
         [first.file_name, last.file_name],
     )
+
+
+def test_anchor_term_is_supervised_on_a_template_view(templates, pool, tmp_path):
+    """`anchor_weight`: each cycle also segments another view of its template from
+    it, against that view's true masks; the term reaches the LoRA weights, the
+    training runs with it, and it needs template views."""
+    trainer = make_trainer(templates, pool, template_views=2, anchor_weight=1.0)
+    template = trainer.templates[0]
+    view = trainer.views[template.key][0]
+    trainer.sam.zero_grad(set_to_none=True)
+    loss = trainer.anchor_loss(template, view)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert any(g.abs().sum() > 0 for g in lora_grads(trainer).values())
+    assert not torch.equal(view.mask_input, template.mask_input)  # the view moved the masks
+    result = trainer.train(tmp_path / "ft", {"base_id": BASE})
+    assert len(result["history"]) == 2 and all(np.isfinite(trainer.step_losses))
+    with pytest.raises(InputError, match="anchor_weight needs template_views"):
+        make_trainer(templates, pool, anchor_weight=1.0)

@@ -116,6 +116,7 @@ class FinetuneSettings(Training):
             "max_images_per_epoch",
             "max_pool_images",
             "accumulation_steps",
+            "holdout_templates",
         ):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1")
@@ -419,6 +420,8 @@ class Trainer:
             raise InputError(
                 "finetune: template_views needs cache_features and a frozen image encoder"
             )
+        if settings.anchor_weight and not settings.template_views:
+            raise InputError("finetune: anchor_weight needs template_views (at least 1)")
         for t in templates.images:
             self._add_template(t)
         for key in self.train_keys + self.holdout:
@@ -778,6 +781,18 @@ class Trainer:
             self._truth_inputs[cached] = value
         return self._truth_inputs[cached]
 
+    def anchor_loss(self, template: _TrainingTemplate, view: _TrainingTemplate) -> torch.Tensor:
+        """Phase 1 from `template` onto `view`, another view of the same photo, against
+        the view's true masks (`anchor_weight`): a supervised term on known masks that
+        keeps the adapter segmenting from memory what the template shows."""
+        logits, objects, _, _ = self.phase1(
+            template, self._backbone(template.key), self._backbone(view.key)
+        )
+        truth = view.mask_input
+        present = (truth.flatten(1).sum(1) > 0).float().reshape(objects.shape)
+        objectness = F.binary_cross_entropy_with_logits(objects, present)
+        return self._mask_loss(logits, truth, objectness, logits)[0]
+
     def supervised_loss(self, template: _TrainingTemplate, target_key: str):
         """Phase 1 alone against the target's true masks (the oracle of benchmarks).
 
@@ -1054,16 +1069,23 @@ class Trainer:
             key = self.train_keys[int(index)]
             template = self.templates[int(self.rng.integers(len(self.templates)))]
             views = self.views.get(template.key)
+            anchor = None
             if views:  # the template itself or one of its views
                 pick = int(self.rng.integers(len(views) + 1))
-                template = template if pick == len(views) else views[pick]
-            cycles.append((template, key))
+                family = [*views, template]
+                if s.anchor_weight:  # another of them, segmented from it against its truth
+                    others = [v for j, v in enumerate(family) if j != pick]
+                    anchor = others[int(self.rng.integers(len(others)))]
+                template = family[pick]
+            cycles.append((template, key, anchor))
             for k, crop_key in self.crop_targets.get(key, []):
                 crops = self.crop_templates[k]
-                cycles.append((crops[int(self.rng.integers(len(crops)))], crop_key))
-        for i, (template, key) in enumerate(cycles):
+                cycles.append((crops[int(self.rng.integers(len(crops)))], crop_key, None))
+        for i, (template, key, anchor) in enumerate(cycles):
             with autocast(self.device):
                 loss, parts = step_loss(template, key)
+                if anchor is not None:
+                    loss = loss + s.anchor_weight * self.anchor_loss(template, anchor)
             (loss / s.accumulation_steps).backward()
             losses.append(loss.item())
             self.step_losses.append(loss.item())
