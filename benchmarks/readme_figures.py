@@ -825,8 +825,58 @@ def holdout_template() -> str:
     return "\n".join(text) + "\n\n" + source(*records)
 
 
+EPOCH_RECORDS = (
+    "palindrome-sam2pal-micro-v2-epochs",
+    "palindrome-sam2pal-micro-v2-epochs-b",
+)
+JUDGES = {HOLDOUT_METHOD: "one", TWO_JUDGES_METHOD: "two"}
+
+
+def selection_rules() -> str:
+    """The per-structure margins scored on runs recorded with every epoch's targets
+    (`benchmarks/selection.py`): the targets' mean IoU of the parts per rule, and the
+    ceiling of any such rule."""
+    from selection import MARGINS, score_rules
+
+    def label(margin):
+        return "adapter for all" if margin is None else f"margin {margin:+g}"
+
+    text = [
+        f"Targets' mean IoU of the parts ({micro(EPOCH_RECORDS[0])}, 20 targets from one "
+        "template) with the epoch and the structures each rule picks; in brackets the "
+        "default rule's value with the epoch picked in hindsight:",
+        "",
+        "| collection | held-out templates | zero-shot | "
+        + " | ".join(label(m) for m in MARGINS)
+        + " | default, best epoch in hindsight | ceiling: each part at its best epoch |",
+        "|---|---|---|" + "---|" * (len(MARGINS) + 2),
+    ]
+    scored = score_rules(list(EPOCH_RECORDS))
+    totals = {m: [] for m in (*MARGINS, "ceiling")}
+    for (name, method), runs in scored.items():
+        rules = runs["rules"]
+        default = rules[MARGINS[0]]
+        for m in MARGINS:
+            totals[m].append(rules[m]["mean"] - runs["zero_shot"])
+        totals["ceiling"].append(runs["ceiling"] - runs["zero_shot"])
+        text.append(
+            f"| {name} | {JUDGES[method]} | {runs['zero_shot']:.3f} | "
+            + " | ".join(f"{rules[m]['mean']:.3f} (epoch {rules[m]['epoch']})" for m in MARGINS)
+            + f" | {default['hindsight_mean']:.3f} (epoch {default['hindsight_epoch']}) "
+            f"| {runs['ceiling']:.3f} |"
+        )
+    gains = {m: f"{100 * sum(v) / len(v):+.1f}" for m, v in totals.items()}
+    text.append(
+        "| mean gain over zero-shot, points | | | "
+        + " | ".join(gains[m] for m in MARGINS)
+        + f" | | {gains['ceiling']} |"
+    )
+    return "\n".join(text) + "\n\n" + source(*EPOCH_RECORDS)
+
+
 BLOCKS = {
     "holdout-template": holdout_template,
+    "selection-rules": selection_rules,
     "review-templates": review_templates,
     "quality": quality,
     "quality-card": quality_card,

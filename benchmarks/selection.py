@@ -14,7 +14,9 @@ scores, without training again, the rules the fine-tuning could follow:
 
 For each rule it gives the targets' mean IoU of the parts at the epoch it picks, the
 same with the epoch picked in hindsight (the best the rule's structure choice allows),
-and the structures left to the untouched model. Epoch 0's targets are the zero-shot
+and the structures left to the untouched model; for each run, the ceiling: each part
+at the epoch where it did best, which no choice of one epoch and of the structures
+left untouched can beat. Epoch 0's targets are the zero-shot
 row. The targets' masks of a structure left untouched are epoch 0's: in the workflow
 the untouched model tracks those structures in a group of their own, so the figures
 differ a little from a run's table.
@@ -53,6 +55,20 @@ def _parts_mean(history: list[dict], epoch: int, untouched: list[str]) -> float:
     return sum(rows) / len(rows) if rows else math.nan
 
 
+def _ceiling(history: list[dict]) -> float:
+    """The targets' mean IoU of the parts with each part at the epoch where its mean was
+    highest (epoch 0 included): what no choice of one epoch and of the structures left
+    untouched can beat."""
+    rows = []
+    for name in history[0]["targets"]:
+        if name == "body":
+            continue
+        per_epoch = [row["targets"][name] for row in history]
+        best = max(per_epoch, key=lambda v: (sum(v) / len(v)) if v else -1.0)
+        rows += best
+    return sum(rows) / len(rows) if rows else math.nan
+
+
 def _rule(history: list[dict], margin: float | None) -> dict:
     """The epoch `margin`'s rule picks, its structures left untouched and the targets'
     mean there, and the same at the epoch that would have been best in hindsight."""
@@ -78,7 +94,8 @@ def _rule(history: list[dict], margin: float | None) -> dict:
 
 
 def score_rules(records: list[str]) -> dict:
-    """{(collection, method): {"zero_shot": mean, "rules": {margin: _rule}}} of the
+    """{(collection, method): {"zero_shot": mean, "ceiling": `_ceiling`, "rules": {margin:
+    `_rule`}}} of the
     runs in `records` recorded with `--score-epochs`."""
     out = {}
     for record in records:
@@ -89,6 +106,7 @@ def score_rules(records: list[str]) -> dict:
                     continue
                 out[(name, method)] = {
                     "zero_shot": _parts_mean(history, 0, []),
+                    "ceiling": _ceiling(history),
                     "rules": {margin: _rule(history, margin) for margin in MARGINS},
                 }
     return out
@@ -99,7 +117,10 @@ def main(argv=None) -> int:
     ap.add_argument("records", nargs="+", help="record names in benchmarks/results")
     args = ap.parse_args(argv)
     for (name, method), scored in score_rules(args.records).items():
-        print(f"\n{name} / {method}: zero-shot {scored['zero_shot']:.3f}")
+        print(
+            f"\n{name} / {method}: zero-shot {scored['zero_shot']:.3f}, ceiling "
+            f"(each part at its best epoch) {scored['ceiling']:.3f}"
+        )
         print("margin  epoch  mean of parts  (hindsight epoch: mean)  left to the untouched model")
         for margin, rule in scored["rules"].items():
             label = "none" if margin is None else f"{margin:+.0f}"
