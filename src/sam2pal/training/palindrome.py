@@ -26,14 +26,14 @@ Unlabelled specimens come from the collection (or another folder); a few are hel
 out. After every epoch the engine segments the held-out specimens and the mean
 cycle-consistency IoU (no labels needed), or the real IoU when ground truth is given,
 picks the best adapter. The last one is kept too. With two templates or more
-(`holdout_template`), one (or up to `holdout_templates`) is held out of the training
-instead and its true masks, segmented from the others, pick the adapter: the cycle IoU ends on the template the
-loss trains on, and the adapter's shortcut raises it while the targets get worse
-(sam2pal-micro v2 on bronze_aligned: held-out cycle IoU 0.16 -> 0.33, true IoU
-0.34 -> 0.26). Two label-free alternatives failed the same test in a probe on that
-collection: the cycle IoU with the untouched model tracking back (it rose a little
-as the targets got worse), and training with the return half of the cycle on the
-untouched model (the targets got worse faster).
+(`holdout_template`), one (two with three templates or more: `holdout_templates`) is
+held out of the training instead and their true masks, segmented from the others, pick
+the adapter: the cycle IoU ends on the template the loss trains on, and the adapter's
+shortcut raises it while the targets get worse (sam2pal-micro v2 on bronze_aligned:
+held-out cycle IoU 0.16 -> 0.33, true IoU 0.34 -> 0.26). Two label-free alternatives
+failed the same test in a probe on that collection: the cycle IoU with the untouched
+model tracking back (it rose a little as the targets got worse), and training with the
+return half of the cycle on the untouched model (the targets got worse faster).
 
 How much training: epochs of a small collection are few optimizer steps (20 photos,
 4 cycles a step: 5 an epoch), so the defaults ask for at least `min_steps` (60) and a
@@ -42,7 +42,9 @@ points); with these, palindrome training closed 85% of the gap to supervised LoR
 the true masks (`benchmarks/palindrome.py`). When ground truth is known, the training
 targets' phase-1 IoU is logged beside the loss (`training_steps.csv`): a loss that
 falls while it stays flat is the degenerate solution (segmenting the template photo
-whatever the memory holds). `template_views` counters it with augmented templates.
+whatever the memory holds). `template_views` counters it with augmented templates, and
+`anchor_weight` adds a supervised term on them (another view of the cycle's template
+segmented from it against its true masks).
 
 `Trainer` holds the state; `phase1`, `phase2` and `palindrome_loss` are the step.
 """
@@ -340,7 +342,7 @@ class Trainer:
     SELECT_BY = ("auto", "cycle_iou", "no_ground_truth")
     VALIDATION_VIEWS = 6  # augmented views of each held-out template beside it
     # a structure goes to the untouched model when the adapter is worse on the held-out
-    # template and its views by more than this many standard errors of the difference
+    # templates and their views by more than this many standard errors of the difference
     UNTOUCHED_MARGIN = 2.0
 
     def __init__(
