@@ -118,10 +118,6 @@ class _EpochScoringTrainer(Trainer):
         return metrics
 
 
-def _plain_trainer(coll, targets_from, *args, **kwargs) -> Trainer:
-    return Trainer(*args, **kwargs)
-
-
 def finetune_and_score(
     args, model_args, coll: Path, out: Path, settings: dict, objective: str, templates: int = 1
 ) -> dict:
@@ -138,9 +134,9 @@ def finetune_and_score(
     _, truth = category_masks(load_coco(gt_path), gt_path)
     pool = {p.name: p for p in sorted((coll / "images").iterdir())}
     model, info, _ = _run_model(**model_args, adapter=None)
-    trainer = (_EpochScoringTrainer if args.score_epochs else _plain_trainer)(
-        coll,
-        args.n_templates,
+    scoring = (_EpochScoringTrainer, coll, args.n_templates) if args.score_epochs else (Trainer,)
+    trainer = scoring[0](
+        *scoring[1:],
         model,
         templates,
         pool,
