@@ -39,11 +39,15 @@ def test_gpu_script_trains_from_the_kit_for_its_budget(tmp_path):
         "SITE": str(tmp_path / "site"),
     }
     subprocess.run(
-        ["bash", "scripts/pretrain_gpu.sh", "0.2", str(out), "1"], cwd=ROOT, env=env, check=True
+        ["bash", "scripts/pretrain_gpu.sh", "0.2", str(out), "1", "--learning_rate", "1e-4"],
+        cwd=ROOT,
+        env=env,
+        check=True,
     )
     record = json.loads((out / "sam2pal-micro-v3.training.json").read_text())
     assert record["stopped_by"] == "time budget" and record["steps_done"] >= 1
     assert record["settings"]["appearance"] == "mixed" and record["settings"]["minutes"] == 0.2
+    assert record["settings"]["learning_rate"] == 1e-4  # the flags after WORKERS override
     parts = sorted(out.glob("sam2pal-micro-v3.pt.part-*"))
     assert parts and all(p.stat().st_size <= 15 * 1024 * 1024 for p in parts)
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()

@@ -268,6 +268,10 @@ def test_pretrain_writes_an_official_checkpoint_and_resumes_to_the_same_weights(
     assert (tmp_path / "whole" / "m.yaml").read_text() == CONFIG.read_text()
     rows = (tmp_path / "whole" / "m.training.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) == 4
+    # each row says what share of its time the model waited for rendered episodes
+    header = rows[0].split(",")
+    shares = [float(r.split(",")[header.index("wait_share")]) for r in rows[1:]]
+    assert all(0 < share <= 1 for share in shares)  # rendered in this process: it waits
     assert (whole["steps_done"], whole["episodes"], whole["stopped_by"]) == (3, 3, "steps")
     # the held-out curve: before the first step and after the last, every collection
     curve = (tmp_path / "whole" / "m.heldout.csv").read_text().splitlines()

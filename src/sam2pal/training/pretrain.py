@@ -102,6 +102,7 @@ LOG_COLUMNS = [
     "target_iou",
     "learning_rate",
     "seconds",
+    "wait_share",
 ]
 
 
@@ -757,12 +758,14 @@ def _train_step(run: _Run, step: int, episodes: list[Episode], s: PretrainSettin
     return {"loss": float(loss.detach()), **parts}
 
 
-def _log_row(done: int, run: _Run, seconds: float, window: list[dict]) -> dict:
-    """The loss curve's row after `done` steps: means over the steps since the last."""
+def _log_row(done: int, run: _Run, seconds: float, window: list[dict], wait_share: float) -> dict:
+    """The loss curve's row after `done` steps: means over the steps since the last, and
+    the share of their time the model waited for episodes to be rendered."""
     row = {
         "step": done,
         "learning_rate": run.optimizer.param_groups[0]["lr"],
         "seconds": round(seconds, 1),
+        "wait_share": round(wait_share, 3),
     }
     for key in LOG_COLUMNS[1:7]:
         row[key] = round(float(np.mean([w[key] for w in window])), 5) if window else None
@@ -877,11 +880,19 @@ def _run_steps(
     (its steps done or its time budget spent), False once `stop_after` steps are done
     (the state saved)."""
     s = run.settings
-    loader = episode_loader(s, progress.step, workers)
+    loader = iter(episode_loader(s, progress.step, workers))
     t0, before = time.time(), progress.seconds
     window: list[dict] = []
     curve(run, progress.step, before)  # the curve's first point (once per run)
-    for step, episodes in loader:
+    # where the time goes: waiting for the rendered episodes, or training on them
+    waited, window_start = 0.0, time.time()
+    while True:
+        asked = time.time()
+        batch = next(loader, None)
+        if batch is None:
+            break
+        step, episodes = batch
+        waited += time.time() - asked
         elapsed = before + time.time() - t0
         if _size_at(step, s, elapsed) != run.size:
             run.resize(_size_at(step, s, elapsed))
@@ -893,12 +904,13 @@ def _run_steps(
         progress.step, progress.seconds = done, before + time.time() - t0
         over = done >= s.steps or _budget_share(progress.seconds, s) >= 1.0
         if done % s.log_every == 0 or over:
-            row = _log_row(done, run, progress.seconds, window)
+            share = waited / max(time.time() - window_start, 1e-9)
+            row = _log_row(done, run, progress.seconds, window, share)
             progress.rows.append(row)
-            window = []
+            window, waited, window_start = [], 0.0, time.time()
             log(
                 f"step {done}/{s.steps} loss {row['loss']} target IoU {row['target_iou']} "
-                f"({row['seconds']:.0f} s)"
+                f"({row['seconds']:.0f} s, {share:.0%} of it waiting for episodes)"
             )
         stopping = stop_after is not None and done >= stop_after
         curve(run, done, progress.seconds, last=over or stopping)
