@@ -727,7 +727,9 @@ def test_anchor_term_is_supervised_on_a_template_view(templates, pool, tmp_path)
     """`anchor_weight`: each cycle also segments another view of its template from
     it, against that view's true masks; the term reaches the LoRA weights, the
     training runs with it, and it needs template views."""
-    trainer = make_trainer(templates, pool, template_views=2, anchor_weight=1.0)
+    model = fresh_model()
+    twin = copy.deepcopy(model)  # the same weights for the uncached trainer
+    trainer = make_trainer(templates, pool, model=model, template_views=2, anchor_weight=1.0)
     template = trainer.templates[0]
     view = trainer.views[template.key][0]
     trainer.sam.zero_grad(set_to_none=True)
@@ -736,6 +738,19 @@ def test_anchor_term_is_supervised_on_a_template_view(templates, pool, tmp_path)
     assert torch.isfinite(loss) and loss.item() > 0
     assert any(g.abs().sum() > 0 for g in lora_grads(trainer).values())
     assert not torch.equal(view.mask_input, template.mask_input)  # the view moved the masks
+    # without the feature cache the views are kept as pixels and encoded at every use:
+    # the same views (the same seed), the same term
+    uncached = make_trainer(
+        templates,
+        pool,
+        model=twin,
+        template_views=2,
+        anchor_weight=1.0,
+        cache_features=False,
+    )
+    assert set(uncached.crop_images) == {v.key for v in uncached.views[template.key]}
+    again = uncached.anchor_loss(uncached.templates[0], uncached.views[template.key][0])
+    assert again.item() == pytest.approx(loss.item(), rel=1e-4)
     result = trainer.train(tmp_path / "ft", {"base_id": BASE})
     assert len(result["history"]) == 2 and all(np.isfinite(trainer.step_losses))
     with pytest.raises(InputError, match="anchor_weight needs template_views"):

@@ -418,10 +418,8 @@ class Trainer:
         self.views: dict[str, list[_TrainingTemplate]] = {}
         self._zoom_wanted = zoom not in ("off", False) and settings.zoom_crops
         self._view_sources: dict[str, tuple] = {}
-        if settings.template_views and not self.cache.enabled:
-            raise InputError(
-                "finetune: template_views needs cache_features and a frozen image encoder"
-            )
+        # pixels made here (template views, zoom windows), kept without the feature cache
+        self.crop_images: dict[str, np.ndarray] = {}
         if settings.anchor_weight and not settings.template_views:
             raise InputError("finetune: anchor_weight needs template_views (at least 1)")
         for t in templates.images:
@@ -440,7 +438,6 @@ class Trainer:
         # the template views); per training image, its (cluster, window key) pairs
         self.crop_templates: dict[int, list[_TrainingTemplate]] = {}
         self.crop_targets: dict[str, list[tuple[int, str]]] = {}
-        self.crop_images: dict[str, np.ndarray] = {}  # without the feature cache
         if zoom != "off" and settings.zoom_crops:
             self._add_zoom_crops()
         self.history: list[dict] = []
@@ -587,7 +584,7 @@ class Trainer:
         for v in range(self.settings.template_views):
             view_image, view_masks = template_view(image, masks, objects, self.categories, self.rng)
             view_key = f"{key}#view{v}"
-            self.cache.add(view_key, view_image)
+            self._add_crop(view_key, view_image)
             if self._zoom_wanted:  # the zoom crops cut the views too
                 self._view_sources[view_key] = (view_image, dict(zip(objects, view_masks)))
             self.views[key].append(
@@ -609,7 +606,8 @@ class Trainer:
         return crop if crop is not None else self.read_image(self.paths[key])
 
     def _add_crop(self, key: str, image: np.ndarray) -> None:
-        """A zoom window's pixels into the feature cache (kept as pixels without it)."""
+        """Pixels made here (a zoom window, a template view) into the feature cache
+        (kept as pixels without it, encoded at every use)."""
         self.cache.add(key, image)
         if not self.cache.enabled:
             self.crop_images[key] = image
