@@ -11,6 +11,7 @@ import torch
 
 from sam2pal import cli
 from sam2pal.errors import InputError
+from sam2pal.inference.engine import preprocess
 from sam2pal.models.build import build_model, file_sha256, read_state_dict
 from sam2pal.models.download import resolve_checkpoint_digest
 from sam2pal.models.registry import (
@@ -38,6 +39,7 @@ from sam2pal.training.pretrain import (
     episode_shape,
     heldout_episodes,
     heldout_iou,
+    input_batch,
     pretrain,
     split_masks,
 )
@@ -331,6 +333,19 @@ def test_a_time_budget_ends_the_run_with_a_model_and_runs_the_schedule_by_the_cl
     assert _size_at(900, b, elapsed=1.0) == b.image_size
     with pytest.raises(InputError, match="minutes must be >= 0"):
         PretrainSettings(minutes=-1)
+
+
+def test_inputs_resized_on_the_device_match_sam2_s_own_loader():
+    """On a GPU a step's images are resized there (`input_batch`): the same inputs,
+    within Pillow's rounding to whole grey levels, as `preprocess` makes on the CPU."""
+    episode = draw_episode(3, _tiny(), [m for _, m in split_masks()[0]][:4], 2, True)
+    cpu = torch.device("cpu")
+    here = input_batch(episode.images, 96, cpu)
+    there = input_batch(episode.images, 96, cpu, on_device=True)
+    assert torch.equal(here, torch.cat([preprocess(i, 96, cpu) for i in episode.images]))
+    assert there.shape == here.shape == (len(episode.images), 3, 96, 96)
+    grey_levels = (there - here).abs() * torch.tensor([0.229, 0.224, 0.225])[:, None, None] * 255
+    assert grey_levels.mean() < 0.5 and grey_levels.max() < 2
 
 
 def test_several_workers_render_each_step_once_in_order():

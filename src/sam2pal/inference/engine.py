@@ -284,7 +284,10 @@ def binary_mask_input(masks: np.ndarray, image_size: int, device, frame=None) ->
     (letterboxed into the frame's inner rectangle when a letterbox `frame` is given)."""
     if frame is not None and not frame.stretched:
         return torch.from_numpy(framed_masks(masks, frame)[:, None]).to(device)
-    tensor = torch.from_numpy(masks[:, None].astype(np.float32)).to(device)
+    if masks.dtype == bool:  # bytes, not floats, travel to the device
+        tensor = torch.from_numpy(np.ascontiguousarray(masks[:, None])).to(device).float()
+    else:
+        tensor = torch.from_numpy(masks[:, None].astype(np.float32)).to(device)
     if tensor.shape[-2:] != (image_size, image_size):
         tensor = F.interpolate(
             tensor,
