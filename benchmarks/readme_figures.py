@@ -830,6 +830,68 @@ def holdout_template() -> str:
     return "\n".join(text) + "\n\n" + source(*records)
 
 
+# (g) and (i) with eight template views and the anchor term (anchor_weight: 1), the
+# defaults since 2026-12-04
+ANCHOR_RECORDS = tuple(
+    f"palindrome-sam2pal-micro-v2-anchor-{name}"
+    for name in ("bronze_aligned", "small_mixed", "pale_on_dark", "procedural_eyes")
+)
+ANCHOR_JUDGES_RECORDS = (
+    "palindrome-sam2pal-micro-v2-anchor-two-judges-a",
+    "palindrome-sam2pal-micro-v2-anchor-two-judges-b",
+)
+
+
+def anchor_term() -> str:
+    """Mean IoU of the parts with and without the anchor term (and its template views),
+    with two templates ((g)) and three ((i)), and each one's gain over zero-shot."""
+    zero = {
+        name: entry["methods"]["zero-shot"]["table"]["mean"]
+        for record in STRUCTURE_CHOICE_RECORDS
+        for name, entry in load(record)["results"]["collections"].items()
+    }
+    pairs = {
+        "two templates": (
+            _runs(STRUCTURE_CHOICE_RECORDS, HOLDOUT_METHOD),
+            _runs(ANCHOR_RECORDS, HOLDOUT_METHOD),
+        ),
+        "three templates": (
+            _runs(TWO_JUDGES_RECORDS, TWO_JUDGES_METHOD),
+            _runs(ANCHOR_JUDGES_RECORDS, TWO_JUDGES_METHOD),
+        ),
+    }
+    text = [
+        f"Mean IoU of the parts ({micro(ANCHOR_RECORDS[0])}, 20 targets from one template; in "
+        "brackets the gain over zero-shot, points):",
+        "",
+        "| collection | zero-shot | "
+        + " | ".join(f"{k}: without / with the anchor term" for k in pairs)
+        + " |",
+        "|---|---|" + "---|" * len(pairs),
+    ]
+    gains = {k: ([], []) for k in pairs}
+    for name, z in zero.items():
+        cells = []
+        for k, (without, with_) in pairs.items():
+            a, b = without[name]["table"]["mean"], with_[name]["table"]["mean"]
+            gains[k][0].append(100 * (a - z))
+            gains[k][1].append(100 * (b - z))
+            cells.append(f"{a:.3f} ({100 * (a - z):+.1f}) / {b:.3f} ({100 * (b - z):+.1f})")
+        text.append(f"| {name} | {z:.3f} | " + " | ".join(cells) + " |")
+    text.append(
+        "| mean gain, points | | "
+        + " | ".join(f"{sum(a) / len(a):+.1f} / {sum(b) / len(b):+.1f}" for a, b in gains.values())
+        + " |"
+    )
+    records = (
+        *STRUCTURE_CHOICE_RECORDS,
+        *ANCHOR_RECORDS,
+        *TWO_JUDGES_RECORDS,
+        *ANCHOR_JUDGES_RECORDS,
+    )
+    return "\n".join(text) + "\n\n" + source(*records)
+
+
 EPOCH_RECORDS = (
     "palindrome-sam2pal-micro-v2-epochs",
     "palindrome-sam2pal-micro-v2-epochs-b",
@@ -882,6 +944,7 @@ def selection_rules() -> str:
 BLOCKS = {
     "holdout-template": holdout_template,
     "selection-rules": selection_rules,
+    "anchor-term": anchor_term,
     "review-templates": review_templates,
     "quality": quality,
     "quality-card": quality_card,

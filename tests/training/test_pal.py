@@ -52,6 +52,8 @@ def make_trainer(templates, pool, model=None, **settings):
         warmup_steps=0,
         holdout_fraction=0.3,
         seed=0,
+        template_views=0,  # the views and the anchor term: their own tests
+        anchor_weight=0.0,
     )
     model = fresh_model() if model is None else model
     return Trainer(
@@ -753,5 +755,16 @@ def test_anchor_term_is_supervised_on_a_template_view(templates, pool, tmp_path)
     assert again.item() == pytest.approx(loss.item(), rel=1e-4)
     result = trainer.train(tmp_path / "ft", {"base_id": BASE})
     assert len(result["history"]) == 2 and all(np.isfinite(trainer.step_losses))
-    with pytest.raises(InputError, match="anchor_weight needs template_views"):
-        make_trainer(templates, pool, anchor_weight=1.0)
+    # the anchor term alone: views of its own, the cycles start from the template itself
+    alone = make_trainer(templates, pool, anchor_weight=1.0)
+    assert all(len(v) == Trainer.ANCHOR_VIEWS for v in alone.views.values())
+    picked, anchor = [], alone.anchor_loss
+    alone.anchor_loss = lambda template, view: (
+        picked.append((template, view)) or anchor(template, view)
+    )
+    optimizer = torch.optim.AdamW(alone.params, lr=1e-4)
+    scheduler = alone._scheduler(optimizer, 1)
+    alone._train_epoch(2, optimizer, scheduler, alone.palindrome_loss)
+    assert len(picked) == 2
+    assert all(t in alone.templates and v in alone.views[t.key] for t, v in picked)
+    assert FinetuneSettings().template_views == 8 and FinetuneSettings().anchor_weight == 1.0

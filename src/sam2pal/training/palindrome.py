@@ -44,7 +44,7 @@ targets' phase-1 IoU is logged beside the loss (`training_steps.csv`): a loss th
 falls while it stays flat is the degenerate solution (segmenting the template photo
 whatever the memory holds). `template_views` counters it with augmented templates, and
 `anchor_weight` adds a supervised term on them (another view of the cycle's template
-segmented from it against its true masks).
+segmented from it against its true masks); both are on by default (8 views, weight 1).
 
 `Trainer` holds the state; `phase1`, `phase2` and `palindrome_loss` are the step.
 """
@@ -341,6 +341,7 @@ class Trainer:
     OBJECTIVES = ("palindrome", "supervised")
     SELECT_BY = ("auto", "cycle_iou", "no_ground_truth")
     VALIDATION_VIEWS = 6  # augmented views of each held-out template beside it
+    ANCHOR_VIEWS = 8  # views of each template for anchor_weight with template_views 0
     # a structure goes to the untouched model when the adapter is worse on the held-out
     # templates and their views by more than this many standard errors of the difference
     UNTOUCHED_MARGIN = 2.0
@@ -420,8 +421,6 @@ class Trainer:
         self._view_sources: dict[str, tuple] = {}
         # pixels made here (template views, zoom windows), kept without the feature cache
         self.crop_images: dict[str, np.ndarray] = {}
-        if settings.anchor_weight and not settings.template_views:
-            raise InputError("finetune: anchor_weight needs template_views (at least 1)")
         for t in templates.images:
             self._add_template(t)
         for key in self.train_keys + self.holdout:
@@ -571,8 +570,9 @@ class Trainer:
                 )
 
     def _add_template(self, t) -> None:
-        """Add template image `t` (and `template_views` random views of it) to the
-        training templates and the feature cache."""
+        """Add template image `t` (and `template_views` random views of it, or
+        `ANCHOR_VIEWS` for the anchor term alone) to the training templates and the
+        feature cache."""
         key = f"template:{t.file_name}"
         self.paths[key] = Path(t.path)
         image = self.read_image(t.path)
@@ -581,7 +581,8 @@ class Trainer:
         masks = np.stack([i.mask for i in t.instances])
         self.templates.append(_TrainingTemplate(key, objects, self._mask_input(masks)))
         self.views[key] = []
-        for v in range(self.settings.template_views):
+        s = self.settings
+        for v in range(s.template_views or (self.ANCHOR_VIEWS if s.anchor_weight else 0)):
             view_image, view_masks = template_view(image, masks, objects, self.categories, self.rng)
             view_key = f"{key}#view{v}"
             self._add_crop(view_key, view_image)
@@ -1070,9 +1071,9 @@ class Trainer:
             template = self.templates[int(self.rng.integers(len(self.templates)))]
             views = self.views.get(template.key)
             anchor = None
-            if views:  # the template itself or one of its views
-                pick = int(self.rng.integers(len(views) + 1))
+            if views:  # the template itself or one of its views (template_views)
                 family = [*views, template]
+                pick = int(self.rng.integers(len(family))) if s.template_views else len(views)
                 if s.anchor_weight:  # another of them, segmented from it against its truth
                     others = [v for j, v in enumerate(family) if j != pick]
                     anchor = others[int(self.rng.integers(len(others)))]
