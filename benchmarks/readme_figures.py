@@ -789,7 +789,8 @@ def holdout_template() -> str:
     judges_runs = _runs(TWO_JUDGES_RECORDS, TWO_JUDGES_METHOD)
     text = [
         f"Mean IoU of the parts on the held-out collections ({micro(QUALITY_RECORDS[0])}, 20 "
-        "targets segmented from one template; the palindrome with the default settings):",
+        "targets segmented from one template; the palindrome with the default settings of "
+        "2026-12-03: no template views, no anchor term):",
         "",
         "| collection | zero-shot | epoch picked by the cycle IoU | epoch picked by a second "
         "template | and per structure, adapter or untouched model | structures left to the "
