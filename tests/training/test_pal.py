@@ -768,3 +768,17 @@ def test_anchor_term_is_supervised_on_a_template_view(templates, pool, tmp_path)
     assert len(picked) == 2
     assert all(t in alone.templates and v in alone.views[t.key] for t, v in picked)
     assert FinetuneSettings().template_views == 8 and FinetuneSettings().anchor_weight == 1.0
+
+
+def test_training_without_a_held_out_template_says_the_cycle_iou_judges(templates, pool):
+    """With one template (and no ground truth) the log says that the label-free cycle
+    IoU picks the epoch and that a second template would judge it; with two, not."""
+    settings = FinetuneSettings(template_views=0, anchor_weight=0.0, holdout_fraction=0.3)
+
+    def said(template_set):
+        lines = []
+        Trainer(fresh_model(), template_set, pool, settings, log=lines.append)
+        return any("no template held out" in line for line in lines)
+
+    assert said(templates)
+    assert not said(load_coco_templates(DEMO / "templates.json", DEMO / "images"))

@@ -430,6 +430,12 @@ class Trainer:
         keep_pixels = not self.cache.enabled or zoom not in ("off", False)
         for held in self.validation_templates:
             self._add_validation_template(held, keep_pixels)
+        if objective == "palindrome" and not self.validation_templates and not self.ground_truth:
+            self.log(
+                "no template held out: the label-free cycle IoU picks the epoch, and it can "
+                "keep an adapter that segments worse than the untouched model (README, "
+                "Adapting SAM2 to a collection); annotate a second template to judge it"
+            )
         if isinstance(zoom, bool):  # YAML's unquoted off / on
             zoom = "on" if zoom else "off"
         self.zoom = {"zoom": zoom, "zoom_below": zoom_below, "zoom_margin": zoom_margin}
