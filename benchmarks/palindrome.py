@@ -88,9 +88,9 @@ METHODS = (
     "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)",
     "palindrome (defaults, one template trains, the other two pick the epoch and each structure's model)",
 )
-PREVIOUS_DEFAULTS = {"learning_rate": 1e-4, "min_steps": 0, "template_views": 0, "anchor_weight": 0}
-#: the oracle: supervised on the targets' truth alone
+#: no template views and no anchor term (the oracle: supervised on the targets' truth alone)
 PLAIN = {"template_views": 0, "anchor_weight": 0}
+PREVIOUS_DEFAULTS = {**PLAIN, "learning_rate": 1e-4, "min_steps": 0}
 
 
 def _spearman(a, b) -> float | None:
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
             "oracle (supervised)": ({**PLAIN, **tuned}, "supervised", 1),
             "palindrome (defaults)": (tuned, "palindrome", 1),
             "palindrome (defaults, template views)": (
-                {**tuned, "template_views": args.views, "anchor_weight": 0},
+                {**tuned, **PLAIN, "template_views": args.views},
                 "palindrome",
                 1,
             ),
