@@ -140,7 +140,11 @@ def finetune_and_score(
     _, truth = category_masks(load_coco(gt_path), gt_path)
     pool = {p.name: p for p in sorted((coll / "images").iterdir())}
     model, info, _ = _run_model(**model_args, adapter=None)
-    scoring = (_EpochScoringTrainer, coll, args.n_templates) if args.score_epochs else (Trainer,)
+    scoring = (
+        (_EpochScoringTrainer, coll, args.n_templates)
+        if getattr(args, "score_epochs", False)  # quality.py has no such flag
+        else (Trainer,)
+    )
     trainer = scoring[0](
         *scoring[1:],
         model,

@@ -424,6 +424,16 @@ class Training:
         "training",
         flag=Flag("--anchor_weight", type=non_negative_float),
     )
+    # the return half remembers the target's predicted masks cut at 0.5 (the gradient
+    # passes as if they were soft): a soft mask can carry the structure's place in
+    # values below 0.5 while the prediction itself shrinks away (the thin parts)
+    binary_cycle_mask: bool = setting(
+        False,
+        "the return half of each cycle remembers the target's predicted masks binarised at "
+        "0.5 (the gradient passes straight through) instead of as probabilities",
+        "training",
+        flag="--binary_cycle_mask",
+    )
     zoom_crops: bool = setting(
         True,
         "do not train on the zoom pass's windows (with --zoom on or auto, the fine-tuning "

@@ -101,6 +101,27 @@ def test_gradients_reach_lora_through_the_soft_phase1_mask(templates, pool):
     assert all(torch.allclose(zero_lora[n], zero_detached_lora[n]) for n in zero_lora)
 
 
+def test_binary_cycle_mask_is_cut_at_a_half_with_the_soft_gradient(templates, pool):
+    """binary_cycle_mask: the return half remembers 0/1 masks (the prediction at 0.5),
+    while the gradient reaching the phase-1 logits is the soft mask's."""
+    soft_trainer = make_trainer(templates, pool)
+    binary_trainer = make_trainer(templates, pool, binary_cycle_mask=True)
+    logits = torch.randn(2, 1, SIZE // 4, SIZE // 4) * 3
+    weights = torch.rand(2, 1, SIZE, SIZE)
+    grads, masks = [], []
+    for trainer in (soft_trainer, binary_trainer):
+        x = logits.clone().requires_grad_(True)
+        mask = trainer.soft_mask(x)
+        (mask * weights).sum().backward()
+        grads.append(x.grad)
+        masks.append(mask.detach())
+    soft, binary = masks
+    assert set(torch.unique(binary).tolist()) == {0.0, 1.0}
+    assert torch.equal(binary, (soft > 0.5).float())
+    assert torch.allclose(grads[0], grads[1])
+    assert grads[1].abs().sum() > 0
+
+
 def test_phase2_sees_only_the_target_and_its_soft_mask(templates, pool):
     """The memory reset. Within a training step, phase 2 sees the target and its soft
     phase-1 mask and nothing else of phase 1: changing what phase 1 remembered of the

@@ -704,11 +704,17 @@ class Trainer:
         return logits, object_logits, memory, target_feats
 
     def soft_mask(self, low_res_logits: torch.Tensor) -> torch.Tensor:
-        """Phase-1 logits -> (B, 1, S, S) probabilities, the mask phase 2 remembers."""
+        """Phase-1 logits -> (B, 1, S, S) probabilities, the mask phase 2 remembers.
+
+        With `binary_cycle_mask` the values are cut at 0.5 while the gradient is that
+        of the probabilities (straight-through)."""
         size = (self.image_size, self.image_size)
-        return torch.sigmoid(
+        prob = torch.sigmoid(
             F.interpolate(low_res_logits, size=size, mode="bilinear", align_corners=False)
         )
+        if not self.settings.binary_cycle_mask:
+            return prob
+        return (prob > 0.5).to(prob.dtype) + (prob - prob.detach())
 
     def phase2(
         self,
