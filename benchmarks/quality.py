@@ -11,7 +11,10 @@ For each held-out collection (generator settings that `sam2pal pretrain` never s
       does by default with three: one trains, the other two are held out and pick the
       epoch and, per structure, adapter or untouched model; then (a),
   (d) an oracle upper bound: supervised LoRA on the same photos with their true masks,
-      as many optimizer steps as (c), then (a),
+      as many optimizer steps as (c) trained, then (a); the plain supervised
+      objective, without the template views and the anchor term (as
+      `benchmarks/palindrome.py`'s oracle: with them, on bronze_aligned, no epoch beat the
+      untouched model on the held-out photos),
 
 the gains of (c) and (c') over (a) and the shares of the gap to (d) they close, and the Spearman
 rank correlation of the label-free cycle IoU with the true IoU of the zero-shot
@@ -22,6 +25,9 @@ eyes >= 0.40, antennae and legs >= 0.35, rank correlation >= 0.5; palindrome gai
     .venv/bin/python -u benchmarks/quality.py              # sam2pal-micro, ~40 min on 2 cores
     .venv/bin/python benchmarks/quality.py --checkpoint random --no-finetune   # the floor
 
+`--reuse RECORD` keeps the rows (a) to (c') of an earlier record, with the same `--out`
+(whose adapters give the oracle its steps), and measures the oracle again.
+
 Writes benchmarks/results/quality-<checkpoint>.json (`--record`; the collections and
 adapters go to benchmarks/out/quality/).
 """
@@ -29,6 +35,7 @@ adapters go to benchmarks/out/quality/).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -48,12 +55,14 @@ from sam2pal.synth.quality import (  # noqa: E402
 )
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from palindrome import finetune_and_score  # noqa: E402
-from record import Recorder  # noqa: E402
+from palindrome import PLAIN, finetune_and_score  # noqa: E402
+from record import Recorder, load  # noqa: E402
 
 #: the zero-shot goals: structure -> lowest mean IoU (skipped where a collection lacks it)
 #: the palindrome rows' gains over zero-shot and the shares of the oracle's gain they reach
 GAINS = (("palindrome_gain", "gap_closed"), ("palindrome_judged_gain", "judged_gap_closed"))
+#: the name of row (d)
+ORACLE = "oracle: supervised LoRA (1 template)"
 #: the name of row (c')
 JUDGED = "palindrome LoRA ({n} templates: one trains, {held} pick the epoch and structures)"
 GOALS = {"body": 0.85, "head": 0.60, "pronotum": 0.60, "eye": 0.40, "antenna": 0.35, "legs": 0.35}
@@ -98,7 +107,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "quality"))
     ap.add_argument("--record", default=None, help="result name (default quality-<checkpoint>)")
+    ap.add_argument(
+        "--reuse",
+        default=None,
+        help="a record of an earlier run with the same --out: keep its rows but the oracle's",
+    )
     args = ap.parse_args(argv)
+    reused = load(args.reuse)["results"]["collections"] if args.reuse else {}
     recorder = Recorder(args.record or f"quality-{Path(args.checkpoint).stem}", args, args.device)
 
     out = Path(args.out)
@@ -124,6 +139,12 @@ def main(argv=None) -> int:
         coll = out / name
         make_held_out(coll, spec, args.n_images, args.n_templates)
         t0 = time.time()
+        if name in reused:
+            entry = _oracle(args, model_args, coll, out, name, reused[name])
+            entry["seconds"] = round(time.time() - t0, 1)
+            results["collections"][name] = entry
+            _print_collection(name, entry)
+            continue
         zero = score_collection(base, coll, 1, args.n_templates, cycle=True, framing=args.framing)
         multi = score_collection(
             base, coll, args.n_templates, args.n_templates, framing=args.framing
@@ -188,22 +209,9 @@ def main(argv=None) -> int:
                 entry["palindrome_judged_gain"] = round(
                     judged["table"]["mean"] - zero.mean_parts(), 3
                 )
-            if not args.no_oracle:  # the same optimizer steps, on the true masks
-                steps = json.loads(
-                    (out / f"{name}-adapter" / "adapter" / "sam2pal_adapter.json").read_text()
-                )
-                n_steps = steps["history"][-1]["optimizer_steps"]
-                oracle_settings = {**settings, "min_steps": n_steps, "num_epochs": 1}
-                oracle = finetune_and_score(
-                    args, model_args, coll, out / f"{name}-oracle", oracle_settings, "supervised"
-                )
-                rows["oracle: supervised LoRA (1 template)"] = oracle["table"]
-                entry["oracle_steps"] = oracle["optimizer_steps"]
-                gap = oracle["table"]["mean"] - zero.mean_parts()
-                for gain, closed in GAINS:
-                    if gain in entry:
-                        entry[closed] = round(entry[gain] / gap, 3) if gap > 0 else None
         entry["methods"] = rows
+        if not args.no_finetune and not args.no_oracle:
+            entry = _oracle(args, model_args, coll, out, name, entry)
         entry["seconds"] = round(time.time() - t0, 1)
         results["collections"][name] = entry
         _print_collection(name, entry)
@@ -216,6 +224,29 @@ def main(argv=None) -> int:
     recorder.write(results)
     print(f"\n{results['seconds']:.0f} s")
     return 0
+
+
+def _oracle(args, model_args, coll: Path, out: Path, name: str, entry: dict) -> dict:
+    """`entry` with the oracle's row, steps and the shares of its gain the palindrome
+    rows reach: supervised LoRA on the true masks, as many optimizer steps as the
+    one-template palindrome trained (its training log in `out`; all its epochs, not
+    only up to the one it kept)."""
+    with open(out / f"{name}-adapter" / "training_log.csv", newline="") as f:
+        n_steps = int(list(csv.DictReader(f))[-1]["optimizer_steps"])
+    settings = {"lora_rank": args.lora_rank, **PLAIN, "min_steps": n_steps, "num_epochs": 1}
+    if args.lr:
+        settings["learning_rate"] = args.lr
+    oracle = finetune_and_score(
+        args, model_args, coll, out / f"{name}-oracle", settings, "supervised"
+    )
+    methods = {m: t for m, t in entry["methods"].items() if m != ORACLE}
+    entry = {**entry, "methods": {**methods, ORACLE: oracle["table"]}}
+    entry["oracle_steps"] = oracle["optimizer_steps"]
+    gap = oracle["table"]["mean"] - entry["methods"]["zero-shot (1 template)"]["mean"]
+    for gain, closed in GAINS:
+        if gain in entry:
+            entry[closed] = round(entry[gain] / gap, 3) if gap > 0 else None
+    return entry
 
 
 def _print_collection(name: str, entry: dict) -> None:
