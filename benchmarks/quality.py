@@ -113,6 +113,8 @@ def main(argv=None) -> int:
         help="a record of an earlier run with the same --out: keep its rows but the oracle's",
     )
     args = ap.parse_args(argv)
+    if args.reuse and (args.no_oracle or args.no_finetune):
+        ap.error("--reuse measures the oracle again: not with --no-oracle or --no-finetune")
     reused = load(args.reuse)["results"]["collections"] if args.reuse else {}
     recorder = Recorder(args.record or f"quality-{Path(args.checkpoint).stem}", args, args.device)
 
