@@ -58,13 +58,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from palindrome import PLAIN, finetune_and_score  # noqa: E402
 from record import Recorder, load  # noqa: E402
 
-#: the zero-shot goals: structure -> lowest mean IoU (skipped where a collection lacks it)
 #: the palindrome rows' gains over zero-shot and the shares of the oracle's gain they reach
 GAINS = (("palindrome_gain", "gap_closed"), ("palindrome_judged_gain", "judged_gap_closed"))
 #: the name of row (d)
 ORACLE = "oracle: supervised LoRA (1 template)"
 #: the name of row (c')
 JUDGED = "palindrome LoRA ({n} templates: one trains, {held} pick the epoch and structures)"
+#: the zero-shot goals: structure -> lowest mean IoU (skipped where a collection lacks it)
 GOALS = {"body": 0.85, "head": 0.60, "pronotum": 0.60, "eye": 0.40, "antenna": 0.35, "legs": 0.35}
 
 

@@ -80,9 +80,13 @@ QUALITY_LABELS = {
 }
 
 
+#: quality.py's row of the palindrome with three templates (one trains, two judge)
+JUDGED_ROW = "palindrome LoRA (3 templates"
+
+
 def _judged(methods: dict) -> dict | None:
-    """The row of quality.py's palindrome with three templates (one trains, two judge)."""
-    return next((t for m, t in methods.items() if m.startswith("palindrome LoRA (3")), None)
+    """The row of quality.py's palindrome with three templates, or None."""
+    return next((t for m, t in methods.items() if m.startswith(JUDGED_ROW)), None)
 
 
 def _iou(value) -> str:
@@ -97,7 +101,7 @@ def _quality_table(collections: dict, structures=QUALITY_STRUCTURES) -> list[str
     for name, entry in collections.items():
         for i, (method, table) in enumerate(entry["methods"].items()):
             label = QUALITY_LABELS.get(method, method.replace(" (1 template)", ""))
-            if method.startswith("palindrome LoRA (3"):
+            if method.startswith(JUDGED_ROW):
                 label = "palindrome LoRA, 3 templates (one trains, two judge)"
             lines.append(
                 f"| {name if i == 0 else ''} | {label} | "
@@ -105,11 +109,6 @@ def _quality_table(collections: dict, structures=QUALITY_STRUCTURES) -> list[str
                 + f" | {table['mean']:.3f} |"
             )
     return lines
-
-
-def _span(values) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:+.1f}" if round(lo, 1) == round(hi, 1) else f"{lo:+.1f} to {hi:+.1f}"
 
 
 #: the quality records of the shipped model, in collection order (run side by side, one
