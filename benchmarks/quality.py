@@ -115,7 +115,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.reuse and (args.no_oracle or args.no_finetune):
         ap.error("--reuse measures the oracle again: not with --no-oracle or --no-finetune")
-    reused = load(args.reuse)["results"]["collections"] if args.reuse else {}
+    reused = {}
+    if args.reuse:
+        try:
+            reused = load(args.reuse)["results"]["collections"]
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--reuse {args.reuse}: not a readable quality record ({e})")
+        for name in set(reused) & set(args.collections):
+            log = Path(args.out) / f"{name}-adapter" / "training_log.csv"
+            if not log.is_file():
+                ap.error(f"--reuse: {log} is missing: the oracle takes its steps from it")
     recorder = Recorder(args.record or f"quality-{Path(args.checkpoint).stem}", args, args.device)
 
     out = Path(args.out)
