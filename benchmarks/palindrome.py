@@ -213,6 +213,9 @@ def finetune_and_score(
     return {
         "table": scored["adapter"].table(),
         "last_epoch_table": scored["adapter_last"].table(),
+        # per structure, the masks' area over the true area and their share on the truth
+        "shape": scored["adapter"].shape_table(),
+        "last_epoch_shape": scored["adapter_last"].shape_table(),
         "best_epoch": result["best_epoch"],
         # the structures the kept adapter leaves to the untouched model
         "untouched_structures": result.get("untouched_structures", []),
@@ -292,8 +295,10 @@ def main(argv=None) -> int:
             "methods": {},
         }
         if "zero-shot" in args.methods:
+            scores = score_collection(base, coll, 1, args.n_templates)
             entry["methods"]["zero-shot"] = {
-                "table": score_collection(base, coll, 1, args.n_templates).table()
+                "table": scores.table(),
+                "shape": scores.shape_table(),
             }
         # method: (settings, objective, templates given to the trainer: with two or
         # more, the last is held out to pick the epoch)

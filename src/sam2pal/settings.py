@@ -434,6 +434,30 @@ class Training:
         "training",
         flag="--binary_cycle_mask",
     )
+    # a term that keeps the adapter's segmentation of each training photo near the
+    # untouched model's (LoRA only: the adapter switched off): the palindrome may move a
+    # structure only where the cycle gains more than the move costs. Aimed at the thin
+    # parts that the cycle erases on collections the model already reads
+    stay_weight: float = setting(
+        0.0,
+        "weight of a term that keeps the adapter's segmentation of each training photo "
+        "near the untouched model's (Dice and cross-entropy against its probabilities; "
+        "LoRA only; 0: off)",
+        "training",
+        flag=Flag("--stay_weight", type=non_negative_float),
+    )
+    # a term on the training photo's predicted masks that keeps the template's layout:
+    # with the palindrome alone the thin parts of sam2pal-micro v2 on bronze_aligned
+    # turned into one blob over the fore-body shared by head, pronotum, antennae and legs
+    # (3-8x their true area), a code the return half reads the template's parts from
+    layout_weight: float = setting(
+        0.0,
+        "weight of a term that keeps each training photo's predicted masks laid out as the "
+        "template's: structures apart on the template stay apart, and each keeps its share "
+        "of the summed area (0: off)",
+        "training",
+        flag=Flag("--layout_weight", type=non_negative_float),
+    )
     zoom_crops: bool = setting(
         True,
         "do not train on the zoom pass's windows (with --zoom on or auto, the fine-tuning "

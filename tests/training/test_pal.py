@@ -21,7 +21,7 @@ from sam2pal.io.images import list_images, read_image
 from sam2pal.io.templates import load_coco_templates
 from sam2pal.models.adapters import adapter_kind, load_adapter, read_metadata
 from sam2pal.models.build import build_model
-from sam2pal.training.palindrome import FinetuneSettings, Trainer, left_untouched
+from sam2pal.training.palindrome import FinetuneSettings, Trainer, layout_loss, left_untouched
 
 DEMO = REPO / "resources" / "demo"
 SIZE = 64
@@ -120,6 +120,66 @@ def test_binary_cycle_mask_is_cut_at_a_half_with_the_soft_gradient(templates, po
     assert torch.equal(binary, (soft > 0.5).float())
     assert torch.allclose(grads[0], grads[1])
     assert grads[1].abs().sum() > 0
+
+
+def test_stay_term_holds_the_photo_to_the_untouched_model(templates, pool):
+    """stay_weight: the reference is the model with the adapter off (a fresh adapter's
+    own phase-1 logits), kept per (template, photo); once the adapter has moved, the
+    term's gradient reaches the LoRA weights while the reference stays put."""
+    trainer = make_trainer(templates, pool, stay_weight=1.0)
+    tmpl, key = trainer.templates[0], trainer.train_keys[0]
+
+    def phase1():
+        return trainer.phase1(tmpl, trainer._backbone(tmpl.key), trainer._backbone(key))[0]
+
+    start = phase1()
+    trainer.stay_loss(tmpl, key, start)
+    kept = trainer._untouched_logits[(tmpl.key, key)]
+    assert torch.allclose(kept, start.detach(), atol=1e-5)
+    with torch.no_grad():
+        for name, p in trainer.sam.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    trainer.sam.zero_grad(set_to_none=True)
+    moved = phase1()
+    assert not torch.allclose(moved, start)
+    trainer.stay_loss(tmpl, key, moved).backward()
+    assert any(g.abs().sum() > 0 for n, g in lora_grads(trainer).items() if "lora_B" in n)
+    assert trainer._untouched_logits[(tmpl.key, key)] is kept
+    with torch.no_grad(), trainer.peft_model.disable_adapter():
+        assert torch.allclose(phase1(), kept, atol=1e-5)
+    with pytest.raises(InputError, match="stay_weight needs mode lora"):
+        FinetuneSettings(mode="full", stay_weight=1.0)
+
+
+def test_layout_loss_sees_merged_swollen_and_vanished_structures():
+    """layout_loss: nothing for a prediction laid out as the template (at another
+    scale); more when two structures apart on the template merge into one blob, when
+    one swells, or when one vanishes; and its gradient reaches the logits."""
+    masks = torch.zeros(3, 1, 256, 256)
+    masks[0, 0, 32:96, 32:96] = 1  # apart from the next
+    masks[1, 0, 160:192, 160:240] = 1
+    masks[2, 0, 16:240, 16:240] = 1  # the whole: overlaps both, never apart
+
+    def logits_of(m):  # sharp logits at a quarter of the size, as phase 1's
+        return (F.avg_pool2d(m, 4) * 2 - 1) * 30
+
+    half = F.interpolate(masks, scale_factor=0.5)  # the same layout, smaller
+    laid_out = layout_loss(logits_of(F.pad(half, (0, 128, 0, 128))), masks)
+    assert laid_out.item() < 0.05
+    merged = masks.clone()
+    merged[0] = merged[1] = torch.maximum(masks[0], masks[1])
+    swollen = masks.clone()
+    swollen[1, 0, 120:240, 120:248] = 1
+    vanished = masks.clone()
+    vanished[1] = 0
+    for other in (merged, swollen, vanished):
+        assert layout_loss(logits_of(other), masks).item() > laid_out.item() + 0.3
+    x = logits_of(merged).requires_grad_(True)
+    layout_loss(x, masks).backward()
+    assert x.grad.abs().sum() > 0
+    # one structure on the template: no layout to keep
+    assert layout_loss(logits_of(masks[:1]), masks[:1]).item() == 0.0
 
 
 def test_phase2_sees_only_the_target_and_its_soft_mask(templates, pool):
@@ -793,13 +853,15 @@ def test_anchor_term_is_supervised_on_a_template_view(templates, pool, tmp_path)
 
 def test_training_without_a_held_out_template_says_the_cycle_iou_judges(templates, pool):
     """With one template (and no ground truth) the log says that the label-free cycle
-    IoU picks the epoch and that a second template would judge it; with two, not."""
+    IoU picks the epoch and that a second template (or, without it, the stay term) would
+    help; with two, not."""
     settings = FinetuneSettings(template_views=0, anchor_weight=0.0, holdout_fraction=0.3)
 
-    def said(template_set):
+    def said(template_set, settings=settings):
         lines = []
         Trainer(fresh_model(), template_set, pool, settings, log=lines.append)
-        return any("no template held out" in line for line in lines)
+        return next((line for line in lines if "no template held out" in line), None)
 
-    assert said(templates)
+    assert "stay_weight: 1" in said(templates)  # and what else would help
+    assert "stay_weight" not in said(templates, dataclasses.replace(settings, stay_weight=1.0))
     assert not said(load_coco_templates(DEMO / "templates.json", DEMO / "images"))

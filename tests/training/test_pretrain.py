@@ -98,6 +98,17 @@ def test_quick_quality_floor_well_above_random_weights_and_v1_on_parts(held_out_
     assert scores.mean_iou("legs") >= 0.07
     assert scores.mean_parts() >= 0.24 and scores.mean_parts() >= floor.mean_parts() + 0.2
     assert rank_correlation(scores) > 0.35  # cycle IoU ranks the predictions
+    # the shape of the misses: area ratio r and share on the truth o give back the IoU,
+    # o r / (r + 1 - o r), and the shape table summarises them per structure
+    for row in scores.rows:
+        r, o = row["area_ratio"], row["on_truth"]
+        assert row["iou"] == pytest.approx(o * r / (r + 1 - o * r), abs=1e-6)
+    shape = scores.shape_table()
+    elytra = [r for r in scores.rows if r["structure"] == "elytra"]
+    assert shape["elytra"]["area_ratio"] == round(
+        float(np.median([r["area_ratio"] for r in elytra])), 2
+    )
+    assert shape["elytra"]["on_truth"] == round(float(np.mean([r["on_truth"] for r in elytra])), 3)
 
 
 def test_held_out_masks_are_never_trained_on():

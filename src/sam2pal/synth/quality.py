@@ -164,7 +164,9 @@ def _with_body(masks: dict[str, np.ndarray], shape) -> dict[str, np.ndarray]:
 
 @dataclass
 class Scores:
-    """Per-prediction rows: image, structure, iou, cycle_iou (None when not computed)."""
+    """Per-prediction rows: image, structure, iou, cycle_iou (None when not computed),
+    area_ratio (predicted over true area) and on_truth (share of the prediction on the
+    true structure)."""
 
     rows: list[dict] = field(default_factory=list)
 
@@ -180,6 +182,20 @@ class Scores:
         return {s: round(self.mean_iou(s), 3) for s in STRUCTURES} | {
             "mean": round(self.mean_parts(), 3)
         }
+
+    def shape_table(self) -> dict[str, dict[str, float]]:
+        """Per structure, how the predicted masks miss: the median of their area over the
+        true area (above 1: swollen) and the mean share of their pixels on the true
+        structure (low: the mask lies elsewhere)."""
+        table = {}
+        for s in STRUCTURES:
+            rows = [r for r in self.rows if r["structure"] == s and "area_ratio" in r]
+            if rows:
+                table[s] = {
+                    "area_ratio": round(float(np.median([r["area_ratio"] for r in rows])), 2),
+                    "on_truth": round(float(np.mean([r["on_truth"] for r in rows])), 3),
+                }
+        return table
 
 
 def score_collection(
@@ -216,12 +232,16 @@ def score_collection(
         for structure in STRUCTURES:
             if structure not in gt or not gt[structure].any() or structure not in pred:
                 continue
+            mask, true = pred[structure].astype(bool), gt[structure].astype(bool)
+            area = int(mask.sum())
             scores.rows.append(
                 {
                     "image": file_name,
                     "structure": structure,
-                    "iou": float(mask_iou(pred[structure], gt[structure])),
+                    "iou": float(mask_iou(mask, true)),
                     "cycle_iou": cycles.get(structure),
+                    "area_ratio": area / int(true.sum()),
+                    "on_truth": float((mask & true).sum() / area) if area else 0.0,
                 }
             )
     return scores

@@ -125,6 +125,8 @@ class FinetuneSettings(Training):
         for name in ("min_steps", "template_views"):
             if int(getattr(self, name)) < 0:
                 problems.append(f"{name} must be >= 0")
+        if self.stay_weight and self.mode != "lora":
+            problems.append("stay_weight needs mode lora (the untouched model is the adapter off)")
         if self.learning_rate is not None and self.learning_rate <= 0:
             problems.append("learning_rate must be > 0")
         if not 0 <= self.attention_dropout < 1:
@@ -257,6 +259,35 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     target = target.flatten(1)
     inter = (prob * target).sum(1)
     return (1 - (2 * inter + 1) / (prob.sum(1) + target.sum(1) + 1)).mean()
+
+
+LAYOUT_APART = 0.05  # structures overlapping by less than this share of the smaller are apart
+
+
+def layout_loss(logits: torch.Tensor, template_masks: torch.Tensor) -> torch.Tensor:
+    """How far the soft masks of `logits` (B, 1, h, w), one structure each, on a photo
+    stray from the layout of the template's masks (B, 1, S, S) of the same structures:
+    the mean, over the pairs of structures apart on the template, of their soft overlap
+    on the photo as a share of the smaller one's area; plus the mean, over the
+    structures on the template, of |log| of the ratio of their share of the summed
+    area on the photo to their share on the template. Zero for a prediction laid out
+    as the template at any scale; large when the structures merge into one blob or
+    one of them swells or vanishes (sizes measured at the logits' resolution)."""
+    prob = torch.sigmoid(logits.float()).flatten(1)
+    truth = F.adaptive_avg_pool2d(template_masks.float(), logits.shape[-2:]).flatten(1)
+    present = truth.sum(1) > 0
+    if int(present.sum()) < 2:
+        return prob.new_zeros(())
+    prob, truth = prob[present], truth[present]
+    area, area0 = prob.sum(1), truth.sum(1)
+    smaller0 = torch.minimum(area0[:, None], area0[None, :])
+    apart = torch.triu((truth @ truth.T) / smaller0 < LAYOUT_APART, diagonal=1)
+    loss = prob.new_zeros(())
+    if apart.any():
+        smaller = torch.minimum(area[:, None], area[None, :]) + 1.0
+        loss = loss + ((prob @ prob.T) / smaller)[apart].mean()
+    share = (area + 1.0) / (area.sum() + 1.0)
+    return loss + torch.log(share / (area0 / area0.sum())).abs().mean()
 
 
 def _swap_mirrored(masks: np.ndarray, objects, categories: dict) -> np.ndarray:
@@ -435,6 +466,7 @@ class Trainer:
                 "no template held out: the label-free cycle IoU picks the epoch, and it can "
                 "keep an adapter that segments worse than the untouched model (README, "
                 "Adapting SAM2 to a collection); annotate a second template to judge it"
+                + ("" if settings.stay_weight else ", or set stay_weight: 1 (config/README.md)")
             )
         if isinstance(zoom, bool):  # YAML's unquoted off / on
             zoom = "on" if zoom else "off"
@@ -449,6 +481,8 @@ class Trainer:
         self.step_losses: list[float] = []
         self.step_target_ious: list[float | None] = []  # phase-1 IoU where the truth is known
         self._truth_inputs: dict[tuple[str, str], torch.Tensor | None] = {}
+        # (template, photo) -> the untouched model's phase-1 logits (stay_weight)
+        self._untouched_logits: dict[tuple[str, str], torch.Tensor] = {}
 
     def _prepare_model(self, model) -> None:
         """Add LoRA (or choose the parameters to train in full), set the attention dropout
@@ -806,6 +840,29 @@ class Trainer:
         objectness = F.binary_cross_entropy_with_logits(objects, present)
         return self._mask_loss(logits, truth, objectness, logits)[0]
 
+    def stay_loss(self, template: _TrainingTemplate, target_key: str, logits1) -> torch.Tensor:
+        """Dice and cross-entropy of the phase-1 `logits1` against the untouched model's
+        probabilities on the same photo from the same template (`stay_weight`): the
+        adapter switched off, no gradient, computed once per (template, photo) and kept."""
+        cached = (template.key, target_key)
+        if cached not in self._untouched_logits:
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                ref = self.phase1(
+                    template, self._backbone(template.key), self._backbone(target_key)
+                )[0]
+            self._untouched_logits[cached] = ref.detach()
+        size = (self.image_size, self.image_size)
+        ref = torch.sigmoid(
+            F.interpolate(
+                self._untouched_logits[cached], size=size, mode="bilinear", align_corners=False
+            )
+        ).to(logits1.dtype)
+        high = F.interpolate(logits1, size=size, mode="bilinear", align_corners=False)
+        s = self.settings
+        return s.bce_weight * F.binary_cross_entropy_with_logits(
+            high, ref
+        ) + s.dice_weight * dice_loss(high, ref)
+
     def supervised_loss(self, template: _TrainingTemplate, target_key: str):
         """Phase 1 alone against the target's true masks (the oracle of benchmarks).
 
@@ -1099,6 +1156,12 @@ class Trainer:
                 loss, parts = step_loss(template, key)
                 if anchor is not None:
                     loss = loss + s.anchor_weight * self.anchor_loss(template, anchor)
+                if s.stay_weight and self.objective == "palindrome":
+                    loss = loss + s.stay_weight * self.stay_loss(template, key, parts["logits1"])
+                if s.layout_weight and self.objective == "palindrome":
+                    loss = loss + s.layout_weight * layout_loss(
+                        parts["logits1"], template.mask_input
+                    )
             (loss / s.accumulation_steps).backward()
             losses.append(loss.item())
             self.step_losses.append(loss.item())
