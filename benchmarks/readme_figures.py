@@ -131,6 +131,8 @@ QUALITY_RECORDS_V3_TRIED = (
     "quality-sam2pal-micro-v3-gpu-tried",
     "quality-sam2pal-micro-v3-gpu-tried-new",
 )
+#: a CPU run from v2 at the full input size (112 minutes on one thread), not shipped
+QUALITY_RECORDS_V3_CPU_TRIED = ("quality-sam2pal-micro-v3-cpu-tried",)
 PALINDROME_RECORD = "palindrome-sam2pal-micro-v2"
 PALINDROME_RECORD_V1 = "palindrome-sam2pal-micro-v1"
 ROTATION_RECORD = "rotation-sam2pal-micro-v2"
@@ -920,6 +922,52 @@ def anchor_term() -> str:
     return "\n".join(text) + "\n\n" + source(*records)
 
 
+#: palindrome with the stay term (`stay_weight: 1`): from one template, and from three
+STAY_ONE_RECORDS = tuple(
+    f"palindrome-sam2pal-micro-v2-stay-one-template-{c}"
+    for c in ("blue_slate", "bronze_aligned", "small_mixed", "pale_on_dark", "procedural_eyes")
+)
+STAY_JUDGES_RECORDS = (
+    "palindrome-sam2pal-micro-v2-stay-bronze_aligned",
+    "palindrome-sam2pal-micro-v2-stay-small_mixed",
+)
+ONE_TEMPLATE_ROW = "palindrome LoRA (1 template)"
+
+
+def stay_term() -> str:
+    """Mean IoU of the parts without and with the stay term: from one template (the
+    epoch picked by the cycle IoU; without it: the quality records' row) and from three
+    (one trains, two judge), with each one's gain over zero-shot."""
+    quality = _quality_results()["collections"]
+    one, judged = STAY_ONE_RECORDS, STAY_JUDGES_RECORDS
+    pairs = {
+        "one template": (ONE_TEMPLATE_ROW, _runs(one, "palindrome (defaults)")),
+        "three templates": (None, _runs(judged, TWO_JUDGES_METHOD)),
+    }
+    text = [
+        f"Mean IoU of the parts ({micro(one[0])}, 20 targets from one template; in "
+        "brackets the gain over zero-shot, points; - not measured):",
+        "",
+        "| collection | zero-shot | "
+        + " | ".join(f"{k}: without / with the stay term" for k in pairs)
+        + " |",
+        "|---|---|" + "---|" * len(pairs),
+    ]
+    for name, entry in quality.items():
+        z = entry["methods"]["zero-shot (1 template)"]["mean"]
+        cells = []
+        for row, runs in pairs.values():
+            before = entry["methods"][row] if row else _judged(entry["methods"])
+            a = before["mean"]
+            b = runs[name]["table"]["mean"] if name in runs else None
+            cells.append(
+                f"{a:.3f} ({100 * (a - z):+.1f}) / "
+                + ("-" if b is None else f"{b:.3f} ({100 * (b - z):+.1f})")
+            )
+        text.append(f"| {name} | {z:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(text) + "\n\n" + source(*QUALITY_RECORDS, *one, *judged)
+
+
 EPOCH_RECORDS = (
     "palindrome-sam2pal-micro-v2-epochs",
     "palindrome-sam2pal-micro-v2-epochs-b",
@@ -973,11 +1021,13 @@ BLOCKS = {
     "holdout-template": holdout_template,
     "selection-rules": selection_rules,
     "anchor-term": anchor_term,
+    "stay-term": stay_term,
     "review-templates": review_templates,
     "quality": quality,
     "quality-card": quality_card,
     "quality-card-v1": lambda: quality_card(QUALITY_RECORDS_V1),
     "quality-card-v3-tried": lambda: quality_card(QUALITY_RECORDS_V3_TRIED),
+    "quality-card-v3-cpu-tried": lambda: quality_card(QUALITY_RECORDS_V3_CPU_TRIED),
     "palindrome": palindrome,
     "palindrome-v1": lambda: palindrome(PALINDROME_RECORD_V1),
     "rotation": rotation,
