@@ -41,7 +41,8 @@ without ground truth; the truth is only logged. For every epoch the record keeps
 the training loss, the true IoU of the training targets' phase-1 predictions (the
 degenerate solution shows as a falling loss with a flat target IoU), the held-out
 cycle IoU and the held-out true IoU, and for every method the IoU of the last epoch
-beside the selected one.
+beside the selected one, and per structure how the masks miss (`shape`: the median of
+their area over the true area, the mean share of their pixels on the true structure).
 
     .venv/bin/python -u benchmarks/palindrome.py --collections bronze_aligned   # ~25 min on 2 cores
 

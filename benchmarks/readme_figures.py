@@ -872,6 +872,20 @@ ANCHOR_JUDGES_RECORDS = (
 )
 
 
+def _with_without_head(record: str, pairs: dict, term: str, note: str = "") -> list[str]:
+    """The caption and header of a table of the parts' mean IoU without and with `term`,
+    one column pair per key of `pairs`."""
+    return [
+        f"Mean IoU of the parts ({micro(record)}, 20 targets from one template; in "
+        f"brackets the gain over zero-shot, points{note}):",
+        "",
+        "| collection | zero-shot | "
+        + " | ".join(f"{k}: without / with {term}" for k in pairs)
+        + " |",
+        "|---|---|" + "---|" * len(pairs),
+    ]
+
+
 def anchor_term() -> str:
     """Mean IoU of the parts with and without the anchor term (and its template views),
     with two templates ((g)) and three ((i)), and each one's gain over zero-shot."""
@@ -890,15 +904,7 @@ def anchor_term() -> str:
             _runs(ANCHOR_JUDGES_RECORDS, TWO_JUDGES_METHOD),
         ),
     }
-    text = [
-        f"Mean IoU of the parts ({micro(ANCHOR_RECORDS[0])}, 20 targets from one template; in "
-        "brackets the gain over zero-shot, points):",
-        "",
-        "| collection | zero-shot | "
-        + " | ".join(f"{k}: without / with the anchor term" for k in pairs)
-        + " |",
-        "|---|---|" + "---|" * len(pairs),
-    ]
+    text = _with_without_head(ANCHOR_RECORDS[0], pairs, "the anchor term")
     gains = {k: ([], []) for k in pairs}
     for name, z in zero.items():
         cells = []
@@ -944,15 +950,7 @@ def stay_term() -> str:
         "one template": (ONE_TEMPLATE_ROW, _runs(one, "palindrome (defaults)")),
         "three templates": (None, _runs(judged, TWO_JUDGES_METHOD)),
     }
-    text = [
-        f"Mean IoU of the parts ({micro(one[0])}, 20 targets from one template; in "
-        "brackets the gain over zero-shot, points; - not measured):",
-        "",
-        "| collection | zero-shot | "
-        + " | ".join(f"{k}: without / with the stay term" for k in pairs)
-        + " |",
-        "|---|---|" + "---|" * len(pairs),
-    ]
+    text = _with_without_head(one[0], pairs, "the stay term", "; - not measured")
     for name, entry in quality.items():
         z = entry["methods"]["zero-shot (1 template)"]["mean"]
         cells = []

@@ -449,7 +449,8 @@ class Training:
     # a term on the training photo's predicted masks that keeps the template's layout:
     # with the palindrome alone the thin parts of sam2pal-micro v2 on bronze_aligned
     # turned into one blob over the fore-body shared by head, pronotum, antennae and legs
-    # (3-8x their true area), a code the return half reads the template's parts from
+    # (antennae 4x their true area, 3% of it on an antenna), which the return half reads
+    # the template's parts back from. It did not help (README), hence off
     layout_weight: float = setting(
         0.0,
         "weight of a term that keeps each training photo's predicted masks laid out as the "
