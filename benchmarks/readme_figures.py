@@ -936,6 +936,7 @@ STAY_ONE_RECORDS = tuple(
 STAY_JUDGES_RECORDS = (
     "palindrome-sam2pal-micro-v2-stay-bronze_aligned",
     "palindrome-sam2pal-micro-v2-stay-small_mixed",
+    "palindrome-sam2pal-micro-v2-stay-pale_on_dark",
 )
 ONE_TEMPLATE_ROW = "palindrome LoRA (1 template)"
 
