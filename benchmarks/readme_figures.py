@@ -934,6 +934,7 @@ STAY_ONE_RECORDS = tuple(
     for c in ("blue_slate", "bronze_aligned", "small_mixed", "pale_on_dark", "procedural_eyes")
 )
 STAY_JUDGES_RECORDS = (
+    "palindrome-sam2pal-micro-v2-stay-blue_slate",
     "palindrome-sam2pal-micro-v2-stay-bronze_aligned",
     "palindrome-sam2pal-micro-v2-stay-small_mixed",
     "palindrome-sam2pal-micro-v2-stay-pale_on_dark",
