@@ -947,12 +947,11 @@ def stay_term() -> str:
     epoch picked by the cycle IoU; without it: the quality records' row) and from three
     (one trains, two judge), with each one's gain over zero-shot."""
     quality = _quality_results()["collections"]
-    one, judged = STAY_ONE_RECORDS, STAY_JUDGES_RECORDS
     pairs = {
-        "one template": (ONE_TEMPLATE_ROW, _runs(one, "palindrome (defaults)")),
-        "three templates": (None, _runs(judged, TWO_JUDGES_METHOD)),
+        "one template": (ONE_TEMPLATE_ROW, _runs(STAY_ONE_RECORDS, "palindrome (defaults)")),
+        "three templates": (None, _runs(STAY_JUDGES_RECORDS, TWO_JUDGES_METHOD)),
     }
-    text = _with_without_head(one[0], pairs, "the stay term", "; - not measured")
+    text = _with_without_head(STAY_ONE_RECORDS[0], pairs, "the stay term", "; - not measured")
     for name, entry in quality.items():
         z = entry["methods"]["zero-shot (1 template)"]["mean"]
         cells = []
@@ -965,7 +964,9 @@ def stay_term() -> str:
                 + ("-" if b is None else f"{b:.3f} ({100 * (b - z):+.1f})")
             )
         text.append(f"| {name} | {z:.3f} | " + " | ".join(cells) + " |")
-    return "\n".join(text) + "\n\n" + source(*QUALITY_RECORDS, *one, *judged)
+    return (
+        "\n".join(text) + "\n\n" + source(*QUALITY_RECORDS, *STAY_ONE_RECORDS, *STAY_JUDGES_RECORDS)
+    )
 
 
 EPOCH_RECORDS = (

@@ -857,11 +857,7 @@ class Trainer:
                 self._untouched_logits[cached], size=size, mode="bilinear", align_corners=False
             )
         ).to(logits1.dtype)
-        high = F.interpolate(logits1, size=size, mode="bilinear", align_corners=False)
-        s = self.settings
-        return s.bce_weight * F.binary_cross_entropy_with_logits(
-            high, ref
-        ) + s.dice_weight * dice_loss(high, ref)
+        return self._mask_loss(logits1, ref, logits1.new_zeros(()), logits1)[0]  # no object term
 
     def supervised_loss(self, template: _TrainingTemplate, target_key: str):
         """Phase 1 alone against the target's true masks (the oracle of benchmarks).
