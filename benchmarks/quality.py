@@ -25,8 +25,11 @@ eyes >= 0.40, antennae and legs >= 0.35, rank correlation >= 0.5; palindrome gai
     .venv/bin/python -u benchmarks/quality.py              # sam2pal-micro, ~40 min on 2 cores
     .venv/bin/python benchmarks/quality.py --checkpoint random --no-finetune   # the floor
 
-`--reuse RECORD` keeps the rows (a) to (c') of an earlier record, with the same `--out`
-(whose adapters give the oracle its steps), and measures the oracle again.
+`--reuse RECORD...` takes the fine-tuned rows named by `--keep` (default: (c) and (c'))
+from earlier records with the same `--out` (whose training logs give the oracle its steps)
+and measures the others again: (a) and (b) always (a minute or two), the oracle unless
+kept and its steps are still (c)'s. After a change to the one-template fine-tuning alone:
+`--reuse R --keep judged oracle`.
 
 Writes benchmarks/results/quality-<checkpoint>.json (`--record`; the collections and
 adapters go to benchmarks/out/quality/).
@@ -60,6 +63,10 @@ from record import Recorder, load  # noqa: E402
 
 #: the palindrome rows' gains over zero-shot and the shares of the oracle's gain they reach
 GAINS = (("palindrome_gain", "gap_closed"), ("palindrome_judged_gain", "judged_gap_closed"))
+#: the name of row (c)
+PALINDROME = "palindrome LoRA (1 template)"
+#: the fine-tuned rows that --keep can take from an earlier record: (c), (c'), (d)
+KEEPABLE = ("palindrome", "judged", "oracle")
 #: the name of row (d)
 ORACLE = "oracle: supervised LoRA (1 template)"
 #: the name of row (c')
@@ -109,21 +116,32 @@ def main(argv=None) -> int:
     ap.add_argument("--record", default=None, help="result name (default quality-<checkpoint>)")
     ap.add_argument(
         "--reuse",
+        nargs="+",
         default=None,
-        help="a record of an earlier run with the same --out: keep its rows but the oracle's",
+        help="records of earlier runs with the same --out: take the rows of --keep from them",
+    )
+    ap.add_argument(
+        "--keep",
+        nargs="+",
+        choices=KEEPABLE,
+        default=["palindrome", "judged"],
+        help="with --reuse: the fine-tuned rows taken from the record, the others measured "
+        "again (default: palindrome judged; the oracle is measured again unless kept and "
+        "trained as many steps as the palindrome)",
     )
     args = ap.parse_args(argv)
     if args.reuse and (args.no_oracle or args.no_finetune):
-        ap.error("--reuse measures the oracle again: not with --no-oracle or --no-finetune")
+        ap.error("--reuse keeps fine-tuned rows: not with --no-oracle or --no-finetune")
     reused = {}
     if args.reuse:
-        try:
-            reused = load(args.reuse)["results"]["collections"]
-        except (OSError, ValueError, KeyError) as e:
-            ap.error(f"--reuse {args.reuse}: not a readable quality record ({e})")
+        for record in args.reuse:
+            try:
+                reused.update(load(record)["results"]["collections"])
+            except (OSError, ValueError, KeyError) as e:
+                ap.error(f"--reuse {record}: not a readable quality record ({e})")
         for name in set(reused) & set(args.collections):
             log = Path(args.out) / f"{name}-adapter" / "training_log.csv"
-            if not log.is_file():
+            if "palindrome" in args.keep and not log.is_file():
                 ap.error(f"--reuse: {log} is missing: the oracle takes its steps from it")
     recorder = Recorder(args.record or f"quality-{Path(args.checkpoint).stem}", args, args.device)
 
@@ -150,12 +168,8 @@ def main(argv=None) -> int:
         coll = out / name
         make_held_out(coll, spec, args.n_images, args.n_templates)
         t0 = time.time()
-        if name in reused:
-            entry = _oracle(args, model_args, coll, out, name, reused[name])
-            entry["seconds"] = round(time.time() - t0, 1)
-            results["collections"][name] = entry
-            _print_collection(name, entry)
-            continue
+        previous = reused.get(name)
+        keep = set(args.keep) if previous else set()
         zero = score_collection(base, coll, 1, args.n_templates, cycle=True, framing=args.framing)
         multi = score_collection(
             base, coll, args.n_templates, args.n_templates, framing=args.framing
@@ -170,59 +184,45 @@ def main(argv=None) -> int:
             "rank_correlation": round(rank_correlation(zero), 3),
         }
         if not args.no_finetune:
-            prepare_templates(
-                coll / "templates.json",
-                coll / "images",
-                out / f"{name}-template1.json",
-                max_templates=1,
-            )
-            pool = sorted(p.name for p in (coll / "images").iterdir())
             settings = {"lora_rank": args.lora_rank}
             if args.epochs:
                 settings["num_epochs"] = args.epochs
             if args.lr:
                 settings["learning_rate"] = args.lr
-            t_ft = time.time()
-            finetune(
-                out / f"{name}-template1.json",
-                coll / "images",
-                pool,
-                out / f"{name}-adapter",
-                config=config,
-                checkpoint=args.checkpoint,
-                image_size=args.image_size,
-                seed=0,
-                device=args.device,
-                threads=args.threads,
-                settings=settings,
-                framing=args.framing,
-                log=lambda *_: None,
-            )
-            entry["finetune_seconds"] = round(time.time() - t_ft, 1)
-            tuned, _, _ = _run_model(**model_args, adapter=out / f"{name}-adapter" / "adapter")
-            pal = score_collection(tuned, coll, 1, args.n_templates, framing=args.framing)
-            rows["palindrome LoRA (1 template)"] = pal.table()
-            entry["palindrome_gain"] = round(pal.mean_parts() - zero.mean_parts(), 3)
+            if "palindrome" in keep:
+                rows[PALINDROME] = previous["methods"][PALINDROME]
+                entry["finetune_seconds"] = previous.get("finetune_seconds")
+            else:
+                t_ft = time.time()
+                rows[PALINDROME] = _palindrome(args, model_args, config, coll, out, name, settings)
+                entry["finetune_seconds"] = round(time.time() - t_ft, 1)
+            entry["palindrome_gain"] = round(rows[PALINDROME]["mean"] - zero.mean_parts(), 3)
             if args.n_templates >= 2:  # the workflow's default with several templates
                 held = min(2, args.n_templates - 1)
-                judged = finetune_and_score(
-                    args,
-                    model_args,
-                    coll,
-                    out / f"{name}-judged",
-                    {**settings, "holdout_templates": held},
-                    "palindrome",
-                    args.n_templates,
-                )
-                rows[JUDGED.format(n=args.n_templates, held=held)] = judged["table"]
-                entry["judged_epoch"] = judged["best_epoch"]
-                entry["judged_untouched_structures"] = judged["untouched_structures"]
-                entry["palindrome_judged_gain"] = round(
-                    judged["table"]["mean"] - zero.mean_parts(), 3
-                )
+                row = JUDGED.format(n=args.n_templates, held=held)
+                if "judged" in keep:
+                    rows[row] = previous["methods"][row]
+                    for k in ("judged_epoch", "judged_untouched_structures"):
+                        entry[k] = previous[k]
+                else:
+                    judged = finetune_and_score(
+                        args,
+                        model_args,
+                        coll,
+                        out / f"{name}-judged",
+                        {**settings, "holdout_templates": held},
+                        "palindrome",
+                        args.n_templates,
+                    )
+                    rows[row] = judged["table"]
+                    entry["judged_epoch"] = judged["best_epoch"]
+                    entry["judged_untouched_structures"] = judged["untouched_structures"]
+                entry["palindrome_judged_gain"] = round(rows[row]["mean"] - zero.mean_parts(), 3)
         entry["methods"] = rows
         if not args.no_finetune and not args.no_oracle:
-            entry = _oracle(args, model_args, coll, out, name, entry)
+            entry = _oracle(
+                args, model_args, coll, out, name, entry, previous if "oracle" in keep else None
+            )
         entry["seconds"] = round(time.time() - t0, 1)
         results["collections"][name] = entry
         _print_collection(name, entry)
@@ -237,22 +237,62 @@ def main(argv=None) -> int:
     return 0
 
 
-def _oracle(args, model_args, coll: Path, out: Path, name: str, entry: dict) -> dict:
+def _palindrome(args, model_args, config, coll: Path, out: Path, name: str, settings) -> dict:
+    """Row (c): palindrome LoRA from the first template with the workflow's defaults
+    (but `settings`), its adapter and training log in `out`; the targets' table."""
+    prepare_templates(
+        coll / "templates.json",
+        coll / "images",
+        out / f"{name}-template1.json",
+        max_templates=1,
+    )
+    pool = sorted(p.name for p in (coll / "images").iterdir())
+    finetune(
+        out / f"{name}-template1.json",
+        coll / "images",
+        pool,
+        out / f"{name}-adapter",
+        config=config,
+        checkpoint=args.checkpoint,
+        image_size=args.image_size,
+        seed=0,
+        device=args.device,
+        threads=args.threads,
+        settings=settings,
+        framing=args.framing,
+        log=lambda *_: None,
+    )
+    tuned, _, _ = _run_model(**model_args, adapter=out / f"{name}-adapter" / "adapter")
+    return score_collection(tuned, coll, 1, args.n_templates, framing=args.framing).table()
+
+
+def _oracle(
+    args, model_args, coll: Path, out: Path, name: str, entry: dict, kept: dict | None = None
+) -> dict:
     """`entry` with the oracle's row, steps and the shares of its gain the palindrome
     rows reach: supervised LoRA on the true masks, as many optimizer steps as the
     one-template palindrome trained (its training log in `out`; all its epochs, not
-    only up to the one it kept)."""
+    only up to the one it kept). `kept`: an earlier record's entry whose oracle is
+    taken if it trained that many steps."""
     with open(out / f"{name}-adapter" / "training_log.csv", newline="") as f:
         n_steps = int(list(csv.DictReader(f))[-1]["optimizer_steps"])
-    settings = {"lora_rank": args.lora_rank, **PLAIN, "min_steps": n_steps, "num_epochs": 1}
-    if args.lr:
-        settings["learning_rate"] = args.lr
-    oracle = finetune_and_score(
-        args, model_args, coll, out / f"{name}-oracle", settings, "supervised"
-    )
+    if kept is not None and kept.get("oracle_steps") == n_steps:
+        table, steps = kept["methods"][ORACLE], n_steps
+    else:
+        if kept is not None:
+            print(
+                f"{name}: the kept oracle trained {kept.get('oracle_steps')} steps, not {n_steps}: measured again"
+            )
+        settings = {"lora_rank": args.lora_rank, **PLAIN, "min_steps": n_steps, "num_epochs": 1}
+        if args.lr:
+            settings["learning_rate"] = args.lr
+        oracle = finetune_and_score(
+            args, model_args, coll, out / f"{name}-oracle", settings, "supervised"
+        )
+        table, steps = oracle["table"], oracle["optimizer_steps"]
     methods = {m: t for m, t in entry["methods"].items() if m != ORACLE}
-    entry = {**entry, "methods": {**methods, ORACLE: oracle["table"]}}
-    entry["oracle_steps"] = oracle["optimizer_steps"]
+    entry = {**entry, "methods": {**methods, ORACLE: table}}
+    entry["oracle_steps"] = steps
     gap = oracle["table"]["mean"] - entry["methods"]["zero-shot (1 template)"]["mean"]
     for gain, closed in GAINS:
         if gain in entry:

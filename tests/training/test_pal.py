@@ -853,8 +853,8 @@ def test_anchor_term_is_supervised_on_a_template_view(templates, pool, tmp_path)
 
 def test_training_without_a_held_out_template_says_the_cycle_iou_judges(templates, pool):
     """With one template (and no ground truth) the log says that the label-free cycle
-    IoU picks the epoch and that a second template (or, without it, the stay term) would
-    help; with two, not."""
+    IoU picks the epoch and that a second template (or, with it turned off, the stay
+    term) would help; with two, not."""
     settings = FinetuneSettings(template_views=0, anchor_weight=0.0, holdout_fraction=0.3)
 
     def said(template_set, settings=settings):
@@ -862,6 +862,36 @@ def test_training_without_a_held_out_template_says_the_cycle_iou_judges(template
         Trainer(fresh_model(), template_set, pool, settings, log=lines.append)
         return next((line for line in lines if "no template held out" in line), None)
 
-    assert "stay_weight: 1" in said(templates)  # and what else would help
-    assert "stay_weight" not in said(templates, dataclasses.replace(settings, stay_weight=1.0))
+    assert "stay_weight" not in said(templates)  # on by default there
+    off = dataclasses.replace(settings, stay_weight=0.0)
+    assert "stay_weight: 1" in said(templates, off)  # and what else would help
     assert not said(load_coco_templates(DEMO / "templates.json", DEMO / "images"))
+
+
+def test_stay_term_is_on_by_default_only_where_no_template_judges(templates, pool):
+    """stay_weight unset: 1 with one template (the cycle IoU picks the epoch), 0 where a
+    template is held out to judge, for full fine-tuning and for the supervised
+    objective; a weight that is set is kept."""
+    settings = FinetuneSettings(template_views=0, anchor_weight=0.0, holdout_fraction=0.3)
+    assert settings.stay_weight is None
+
+    def weight(template_set, objective="palindrome", **changes):
+        trainer = Trainer(
+            fresh_model(),
+            template_set,
+            pool,
+            dataclasses.replace(settings, **changes),
+            log=lambda *_: None,
+            objective=objective,
+            ground_truth=_demo_truth(pool) if objective == "supervised" else None,
+        )
+        return trainer.settings.stay_weight
+
+    demo = load_coco_templates(DEMO / "templates.json", DEMO / "images")
+    assert weight(templates) == 1.0
+    assert weight(demo) == 0.0  # one of the two is held out
+    assert weight(demo, holdout_template=False) == 1.0
+    assert weight(templates, mode="full") == 0.0
+    assert weight(templates, objective="supervised") == 0.0
+    assert weight(templates, stay_weight=0.0) == 0.0
+    assert weight(demo, stay_weight=0.5) == 0.5

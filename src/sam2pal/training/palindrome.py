@@ -56,7 +56,7 @@ import functools
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -428,6 +428,10 @@ class Trainer:
         self.framing, self.framing_fill = framing, parse_fill(framing_fill)
         all_templates = templates
         templates, self.validation_templates = self._hold_out_templates(templates, settings)
+        if settings.stay_weight is None:  # on where no template is held out to judge
+            lone = settings.mode == "lora" and not self.validation_templates
+            stay = 1.0 if lone and objective == "palindrome" else 0.0
+            settings = self.settings = replace(settings, stay_weight=stay)
         self.categories = dict(templates.categories)
         self.template_set = templates
         self.ground_truth = ground_truth or {}
