@@ -434,6 +434,19 @@ class Training:
         "training",
         flag="--binary_cycle_mask",
     )
+    # the return half remembers each photo's structures without their overlaps: where
+    # structures apart on the template overlap on the photo, only the likeliest keeps
+    # the pixel. Aimed at the blob over the fore-body that head, pronotum, antennae and
+    # legs came to share (README, the collapse), from which the return half read the
+    # template's parts back
+    exclusive_cycle_mask: bool = setting(
+        False,
+        "the return half of each cycle remembers the photo's predicted masks without "
+        "overlaps between structures that are apart on the template (only the likeliest "
+        "keeps each pixel)",
+        "training",
+        flag="--exclusive_cycle_mask",
+    )
     # a term that keeps the adapter's segmentation of each training photo near the
     # untouched model's (LoRA only: the adapter switched off): the palindrome may move a
     # structure only where the cycle gains more than the move costs. By default on where

@@ -21,7 +21,14 @@ from sam2pal.io.images import list_images, read_image
 from sam2pal.io.templates import load_coco_templates
 from sam2pal.models.adapters import adapter_kind, load_adapter, read_metadata
 from sam2pal.models.build import build_model
-from sam2pal.training.palindrome import FinetuneSettings, Trainer, layout_loss, left_untouched
+from sam2pal.training.palindrome import (
+    FinetuneSettings,
+    Trainer,
+    apart_structures,
+    exclusive,
+    layout_loss,
+    left_untouched,
+)
 
 DEMO = REPO / "resources" / "demo"
 SIZE = 64
@@ -180,6 +187,40 @@ def test_layout_loss_sees_merged_swollen_and_vanished_structures():
     assert x.grad.abs().sum() > 0
     # one structure on the template: no layout to keep
     assert layout_loss(logits_of(masks[:1]), masks[:1]).item() == 0.0
+
+
+def test_exclusive_cycle_mask_splits_what_structures_apart_on_the_template_share(templates, pool):
+    """exclusive: where two structures apart on the template overlap, the likelier
+    keeps the pixel and the other is zeroed there; a structure containing both (not
+    apart from either) keeps all of its own; the gradient reaches the kept values. In
+    the trainer, the return half remembers the split masks."""
+    masks = torch.zeros(3, 1, 8, 8)
+    masks[0, 0, :4] = 1
+    masks[1, 0, 4:] = 1
+    masks[2] = 1  # the whole: overlaps both
+    apart = apart_structures(masks)
+    assert apart.tolist() == [[False, True, False], [True, False, False], [False, False, False]]
+    prob = torch.full((3, 1, 8, 8), 0.2)
+    prob[0, 0, :6] = 0.9  # swollen over the other's top rows
+    prob[1, 0, 4:] = 0.7
+    prob[2] = 0.6
+    prob.requires_grad_(True)
+    out = exclusive(prob, apart)
+    assert torch.equal(out[0, 0, 4:6], torch.full((2, 8), 0.9))  # wins the shared rows
+    assert torch.equal(out[1, 0, 4:6], torch.zeros(2, 8))  # loses them
+    assert torch.equal(out[1, 0, 6:], torch.full((2, 8), 0.7))
+    assert torch.equal(out[0, 0, 6:], torch.zeros(2, 8))
+    assert torch.equal(out[2], prob[2])
+    out.sum().backward()
+    assert prob.grad[0, 0, 5, 0] == 1 and prob.grad[1, 0, 5, 0] == 0
+    trainer = make_trainer(templates, pool, exclusive_cycle_mask=True)
+    tmpl, key = trainer.templates[0], trainer.train_keys[0]
+    logits = trainer.phase1(tmpl, trainer._backbone(tmpl.key), trainer._backbone(key))[0]
+    split = trainer.soft_mask(logits, tmpl)
+    whole = trainer.soft_mask(logits)
+    assert apart_structures(tmpl.mask_input).any()  # head, pronotum, elytra... are apart
+    assert torch.equal(split, exclusive(whole, apart_structures(tmpl.mask_input)))
+    assert not torch.equal(split, whole)
 
 
 def test_phase2_sees_only_the_target_and_its_soft_mask(templates, pool):

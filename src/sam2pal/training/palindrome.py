@@ -264,6 +264,29 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 LAYOUT_APART = 0.05  # structures overlapping by less than this share of the smaller are apart
 
 
+def apart_structures(masks: torch.Tensor) -> torch.Tensor:
+    """(B, B) bool: which pairs of the (B, ...) masks (soft or binary) overlap by less
+    than `LAYOUT_APART` of the smaller one's area (an empty mask is apart from all
+    others; none from itself)."""
+    flat = masks.float().flatten(1)
+    area = flat.sum(1).clamp_min(1e-6)
+    smaller = torch.minimum(area[:, None], area[None, :])
+    apart = (flat @ flat.T) / smaller < LAYOUT_APART
+    return apart.fill_diagonal_(False)
+
+
+def exclusive(prob: torch.Tensor, apart: torch.Tensor) -> torch.Tensor:
+    """`prob` (B, 1, H, W), each structure zeroed wherever one of those it is apart
+    from (`apart`, (B, B) bool, as `apart_structures` gives) is likelier: structures
+    apart on the template cannot share pixels (no gradient through the choice)."""
+    flat = prob.detach().flatten(1)
+    keep = torch.ones_like(flat)
+    for i in range(len(flat)):
+        if apart[i].any():
+            keep[i] = (flat[i] >= flat[apart[i]].amax(0)).to(flat.dtype)
+    return prob * keep.reshape(prob.shape)
+
+
 def layout_loss(logits: torch.Tensor, template_masks: torch.Tensor) -> torch.Tensor:
     """How far the soft masks of `logits` (B, 1, h, w), one structure each, on a photo
     stray from the layout of the template's masks (B, 1, S, S) of the same structures:
@@ -280,8 +303,7 @@ def layout_loss(logits: torch.Tensor, template_masks: torch.Tensor) -> torch.Ten
         return prob.new_zeros(())
     prob, truth = prob[present], truth[present]
     area, area0 = prob.sum(1), truth.sum(1)
-    smaller0 = torch.minimum(area0[:, None], area0[None, :])
-    apart = torch.triu((truth @ truth.T) / smaller0 < LAYOUT_APART, diagonal=1)
+    apart = torch.triu(apart_structures(truth), diagonal=1)
     loss = prob.new_zeros(())
     if apart.any():
         smaller = torch.minimum(area[:, None], area[None, :]) + 1.0
@@ -487,6 +509,7 @@ class Trainer:
         self._truth_inputs: dict[tuple[str, str], torch.Tensor | None] = {}
         # (template, photo) -> the untouched model's phase-1 logits (stay_weight)
         self._untouched_logits: dict[tuple[str, str], torch.Tensor] = {}
+        self._apart: dict[str, torch.Tensor] = {}  # template key -> apart_structures
 
     def _prepare_model(self, model) -> None:
         """Add LoRA (or choose the parameters to train in full), set the attention dropout
@@ -741,15 +764,23 @@ class Trainer:
         logits, _, object_logits = track_frame(self.sam, target_feats, 1, 2, memory)
         return logits, object_logits, memory, target_feats
 
-    def soft_mask(self, low_res_logits: torch.Tensor) -> torch.Tensor:
+    def soft_mask(
+        self, low_res_logits: torch.Tensor, template: _TrainingTemplate | None = None
+    ) -> torch.Tensor:
         """Phase-1 logits -> (B, 1, S, S) probabilities, the mask phase 2 remembers.
 
         With `binary_cycle_mask` the values are cut at 0.5 while the gradient is that
-        of the probabilities (straight-through)."""
+        of the probabilities (straight-through). With `exclusive_cycle_mask` (and the
+        `template` the logits came from), structures apart on the template keep, where
+        they overlap, only the likeliest of them."""
         size = (self.image_size, self.image_size)
         prob = torch.sigmoid(
             F.interpolate(low_res_logits, size=size, mode="bilinear", align_corners=False)
         )
+        if self.settings.exclusive_cycle_mask and template is not None:
+            if template.key not in self._apart:
+                self._apart[template.key] = apart_structures(template.mask_input)
+            prob = exclusive(prob, self._apart[template.key])
         if not self.settings.binary_cycle_mask:
             return prob
         return (prob > 0.5).to(prob.dtype) + (prob - prob.detach())
@@ -804,7 +835,7 @@ class Trainer:
             template, template_backbone, self._backbone(target_key)
         )
         logits0, object0 = self.phase2(
-            template, template_backbone, target_feats, self.soft_mask(logits1)
+            template, template_backbone, target_feats, self.soft_mask(logits1, template)
         )
         present = torch.ones_like(object0)
         objectness = 0.5 * (
