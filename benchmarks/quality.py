@@ -293,7 +293,7 @@ def _oracle(
     methods = {m: t for m, t in entry["methods"].items() if m != ORACLE}
     entry = {**entry, "methods": {**methods, ORACLE: table}}
     entry["oracle_steps"] = steps
-    gap = oracle["table"]["mean"] - entry["methods"]["zero-shot (1 template)"]["mean"]
+    gap = table["mean"] - entry["methods"]["zero-shot (1 template)"]["mean"]
     for gain, closed in GAINS:
         if gain in entry:
             entry[closed] = round(entry[gain] / gap, 3) if gap > 0 else None

@@ -1,0 +1,35 @@
+"""benchmarks/quality.py's reuse of an earlier record's fine-tuned rows."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import quality  # noqa: E402
+
+
+def test_a_kept_oracle_is_taken_when_it_trained_as_many_steps(tmp_path):
+    """`--keep oracle`: the earlier oracle row is taken (nothing trains) when its steps
+    are those of the one-template palindrome's training log, and the shares of its gain
+    that the palindrome rows reach are computed from it."""
+    (tmp_path / "c-adapter").mkdir()
+    (tmp_path / "c-adapter" / "training_log.csv").write_text(
+        "epoch,optimizer_steps\n1,30\n2,60\n"
+    )
+    entry = {
+        "methods": {
+            "zero-shot (1 template)": {"mean": 0.2},
+            quality.PALINDROME: {"mean": 0.25},
+        },
+        "palindrome_gain": 0.05,
+    }
+    kept = {"methods": {quality.ORACLE: {"mean": 0.3}}, "oracle_steps": 60}
+    args = argparse.Namespace(lora_rank=8, lr=None)
+    out = quality._oracle(args, None, tmp_path / "c", tmp_path, "c", entry, kept)
+    assert out["methods"][quality.ORACLE] == {"mean": 0.3}
+    assert out["oracle_steps"] == 60
+    assert out["gap_closed"] == 0.5
+    assert list(out["methods"])[-1] == quality.ORACLE
