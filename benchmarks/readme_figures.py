@@ -981,6 +981,39 @@ def stay_term() -> str:
     )
 
 
+CYCLE_REWARD_RECORD = "cycle-reward-sam2pal-micro"
+
+
+def cycle_reward() -> str:
+    """What the untouched model's return half rewards: per collection and structure,
+    phase 1's IoU onto the template itself and onto the photos, phase 2's IoU back to
+    the template from the photos' true masks, and the palindrome loss from the true
+    masks against the lowest over the masks grown or shrunk."""
+    res = load(CYCLE_REWARD_RECORD)["results"]
+    text = [
+        f"The untouched model (sam2pal-micro, sha256 {str(res['model']['checkpoint_sha256'])[:12]}; "
+        "20 photos per collection, one template; "
+        "IoU of the masks, and the palindrome loss, cross-entropy + Dice, of the return to "
+        "the template):",
+        "",
+        "| collection | structure | onto the template itself | onto the photos | back from "
+        "the photos' true masks | loss back from the true masks | lowest loss, true masks "
+        "grown by |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, table in res["collections"].items():
+        for i, structure in enumerate(s for s in QUALITY_STRUCTURES if s in table):
+            row = table[structure]
+            grown = {r: row[f"r={r}"]["loss"] for r in res["radii"]}
+            best = min(grown, key=grown.get)
+            text.append(
+                f"| {name if i == 0 else ''} | {structure} | {row['self']['iou']:.2f} | "
+                f"{row['forward']['iou']:.2f} | {row['r=0']['iou']:.2f} | "
+                f"{row['r=0']['loss']:.3f} | {grown[best]:.3f} ({best:+d} px) |"
+            )
+    return "\n".join(text) + "\n\n" + source(CYCLE_REWARD_RECORD)
+
+
 EPOCH_RECORDS = (
     "palindrome-sam2pal-micro-v2-epochs",
     "palindrome-sam2pal-micro-v2-epochs-b",
@@ -1035,6 +1068,7 @@ BLOCKS = {
     "selection-rules": selection_rules,
     "anchor-term": anchor_term,
     "stay-term": stay_term,
+    "cycle-reward": cycle_reward,
     "review-templates": review_templates,
     "quality": quality,
     "quality-card": quality_card,

@@ -1,4 +1,5 @@
-"""benchmarks/quality.py's reuse of an earlier record's fine-tuned rows."""
+"""Helpers of the quality benchmarks: quality.py's reuse of an earlier record's rows,
+cycle_reward.py's grown masks."""
 
 from __future__ import annotations
 
@@ -16,9 +17,7 @@ def test_a_kept_oracle_is_taken_when_it_trained_as_many_steps(tmp_path):
     are those of the one-template palindrome's training log, and the shares of its gain
     that the palindrome rows reach are computed from it."""
     (tmp_path / "c-adapter").mkdir()
-    (tmp_path / "c-adapter" / "training_log.csv").write_text(
-        "epoch,optimizer_steps\n1,30\n2,60\n"
-    )
+    (tmp_path / "c-adapter" / "training_log.csv").write_text("epoch,optimizer_steps\n1,30\n2,60\n")
     entry = {
         "methods": {
             "zero-shot (1 template)": {"mean": 0.2},
@@ -33,3 +32,18 @@ def test_a_kept_oracle_is_taken_when_it_trained_as_many_steps(tmp_path):
     assert out["oracle_steps"] == 60
     assert out["gap_closed"] == 0.5
     assert list(out["methods"])[-1] == quality.ORACLE
+
+
+def test_cycle_reward_grows_and_shrinks_masks_by_whole_pixels():
+    """benchmarks/cycle_reward.py: a mask grown by r pixels gains a border r pixels
+    wide (a square), and shrinking undoes it."""
+    import torch
+    from cycle_reward import grown
+
+    mask = torch.zeros(1, 1, 9, 9)
+    mask[0, 0, 4, 4] = 1
+    assert grown(mask, 0) is mask
+    assert grown(mask, 1).sum() == 9 and grown(mask, 2).sum() == 25
+    assert grown(mask, 2)[0, 0, 2:7, 2:7].all()
+    assert torch.equal(grown(grown(mask, 2), -2), mask)
+    assert grown(mask, -1).sum() == 0
