@@ -289,7 +289,7 @@ def test_pretrain_writes_an_official_checkpoint_and_resumes_to_the_same_weights(
     # the held-out curve: before the first step and after the last, every collection
     curve = (tmp_path / "whole" / "m.heldout.csv").read_text().splitlines()
     names = [spec.name for spec in HELD_OUT]
-    assert curve[0].split(",") == ["step", "size", "seconds", *names, "mean"]
+    assert curve[0].split(",") == ["step", "size", "seconds", *names, "mean", "self"]
     assert [line.split(",")[0] for line in curve[1:]] == ["0", "3"]
     assert whole["heldout_final"]["step"] == 3 and 0 <= whole["heldout_final"]["mean"] <= 1
     assert not (tmp_path / "whole" / "m.state.pt").exists()
@@ -377,10 +377,15 @@ def test_held_out_scores_come_from_unseen_collections_and_the_tracker_s_own_mask
     model = build_model(str(CONFIG), CHECKPOINT, image_size=128)
     model.train()
     scores = heldout_iou(model, episodes)
-    assert model.training and set(scores) == {*episodes, "mean"}
+    assert model.training and set(scores) == {*episodes, "mean", "self"}
     assert 0 < scores["mean"] <= 1 and scores["mean"] == pytest.approx(
         np.mean([scores[n] for n in episodes]), abs=1e-3
     )
+    # the templates onto themselves: the same as an episode whose target is its template
+    first = next(iter(episodes.values()))[0]
+    alone = {"x": [type(first)([first.images[0]] * 2, [first.labels[0]] * 2, 1)]}
+    assert heldout_iou(model, alone)["x"] == heldout_iou(model, {"x": [first]})["self"]
+    assert 0 <= scores["self"] <= 1
     random = build_model(str(CONFIG), "random", image_size=128, seed=0)
     assert heldout_iou(random, episodes)["mean"] < scores["mean"]
 
