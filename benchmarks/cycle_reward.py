@@ -32,12 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from poses import benchmark_model  # noqa: E402
 from record import Recorder  # noqa: E402
 
-from sam2pal.inference.pipeline import _run_model  # noqa: E402
 from sam2pal.io.coco import category_masks, load_coco  # noqa: E402
 from sam2pal.io.templates import load_coco_templates  # noqa: E402
-from sam2pal.models.registry import choose_config  # noqa: E402
 from sam2pal.synth.quality import HELD_OUT, STRUCTURES, make_held_out  # noqa: E402
 from sam2pal.training.palindrome import FinetuneSettings, Trainer  # noqa: E402
 
@@ -155,21 +154,12 @@ def main(argv=None) -> int:
     recorder = Recorder(
         args.record or f"cycle-reward-{Path(args.checkpoint).stem}", args, args.device
     )
-    model_args = dict(
-        config=choose_config(args.config, args.checkpoint),
-        checkpoint=args.checkpoint,
-        image_size=None,
-        seed=0,
-        device=args.device,
-        threads=args.threads,
-        checkpoint_dir=None,
-    )
     specs = {h.name: h for h in HELD_OUT}
     results = {"radii": list(RADII), "collections": {}}
     for name in args.collections:
         coll = Path(args.out) / name
         make_held_out(coll, specs[name], args.n_images, args.n_templates)
-        model, info, _ = _run_model(**model_args, adapter=None)
+        model, info = benchmark_model(args)  # afresh: the trainer adds LoRA to it
         results["model"] = info
         table = measure(model, coll, args.n_templates)
         results["collections"][name] = table
