@@ -376,8 +376,9 @@ def test_each_image_is_encoded_once_in_training_and_validation(templates, pool, 
     set-up to the end of training, the validations (before training and after every
     epoch) included. With the frozen encoder's features cached, each template,
     training and held-out photo is encoded exactly once; without the cache, each step
-    encodes its template and its target, and each validation the templates and the
-    held-out photos. Both give the same validation numbers."""
+    encodes its template and its target (and the stay term both again, once per pair),
+    and each validation the templates and the held-out photos. Both give the same
+    validation numbers."""
     counts, trainers = {}, {}
     for cached in (True, False):
         model = fresh_model()
@@ -395,7 +396,11 @@ def test_each_image_is_encoded_once_in_training_and_validation(templates, pool, 
     assert counts[True] == n_templates + len(trainers[True].train_keys) + n_holdout
     steps = min(len(trainers[False].train_keys), 4)  # one epoch of max_images_per_epoch=4
     validations = 2  # before training and after the epoch
-    assert counts[False] == 2 * steps + validations * (n_templates + n_holdout)
+    # the stay term (on by default with one template) encodes its template and photo
+    # once more for the untouched model's reference, once per pair (then kept)
+    references = len(trainers[False]._untouched_logits)
+    assert trainers[False].settings.stay_weight == 1.0 and references == steps
+    assert counts[False] == 2 * steps + validations * (n_templates + n_holdout) + 2 * references
     assert trainers[True].history[0]["val_cycle_iou"] == trainers[False].history[0]["val_cycle_iou"]
 
 
