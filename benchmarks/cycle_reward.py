@@ -57,18 +57,20 @@ def grown(masks: torch.Tensor, radius: int) -> torch.Tensor:
 
 def scores(trainer: Trainer, truth: torch.Tensor, logits: torch.Tensor):
     """Per object: (IoU of the low-res `logits`' mask with the (B, 1, S, S) `truth`,
-    the palindrome loss against it without the object term: cross-entropy + Dice)."""
+    the trainer's palindrome loss against it without the object term: cross-entropy +
+    Dice)."""
     size = (trainer.image_size, trainer.image_size)
     high = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
     truth = truth.float()
-    bce = F.binary_cross_entropy_with_logits(high, truth, reduction="none").flatten(1).mean(1)
-    prob = torch.sigmoid(high).flatten(1)
-    flat = truth.flatten(1)
-    dice = 1 - (2 * (prob * flat).sum(1) + 1) / (prob.sum(1) + flat.sum(1) + 1)
-    pred = high.flatten(1) > 0
-    inter = (pred & (flat > 0)).sum(1).float()
-    union = (pred | (flat > 0)).sum(1).float().clamp_min(1)
-    return (inter / union).tolist(), (bce + dice).tolist()
+    none = logits.new_zeros(())
+    losses = [
+        trainer._mask_loss(logits[i : i + 1].float(), truth[i : i + 1], none, None)[0].item()
+        for i in range(len(logits))
+    ]
+    pred, flat = high.flatten(1) > 0, truth.flatten(1) > 0
+    inter = (pred & flat).sum(1).float()
+    union = (pred | flat).sum(1).float().clamp_min(1)
+    return (inter / union).tolist(), losses
 
 
 def measure(model, coll: Path, n_templates: int) -> dict:
