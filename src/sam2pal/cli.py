@@ -1084,6 +1084,7 @@ def cmd_pretrain(args) -> int:
             "seed",
             "appearance",
             "zoom_fraction",
+            "low_contrast_fraction",
             "body_plan",
             "init",
             "procedural_fraction",
@@ -1182,6 +1183,14 @@ def _pretrain_episode_flags(p, d) -> None:
         type=float,
         default=d.zoom_fraction,
         help="share of episodes (0-1) that are zoomed crops of a part or the whole specimen",
+    )
+    _flag(
+        p,
+        "--low_contrast_fraction",
+        type=float,
+        default=d.low_contrast_fraction,
+        help="share of the randomised episodes (0-1) whose specimen is about as light as its "
+        "ground (told apart by hue and chroma)",
     )
     _flag(
         p,

@@ -327,6 +327,22 @@ def test_randomised_styles_flip_the_contrast_and_cover_the_colour_wheel():
     assert kinds == set(synthetic.RANDOMISED_BACKGROUNDS)
 
 
+def test_low_contrast_styles_keep_the_lightness_near_the_ground_and_the_colour_apart():
+    darker = 0
+    for seed in range(200):
+        st = synthetic.randomised_style(np.random.default_rng(seed), low_contrast=True)
+        assert st == synthetic.randomised_style(np.random.default_rng(seed), low_contrast=True)
+        ground = synthetic._lab(st.background_color)
+        parts = [synthetic._lab(c) for c in st.part_colors]
+        gaps = [p[0] - ground[0] for p in parts]
+        # every part on one side of the ground, within 22 L* units (and a rounding)
+        assert all(-23 < g < 0 for g in gaps) or all(0 < g < 23 for g in gaps), (seed, gaps)
+        # and told apart from it in L*a*b*
+        assert min(np.linalg.norm(p - ground) for p in parts) >= 14.5, seed
+        darker += gaps[0] < 0
+    assert 0.3 <= darker / 200 <= 0.7
+
+
 def test_randomised_rendering_is_deterministic_keeps_the_labels_and_the_contrast_sign(masks):
     for seed in range(8):
         st = synthetic.randomised_style(np.random.default_rng(seed))

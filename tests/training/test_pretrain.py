@@ -225,11 +225,48 @@ def test_randomised_and_zoomed_episodes():
     assert set(kinds) == {"v1", "randomised"}
 
 
+def test_low_contrast_episodes_show_a_specimen_about_as_light_as_its_ground():
+    import cv2
+
+    shapes = [m for _, m in split_masks()[0]][:12]
+    randomised = PretrainSettings(appearance="randomised")
+    low = PretrainSettings(appearance="randomised", low_contrast_fraction=1.0)
+    # none asked for: the episodes are exactly the randomised ones they were
+    unasked = PretrainSettings(appearance="randomised", low_contrast_fraction=0.0)
+    assert _episode_hash(draw_episode(2, unasked, shapes)) == _episode_hash(
+        draw_episode(2, randomised, shapes)
+    )
+    # v1's episodes never draw random colours, so the share leaves them alone
+    assert _episode_hash(
+        draw_episode(2, PretrainSettings(low_contrast_fraction=1.0), shapes)
+    ) == _episode_hash(draw_episode(2, PretrainSettings(), shapes))
+
+    def lightness_gap(e) -> float:  # |L*| of the body's median minus the ground's
+        img, lab = e.images[-1], e.labels[-1]
+        lum = cv2.cvtColor(img, cv2.COLOR_RGB2Lab)[..., 0].astype(float) * 100 / 255
+        body = np.isin(lab, (1, 2, 3))
+        return abs(float(np.median(lum[body]) - np.median(lum[lab == 0])))
+
+    gaps = [lightness_gap(draw_episode(i, low, shapes)) for i in range(6)]
+    usual = [lightness_gap(draw_episode(i, randomised, shapes)) for i in range(6)]
+    assert max(gaps) < 30 and np.median(gaps) < 20, gaps
+    assert np.median(usual) > 25, usual
+    # a share: about that many episodes of a run are low-contrast, the rest as they were
+    half = PretrainSettings(appearance="randomised", low_contrast_fraction=0.5)
+    same = [
+        _episode_hash(draw_episode(i, half, shapes))
+        == _episode_hash(draw_episode(i, randomised, shapes))
+        for i in range(10)
+    ]
+    assert 2 <= sum(same) <= 8
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
         ({"appearance": "fancy"}, "appearance must be one of v1, randomised"),
         ({"zoom_fraction": 1.5}, "zoom_fraction must be between 0 and 1"),
+        ({"low_contrast_fraction": -0.1}, "low_contrast_fraction must be between 0 and 1"),
     ],
 )
 def test_bad_appearance_settings_are_input_errors(bad, message):
@@ -404,8 +441,10 @@ def test_pretrain_cli_rejects_bad_settings_in_one_line(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
     args = cli.build_parser().parse_args(
         ["pretrain", "--appearance", "randomised", "--zoom_fraction", "0.3"]
+        + ["--low_contrast_fraction", "0.25"]
     )
     assert (args.appearance, args.zoom_fraction) == ("randomised", 0.3)
+    assert args.low_contrast_fraction == 0.25
 
 
 def test_v2_body_plans_add_eyes_scapes_and_keep_v1_as_it_was():

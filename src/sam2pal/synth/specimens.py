@@ -1313,11 +1313,34 @@ def lightness(rgb) -> np.ndarray:
 RANDOMISED_BACKGROUNDS = ("paper", "foam", "gradient", "card", "noise", "stripes")
 
 
-def _randomised_colours(rng: np.random.Generator):
+#: Low-contrast draws of `randomised_style`: every part's L* within this many units of
+#: the ground's (on one side of it), and at least `LOW_CONTRAST_MIN_DELTA_E` from the
+#: ground in CIE L*a*b* (told apart by hue, chroma or a little lightness).
+LOW_CONTRAST_MAX_DELTA_L = 22.0
+LOW_CONTRAST_MIN_DELTA_E = 15.0
+
+
+def _lab(rgb) -> np.ndarray:
+    """CIE L*a*b* (D65) of an sRGB colour given as 0-255 values."""
+    pixel = np.asarray(rgb, np.float32).reshape(1, 1, 3) / 255.0
+    return cv2.cvtColor(pixel, cv2.COLOR_RGB2Lab)[0, 0].astype(np.float64)
+
+
+def _randomised_colours(rng: np.random.Generator, low_contrast: bool = False):
     """Draw the ground colour and the five part colours of `randomised_style`:
-    ``(ground, part_colors)``, (R, G, B) tuples."""
-    light = bool(rng.random() < 0.5)  # a light specimen on a dark ground
-    if light:
+    ``(ground, part_colors)``, (R, G, B) tuples. With `low_contrast`, the parts' L*
+    lies within `LOW_CONTRAST_MAX_DELTA_L` of the ground's instead of 25 or more away."""
+    if low_contrast:  # a dark beetle on dark foam: lightness nearly the ground's
+        ground_l = rng.uniform(8.0, 85.0)
+        darker = bool(rng.random() < 0.5)
+        if darker and ground_l < 12.0 or not darker and ground_l > 80.0:
+            darker = not darker
+        lo, hi = (
+            (max(3.0, ground_l - LOW_CONTRAST_MAX_DELTA_L), ground_l - 2.0)
+            if darker
+            else (ground_l + 2.0, min(97.0, ground_l + LOW_CONTRAST_MAX_DELTA_L))
+        )
+    elif rng.random() < 0.5:  # a light specimen on a dark ground
         ground_l = rng.uniform(4.0, 45.0)
         lo, hi = ground_l + 25.0, 97.0
     else:
@@ -1327,18 +1350,33 @@ def _randomised_colours(rng: np.random.Generator):
     def chroma():
         return rng.uniform(0.0, 10.0) if rng.random() < 0.3 else rng.uniform(10.0, 110.0)
 
+    ground = _lch_to_rgb(ground_l, chroma(), rng.uniform(0.0, 360.0))
+    ground_lab = _lab(ground)
+
+    def visible(draw):  # low contrast: redraw until the colour stands apart from the ground
+        lch = draw()
+        for _ in range(30 if low_contrast else 0):
+            if np.linalg.norm(_lab(_lch_to_rgb(*lch)) - ground_lab) >= LOW_CONTRAST_MIN_DELTA_E:
+                break
+            lch = draw()
+        else:
+            if low_contrast:  # the far end of the band, grey: lightness alone sets it apart
+                lch = (lo if darker else hi, 0.0, 0.0)
+        return lch
+
     def colour():  # (L, C, h) inside the specimen's lightness band
-        return (rng.uniform(lo, hi), chroma(), rng.uniform(0.0, 360.0))
+        return visible(lambda: (rng.uniform(lo, hi), chroma(), rng.uniform(0.0, 360.0)))
 
     def near(lch):  # the same colour, a little changed
         lum, c, h = lch
-        return (
-            float(np.clip(lum + rng.uniform(-6, 6), lo, hi)),
-            c * rng.uniform(0.8, 1.2),
-            h + rng.uniform(-12, 12),
+        return visible(
+            lambda: (
+                float(np.clip(lum + rng.uniform(-6, 6), lo, hi)),
+                c * rng.uniform(0.8, 1.2),
+                h + rng.uniform(-12, 12),
+            )
         )
 
-    ground = _lch_to_rgb(ground_l, chroma(), rng.uniform(0.0, 360.0))
     body = colour()
     mode = rng.random()
     if mode < 0.5:  # one body colour
@@ -1360,7 +1398,9 @@ def _randomised_colours(rng: np.random.Generator):
 
 
 def randomised_style(
-    rng: np.random.Generator, scale_range: tuple[float, float] = (0.25, 0.95)
+    rng: np.random.Generator,
+    scale_range: tuple[float, float] = (0.25, 0.95),
+    low_contrast: bool = False,
 ) -> Style:
     """A domain-randomised `Style` for one episode (one collection's look).
 
@@ -1375,7 +1415,11 @@ def randomised_style(
     includes debris and fibres, and lighting gradient, vignetting, colour cast,
     shadow, gloss, Gaussian or motion blur, sensor noise and JPEG quality (40-95) get
     wide ranges, drawn again for each image. ``scale_range`` is the fraction of the
-    canvas's shorter side filled by the specimen's longest extent.
+    canvas's shorter side filled by the specimen's longest extent. With
+    ``low_contrast``, the specimen's lightness is instead close to the ground's (every
+    part's L* 2-22 units to one side of it; ground L* 8-85) and every part at least 15
+    from the ground in L*a*b*: told apart by hue and chroma, as a metallic blue beetle on
+    dark slate or a brown one on cork.
 
     The colours, the substrate kind and the light direction are pinned, so the images
     rendered with the returned style show one specimen look, as one collection does.
@@ -1383,11 +1427,12 @@ def randomised_style(
     Args:
         rng: the generator every random choice comes from.
         scale_range: the style's ``scale_range``.
+        low_contrast: draw the colours of a specimen about as light as its ground.
 
     Returns:
         The `Style`.
     """
-    ground, part_colors = _randomised_colours(rng)
+    ground, part_colors = _randomised_colours(rng, low_contrast)
     return Style(
         palettes=DEFAULT_PALETTES,  # with pinned part colours a palette sets the gloss only
         backgrounds=(RANDOMISED_BACKGROUNDS[int(rng.integers(len(RANDOMISED_BACKGROUNDS)))],),

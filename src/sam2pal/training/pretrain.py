@@ -32,6 +32,10 @@ Episodes are rendered on the fly, each from its own seed:
   jitter on top: JPEG comes last, as in a photo);
 * appearance ``"mixed"``: each episode one of the two, half and half (the model
   keeps what v1's episodes taught it while it learns the randomised ones);
+* with `low_contrast_fraction`, that share of the randomised episodes shows a specimen
+  about as light as its ground (`randomised_style(low_contrast=True)`: every part's L*
+  within 22 of the ground's, told apart by hue and chroma, as a metallic blue beetle on
+  dark slate), which the 25-unit lightness gap of the others never shows;
 * with `zoom_fraction`, that share of episodes are zoomed crops (`synthetic.zoom_crop`):
   a part present in every frame fills 20-80 % of the frame, or (a quarter of them)
   the whole specimen 25-95 %; blur, noise and JPEG are applied after the crop.
@@ -152,6 +156,8 @@ class PretrainSettings:
     # the share of episodes that are zoomed crops
     appearance: str = "v1"
     zoom_fraction: float = 0.0
+    # share of the randomised episodes whose specimen is about as light as its ground
+    low_contrast_fraction: float = 0.0
     # procedural body plans: "v1" (sam2pal-micro v1's) or "v2" (wider proportions,
     # compound eyes, scapes and elbowed antennae; `procedural.procedural_insect`)
     body_plan: str = "v1"
@@ -188,6 +194,7 @@ class PretrainSettings:
             "second_target",
             "colour_jitter",
             "zoom_fraction",
+            "low_contrast_fraction",
         ):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 problems.append(f"{name} must be between 0 and 1")
@@ -265,7 +272,13 @@ def _episode_style(index: int, settings: PretrainSettings, rng):
         mix_rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(9, index)))
         appearance = "randomised" if mix_rng.random() < 0.5 else "v1"
     if appearance == "randomised":
-        style = randomised_style(rng, scale_range=settings.scale_range)
+        low_contrast = False
+        if settings.low_contrast_fraction > 0:  # its own stream, as the mix's
+            contrast_rng = np.random.default_rng(
+                np.random.SeedSequence(settings.seed, spawn_key=(10, index))
+            )
+            low_contrast = bool(contrast_rng.random() < settings.low_contrast_fraction)
+        style = randomised_style(rng, scale_range=settings.scale_range, low_contrast=low_contrast)
     else:
         base = Style(
             palettes=DEFAULT_PALETTES,
