@@ -115,7 +115,7 @@ class _EpochScoringTrainer(Trainer):
         metrics = super().validate()
         self.sam.eval()
         rows = score_collection(
-            self.sam, self.coll, 1, self.targets_from, framing=self.framing
+            self.sam, self.coll, 1, self.targets_from, framing=self.framing, tone=self.tone.mode
         ).rows
         release_inference_tensors(self.sam)
         self.sam.train()
@@ -123,6 +123,11 @@ class _EpochScoringTrainer(Trainer):
             s: [round(r["iou"], 4) for r in rows if r["structure"] == s] for s in STRUCTURES
         }
         return metrics
+
+
+def engine_options(args) -> dict:
+    """How the photos go into the model (framing, tone), as the benchmark was asked."""
+    return {"framing": getattr(args, "framing", "stretch"), "tone": getattr(args, "tone", "none")}
 
 
 def finetune_and_score(
@@ -156,7 +161,7 @@ def finetune_and_score(
         log=lambda *_: None,
         objective=objective,
         select_by="auto" if objective == "supervised" else "no_ground_truth",
-        framing=getattr(args, "framing", "stretch"),
+        **engine_options(args),
     )
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
@@ -207,9 +212,7 @@ def finetune_and_score(
     scored = {}
     for which in ("adapter", "adapter_last"):
         tuned, _, _ = _run_model(**model_args, adapter=out / which)
-        scored[which] = score_collection(
-            tuned, coll, 1, args.n_templates, framing=getattr(args, "framing", "stretch")
-        )
+        scored[which] = score_collection(tuned, coll, 1, args.n_templates, **engine_options(args))
     later = history[1:]
     return {
         "table": scored["adapter"].table(),

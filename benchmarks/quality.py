@@ -58,7 +58,7 @@ from sam2pal.synth.quality import (  # noqa: E402
 )
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from palindrome import PLAIN, finetune_and_score  # noqa: E402
+from palindrome import PLAIN, engine_options, finetune_and_score  # noqa: E402
 from record import Recorder, load  # noqa: E402
 
 #: the palindrome rows' gains over zero-shot and the shares of the oracle's gain they reach
@@ -108,6 +108,12 @@ def main(argv=None) -> int:
         default="stretch",
         choices=("stretch", "letterbox"),
         help="how the photos go into the model's square input (propagate.framing)",
+    )
+    ap.add_argument(
+        "--tone",
+        default="none",
+        choices=("none", "auto"),
+        help="lift the dark tones of dark-on-dark photos (propagate.tone)",
     )
     ap.add_argument("--no-oracle", action="store_true", help="skip the supervised upper bound")
     ap.add_argument("--device", default="auto")
@@ -170,9 +176,9 @@ def main(argv=None) -> int:
         t0 = time.time()
         previous = reused.get(name)
         keep = set(args.keep) if previous else set()
-        zero = score_collection(base, coll, 1, args.n_templates, cycle=True, framing=args.framing)
+        zero = score_collection(base, coll, 1, args.n_templates, cycle=True, **engine_options(args))
         multi = score_collection(
-            base, coll, args.n_templates, args.n_templates, framing=args.framing
+            base, coll, args.n_templates, args.n_templates, **engine_options(args)
         )
         rows = {
             "zero-shot (1 template)": zero.table(),
@@ -259,11 +265,11 @@ def _palindrome(args, model_args, config, coll: Path, out: Path, name: str, sett
         device=args.device,
         threads=args.threads,
         settings=settings,
-        framing=args.framing,
+        **engine_options(args),
         log=lambda *_: None,
     )
     tuned, _, _ = _run_model(**model_args, adapter=out / f"{name}-adapter" / "adapter")
-    return score_collection(tuned, coll, 1, args.n_templates, framing=args.framing).table()
+    return score_collection(tuned, coll, 1, args.n_templates, **engine_options(args)).table()
 
 
 def _oracle(

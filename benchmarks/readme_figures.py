@@ -1063,7 +1063,38 @@ def selection_rules() -> str:
     return "\n".join(text) + "\n\n" + source(*EPOCH_RECORDS)
 
 
+#: quality.py with `--tone auto` (the dark tones lifted), against the headline records
+#: (`--tone none`, the default)
+TONE_RECORDS = ("quality-sam2pal-micro-v2-tone-blue_slate",)
+
+
+def tone() -> str:
+    """Each quality row with the photos as they are and with `tone: auto`."""
+    plain = _quality_results()["collections"]
+    lines = [
+        "Measured with `benchmarks/quality.py --tone auto` (sam2pal-micro v2, as the table "
+        "above: mean IoU of the parts, the body in brackets; `none` is that table's row):",
+        "",
+        "| collection | method | `tone: none` | `tone: auto` |",
+        "|---|---|---|---|",
+    ]
+    for record in TONE_RECORDS:
+        for name, entry in load(record)["results"]["collections"].items():
+            for i, (method, table) in enumerate(entry["methods"].items()):
+                before = plain[name]["methods"].get(method)
+                label = QUALITY_LABELS.get(method, method.replace(" (1 template)", ""))
+                if method.startswith(JUDGED_ROW):
+                    label = "palindrome LoRA, 3 templates (one trains, two judge)"
+                cells = [
+                    "-" if t is None else f"{t['mean']:.3f} ({_iou(t.get('body'))})"
+                    for t in (before, table)
+                ]
+                lines.append(f"| {name if i == 0 else ''} | {label} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n\n" + source(*TONE_RECORDS, *QUALITY_RECORDS[:1])
+
+
 BLOCKS = {
+    "tone": tone,
     "holdout-template": holdout_template,
     "selection-rules": selection_rules,
     "anchor-term": anchor_term,

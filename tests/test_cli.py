@@ -63,6 +63,8 @@ def test_segment_with_template_json_and_old_flags(tmp_path, specimens):
         "3",
         "--area_clamp_pad",
         "5",
+        "--tone",
+        "auto",
         "--device",
         "cpu",
         "--interleave_template",
@@ -80,6 +82,7 @@ def test_segment_with_template_json_and_old_flags(tmp_path, specimens):
     predictions = json.loads((out / "predictions.json").read_text())
     assert predictions["info"]["settings"]["area_growth_limit"] == 3.0
     assert predictions["info"]["settings"]["area_clamp_pad"] == 5
+    assert predictions["info"]["settings"]["tone"] == "auto"
     assert sorted(im["file_name"] for im in predictions["images"]) == [
         "specimen_003.jpg",
         "specimen_004.jpg",
@@ -190,10 +193,14 @@ def test_segment_with_pal_finetuning_then_reuse_the_adapter(tmp_path, specimens)
         "1",
         "--max_images_per_epoch",
         "2",
+        "--tone",
+        "auto",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = out / "finetune" / "adapter"
     meta = json.loads((adapter / "sam2pal_adapter.json").read_text())
+    # the demo's dark beetles on light card: a lift is asked for, a light photo keeps its pixels
+    assert meta["tone"] == {"tone": "auto", "lifts_dark_tones": True}
     assert (
         meta["kind"] == "lora"
         and meta["settings"]["lora_rank"] == 4
@@ -425,11 +432,22 @@ def test_orientation_and_framing_flags_reach_the_engine_settings():
     assert cli._framing(_parsed(*finetune)) == {
         "framing": "stretch",
         "framing_fill": "border",
+        "tone": "none",
         **zoom_defaults,
     }
     assert cli._framing(
-        _parsed(*finetune, "--framing", "letterbox", "--framing-fill", "0,0,0", "--zoom", "auto")
-    ) == {"framing": "letterbox", "framing_fill": "0,0,0", **zoom_defaults, "zoom": "auto"}
+        _parsed(
+            *finetune,
+            *("--framing", "letterbox", "--framing-fill", "0,0,0", "--zoom", "auto"),
+            *("--tone", "auto"),
+        )
+    ) == {
+        "framing": "letterbox",
+        "framing_fill": "0,0,0",
+        "tone": "auto",
+        **zoom_defaults,
+        "zoom": "auto",
+    }
 
 
 @pytest.mark.parametrize(

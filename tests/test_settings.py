@@ -57,12 +57,20 @@ ORIENTATION_SETTINGS = {
     "framing": "stretch",
     "framing_fill": "border",
 }
+# the dark tones lifted (sam2pal.inference.tone)
+TONE_SETTINGS = {"tone": "none"}
 # the zoom pass for small structures (issue 17)
 ZOOM_SETTINGS = {"zoom": "off", "zoom_below": 0.1, "zoom_margin": 0.5}
-DEFAULT_ENGINE_SETTINGS = {**OLD_DEFAULT_ENGINE_SETTINGS, **ORIENTATION_SETTINGS, **ZOOM_SETTINGS}
+DEFAULT_ENGINE_SETTINGS = {
+    **OLD_DEFAULT_ENGINE_SETTINGS,
+    **ORIENTATION_SETTINGS,
+    **TONE_SETTINGS,
+    **ZOOM_SETTINGS,
+}
 MASK_SETTINGS = (
     *OLD_MASK_SETTINGS[:-1],
     *ORIENTATION_SETTINGS,
+    *TONE_SETTINGS,
     *ZOOM_SETTINGS,
     "on_bad_image",
 )
@@ -190,6 +198,7 @@ def test_the_rerun_sets_are_the_workflows():
     assert settings.training_keys() == (
         "framing",
         "framing_fill",
+        "tone",
         "zoom",
         "zoom_below",
         "zoom_margin",

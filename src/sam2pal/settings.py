@@ -160,6 +160,9 @@ DEFAULT_TARGETS = ["memory_attention", "sam_mask_decoder", "memory_encoder"]
 ORIENTATIONS = ("none", "rot4", "rot4_mirror")
 #: propagate.framing: how a photo is fitted to the model's square input
 FRAMINGS = ("stretch", "letterbox")
+#: propagate.tone: "none" (photos as they are) or "auto" (`sam2pal.inference.tone`: the dark
+#: tones of photos whose specimens are darker than a dark ground lifted)
+TONES = ("none", "auto")
 #: engine settings of photos only: a video is tracked in its keyframes' orientation
 #: settings of the photo engine only (the video tracker takes none of them; the zoom pass
 #: runs on video frames in the independent mode, which segments them as photos)
@@ -296,6 +299,15 @@ class Segmentation:
         "training",
         engine=True,
         flag=Flag("--framing_fill", type=fill_value),
+    )
+    # the fine-tuning sees its photos toned alike: a change retrains too
+    tone: str = setting(
+        "none",
+        "auto: lift the dark tones of the photos the model sees when the templates' "
+        "structures are darker than a dark ground (a gamma per photo); none: photos as they are",
+        "training",
+        engine=True,
+        flag=Flag("--tone", choices=TONES),
     )
     # the fine-tuning trains on the zoom pass's windows too (finetune.zoom_crops) and
     # scores its held-out photos with the zoom pass: a change retrains

@@ -99,6 +99,7 @@ from sam2pal.inference.orientation import (
     transform_masks,
 )
 from sam2pal.inference.postprocess import StructureReference, clamp_mask
+from sam2pal.inference.tone import Tone
 from sam2pal.inference.zoom_pass import ZOOMS, ZoomPass, low_res_box
 from sam2pal.io.masks import BoxMask, box_iou, mask_iou
 from sam2pal.models.adapters import untouched_model, untouched_structures
@@ -620,6 +621,10 @@ class Propagator:
         level or an RGB colour.
     zoom, zoom_below, zoom_margin: the zoom pass for small structures ("off", "auto" or
         "on"; see `sam2pal.inference.zoom_pass`).
+    tone: "none" or "auto" (`sam2pal.inference.tone`: lift the dark tones of every photo
+        when the templates' structures are darker than their ground), or a `Tone`
+        already resolved; the templates read here and the targets given to `predict`
+        (not given backbones) are toned alike. With `backbones`, the caller tones.
     """
 
     def __init__(
@@ -644,6 +649,7 @@ class Propagator:
         zoom: str = ENGINE_DEFAULTS["zoom"],
         zoom_below: float = ENGINE_DEFAULTS["zoom_below"],
         zoom_margin: float = ENGINE_DEFAULTS["zoom_margin"],
+        tone=ENGINE_DEFAULTS["tone"],
     ):
         if read_image is None:
             from sam2pal.io.images import read_image
@@ -686,6 +692,9 @@ class Propagator:
         self.zoom = zoom
         # the template photos, kept for the zoom pass's windows
         self._template_images: list[np.ndarray] = []
+        if backbones is not None and isinstance(tone, str) and tone != "none":
+            raise ValueError("template backbones can be given only with a resolved tone")
+        self.tone, read_image = self._resolve_tone(tone, templates, read_image)
 
         # per orientation candidate, the templates turned (and mirrored) that way
         self._views = self._encode_templates(templates, read_image, backbones)
@@ -718,6 +727,27 @@ class Propagator:
     def zoom_pass(self) -> ZoomPass | None:
         """The zoom pass (None with zoom off)."""
         return self._zoom
+
+    @staticmethod
+    def _resolve_tone(tone, templates, read_image):
+        """(the resolved `Tone`, the template reader giving toned photos); an "auto" tone
+        reads the templates once to decide, and they are not read again."""
+        if isinstance(tone, Tone):
+            return tone, tone.reader(read_image)
+        photos: dict = {}
+
+        def samples():
+            for tmpl in templates.images:
+                photos[tmpl.path] = read_image(tmpl.path)
+                yield photos[tmpl.path], [inst.mask for inst in tmpl.instances]
+
+        try:
+            resolved = Tone.resolve(tone, samples)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        return resolved, resolved.reader(
+            lambda path: photos.pop(path) if path in photos else read_image(path)
+        )
 
     def _encode_templates(self, templates, read_image, backbones) -> list[list[_Template]]:
         """Each template image's features (encoded here, or the given backbones) and its
@@ -976,6 +1006,7 @@ class Propagator:
         count = len(self.candidates)
         with autocast(self.device):
             if backbones is None:
+                images = [self.tone.apply(image) for image in images]
                 backbones = self._encode_targets(images, frames)
             tracked = []
             confidence = np.zeros((n, count))

@@ -363,7 +363,7 @@ def segment(
     # the batch size changes no mask: it is not part of the key
     batch = batch_size_for(opts.batch_size, run.device)
     propagator = Propagator(run.model, run.templates, batch_size=batch, **run.settings)
-    run_extra = dict(run_extra or {}, batch_size=batch)
+    run_extra = dict(run_extra or {}, batch_size=batch, tone=propagator.tone.record())
     counts = _propagate(
         propagator,
         (image_dir, file_names, out_jsonl, skipped_csv),
@@ -695,6 +695,7 @@ def _track_video(
         "keyframes": sorted(video.keyframes),
         "manifest": str(Path(manifest_csv).resolve()),
         "peak_state_mb": round(propagator.peak_state_bytes / 2**20, 1),
+        "tone": propagator.tone.record(),
     }
     _finish_run(
         run, run_json, frames_dir, out_jsonl, skipped_csv, counts, **(extra or {}), video=video_info
@@ -956,6 +957,7 @@ def finetune(
     zoom: str = Segmentation.zoom,
     zoom_below: float = Segmentation.zoom_below,
     zoom_margin: float = Segmentation.zoom_margin,
+    tone: str = Segmentation.tone,
     log=print,
 ) -> dict:
     """Palindrome fine-tuning on a collection; writes the adapter folder `out_dir`.
@@ -975,6 +977,7 @@ def finetune(
         zoom, zoom_below, zoom_margin: the segmentation's zoom pass (propagate.zoom...):
             its windows are trained on too (with `zoom_crops`), and the held-out photos
             are scored with it.
+        tone: the segmentation's tone (propagate.tone): the photos are toned alike.
         log: where messages go.
 
     Returns:
@@ -1010,10 +1013,12 @@ def finetune(
         zoom=zoom,
         zoom_below=zoom_below,
         zoom_margin=zoom_margin,
+        tone=tone,
     )
     metadata = _adapter_metadata(started, model_info, seed, templates, pool_dir, trainer)
     metadata["device"] = str(torch_device)
     metadata["framing"] = {"framing": framing, "framing_fill": framing_fill}
+    metadata["tone"] = trainer.tone.record()
     metadata["zoom"] = {
         **trainer.zoom,
         "crops": len(trainer.crop_templates) > 0,

@@ -84,6 +84,7 @@ from sam2pal.inference.engine import (
 )
 from sam2pal.inference.framing import FRAMINGS, Frame, make_frame, parse_fill
 from sam2pal.inference.postprocess import StructureReference, clamp_mask
+from sam2pal.inference.tone import Tone
 from sam2pal.io.atomic import atomic_path
 from sam2pal.io.masks import BoxMask, decode_segmentation
 from sam2pal.io.records import ImageRecord, PartialRecords, RecordAppender
@@ -314,6 +315,8 @@ class VideoPropagator:
     categories: {category id: name}; needed when the model's adapter leaves structures
         to the untouched model (`sam2pal.models.adapters.untouched_structures`, by
         name): those are tracked with the untouched model.
+    tone: "none" or "auto" (`sam2pal.inference.tone`): every frame the model sees lifted
+        out of the dark when the keyframes' structures are darker than their ground.
     """
 
     def __init__(
@@ -333,6 +336,7 @@ class VideoPropagator:
         framing: str = ENGINE_DEFAULTS["framing"],
         framing_fill=ENGINE_DEFAULTS["framing_fill"],
         categories: dict | None = None,
+        tone: str = ENGINE_DEFAULTS["tone"],
     ):
         if not keyframes:
             raise ValueError("a video needs at least one keyframe")
@@ -363,6 +367,13 @@ class VideoPropagator:
         self.mask_threshold = float(mask_threshold)
         self.prefetch = max(1, int(prefetch))
         self.mem_span, self.ptr_span = memory_window(model)
+        self.tone = Tone.resolve(
+            tone,
+            lambda: (
+                (self.read_frame(index), list(masks.values()))
+                for index, masks in sorted(self.keyframes.items())
+            ),
+        )
         # statistics a caller (or a test) can check: frames read, peak tensor bytes held,
         # frames whose backward results went to the spill file
         self.frames_read = 0
@@ -427,7 +438,7 @@ class VideoPropagator:
 
     def _read(self, index: int) -> np.ndarray:
         self.frames_read += 1
-        return self.read_frame(index)
+        return self.tone.apply(self.read_frame(index))
 
     def _prune(self, window: dict, next_frame: int, step: int) -> None:
         """Drop what the next frame will not look back on."""

@@ -205,10 +205,11 @@ def score_collection(
     targets_from: int,
     cycle: bool = False,
     framing: str = "stretch",
+    tone: str = "none",
 ) -> Scores:
     """Segment the targets (images from index `targets_from` on) of a collection made by
     `make_held_out` from its first `n_templates` templates (photos framed into the model's
-    input by `framing`); IoU against the truth."""
+    input by `framing`, toned by `tone`); IoU against the truth."""
     from sam2pal.inference.engine import Propagator
     from sam2pal.io.images import read_image
     from sam2pal.io.templates import load_coco_templates
@@ -218,7 +219,7 @@ def score_collection(
     templates = templates.select(max_templates=n_templates)
     gt_path = coll_dir / "ground_truth.json"
     _, truth = category_masks(load_coco(gt_path), gt_path)
-    engine = Propagator(model, templates, cycle_consistency=cycle, framing=framing)
+    engine = Propagator(model, templates, cycle_consistency=cycle, framing=framing, tone=tone)
     names = {cid: name for cid, name in templates.categories.items()}
     scores = Scores()
     files = sorted(truth)[targets_from:]

@@ -77,6 +77,7 @@ from sam2pal.inference.engine import (
 )
 from sam2pal.inference.framing import FRAMINGS, make_frame, parse_fill
 from sam2pal.inference.orientation import mirror_partner
+from sam2pal.inference.tone import Tone
 from sam2pal.inference.zoom import crop_image, crop_masks, union_crop
 from sam2pal.io.atomic import atomic_path, atomic_write
 from sam2pal.io.masks import mask_iou
@@ -415,6 +416,7 @@ class Trainer:
         zoom: str = "off",
         zoom_below: float = ENGINE_DEFAULTS["zoom_below"],
         zoom_margin: float = ENGINE_DEFAULTS["zoom_margin"],
+        tone: str = ENGINE_DEFAULTS["tone"],
     ):
         """`objective` "supervised" (an upper bound for benchmarks, not a workflow
         mode) trains phase 1 alone against the targets' true masks: every training
@@ -428,7 +430,9 @@ class Trainer:
         `zoom`, `zoom_below`, `zoom_margin`: the segmentation's zoom pass
         (`sam2pal.inference.zoom_pass`); with it on and `zoom_crops` set, the zoom
         pass's windows are trained on as well (`_add_zoom_crops`), and the held-out
-        images are scored with the zoom pass."""
+        images are scored with the zoom pass. `tone`: the segmentation's tone
+        (`sam2pal.inference.tone`), decided on all the templates: every photo read here
+        is toned as the segmentation will tone it."""
         if objective not in self.OBJECTIVES:
             raise InputError(
                 f"finetune: objective must be one of {', '.join(self.OBJECTIVES)}, got {objective!r}"
@@ -440,7 +444,17 @@ class Trainer:
         self.objective, self.select_by = objective, select_by
         if read_image is None:
             from sam2pal.io.images import read_image
-        self.read_image = read_image
+        try:
+            self.tone = Tone.resolve(
+                tone,
+                lambda: (
+                    (read_image(t.path), [inst.mask for inst in t.instances])
+                    for t in templates.images
+                ),
+            )
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        self.read_image = self.tone.reader(read_image)
         self.settings = settings
         self.log = log
         self.device = model.device
@@ -695,6 +709,7 @@ class Trainer:
             self.sam,
             self.template_set,
             read_image=self.read_image,
+            tone=Tone(),  # its photos come toned from here
             cycle_consistency=False,
             framing=self.framing,
             framing_fill=self.framing_fill,
@@ -970,6 +985,7 @@ class Trainer:
             self.sam,
             self.template_set,
             read_image=self.read_image,
+            tone=Tone(),  # its photos come toned from here
             fill_hole_area=0,
             cycle_consistency=True,
             backbones=backbones,
