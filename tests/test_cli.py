@@ -83,6 +83,8 @@ def test_segment_with_template_json_and_old_flags(tmp_path, specimens):
     assert predictions["info"]["settings"]["area_growth_limit"] == 3.0
     assert predictions["info"]["settings"]["area_clamp_pad"] == 5
     assert predictions["info"]["settings"]["tone"] == "auto"
+    # the demo's dark beetles on light card: a lift is asked for; their light photos keep their pixels
+    assert predictions["info"]["tone"] == {"tone": "auto", "lifts_dark_tones": True}
     assert sorted(im["file_name"] for im in predictions["images"]) == [
         "specimen_003.jpg",
         "specimen_004.jpg",

@@ -755,7 +755,8 @@ def provenance(
 
     Returns:
         The model (checkpoint and config with their SHA-256, image size, seed), the
-        adapter and its SHA-256, the templates, the settings, `config`, package
+        adapter and its SHA-256, the templates, the settings (and whether `tone` lifted
+        the photos), `config`, package
         versions, the sam2-pal git commit, and when, where and on which device each
         shard ran.
     """
@@ -782,6 +783,7 @@ def provenance(
         "seeds": seeds,
         "templates": first.get("templates"),
         "settings": first.get("settings"),
+        "tone": first.get("tone"),  # photos; a video's is in "video"
         "video": first.get("video"),
         "versions": first.get("versions"),
         "workflow": workflow_version(workflow_root),
