@@ -75,6 +75,7 @@ from sam2pal.inference.pipeline import _run_model  # noqa: E402
 from sam2pal.io.coco import category_masks, load_coco  # noqa: E402
 from sam2pal.io.templates import load_coco_templates  # noqa: E402
 from sam2pal.models.registry import choose_config  # noqa: E402
+from sam2pal.settings import Segmentation  # noqa: E402
 from sam2pal.synth.quality import HELD_OUT, STRUCTURES, make_held_out, score_collection, spearman  # noqa: E402
 from sam2pal.training.palindrome import FinetuneSettings, Trainer, release_inference_tensors  # noqa: E402
 
@@ -127,7 +128,10 @@ class _EpochScoringTrainer(Trainer):
 
 def engine_options(args) -> dict:
     """How the photos go into the model (framing, tone), as the benchmark was asked."""
-    return {"framing": getattr(args, "framing", "stretch"), "tone": getattr(args, "tone", "none")}
+    return {
+        "framing": getattr(args, "framing", Segmentation.framing),
+        "tone": getattr(args, "tone", Segmentation.tone),
+    }
 
 
 def finetune_and_score(

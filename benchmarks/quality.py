@@ -111,9 +111,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--tone",
-        default="none",
+        default="auto",
         choices=("none", "auto"),
-        help="lift the dark tones of dark-on-dark photos (propagate.tone)",
+        help="lift the dark tones of dark-on-dark photos (propagate.tone; the workflow's default)",
     )
     ap.add_argument("--no-oracle", action="store_true", help="skip the supervised upper bound")
     ap.add_argument("--device", default="auto")

@@ -514,7 +514,8 @@ def collection(name: str = "collection-cpu") -> str:
         "along outlines. The box resize gives the very pixels of a full-size one; the difference is "
         "the reduced JPEG decoding, which changes the model's input a little, and one pixel of the "
         f"model's low-resolution mask is about {width / (args['image_size'] / 4):.0f} photo pixels wide. "
-        "Set `propagate.exact: true` to reproduce the official predictor's masks.",
+        "Set `propagate.exact: true` (and `tone: none`, where the default lifts dark photos) "
+        "to reproduce the official predictor's masks.",
         "",
         "End to end, per photo added to the run (`sam2pal segment`: segmentation, merge, QC table, "
         "measurement tables; the model loaded once):",
@@ -1063,34 +1064,83 @@ def selection_rules() -> str:
     return "\n".join(text) + "\n\n" + source(*EPOCH_RECORDS)
 
 
-#: quality.py with `--tone auto` (the dark tones lifted), against the headline records
-#: (`--tone none`, the default)
-TONE_RECORDS = ("quality-sam2pal-micro-v2-tone-blue_slate",)
+#: benchmarks/tone.py: zero-shot with and without the lift, on the held-out collections and
+#: four more dark-on-dark looks
+TONE_RECORD = "tone-sam2pal-micro"
+#: quality.py on blue_slate with `--tone auto` (every row), against the headline
+#: record measured with the photos as they are
+TONE_QUALITY = ("quality-sam2pal-micro-v2-tone-blue_slate", "quality-sam2pal-micro-v2-stay-default")
 
 
 def tone() -> str:
-    """Each quality row with the photos as they are and with `tone: auto`."""
-    plain = _quality_results()["collections"]
+    """Zero-shot with the photos as they are and with `tone: auto`; blue_slate's
+    fine-tuned rows either way."""
+    record = load(TONE_RECORD)["results"]
+    res = record["collections"]
+    first = next(iter(res.values()))
+    shipped = load(QUALITY_RECORDS[0])["results"]["model"]["checkpoint_sha256"]
+    model = (
+        micro(QUALITY_RECORDS[0])
+        if record["model"]["checkpoint_sha256"] == shipped
+        else record["model"]["checkpoint"]
+    )
     lines = [
-        "Measured with `benchmarks/quality.py --tone auto` (sam2pal-micro v2, as the table "
-        "above: mean IoU of the parts, the body in brackets; `none` is that table's row):",
+        f"Measured with `benchmarks/tone.py` ({model}; zero-shot from one "
+        f"template, {first['targets']} targets per collection; the first five are "
+        "*Segmentation quality*'s, the other four dark-on-dark looks no other benchmark "
+        "uses; IoU of the body, and the mean of the parts):",
         "",
-        "| collection | method | `tone: none` | `tone: auto` |",
-        "|---|---|---|---|",
+        "| collection | lift? | photos lifted (gamma) | body, `none` | body, `auto` "
+        "| parts, `none` | parts, `auto` |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for record in TONE_RECORDS:
-        for name, entry in load(record)["results"]["collections"].items():
-            for i, (method, table) in enumerate(entry["methods"].items()):
-                before = plain[name]["methods"].get(method)
-                label = QUALITY_LABELS.get(method, method.replace(" (1 template)", ""))
-                if method.startswith(JUDGED_ROW):
-                    label = "palindrome LoRA, 3 templates (one trains, two judge)"
-                cells = [
-                    "-" if t is None else f"{t['mean']:.3f} ({_iou(t.get('body'))})"
-                    for t in (before, table)
-                ]
-                lines.append(f"| {name if i == 0 else ''} | {label} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines) + "\n\n" + source(*TONE_RECORDS, *QUALITY_RECORDS[:1])
+    for name, e in res.items():
+        none, auto = e["tables"]["none"], e["tables"]["auto"]
+        gamma = (
+            f"{e['photos_lifted']} ({e['gamma_range'][0]:.2f}-{e['gamma_range'][1]:.2f})"
+            if e["photos_lifted"]
+            else "0"
+        )
+        lines.append(
+            f"| {name} ({e['description']}) | {'yes' if e['lifts'] else 'no'} | {gamma} "
+            f"| {none['body']:.3f} | {auto['body']:.3f} | {none['mean']:.3f} | {auto['mean']:.3f} |"
+        )
+    anyway = [
+        f"{name} body {e['tables']['lifted anyway']['body']:.3f}, parts "
+        f"{e['tables']['lifted anyway']['mean']:.3f}"
+        for name, e in res.items()
+        if "lifted anyway" in e["tables"]
+    ]
+    if anyway:
+        lines += [
+            "",
+            "Where the templates call for no lift, every photo lifted anyway: "
+            + "; ".join(anyway)
+            + ".",
+        ]
+    names = [TONE_RECORD]
+    if (RESULTS / f"{TONE_QUALITY[0]}.json").exists():
+        toned = load(TONE_QUALITY[0])["results"]["collections"]["blue_slate"]["methods"]
+        plain = load(TONE_QUALITY[1])["results"]["collections"]["blue_slate"]["methods"]
+        lines += [
+            "",
+            "blue_slate with every row of *Segmentation quality* (mean of the parts, the body "
+            "in brackets):",
+            "",
+            "| method | `tone: none` | `tone: auto` |",
+            "|---|---|---|",
+        ]
+        for method, table in toned.items():
+            label = QUALITY_LABELS.get(method, method.replace(" (1 template)", ""))
+            if method.startswith(JUDGED_ROW):
+                label = "palindrome LoRA, 3 templates (one trains, two judge)"
+            cells = [
+                "-" if t is None else f"{t['mean']:.3f} ({_iou(t.get('body'))})"
+                for t in (plain.get(method), table)
+            ]
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        names += list(TONE_QUALITY)
+    return "\n".join(lines) + "\n\n" + source(*names)
 
 
 BLOCKS = {

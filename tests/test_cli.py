@@ -434,19 +434,19 @@ def test_orientation_and_framing_flags_reach_the_engine_settings():
     assert cli._framing(_parsed(*finetune)) == {
         "framing": "stretch",
         "framing_fill": "border",
-        "tone": "none",
+        "tone": "auto",
         **zoom_defaults,
     }
     assert cli._framing(
         _parsed(
             *finetune,
             *("--framing", "letterbox", "--framing-fill", "0,0,0", "--zoom", "auto"),
-            *("--tone", "auto"),
+            *("--tone", "none"),
         )
     ) == {
         "framing": "letterbox",
         "framing_fill": "0,0,0",
-        "tone": "auto",
+        "tone": "none",
         **zoom_defaults,
         "zoom": "auto",
     }

@@ -58,7 +58,7 @@ ORIENTATION_SETTINGS = {
     "framing_fill": "border",
 }
 # the dark tones lifted (sam2pal.inference.tone)
-TONE_SETTINGS = {"tone": "none"}
+TONE_SETTINGS = {"tone": "auto"}
 # the zoom pass for small structures (issue 17)
 ZOOM_SETTINGS = {"zoom": "off", "zoom_below": 0.1, "zoom_margin": 0.5}
 DEFAULT_ENGINE_SETTINGS = {

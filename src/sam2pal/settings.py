@@ -161,7 +161,7 @@ ORIENTATIONS = ("none", "rot4", "rot4_mirror")
 #: propagate.framing: how a photo is fitted to the model's square input
 FRAMINGS = ("stretch", "letterbox")
 #: propagate.tone: "none" (photos as they are) or "auto" (`sam2pal.inference.tone`: the dark
-#: tones of photos whose specimens are darker than a dark ground lifted)
+#: tones of dark photos lifted, unless the specimens are clearly lighter than their ground)
 TONES = ("none", "auto")
 #: engine settings of photos only: a video is tracked in its keyframes' orientation
 #: settings of the photo engine only (the video tracker takes none of them; the zoom pass
@@ -302,9 +302,9 @@ class Segmentation:
     )
     # the fine-tuning sees its photos toned alike: a change retrains too
     tone: str = setting(
-        "none",
-        "auto: lift the dark tones of the photos the model sees when the templates' "
-        "structures are darker than a dark ground (a gamma per photo); none: photos as they are",
+        "auto",
+        "auto: lift the dark tones of dark photos (a gamma per photo) unless the templates' "
+        "structures are clearly lighter than their ground; none: photos as they are",
         "training",
         engine=True,
         flag=Flag("--tone", choices=TONES),

@@ -83,7 +83,10 @@ def test_engine_equals_official_video_predictor(tmp_path, config):
             video / "00001.jpg", blob_image(rng, H, W, [(25, 25, 95, 75, (190, 70, 50))])
         )
         templates = template_set([(video / "00000.jpg", masks)], {1: "body", 2: "spot"})
-        engine = Propagator(model, templates, fill_hole_area=0, cycle_consistency=False, exact=True)
+        # the official predictor's own input: the photos as they are (no tone)
+        engine = Propagator(
+            model, templates, fill_hole_area=0, cycle_consistency=False, exact=True, tone="none"
+        )
         ours = engine.predict(target)
 
         state = predictor.init_state(str(video))
@@ -157,7 +160,11 @@ def test_engine_equals_official_video_predictor_with_defaults(
         blob_image(rng, H, W, [(25, 25, 95, 75, (190, 70, 50))]),
     )
     engine = Propagator(
-        model, template_set(entries, {1: "body", 2: "spot"}), cycle_consistency=False, exact=True
+        model,
+        template_set(entries, {1: "body", 2: "spot"}),
+        cycle_consistency=False,
+        exact=True,
+        tone="none",
     )
     assert (
         engine.fill_hole_area

@@ -73,6 +73,7 @@ def test_equals_official_video_predictor_both_ways(tmp_path, config):
             lambda i: frames[i],
             fill_hole_area=0,
             cycle_consistency=False,
+            tone="none",  # the official predictor's input: the frames as they are
         ).run()
     }
     forward = _official_masks(predictor, tmp_path, keyframes, 4, reverse=False)

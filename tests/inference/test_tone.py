@@ -11,7 +11,7 @@ from sam2pal.errors import InputError
 from sam2pal.inference import tone as tone_module
 from sam2pal.inference.engine import Propagator
 from sam2pal.inference.temporal import VideoPropagator
-from sam2pal.inference.tone import MID_GREY, MIN_GAMMA, Tone, lift, photo_gamma, specimen_darker
+from sam2pal.inference.tone import MID_GREY, MIN_GAMMA, Tone, lift, needs_lift, photo_gamma
 from sam2pal.io.images import read_image
 
 H, W = 96, 128
@@ -32,6 +32,16 @@ def _mask(shift: int = 0) -> np.ndarray:
     return box_mask(H, W, x0 + shift, y0 + shift, x1 + shift, y1 + shift)
 
 
+def test_auto_is_the_default_everywhere():
+    import inspect
+
+    from sam2pal.settings import Segmentation
+
+    assert Segmentation.tone == "auto"
+    for cls in (Propagator, VideoPropagator):
+        assert inspect.signature(cls).parameters["tone"].default == "auto"
+
+
 def test_the_gamma_brings_a_dark_photo_to_mid_grey_and_leaves_a_light_one():
     rng = np.random.default_rng(0)
     light = _photo(rng, 200, (40, 30, 20))
@@ -42,25 +52,28 @@ def test_the_gamma_brings_a_dark_photo_to_mid_grey_and_leaves_a_light_one():
     assert MIN_GAMMA < gamma < 1.0
     lifted = lift(dark, gamma)
     median = np.median(tone_module.luminance(lifted))
-    assert abs(median - MID_GREY) < 0.03
+    assert abs(median - MID_GREY) < 0.03 and gamma == round(gamma, 2)
     # the order of the grey levels is kept: what was darker stays darker
     ramp = np.arange(256, dtype=np.uint8)[None, :, None].repeat(3, 2)
     assert (np.diff(lift(ramp, gamma)[0, :, 0].astype(int)) >= 0).all()
     # the strongest lift is MIN_GAMMA, however dark the photo
     black = np.full((H, W, 3), 2, np.uint8)
     assert photo_gamma(black) == MIN_GAMMA
-    # a 12 MP photo is sampled, not read whole, and gives the same gamma
+    # a 12 MP photo is measured on a thumbnail, and gives the gamma of a reduced copy
     big = np.kron(dark, np.ones((24, 24, 1), np.uint8))
-    assert abs(photo_gamma(big) - gamma) < 0.02
+    assert photo_gamma(big) == photo_gamma(big[::4, ::4]) and abs(photo_gamma(big) - gamma) <= 0.02
 
 
-def test_the_templates_say_whether_the_specimen_is_darker_than_its_ground():
+def test_the_templates_say_whether_the_specimen_stands_out_light_on_its_ground():
     rng = np.random.default_rng(1)
-    assert specimen_darker([(_photo(rng, 200, (40, 30, 20)), [_mask()])])  # dark on light
-    assert specimen_darker([(_photo(rng, 70, (25, 30, 80)), [_mask()])])  # dark on dark
-    assert not specimen_darker([(_photo(rng, 40, (220, 200, 150)), [_mask()])])  # light on dark
+    assert needs_lift([(_photo(rng, 200, (40, 30, 20)), [_mask()])])  # dark on light
+    assert needs_lift([(_photo(rng, 70, (25, 30, 80)), [_mask()])])  # dark on dark
+    assert needs_lift(
+        [(_photo(rng, 40, (30, 72, 40)), [_mask()])]
+    )  # a little lighter: low contrast
+    assert not needs_lift([(_photo(rng, 40, (220, 200, 150)), [_mask()])])  # pale on dark
     # several templates pool their pixels; none with a structure: no lift
-    assert not specimen_darker([(_photo(rng, 70, (25, 30, 80)), [np.zeros((H, W), bool)])])
+    assert not needs_lift([(_photo(rng, 70, (25, 30, 80)), [np.zeros((H, W), bool)])])
     resolved = Tone.resolve("auto", lambda: [(_photo(rng, 40, (220, 200, 150)), [_mask()])])
     assert resolved == Tone("auto", False)
     assert resolved.apply(_photo(rng, 40, (220, 200, 150))) is not None
@@ -91,8 +104,10 @@ def test_the_engine_tones_templates_and_targets_as_if_the_photos_were_lifted(tin
     assert auto.tone == Tone("auto", True)
     # the same engine without a tone, given the lifted photos
     lifted_reader = Tone("auto", True).reader(read_image)
-    by_hand = Propagator(tiny_model, templates, read_image=lifted_reader, cycle_consistency=True)
-    plain = Propagator(tiny_model, templates, cycle_consistency=True)
+    by_hand = Propagator(
+        tiny_model, templates, read_image=lifted_reader, cycle_consistency=True, tone="none"
+    )
+    plain = Propagator(tiny_model, templates, cycle_consistency=True, tone="none")
     differs = False
     for photo in photos[1:]:
         ours = auto.predict(photo)
@@ -117,7 +132,7 @@ def test_light_grounds_and_light_specimens_keep_their_pixels(tiny_model, tmp_pat
         templates, _, photos = _collection(folder, ground, specimen)
         auto = Propagator(tiny_model, templates, tone="auto", cycle_consistency=False)
         assert auto.tone.lifts is lifts  # dark on light would lift, but the photo is light
-        plain = Propagator(tiny_model, templates, cycle_consistency=False)
+        plain = Propagator(tiny_model, templates, cycle_consistency=False, tone="none")
         for a, b in zip(auto.predict(photos[1]), plain.predict(photos[1])):
             np.testing.assert_array_equal(a.mask, b.mask)
             assert a.predicted_iou == b.predicted_iou
@@ -131,7 +146,9 @@ def test_video_frames_are_toned_from_the_keyframes(tiny_model, tmp_path):
     )
     assert auto.tone.lifts
     lifted = [Tone("auto", True).apply(p) for p in photos]
-    by_hand = VideoPropagator(tiny_model, keyframes, 4, lambda i: lifted[i], fill_hole_area=0)
+    by_hand = VideoPropagator(
+        tiny_model, keyframes, 4, lambda i: lifted[i], fill_hole_area=0, tone="none"
+    )
     ours = {r.index: r for r in auto.run()}
     theirs = {r.index: r for r in by_hand.run()}
     assert sorted(ours) == [0, 1, 2, 3]

@@ -621,8 +621,8 @@ class Propagator:
         level or an RGB colour.
     zoom, zoom_below, zoom_margin: the zoom pass for small structures ("off", "auto" or
         "on"; see `sam2pal.inference.zoom_pass`).
-    tone: "none" or "auto" (`sam2pal.inference.tone`: lift the dark tones of every photo
-        when the templates' structures are darker than their ground), or a `Tone`
+    tone: "none" or "auto" (`sam2pal.inference.tone`: lift the dark tones of dark photos
+        unless the templates' structures are clearly lighter than their ground), or a `Tone`
         already resolved; the templates read here and the targets given to `predict`
         (not given backbones) are toned alike. With `backbones`, the caller tones.
     """

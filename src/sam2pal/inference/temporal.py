@@ -316,7 +316,7 @@ class VideoPropagator:
         to the untouched model (`sam2pal.models.adapters.untouched_structures`, by
         name): those are tracked with the untouched model.
     tone: "none" or "auto" (`sam2pal.inference.tone`): every frame the model sees lifted
-        out of the dark when the keyframes' structures are darker than their ground.
+        out of the dark unless the keyframes' structures are clearly lighter than their ground.
     """
 
     def __init__(

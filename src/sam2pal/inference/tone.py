@@ -6,9 +6,11 @@ same photos with their dark tones lifted (a gamma below 1) give it the specimen.
 ``tone: auto`` every photo the model sees (templates, targets, training photos, video
 frames) gets such a lift, decided in two steps:
 
-1. from the templates, once: the lift applies only when the annotated structures are
-   darker than the ground around them (`specimen_darker`); a light specimen on a dark
-   ground keeps its tones (lifting the ground would take away its contrast);
+1. from the templates, once: the lift applies unless the annotated structures are
+   clearly lighter than the ground around them (`needs_lift`: their median L* at least
+   `LIGHT_MARGIN` above the ground's); a pale specimen on a dark ground keeps its tones
+   (lifting the ground takes away the contrast the model reads it by), while a dark one,
+   or one about as light as its dark ground, is lifted;
 2. per photo: the gamma that brings the photo's median luminance up to `MID_GREY`
    (`photo_gamma`), never below `MIN_GAMMA`; a photo whose median is already that light
    keeps its pixels (gamma 1), so light grounds are left as they are.
@@ -32,8 +34,12 @@ from sam2pal.settings import TONES
 MID_GREY = 0.45
 #: the strongest lift
 MIN_GAMMA = 0.4
-#: pixels sampled per side when measuring a photo's median (a 12 MP photo is not read whole)
-_SAMPLES = 512
+#: how much lighter (CIE L*) than their ground the structures must be to be left unlifted:
+#: the lightness gap of the light-on-dark training episodes
+LIGHT_MARGIN = 25.0
+#: the longer side of the thumbnail a photo's median is measured on: the same whether the
+#: photo was decoded at full size or reduced (`engine.read_target`), and quick on 12 MP
+_THUMBNAIL = 128
 
 
 def luminance(image: np.ndarray) -> np.ndarray:
@@ -41,19 +47,26 @@ def luminance(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
 
 
-def _sampled(image: np.ndarray) -> np.ndarray:
-    """A strided view of the image, at most about `_SAMPLES` pixels a side."""
-    step = max(1, max(image.shape[:2]) // _SAMPLES)
-    return image[::step, ::step]
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    """The image averaged down to `_THUMBNAIL` pixels on its longer side (as it is when
+    smaller)."""
+    height, width = image.shape[:2]
+    scale = _THUMBNAIL / max(height, width)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
 
 
 def photo_gamma(image: np.ndarray) -> float:
     """The gamma that lifts the photo's median luminance to `MID_GREY` (at least
-    `MIN_GAMMA`); 1.0 when the median is already that light."""
-    median = float(np.median(luminance(_sampled(image))))
+    `MIN_GAMMA`), to two decimals (a photo decoded at full size or reduced gets the same
+    one); 1.0 when the median is already that light."""
+    median = float(np.median(luminance(_thumbnail(image))))
     if median >= MID_GREY:
         return 1.0
-    return min(1.0, max(MIN_GAMMA, math.log(MID_GREY) / math.log(max(median, 1e-3))))
+    gamma = math.log(MID_GREY) / math.log(max(median, 1e-3))
+    return round(min(1.0, max(MIN_GAMMA, gamma)), 2)
 
 
 def lift(image: np.ndarray, gamma: float) -> np.ndarray:
@@ -65,17 +78,18 @@ def lift(image: np.ndarray, gamma: float) -> np.ndarray:
     return cv2.LUT(np.ascontiguousarray(image), table)
 
 
-def specimen_darker(samples: Iterable[tuple[np.ndarray, list[np.ndarray]]]) -> bool:
-    """Whether the annotated structures are darker than the ground around them, over
-    all templates: the median luminance of the pixels inside the union of the masks
-    against that of the pixels more than 2% of the shorter side away from them.
+def needs_lift(samples: Iterable[tuple[np.ndarray, list[np.ndarray]]]) -> bool:
+    """Whether the templates call for a lift: unless the annotated structures are
+    clearly lighter than the ground around them, over all templates: the median L* of
+    the pixels inside the union of the masks against that of the pixels more than 2% of
+    the shorter side away from them, `LIGHT_MARGIN` apart.
 
     Args:
         samples: (RGB uint8 image, its structures' boolean masks) per template.
 
     Returns:
-        True when the structures' median is the lower one (False when no template has
-        both structure and ground pixels).
+        True unless the structures' median is `LIGHT_MARGIN` or more above the ground's
+        (False when no template has both structure and ground pixels).
     """
     inside, outside = [], []
     for image, masks in samples:
@@ -89,12 +103,14 @@ def specimen_darker(samples: Iterable[tuple[np.ndarray, list[np.ndarray]]]) -> b
         near = cv2.dilate(union.astype(np.uint8), kernel).astype(bool)
         if near.all():
             continue
-        lum = luminance(image)
-        inside.append(lum[union])
-        outside.append(lum[~near])
+        lightness = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2Lab)[..., 0]
+        lightness = lightness.astype(np.float32) * (100.0 / 255.0)
+        inside.append(lightness[union])
+        outside.append(lightness[~near])
     if not inside:
         return False
-    return float(np.median(np.concatenate(inside))) < float(np.median(np.concatenate(outside)))
+    gap = float(np.median(np.concatenate(inside))) - float(np.median(np.concatenate(outside)))
+    return gap < LIGHT_MARGIN
 
 
 @dataclass(frozen=True)
@@ -103,7 +119,9 @@ class Tone:
     model sees."""
 
     mode: str = "none"
-    lifts: bool = False  # "auto" and the templates' structures darker than their ground
+    lifts: bool = (
+        False  # "auto" and the templates' structures not clearly lighter than their ground
+    )
 
     @classmethod
     def resolve(
@@ -115,7 +133,7 @@ class Tone:
             raise ValueError(f"tone must be one of {', '.join(TONES)}, not {mode!r}")
         if mode == "none":
             return cls()
-        return cls(mode, specimen_darker(samples()))
+        return cls(mode, needs_lift(samples()))
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """The photo as the model sees it (the same array when nothing changes)."""

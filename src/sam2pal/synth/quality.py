@@ -205,11 +205,12 @@ def score_collection(
     targets_from: int,
     cycle: bool = False,
     framing: str = "stretch",
-    tone: str = "none",
+    tone="auto",
 ) -> Scores:
     """Segment the targets (images from index `targets_from` on) of a collection made by
     `make_held_out` from its first `n_templates` templates (photos framed into the model's
-    input by `framing`, toned by `tone`); IoU against the truth."""
+    input by `framing`, toned by `tone`: a mode or a resolved `tone.Tone`); IoU against
+    the truth."""
     from sam2pal.inference.engine import Propagator
     from sam2pal.io.images import read_image
     from sam2pal.io.templates import load_coco_templates
