@@ -72,6 +72,11 @@ def test_the_templates_say_whether_the_specimen_stands_out_light_on_its_ground()
         [(_photo(rng, 40, (30, 72, 40)), [_mask()])]
     )  # a little lighter: low contrast
     assert not needs_lift([(_photo(rng, 40, (220, 200, 150)), [_mask()])])  # pale on dark
+    # a large template is measured on a reduced copy, with the same answer
+    for ground, colour, lifts in ((70, (25, 30, 80), True), (40, (220, 200, 150), False)):
+        photo, ones = _photo(rng, ground, colour), np.ones((8, 8), np.uint8)
+        big = np.kron(photo, ones[..., None])
+        assert needs_lift([(big, [np.kron(_mask(), ones).astype(bool)])]) is lifts
     # several templates pool their pixels; none with a structure: no lift
     assert not needs_lift([(_photo(rng, 70, (25, 30, 80)), [np.zeros((H, W), bool)])])
     resolved = Tone.resolve("auto", lambda: [(_photo(rng, 40, (220, 200, 150)), [_mask()])])

@@ -1,4 +1,5 @@
-"""Tone: lift the dark tones of photos whose specimens are dark on a dark ground.
+"""Tone: lift the dark tones of dark photos before the model sees them (dark specimens on
+dark grounds).
 
 sam2pal-micro finds nothing of a metallic blue beetle on dark slate (`blue_slate` in
 `benchmarks/quality.py`: the specimen about 13 L* units darker than its ground), where the
@@ -40,6 +41,9 @@ LIGHT_MARGIN = 25.0
 #: the longer side of the thumbnail a photo's median is measured on: the same whether the
 #: photo was decoded at full size or reduced (`engine.read_target`), and quick on 12 MP
 _THUMBNAIL = 128
+#: the longer side the templates are measured at (`needs_lift`): a 12 MP template in a
+#: fraction of a second
+_TEMPLATE_SIDE = 512
 
 
 def luminance(image: np.ndarray) -> np.ndarray:
@@ -98,6 +102,13 @@ def needs_lift(samples: Iterable[tuple[np.ndarray, list[np.ndarray]]]) -> bool:
             union |= np.asarray(mask, bool)
         if not union.any():
             continue
+        scale = _TEMPLATE_SIDE / max(union.shape)
+        if scale < 1.0:  # measured on a reduced copy: medians hardly change
+            size = (max(1, round(union.shape[1] * scale)), max(1, round(union.shape[0] * scale)))
+            image = cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
+            union = cv2.resize(union.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+            if not union.any():
+                continue
         radius = max(1, round(0.02 * min(union.shape)))
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
         near = cv2.dilate(union.astype(np.uint8), kernel).astype(bool)
