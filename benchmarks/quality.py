@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sam2pal.inference.pipeline import _run_model, finetune, prepare_templates  # noqa: E402
 from sam2pal.models.registry import choose_config  # noqa: E402
+from sam2pal.settings import TONES, Segmentation  # noqa: E402
 from sam2pal.synth.quality import (  # noqa: E402
     HELD_OUT,
     STRUCTURES,
@@ -111,8 +112,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--tone",
-        default="auto",
-        choices=("none", "auto"),
+        default=Segmentation.tone,
+        choices=TONES,
         help="lift the dark tones of dark-on-dark photos (propagate.tone; the workflow's default)",
     )
     ap.add_argument("--no-oracle", action="store_true", help="skip the supervised upper bound")

@@ -741,10 +741,7 @@ class Propagator:
                 photos[tmpl.path] = read_image(tmpl.path)
                 yield photos[tmpl.path], [inst.mask for inst in tmpl.instances]
 
-        try:
-            resolved = Tone.resolve(tone, samples)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+        resolved = Tone.resolve(tone, samples)
         return resolved, resolved.reader(
             lambda path: photos.pop(path) if path in photos else read_image(path)
         )

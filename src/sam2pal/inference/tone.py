@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from sam2pal.errors import InputError
 from sam2pal.settings import TONES
 
 #: the median luminance (0-1) a lifted photo is brought up to
@@ -139,9 +140,9 @@ class Tone:
         cls, mode: str, samples: Callable[[], Iterable[tuple[np.ndarray, list[np.ndarray]]]]
     ) -> Tone:
         """The tone of `mode` for the templates `samples()` gives (called only for
-        "auto"); raises ValueError for an unknown mode."""
+        "auto"); an unknown mode is an InputError (a setting of the user's)."""
         if mode not in TONES:
-            raise ValueError(f"tone must be one of {', '.join(TONES)}, not {mode!r}")
+            raise InputError(f"tone must be one of {', '.join(TONES)}, not {mode!r}")
         if mode == "none":
             return cls()
         return cls(mode, needs_lift(samples()))

@@ -444,16 +444,12 @@ class Trainer:
         self.objective, self.select_by = objective, select_by
         if read_image is None:
             from sam2pal.io.images import read_image
-        try:
-            self.tone = Tone.resolve(
-                tone,
-                lambda: (
-                    (read_image(t.path), [inst.mask for inst in t.instances])
-                    for t in templates.images
-                ),
-            )
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+        self.tone = Tone.resolve(
+            tone,
+            lambda: (
+                (read_image(t.path), [inst.mask for inst in t.instances]) for t in templates.images
+            ),
+        )
         self.read_image = self.tone.reader(read_image)
         self.settings = settings
         self.log = log
