@@ -84,7 +84,7 @@ RANDOM_CHECKPOINT = "random"
 # The small model trained in this project (`sam2pal pretrain`), shipped in the source tree.
 MICRO_MODEL = "sam2pal-micro"
 # SHA-256 of resources/models/sam2pal-micro.pt as shipped (see resources/models/README.md)
-MICRO_SHA256 = "6718345f7572ef4eeb1432c36935ac88448a6d5b40ca4e17598d4f888c1e24ab"
+MICRO_SHA256 = "abb75a0f992ef67a0fb4623a87ffaba982042b2fd79f0ef1abeeae6cd4e522b7"
 
 
 def micro_model_files() -> tuple[Path, Path]:
