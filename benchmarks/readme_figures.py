@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import re
 import sys
 from pathlib import Path
@@ -761,6 +762,70 @@ def zoom() -> str:
     return "\n".join(text) + "\n\n" + source(ZOOM_RECORD)
 
 
+MASK_GRID_RECORD = "mask-grid"
+
+
+def mask_grid() -> str:
+    """What the model's output grid allows per structure, beside the goals and the
+    shipped model's zero-shot IoU (the quality records)."""
+    res = load(MASK_GRID_RECORD)["results"]
+    sizes = [str(size) for size in res["input_sizes"]]
+    goals = res["goals"]
+    quality = _quality_results()["collections"]
+    label = micro(QUALITY_RECORDS[0])
+    lines = [
+        f"| collection | structure | thickness (px) | goal | {label} zero-shot | "
+        f"cells' shares, {sizes[0]} | " + " | ".join(f"fitted, {size}" for size in sizes) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(sizes),
+    ]
+    above, gaps = [], {}
+    for cname, entry in res["collections"].items():
+        zero = quality.get(cname, {}).get("methods", {}).get("zero-shot (1 template)", {})
+        first = True
+        for name, row in entry["structures"].items():
+            goal, best = goals.get(name), row["ceiling"][sizes[0]]
+            if goal is not None and goal > best:
+                above.append(f"{cname} {name} ({goal:.2f} > {best:.3f})")
+            if zero.get(name) is not None and not math.isnan(zero[name]):
+                gaps.setdefault(name, []).append(zero[name] / best)
+            lines.append(
+                f"| {cname if first else ''} | {name} | {row['width_px']:.1f} | "
+                f"{f'{goal:.2f}' if goal is not None else '-'} | {_iou(zero.get(name))} | "
+                f"{row['coverage'][sizes[0]]:.3f} | "
+                + " | ".join(f"{row['ceiling'][size]:.3f}" for size in sizes)
+                + " |"
+            )
+            first = False
+    lowest = min(
+        (row["ceiling"][sizes[0]], cname, name)
+        for cname, entry in res["collections"].items()
+        for name, row in entry["structures"].items()
+    )
+    photo = next(iter(res["collections"].values()))["photo"]
+    args = load(MASK_GRID_RECORD)["args"]
+    text = [
+        f"Each true mask of the held-out collections' {args['n_images'] - args['n_templates']} "
+        f"targets ({photo[1]} x {photo[0]} photos) drawn on the output grid of each input "
+        "size (a quarter of it, the photo stretched to the square; resized bilinearly and "
+        "thresholded as the engine does), mean IoU per structure; its thickness is its "
+        "area over half its outline (a line's width, half a disc's diameter):",
+        "",
+        *lines,
+        "",
+        (
+            f"Goals above what the {sizes[0]} px grid allows: " + "; ".join(above) + "."
+            if above
+            else f"No goal lies above what the {sizes[0]} px grid allows (the lowest fitted "
+            f"value: {lowest[0]:.3f}, {lowest[2]} on {lowest[1]})."
+        ),
+        f"{label}'s zero-shot IoU as a share of the fitted {sizes[0]} px value, mean over "
+        "the collections: "
+        + ", ".join(f"{name} {100 * sum(v) / len(v):.0f}%" for name, v in gaps.items())
+        + ".",
+    ]
+    return "\n".join(text) + "\n\n" + source(MASK_GRID_RECORD, *QUALITY_RECORDS)
+
+
 REVIEW_TEMPLATES_RECORD = "review-templates-sam2pal-micro-v2"
 
 
@@ -1175,6 +1240,7 @@ BLOCKS = {
     "rotation": rotation,
     "orientation": orientation,
     "zoom": zoom,
+    "mask-grid": mask_grid,
     "propagate": propagate,
     "finetune": finetune,
     "finetune-step": finetune_step,

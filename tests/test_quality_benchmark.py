@@ -1,5 +1,5 @@
 """Helpers of the quality benchmarks: quality.py's reuse of an earlier record's rows,
-cycle_reward.py's grown masks."""
+cycle_reward.py's grown masks, mask_grid.py's fitted grids."""
 
 from __future__ import annotations
 
@@ -47,3 +47,21 @@ def test_cycle_reward_grows_and_shrinks_masks_by_whole_pixels():
     assert grown(mask, 2)[0, 0, 2:7, 2:7].all()
     assert torch.equal(grown(grown(mask, 2), -2), mask)
     assert grown(mask, -1).sum() == 0
+
+
+def test_the_mask_grid_keeps_wide_structures_and_thin_ones_only_when_sharpened():
+    """benchmarks/mask_grid.py: on a grid of 4-pixel cells, a plate many cells wide
+    survives the cells' shares of it; a line one pixel wide fades from them (no cell is
+    half covered), yet logits fitted to it bring back a band on the line; an empty mask
+    scores 0."""
+    import numpy as np
+    from mask_grid import grid_ceiling
+
+    masks = np.zeros((3, 96, 128), bool)
+    masks[0, 20:70, 30:100] = True
+    masks[1, 40, 10:120] = True
+    best, coverage = grid_ceiling(masks, grid=24, steps=60)
+    assert coverage[0] > 0.95 and best[0] >= coverage[0]
+    assert coverage[1] == 0.0 and best[1] > 0.25
+    assert best[2] == 0.0 and coverage[2] == 0.0
+    assert (best <= 1.0).all()

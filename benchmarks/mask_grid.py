@@ -1,0 +1,188 @@
+"""How much of each structure a mask on the model's output grid can hold: the IoU that
+a perfect model would reach, per structure, on the held-out collections of
+`benchmarks/quality.py`, at each input size.
+
+SAM2 predicts a structure's mask as logits on a grid a quarter of its input size (96 x
+96 for sam2pal-micro's 384, 128 for 512, 256 for the official models' 1024), which the
+engine resizes bilinearly to the photo and thresholds at 0 (`engine.upsample_to_box`;
+the photo stretched to the square, `propagate.framing: stretch`). A structure a grid
+cell or less wide cannot come back whole, whatever the model has learnt. For each true
+mask of the targets, this fits the grid's logits to it (Adam on a soft IoU of the
+resized logits, from the mask's share of each cell; also every threshold of those
+shares) and keeps the best hard IoU found: a value a model can reach, so the reachable
+best is at least that. Beside it, the IoU of a model that gives each cell the share of
+it the structure covers (thresholded at one half): a thin structure fades from such a
+map, which is how a model that has not learnt to sharpen loses it. Where a structure's goal of `quality.py` lies above it, no
+training of the model reaches the goal at that input size; the zoom pass
+(`propagate.zoom`) or a larger input is the way there. Where it lies far below, the
+model is what falls short.
+
+    .venv/bin/python benchmarks/mask_grid.py      # the five collections, a few minutes
+
+Writes benchmarks/results/mask-grid.json (`--record`); the collections are rendered
+afresh into `--out` as quality.py renders them (the same photos with the same seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from quality import GOALS  # noqa: E402
+from record import Recorder  # noqa: E402
+
+from sam2pal.synth.quality import HELD_OUT, STRUCTURES, make_held_out  # noqa: E402
+
+#: the input sizes measured: sam2pal-micro's, a larger one, the official models'
+INPUT_SIZES = (384, 512, 1024)
+#: SAM2's masks are predicted at a quarter of the input size
+GRID_STRIDE = 4
+
+
+def _hard_iou(logits, truth):
+    """IoU of (N, 1, H, W) truth with the (N, 1, g, g) logits resized bilinearly to
+    (H, W) and thresholded at 0, as the engine does; (N,)."""
+    import torch.nn.functional as F
+
+    pred = F.interpolate(logits, size=truth.shape[-2:], mode="bilinear", align_corners=False) > 0
+    true = truth > 0.5
+    inter = (pred & true).flatten(1).sum(1).float()
+    union = (pred | true).flatten(1).sum(1).float()
+    return (inter / union.clamp(min=1)).numpy()
+
+
+def grid_ceiling(masks: np.ndarray, grid: int, steps: int = 150) -> tuple[np.ndarray, np.ndarray]:
+    """The IoU of each of `masks` (N, H, W) drawn as a (grid, grid) logit map resized
+    bilinearly to (H, W) and thresholded at 0: (the best found, each cell's share of
+    the mask minus one half).
+
+    The second is a model that gives each cell its coverage (a thin structure's cells
+    are mostly background: it fades). The first starts from those shares thresholded at
+    every tenth, then fits the logits to the mask (Adam on a soft IoU, the sigmoid's
+    slope rising) and keeps the best hard IoU seen per mask (an empty mask scores 0).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    truth = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
+    share = F.interpolate(truth, size=(grid, grid), mode="area")
+    coverage = _hard_iou(share - 0.5, truth)
+    best = coverage.copy()
+    for threshold in np.linspace(0.1, 0.9, 9):
+        best = np.maximum(best, _hard_iou(share - float(threshold), truth))
+    logits = ((share - 0.5) * 8).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=0.25)
+    for step in range(steps):
+        slope = 1.0 + 9.0 * step / max(steps - 1, 1)
+        up = F.interpolate(logits, size=truth.shape[-2:], mode="bilinear", align_corners=False)
+        prob = torch.sigmoid(slope * up)
+        inter = (prob * truth).flatten(1).sum(1)
+        union = (prob + truth - prob * truth).flatten(1).sum(1).clamp(min=1e-6)
+        loss = -(inter / union).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 24 or step == steps - 1:
+            with torch.no_grad():
+                best = np.maximum(best, _hard_iou(logits.detach(), truth))
+    return best, coverage
+
+
+def collection_ceilings(coll: Path, n_templates: int, steps: int) -> dict:
+    """Per structure and input size, the mean ceiling over the targets of a collection
+    made by `make_held_out` (images from index `n_templates` on), with the structures'
+    true mean widths in pixels (area over half the contour length)."""
+    from sam2pal.io.coco import category_masks, load_coco
+
+    gt_path = coll / "ground_truth.json"
+    _, truth = category_masks(load_coco(gt_path), gt_path)
+    per: dict[str, dict[int, list[float]]] = {}
+    shares: dict[str, dict[int, list[float]]] = {}
+    widths: dict[str, list[float]] = {}
+    shape = None
+    for file_name in sorted(truth)[n_templates:]:
+        names = [s for s in STRUCTURES if s in truth[file_name] and truth[file_name][s].any()]
+        masks = np.stack([truth[file_name][s] for s in names])
+        shape = masks.shape[1:]
+        for size in INPUT_SIZES:
+            best, coverage = grid_ceiling(masks, size // GRID_STRIDE, steps)
+            for name, value, plain in zip(names, best, coverage):
+                per.setdefault(name, {}).setdefault(size, []).append(float(value))
+                shares.setdefault(name, {}).setdefault(size, []).append(float(plain))
+        for name, mask in zip(names, masks):
+            widths.setdefault(name, []).append(_mean_width(mask))
+    return {
+        "photo": list(shape),
+        "structures": {
+            name: {
+                "ceiling": {str(size): round(float(np.mean(v)), 3) for size, v in sizes.items()},
+                "coverage": {
+                    str(size): round(float(np.mean(v)), 3) for size, v in shares[name].items()
+                },
+                "width_px": round(float(np.mean(widths[name])), 1),
+                "targets": len(sizes[INPUT_SIZES[0]]),
+            }
+            for name, sizes in per.items()
+        },
+    }
+
+
+def _mean_width(mask: np.ndarray) -> float:
+    """A structure's mean width in pixels: its area over half its contours' length."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    length = sum(cv2.arcLength(c, True) for c in contours)
+    return float(mask.sum() / max(length / 2, 1.0))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--collections",
+        nargs="+",
+        choices=[h.name for h in HELD_OUT],
+        default=[h.name for h in HELD_OUT],
+    )
+    ap.add_argument("--n-images", type=int, default=23, help="as quality.py's")
+    ap.add_argument("--n-templates", type=int, default=3, help="as quality.py's")
+    ap.add_argument("--steps", type=int, default=150, help="fitting steps per mask")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "mask_grid")
+    ap.add_argument("--record", default="mask-grid")
+    args = ap.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recorder = Recorder(args.record, args)
+    results = {"input_sizes": list(INPUT_SIZES), "goals": GOALS, "collections": {}}
+    for spec in HELD_OUT:
+        if spec.name not in args.collections:
+            continue
+        coll = args.out / spec.name
+        shutil.rmtree(coll, ignore_errors=True)  # rendered afresh: --n-images may differ
+        make_held_out(coll, spec, args.n_images, args.n_templates)
+        entry = collection_ceilings(coll, args.n_templates, args.steps)
+        results["collections"][spec.name] = entry
+        print(f"{spec.name} ({entry['photo'][1]} x {entry['photo'][0]} px)")
+        for name, row in entry["structures"].items():
+            cells = "  ".join(
+                f"{size}: {row['ceiling'][str(size)]:.3f} ({row['coverage'][str(size)]:.3f})"
+                for size in INPUT_SIZES
+            )
+            print(f"  {name:9s} width {row['width_px']:5.1f} px  best (coverage): {cells}")
+    recorder.write(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
