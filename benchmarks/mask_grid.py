@@ -1,23 +1,26 @@
-"""How much of each structure a mask on the model's output grid can hold: the IoU that
-a perfect model would reach, per structure, on the held-out collections of
+"""How much of each structure a mask on the model's output grid can hold: at least
+the IoU a perfect model could reach, per structure, on the held-out collections of
 `benchmarks/quality.py`, at each input size.
 
 SAM2 predicts a structure's mask as logits on a grid a quarter of its input size (96 x
 96 for sam2pal-micro's 384, 128 for 512, 256 for the official models' 1024), which the
 engine resizes bilinearly to the photo and thresholds at 0 (`engine.upsample_to_box`;
-the photo stretched to the square, `propagate.framing: stretch`). A structure a grid
-cell or less wide cannot come back whole, whatever the model has learnt. For each true
-mask of the targets, this fits the grid's logits to it (Adam on a soft IoU of the
-resized logits, from the mask's share of each cell; also every threshold of those
-shares) and keeps the best hard IoU found: a value a model can reach, so the reachable
-best is at least that. Beside it, the IoU of a model that gives each cell the share of
-it the structure covers (thresholded at one half): a thin structure fades from such a
-map, which is how a model that has not learnt to sharpen loses it. Where a structure's goal of `quality.py` lies above it, no
-training of the model reaches the goal at that input size; the zoom pass
-(`propagate.zoom`) or a larger input is the way there. Where it lies far below, the
-model is what falls short.
+the photo stretched to the square, `propagate.framing: stretch`). Two maps per true
+mask of the targets:
 
-    .venv/bin/python benchmarks/mask_grid.py      # the five collections, a few minutes
+  cells' shares  each cell given the share of it the structure covers, thresholded at
+                 one half: what a model that has not learnt to sharpen gives; a
+                 structure thinner than half a cell fades from it;
+  fitted         logits fitted to the mask (Adam on a soft IoU of the resized logits,
+                 from the shares; also every threshold of the shares), the best hard
+                 IoU found kept: values a model could give, so the best a model can
+                 reach at that input size is at least that.
+
+Where a structure's goal of `quality.py` lies above the fitted value, no training of the
+model reaches it at that input size (the zoom pass, `propagate.zoom`, or a larger
+input would be the way there); where it lies far below, the model is what falls short.
+
+    .venv/bin/python -u benchmarks/mask_grid.py --threads 1   # five collections, 45 min
 
 Writes benchmarks/results/mask-grid.json (`--record`); the collections are rendered
 afresh into `--out` as quality.py renders them (the same photos with the same seeds).
