@@ -768,7 +768,8 @@ MASK_GRID_RECORD = "mask-grid"
 def mask_grid() -> str:
     """What the model's output grid allows per structure, beside the goals and the
     shipped model's zero-shot IoU (the quality records)."""
-    res = load(MASK_GRID_RECORD)["results"]
+    record = load(MASK_GRID_RECORD)
+    res, args = record["results"], record["args"]
     sizes = [str(size) for size in res["input_sizes"]]
     goals = res["goals"]
     quality = _quality_results()["collections"]
@@ -802,7 +803,6 @@ def mask_grid() -> str:
         for name, row in entry["structures"].items()
     )
     photo = next(iter(res["collections"].values()))["photo"]
-    args = load(MASK_GRID_RECORD)["args"]
     text = [
         f"Each true mask of the held-out collections' {args['n_images'] - args['n_templates']} "
         f"targets ({photo[1]} x {photo[0]} photos) drawn on the output grid of each input "
