@@ -84,7 +84,7 @@ RANDOM_CHECKPOINT = "random"
 # The small model trained in this project (`sam2pal pretrain`), shipped in the source tree.
 MICRO_MODEL = "sam2pal-micro"
 # SHA-256 of resources/models/sam2pal-micro.pt as shipped (see resources/models/README.md)
-MICRO_SHA256 = "abb75a0f992ef67a0fb4623a87ffaba982042b2fd79f0ef1abeeae6cd4e522b7"
+MICRO_SHA256 = "f2f4bfd9c121ea6458a8439a110b9925fa44517ac4e593eaf11373a5ad398bd3"
 
 
 def micro_model_files() -> tuple[Path, Path]:

@@ -131,7 +131,7 @@ def split_masks(held_out_every: int = 6) -> tuple[list, list]:
 @dataclass
 class PretrainSettings:
     # the defaults are sam2pal-micro v1's, from scratch: 4,000 episodes, about an hour on
-    # 2 CPU cores (v2 went on from v1, the shipped v3 from v2: resources/models/README.md)
+    # 2 CPU cores (each later version went on from the one before: resources/models/README.md)
     steps: int = 1000  # optimizer steps
     episodes_per_step: int = 4
     learning_rate: float = 4e-4
