@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality import GOALS  # noqa: E402
 from record import Recorder  # noqa: E402
 
+from sam2pal.outputs.overlay import mean_width  # noqa: E402
 from sam2pal.synth.quality import HELD_OUT, STRUCTURES, make_held_out  # noqa: E402
 
 #: the input sizes measured: sam2pal-micro's, a larger one, the official models'
@@ -121,7 +122,7 @@ def collection_ceilings(coll: Path, n_templates: int, steps: int) -> dict:
                 per.setdefault(name, {}).setdefault(size, []).append(float(value))
                 shares.setdefault(name, {}).setdefault(size, []).append(float(plain))
         for name, mask in zip(names, masks):
-            widths.setdefault(name, []).append(_mean_width(mask))
+            widths.setdefault(name, []).append(mean_width(mask))
     return {
         "photo": list(shape),
         "structures": {
@@ -136,15 +137,6 @@ def collection_ceilings(coll: Path, n_templates: int, steps: int) -> dict:
             for name, sizes in per.items()
         },
     }
-
-
-def _mean_width(mask: np.ndarray) -> float:
-    """A structure's mean width in pixels: its area over half its contours' length."""
-    import cv2
-
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    length = sum(cv2.arcLength(c, True) for c in contours)
-    return float(mask.sum() / max(length / 2, 1.0))
 
 
 def main(argv=None) -> int:
