@@ -771,6 +771,42 @@ def zoom() -> str:
 MASK_GRID_RECORD = "mask-grid"
 
 
+QC_RANK_RECORD = "qc-rank"
+
+
+def qc_rank() -> str:
+    """How well each QC signal ranks the predictions by their true IoU: pooled (the
+    goal's), within each structure, per photo (qc.csv's order)."""
+    record = load(QC_RANK_RECORD)
+    res = record["results"]["collections"]
+    signals = list(next(iter(res.values()))["pooled"])
+    lines = [
+        f"Spearman correlation with the true IoU, zero-shot from one template "
+        f"({record['args']['checkpoint']}, SHA-256 {record['results']['checkpoint_sha256'][:12]}...; "
+        "the part predictions of each collection's 20 targets):",
+        "",
+        "| collection | ranked | " + " | ".join(signals) + " |",
+        "|---|---|" + "---|" * len(signals),
+    ]
+    for name, entry in res.items():
+        for i, (key, label) in enumerate(
+            (("pooled", "all parts pooled"), ("within_structure", "within each structure"))
+        ):
+            cells = " | ".join(f"{entry[key][sig]:.3f}" for sig in signals)
+            lines.append(f"| {name if i == 0 else ''} | {label} | {cells} |")
+    photo = list(next(iter(res.values()))["per_photo"])
+    lines += [
+        "",
+        "Per photo, against the mean true IoU of its parts: "
+        + "; ".join(
+            f"{name} " + ", ".join(f"{sig} {entry['per_photo'][sig]:.3f}" for sig in photo)
+            for name, entry in res.items()
+        )
+        + ".",
+    ]
+    return "\n".join(lines) + "\n\n" + source(QC_RANK_RECORD)
+
+
 def mask_grid() -> str:
     """What the model's output grid allows per structure, beside the goals and the
     shipped model's zero-shot IoU (the quality records)."""
@@ -1248,6 +1284,7 @@ BLOCKS = {
     "orientation": orientation,
     "zoom": zoom,
     "mask-grid": mask_grid,
+    "qc-rank": qc_rank,
     "propagate": propagate,
     "finetune": finetune,
     "finetune-step": finetune_step,

@@ -65,3 +65,55 @@ def test_the_mask_grid_keeps_wide_structures_and_thin_ones_only_when_sharpened()
     assert coverage[1] == 0.0 and best[1] > 0.25
     assert best[2] == 0.0 and coverage[2] == 0.0
     assert (best <= 1.0).all()
+
+
+def test_qc_rank_tells_a_score_that_only_knows_the_structure_from_one_that_ranks_photos():
+    """benchmarks/qc_rank.py: a signal that is each structure's typical IoU (high for
+    the elytra, low for the antennae) correlates with the truth when every prediction
+    is pooled, and not at all within a structure; a signal that follows each
+    prediction's IoU does both, and ranks the photos."""
+    import math
+
+    from qc_rank import rank_agreement
+
+    rows = []
+    for i in range(6):
+        for structure, typical in (("elytra", 0.8), ("antenna", 0.1)):
+            iou = typical + 0.02 * i
+            rows.append(
+                {
+                    "image": f"p{i}.jpg",
+                    "structure": structure,
+                    "iou": iou,
+                    "cycle_iou": typical,  # knows the structure only
+                    "predicted_iou": iou,  # follows the truth
+                    "object_score": 0.9,
+                }
+            )
+    rows.append({"image": "p0.jpg", "structure": "body", "iou": 0.0, "cycle_iou": 1.0})
+    got = rank_agreement(rows)
+    assert got["pooled"]["predicted IoU"] == 1.0
+    assert 0.8 < got["pooled"]["cycle IoU"] < 1.0  # ties within each structure
+    assert got["within_structure"]["predicted IoU"] == 1.0
+    assert math.isnan(got["within_structure"]["cycle IoU"])  # constant in each structure
+    assert math.isnan(got["pooled"]["object score"])
+    assert math.isnan(got["per_photo"]["lowest cycle IoU"])  # the same on every photo
+
+
+def test_score_collection_keeps_each_predictions_scores(tmp_path):
+    """The rows of a held-out collection's scores carry SAM2's predicted IoU and object
+    score beside the cycle IoU (what qc_rank.py compares); the body, made from the
+    parts, has none."""
+    from sam2pal.models.build import build_model
+    from sam2pal.models.registry import micro_model_files
+    from sam2pal.synth.quality import HELD_OUT, make_held_out, score_collection
+
+    checkpoint, config = micro_model_files()
+    make_held_out(tmp_path, HELD_OUT[1], n_images=3, n_templates=1)
+    rows = score_collection(build_model(str(config), checkpoint), tmp_path, 1, 1, cycle=True).rows
+    parts = [r for r in rows if r["structure"] != "body"]
+    assert len({r["image"] for r in rows}) == 2 and parts
+    for r in parts:
+        assert 0.0 <= r["object_score"] <= 1.0 and r["cycle_iou"] is not None
+        assert isinstance(r["predicted_iou"], float)
+    assert all(r["predicted_iou"] is None for r in rows if r["structure"] == "body")

@@ -229,6 +229,7 @@ def score_collection(
         preds = engine.predict(image)
         masks = {names[p.category_id]: p.mask for p in preds}
         cycles = {names[p.category_id]: p.cycle_iou for p in preds}
+        found = {names[p.category_id]: p for p in preds}
         pred = _with_body(masks, image.shape[:2])
         gt = _with_body(truth[file_name], image.shape[:2])
         for structure in STRUCTURES:
@@ -242,6 +243,8 @@ def score_collection(
                     "structure": structure,
                     "iou": float(mask_iou(mask, true)),
                     "cycle_iou": cycles.get(structure),
+                    "predicted_iou": getattr(found.get(structure), "predicted_iou", None),
+                    "object_score": getattr(found.get(structure), "object_score", None),
                     "area_ratio": area / int(true.sum()),
                     "on_truth": float((mask & true).sum() / area) if area else 0.0,
                 }

@@ -1,0 +1,122 @@
+"""Do the QC scores rank the predictions the way their true IoU does? Zero-shot, one
+template, on the held-out collections of `benchmarks/quality.py` (the same photos, the
+same seeds), three ways:
+
+  pooled           every part prediction of a collection in one ranking: the issue's
+                   goal (`quality.py`'s rank correlation). It rewards a score that
+                   tells the structures apart (eyes low, elytra high) even where it
+                   cannot tell a good antenna from a bad one;
+  within structure the same per structure, averaged over the structures: whether it
+                   picks out the photos whose antenna (say) is wrong;
+  per photo        each photo's score (qc.csv's `qc_score`, the lowest cycle IoU of its
+                   structures, and their mean) against its parts' mean true IoU: the
+                   order in which qc.csv sends photos to review.
+
+Signals: cycle IoU (the workflow's QC score), SAM2's predicted IoU, its object score,
+and products of them. Spearman correlations (ties get their mean rank).
+
+    .venv/bin/python -u benchmarks/qc_rank.py --threads 1   # five collections, 5 minutes
+
+Writes benchmarks/results/qc-rank.json (`--record`); the collections are rendered
+afresh into `--out` as quality.py renders them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from record import Recorder  # noqa: E402
+
+from sam2pal.synth.quality import HELD_OUT, make_held_out, spearman  # noqa: E402
+
+#: the signals compared, each from a prediction's row
+SIGNALS = {
+    "cycle IoU": lambda r: r["cycle_iou"],
+    "predicted IoU": lambda r: r["predicted_iou"],
+    "object score": lambda r: r["object_score"],
+    "cycle IoU x predicted IoU": lambda r: r["cycle_iou"] * r["predicted_iou"],
+}
+
+
+def rank_agreement(rows: list[dict]) -> dict:
+    """Spearman correlations of each signal with the true IoU over part predictions
+    (`rows`: dicts with "image", "structure", "iou" and the signals' fields; the body
+    left out): {"pooled": {signal: r}, "within_structure": {signal: mean r over the
+    structures}, "per_photo": {"lowest cycle IoU": r, "mean cycle IoU": r}}, each r
+    rounded to 3 places (nan where undefined: a constant signal, under 3 pairs)."""
+    rows = [r for r in rows if r["structure"] != "body" and r["cycle_iou"] is not None]
+    truth = [r["iou"] for r in rows]
+    out = {"pooled": {}, "within_structure": {}, "per_photo": {}}
+    structures = sorted({r["structure"] for r in rows})
+    for name, signal in SIGNALS.items():
+        out["pooled"][name] = round(spearman([signal(r) for r in rows], truth), 3)
+        within = []
+        for s in structures:
+            group = [r for r in rows if r["structure"] == s]
+            value = spearman([signal(r) for r in group], [r["iou"] for r in group])
+            if not np.isnan(value):
+                within.append(value)
+        out["within_structure"][name] = round(float(np.mean(within)), 3) if within else np.nan
+    photos = sorted({r["image"] for r in rows})
+    by_photo = [[r for r in rows if r["image"] == p] for p in photos]
+    true_mean = [float(np.mean([r["iou"] for r in g])) for g in by_photo]
+    for name, pool in (("lowest cycle IoU", min), ("mean cycle IoU", np.mean)):
+        score = [float(pool([r["cycle_iou"] for r in g])) for g in by_photo]
+        out["per_photo"][name] = round(spearman(score, true_mean), 3)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--collections",
+        nargs="+",
+        choices=[h.name for h in HELD_OUT],
+        default=[h.name for h in HELD_OUT],
+    )
+    ap.add_argument("--checkpoint", default="sam2pal-micro")
+    ap.add_argument("--n-images", type=int, default=23, help="as quality.py's")
+    ap.add_argument("--n-templates", type=int, default=3, help="as quality.py's")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "qc_rank")
+    ap.add_argument("--record", default="qc-rank")
+    args = ap.parse_args(argv)
+    import torch
+
+    from sam2pal.models.build import build_model
+    from sam2pal.models.download import resolve_checkpoint_digest
+    from sam2pal.models.registry import config_for_checkpoint
+    from sam2pal.synth.quality import score_collection
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recorder = Recorder(args.record, args)
+    checkpoint, digest = resolve_checkpoint_digest(args.checkpoint)
+    model = build_model(config_for_checkpoint(args.checkpoint), checkpoint)
+    results = {"checkpoint_sha256": digest, "collections": {}}
+    for spec in HELD_OUT:
+        if spec.name not in args.collections:
+            continue
+        coll = args.out / spec.name
+        shutil.rmtree(coll, ignore_errors=True)  # rendered afresh: --n-images may differ
+        make_held_out(coll, spec, args.n_images, args.n_templates)
+        scores = score_collection(model, coll, 1, args.n_templates, cycle=True)
+        entry = rank_agreement(scores.rows)
+        entry["predictions"] = sum(1 for r in scores.rows if r["structure"] != "body")
+        results["collections"][spec.name] = entry
+        print(spec.name, entry)
+    recorder.write(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
