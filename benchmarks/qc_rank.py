@@ -9,8 +9,9 @@ same seeds), three ways:
   within structure the same per structure, averaged over the structures: whether it
                    picks out the photos whose antenna (say) is wrong;
   per photo        each photo's score (qc.csv's `qc_score`, the lowest cycle IoU of its
-                   structures, and their mean) against its parts' mean true IoU: the
-                   order in which qc.csv sends photos to review.
+                   structures; and other poolings of its predictions' scores) against
+                   its parts' mean true IoU: the order in which qc.csv sends photos to
+                   review.
 
 Signals: cycle IoU (the workflow's QC score), SAM2's predicted IoU, its object score,
 and products of them. Spearman correlations (ties get their mean rank).
@@ -47,11 +48,22 @@ SIGNALS = {
 }
 
 
+#: a photo's score from its predictions': qc.csv's (the lowest cycle IoU), and others
+PHOTO_SCORES = {
+    "lowest cycle IoU": (min, "cycle IoU"),
+    "mean cycle IoU": (np.mean, "cycle IoU"),
+    "median cycle IoU": (np.median, "cycle IoU"),
+    "mean predicted IoU": (np.mean, "predicted IoU"),
+    "mean object score": (np.mean, "object score"),
+    "mean cycle IoU x predicted IoU": (np.mean, "cycle IoU x predicted IoU"),
+}
+
+
 def rank_agreement(rows: list[dict]) -> dict:
     """Spearman correlations of each signal with the true IoU over part predictions
     (`rows`: dicts with "image", "structure", "iou" and the signals' fields; the body
     left out): {"pooled": {signal: r}, "within_structure": {signal: mean r over the
-    structures}, "per_photo": {"lowest cycle IoU": r, "mean cycle IoU": r}}, each r
+    structures}, "per_photo": {photo score (`PHOTO_SCORES`): r}}, each r
     rounded to 3 places (nan where undefined: a constant signal, under 3 pairs)."""
     rows = [r for r in rows if r["structure"] != "body" and r["cycle_iou"] is not None]
     truth = [r["iou"] for r in rows]
@@ -69,8 +81,8 @@ def rank_agreement(rows: list[dict]) -> dict:
     photos = sorted({r["image"] for r in rows})
     by_photo = [[r for r in rows if r["image"] == p] for p in photos]
     true_mean = [float(np.mean([r["iou"] for r in g])) for g in by_photo]
-    for name, pool in (("lowest cycle IoU", min), ("mean cycle IoU", np.mean)):
-        score = [float(pool([r["cycle_iou"] for r in g])) for g in by_photo]
+    for name, (pool, signal) in PHOTO_SCORES.items():
+        score = [float(pool([SIGNALS[signal](r) for r in g])) for g in by_photo]
         out["per_photo"][name] = round(spearman(score, true_mean), 3)
     return out
 

@@ -797,12 +797,15 @@ def qc_rank() -> str:
     photo = list(next(iter(res.values()))["per_photo"])
     lines += [
         "",
-        "Per photo, against the mean true IoU of its parts: "
-        + "; ".join(
-            f"{name} " + ", ".join(f"{sig} {entry['per_photo'][sig]:.3f}" for sig in photo)
+        "Per photo, a photo's score (qc.csv's: the lowest cycle IoU of its structures) against "
+        "the mean true IoU of its parts:",
+        "",
+        "| collection | " + " | ".join(photo) + " |",
+        "|---|" + "---|" * len(photo),
+        *(
+            f"| {name} | " + " | ".join(f"{entry['per_photo'][p]:.3f}" for p in photo) + " |"
             for name, entry in res.items()
-        )
-        + ".",
+        ),
     ]
     return "\n".join(lines) + "\n\n" + source(QC_RANK_RECORD)
 
