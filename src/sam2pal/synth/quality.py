@@ -228,7 +228,6 @@ def score_collection(
         image = read_image(coll_dir / "images" / file_name)
         preds = engine.predict(image)
         masks = {names[p.category_id]: p.mask for p in preds}
-        cycles = {names[p.category_id]: p.cycle_iou for p in preds}
         found = {names[p.category_id]: p for p in preds}
         pred = _with_body(masks, image.shape[:2])
         gt = _with_body(truth[file_name], image.shape[:2])
@@ -242,7 +241,7 @@ def score_collection(
                     "image": file_name,
                     "structure": structure,
                     "iou": float(mask_iou(mask, true)),
-                    "cycle_iou": cycles.get(structure),
+                    "cycle_iou": getattr(found.get(structure), "cycle_iou", None),
                     "predicted_iou": getattr(found.get(structure), "predicted_iou", None),
                     "object_score": getattr(found.get(structure), "object_score", None),
                     "area_ratio": area / int(true.sum()),
