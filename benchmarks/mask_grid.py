@@ -29,7 +29,6 @@ afresh into `--out` as quality.py renders them (the same photos with the same se
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -39,11 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import GOALS  # noqa: E402
+from quality import GOALS, held_out_arguments, rendered_held_out  # noqa: E402
 from record import Recorder  # noqa: E402
 
 from sam2pal.outputs.overlay import mean_width  # noqa: E402
-from sam2pal.synth.quality import HELD_OUT, STRUCTURES, make_held_out  # noqa: E402
+from sam2pal.synth.quality import STRUCTURES  # noqa: E402
 
 #: the input sizes measured: sam2pal-micro's, a larger one, the official models'
 INPUT_SIZES = (384, 512, 1024)
@@ -141,31 +140,12 @@ def collection_ceilings(coll: Path, n_templates: int, steps: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--collections",
-        nargs="+",
-        choices=[h.name for h in HELD_OUT],
-        default=[h.name for h in HELD_OUT],
-    )
-    ap.add_argument("--n-images", type=int, default=23, help="as quality.py's")
-    ap.add_argument("--n-templates", type=int, default=3, help="as quality.py's")
+    held_out_arguments(ap, "mask_grid", "mask-grid")
     ap.add_argument("--steps", type=int, default=150, help="fitting steps per mask")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "mask_grid")
-    ap.add_argument("--record", default="mask-grid")
     args = ap.parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     recorder = Recorder(args.record, args)
     results = {"input_sizes": list(INPUT_SIZES), "goals": GOALS, "collections": {}}
-    for spec in HELD_OUT:
-        if spec.name not in args.collections:
-            continue
-        coll = args.out / spec.name
-        shutil.rmtree(coll, ignore_errors=True)  # rendered afresh: --n-images may differ
-        make_held_out(coll, spec, args.n_images, args.n_templates)
+    for spec, coll in rendered_held_out(args):
         entry = collection_ceilings(coll, args.n_templates, args.steps)
         results["collections"][spec.name] = entry
         print(f"{spec.name} ({entry['photo'][1]} x {entry['photo'][0]} px)")

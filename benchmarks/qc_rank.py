@@ -25,7 +25,6 @@ afresh into `--out` as quality.py renders them.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -35,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from quality import held_out_arguments, rendered_held_out  # noqa: E402
 from record import Recorder  # noqa: E402
 
-from sam2pal.synth.quality import HELD_OUT, make_held_out, spearman  # noqa: E402
+from sam2pal.synth.quality import spearman  # noqa: E402
 
 #: the signals compared, each from a prediction's row
 SIGNALS = {
@@ -89,38 +89,19 @@ def rank_agreement(rows: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--collections",
-        nargs="+",
-        choices=[h.name for h in HELD_OUT],
-        default=[h.name for h in HELD_OUT],
-    )
+    held_out_arguments(ap, "qc_rank", "qc-rank")
     ap.add_argument("--checkpoint", default="sam2pal-micro")
-    ap.add_argument("--n-images", type=int, default=23, help="as quality.py's")
-    ap.add_argument("--n-templates", type=int, default=3, help="as quality.py's")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "qc_rank")
-    ap.add_argument("--record", default="qc-rank")
     args = ap.parse_args(argv)
-    import torch
-
     from sam2pal.models.build import build_model
     from sam2pal.models.download import resolve_checkpoint_digest
     from sam2pal.models.registry import config_for_checkpoint
     from sam2pal.synth.quality import score_collection
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     recorder = Recorder(args.record, args)
     checkpoint, digest = resolve_checkpoint_digest(args.checkpoint)
     model = build_model(config_for_checkpoint(args.checkpoint), checkpoint)
     results = {"checkpoint_sha256": digest, "collections": {}}
-    for spec in HELD_OUT:
-        if spec.name not in args.collections:
-            continue
-        coll = args.out / spec.name
-        shutil.rmtree(coll, ignore_errors=True)  # rendered afresh: --n-images may differ
-        make_held_out(coll, spec, args.n_images, args.n_templates)
+    for spec, coll in rendered_held_out(args):
         scores = score_collection(model, coll, 1, args.n_templates, cycle=True)
         entry = rank_agreement(scores.rows)
         entry["predictions"] = sum(1 for r in scores.rows if r["structure"] != "body")

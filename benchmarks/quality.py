@@ -76,6 +76,40 @@ JUDGED = "palindrome LoRA ({n} templates: one trains, {held} pick the epoch and 
 GOALS = {"body": 0.85, "head": 0.60, "pronotum": 0.60, "eye": 0.40, "antenna": 0.35, "legs": 0.35}
 
 
+def held_out_arguments(ap: argparse.ArgumentParser, out: str, record: str) -> None:
+    """The options of a benchmark over this script's held-out collections (the same
+    photos: `--n-images` and `--n-templates` as here), rendered into `--out`."""
+    ap.add_argument(
+        "--collections",
+        nargs="+",
+        choices=[h.name for h in HELD_OUT],
+        default=[h.name for h in HELD_OUT],
+    )
+    ap.add_argument("--n-images", type=int, default=23, help="as quality.py's")
+    ap.add_argument("--n-templates", type=int, default=3, help="as quality.py's")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / out)
+    ap.add_argument("--record", default=record)
+
+
+def rendered_held_out(args):
+    """(spec, folder) of each held-out collection `args` asks for, rendered afresh into
+    `args.out` (the same photos as here; afresh, since `--n-images` may differ), after
+    setting torch's threads."""
+    import shutil
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for spec in HELD_OUT:
+        if spec.name in args.collections:
+            coll = args.out / spec.name
+            shutil.rmtree(coll, ignore_errors=True)
+            make_held_out(coll, spec, args.n_images, args.n_templates)
+            yield spec, coll
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="sam2pal-micro")
