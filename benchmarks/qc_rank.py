@@ -16,7 +16,7 @@ same seeds), three ways:
 Signals: cycle IoU (the workflow's QC score), SAM2's predicted IoU, its object score,
 and products of them. Spearman correlations (ties get their mean rank).
 
-    .venv/bin/python -u benchmarks/qc_rank.py --threads 1   # five collections, 5 minutes
+    .venv/bin/python -u benchmarks/qc_rank.py --threads 1   # five collections, about a minute
 
 Writes benchmarks/results/qc-rank.json (`--record`); the collections are rendered
 afresh into `--out` as quality.py renders them.

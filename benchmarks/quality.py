@@ -76,20 +76,31 @@ JUDGED = "palindrome LoRA ({n} templates: one trains, {held} pick the epoch and 
 GOALS = {"body": 0.85, "head": 0.60, "pronotum": 0.60, "eye": 0.40, "antenna": 0.35, "legs": 0.35}
 
 
-def held_out_arguments(ap: argparse.ArgumentParser, out: str, record: str) -> None:
-    """The options of a benchmark over this script's held-out collections (the same
-    photos: `--n-images` and `--n-templates` as here), rendered into `--out`."""
+def held_out_arguments(ap: argparse.ArgumentParser, out: str = "", record: str = "") -> None:
+    """The options that choose the held-out collections (`--collections`, `--n-images`,
+    `--n-templates`: the same photos in every benchmark given the same values); with
+    `out` and `record`, also `--threads`, `--out` (where `rendered_held_out` renders
+    them, default benchmarks/out/OUT) and `--record` (default RECORD)."""
     ap.add_argument(
         "--collections",
         nargs="+",
-        choices=[h.name for h in HELD_OUT],
         default=[h.name for h in HELD_OUT],
+        choices=[h.name for h in HELD_OUT],
     )
-    ap.add_argument("--n-images", type=int, default=23, help="as quality.py's")
-    ap.add_argument("--n-templates", type=int, default=3, help="as quality.py's")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / out)
-    ap.add_argument("--record", default=record)
+    ap.add_argument(
+        "--n-images", type=int, default=23, help="images per collection, templates included"
+    )
+    ap.add_argument(
+        "--n-templates",
+        type=int,
+        default=3,
+        help="the first N photos are templates (quality.py's multi-template row uses them "
+        "all; every other row and benchmark the first)",
+    )
+    if out and record:
+        ap.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
+        ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / out)
+        ap.add_argument("--record", default=record)
 
 
 def rendered_held_out(args):
@@ -115,18 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="sam2pal-micro")
     ap.add_argument("--config", default=None, help="default: the checkpoint's own")
     ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument(
-        "--collections",
-        nargs="+",
-        default=[h.name for h in HELD_OUT],
-        choices=[h.name for h in HELD_OUT],
-    )
-    ap.add_argument(
-        "--n-images", type=int, default=23, help="images per collection, templates included"
-    )
-    ap.add_argument(
-        "--n-templates", type=int, default=3, help="templates for (b); (a) and (c) use the first"
-    )
+    held_out_arguments(ap)
     ap.add_argument(
         "--epochs",
         type=int,
