@@ -92,13 +92,17 @@ def main(argv=None) -> int:
     held_out_arguments(ap, "qc_rank", "qc-rank")
     ap.add_argument("--checkpoint", default="sam2pal-micro")
     args = ap.parse_args(argv)
+    from sam2pal.errors import InputError
     from sam2pal.models.build import build_model
     from sam2pal.models.download import resolve_checkpoint_digest
     from sam2pal.models.registry import config_for_checkpoint
     from sam2pal.synth.quality import score_collection
 
+    try:
+        checkpoint, digest = resolve_checkpoint_digest(args.checkpoint)
+    except InputError as e:
+        ap.error(str(e))
     recorder = Recorder(args.record, args)
-    checkpoint, digest = resolve_checkpoint_digest(args.checkpoint)
     model = build_model(config_for_checkpoint(args.checkpoint), checkpoint)
     results = {"checkpoint_sha256": digest, "collections": {}}
     for spec, coll in rendered_held_out(args):
