@@ -8,13 +8,15 @@ same seeds), three ways:
                    cannot tell a good antenna from a bad one;
   within structure the same per structure, averaged over the structures: whether it
                    picks out the photos whose antenna (say) is wrong;
-  per photo        each photo's score (qc.csv's `qc_score`, the lowest cycle IoU of its
-                   structures; and other poolings of its predictions' scores) against
-                   its parts' mean true IoU: the order in which qc.csv sends photos to
-                   review.
+  per photo        each photo's score (qc.csv's `qc_score`, now the mean of its
+                   structures' cycle IoU x stability, before the lowest cycle IoU; and
+                   other poolings of its predictions' scores) against its parts' mean
+                   true IoU: the order in which qc.csv sends photos to review.
 
-Signals: cycle IoU (the workflow's QC score), SAM2's predicted IoU, its object score,
-and products of them. Spearman correlations (ties get their mean rank).
+Signals: cycle IoU, SAM2's predicted IoU, its object score, the mask's stability (SAM's
+stability score: the IoU of the mask cut at logits -1 and +1), and products of them
+(cycle IoU x stability: the workflow's QC score of a structure). Spearman correlations
+(ties get their mean rank).
 
     .venv/bin/python -u benchmarks/qc_rank.py --threads 1   # five collections, about a minute
 
@@ -44,18 +46,24 @@ SIGNALS = {
     "cycle IoU": lambda r: r["cycle_iou"],
     "predicted IoU": lambda r: r["predicted_iou"],
     "object score": lambda r: r["object_score"],
+    "stability": lambda r: r["stability"],
     "cycle IoU x predicted IoU": lambda r: r["cycle_iou"] * r["predicted_iou"],
+    "cycle IoU x stability": lambda r: r["cycle_iou"] * r["stability"],
 }
 
 
-#: a photo's score from its predictions': qc.csv's (the lowest cycle IoU), and others
+#: a photo's score from its predictions': qc.csv's (the mean cycle IoU x stability;
+#: before, the lowest cycle IoU), and others
 PHOTO_SCORES = {
     "lowest cycle IoU": (min, "cycle IoU"),
     "mean cycle IoU": (np.mean, "cycle IoU"),
     "median cycle IoU": (np.median, "cycle IoU"),
     "mean predicted IoU": (np.mean, "predicted IoU"),
     "mean object score": (np.mean, "object score"),
+    "mean stability": (np.mean, "stability"),
     "mean cycle IoU x predicted IoU": (np.mean, "cycle IoU x predicted IoU"),
+    "lowest cycle IoU x stability": (min, "cycle IoU x stability"),
+    "mean cycle IoU x stability": (np.mean, "cycle IoU x stability"),
 }
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -97,6 +98,13 @@ def held_out_arguments(ap: argparse.ArgumentParser, out: str = "", record: str =
         help="the first N photos are templates (quality.py's multi-template row uses them "
         "all; every other row and benchmark the first)",
     )
+    ap.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        help="render other photos from the same generator settings (each collection's "
+        "seed plus this): a second sample, to check a finding on photos it was not made on",
+    )
     if out and record:
         ap.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
         ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / out)
@@ -105,8 +113,8 @@ def held_out_arguments(ap: argparse.ArgumentParser, out: str = "", record: str =
 
 def rendered_held_out(args):
     """(spec, folder) of each held-out collection `args` asks for, rendered afresh into
-    `args.out` (the same photos as here; afresh, since `--n-images` may differ), after
-    setting torch's threads."""
+    `args.out` (the same photos as here; afresh, since `--n-images` may differ; other
+    photos with `--seed-offset`), after setting torch's threads."""
     import shutil
 
     import torch
@@ -115,6 +123,7 @@ def rendered_held_out(args):
         torch.set_num_threads(args.threads)
     for spec in HELD_OUT:
         if spec.name in args.collections:
+            spec = dataclasses.replace(spec, seed=spec.seed + args.seed_offset)
             coll = args.out / spec.name
             shutil.rmtree(coll, ignore_errors=True)
             make_held_out(coll, spec, args.n_images, args.n_templates)
@@ -177,9 +186,12 @@ def main(argv=None) -> int:
     if args.reuse:
         for record in args.reuse:
             try:
-                reused.update(load(record)["results"]["collections"])
+                earlier = load(record)
+                reused.update(earlier["results"]["collections"])
             except (OSError, ValueError, KeyError) as e:
                 ap.error(f"--reuse {record}: not a readable quality record ({e})")
+            if earlier.get("args", {}).get("seed_offset", 0) != args.seed_offset:
+                ap.error(f"--reuse {record}: measured on other photos (another --seed-offset)")
         for name in set(reused) & set(args.collections):
             log = Path(args.out) / f"{name}-adapter" / "training_log.csv"
             if "palindrome" in args.keep and not log.is_file():
@@ -205,7 +217,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     specs = {h.name: h for h in HELD_OUT}
     for name in args.collections:
-        spec = specs[name]
+        spec = dataclasses.replace(specs[name], seed=specs[name].seed + args.seed_offset)
         coll = out / name
         make_held_out(coll, spec, args.n_images, args.n_templates)
         t0 = time.time()

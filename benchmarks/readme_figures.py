@@ -774,16 +774,19 @@ MASK_GRID_RECORD = "mask-grid"
 QC_RANK_RECORD = "qc-rank"
 
 
-def qc_rank() -> str:
+def qc_rank(record_name: str = QC_RANK_RECORD) -> str:
     """How well each QC signal ranks the predictions by their true IoU: pooled (the
     goal's), within each structure, per photo (qc.csv's order)."""
-    record = load(QC_RANK_RECORD)
-    res = record["results"]["collections"]
+    record = load(record_name)
+    res, args = record["results"]["collections"], record["args"]
     signals = list(next(iter(res.values()))["pooled"])
+    offset = args.get("seed_offset", 0)
+    photos = "other photos (`--seed-offset {offset}`)" if offset else "the photos of quality.py"
     lines = [
         f"Spearman correlation with the true IoU, zero-shot from one template "
-        f"({record['args']['checkpoint']}, SHA-256 {record['results']['checkpoint_sha256'][:12]}...; "
-        "the part predictions of each collection's 20 targets):",
+        f"({args['checkpoint']}, SHA-256 {record['results']['checkpoint_sha256'][:12]}...; "
+        f"the part predictions of each collection's {args['n_images'] - args['n_templates']} "
+        f"targets, {photos.format(offset=offset)}):",
         "",
         "| collection | ranked | " + " | ".join(signals) + " |",
         "|---|---|" + "---|" * len(signals),
@@ -797,8 +800,9 @@ def qc_rank() -> str:
     photo = list(next(iter(res.values()))["per_photo"])
     lines += [
         "",
-        "Per photo, a photo's score (qc.csv's: the lowest cycle IoU of its structures) against "
-        "the mean true IoU of its parts:",
+        "Per photo, a photo's score (qc.csv's: the mean of its structures' cycle IoU x "
+        "stability; until 2026-12-05 the lowest cycle IoU) against the mean true IoU of its "
+        "parts:",
         "",
         "| collection | " + " | ".join(photo) + " |",
         "|---|" + "---|" * len(photo),
@@ -807,7 +811,7 @@ def qc_rank() -> str:
             for name, entry in res.items()
         ),
     ]
-    return "\n".join(lines) + "\n\n" + source(QC_RANK_RECORD)
+    return "\n".join(lines) + "\n\n" + source(record_name)
 
 
 def mask_grid() -> str:
@@ -1288,6 +1292,7 @@ BLOCKS = {
     "zoom": zoom,
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
+    "qc-rank-other-photos": lambda: qc_rank("qc-rank-other-photos"),
     "propagate": propagate,
     "finetune": finetune,
     "finetune-step": finetune_step,

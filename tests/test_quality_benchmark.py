@@ -88,6 +88,7 @@ def test_qc_rank_tells_a_score_that_only_knows_the_structure_from_one_that_ranks
                     "cycle_iou": typical,  # knows the structure only
                     "predicted_iou": iou,  # follows the truth
                     "object_score": 0.9,
+                    "stability": 0.5 + 0.05 * i,  # follows the truth within a structure
                 }
             )
     rows.append({"image": "p0.jpg", "structure": "body", "iou": 0.0, "cycle_iou": 1.0})
@@ -98,12 +99,15 @@ def test_qc_rank_tells_a_score_that_only_knows_the_structure_from_one_that_ranks
     assert math.isnan(got["within_structure"]["cycle IoU"])  # constant in each structure
     assert math.isnan(got["pooled"]["object score"])
     assert math.isnan(got["per_photo"]["lowest cycle IoU"])  # the same on every photo
+    assert got["within_structure"]["stability"] == 1.0
+    assert got["within_structure"]["cycle IoU x stability"] == 1.0
+    assert got["per_photo"]["mean cycle IoU x stability"] == 1.0
 
 
 def test_score_collection_keeps_each_predictions_scores(tmp_path):
-    """The rows of a held-out collection's scores carry SAM2's predicted IoU and object
-    score beside the cycle IoU (what qc_rank.py compares); the body, made from the
-    parts, has none."""
+    """The rows of a held-out collection's scores carry SAM2's predicted IoU, object
+    score and the mask's stability beside the cycle IoU (what qc_rank.py compares); the
+    body, made from the parts, has none."""
     from sam2pal.models.build import build_model
     from sam2pal.models.registry import micro_model_files
     from sam2pal.synth.quality import HELD_OUT, make_held_out, score_collection
@@ -115,5 +119,5 @@ def test_score_collection_keeps_each_predictions_scores(tmp_path):
     assert len({r["image"] for r in rows}) == 2 and parts
     for r in parts:
         assert 0.0 <= r["object_score"] <= 1.0 and r["cycle_iou"] is not None
-        assert isinstance(r["predicted_iou"], float)
+        assert isinstance(r["predicted_iou"], float) and 0.0 <= r["stability"] <= 1.0
     assert all(r["predicted_iou"] is None for r in rows if r["structure"] == "body")

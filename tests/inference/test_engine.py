@@ -262,6 +262,7 @@ def test_multi_template_memory_and_groups(tmp_path, tiny_model):
         assert 0.0 <= p.object_score <= 1.0
         assert 0.0 <= p.cycle_iou <= 1.0
         assert 0.0 <= p.score <= 1.0
+        assert 0.0 <= p.stability <= 1.0
 
 
 def test_targets_are_independent_of_order(tmp_path, tiny_model):
@@ -279,6 +280,23 @@ def test_targets_are_independent_of_order(tmp_path, tiny_model):
         for a, b in zip(a_list, b_list):
             assert np.array_equal(a.mask, b.mask)
             assert a.predicted_iou == b.predicted_iou and a.cycle_iou == b.cycle_iou
+
+
+def test_stability_is_sams_stability_score_of_the_logits():
+    """A mask's stability: the IoU of the mask cut at logits +1 and -1 (the threshold
+    plus or minus one); 1 for a sharp mask, lower for a soft one, 0 for no mask."""
+    from sam2pal.inference.engine import stability_scores
+
+    sharp = torch.full((1, 1, 8, 8), -20.0)
+    sharp[..., 2:6, 2:6] = 20.0
+    soft = sharp.clone()
+    soft[..., 2:6, 2:6] = 0.5  # above 0 and -1, under +1
+    soft[..., 3:5, 3:5] = 3.0
+    empty = torch.full((1, 1, 8, 8), -20.0)
+    got = stability_scores(torch.cat([sharp, soft, empty]), 0.0)
+    assert got == [1.0, 4 / 16, 0.0]
+    assert stability_scores(soft[0], 0.0) == [4 / 16]  # one mask without its batch axis
+    assert stability_scores(soft, -1.0) == [1.0]  # cut at 0 and -2
 
 
 def test_fill_holes_fills_only_small_holes():

@@ -224,6 +224,7 @@ def test_cycle_consistency_and_drift_guard(tiny_model, tmp_path, framing):
     assert all(p.mask.shape == (H, W) for r in results for p in r.predictions)
     tracked = [p for r in results[1:] for p in r.predictions]
     assert all(p.cycle_iou is not None and 0.0 <= p.cycle_iou <= 1.0 for p in tracked)
+    assert all(0.0 <= p.stability <= 1.0 for p in tracked)
     # with bbox_clamp and no padding a frame's mask never leaves the previous one's box
     for before, after in zip(results, results[1:]):
         for p0, p1 in zip(before.predictions, after.predictions):
@@ -324,8 +325,8 @@ def _same(a, b) -> bool:
     return (
         all(
             np.array_equal(p.mask, q.mask)
-            and (p.predicted_iou, p.object_score, p.cycle_iou, p.clamped)
-            == (q.predicted_iou, q.object_score, q.cycle_iou, q.clamped)
+            and (p.predicted_iou, p.object_score, p.cycle_iou, p.clamped, p.stability)
+            == (q.predicted_iou, q.object_score, q.cycle_iou, q.clamped, q.stability)
             for p, q in zip(a.predictions, b.predictions)
         )
         and a.keyframe_objects == b.keyframe_objects

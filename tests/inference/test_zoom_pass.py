@@ -38,6 +38,7 @@ def test_which_structures_are_zoomed(tiny_model, templates, zoom, zoomed):
     assert {p.category_id for p in preds if p.zoomed} == zoomed
     for p in preds:
         assert p.mask.shape == (H, W)
+        assert 0.0 <= p.stability <= 1.0
         if p.zoomed:
             assert p.cycle_iou is not None and 0.0 <= p.cycle_iou <= 1.0
     # recorded, and read back the same

@@ -62,6 +62,30 @@ def test_round_trip_of_records_made_here():
     assert list(skipped.to_json()) == ["file_name", "skipped"]
     assert list(frame.to_json()) == ["file_name", "skipped", "frame_index", "time_s"]
     assert list(record.to_json()) == ["file_name", "width", "height", "structures"]
+    assert "stability" not in structure.to_json()  # not recorded: left out
+
+
+def test_the_stability_is_recorded_after_the_other_scores_and_reads_back():
+    """A prediction's stability is written (rounded) after `clamped`; a record written
+    before it was recorded reads with none (`test_stored_record_reads_back_...`)."""
+    mask = np.zeros((6, 8), bool)
+    mask[1:4, 2:7] = True
+    pred = StructurePrediction(
+        category_id=1,
+        instance=1,
+        box=BoxMask.from_full(mask),
+        predicted_iou=0.9,
+        object_score=0.5,
+        cycle_iou=0.4,
+        stability=0.87654321,
+    )
+    structure = StructureRecord.from_prediction(pred)
+    data = structure.to_json()
+    assert structure.stability == 0.876543
+    assert list(data)[list(data).index("clamped") + 1] == "stability"
+    record = ImageRecord("a.jpg", width=8, height=6, structures=[structure])
+    assert ImageRecord.from_json(json.loads(record.to_line())) == record
+    assert ImageRecord.from_json(json.loads(PHOTO_LINE)).structures[0].stability is None
 
 
 ORIENTATION = {

@@ -26,7 +26,8 @@ def ring(h, w, cx, cy, r_out, r_in):
     return (d <= r_out) & (d > r_in)
 
 
-def structure(cid, inst, mask, cycle=0.8, iou=0.9, obj=0.99, clamped=False):
+def structure(cid, inst, mask, cycle=0.8, iou=0.9, obj=0.99, clamped=False, stability=None):
+    extra = {} if stability is None else {"stability": stability}
     return {
         "category_id": cid,
         "instance": inst,
@@ -38,6 +39,7 @@ def structure(cid, inst, mask, cycle=0.8, iou=0.9, obj=0.99, clamped=False):
         "object_score": obj,
         "cycle_iou": cycle,
         "clamped": clamped,
+        **extra,
     }
 
 
@@ -203,12 +205,56 @@ def test_qc_ranks_worst_first(tmp_path, records):
     rows = list(csv.DictReader(open(out)))
     assert [r["file_name"] for r in rows] == ["c.jpg", "a.jpg", "b.jpg"]
     assert rows[0]["status"] == "skipped" and "truncated" in rows[0]["reason"]
+    # an image scores the mean of its structures' scores, a missing one 0
     assert rows[1]["status"] == "missing" and rows[1]["missing"] == "antenna_1"
-    assert float(rows[1]["qc_score"]) == 0.0
+    assert float(rows[1]["qc_score"]) == pytest.approx((0.95 + 0.0 + 0.8) / 3, abs=1e-4)
+    assert rows[1]["worst_structure"] == "antenna_1"
     assert rows[2]["worst_structure"] == "antenna_2" and float(
         rows[2]["qc_score"]
-    ) == pytest.approx(0.6)
+    ) == pytest.approx((0.9 + 0.7 + 0.6) / 3, abs=1e-4)
     assert [r["rank"] for r in rows] == ["1", "2", "3"]
+    assert rows[2]["min_stability"] == rows[2]["mean_stability"] == ""  # none recorded
+
+
+def test_qc_scores_a_structure_by_its_cycle_iou_times_its_stability(tmp_path):
+    """A structure's QC score is its cycle IoU (else its predicted IoU) times the mask's
+    stability where recorded: of two photos with the same cycle IoUs, the one whose
+    antenna's mask is unstable comes first."""
+    from sam2pal.outputs.qc import structure_score
+
+    assert structure_score(0.8, 0.9, 0.5) == pytest.approx(0.4)
+    assert structure_score(None, 1.3, 0.5) == pytest.approx(0.5)  # predicted IoU clipped
+    assert structure_score(0.8, 0.9, None) == pytest.approx(0.8)  # stability not recorded
+    assert structure_score(None, None, 0.5) is None
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    recs = [
+        {
+            "file_name": name,
+            "width": 20,
+            "height": 20,
+            "structures": [
+                structure(1, 1, mask, cycle=0.8, stability=0.95),
+                structure(2, 1, mask, cycle=0.8, stability=antenna),
+            ],
+        }
+        for name, antenna in (("steady.jpg", 0.9), ("shaky.jpg", 0.3))
+    ]
+    path = write_records(tmp_path / "r.jsonl", recs)
+    write_qc([path], CATEGORIES, tmp_path / "qc.csv")
+    rows = list(csv.DictReader(open(tmp_path / "qc.csv")))
+    assert [r["file_name"] for r in rows] == ["shaky.jpg", "steady.jpg"]
+    assert float(rows[0]["qc_score"]) == pytest.approx((0.8 * 0.95 + 0.8 * 0.3) / 2, abs=1e-4)
+    assert rows[0]["worst_structure"] == "antenna"
+    assert float(rows[0]["min_stability"]) == pytest.approx(0.3)
+    assert float(rows[0]["mean_stability"]) == pytest.approx(0.625)
+    # predictions.json carries each mask's stability, and the overlays score it alike
+    from sam2pal.outputs.visualize import structure_quality
+
+    merge_predictions([path], CATEGORIES, tmp_path / "p.json")
+    anns = json.loads((tmp_path / "p.json").read_text())["annotations"]
+    assert sorted(a["stability"] for a in anns) == [0.3, 0.9, 0.95, 0.95]
+    assert structure_quality(anns[0])[0] == pytest.approx(0.8 * anns[0]["stability"])
 
 
 def test_evaluate_iou_and_dice(tmp_path, records):

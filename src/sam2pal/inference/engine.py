@@ -33,7 +33,10 @@ Per structure the engine reports SAM2's predicted IoU and object score and, when
 `cycle_consistency` is on, a label-free quality estimate: the target with its
 predicted mask becomes the conditioning frame of a fresh memory and each template is
 tracked back from it (all templates in one batch); the IoU of that prediction with the
-template's true mask, averaged over the templates, is the cycle IoU.
+template's true mask, averaged over the templates, is the cycle IoU. And always its
+stability (SAM's stability score: how little the mask changes when its logits are cut
+at -1 or +1 instead of 0), which ranks a structure's predictions across photos where the
+cycle IoU and the predicted IoU do not (`benchmarks/qc_rank.py`).
 
 Large photos: a 12-megapixel photo is 46 times the pixels of a 1024 x 1024 model
 input, and full-size work around the model costs more than the model. So a mask is
@@ -128,6 +131,9 @@ class StructurePrediction:
     clamped: bool = False
     zoomed: bool = False  # the mask and scores are the zoom pass's
     zoom_placed: bool = False  # its window was placed from the template (nothing found first)
+    # SAM's stability score of the mask's logits (`stability_scores`); None where the
+    # mask is not a prediction (a video keyframe's annotation)
+    stability: float | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -211,6 +217,17 @@ def encode_image(model, image: np.ndarray, frame=None, fill="border") -> dict:
     """One image-encoder pass (batch 1) on an RGB uint8 image, on the model's device
     (framed as `preprocess` says)."""
     return model.forward_image(preprocess(image, int(model.image_size), model.device, frame, fill))
+
+
+def stability_scores(low_res_logits: torch.Tensor, threshold: float) -> list[float]:
+    """SAM's stability score of each mask of a (batch, 1, h, w) or (1, h, w) logits
+    tensor: the IoU of the masks cut at `threshold` + 1 and `threshold` - 1
+    (`sam2.utils.amg.calculate_stability_score`); 0 where both are empty."""
+    from sam2.utils.amg import calculate_stability_score
+
+    logits = low_res_logits.float().reshape(-1, *low_res_logits.shape[-2:])
+    scores = calculate_stability_score(logits, threshold, 1.0)
+    return [float(v) if torch.isfinite(v) else 0.0 for v in scores.cpu()]
 
 
 def fill_holes(low_res_logits: torch.Tensor, max_area: int) -> torch.Tensor:
@@ -1151,7 +1168,7 @@ class PendingPrediction:
         self.orientation: dict | None = None
         self.parts: list[tuple] = []
         # per structure, the zoom pass's (mask, predicted IoU, object probability, cycle
-        # IoU, placed)
+        # IoU, placed, stability)
         self.zoomed: dict[ObjectKey, tuple] = {}
 
     def first_boxes(self) -> dict:
@@ -1180,8 +1197,9 @@ class PendingPrediction:
         for key, low_res, iou, prob, cycle in self.parts:
             zoomed = self.zoomed.get(key)
             if zoomed is not None:
-                box, iou, prob, cycle, _ = zoomed
+                box, iou, prob, cycle, _, stability = zoomed
             else:
+                stability = stability_scores(low_res, engine.mask_threshold)[0]
                 box = logits_to_boxes(
                     low_res[None], self.size, engine.mask_threshold, engine.exact, self.frame
                 )[0]
@@ -1203,6 +1221,7 @@ class PendingPrediction:
                 clamped=clamped,
                 zoomed=zoomed is not None,
                 zoom_placed=zoomed is not None and bool(zoomed[4]),
+                stability=stability,
             )
         order = [key for key in engine.objects if key in results]
         order += [key for key in results if key not in set(engine.objects)]

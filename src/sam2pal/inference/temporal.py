@@ -80,6 +80,7 @@ from sam2pal.inference.engine import (
     expand_features,
     fill_holes,
     logits_to_boxes,
+    stability_scores,
     track_step,
 )
 from sam2pal.inference.framing import FRAMINGS, Frame, make_frame, parse_fill
@@ -245,6 +246,7 @@ class _Spill:
                         "object_score": p.object_score,
                         "cycle_iou": p.cycle_iou,
                         "clamped": bool(p.clamped),
+                        "stability": p.stability,
                     }
                     for key, p in results.items()
                 ],
@@ -278,6 +280,7 @@ class _Spill:
                 object_score=entry["object_score"],
                 cycle_iou=entry["cycle_iou"],
                 clamped=entry["clamped"],
+                stability=entry["stability"],
             )
         return (height, width), results, frozenset((c, i) for c, i in record["annotated"]), None
 
@@ -505,6 +508,7 @@ class VideoPropagator:
         )
         probs = torch.sigmoid(object_score_logits.float()[:, 0]).cpu().tolist()
         ious = ious.float().max(dim=1).values.cpu().tolist()
+        stability = stability_scores(low_res, self.mask_threshold)
         return {
             key: StructurePrediction(
                 category_id=key[0],
@@ -514,6 +518,7 @@ class VideoPropagator:
                 object_score=float(probs[i]),
                 cycle_iou=None if cycle is None else float(cycle[i]),
                 clamped=clamped[i],
+                stability=stability[i],
             )
             for i, key in enumerate(group.objects)
         }

@@ -271,11 +271,12 @@ class ZoomPass:
     @torch.inference_mode()
     def run(self, pending: list, images: list, chosen) -> None:
         """Zoom each target's small structures: hands each result (mask on the photo,
-        predicted IoU, object probability, cycle IoU, placed) to the target's
-        PendingPrediction (`zoomed`)."""
+        predicted IoU, object probability, cycle IoU, placed, stability) to the
+        target's PendingPrediction (`zoomed`)."""
         from sam2pal.inference.engine import (
             cycle_ious,
             repeat_memory,
+            stability_scores,
             stacked_features,
             track_frame,
         )
@@ -319,6 +320,7 @@ class ZoomPass:
             probs = torch.sigmoid(obj_logits).cpu().tolist()
             ious = ious.cpu().tolist()
             low_res = low_res.float().cpu()
+            stability = stability_scores(low_res, engine.mask_threshold)
             for n, (j, window, placed) in enumerate(items):
                 for i, key in enumerate(cluster.objects):
                     b = n * objects + i
@@ -331,4 +333,5 @@ class ZoomPass:
                         probs[b],
                         None if cycle is None else cycle[b],
                         placed,
+                        stability[b],
                     )

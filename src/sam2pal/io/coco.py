@@ -13,7 +13,8 @@
 * Each annotation carries COCO's `segmentation` (compressed RLE, or polygons on
   request: polygons cannot carry holes), `area` (pixels), `bbox`, `score`, `iscrowd`
   0, and our QC fields `instance`, `predicted_iou`, `object_score`, `cycle_iou`,
-  `clamped` (and `keyframe`: true where the mask is a video keyframe's annotation;
+  `clamped` (and `stability`, SAM's stability score of the mask, where recorded;
+  `keyframe`: true where the mask is a video keyframe's annotation;
   `zoomed`: true where it comes from the zoom pass, `zoom_placed` where that pass's
   window was placed from the template; `corrected`: {"when", "source"[, "reviewed_at"]}
   where a reviewer's correction replaced the prediction, see
@@ -95,6 +96,8 @@ def _annotations(record: ImageRecord, polygons: bool) -> Iterator[dict]:
             "cycle_iou": s.cycle_iou,
             "clamped": s.clamped,
         }
+        if s.stability is not None:
+            ann["stability"] = s.stability
         for flag in ("keyframe", "zoomed", "zoom_placed"):
             if getattr(s, flag):
                 ann[flag] = True

@@ -6,13 +6,16 @@ line:
     {"file_name": ..., "width": ..., "height": ...,
      "structures": [{"category_id", "instance", "segmentation" (COCO RLE), "area", "bbox",
                      "score", "predicted_iou", "object_score", "cycle_iou", "clamped"
-                     [, "keyframe": true] [, "zoomed": true [, "zoom_placed": true]]
+                     [, "stability"] [, "keyframe": true]
+                     [, "zoomed": true [, "zoom_placed": true]]
                      [, "corrected": {"when", "source" [, "reviewed_at"]}]},
                     ...]
      [, "orientation": {"rotation", "mirrored", "candidates"}]
      [, "frame_index": ..., "time_s": ...] [, "segmented_by": {...}]}
 
-(`orientation`: the orientation found by propagate.orientation's search, when searched;
+(`stability`: SAM's stability score of the mask, absent where it is not a prediction
+and in records written before it was recorded; `orientation`: the orientation found by
+propagate.orientation's search, when searched;
 see `ImageRecord`; `corrected`: the mask is a reviewer's correction brought back by
 `sam2pal.outputs.corrections`, see `StructureRecord`)
 
@@ -78,6 +81,7 @@ class StructureRecord:
     object_score: float
     cycle_iou: float | None = None
     clamped: bool = False
+    stability: float | None = None  # SAM's stability score of the predicted mask
     keyframe: bool = False
     zoomed: bool = False  # the mask and scores come from the zoom pass
     zoom_placed: bool = False  # its window was placed from the template
@@ -109,6 +113,7 @@ class StructureRecord:
             object_score=_rounded(pred.object_score),
             cycle_iou=_rounded(pred.cycle_iou),
             clamped=bool(pred.clamped),
+            stability=_rounded(getattr(pred, "stability", None)),
             keyframe=keyframe,
             zoomed=bool(getattr(pred, "zoomed", False)),
             zoom_placed=bool(getattr(pred, "zoom_placed", False)),
@@ -120,9 +125,11 @@ class StructureRecord:
         return self.category_id, self.instance
 
     def to_json(self) -> dict:
-        """The JSON object of the record (`keyframe`, `zoomed` and `zoom_placed` only when
-        true, `corrected` only when set)."""
+        """The JSON object of the record (`stability` only when known, `keyframe`,
+        `zoomed` and `zoom_placed` only when true, `corrected` only when set)."""
         data = {name: getattr(self, name) for name in _STRUCTURE_KEYS}
+        if self.stability is not None:
+            data["stability"] = self.stability
         for flag in _STRUCTURE_FLAGS:
             if getattr(self, flag):
                 data[flag] = True
@@ -134,12 +141,15 @@ class StructureRecord:
     def from_json(cls, data: dict) -> StructureRecord:
         """The record of a JSON object written by `to_json`; raises ValueError when it
         is not one."""
-        _check_keys(data, _STRUCTURE_KEYS, (*_STRUCTURE_FLAGS, "corrected"), "structure")
+        _check_keys(
+            data, _STRUCTURE_KEYS, ("stability", *_STRUCTURE_FLAGS, "corrected"), "structure"
+        )
         corrected = data.get("corrected")
         if corrected is not None and not isinstance(corrected, dict):
             raise ValueError("structure record whose 'corrected' is not an object")
         return cls(
             **{name: data[name] for name in _STRUCTURE_KEYS},
+            stability=data.get("stability"),
             **{flag: bool(data.get(flag)) for flag in _STRUCTURE_FLAGS},
             corrected=corrected,
         )

@@ -613,6 +613,7 @@ def _corrected_structure(
         predicted_iou=old.predicted_iou if old is not None else 0.0,
         object_score=old.object_score if old is not None else 0.0,
         cycle_iou=old.cycle_iou if old is not None else None,
+        stability=old.stability if old is not None else None,
         corrected=dict(stamp),
     )
 

@@ -62,6 +62,7 @@ from sam2pal.errors import InputError
 from sam2pal.io.atomic import atomic_dir, atomic_path
 from sam2pal.io.coco import annotation_mask, scan_coco, stream_annotations
 from sam2pal.outputs.measure import MASK_MEASURES
+from sam2pal.outputs.qc import structure_score
 
 __all__ = [
     "MEASURE_DEFINITIONS",
@@ -372,18 +373,14 @@ class _Structure:
     instance: int | None
     predicted_iou: float | None
     cycle_iou: float | None
+    stability: float | None
     corrected: dict | None
     label: str = ""
 
     @property
     def qc_score(self) -> float | None:
-        """The structure's QC score as in qc.csv: its cycle IoU when computed, else SAM2's
-        predicted IoU (clipped to 0-1)."""
-        if self.cycle_iou is not None:
-            return float(self.cycle_iou)
-        if self.predicted_iou is None:
-            return None
-        return min(max(float(self.predicted_iou), 0.0), 1.0)
+        """The structure's QC score as in qc.csv (`sam2pal.outputs.qc.structure_score`)."""
+        return structure_score(self.cycle_iou, self.predicted_iou, self.stability)
 
 
 def _predictions(results_dir: Path) -> Path:
@@ -437,6 +434,7 @@ def _read_structures(path: Path) -> tuple[dict, dict, list[_Structure]]:
                 instance=ann.get("instance"),
                 predicted_iou=ann.get("predicted_iou"),
                 cycle_iou=ann.get("cycle_iou"),
+                stability=ann.get("stability"),
                 corrected=_corrected(path, ann),
             )
         )
@@ -664,6 +662,8 @@ def _remarks(s: _Structure, image_qc: tuple[str, str] | None) -> str:
     parts = []
     if score is not None:
         source = "cycle IoU" if s.cycle_iou is not None else "predicted IoU"
+        if s.stability is not None:
+            source += " x stability"
         parts.append(f"QC score {score:.4f} ({source})")
     if image_qc is not None:
         parts.append(f"image QC score {image_qc[0] or 'none'}, status {image_qc[1]} (qc.csv)")
@@ -829,7 +829,8 @@ def _eml_xml(info: dict, collection: str, n_images: int, derived_ids: bool) -> b
     ET.SubElement(step, "para").text = (
         f"{_method_prefix(info)}. Each measurement's measurementMethod defines it; "
         "measurementRemarks gives the structure's QC score (cycle IoU, a label-free "
-        "estimate of the mask's IoU, else SAM2's predicted IoU) and whether a person "
+        "estimate of the mask's IoU, else SAM2's predicted IoU, times the mask's "
+        "stability where recorded) and whether a person "
         f"corrected the mask. {ids}"
     )
     return _xml_bytes(eml)

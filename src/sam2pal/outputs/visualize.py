@@ -30,6 +30,7 @@ from sam2pal.outputs.overlay import (  # noqa: F401  (draw_overlay: this module'
     structure_colours,
     structure_style,
 )
+from sam2pal.outputs.qc import structure_score
 from sam2pal.progress import progress
 
 
@@ -114,9 +115,10 @@ def export_masks(pred_json, out_dir, category_prefix: bool = False) -> int:
 
 
 def structure_quality(ann: dict) -> tuple[float | None, str]:
-    """The QC score of one annotation, as qc.csv ranks images (`sam2pal.outputs.qc`):
-    its cycle IoU when cycle consistency was computed, else SAM2's predicted IoU
-    (clipped to 0..1).
+    """The QC score of one annotation, as qc.csv scores structures
+    (`sam2pal.outputs.qc.structure_score`): its cycle IoU when cycle consistency was
+    computed, else SAM2's predicted IoU (clipped to 0..1), times its stability when
+    recorded.
 
     Returns:
         (score, note): note "p" when the score is the predicted IoU, "keyframe" for a
@@ -124,11 +126,8 @@ def structure_quality(ann: dict) -> tuple[float | None, str]:
     """
     if ann.get("keyframe"):
         return None, "keyframe"
-    if ann.get("cycle_iou") is not None:
-        return float(ann["cycle_iou"]), ""
-    if ann.get("predicted_iou") is not None:
-        return min(max(float(ann["predicted_iou"]), 0.0), 1.0), "p"
-    return None, ""
+    score = structure_score(ann.get("cycle_iou"), ann.get("predicted_iou"), ann.get("stability"))
+    return score, ("p" if score is not None and ann.get("cycle_iou") is None else "")
 
 
 def _shrink(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -165,7 +165,7 @@ def _with_body(masks: dict[str, np.ndarray], shape) -> dict[str, np.ndarray]:
 @dataclass
 class Scores:
     """Per-prediction rows: image, structure, iou, cycle_iou (None when not computed),
-    area_ratio (predicted over true area) and on_truth (share of the prediction on the
+    predicted_iou, object_score, stability, area_ratio (predicted over true area) and on_truth (share of the prediction on the
     true structure)."""
 
     rows: list[dict] = field(default_factory=list)
@@ -244,6 +244,7 @@ def score_collection(
                     "cycle_iou": getattr(found.get(structure), "cycle_iou", None),
                     "predicted_iou": getattr(found.get(structure), "predicted_iou", None),
                     "object_score": getattr(found.get(structure), "object_score", None),
+                    "stability": getattr(found.get(structure), "stability", None),
                     "area_ratio": area / int(true.sum()),
                     "on_truth": float((mask & true).sum() / area) if area else 0.0,
                 }
