@@ -174,7 +174,9 @@ def test_record_fields(collection, tiny_model):
         "object_score",
         "cycle_iou",
         "clamped",
+        "stability",
     }
+    assert 0.0 <= s["stability"] <= 1.0
     from sam2pal.io.masks import decode_segmentation
 
     mask = decode_segmentation(s["segmentation"], 80, 100)

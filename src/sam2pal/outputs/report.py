@@ -132,7 +132,7 @@ def write_qc_summary(qc_csv, out_png, out_csv, head: int = 200) -> None:
         status[r["status"]] = status.get(r["status"], 0) + 1
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.hist(scores, bins=40, range=(0, 1), color="#4477aa")
-    ax.set_xlabel("QC score (lowest structure score of an image)")
+    ax.set_xlabel("QC score (mean structure score of an image)")
     ax.set_ylabel("images")
     ax.set_title(", ".join(f"{k}: {v}" for k, v in sorted(status.items())) or "no images")
     fig.tight_layout()

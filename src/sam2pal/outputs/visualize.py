@@ -193,9 +193,9 @@ def score_notes(structures: list[Structure]) -> list[str]:
     """The lines under the legend that say what its scores are."""
     notes = []
     if any(s.score is not None and not s.note for s in structures):
-        notes.append("QC score: cycle IoU (as in qc.csv)")
+        notes.append("QC score: cycle IoU x mask stability (as in qc.csv)")
     if any(s.note == "p" for s in structures):
-        notes.append("p: SAM2's predicted IoU (no cycle IoU)")
+        notes.append("p: SAM2's predicted IoU x mask stability (no cycle IoU)")
     return notes
 
 
