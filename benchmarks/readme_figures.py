@@ -1293,6 +1293,7 @@ BLOCKS = {
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
     "qc-rank-other-photos": lambda: qc_rank("qc-rank-other-photos"),
+    "qc-rank-v3": lambda: qc_rank("qc-rank-sam2pal-micro-v3"),
     "propagate": propagate,
     "finetune": finetune,
     "finetune-step": finetune_step,
