@@ -39,17 +39,15 @@ def test_keyframe_record_fields():
     assert all(isinstance(s, StructureRecord) for s in record.structures)
 
 
-def test_round_trip_of_records_made_here():
+def _prediction(**scores) -> StructurePrediction:
+    """A prediction of a 3 x 5 box on a 6 x 8 image, with `scores`."""
     mask = np.zeros((6, 8), bool)
     mask[1:4, 2:7] = True
-    pred = StructurePrediction(
-        category_id=2,
-        instance=1,
-        box=BoxMask.from_full(mask),
-        predicted_iou=0.91234567,
-        object_score=0.5,
-        cycle_iou=None,
-    )
+    return StructurePrediction(category_id=2, instance=1, box=BoxMask.from_full(mask), **scores)
+
+
+def test_round_trip_of_records_made_here():
+    pred = _prediction(predicted_iou=0.91234567, object_score=0.5, cycle_iou=None)
     structure = StructureRecord.from_prediction(pred)
     assert structure.predicted_iou == 0.912346 and structure.cycle_iou is None
     assert structure.area == 15 and "keyframe" not in structure.to_json()
@@ -68,17 +66,7 @@ def test_round_trip_of_records_made_here():
 def test_the_stability_is_recorded_after_the_other_scores_and_reads_back():
     """A prediction's stability is written (rounded) after `clamped`; a record written
     before it was recorded reads with none (`test_stored_record_reads_back_...`)."""
-    mask = np.zeros((6, 8), bool)
-    mask[1:4, 2:7] = True
-    pred = StructurePrediction(
-        category_id=1,
-        instance=1,
-        box=BoxMask.from_full(mask),
-        predicted_iou=0.9,
-        object_score=0.5,
-        cycle_iou=0.4,
-        stability=0.87654321,
-    )
+    pred = _prediction(predicted_iou=0.9, object_score=0.5, cycle_iou=0.4, stability=0.87654321)
     structure = StructureRecord.from_prediction(pred)
     data = structure.to_json()
     assert structure.stability == 0.876543
