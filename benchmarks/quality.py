@@ -111,6 +111,12 @@ def held_out_arguments(ap: argparse.ArgumentParser, out: str = "", record: str =
         ap.add_argument("--record", default=record)
 
 
+def held_out_spec(spec, args):
+    """The held-out collection `spec` as `args` asks for it (other photos with
+    `--seed-offset`)."""
+    return dataclasses.replace(spec, seed=spec.seed + args.seed_offset)
+
+
 def rendered_held_out(args):
     """(spec, folder) of each held-out collection `args` asks for, rendered afresh into
     `args.out` (the same photos as here; afresh, since `--n-images` may differ; other
@@ -123,7 +129,7 @@ def rendered_held_out(args):
         torch.set_num_threads(args.threads)
     for spec in HELD_OUT:
         if spec.name in args.collections:
-            spec = dataclasses.replace(spec, seed=spec.seed + args.seed_offset)
+            spec = held_out_spec(spec, args)
             coll = args.out / spec.name
             shutil.rmtree(coll, ignore_errors=True)
             make_held_out(coll, spec, args.n_images, args.n_templates)
@@ -217,7 +223,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     specs = {h.name: h for h in HELD_OUT}
     for name in args.collections:
-        spec = dataclasses.replace(specs[name], seed=specs[name].seed + args.seed_offset)
+        spec = held_out_spec(specs[name], args)
         coll = out / name
         make_held_out(coll, spec, args.n_images, args.n_templates)
         t0 = time.time()

@@ -782,12 +782,12 @@ def qc_rank(record_name: str = QC_RANK_RECORD) -> str:
     res, args = record["results"]["collections"], record["args"]
     signals = list(next(iter(res.values()))["pooled"])
     offset = args.get("seed_offset", 0)
-    photos = "other photos (`--seed-offset {offset}`)" if offset else "the photos of quality.py"
+    photos = f"other photos (`--seed-offset {offset}`)" if offset else "the photos of quality.py"
     lines = [
         f"Spearman correlation with the true IoU, zero-shot from one template "
         f"({args['checkpoint']}, SHA-256 {record['results']['checkpoint_sha256'][:12]}...; "
         f"the part predictions of each collection's {args['n_images'] - args['n_templates']} "
-        f"targets, {photos.format(offset=offset)}):",
+        f"targets, {photos}):",
         "",
         "| collection | ranked | " + " | ".join(signals) + " |",
         "|---|---|" + "---|" * len(signals),
