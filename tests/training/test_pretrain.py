@@ -28,7 +28,7 @@ from sam2pal.synth.quality import (
     rank_correlation,
     score_collection,
 )
-from sam2pal.synth.specimens import PARTS, render_specimen_layers
+from sam2pal.synth.specimens import ALL_PARTS, PARTS, render_specimen_layers
 from sam2pal.training.pretrain import (
     PretrainSettings,
     _lr_factor,
@@ -37,11 +37,13 @@ from sam2pal.training.pretrain import (
     draw_episode,
     episode_loader,
     episode_shape,
+    episode_structures,
     heldout_episodes,
     heldout_iou,
     input_batch,
     pretrain,
     split_masks,
+    structure_ious,
 )
 
 CHECKPOINT, CONFIG = micro_model_files()
@@ -430,6 +432,29 @@ def test_held_out_scores_come_from_unseen_collections_and_the_tracker_s_own_mask
     assert 0 <= scores["self"] <= 1
     random = build_model(str(CONFIG), "random", image_size=128, seed=0)
     assert heldout_iou(random, episodes)["mean"] < scores["mean"]
+
+
+def test_structure_ious_name_each_tracked_structure_and_pool_to_the_held_out_score():
+    """`structure_ious` (benchmarks/train_fit.py's measure) scores the structures every
+    template shows, by name, and pooled gives the held-out curve's score."""
+    episodes = heldout_episodes(per_collection=2, size=(160, 120))["procedural_eyes"]
+    model = build_model(str(CONFIG), CHECKPOINT, image_size=128)
+    with torch.no_grad():
+        per = structure_ious(model, episodes[:1])
+    names = [ALL_PARTS[k] for k in episode_structures(episodes[0])]
+    seen = [
+        n
+        for k, n in zip(episode_structures(episodes[0]), names)
+        if (episodes[0].labels[1] == k).any()
+    ]
+    assert (
+        sorted(per) == sorted(seen)
+        and "eye" in names
+        and all(len(v) == 1 and 0 <= v[0] <= 1 for v in per.values())
+    )
+    pooled = [v for e in episodes for values in structure_ious(model, [e]).values() for v in values]
+    scores = heldout_iou(model, {"x": episodes})
+    assert scores["x"] == pytest.approx(np.mean(pooled), abs=1e-4)
 
 
 def test_pretrain_cli_rejects_bad_settings_in_one_line(tmp_path, capsys):

@@ -535,6 +535,12 @@ def _remember(model, feats, sam_outputs, current_out: dict, memory: dict, idx: i
     memory["non_cond_frame_outputs"][idx] = current_out
 
 
+def episode_structures(episode: Episode) -> list[int]:
+    """The labels of the structures an episode tracks: those seen in every template."""
+    templates = episode.labels[: episode.n_templates]
+    return [k for k in ALL_PARTS if all((lab == k).sum() >= 4 for lab in templates)]
+
+
 def _tracked(model, episodes: list[Episode]):
     """Templates into memory as conditioning frames, then track the target(s), each
     tracked frame remembered as video tracking does.
@@ -553,10 +559,7 @@ def _tracked(model, episodes: list[Episode]):
     n_templates = episodes[0].n_templates
     if any(len(e.images) != n_frames or e.n_templates != n_templates for e in episodes):
         raise ValueError("episodes of one batch must have the same frames")
-    objects = [
-        [k for k in ALL_PARTS if all((lab == k).sum() >= 4 for lab in e.labels[:n_templates])]
-        for e in episodes
-    ]
+    objects = [episode_structures(e) for e in episodes]
     # row r is structure objects[e][j] of episode e; image (e, f) is e * n_frames + f
     row_episode = torch.tensor([e for e, objs in enumerate(objects) for _ in objs], device=device)
     if not len(row_episode):
@@ -635,6 +638,21 @@ def heldout_episodes(per_collection: int = 4, size=(384, 288)) -> dict[str, list
     return out
 
 
+def structure_ious(model, episodes: list[Episode]) -> dict[str, list[float]]:
+    """IoU of the masks the tracker outputs (the candidate SAM2 picks, after its object
+    score) on the targets of `episodes` (one batch: the same frames), per structure
+    name: {name: [IoU of each target on which it is present]}. Gradients are tracked
+    unless the caller turns them off."""
+    names = [ALL_PARTS[k] for e in episodes for k in episode_structures(e)]  # `_tracked`'s rows
+    out: dict[str, list[float]] = {}
+    for sam_outputs, truth, present in _tracked(model, episodes):
+        rows = _mask_ious(sam_outputs[4] > 0, truth > 0.5)[:, 0]
+        for name, iou, seen in zip(names, rows.tolist(), present.tolist()):
+            if seen:
+                out.setdefault(name, []).append(iou)
+    return out
+
+
 def heldout_iou(model, heldout: dict[str, list[Episode]]) -> dict[str, float]:
     """Zero-shot IoU of the masks the tracker would output (the candidate SAM2 picks,
     after its object score), per collection the mean over its targets' structures,
@@ -646,10 +664,7 @@ def heldout_iou(model, heldout: dict[str, list[Episode]]) -> dict[str, float]:
     model.eval()
 
     def score(episodes) -> float:
-        ious = []
-        for sam_outputs, truth, present in _tracked(model, episodes):
-            rows = _mask_ious(sam_outputs[4] > 0, truth > 0.5)[:, 0]
-            ious.extend(rows[present].tolist())
+        ious = [iou for per in structure_ious(model, episodes).values() for iou in per]
         return round(float(np.mean(ious)), 4) if ious else 0.0
 
     with torch.no_grad():
