@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import math
 import re
 import sys
@@ -112,10 +113,16 @@ def _quality_table(collections: dict, structures=QUALITY_STRUCTURES) -> list[str
     return lines
 
 
-#: the quality records of the shipped model (v4, measured before it was shipped, hence
+#: the quality records of the shipped model (v5, measured before it was shipped, hence
 #: their names), in collection order, with the workflow's defaults: photos toned
 #: (`tone: auto`): blue_slate's lifted, the others' unchanged; every row measured
 QUALITY_RECORDS = (
+    "quality-sam2pal-micro-v5-tried-full",
+    "quality-sam2pal-micro-v5-tried-small",
+    "quality-sam2pal-micro-v5-tried-new",
+)
+#: v4's, the model shipped before, the same way
+QUALITY_RECORDS_V4 = (
     "quality-sam2pal-micro-v4-tried",
     "quality-sam2pal-micro-v4-tried-small",
     "quality-sam2pal-micro-v4-tried-new",
@@ -160,7 +167,6 @@ QUALITY_RECORDS_V3_TRIED = (
 )
 #: a CPU run from v2 at the full input size (112 minutes on one thread), not shipped
 QUALITY_RECORDS_V3_CPU_TRIED = ("quality-sam2pal-micro-v3-cpu-tried",)
-QUALITY_RECORDS_V5_TRIED = ("quality-sam2pal-micro-v5-tried",)
 PALINDROME_RECORD = "palindrome-sam2pal-micro-v2"
 PALINDROME_RECORD_V1 = "palindrome-sam2pal-micro-v1"
 ROTATION_RECORD = "rotation-sam2pal-micro-v2"
@@ -716,7 +722,8 @@ def orientation() -> str:
     return "\n".join(text) + "\n\n" + source(ORIENTATION_RECORD)
 
 
-ZOOM_RECORD = "zoom-sam2pal-micro-v2"
+ZOOM_RECORD = "zoom-sam2pal-micro-v5"  # the shipped model
+ZOOM_RECORD_V2 = "zoom-sam2pal-micro-v2"
 ZOOM_STRUCTURES = ["body", "head", "pronotum", "elytra", "antenna", "legs", "eye", "scape"]
 ZOOM_THIN = ["antenna", "legs", "eye", "scape"]
 
@@ -725,15 +732,15 @@ def _percent(value) -> str:
     return "-" if value is None or value != value else f"{100 * value:.0f}%"
 
 
-def zoom() -> str:
+def zoom(record_name: str = ZOOM_RECORD) -> str:
     """The zoom pass on high-resolution specimens with small structures."""
-    res = load(ZOOM_RECORD)["results"]
+    res = load(record_name)["results"]
     modes = res["modes"]
     base = modes["off"]["seconds_per_target"]
     width, height = res["size"]
     widths = modes["off"].get("true_width_px", {})
     text = [
-        f"Measured with `benchmarks/zoom.py` ({micro(ZOOM_RECORD)}; {res['targets']} targets of each "
+        f"Measured with `benchmarks/zoom.py` ({micro(record_name)}; {res['targets']} targets of each "
         f"kind, procedural insects and NEON beetles, at {width} x {height} pixels; "
         f"`zoom_below` {res['zoom_below']:g}):",
         "",
@@ -766,13 +773,25 @@ def zoom() -> str:
             for s in ZOOM_THIN
         ]
         text.append(f"| `{mode}` | " + " | ".join(cells) + " |")
-    return "\n".join(text) + "\n\n" + source(ZOOM_RECORD)
+    return "\n".join(text) + "\n\n" + source(record_name)
 
 
 MASK_GRID_RECORD = "mask-grid"
 
 
 QC_RANK_RECORD = "qc-rank"
+
+
+def model_version(sha256: str) -> str | None:
+    """Which sam2pal-micro a checkpoint is ("sam2pal-micro v4"), from the training records
+    kept under resources/models (a version's folder, or the shipped file's record)."""
+    for path in sorted((ROOT / "resources" / "models").rglob("*.training.json")):
+        record = json.loads(path.read_text())
+        if record.get("checkpoint_sha256") == sha256:
+            named = path.parent.name if path.parent.name != "models" else record["name"]
+            version = re.search(r"v\d+", named)
+            return f"sam2pal-micro {version.group(0)}" if version else None
+    return None
 
 
 def qc_rank(record_name: str = QC_RANK_RECORD) -> str:
@@ -783,9 +802,11 @@ def qc_rank(record_name: str = QC_RANK_RECORD) -> str:
     signals = list(next(iter(res.values()))["pooled"])
     offset = args.get("seed_offset", 0)
     photos = f"other photos (`--seed-offset {offset}`)" if offset else "the photos of quality.py"
+    digest = record["results"]["checkpoint_sha256"]
+    model = model_version(digest) or args["checkpoint"]
     lines = [
         f"Spearman correlation with the true IoU, zero-shot from one template "
-        f"({args['checkpoint']}, SHA-256 {record['results']['checkpoint_sha256'][:12]}...; "
+        f"({model}, SHA-256 {digest[:12]}...; "
         f"the part predictions of each collection's {args['n_images'] - args['n_templates']} "
         f"targets, {photos}):",
         "",
@@ -813,6 +834,34 @@ def qc_rank(record_name: str = QC_RANK_RECORD) -> str:
         ),
     ]
     return "\n".join(lines) + "\n\n" + source(record_name)
+
+
+TRAIN_FIT_RECORD = "train-fit"
+
+
+def train_fit() -> str:
+    """Per-structure IoU on fresh episodes of the model's own training recipe beside
+    the held-out curve's episodes (benchmarks/train_fit.py)."""
+    record = load(TRAIN_FIT_RECORD)
+    res = record["results"]
+    parts = QUALITY_STRUCTURES[1:]
+    model = model_version(res["checkpoint_sha256"]) or record["args"]["checkpoint"]
+    lines = [
+        f"Zero-shot IoU of the tracker's masks from one template ({model}), per structure: "
+        f"{record['args']['episodes']} fresh episodes of each kind drawn from its training "
+        f"recipe (seed {res['seed']}, which no training run used), and "
+        f"{record['args']['heldout']} targets per held-out collection (the held-out curve's "
+        "episodes: 384 x 288, not toned):",
+        "",
+        "| episodes | " + " | ".join(parts) + " |",
+        "|---|" + "---|" * len(parts),
+    ]
+    rows = [(f"training recipe: {k}", v) for k, v in res["kinds"].items()]
+    rows += [(f"held out: {k}", v) for k, v in res["held_out"].items()]
+    for label, entry in rows:
+        cells = [f"{entry[s]['iou']:.3f}" if s in entry else "-" for s in parts]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + source(TRAIN_FIT_RECORD)
 
 
 def mask_grid() -> str:
@@ -1281,21 +1330,24 @@ BLOCKS = {
     "review-templates": review_templates,
     "quality": quality,
     "quality-card": quality_card,
+    "quality-card-v4": lambda: quality_card(QUALITY_RECORDS_V4),
     "quality-card-v3": lambda: quality_card(QUALITY_RECORDS_V3),
     "quality-card-v2": lambda: quality_card(QUALITY_RECORDS_V2),
     "quality-card-v1": lambda: quality_card(QUALITY_RECORDS_V1),
     "quality-card-v3-tried": lambda: quality_card(QUALITY_RECORDS_V3_TRIED),
     "quality-card-v3-cpu-tried": lambda: quality_card(QUALITY_RECORDS_V3_CPU_TRIED),
-    "quality-card-v5-tried": lambda: quality_card(QUALITY_RECORDS_V5_TRIED),
     "palindrome": palindrome,
     "palindrome-v1": lambda: palindrome(PALINDROME_RECORD_V1),
     "rotation": rotation,
     "orientation": orientation,
     "zoom": zoom,
+    "zoom-v2": lambda: zoom(ZOOM_RECORD_V2),
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
     "qc-rank-other-photos": lambda: qc_rank("qc-rank-other-photos"),
     "qc-rank-v3": lambda: qc_rank("qc-rank-sam2pal-micro-v3"),
+    "qc-rank-v5": lambda: qc_rank("qc-rank-sam2pal-micro-v5"),
+    "train-fit": train_fit,
     "propagate": propagate,
     "finetune": finetune,
     "finetune-step": finetune_step,

@@ -84,7 +84,7 @@ RANDOM_CHECKPOINT = "random"
 # The small model trained in this project (`sam2pal pretrain`), shipped in the source tree.
 MICRO_MODEL = "sam2pal-micro"
 # SHA-256 of resources/models/sam2pal-micro.pt as shipped (see resources/models/README.md)
-MICRO_SHA256 = "f2f4bfd9c121ea6458a8439a110b9925fa44517ac4e593eaf11373a5ad398bd3"
+MICRO_SHA256 = "3069ad57ca68ad399dc729d50b029abdfbd58d25a5e8a07f79ca1298a6af760e"
 
 
 def micro_model_files() -> tuple[Path, Path]:
