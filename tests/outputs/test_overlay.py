@@ -22,7 +22,7 @@ from sam2pal.outputs.overlay import (
     structure_colours,
     structure_style,
 )
-from sam2pal.outputs.visualize import overlay_structures
+from sam2pal.outputs.visualize import overlay_structures, score_notes
 
 # the published palettes, as their authors give them
 OKABE_ITO = ["E69F00", "56B4E9", "009E73", "F0E442", "0072B2", "D55E00", "CC79A7", "000000"]
@@ -177,6 +177,26 @@ def test_legend_lists_every_structure_with_its_score():
         ("scape", "keyframe"),
     ]
     assert "eye" not in out.labels and "antenna_2" in out.labels
+
+
+def test_the_legend_says_what_its_scores_are_with_and_without_stability():
+    """Predictions written before the masks' stability was recorded score by the IoU
+    alone (`qc.structure_score`), and the legend's notes say so."""
+    categories = {1: "head", 2: "antenna"}
+    info = {"height": 300, "width": 400}
+    anns = [
+        annotation(1, 1, disc((300, 400), 200, 150, 60), cycle_iou=0.8, predicted_iou=0.9),
+        annotation(2, 2, disc((300, 400), 100, 60, 10), cycle_iou=None, predicted_iou=0.9),
+    ]
+    structures = overlay_structures(anns, info, categories)
+    assert score_notes(structures, stability=False) == [
+        "QC score: cycle IoU (as in qc.csv)",
+        "p: SAM2's predicted IoU (no cycle IoU)",
+    ]
+    assert score_notes(structures) == [
+        "QC score: cycle IoU x mask stability (as in qc.csv)",
+        "p: SAM2's predicted IoU x mask stability (no cycle IoU)",
+    ]
 
 
 def test_text_scales_with_the_output():

@@ -189,13 +189,16 @@ def overlay_structures(
     return structures
 
 
-def score_notes(structures: list[Structure]) -> list[str]:
-    """The lines under the legend that say what its scores are."""
+def score_notes(structures: list[Structure], stability: bool = True) -> list[str]:
+    """The lines under the legend that say what its scores are (`stability`: whether
+    the predictions recorded their masks' stability; those written before it was
+    recorded score by the IoU alone)."""
+    times = " x mask stability" if stability else ""
     notes = []
     if any(s.score is not None and not s.note for s in structures):
-        notes.append("QC score: cycle IoU x mask stability (as in qc.csv)")
+        notes.append(f"QC score: cycle IoU{times} (as in qc.csv)")
     if any(s.note == "p" for s in structures):
-        notes.append("p: SAM2's predicted IoU x mask stability (no cycle IoU)")
+        notes.append(f"p: SAM2's predicted IoU{times} (no cycle IoU)")
     return notes
 
 
@@ -226,8 +229,9 @@ def render_images(
             size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
             image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         structures = overlay_structures(anns, image_info, names, (image.shape[1], image.shape[0]))
+        stability = any(a.get("stability") is not None for a in anns)
         drawn = render_overlay(
-            image, structures, notes=score_notes(structures), legend_corner=corner
+            image, structures, notes=score_notes(structures, stability), legend_corner=corner
         )
         if steady_legend and corner is None:
             corner = drawn.legend_corner
