@@ -11,7 +11,7 @@ a domain gap (widen the episodes). Four kinds of training episode: NEON beetle m
 the training split and procedural insects, each as whole specimens and as zoomed crops
 (a part filling 20-80 % of the frame, as `--zoom_fraction` draws them).
 
-    .venv/bin/python -u benchmarks/train_fit.py --threads 1   # about 6 minutes
+    .venv/bin/python -u benchmarks/train_fit.py --threads 1   # about 2 minutes
 
 Writes benchmarks/results/train-fit.json (`--record`).
 """
