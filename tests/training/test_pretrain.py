@@ -563,8 +563,10 @@ def test_palindrome_training_raises_the_held_out_iou(tmp_path):
     after = score_collection(trainer.sam, coll, n_templates=1, targets_from=1)
     losses = trainer.step_losses
     assert np.mean(losses[-8:]) < np.mean(losses[:8])
-    # measured with v2: body 0.527 -> 0.711, mean of the parts 0.159 -> 0.169 (24 steps; the
-    # benchmark's 60 steps on 20 photos: body 0.476 -> 0.663, parts 0.141 -> 0.157)
+    # measured with v5: body 0.740 -> 0.791 (v2: 0.527 -> 0.711; v5 reads more of these
+    # specimens zero-shot, and the benchmark's oracle on pale_on_dark gains 6.6 points on
+    # the body over v5's zero-shot), the parts up too (24 steps; the benchmark's
+    # one-template palindrome on 20 photos: body 0.731 -> 0.762, parts 0.228 -> 0.264)
     tables = (before.table(), after.table())
-    assert after.mean_iou("body") >= before.mean_iou("body") + 0.1, tables
-    assert after.mean_parts() >= before.mean_parts(), tables
+    assert after.mean_iou("body") >= before.mean_iou("body") + 0.03, tables
+    assert after.mean_parts() > before.mean_parts(), tables
