@@ -52,7 +52,14 @@ def recipe(checkpoint: Path, problem) -> dict:
         problem(f"{record}: no training record with the model's settings ({e})")
 
 
-def per_structure(ious: dict[str, list[float]]) -> dict[str, dict]:
+def per_structure(model, episodes) -> dict[str, dict]:
+    """Mean IoU and count per structure over `episodes`, each tracked alone."""
+    from sam2pal.training.pretrain import structure_ious
+
+    ious: dict[str, list[float]] = {}
+    for episode in episodes:
+        for name, values in structure_ious(model, [episode]).items():
+            ious.setdefault(name, []).extend(values)
     return {k: {"iou": round(float(np.mean(v)), 4), "n": len(v)} for k, v in sorted(ious.items())}
 
 
@@ -75,7 +82,6 @@ def main(argv=None) -> int:
         draw_episode,
         heldout_episodes,
         split_masks,
-        structure_ious,
     )
 
     try:
@@ -97,20 +103,15 @@ def main(argv=None) -> int:
             s = dataclasses.replace(
                 base, seed=SEED, procedural_fraction=procedural, zoom_fraction=zoom
             )
-            ious: dict[str, list[float]] = {}
-            for i in range(args.episodes):
-                episode = draw_episode(i, s, shapes, n_templates=1, second_target=False)
-                for name, values in structure_ious(model, [episode]).items():
-                    ious.setdefault(name, []).extend(values)
-            results["kinds"][kind] = per_structure(ious)
+            episodes = (
+                draw_episode(i, s, shapes, n_templates=1, second_target=False)
+                for i in range(args.episodes)
+            )
+            results["kinds"][kind] = per_structure(model, episodes)
             print(kind, results["kinds"][kind], flush=True)
         results["held_out"] = {}
         for name, episodes in heldout_episodes(per_collection=args.heldout).items():
-            held: dict[str, list[float]] = {}
-            for episode in episodes:
-                for structure, values in structure_ious(model, [episode]).items():
-                    held.setdefault(structure, []).extend(values)
-            results["held_out"][name] = per_structure(held)
+            results["held_out"][name] = per_structure(model, episodes)
             print(name, results["held_out"][name], flush=True)
     recorder.write(results)
     return 0
