@@ -174,7 +174,7 @@ PHOTO_ONLY_SETTINGS = (
     "zoom_below",
     "zoom_margin",
 )
-ZOOMS = ("off", "auto", "on")
+ZOOMS = ("off", "auto", "on", "best")
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,8 @@ class Segmentation:
     zoom: str = setting(
         "off",
         "segment small structures again on crops at the model's full input: off; auto: "
-        "those under --zoom_below of the photo; on: every structure",
+        "those under --zoom_below of the photo; on: every structure; best: every structure, "
+        "keeping per photo the pass (whole photo or zoom) whose mask has the higher cycle IoU",
         "training",
         engine=True,
         flag=Flag("--zoom", choices=ZOOMS),
@@ -491,7 +492,7 @@ class Training:
     )
     zoom_crops: bool = setting(
         True,
-        "do not train on the zoom pass's windows (with --zoom on or auto, the fine-tuning "
+        "do not train on the zoom pass's windows (with --zoom auto, on or best, the fine-tuning "
         "trains on the windows of the small structures too, cut as the segmentation cuts them)",
         "training",
         flag=Flag("--no_zoom_crops", invert=True),

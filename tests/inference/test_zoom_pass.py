@@ -1,6 +1,7 @@
-"""The zoom pass in the engine (`zoom: auto | on`): which structures it zooms, that its
-masks land on the photo's grid with its own scores and are recorded as zoomed, where it
-places a window when the whole-photo pass found nothing, and its settings."""
+"""The zoom pass in the engine (`zoom: auto | on | best`): which structures it zooms, that
+its masks land on the photo's grid with its own scores and are recorded as zoomed, where it
+places a window when the whole-photo pass found nothing, that `best` keeps the pass with
+the higher cycle IoU, and its settings."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from PIL import Image
 
 from sam2pal.inference.engine import Propagator
 from sam2pal.io.records import ImageRecord, StructureRecord
+from sam2pal.models.build import build_model
+from sam2pal.models.registry import micro_model_files
 from sam2pal.outputs.qc import image_row
 
 H, W = 240, 320
@@ -81,10 +84,35 @@ def test_window_placed_from_the_template_when_nothing_was_found(tiny_model, temp
     assert engine._zoom._target_window(cluster, 0, {}, (H, W)) == (None, False)
 
 
+def test_best_keeps_the_pass_with_the_higher_cycle_iou(templates):
+    """Per structure, `best` gives the whole-photo pass's prediction (`off`) or the zoom
+    pass's (`on`), whichever has the higher cycle IoU (the whole photo's on a tie). With
+    the shipped model, the zoom pass reads this body better and neither reads the eye."""
+    checkpoint, config = micro_model_files()
+    model = build_model(str(config), str(checkpoint), device="cpu")
+    tset, image = templates
+    targets = [image, np.ascontiguousarray(image[:, ::-1])]
+    whole, zoom, best = (
+        [Propagator(model, tset, zoom=z).predict(t) for t in targets] for z in ("off", "on", "best")
+    )
+    kept = set()
+    for w_preds, z_preds, b_preds in zip(whole, zoom, best):
+        for w, z, b in zip(w_preds, z_preds, b_preds):
+            assert z.zoomed and w.cycle_iou is not None and z.cycle_iou is not None
+            chosen = z if z.cycle_iou > w.cycle_iou else w
+            assert b.zoomed == chosen.zoomed
+            assert np.array_equal(b.mask, chosen.mask)
+            assert (b.predicted_iou, b.cycle_iou) == (chosen.predicted_iou, chosen.cycle_iou)
+            kept.add(b.zoomed)
+    assert kept == {False, True}  # both passes were kept somewhere (this model, these photos)
+
+
 def test_bad_zoom_settings(tiny_model, templates):
     tset, _ = templates
     with pytest.raises(ValueError, match="zoom"):
         Propagator(tiny_model, tset, zoom="maybe")
+    with pytest.raises(ValueError, match="cycle_consistency"):
+        Propagator(tiny_model, tset, zoom="best", cycle_consistency=False)
     with pytest.raises(ValueError, match="zoom_below"):
         Propagator(tiny_model, tset, zoom="auto", zoom_below=0)
     assert Propagator(tiny_model, tset, zoom=False).zoom == "off"  # YAML's unquoted off

@@ -656,6 +656,27 @@ def test_zoom_crops_in_training(templates, pool, tmp_path):
     assert not off.crop_templates and not off.crop_targets and off.zoom["zoom"] == "auto"
 
 
+def test_zoom_best_trains_on_the_windows_of_on(templates, pool):
+    """`zoom: best` zooms every structure as `on` does (it chooses between the passes
+    after): the training cuts the same windows, and scores its held-out photos with
+    `best`."""
+    settings = FinetuneSettings(
+        num_epochs=1, min_steps=0, max_images_per_epoch=3, holdout_fraction=0.3, lora_rank=2
+    )
+    made = {
+        mode: Trainer(
+            fresh_model(), templates, pool, settings, log=lambda *_: None, zoom=mode, zoom_below=0.3
+        )
+        for mode in ("on", "best")
+    }
+    on, best = made["on"], made["best"]
+    assert best.zoom["zoom"] == "best" and best.crop_targets
+    assert best.crop_targets == on.crop_targets
+    for k, crops in on.crop_templates.items():
+        for a, b in zip(crops, best.crop_templates[k], strict=True):
+            assert a.objects == b.objects and torch.equal(a.mask_input, b.mask_input)
+
+
 def test_second_template_is_held_out_and_picks_the_epoch(pool, tmp_path):
     """With two templates, the last in file-name order is kept out of the training: its
     photo is neither a training template nor a pool image, its true masks segmented

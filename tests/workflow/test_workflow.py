@@ -399,6 +399,19 @@ def test_dry_run_and_lint_of_the_repository_config():
             },
             "collections.x.propagate: framing_fill",
         ),
+        (
+            {
+                "collections": {
+                    "x": {
+                        "images": ".",
+                        "templates": "t.json",
+                        "propagate": {"zoom": "best", "cycle_consistency": False},
+                    }
+                }
+            },
+            "collections.x.propagate: zoom best keeps, per structure, the mask with the higher "
+            "cycle IoU, so it needs cycle_consistency: true",
+        ),
     ],
 )
 def test_bad_config_gives_a_clear_error(tmp_path, change, message):

@@ -130,6 +130,27 @@ def _check_unused_settings():
 _check_unused_settings()
 
 
+def _check_zoom_best():
+    """`zoom: best` chooses each structure's mask by the cycle IoU: refused without it,
+    before any job runs (the fine-tuning would train first)."""
+    for name, entry in COLLECTIONS.items():
+        own = entry.get("propagate") or {}
+        merged = dict(config["propagate"], **own)
+        if merged.get("zoom") == "best" and merged.get("cycle_consistency") is False:
+            where = (
+                f"collections.{name}.propagate"
+                if "zoom" in own or "cycle_consistency" in own
+                else "propagate"
+            )
+            raise WorkflowError(
+                f"{where}: zoom best keeps, per structure, the mask with the higher cycle IoU, "
+                "so it needs cycle_consistency: true (or use zoom on)"
+            )
+
+
+_check_zoom_best()
+
+
 wildcard_constraints:
     collection="|".join(re.escape(name) for name in COLLECTIONS),
     shard=r"[0-9]+-of-[0-9]+",

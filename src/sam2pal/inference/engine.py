@@ -637,7 +637,8 @@ class Propagator:
     framing_fill: the letterbox's fill: "border" (each image's border colour), a grey
         level or an RGB colour.
     zoom, zoom_below, zoom_margin: the zoom pass for small structures ("off", "auto" or
-        "on"; see `sam2pal.inference.zoom_pass`).
+        "on" or "best"; see `sam2pal.inference.zoom_pass`; "best" needs
+        `cycle_consistency`).
     tone: "none" or "auto" (`sam2pal.inference.tone`: lift the dark tones of dark photos
         unless the templates' structures are clearly lighter than their ground), or a `Tone`
         already resolved; the templates read here and the targets given to `predict`
@@ -704,6 +705,11 @@ class Propagator:
             zoom = "on" if zoom else "off"
         if zoom not in ZOOMS:
             raise InputError(f"zoom must be one of {', '.join(ZOOMS)}, not {zoom!r}")
+        if zoom == "best" and not cycle_consistency:
+            raise InputError(
+                "zoom: best keeps the pass whose mask has the higher cycle IoU, "
+                "so it needs cycle_consistency on"
+            )
         if backbones is not None and zoom != "off":
             raise ValueError("template backbones can be given only without the zoom pass")
         self.zoom = zoom
@@ -1154,6 +1160,12 @@ class Propagator:
                 )
 
 
+def _zoom_better(zoomed: tuple, cycle: float | None) -> bool:
+    """Whether the zoom pass's result (`PendingPrediction.zoomed`'s tuple) has a higher
+    cycle IoU than the whole-photo pass's `cycle`."""
+    return zoomed[3] is not None and cycle is not None and zoomed[3] > cycle
+
+
 class PendingPrediction:
     """The model's output for one image, before its masks are resized to the photo."""
 
@@ -1196,6 +1208,8 @@ class PendingPrediction:
         results: dict[ObjectKey, StructurePrediction] = {}
         for key, low_res, iou, prob, cycle in self.parts:
             zoomed = self.zoomed.get(key)
+            if zoomed is not None and engine.zoom == "best" and not _zoom_better(zoomed, cycle):
+                zoomed = None  # the whole photo's mask reads better: kept
             if zoomed is not None:
                 box, iou, prob, cycle, _, stability = zoomed
             else:

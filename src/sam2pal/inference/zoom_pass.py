@@ -19,7 +19,11 @@ structure again on a window of the photo around it, at the model's full input:
 `auto` zooms the structures whose box on every template is under `zoom_below` of the
 template photo's longer side; `on` zooms every structure. The zoom pass's predicted IoU,
 object score and cycle IoU (the window's mask tracked back to the template's window)
-replace the first pass's.
+replace the first pass's. `best` zooms every structure and keeps, per target and
+structure, the pass whose mask has the higher cycle IoU (the first pass's on a tie; it
+needs the cycle-consistency score): on held-out collections in poses the zoom pass
+frames badly, `on` loses IoU where the whole photo read the structure better
+(`benchmarks/quality.py --zoom`), and the cycle IoU tells the two apart.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from sam2pal.inference.zoom import (
 )
 from sam2pal.io.masks import BoxMask, mask_bbox
 
-ZOOMS = ("off", "auto", "on")
+ZOOMS = ("off", "auto", "on", "best")
 # the smallest window, in photo pixels (a structure of a few pixels keeps some context)
 MIN_SIDE = 32
 
@@ -109,7 +113,7 @@ class ZoomPass:
     Args:
         engine: the Propagator (its model, template views, groups and settings).
         images: per template image (in the template set's order), its RGB photo.
-        mode: "auto" or "on" (see the module docstring).
+        mode: "auto", "on" or "best" (see the module docstring).
         below: `auto` zooms a structure under this share of the photo's longer side.
         margin: each window's margin, as a share of the structure's longer side.
     """
@@ -157,7 +161,7 @@ class ZoomPass:
                     self._build(cluster, view, turned)
 
     def _small(self, key, group, view) -> bool:
-        if self.mode == "on":
+        if self.mode in ("on", "best"):
             return True
         for t in group.templates:
             height, width = view[t].size

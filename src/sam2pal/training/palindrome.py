@@ -709,7 +709,8 @@ class Trainer:
             cycle_consistency=False,
             framing=self.framing,
             framing_fill=self.framing_fill,
-            **self.zoom,
+            # `best` cuts `on`'s windows (it chooses between the passes afterwards)
+            **{**self.zoom, "zoom": "on" if self.zoom["zoom"] == "best" else self.zoom["zoom"]},
         )
         zoom = engine.zoom_pass
         if zoom is None or not zoom.clusters:
