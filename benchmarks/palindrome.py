@@ -127,10 +127,12 @@ class _EpochScoringTrainer(Trainer):
 
 
 def engine_options(args) -> dict:
-    """How the photos go into the model (framing, tone), as the benchmark was asked."""
+    """How the photos go into the model (framing, tone) and whether small structures are
+    zoomed (zoom), as the benchmark was asked."""
     return {
         "framing": getattr(args, "framing", Segmentation.framing),
         "tone": getattr(args, "tone", Segmentation.tone),
+        "zoom": getattr(args, "zoom", Segmentation.zoom),
     }
 
 

@@ -25,6 +25,13 @@ eyes >= 0.40, antennae and legs >= 0.35, rank correlation >= 0.5; palindrome gai
     .venv/bin/python -u benchmarks/quality.py              # sam2pal-micro, ~40 min on 2 cores
     .venv/bin/python benchmarks/quality.py --checkpoint random --no-finetune   # the floor
 
+`--size W H` renders the same scenes at another size (480 x 360 by default; users'
+photos are 4000 x 3000) and `--zoom MODE` segments with the zoom pass (`propagate.zoom`),
+every photo read as the workflow reads it; with `--no-finetune`, the zero-shot rows at
+users' size (README, *Small and thin structures*):
+
+    .venv/bin/python -u benchmarks/quality.py --no-finetune --size 4000 3000 --zoom best
+
 `--reuse RECORD...` takes the fine-tuned rows named by `--keep` (default: (c) and (c'))
 from earlier records with the same `--out` (whose training logs give the oracle its steps)
 and measures the others again: (a) and (b) always (a minute or two), the oracle unless
@@ -49,10 +56,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sam2pal.inference.pipeline import _run_model, finetune, prepare_templates  # noqa: E402
+from sam2pal.inference.zoom_pass import ZOOMS  # noqa: E402
 from sam2pal.models.registry import choose_config  # noqa: E402
 from sam2pal.settings import TONES, Segmentation  # noqa: E402
 from sam2pal.synth.quality import (  # noqa: E402
     HELD_OUT,
+    SIZE,
     STRUCTURES,
     make_held_out,
     rank_correlation,
@@ -99,6 +108,15 @@ def held_out_arguments(ap: argparse.ArgumentParser, out: str = "", record: str =
         "all; every other row and benchmark the first)",
     )
     ap.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=SIZE,
+        metavar=("WIDTH", "HEIGHT"),
+        help="the photos' size in pixels (default 480 x 360; users' photos are 4000 x 3000: "
+        "the same scenes rendered larger, the structures as many more pixels wide)",
+    )
+    ap.add_argument(
         "--seed-offset",
         type=int,
         default=0,
@@ -132,7 +150,7 @@ def rendered_held_out(args):
             spec = held_out_spec(spec, args)
             coll = args.out / spec.name
             shutil.rmtree(coll, ignore_errors=True)
-            make_held_out(coll, spec, args.n_images, args.n_templates)
+            make_held_out(coll, spec, args.n_images, args.n_templates, args.size)
             yield spec, coll
 
 
@@ -164,6 +182,13 @@ def main(argv=None) -> int:
         default=Segmentation.tone,
         choices=TONES,
         help="lift the dark tones of dark-on-dark photos (propagate.tone; the workflow's default)",
+    )
+    ap.add_argument(
+        "--zoom",
+        default=Segmentation.zoom,
+        choices=ZOOMS,
+        help="segment small structures again on crops at the model's full input "
+        "(propagate.zoom; the fine-tuning trains on the zoom windows too, as the workflow's)",
     )
     ap.add_argument("--no-oracle", action="store_true", help="skip the supervised upper bound")
     ap.add_argument("--device", default="auto")
@@ -225,7 +250,7 @@ def main(argv=None) -> int:
     for name in args.collections:
         spec = held_out_spec(specs[name], args)
         coll = out / name
-        make_held_out(coll, spec, args.n_images, args.n_templates)
+        make_held_out(coll, spec, args.n_images, args.n_templates, args.size)
         t0 = time.time()
         previous = reused.get(name)
         keep = set(args.keep) if previous else set()

@@ -121,3 +121,38 @@ def test_score_collection_keeps_each_predictions_scores(tmp_path):
         assert 0.0 <= r["object_score"] <= 1.0 and r["cycle_iou"] is not None
         assert isinstance(r["predicted_iou"], float) and 0.0 <= r["stability"] <= 1.0
     assert all(r["predicted_iou"] is None for r in rows if r["structure"] == "body")
+
+
+def test_a_held_out_collection_at_users_size_scored_with_the_zoom_pass(tmp_path):
+    """`quality.py --size W H --zoom MODE`: the same scene rendered larger (the truth on
+    the larger grid), each photo read as the workflow reads it (a reduced copy without the
+    zoom pass) and scored on the full grid; `best` turns the cycle IoU on by itself."""
+    from PIL import Image
+
+    from sam2pal.io.coco import load_coco
+    from sam2pal.models.build import build_model
+    from sam2pal.models.registry import micro_model_files
+    from sam2pal.synth.quality import HELD_OUT, SIZE, make_held_out, score_collection
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    make_held_out(small, HELD_OUT[1], n_images=2, n_templates=1)
+    make_held_out(large, HELD_OUT[1], n_images=2, n_templates=1, size=(1600, 1200))
+    for folder, (width, height) in ((small, SIZE), (large, (1600, 1200))):
+        with Image.open(folder / "images" / "specimen_001.jpg") as im:
+            assert im.size == (width, height)
+        coco = load_coco(folder / "ground_truth.json")
+        assert {(i["width"], i["height"]) for i in coco["images"]} == {(width, height)}
+    # the same scene: the parts' boxes scale with the photo
+    boxes = [
+        sorted(a["bbox"] for a in load_coco(f / "ground_truth.json")["annotations"])
+        for f in (small, large)
+    ]
+    for a, b in zip(*boxes, strict=True):
+        assert abs(b[0] - a[0] * 10 / 3) < 12 and abs(b[2] - a[2] * 10 / 3) < 12
+    checkpoint, config = micro_model_files()
+    model = build_model(str(config), checkpoint)
+    for zoom in ("off", "best"):
+        rows = score_collection(model, large, 1, 1, zoom=zoom).rows
+        parts = [r for r in rows if r["structure"] != "body"]
+        assert parts and all(0.0 <= r["iou"] <= 1.0 for r in rows)
+        assert all((r["cycle_iou"] is not None) == (zoom == "best") for r in parts)

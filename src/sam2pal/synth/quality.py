@@ -133,14 +133,22 @@ def held_out_procedural(seed: int, n: int) -> list[tuple[str, np.ndarray]]:
     ]
 
 
-def make_held_out(out_dir, spec: HeldOut, n_images: int, n_templates: int) -> dict:
-    """Write one held-out collection (images, templates.json, ground_truth.json)."""
+#: the held-out photos' (width, height) unless asked otherwise
+SIZE = (480, 360)
+
+
+def make_held_out(
+    out_dir, spec: HeldOut, n_images: int, n_templates: int, size: tuple[int, int] = SIZE
+) -> dict:
+    """Write one held-out collection (images, templates.json, ground_truth.json) of
+    photos `size` (width, height) pixels."""
     if spec.shapes == "procedural":
         return make_collection(
             out_dir,
             n_images=n_images,
             n_templates=n_templates,
             seed=spec.seed,
+            size=tuple(size),
             style=spec.style,
             shapes=held_out_procedural(spec.seed, n_images),
         )
@@ -149,6 +157,7 @@ def make_held_out(out_dir, spec: HeldOut, n_images: int, n_templates: int) -> di
         n_images=n_images,
         n_templates=n_templates,
         seed=spec.seed,
+        size=tuple(size),
         style=spec.style,
         mask_names=held_out_masks(),
     )
@@ -206,13 +215,14 @@ def score_collection(
     cycle: bool = False,
     framing: str = "stretch",
     tone="auto",
+    zoom: str = "off",
 ) -> Scores:
     """Segment the targets (images from index `targets_from` on) of a collection made by
     `make_held_out` from its first `n_templates` templates (photos framed into the model's
-    input by `framing`, toned by `tone`: a mode or a resolved `tone.Tone`); IoU against
-    the truth."""
+    input by `framing`, toned by `tone`: a mode or a resolved `tone.Tone`, small
+    structures zoomed by `zoom`: `zoom_pass.ZOOMS`), each photo read as the workflow
+    reads it (`Propagator.read_target`); IoU against the truth."""
     from sam2pal.inference.engine import Propagator
-    from sam2pal.io.images import read_image
     from sam2pal.io.templates import load_coco_templates
 
     coll_dir = Path(coll_dir)
@@ -220,17 +230,24 @@ def score_collection(
     templates = templates.select(max_templates=n_templates)
     gt_path = coll_dir / "ground_truth.json"
     _, truth = category_masks(load_coco(gt_path), gt_path)
-    engine = Propagator(model, templates, cycle_consistency=cycle, framing=framing, tone=tone)
+    engine = Propagator(
+        model,
+        templates,
+        cycle_consistency=cycle or zoom == "best",  # `best` chooses by the cycle IoU
+        framing=framing,
+        tone=tone,
+        zoom=zoom,
+    )
     names = {cid: name for cid, name in templates.categories.items()}
     scores = Scores()
     files = sorted(truth)[targets_from:]
     for file_name in files:
-        image = read_image(coll_dir / "images" / file_name)
-        preds = engine.predict(image)
+        image, size = engine.read_target(coll_dir / "images" / file_name)
+        preds = engine.predict(image, size=size)
         masks = {names[p.category_id]: p.mask for p in preds}
         found = {names[p.category_id]: p for p in preds}
-        pred = _with_body(masks, image.shape[:2])
-        gt = _with_body(truth[file_name], image.shape[:2])
+        pred = _with_body(masks, size)
+        gt = _with_body(truth[file_name], size)
         for structure in STRUCTURES:
             if structure not in gt or not gt[structure].any() or structure not in pred:
                 continue
