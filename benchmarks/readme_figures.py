@@ -776,6 +776,51 @@ def zoom(record_name: str = ZOOM_RECORD) -> str:
     return "\n".join(text) + "\n\n" + source(record_name)
 
 
+#: zero-shot quality on the held-out collections rendered at users' size, per zoom mode
+#: (`quality.py --no-finetune --size W H --zoom MODE`), the shipped model
+QUALITY_SIZE_RECORDS = {
+    mode: f"quality-sam2pal-micro-v5-12mp-zoom-{mode}" for mode in ("off", "on", "best")
+}
+
+
+def quality_size(records: dict = QUALITY_SIZE_RECORDS) -> str:
+    """Zero-shot IoU per structure on the held-out collections at users' photo size,
+    with each zoom mode side by side (and the goals met per mode)."""
+    loaded = {mode: load(name) for mode, name in records.items()}
+    first = next(iter(loaded.values()))
+    width, height = first["args"]["size"]
+    zero = "zero-shot (1 template)"
+    entries = {mode: rec["results"]["collections"] for mode, rec in loaded.items()}
+    targets = next(iter(next(iter(entries.values())).values()))["targets"]
+    parts = QUALITY_STRUCTURES
+    lines = [
+        f"Zero-shot from one template ({micro(next(iter(records.values())))}), the held-out "
+        f"collections of *Segmentation quality* rendered at {width} x {height} pixels (the "
+        f"same scenes; {targets} targets each), segmented as the workflow does with each "
+        "`zoom` mode:",
+        "",
+        "| collection | zoom | " + " | ".join(parts) + " | mean of parts |",
+        "|---|---|" + "---|" * (len(parts) + 1),
+    ]
+    for name in next(iter(entries.values())):
+        for i, (mode, colls) in enumerate(entries.items()):
+            table = colls[name]["methods"][zero]
+            lines.append(
+                f"| {name if i == 0 else ''} | `{mode}` | "
+                + " | ".join(_iou(table.get(s)) for s in parts)
+                + f" | {table['mean']:.3f} |"
+            )
+    lines += ["", "| zoom | mean of parts over the collections | part goals met |", "|---|---|---|"]
+    for mode, colls in entries.items():
+        means = [c["methods"][zero]["mean"] for c in colls.values()]
+        met = loaded[mode]["results"]["goals"]["met"]
+        goals = {k: v for k, v in met.items() if "palindrome" not in k and "rank" not in k}
+        lines.append(
+            f"| `{mode}` | {sum(means) / len(means):.3f} | {sum(goals.values())} of {len(goals)} |"
+        )
+    return "\n".join(lines) + "\n\n" + source(*records.values())
+
+
 MASK_GRID_RECORD = "mask-grid"
 
 
@@ -1342,6 +1387,7 @@ BLOCKS = {
     "orientation": orientation,
     "zoom": zoom,
     "zoom-v2": lambda: zoom(ZOOM_RECORD_V2),
+    "quality-size": quality_size,
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
     "qc-rank-other-photos": lambda: qc_rank("qc-rank-other-photos"),
