@@ -167,6 +167,8 @@ QUALITY_RECORDS_V3_TRIED = (
 )
 #: a CPU run from v2 at the full input size (112 minutes on one thread), not shipped
 QUALITY_RECORDS_V3_CPU_TRIED = ("quality-sam2pal-micro-v3-cpu-tried",)
+#: v6 (v5 trained on, in resources/models/next/), measured zero-shot, not shipped yet
+QUALITY_RECORDS_V6_TRIED = ("quality-sam2pal-micro-v6-tried",)
 PALINDROME_RECORD = "palindrome-sam2pal-micro-v2"
 PALINDROME_RECORD_V1 = "palindrome-sam2pal-micro-v1"
 ROTATION_RECORD = "rotation-sam2pal-micro-v2"
@@ -1381,6 +1383,7 @@ BLOCKS = {
     "quality-card-v1": lambda: quality_card(QUALITY_RECORDS_V1),
     "quality-card-v3-tried": lambda: quality_card(QUALITY_RECORDS_V3_TRIED),
     "quality-card-v3-cpu-tried": lambda: quality_card(QUALITY_RECORDS_V3_CPU_TRIED),
+    "quality-card-v6-tried": lambda: quality_card(QUALITY_RECORDS_V6_TRIED),
     "palindrome": palindrome,
     "palindrome-v1": lambda: palindrome(PALINDROME_RECORD_V1),
     "rotation": rotation,
