@@ -789,14 +789,15 @@ def quality_size(records: dict = QUALITY_SIZE_RECORDS) -> str:
     """Zero-shot IoU per structure on the held-out collections at users' photo size,
     with each zoom mode side by side (and the goals met per mode)."""
     loaded = {mode: load(name) for mode, name in records.items()}
-    first = next(iter(loaded.values()))
+    first_name, first = next(iter(records.values())), next(iter(loaded.values()))
     width, height = first["args"]["size"]
     zero = "zero-shot (1 template)"
     entries = {mode: rec["results"]["collections"] for mode, rec in loaded.items()}
-    targets = next(iter(next(iter(entries.values())).values()))["targets"]
+    collections = list(first["results"]["collections"])
+    targets = first["results"]["collections"][collections[0]]["targets"]
     parts = QUALITY_STRUCTURES
     lines = [
-        f"Zero-shot from one template ({micro(next(iter(records.values())))}), the held-out "
+        f"Zero-shot from one template ({micro(first_name)}), the held-out "
         f"collections of *Segmentation quality* rendered at {width} x {height} pixels (the "
         f"same scenes; {targets} targets each), segmented as the workflow does with each "
         "`zoom` mode:",
@@ -804,7 +805,7 @@ def quality_size(records: dict = QUALITY_SIZE_RECORDS) -> str:
         "| collection | zoom | " + " | ".join(parts) + " | mean of parts |",
         "|---|---|" + "---|" * (len(parts) + 1),
     ]
-    for name in next(iter(entries.values())):
+    for name in collections:
         for i, (mode, colls) in enumerate(entries.items()):
             table = colls[name]["methods"][zero]
             lines.append(

@@ -47,8 +47,8 @@ from sam2pal.inference.zoom import (
     union_crop,
 )
 from sam2pal.io.masks import BoxMask, mask_bbox
+from sam2pal.settings import ZOOMS  # the modes, one list for the settings and the engine
 
-ZOOMS = ("off", "auto", "on", "best")
 # the smallest window, in photo pixels (a structure of a few pixels keeps some context)
 MIN_SIDE = 32
 
