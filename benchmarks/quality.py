@@ -86,6 +86,17 @@ JUDGED = "palindrome LoRA ({n} templates: one trains, {held} pick the epoch and 
 GOALS = {"body": 0.85, "head": 0.60, "pronotum": 0.60, "eye": 0.40, "antenna": 0.35, "legs": 0.35}
 
 
+def _photo_side(text: str) -> int:
+    """A side of the rendered photos (`--size`): a whole number of pixels, at least 64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of pixels: {text!r}") from None
+    if value < 64:
+        raise argparse.ArgumentTypeError(f"a photo side must be at least 64 pixels, not {value}")
+    return value
+
+
 def held_out_arguments(ap: argparse.ArgumentParser, out: str = "", record: str = "") -> None:
     """The options that choose the held-out collections (`--collections`, `--n-images`,
     `--n-templates`: the same photos in every benchmark given the same values); with
@@ -109,7 +120,7 @@ def held_out_arguments(ap: argparse.ArgumentParser, out: str = "", record: str =
     )
     ap.add_argument(
         "--size",
-        type=int,
+        type=_photo_side,
         nargs=2,
         default=SIZE,
         metavar=("WIDTH", "HEIGHT"),

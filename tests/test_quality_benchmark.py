@@ -156,3 +156,14 @@ def test_a_held_out_collection_at_users_size_scored_with_the_zoom_pass(tmp_path)
         parts = [r for r in rows if r["structure"] != "body"]
         assert parts and all(0.0 <= r["iou"] <= 1.0 for r in rows)
         assert all((r["cycle_iou"] is not None) == (zoom == "best") for r in parts)
+
+
+def test_a_photo_size_the_renderer_cannot_draw_is_a_usage_error(capsys):
+    """`--size` below 64 pixels a side, or not a number: one usage line, nothing run."""
+    import pytest
+
+    for size in (["0", "10"], ["640", "x"]):
+        with pytest.raises(SystemExit):
+            quality.main(["--no-finetune", "--size", *size])
+        err = capsys.readouterr().err
+        assert "argument --size" in err and err.count("\n") <= 3
