@@ -18,8 +18,8 @@ what the engine did before framings existed: Pillow's bicubic resize of the phot
 official predictor's antialiased resize of the masks, and torch's bilinear resize of
 the logits.
 
-Torch is imported inside the functions that need it, so that the settings layer can
-name the framings (`FRAMINGS`) without it.
+Torch is imported inside the functions that need it. The framings' names
+(`FRAMINGS`) are the settings' list (`sam2pal.settings`), one list for both.
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ import numpy as np
 from PIL import Image
 
 from sam2pal.io.masks import BoxMask, source_index
-
-#: the framings a photo can be put in the model's square input with
-FRAMINGS = ("stretch", "letterbox")
+from sam2pal.settings import FRAMINGS  # the framings, one list for the settings and the engine
 
 #: the fill colour a letterbox canvas gets unless told otherwise
 DEFAULT_FILL = "border"

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ORIENTATIONS = ("none", "rot4", "rot4_mirror")
+from sam2pal.settings import ORIENTATIONS  # the modes, one list for the settings and the engine
+
 ROTATIONS = (0, 90, 180, 270)
 
 
