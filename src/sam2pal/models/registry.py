@@ -84,7 +84,7 @@ RANDOM_CHECKPOINT = "random"
 # The small model trained in this project (`sam2pal pretrain`), shipped in the source tree.
 MICRO_MODEL = "sam2pal-micro"
 # SHA-256 of resources/models/sam2pal-micro.pt as shipped (see resources/models/README.md)
-MICRO_SHA256 = "3069ad57ca68ad399dc729d50b029abdfbd58d25a5e8a07f79ca1298a6af760e"
+MICRO_SHA256 = "477fc4090435d9fdcd41904220d48b01055ffc9347f0b328e2a3d8d3698b5f33"
 
 
 def micro_model_files() -> tuple[Path, Path]:
