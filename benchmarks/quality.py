@@ -56,9 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sam2pal.inference.pipeline import _run_model, finetune, prepare_templates  # noqa: E402
-from sam2pal.inference.zoom_pass import ZOOMS  # noqa: E402
 from sam2pal.models.registry import choose_config  # noqa: E402
-from sam2pal.settings import TONES, Segmentation  # noqa: E402
+from sam2pal.settings import TONES, ZOOMS, Segmentation  # noqa: E402
 from sam2pal.synth.quality import (  # noqa: E402
     HELD_OUT,
     SIZE,

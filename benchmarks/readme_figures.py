@@ -784,7 +784,7 @@ def zoom(record_name: str = ZOOM_RECORD) -> str:
 
 
 #: zero-shot quality on the held-out collections rendered at users' size, per zoom mode
-#: (`quality.py --no-finetune --size W H --zoom MODE`), the shipped model
+#: (`quality.py --no-finetune --size W H --zoom MODE`), measured with v5
 QUALITY_SIZE_RECORDS = {
     mode: f"quality-sam2pal-micro-v5-12mp-zoom-{mode}" for mode in ("off", "on", "best")
 }

@@ -53,11 +53,11 @@ from poses import benchmark_model  # noqa: E402
 from record import Recorder  # noqa: E402
 
 from sam2pal.inference.engine import Propagator  # noqa: E402
-from sam2pal.inference.zoom_pass import ZOOMS  # noqa: E402
 from sam2pal.io.coco import category_masks, load_coco  # noqa: E402
 from sam2pal.io.masks import mask_iou  # noqa: E402
 from sam2pal.io.templates import load_coco_templates  # noqa: E402
 from sam2pal.outputs.measure import curve_length  # noqa: E402
+from sam2pal.settings import ZOOMS  # noqa: E402
 from sam2pal.synth.quality import (  # noqa: E402
     STRUCTURES,
     _with_body,

@@ -636,7 +636,7 @@ class Propagator:
         `sam2pal.inference.framing`.
     framing_fill: the letterbox's fill: "border" (each image's border colour), a grey
         level or an RGB colour.
-    zoom, zoom_below, zoom_margin: the zoom pass for small structures ("off", "auto" or
+    zoom, zoom_below, zoom_margin: the zoom pass for small structures ("off", "auto",
         "on" or "best"; see `sam2pal.inference.zoom_pass`; "best" needs
         `cycle_consistency`).
     tone: "none" or "auto" (`sam2pal.inference.tone`: lift the dark tones of dark photos
