@@ -1085,6 +1085,7 @@ def cmd_pretrain(args) -> int:
             "appearance",
             "zoom_fraction",
             "low_contrast_fraction",
+            "thin_weight",
             "body_plan",
             "init",
             "procedural_fraction",
@@ -1191,6 +1192,14 @@ def _pretrain_episode_flags(p, d) -> None:
         default=d.low_contrast_fraction,
         help="share of the randomised episodes (0-1) whose specimen is about as light as its "
         "ground (told apart by hue and chroma)",
+    )
+    _flag(
+        p,
+        "--thin_weight",
+        type=float,
+        default=d.thin_weight,
+        help="extra weight (>= 0) of the mask loss of structures thinner than two cells of the "
+        "model's output grid (8 px at 384): 1 + this x (1 - width / 2 cells); 0 weighs all alike",
     )
     _flag(
         p,

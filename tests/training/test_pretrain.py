@@ -44,6 +44,8 @@ from sam2pal.training.pretrain import (
     pretrain,
     split_masks,
     structure_ious,
+    target_loss,
+    thin_weights,
 )
 
 CHECKPOINT, CONFIG = micro_model_files()
@@ -276,6 +278,7 @@ def test_low_contrast_episodes_show_a_specimen_about_as_light_as_its_ground():
         ({"appearance": "fancy"}, "appearance must be one of v1, randomised"),
         ({"zoom_fraction": 1.5}, "zoom_fraction must be between 0 and 1"),
         ({"low_contrast_fraction": -0.1}, "low_contrast_fraction must be between 0 and 1"),
+        ({"thin_weight": -1.0}, "thin_weight must be >= 0"),
     ],
 )
 def test_bad_appearance_settings_are_input_errors(bad, message):
@@ -304,6 +307,39 @@ def test_the_loss_trains_every_part_of_sam2_the_tracker_uses():
         if p.grad is not None and p.grad.abs().sum() > 0
     }
     assert {"image_encoder", "memory_attention", "memory_encoder", "sam_mask_decoder"} <= with_grad
+
+
+def _strip(size: int, width: int) -> torch.Tensor:
+    mask = torch.zeros(size, size)
+    mask[10 : 10 + width, 8:-8] = 1
+    return mask
+
+
+def test_thin_weights_grow_as_a_structure_thins_below_two_output_cells():
+    # 384 px input: output cells of 4 px, so two cells are 8 px
+    truth = torch.stack([_strip(384, 2), _strip(384, 4), _strip(384, 12), torch.zeros(384, 384)])
+    w = thin_weights(truth[:, None], 2.0)
+    # 2 x area / perimeter: a long strip's width, a little under it for its ends
+    assert w[0] == pytest.approx(1 + 2.0 * (1 - 2 / 8), abs=0.02)
+    assert w[1] == pytest.approx(1 + 2.0 * (1 - 4 / 8), abs=0.02)
+    assert w[2] == 1.0 and w[3] == 1.0  # wider than two cells; absent
+    assert torch.equal(thin_weights(truth[:, None], 0.0), torch.ones(4))
+
+
+def test_thin_weight_moves_the_mask_loss_towards_thin_structures():
+    """Two present structures, a thin strip and a wide block, each predicted as nothing:
+    with thin_weight the strip's Dice (near 1) counts more than the block's."""
+    size = 64
+    truth = torch.stack([_strip(size, 1), _strip(size, 20)])[:, None]
+    logits = torch.full((2, 3, size, size), -8.0)
+    logits[1, :, 10:30, 8:-8] = 8.0  # the block found, the strip missed
+    outputs = (None, logits, torch.zeros(2, 3), None, None, None, torch.ones(2, 1))
+    present = torch.tensor([True, True])
+    plain, parts = target_loss(outputs, truth, present, PretrainSettings())
+    thin, thin_parts = target_loss(outputs, truth, present, PretrainSettings(thin_weight=3.0))
+    # the strip (weight 1 + 3 x (1 - ~1/8)) outweighs the block; Dice mean moves to the miss
+    assert thin_parts["dice"] > parts["dice"] and thin > plain
+    assert thin_parts["target_iou"] == parts["target_iou"]  # the metric is not weighted
 
 
 def _tiny(**kw):
@@ -477,6 +513,9 @@ def test_pretrain_cli_rejects_bad_settings_in_one_line(tmp_path, capsys):
     )
     assert (args.appearance, args.zoom_fraction) == ("randomised", 0.3)
     assert args.low_contrast_fraction == 0.25
+    assert cli.main(["pretrain", "--out_dir", str(tmp_path), "--thin_weight", "-1"]) == 2
+    assert "thin_weight must be >= 0" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["pretrain", "--thin_weight", "2"]).thin_weight == 2.0
 
 
 def test_v2_body_plans_add_eyes_scapes_and_keep_v1_as_it_was():

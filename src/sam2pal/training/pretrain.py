@@ -13,7 +13,9 @@ conditioning frames) and one target tracked from that memory; with probability
 the templates plus the first target's own predicted memory (what video tracking does).
 The loss is SAM2's: on every target, the best of the three candidate masks per
 structure (focal x 20 + Dice) plus an L1 loss on the predicted IoU and a focal loss on
-the object score.
+the object score. With `thin_weight`, the mask terms of structures thinner than two
+cells of SAM2's output grid (legs, antennae, scapes) count more in the mean over the
+structures (`thin_weights`).
 
 Episodes are rendered on the fly, each from its own seed:
 
@@ -79,6 +81,7 @@ from sam2pal.io.atomic import atomic_path, atomic_write, write_json
 from sam2pal.models.build import autocast, build_model, file_sha256, load_checkpoint, resolve_device
 from sam2pal.models.download import resolve_checkpoint_digest
 from sam2pal.models.registry import MICRO_MODEL, micro_model_files
+from sam2pal.outputs.overlay import mean_width
 from sam2pal.synth.procedural import PLANS, procedural_insect
 from sam2pal.synth.specimens import (
     ALL_PARTS,
@@ -168,6 +171,10 @@ class PretrainSettings:
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     object_weight: float = 1.0
+    # extra weight on the mask terms of thin structures: a structure's terms count
+    # 1 + thin_weight x max(0, 1 - width / THIN_WIDTH_CELLS cells of SAM2's output grid)
+    # (`thin_weights`); 0 weighs every structure alike, as SAM2 does
+    thin_weight: float = 0.0
     save_every: int = 100
     log_every: int = 10
     # a wall-clock budget in minutes (0: none): the run ends when it is spent, with the
@@ -184,6 +191,8 @@ class PretrainSettings:
             problems.append("learning_rate must be > 0")
         if not self.minutes >= 0:
             problems.append("minutes must be >= 0")
+        if not self.thin_weight >= 0:
+            problems.append("thin_weight must be >= 0")
         for name in ("image_size", "low_res_size"):
             if int(getattr(self, name)) < 64 or int(getattr(self, name)) % 32:
                 problems.append(f"{name} must be a multiple of 32, at least 64")
@@ -429,6 +438,36 @@ def _mask_ious(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=1)
 
 
+# a structure thinner than this many cells of SAM2's output grid (a quarter of the
+# input size: 2 cells = 8 px at 384) weighs more with `thin_weight`
+THIN_WIDTH_CELLS = 2.0
+MASK_STRIDE = 4  # input pixels per cell of SAM2's output grid
+
+
+def thin_weights(truth: torch.Tensor, thin_weight: float) -> torch.Tensor:
+    """The weight of each row's mask terms: 1 + thin_weight x max(0, 1 - w / 2), w the
+    structure's mean width (`overlay.mean_width`: 2 x area / perimeter) in cells of the
+    output grid. A leg 2 px wide at 384 px (half a cell) weighs 1 + 0.75 x thin_weight;
+    a structure two cells wide or wider, and an absent one, weighs 1.
+
+    Args:
+        truth: (B, 1, S, S) true masks.
+        thin_weight: the extra weight of the thinnest structures.
+
+    Returns:
+        (B,) float weights on truth's device.
+    """
+    weights = torch.ones(truth.shape[0], device=truth.device)
+    if thin_weight == 0:
+        return weights
+    masks = (truth[:, 0] > 0.5).cpu().numpy()
+    for row, mask in enumerate(masks):
+        if mask.any():
+            cells = mean_width(mask) / MASK_STRIDE
+            weights[row] += thin_weight * max(0.0, 1.0 - cells / THIN_WIDTH_CELLS)
+    return weights
+
+
 def target_loss(sam_outputs, truth: torch.Tensor, present: torch.Tensor, s: PretrainSettings):
     """SAM2's multi-mask loss on one tracked frame.
 
@@ -440,7 +479,8 @@ def target_loss(sam_outputs, truth: torch.Tensor, present: torch.Tensor, s: Pret
 
     Returns:
         (loss, {"focal", "dice", "iou_head", "object", "target_iou": floats}), the
-        mask terms on the best of the candidate masks of each present structure.
+        mask terms on the best of the candidate masks of each present structure, a
+        weighted mean over the structures with `thin_weights`.
     """
     _, high_multi, ious, _, _, _, object_logits = sam_outputs
     truth_m = truth.expand_as(high_multi)
@@ -454,8 +494,10 @@ def target_loss(sam_outputs, truth: torch.Tensor, present: torch.Tensor, s: Pret
     rows = torch.arange(combo.shape[0])
     w = present.float()
     n = w.sum().clamp(min=1)
-    focal_b = (focal[rows, best] * w).sum() / n
-    dice_b = (dice[rows, best] * w).sum() / n
+    mask_w = w * thin_weights(truth, s.thin_weight)
+    mask_n = mask_w.sum().clamp(min=1)
+    focal_b = (focal[rows, best] * mask_w).sum() / mask_n
+    dice_b = (dice[rows, best] * mask_w).sum() / mask_n
     iou_b = (iou_head.mean(1) * w).sum() / n
     obj = _focal(object_logits.float()[:, :, None], present.float()[:, None, None]).mean()
     total = (
