@@ -889,6 +889,34 @@ def qc_rank(record_name: str = QC_RANK_RECORD) -> str:
     return "\n".join(lines) + "\n\n" + source(record_name)
 
 
+QC_RANK_80_RECORDS = ("qc-rank-80-v5", "qc-rank-80-v6")
+
+
+def qc_rank_per_photo(records=QC_RANK_80_RECORDS) -> str:
+    """The per-photo rows of several qc_rank.py records side by side (one model each):
+    how well each photo score orders a collection's photos by their true IoU."""
+    loaded = [load(name) for name in records]
+    first = loaded[0]["results"]["collections"]
+    photo = list(next(iter(first.values()))["per_photo"])
+    n = loaded[0]["args"]["n_images"] - loaded[0]["args"]["n_templates"]
+    lines = [
+        f"Spearman correlation of each photo's score with the mean true IoU of its parts, "
+        f"zero-shot from one template, {n} targets per collection (quality.py's "
+        f"collections, more photos drawn):",
+        "",
+        "| collection | model | " + " | ".join(photo) + " |",
+        "|---|---|" + "---|" * len(photo),
+    ]
+    for name in first:
+        for i, record in enumerate(loaded):
+            digest = record["results"]["checkpoint_sha256"]
+            model = model_version(digest) or record["args"]["checkpoint"]
+            entry = record["results"]["collections"][name]["per_photo"]
+            cells = " | ".join(f"{entry[p]:.3f}" for p in photo)
+            lines.append(f"| {name if i == 0 else ''} | {model} | {cells} |")
+    return "\n".join(lines) + "\n\n" + source(*records)
+
+
 TRAIN_FIT_RECORD = "train-fit"
 
 
@@ -1403,6 +1431,7 @@ BLOCKS = {
     "qc-rank-v3": lambda: qc_rank("qc-rank-sam2pal-micro-v3"),
     "qc-rank-v5": lambda: qc_rank("qc-rank-sam2pal-micro-v5"),
     "qc-rank-v6": lambda: qc_rank("qc-rank-sam2pal-micro-v6"),
+    "qc-rank-80": qc_rank_per_photo,
     "train-fit": train_fit,
     "propagate": propagate,
     "finetune": finetune,
