@@ -847,6 +847,12 @@ def model_version(sha256: str) -> str | None:
     return None
 
 
+def record_model(record: dict) -> str:
+    """The model a benchmark record measured: its sam2pal-micro version, else the
+    checkpoint argument it was given."""
+    return model_version(record["results"]["checkpoint_sha256"]) or record["args"]["checkpoint"]
+
+
 def qc_rank(record_name: str = QC_RANK_RECORD) -> str:
     """How well each QC signal ranks the predictions by their true IoU: pooled (the
     goal's), within each structure, per photo (qc.csv's order)."""
@@ -856,7 +862,7 @@ def qc_rank(record_name: str = QC_RANK_RECORD) -> str:
     offset = args.get("seed_offset", 0)
     photos = f"other photos (`--seed-offset {offset}`)" if offset else "the photos of quality.py"
     digest = record["results"]["checkpoint_sha256"]
-    model = model_version(digest) or args["checkpoint"]
+    model = record_model(record)
     lines = [
         f"Spearman correlation with the true IoU, zero-shot from one template "
         f"({model}, SHA-256 {digest[:12]}...; "
@@ -909,8 +915,7 @@ def qc_rank_per_photo(records=QC_RANK_80_RECORDS) -> str:
     ]
     for name in first:
         for i, record in enumerate(loaded):
-            digest = record["results"]["checkpoint_sha256"]
-            model = model_version(digest) or record["args"]["checkpoint"]
+            model = record_model(record)
             entry = record["results"]["collections"][name]["per_photo"]
             cells = " | ".join(f"{entry[p]:.3f}" for p in photo)
             lines.append(f"| {name if i == 0 else ''} | {model} | {cells} |")
@@ -926,7 +931,7 @@ def train_fit() -> str:
     record = load(TRAIN_FIT_RECORD)
     res = record["results"]
     parts = QUALITY_STRUCTURES[1:]
-    model = model_version(res["checkpoint_sha256"]) or record["args"]["checkpoint"]
+    model = record_model(record)
     lines = [
         f"Zero-shot IoU of the tracker's masks from one template ({model}), per structure: "
         f"{record['args']['episodes']} fresh episodes of each kind drawn from its training "
