@@ -84,7 +84,7 @@ RANDOM_CHECKPOINT = "random"
 # The small model trained in this project (`sam2pal pretrain`), shipped in the source tree.
 MICRO_MODEL = "sam2pal-micro"
 # SHA-256 of resources/models/sam2pal-micro.pt as shipped (see resources/models/README.md)
-MICRO_SHA256 = "477fc4090435d9fdcd41904220d48b01055ffc9347f0b328e2a3d8d3698b5f33"
+MICRO_SHA256 = "1501d436cc6947bebf6636c5fba839e3e105863a4b5c583e6f5ffea677da79bb"
 
 
 def micro_model_files() -> tuple[Path, Path]:
