@@ -850,7 +850,8 @@ def model_version(sha256: str) -> str | None:
         if record.get("checkpoint_sha256") == sha256:
             named = path.parent.name if path.parent.name != "models" else record["name"]
             version = re.search(r"v\d+", named)
-            return f"sam2pal-micro {version.group(0)}" if version else None
+            if version:  # else a copy in next/ or tried/: the shipped or kept one may follow
+                return f"sam2pal-micro {version.group(0)}"
     return None
 
 
