@@ -168,3 +168,40 @@ def test_a_photo_size_the_renderer_cannot_draw_is_a_usage_error(capsys):
             quality.main(["--no-finetune", "--size", *size])
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert "error: argument --size:" in last
+
+
+def test_judge_margin_replays_a_choice_per_structure_from_two_rows(tmp_path):
+    """benchmarks/judge_margin.py: the parts' mean with the structures of `left` from
+    the untouched model's rows and the others from the adapter's (body left out, every
+    row counted as `Scores.mean_parts` counts it); the judged runs are found beside
+    their collections; the adapter's copy leaves no structure to the untouched model
+    and the original is left as it was."""
+    import json
+
+    import judge_margin
+
+    def rows(values):
+        return [{"structure": s, "iou": v} for s, v in values]
+
+    adapted = rows([("body", 0.9), ("head", 0.6), ("head", 0.4), ("legs", 0.1)])
+    untouched = rows([("body", 0.1), ("head", 0.2), ("head", 0.2), ("legs", 0.5)])
+    assert judge_margin.combine(adapted, untouched, set()) == round((0.6 + 0.4 + 0.1) / 3, 4)
+    assert judge_margin.combine(adapted, untouched, {"legs"}) == round((0.6 + 0.4 + 0.5) / 3, 4)
+    assert judge_margin.combine(adapted, untouched, {"head", "legs"}) == 0.3
+    assert judge_margin.per_structure(adapted) == {"head": 0.5, "legs": 0.1}
+
+    run = tmp_path / "out"
+    (run / "c").mkdir(parents=True)
+    (run / "c" / "templates.json").write_text("{}")
+    adapter = run / "c-judged" / "adapter"
+    adapter.mkdir(parents=True)
+    record = {"selection": {"by": "template_iou", "untouched_structures": ["head"]}}
+    (adapter / judge_margin.ADAPTER_RECORD).write_text(json.dumps(record))
+    (run / "d-judged" / "adapter").mkdir(parents=True)  # no collection beside it
+    assert judge_margin.judged_runs([run]) == [("c", run / "c", adapter)]
+    copy = judge_margin.every_structure(adapter, tmp_path)
+    assert json.loads((copy / judge_margin.ADAPTER_RECORD).read_text())["selection"] == {
+        "by": "template_iou",
+        "untouched_structures": [],
+    }
+    assert json.loads((adapter / judge_margin.ADAPTER_RECORD).read_text()) == record
