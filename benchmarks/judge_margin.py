@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from palindrome import model_arguments  # noqa: E402
 from record import Recorder  # noqa: E402
 
 from sam2pal.inference.pipeline import _run_model  # noqa: E402
-from sam2pal.models.registry import choose_config  # noqa: E402
 from sam2pal.settings import Segmentation  # noqa: E402
 from sam2pal.synth.quality import score_collection  # noqa: E402
 from sam2pal.training.palindrome import Trainer, left_untouched  # noqa: E402
@@ -117,15 +117,7 @@ def main(argv=None) -> int:
     if not runs:
         ap.error(f"no <name>-judged folder beside its collection under {args.runs}")
     recorder = Recorder(args.record or f"judge-margin-{Path(args.checkpoint).stem}", args, "cpu")
-    model_args = dict(
-        config=choose_config(args.config, args.checkpoint),
-        checkpoint=args.checkpoint,
-        image_size=None,
-        seed=0,
-        device="cpu",
-        threads=args.threads,
-        checkpoint_dir=None,
-    )
+    model_args = model_arguments(args, device="cpu")
     base, info, _ = _run_model(**model_args, adapter=None)
     results = {"model": info, "default_margin": Trainer.UNTOUCHED_MARGIN, "collections": {}}
     for name, coll, adapter in runs:

@@ -136,6 +136,21 @@ def engine_options(args) -> dict:
     }
 
 
+def model_arguments(args, device: str | None = None) -> dict:
+    """`_run_model`'s arguments for the model a benchmark was asked for (`args.config`,
+    `args.checkpoint`, `args.threads`, and `args.image_size` and `args.device` where the
+    benchmark has them; `device` overrides), seed 0, no checkpoint folder."""
+    return dict(
+        config=choose_config(args.config, args.checkpoint),
+        checkpoint=args.checkpoint,
+        image_size=getattr(args, "image_size", None),
+        seed=0,
+        device=device or args.device,
+        threads=args.threads,
+        checkpoint_dir=None,
+    )
+
+
 def finetune_and_score(
     args, model_args, coll: Path, out: Path, settings: dict, objective: str, templates: int = 1
 ) -> dict:
@@ -283,16 +298,7 @@ def main(argv=None) -> int:
     )
     tuned = json.loads(args.tuned)
     out = Path(args.out)
-    config = choose_config(args.config, args.checkpoint)
-    model_args = dict(
-        config=config,
-        checkpoint=args.checkpoint,
-        image_size=None,
-        seed=0,
-        device=args.device,
-        threads=args.threads,
-        checkpoint_dir=None,
-    )
+    model_args = model_arguments(args)
     base, info, _ = _run_model(**model_args, adapter=None)
     results = {"model": info, "tuned_settings": tuned, "collections": {}}
     specs = {h.name: h for h in HELD_OUT}

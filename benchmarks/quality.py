@@ -56,7 +56,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sam2pal.inference.pipeline import _run_model, finetune, prepare_templates  # noqa: E402
-from sam2pal.models.registry import choose_config  # noqa: E402
 from sam2pal.settings import TONES, ZOOMS, Segmentation  # noqa: E402
 from sam2pal.synth.quality import (  # noqa: E402
     HELD_OUT,
@@ -68,7 +67,7 @@ from sam2pal.synth.quality import (  # noqa: E402
 )
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from palindrome import PLAIN, engine_options, finetune_and_score  # noqa: E402
+from palindrome import PLAIN, engine_options, finetune_and_score, model_arguments  # noqa: E402
 from record import Recorder, load  # noqa: E402
 
 #: the palindrome rows' gains over zero-shot and the shares of the oracle's gain they reach
@@ -240,16 +239,8 @@ def main(argv=None) -> int:
     recorder = Recorder(args.record or f"quality-{Path(args.checkpoint).stem}", args, args.device)
 
     out = Path(args.out)
-    config = choose_config(args.config, args.checkpoint)
-    model_args = dict(
-        config=config,
-        checkpoint=args.checkpoint,
-        image_size=args.image_size,
-        seed=0,
-        device=args.device,
-        threads=args.threads,
-        checkpoint_dir=None,
-    )
+    model_args = model_arguments(args)
+    config = model_args["config"]
     base, info, _ = _run_model(**model_args, adapter=None)
     print(
         f"model {args.checkpoint} ({config}), input {info['image_size']} px, sha256 {str(info['checkpoint_sha256'])[:12]}"

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from palindrome import model_arguments  # noqa: E402
 from record import Recorder  # noqa: E402
 
 from sam2pal.inference.engine import Propagator  # noqa: E402
@@ -35,7 +36,6 @@ from sam2pal.inference.pipeline import _run_model  # noqa: E402
 from sam2pal.io.images import read_image  # noqa: E402
 from sam2pal.io.templates import load_coco_templates  # noqa: E402
 from sam2pal.models.adapters import add_lora, save_adapter  # noqa: E402
-from sam2pal.models.registry import choose_config  # noqa: E402
 from sam2pal.synth.quality import HELD_OUT, make_held_out  # noqa: E402
 
 
@@ -76,15 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--record", default=None, help="result name (default untouched-<checkpoint>)")
     args = ap.parse_args(argv)
     recorder = Recorder(args.record or f"untouched-{Path(args.checkpoint).stem}", args, "cpu")
-    model_args = dict(
-        config=choose_config(args.config, args.checkpoint),
-        checkpoint=args.checkpoint,
-        image_size=None,
-        seed=0,
-        device="cpu",
-        threads=args.threads,
-        checkpoint_dir=None,
-    )
+    model_args = model_arguments(args, device="cpu")
     coll = Path(args.out) / args.collection
     spec = {h.name: h for h in HELD_OUT}[args.collection]
     make_held_out(coll, spec, args.n_images, 3)
