@@ -48,7 +48,7 @@ from record import Recorder  # noqa: E402
 
 from sam2pal.inference.pipeline import _run_model  # noqa: E402
 from sam2pal.settings import Segmentation  # noqa: E402
-from sam2pal.synth.quality import score_collection  # noqa: E402
+from sam2pal.synth.quality import Scores, score_collection  # noqa: E402
 from sam2pal.training.palindrome import Trainer, left_untouched  # noqa: E402
 
 MARGINS = (2.0, 1.0, 0.0, -1.0, -2.0)
@@ -81,26 +81,19 @@ def every_structure(adapter: Path, folder: Path) -> Path:
 
 
 def combine(rows_a: list[dict], rows_u: list[dict], left: set[str]) -> float:
-    """Mean IoU of the parts (every target and part, body left out, as
-    `Scores.mean_parts`) with the structures of `left` from the untouched rows."""
-    values = [
-        r["iou"]
-        for rows, keep in ((rows_a, False), (rows_u, True))
-        for r in rows
-        if r["structure"] != "body" and (r["structure"] in left) == keep
-    ]
-    return round(sum(values) / len(values), 4)
+    """Mean IoU of the parts (`Scores.mean_parts`) with the structures of `left` from the
+    untouched rows and the others from the adapter's."""
+    rows = [r for r in rows_a if r["structure"] not in left]
+    rows += [r for r in rows_u if r["structure"] in left]
+    return round(Scores(rows).mean_parts(), 4)
 
 
 def per_structure(rows: list[dict]) -> dict[str, float]:
-    names = sorted({r["structure"] for r in rows if r["structure"] != "body"})
+    """Mean IoU per structure present in `rows`, body left out (`Scores.mean_iou`)."""
+    scores = Scores(rows)
     return {
-        n: round(
-            sum(r["iou"] for r in rows if r["structure"] == n)
-            / sum(1 for r in rows if r["structure"] == n),
-            4,
-        )
-        for n in names
+        n: round(scores.mean_iou(n), 4)
+        for n in sorted({r["structure"] for r in rows if r["structure"] != "body"})
     }
 
 
