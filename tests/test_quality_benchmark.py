@@ -1,5 +1,5 @@
 """Helpers of the quality benchmarks: quality.py's reuse of an earlier record's rows,
-cycle_reward.py's grown masks, mask_grid.py's fitted grids."""
+cycle_reward.py's grown masks, mask_grid.py's fitted grids, tiles.py's tiles."""
 
 from __future__ import annotations
 
@@ -205,3 +205,34 @@ def test_judge_margin_replays_a_choice_per_structure_from_two_rows(tmp_path):
         "untouched_structures": [],
     }
     assert json.loads((adapter / judge_margin.ADAPTER_RECORD).read_text()) == record
+
+
+def test_tiles_follow_each_piece_from_its_base_and_match_the_targets_pieces():
+    """benchmarks/tiles.py: a midline runs from the end nearer the specimen's centre;
+    tiles sit at the same fractions of both midlines, sized K times the template
+    piece's width and scaled by the midlines' lengths; two antennae are matched left to
+    left, right to right."""
+    import numpy as np
+    import tiles
+
+    template = np.zeros((400, 400), bool)
+    template[100:104, 20:180] = True  # left antenna, 4 px wide, 160 long
+    template[100:104, 220:380] = True  # right antenna
+    target = np.zeros((800, 800), bool)  # the same, twice the size
+    target[200:208, 40:360] = True
+    target[200:208, 440:760] = True
+    box_t, box_g = (0, 0, 400, 400), (0, 0, 800, 800)
+    line = tiles.midline(template[:, :200].copy(), (200, 200))
+    assert line[0][0] > line[-1][0]  # from the inner end (x near 179) outwards
+    assert abs(tiles.path_length(line) - 159) <= 3
+    pairs = tiles.match_pieces(tiles.pieces(template), tiles.pieces(target), box_t, box_g)
+    assert sorted(pairs) == [(0, 0), (1, 1)]
+    tile_pairs = tiles.tile_pairs(template, target, box_t, box_g, k=10.0)
+    # width about 4 (area over the skeleton's length) -> side about 40 (over the 32 px
+    # floor), tiles every half side along about 160 px: 8 per piece
+    assert len(tile_pairs) == 16
+    for t_crop, g_crop in tile_pairs:
+        assert 40 <= t_crop.side <= 42 and abs(g_crop.side - 2 * t_crop.side) <= 2
+        t_centre = (t_crop.left + t_crop.side / 2, t_crop.top + t_crop.side / 2)
+        g_centre = (g_crop.left + g_crop.side / 2, g_crop.top + g_crop.side / 2)
+        assert abs(g_centre[0] - 2 * t_centre[0]) <= 4 and abs(g_centre[1] - 2 * t_centre[1]) <= 4
