@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from poses import benchmark_model  # noqa: E402
 from record import Recorder  # noqa: E402
-from zoom import SHAPES, STYLE, render  # noqa: E402
+from zoom import collection_arguments, render  # noqa: E402
 
 from sam2pal.inference.engine import Propagator  # noqa: E402
 from sam2pal.inference.zoom import Crop, crop_around, crop_image, crop_masks, same_framing  # noqa: E402
@@ -219,22 +219,11 @@ def run_target(model, template, target, args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default="sam2pal-micro")
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--targets", type=int, default=8, help="targets per kind of shape")
-    ap.add_argument("--size", type=int, nargs=2, default=[3000, 2250], metavar=("WIDTH", "HEIGHT"))
-    ap.add_argument("--scale", type=float, nargs=2, default=list(STYLE["scale_range"]))
-    ap.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
+    collection_arguments(ap)
     ap.add_argument("--structures", nargs="+", default=list(THIN))
     ap.add_argument(
         "--k", type=float, nargs="+", default=[12.0, 24.0, 40.0], help="tile side / width"
     )
-    ap.add_argument("--zoom_margin", type=float, default=0.5)
-    ap.add_argument("--seed", type=int, default=17)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "zoom"))
-    ap.add_argument("--record", default=None)
     args = ap.parse_args(argv)
     if args.targets < 1 or min(args.k) <= 0:
         ap.error("--targets must be at least 1 and --k above 0")

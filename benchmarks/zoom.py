@@ -309,8 +309,8 @@ def print_tables(title: str, modes: dict) -> None:
         )
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def collection_arguments(ap: argparse.ArgumentParser) -> None:
+    """The model's and the collections' arguments (`render`), shared with tiles.py."""
     ap.add_argument("--checkpoint", default="sam2pal-micro")
     ap.add_argument("--config", default=None)
     ap.add_argument("--targets", type=int, default=8, help="targets per kind of shape")
@@ -324,14 +324,19 @@ def main(argv=None) -> int:
         help="the specimen's share of the photo's shorter side",
     )
     ap.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
-    ap.add_argument("--modes", nargs="+", choices=ZOOMS, default=list(ZOOMS))
-    ap.add_argument("--zoom_below", type=float, default=0.1)
     ap.add_argument("--zoom_margin", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=17)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "zoom"))
     ap.add_argument("--record", default=None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    collection_arguments(ap)
+    ap.add_argument("--modes", nargs="+", choices=ZOOMS, default=list(ZOOMS))
+    ap.add_argument("--zoom_below", type=float, default=0.1)
     args = ap.parse_args(argv)
     if args.targets < 1:
         ap.error("--targets must be at least 1")
