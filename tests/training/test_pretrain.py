@@ -606,10 +606,11 @@ def test_palindrome_training_raises_the_held_out_iou(tmp_path):
     after = score_collection(trainer.sam, coll, n_templates=1, targets_from=1)
     losses = trainer.step_losses
     assert np.mean(losses[-8:]) < np.mean(losses[:8])
-    # measured with v5: body 0.740 -> 0.791 (v2: 0.527 -> 0.711; v5 reads more of these
-    # specimens zero-shot, and the benchmark's oracle on pale_on_dark gains 6.6 points on
-    # the body over v5's zero-shot), the parts up too (24 steps; the benchmark's
-    # one-template palindrome on 20 photos: body 0.731 -> 0.762, parts 0.228 -> 0.264)
+    # measured with v9 (24 steps): parts 0.318 -> 0.394 (head 0.253 -> 0.334, pronotum
+    # 0.459 -> 0.543, antennae 0.011 -> 0.134, legs 0.065 -> 0.160), body 0.830 -> 0.839;
+    # with v5 the gain was in the body, which v5 read less well zero-shot: 0.740 -> 0.791
+    # (v2: 0.527 -> 0.711), the parts up too. The benchmark's one-template palindrome on
+    # pale_on_dark's 20 photos with v9: parts 0.312 -> 0.459, body 0.790 -> 0.832.
     tables = (before.table(), after.table())
-    assert after.mean_iou("body") >= before.mean_iou("body") + 0.03, tables
-    assert after.mean_parts() > before.mean_parts(), tables
+    assert after.mean_parts() >= before.mean_parts() + 0.03, tables
+    assert after.mean_iou("body") >= before.mean_iou("body") - 0.01, tables
