@@ -47,9 +47,16 @@ from record import Recorder  # noqa: E402
 from zoom import collection_arguments, render  # noqa: E402
 
 from sam2pal.inference.engine import Propagator  # noqa: E402
-from sam2pal.inference.zoom import Crop, crop_around, crop_image, crop_masks, same_framing  # noqa: E402
+from sam2pal.inference.zoom import (  # noqa: E402
+    Crop,
+    crop_around,
+    crop_image,
+    crop_masks,
+    paste_box,
+    same_framing,
+)
 from sam2pal.io.images import read_image  # noqa: E402
-from sam2pal.io.masks import mask_bbox, mask_iou  # noqa: E402
+from sam2pal.io.masks import BoxMask, mask_bbox, mask_iou  # noqa: E402
 from sam2pal.io.templates import TemplateImage, TemplateInstance, TemplateSet  # noqa: E402
 from sam2pal.outputs.measure import _longest_path, _skeleton_graph  # noqa: E402
 
@@ -173,16 +180,12 @@ def segment_crop(model, name, template_rgb, template_mask, t_crop, target_rgb, g
 
 
 def paste(photo_mask: np.ndarray, mask, crop: Crop) -> None:
-    """OR a crop's mask into the photo's (the part inside the photo)."""
+    """OR a crop's mask into the photo's (the part inside the photo, `zoom.paste_box`)."""
     if mask is None:
         return
-    height, width = photo_mask.shape
-    y0, x0 = max(0, crop.top), max(0, crop.left)
-    y1, x1 = min(height, crop.top + crop.side), min(width, crop.left + crop.side)
-    if y1 > y0 and x1 > x0:
-        photo_mask[y0:y1, x0:x1] |= mask[
-            y0 - crop.top : y1 - crop.top, x0 - crop.left : x1 - crop.left
-        ]
+    box = paste_box(BoxMask.from_full(mask), crop)
+    h, w = box.crop.shape
+    photo_mask[box.y0 : box.y0 + h, box.x0 : box.x0 + w] |= box.crop
 
 
 def run_target(model, template, target, args) -> dict:
