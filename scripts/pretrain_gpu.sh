@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the next sam2pal-micro (v10, from the shipped v9) on a CUDA machine for a fixed
+# Train the next sam2pal-micro (v11, from the shipped v10) on a CUDA machine for a fixed
 # number of minutes, from a bare Python with PyTorch (no venv, nothing fetched): the
 # packages the project needs beyond PyTorch, NumPy, OpenCV and Pillow come as wheels
 # from `make gpu-kit` (in .whl/).
@@ -10,10 +10,10 @@
 #
 # Writes to OUT_DIR the model's record, its loss and held-out curves, its config, the
 # log, and the checkpoint in two parts of at most 15 MiB (some machines return files
-# of at most 16 MiB): `cat sam2pal-micro-v10.pt.part-* > sam2pal-micro-v10.pt`, then
+# of at most 16 MiB): `cat sam2pal-micro-v11.pt.part-* > sam2pal-micro-v11.pt`, then
 # check it against the record's checkpoint_sha256.
 #
-# The episodes are those v6 to v9 were trained on (v5's with 40% zoomed crops instead of
+# The episodes are those v6 to v10 were trained on (v5's with 40% zoomed crops instead of
 # 30%; resources/models/README.md); on a GPU a step takes 16 of them, rendered by
 # WORKERS processes (default: all cores but two), and the learning rate and resolution
 # schedule run by the clock (`sam2pal pretrain --minutes`). The first run on an H200 (7
@@ -30,7 +30,7 @@ python=${PYTHON:-python3}
 device=${DEVICE:-cuda}  # DEVICE=cpu: a dry run of this script on a machine without one
 site=${SITE:-/tmp/sam2pal-site}
 kit=${KIT:-.whl}
-name=sam2pal-micro-v10
+name=sam2pal-micro-v11
 recipe=(--init sam2pal-micro --appearance mixed --low_contrast_fraction 0.4
     --zoom_fraction 0.4 --body_plan v2 --procedural_fraction 0.5)
 

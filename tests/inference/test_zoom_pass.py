@@ -88,7 +88,7 @@ def test_best_keeps_the_pass_with_the_higher_cycle_iou(templates):
     pass's (`on`), whichever has the higher cycle IoU (the whole photo's on a tie).
     Both branches need a model under which each pass wins somewhere on these photos:
     sam2pal-micro v8 (kept in resources/models/v8/), whose zoom pass reads this body
-    better on one of them; the shipped v9 reads it better from the whole photo on both
+    better on one of them; v9 reads it better from the whole photo on both
     (cycle IoU 0.95 against 0.92), so it would test one branch only."""
     checkpoint = REPO / "resources" / "models" / "v8" / "sam2pal-micro-v8.pt"
     model = build_model(str(checkpoint.with_suffix(".yaml")), str(checkpoint), device="cpu")

@@ -84,7 +84,7 @@ RANDOM_CHECKPOINT = "random"
 # The small model trained in this project (`sam2pal pretrain`), shipped in the source tree.
 MICRO_MODEL = "sam2pal-micro"
 # SHA-256 of resources/models/sam2pal-micro.pt as shipped (see resources/models/README.md)
-MICRO_SHA256 = "f212d59d8bebcebe63202f483a53189b2ed8baa692f136fc88152c88f9db774d"
+MICRO_SHA256 = "d703aff9fb63e695d00e8ae49d4d799a3c125f9bb99ac5c3409ca13b98f50e1c"
 
 
 def micro_model_files() -> tuple[Path, Path]:
