@@ -18,7 +18,15 @@ same judges:
   surely worse; m = 0: wherever it is worse on average; m = -2: unless it is surely
   better);
 * the two ends (adapter for every structure; untouched model for every structure) and
-  the ceiling (per structure, whichever is better on the targets themselves).
+  the ceiling (per structure, whichever is better on the targets themselves);
+* a label-free check on the targets themselves: per structure, the mean cycle IoU
+  (`Propagator(cycle_consistency=True)`: the target's mask segments the template back,
+  scored against the template's known mask, the score qc.csv reports) of the adapter
+  against the untouched model's; the untouched model keeps a structure where the
+  adapter's is lower ("targets' cycle"), or where either that or the default margin's
+  judges say so ("judges or targets' cycle"). The adapter was trained on these photos
+  to raise the cycle it ends on, so the check can only catch a loss large enough to
+  show through that.
 
 The epoch stays the one the run picked (with the default margin): the trainer keeps only
 that adapter and the last epoch's.
@@ -88,13 +96,14 @@ def combine(rows_a: list[dict], rows_u: list[dict], left: set[str]) -> float:
     return round(Scores(rows).mean_parts(), 4)
 
 
-def per_structure(rows: list[dict]) -> dict[str, float]:
-    """Mean IoU per structure present in `rows`, body left out (`Scores.mean_iou`)."""
-    scores = Scores(rows)
-    return {
-        n: round(scores.mean_iou(n), 4)
-        for n in sorted({r["structure"] for r in rows if r["structure"] != "body"})
-    }
+def per_structure(rows: list[dict], key: str = "iou") -> dict[str, float]:
+    """Mean of `key` (the IoU, or another column of `score_collection`'s rows) per
+    structure present in `rows`, body left out."""
+    values: dict[str, list[float]] = {}
+    for r in rows:
+        if r["structure"] != "body" and r.get(key) is not None:
+            values.setdefault(r["structure"], []).append(float(r[key]))
+    return {n: round(sum(v) / len(v), 4) for n, v in sorted(values.items())}
 
 
 def main(argv=None) -> int:
@@ -118,22 +127,25 @@ def main(argv=None) -> int:
         history = {row["epoch"]: row for row in record["history"]}
         before = history[0].get("val_template_view_ious") or {}
         after = history[record["epoch"]].get("val_template_view_ious") or {}
-        untouched = score_collection(base, coll, 1, args.n_templates, **ENGINE).rows
+        untouched = score_collection(base, coll, 1, args.n_templates, cycle=True, **ENGINE).rows
         with tempfile.TemporaryDirectory() as tmp:
             tuned, _, _ = _run_model(**model_args, adapter=every_structure(adapter, Path(tmp)))
-            adapted = score_collection(tuned, coll, 1, args.n_templates, **ENGINE).rows
+            adapted = score_collection(tuned, coll, 1, args.n_templates, cycle=True, **ENGINE).rows
         a, u = per_structure(adapted), per_structure(untouched)
         judges = {
             n: round(sum(after[n]) / len(after[n]) - sum(before[n]) / len(before[n]), 4)
             for n in sorted(after)
             if n in before
         }
+        ca, cu = per_structure(adapted, "cycle_iou"), per_structure(untouched, "cycle_iou")
+        cycles = {n: round(ca[n] - cu[n], 4) for n in sorted(ca) if n in cu}
         entry = {
             "epoch": record["epoch"],
             "recorded_untouched": record.get("selection", {}).get("untouched_structures", []),
             "adapter": a,
             "untouched": u,
             "judges_difference": judges,  # held-out templates and views: adapter - untouched
+            "targets_cycle_difference": cycles,  # the targets' cycle IoU: adapter - untouched
             "margins": {},
         }
         for m in MARGINS:
@@ -142,6 +154,16 @@ def main(argv=None) -> int:
                 "untouched": left,
                 "mean": combine(adapted, untouched, set(left)),
             }
+        by_cycle = {n for n, d in cycles.items() if d < 0}
+        either = by_cycle | set(left_untouched(before, after, Trainer.UNTOUCHED_MARGIN))
+        entry["targets' cycle"] = {
+            "untouched": sorted(by_cycle),
+            "mean": combine(adapted, untouched, by_cycle),
+        }
+        entry["judges or targets' cycle"] = {
+            "untouched": sorted(either),
+            "mean": combine(adapted, untouched, either),
+        }
         entry["every structure adapter"] = combine(adapted, untouched, set())
         entry["every structure untouched"] = combine(adapted, untouched, set(u))
         better = {n for n in u if u[n] > a.get(n, -1.0)}
@@ -153,13 +175,17 @@ def main(argv=None) -> int:
         print(
             f"\n{name} (epoch {record['epoch']}, recorded untouched {entry['recorded_untouched']})"
         )
-        print("  structure   adapter untouched judges(a-u)")
+        print("  structure   adapter untouched judges(a-u) cycle(a-u)")
+        nan = float("nan")
         for n in sorted(u):
             print(
-                f"  {n:<10} {a.get(n, float('nan')):8.3f} {u[n]:8.3f} {judges.get(n, float('nan')):+9.3f}"
+                f"  {n:<10} {a.get(n, nan):8.3f} {u[n]:8.3f} {judges.get(n, nan):+9.3f}"
+                f" {cycles.get(n, nan):+10.3f}"
             )
         for m, row in entry["margins"].items():
             print(f"  margin {m:>5}: {row['mean']:.3f}  untouched {row['untouched']}")
+        for label in ("targets' cycle", "judges or targets' cycle"):
+            print(f"  {label}: {entry[label]['mean']:.3f}  untouched {entry[label]['untouched']}")
         print(
             f"  adapter everywhere {entry['every structure adapter']:.3f}, untouched everywhere "
             f"{entry['every structure untouched']:.3f}, ceiling {entry['ceiling']['mean']:.3f}"
@@ -169,6 +195,8 @@ def main(argv=None) -> int:
         label: round(sum(pick(results["collections"][n]) for n in names) / len(names), 4)
         for label, pick in [
             *[(f"margin {m}", lambda e, m=m: e["margins"][str(m)]["mean"]) for m in MARGINS],
+            ("targets' cycle", lambda e: e["targets' cycle"]["mean"]),
+            ("judges or targets' cycle", lambda e: e["judges or targets' cycle"]["mean"]),
             ("adapter everywhere", lambda e: e["every structure adapter"]),
             ("untouched everywhere", lambda e: e["every structure untouched"]),
             ("ceiling", lambda e: e["ceiling"]["mean"]),

@@ -173,7 +173,8 @@ def test_a_photo_size_the_renderer_cannot_draw_is_a_usage_error(capsys):
 def test_judge_margin_replays_a_choice_per_structure_from_two_rows(tmp_path):
     """benchmarks/judge_margin.py: the parts' mean with the structures of `left` from
     the untouched model's rows and the others from the adapter's (body left out, every
-    row counted as `Scores.mean_parts` counts it); the judged runs are found beside
+    row counted as `Scores.mean_parts` counts it); the mean of a column per structure
+    (the IoU or the cycle IoU, rows without it left out); the judged runs are found beside
     their collections; the adapter's copy leaves no structure to the untouched model
     and the original is left as it was."""
     import json
@@ -189,6 +190,9 @@ def test_judge_margin_replays_a_choice_per_structure_from_two_rows(tmp_path):
     assert judge_margin.combine(adapted, untouched, {"legs"}) == round((0.6 + 0.4 + 0.5) / 3, 4)
     assert judge_margin.combine(adapted, untouched, {"head", "legs"}) == 0.3
     assert judge_margin.per_structure(adapted) == {"head": 0.5, "legs": 0.1}
+    # another column of the rows (the cycle IoU), rows without it left out
+    cycled = [dict(r, cycle_iou=c) for r, c in zip(adapted, (0.8, 0.3, None, 0.2))]
+    assert judge_margin.per_structure(cycled, "cycle_iou") == {"head": 0.3, "legs": 0.2}
 
     run = tmp_path / "out"
     (run / "c").mkdir(parents=True)
