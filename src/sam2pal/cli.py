@@ -1089,6 +1089,7 @@ def cmd_pretrain(args) -> int:
             "body_plan",
             "init",
             "procedural_fraction",
+            "repose_fraction",
             "warmup_steps",
             "minutes",
         )
@@ -1214,6 +1215,14 @@ def _pretrain_episode_flags(p, d) -> None:
         type=float,
         default=d.procedural_fraction,
         help="share of shapes (0-1) drawn from procedural insects rather than the NEON masks",
+    )
+    _flag(
+        p,
+        "--repose_fraction",
+        type=float,
+        default=d.repose_fraction,
+        help="share of the drawn specimens (0-1; each template and target its own draw) whose "
+        "antennae and legs are turned about their bases",
     )
 
 

@@ -20,7 +20,7 @@ from sam2pal.models.registry import (
     config_for_checkpoint,
     micro_model_files,
 )
-from sam2pal.synth.procedural import procedural_insect
+from sam2pal.synth.procedural import procedural_insect, repose_appendages
 from sam2pal.synth.quality import (
     HELD_OUT,
     held_out_masks,
@@ -282,6 +282,7 @@ def test_low_contrast_episodes_show_a_specimen_about_as_light_as_its_ground():
         ({"zoom_fraction": 1.5}, "zoom_fraction must be between 0 and 1"),
         ({"low_contrast_fraction": -0.1}, "low_contrast_fraction must be between 0 and 1"),
         ({"thin_weight": -1.0}, "thin_weight must be >= 0"),
+        ({"repose_fraction": 1.2}, "repose_fraction must be between 0 and 1"),
     ],
 )
 def test_bad_appearance_settings_are_input_errors(bad, message):
@@ -519,6 +520,10 @@ def test_pretrain_cli_rejects_bad_settings_in_one_line(tmp_path, capsys):
     assert cli.main(["pretrain", "--out_dir", str(tmp_path), "--thin_weight", "-1"]) == 2
     assert "thin_weight must be >= 0" in capsys.readouterr().err
     assert cli.build_parser().parse_args(["pretrain", "--thin_weight", "2"]).thin_weight == 2.0
+    assert cli.main(["pretrain", "--out_dir", str(tmp_path), "--repose_fraction", "-1"]) == 2
+    assert "repose_fraction must be between 0 and 1" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["pretrain", "--repose_fraction", "0.5"])
+    assert args.repose_fraction == 0.5
 
 
 def test_v2_body_plans_add_eyes_scapes_and_keep_v1_as_it_was():
@@ -614,3 +619,78 @@ def test_palindrome_training_raises_the_held_out_iou(tmp_path):
     tables = (before.table(), after.table())
     assert after.mean_parts() >= before.mean_parts() + 0.03, tables
     assert after.mean_iou("body") >= before.mean_iou("body") - 0.01, tables
+
+
+def _appendage_pieces(label_map, labels) -> list[int]:
+    """The pixel counts of the 8-connected pieces of `labels`, largest first."""
+    import cv2
+
+    n, _, stats, _ = cv2.connectedComponentsWithStats(
+        np.isin(label_map, labels).astype(np.uint8), connectivity=8
+    )
+    return sorted(stats[1:, cv2.CC_STAT_AREA], reverse=True)
+
+
+def test_reposed_specimens_move_their_appendages_and_keep_their_body():
+    """`repose_appendages`: the antennae (with their scapes) and legs are turned about
+    their bases, each piece whole; the body keeps its parts (where an antenna lay over
+    it, the body closes up); deterministic in the generator, another draw another pose."""
+    import cv2
+
+    def placed(m, labels) -> set:
+        """The pixels of `labels` relative to the head's centre."""
+        ys, xs = np.nonzero(m == 1)
+        cy, cx = int(ys.mean()), int(xs.mean())
+        yy, xx = np.nonzero(np.isin(m, labels))
+        return set(zip((yy - cy).tolist(), (xx - cx).tolist()))
+
+    beetle = split_masks()[0][0][1]
+    insect = procedural_insect(np.random.default_rng(3), plan="v2")
+    for shape in (beetle, insect):
+        a = repose_appendages(shape, np.random.default_rng(1))
+        assert np.array_equal(a, repose_appendages(shape, np.random.default_rng(1)))
+        b = repose_appendages(shape, np.random.default_rng(2))
+        assert a.dtype == np.uint8 and set(np.unique(a)) == set(np.unique(shape))
+        # the canvas grew to hold every turned piece (cropped to the specimen, 2 px margin)
+        ys, xs = np.nonzero(a)
+        assert (ys.min(), xs.min()) == (2, 2)
+        assert (a.shape[0] - 1 - ys.max(), a.shape[1] - 1 - xs.max()) == (2, 2)
+        # the body: its parts and their sizes as they were (within what an appendage
+        # lying over them, now turned away or onto them, covers)
+        for part in (1, 2, 3):
+            before, after = int((shape == part).sum()), int((a == part).sum())
+            assert abs(after - before) <= 0.1 * before, (part, before, after)
+        for labels in ((4, 7), (5,)):
+            # turned whole: about as many pixels (nearest-neighbour turning, and the
+            # body on top of a turned leg, take a few), but elsewhere, and elsewhere
+            # again in another draw
+            was, now = placed(shape, labels), placed(a, labels)
+            assert 0.6 * len(was) <= len(now) <= 1.2 * len(was)
+            assert len(was & now) < 0.8 * len(was)
+            assert placed(b, labels) != now
+    # a part label map without appendages is only cropped
+    body = np.zeros((60, 80), np.uint8)
+    cv2.ellipse(body, (40, 30), (20, 10), 0, 0, 360, 3, -1)
+    out = repose_appendages(body, np.random.default_rng(0))
+    ys, xs = np.nonzero(body)
+    assert np.array_equal(out, body[ys.min() - 2 : ys.max() + 3, xs.min() - 2 : xs.max() + 3])
+
+
+def test_repose_fraction_moves_appendages_in_episodes_from_a_stream_of_its_own():
+    """With `repose_fraction`, episodes show the same specimens and looks with their
+    appendages moved, from a stream of their own: at 0 every episode is the one drawn
+    without it, at 1 every episode changes, deterministically."""
+    shapes = [m for _, m in split_masks()[0]][:12]
+    base = dict(appearance="mixed", body_plan="v2", procedural_fraction=0.5, same_specimen=1.0)
+    plain = PretrainSettings(**base)
+    none = PretrainSettings(**base, repose_fraction=0.0)
+    every = PretrainSettings(**base, repose_fraction=1.0)
+    for i in range(4):
+        e = draw_episode(i, plain, shapes, 1, True)
+        assert _episode_hash(e) == _episode_hash(draw_episode(i, none, shapes, 1, True))
+        r = draw_episode(i, every, shapes, 1, True)
+        assert _episode_hash(r) == _episode_hash(draw_episode(i, every, shapes, 1, True))
+        assert _episode_hash(r) != _episode_hash(e)
+        assert len(r.images) == 3 and all(
+            img.shape[:2] == lab.shape for img, lab in zip(r.images, r.labels)
+        )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
 HEAD, PRONOTUM, ELYTRA, ANTENNA, LEGS, EYE, SCAPE = 1, 2, 3, 4, 5, 6, 7
 PLANS = ("v1", "v2")
@@ -259,3 +260,103 @@ def procedural_insect(rng: np.random.Generator, size: int = 512, plan: str = "v1
     if v2:
         _draw_eyes(canvas, rng, body)
     return canvas
+
+
+# appendage groups moved together: an antenna with its scape; a leg
+_ANTENNA_LABELS = (ANTENNA, SCAPE)
+_LEG_LABELS = (LEGS,)
+_BODY_LABELS = (HEAD, PRONOTUM, ELYTRA, EYE)
+
+
+def _appendage_groups(label_map: np.ndarray, min_pixels: int):
+    """(labels, component mask, attachment point (x, y)) for every antenna (with its
+    scape) and every leg of `label_map`: the 8-connected pieces of at least
+    `min_pixels` pixels, each attached at its pixel nearest to the head (antennae)
+    or to the body (legs)."""
+    head = label_map == HEAD
+    body = np.isin(label_map, (HEAD, PRONOTUM, ELYTRA))
+    groups = []
+    for labels, anchor in ((_ANTENNA_LABELS, head if head.any() else body), (_LEG_LABELS, body)):
+        pieces = np.isin(label_map, labels).astype(np.uint8)
+        if not pieces.any() or not anchor.any():
+            continue
+        # distance of every pixel to the anchor part
+        dist = cv2.distanceTransform((~anchor).astype(np.uint8), cv2.DIST_L2, 3)
+        n, comp, stats, _ = cv2.connectedComponentsWithStats(pieces, connectivity=8)
+        for k in range(1, n):
+            if stats[k, cv2.CC_STAT_AREA] < min_pixels:
+                continue
+            mask = comp == k
+            ys, xs = np.nonzero(mask)
+            i = int(np.argmin(dist[ys, xs]))
+            groups.append((labels, mask, (float(xs[i]), float(ys[i]))))
+    return groups
+
+
+def repose_appendages(
+    label_map: np.ndarray,
+    rng: np.random.Generator,
+    antenna_degrees: float = 45.0,
+    leg_degrees: float = 25.0,
+    over_body: float = 0.5,
+    min_pixels: int = 12,
+) -> np.ndarray:
+    """The same specimen with its antennae and legs moved: each antenna (with its
+    scape) and each leg turned about its attachment point by its own random angle.
+
+    A specimen is photographed with its appendages where they dried or where the
+    preparator set them, so two photos of one species (or one specimen twice) differ
+    in them more than in the body. The body (head, eyes, pronotum, elytra) stays as it
+    is; where an appendage lay over it, the body's nearest part fills its place.
+    Turned legs go under the body; turned antennae lie over it with probability
+    `over_body` (a swept-back antenna on the pronotum or elytra) and under it
+    otherwise. The canvas grows so that no turned appendage is cut off.
+
+    Args:
+        label_map: a part label map (`synthetic.ALL_PARTS` values: a NEON mask or
+            `procedural_insect`'s).
+        rng: the generator every random choice comes from.
+        antenna_degrees, leg_degrees: each antenna's and each leg's angle is drawn
+            uniformly from +-this many degrees.
+        over_body: the share of specimens whose turned antennae lie over the body.
+        min_pixels: pieces smaller than this (specks of a label) stay where they are.
+
+    Returns:
+        A new uint8 label map (larger than `label_map` by a margin on every side).
+    """
+    src = np.asarray(label_map, np.uint8)
+    h, w = src.shape
+    pad = max(h, w)  # a turned appendage reaches at most its length past the old canvas
+    padded = np.pad(src, pad)
+    groups = _appendage_groups(padded, min_pixels)
+    moved = np.zeros_like(padded, dtype=bool)
+    for _, mask, _ in groups:
+        moved |= mask
+    out = np.where(moved, 0, padded).astype(np.uint8)
+    # where an appendage lay over the body, the body's nearest part takes its place
+    body = np.isin(out, _BODY_LABELS)
+    if body.any() and moved.any():
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
+        closed = cv2.morphologyEx(body.astype(np.uint8), cv2.MORPH_CLOSE, kernel) > 0
+        holes = moved & closed & ~body
+        if holes.any():
+            _, (iy, ix) = ndimage.distance_transform_edt(~body, return_indices=True)
+            out[holes] = out[iy[holes], ix[holes]]
+    antennae_over = bool(rng.random() < over_body)
+    for labels, mask, (x, y) in groups:
+        limit = antenna_degrees if labels == _ANTENNA_LABELS else leg_degrees
+        turn = cv2.getRotationMatrix2D((x, y), float(rng.uniform(-limit, limit)), 1.0)
+        values = np.where(mask, padded, 0).astype(np.uint8)
+        turned = cv2.warpAffine(
+            values, turn, (values.shape[1], values.shape[0]), flags=cv2.INTER_NEAREST
+        )
+        free = out == 0
+        if labels == _ANTENNA_LABELS and antennae_over:
+            free |= np.isin(out, _BODY_LABELS)
+        put = (turned > 0) & free
+        out[put] = turned[put]
+    ys, xs = np.nonzero(out)
+    margin = 2
+    y0, y1 = max(0, ys.min() - margin), min(out.shape[0], ys.max() + margin + 1)
+    x0, x1 = max(0, xs.min() - margin), min(out.shape[1], xs.max() + margin + 1)
+    return np.ascontiguousarray(out[y0:y1, x0:x1])

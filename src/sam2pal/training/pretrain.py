@@ -38,6 +38,11 @@ Episodes are rendered on the fly, each from its own seed:
   about as light as its ground (`randomised_style(low_contrast=True)`: every part's L*
   within 22 of the ground's, told apart by hue and chroma, as a metallic blue beetle on
   dark slate), which the 25-unit lightness gap of the others never shows;
+* with `repose_fraction`, that share of the specimens drawn (every template and target
+  its own draw) have their antennae and legs turned about their bases
+  (`procedural.repose_appendages`): two photos of one specimen, or of one species,
+  differ in where the appendages lie, and a template's antennae may lie swept back
+  over the body where the target's stand forward;
 * with `zoom_fraction`, that share of episodes are zoomed crops (`synthetic.zoom_crop`):
   a part present in every frame fills 20-80 % of the frame, or (a quarter of them)
   the whole specimen 25-95 %; blur, noise and JPEG are applied after the crop.
@@ -82,7 +87,7 @@ from sam2pal.models.build import autocast, build_model, file_sha256, load_checkp
 from sam2pal.models.download import resolve_checkpoint_digest
 from sam2pal.models.registry import MICRO_MODEL, micro_model_files
 from sam2pal.outputs.overlay import mean_width
-from sam2pal.synth.procedural import PLANS, procedural_insect
+from sam2pal.synth.procedural import PLANS, procedural_insect, repose_appendages
 from sam2pal.synth.specimens import (
     ALL_PARTS,
     DEFAULT_BACKGROUNDS,
@@ -151,6 +156,9 @@ class PretrainSettings:
     # episode mix
     procedural_fraction: float = 0.35  # shapes drawn from procedural insects
     same_specimen: float = 0.35  # target = the template's specimen in another pose
+    # share of the drawn specimens (each template and target its own draw) whose
+    # antennae and legs are turned about their bases (`procedural.repose_appendages`)
+    repose_fraction: float = 0.0
     two_templates: float = 0.3
     second_target: float = 0.25
     colour_jitter: float = 0.6
@@ -199,6 +207,7 @@ class PretrainSettings:
         for name in (
             "procedural_fraction",
             "same_specimen",
+            "repose_fraction",
             "two_templates",
             "second_target",
             "colour_jitter",
@@ -313,18 +322,28 @@ def _episode_style(index: int, settings: PretrainSettings, rng):
     return appearance, style, camera, zoom_rng, whole
 
 
-def _episode_renders(rng, settings, shapes, size, style, n_templates: int, second_target: bool):
-    """Render the templates, the target and (with `second_target`) the target moved."""
+def _episode_renders(
+    rng, settings, shapes, size, style, n_templates: int, second_target: bool, repose_rng=None
+):
+    """Render the templates, the target and (with `second_target`) the target moved;
+    with `repose_rng`, each of the templates' and the target's specimens has its
+    appendages moved with probability `settings.repose_fraction`."""
 
     def shape():
         if rng.random() < settings.procedural_fraction:
             return procedural_insect(rng, plan=settings.body_plan)
         return shapes[int(rng.integers(len(shapes)))]
 
+    def posed(src):
+        if repose_rng is not None and repose_rng.random() < settings.repose_fraction:
+            return repose_appendages(src, repose_rng)
+        return src
+
     same = rng.random() < settings.same_specimen
     first = shape()
     sources = [first] + [first if same else shape() for _ in range(n_templates - 1)]
     target_src = first if same else shape()
+    sources, target_src = [posed(src) for src in sources], posed(target_src)
     renders = [render_specimen_layers(src, rng, size=size, style=style) for src in sources]
     target = render_specimen_layers(target_src, rng, size=size, style=style)
     renders.append(target)
@@ -364,7 +383,14 @@ def draw_episode(
     width = int(rng.choice([320, 384, 448]))
     height = int(round(width * rng.choice([0.75, 1.0, 1.33]) / 8) * 8)
     size = (width, height)
-    renders = _episode_renders(rng, settings, shapes, size, style, n_templates, second_target)
+    repose_rng = None
+    if settings.repose_fraction > 0:  # its own stream: the draws above stay as they are
+        repose_rng = np.random.default_rng(
+            np.random.SeedSequence(settings.seed, spawn_key=(11, index))
+        )
+    renders = _episode_renders(
+        rng, settings, shapes, size, style, n_templates, second_target, repose_rng
+    )
     images = [r.image for r in renders]
     labels = [r.labels for r in renders]
     if zoom_rng is not None:
