@@ -113,16 +113,23 @@ def _quality_table(collections: dict, structures=QUALITY_STRUCTURES) -> list[str
     return lines
 
 
-#: the quality records of the shipped model (v10, measured before it was shipped, hence
+#: the quality records of the shipped model (v11, measured before it was shipped, hence
 #: their names), in collection order, with the workflow's defaults: photos toned
 #: (`tone: auto`): blue_slate's lifted, the others' unchanged; every row measured
 QUALITY_RECORDS = (
+    "quality-sam2pal-micro-v11-tried-full",
+    "quality-sam2pal-micro-v11-tried-small_mixed",
+    "quality-sam2pal-micro-v11-tried-pale_on_dark",
+    "quality-sam2pal-micro-v11-tried-procedural_eyes",
+)
+#: v10's, the model shipped before, the same way
+QUALITY_RECORDS_V10 = (
     "quality-sam2pal-micro-v10-tried-full",
     "quality-sam2pal-micro-v10-tried-small_mixed",
     "quality-sam2pal-micro-v10-tried-pale_on_dark",
     "quality-sam2pal-micro-v10-tried-procedural_eyes",
 )
-#: v9's, the model shipped before, the same way
+#: v9's, the same way
 QUALITY_RECORDS_V9 = (
     "quality-sam2pal-micro-v9-tried-full",
     "quality-sam2pal-micro-v9-tried-small_mixed",
@@ -931,6 +938,7 @@ QC_RANK_80_RECORDS = (
     "qc-rank-80-v8",
     "qc-rank-80-v9",
     "qc-rank-80-v10",
+    "qc-rank-80-v11",
 )
 
 
@@ -1452,6 +1460,7 @@ BLOCKS = {
     "review-templates": review_templates,
     "quality": quality,
     "quality-card": quality_card,
+    "quality-card-v10": lambda: quality_card(QUALITY_RECORDS_V10),
     "quality-card-v9": lambda: quality_card(QUALITY_RECORDS_V9),
     "quality-card-v8": lambda: quality_card(QUALITY_RECORDS_V8),
     "quality-card-v7": lambda: quality_card(QUALITY_RECORDS_V7),
@@ -1480,6 +1489,7 @@ BLOCKS = {
     "qc-rank-v8": lambda: qc_rank("qc-rank-sam2pal-micro-v8"),
     "qc-rank-v9": lambda: qc_rank("qc-rank-sam2pal-micro-v9"),
     "qc-rank-v10": lambda: qc_rank("qc-rank-sam2pal-micro-v10"),
+    "qc-rank-v11": lambda: qc_rank("qc-rank-sam2pal-micro-v11"),
     "qc-rank-80": qc_rank_per_photo,
     "train-fit": train_fit,
     "propagate": propagate,

@@ -61,7 +61,7 @@ def test_photos_with_coco_templates(tmp_path):
         (coco.imgs[a["image_id"]]["file_name"], names[a["category_id"]]) for a in coco.anns.values()
     }
     # the specimen's body parts on every photo; a thin part the model predicts absent on
-    # a photo (sam2pal-micro v8 to v10 miss some of the six antennae here) has no mask and no row
+    # a photo (sam2pal-micro v8 to v11 miss some of the six antennae here) has no mask and no row
     assert {(p, s) for p in PHOTOS for s in ("head", "pronotum", "elytra")} <= found
     assert len(found) >= len(PHOTOS) * len(structures) - 3
     rows = list(csv.DictReader(open(out / "measurements.csv")))
