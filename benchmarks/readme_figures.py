@@ -113,50 +113,24 @@ def _quality_table(collections: dict, structures=QUALITY_STRUCTURES) -> list[str
     return lines
 
 
+def _tried_records(version: int) -> tuple[str, ...]:
+    """The four quality records of a candidate model (v6 on), named as they were
+    measured: blue_slate and bronze_aligned in one run, the other collections each in
+    its own."""
+    parts = ("full", "small_mixed", "pale_on_dark", "procedural_eyes")
+    return tuple(f"quality-sam2pal-micro-v{version}-tried-{part}" for part in parts)
+
+
 #: the quality records of the shipped model (v11, measured before it was shipped, hence
 #: their names), in collection order, with the workflow's defaults: photos toned
 #: (`tone: auto`): blue_slate's lifted, the others' unchanged; every row measured
-QUALITY_RECORDS = (
-    "quality-sam2pal-micro-v11-tried-full",
-    "quality-sam2pal-micro-v11-tried-small_mixed",
-    "quality-sam2pal-micro-v11-tried-pale_on_dark",
-    "quality-sam2pal-micro-v11-tried-procedural_eyes",
-)
-#: v10's, the model shipped before, the same way
-QUALITY_RECORDS_V10 = (
-    "quality-sam2pal-micro-v10-tried-full",
-    "quality-sam2pal-micro-v10-tried-small_mixed",
-    "quality-sam2pal-micro-v10-tried-pale_on_dark",
-    "quality-sam2pal-micro-v10-tried-procedural_eyes",
-)
-#: v9's, the same way
-QUALITY_RECORDS_V9 = (
-    "quality-sam2pal-micro-v9-tried-full",
-    "quality-sam2pal-micro-v9-tried-small_mixed",
-    "quality-sam2pal-micro-v9-tried-pale_on_dark",
-    "quality-sam2pal-micro-v9-tried-procedural_eyes",
-)
-#: v8's, the same way
-QUALITY_RECORDS_V8 = (
-    "quality-sam2pal-micro-v8-tried-full",
-    "quality-sam2pal-micro-v8-tried-small_mixed",
-    "quality-sam2pal-micro-v8-tried-pale_on_dark",
-    "quality-sam2pal-micro-v8-tried-procedural_eyes",
-)
-#: v7's, the same way
-QUALITY_RECORDS_V7 = (
-    "quality-sam2pal-micro-v7-tried-full",
-    "quality-sam2pal-micro-v7-tried-small_mixed",
-    "quality-sam2pal-micro-v7-tried-pale_on_dark",
-    "quality-sam2pal-micro-v7-tried-procedural_eyes",
-)
-#: v6's, the model shipped before, the same way
-QUALITY_RECORDS_V6 = (
-    "quality-sam2pal-micro-v6-tried-full",
-    "quality-sam2pal-micro-v6-tried-small_mixed",
-    "quality-sam2pal-micro-v6-tried-pale_on_dark",
-    "quality-sam2pal-micro-v6-tried-procedural_eyes",
-)
+QUALITY_RECORDS = _tried_records(11)
+#: v10's, the model shipped before, then v9's to v6's, the same way
+QUALITY_RECORDS_V10 = _tried_records(10)
+QUALITY_RECORDS_V9 = _tried_records(9)
+QUALITY_RECORDS_V8 = _tried_records(8)
+QUALITY_RECORDS_V7 = _tried_records(7)
+QUALITY_RECORDS_V6 = _tried_records(6)
 #: v5's, the model shipped before, the same way
 QUALITY_RECORDS_V5 = (
     "quality-sam2pal-micro-v5-tried-full",
