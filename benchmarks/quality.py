@@ -39,7 +39,9 @@ kept and its steps are still (c)'s. After a change to the one-template fine-tuni
 `--reuse R --keep judged oracle`.
 
 Writes benchmarks/results/quality-<checkpoint>.json (`--record`; the collections and
-adapters go to benchmarks/out/quality/).
+adapters go to benchmarks/out/quality/, and each collection's zero-shot predictions from
+one template and from all of them, photo by photo, to `<collection>-photos.csv` there:
+IoU, cycle IoU, area over the true area and share on the truth of every structure).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sam2pal.inference.pipeline import _run_model, finetune, prepare_templates  # noqa: E402
+from sam2pal.io.atomic import atomic_write  # noqa: E402
 from sam2pal.settings import TONES, ZOOMS, Segmentation  # noqa: E402
 from sam2pal.synth.quality import (  # noqa: E402
     HELD_OUT,
@@ -263,10 +266,13 @@ def main(argv=None) -> int:
             "zero-shot (1 template)": zero.table(),
             f"{args.n_templates} templates": multi.table(),
         }
+        write_photo_rows(out / f"{name}-photos.csv", dict(zip(rows, (zero, multi))))
         entry = {
             "description": spec.description,
             "targets": args.n_images - args.n_templates,
             "rank_correlation": round(rank_correlation(zero), 3),
+            # how the zero-shot masks miss: swollen or shrunk, on the structure or elsewhere
+            "zero_shot_shape": zero.shape_table(),
         }
         if not args.no_finetune:
             settings = {"lora_rank": args.lora_rank}
@@ -320,6 +326,21 @@ def main(argv=None) -> int:
     recorder.write(results)
     print(f"\n{results['seconds']:.0f} s")
     return 0
+
+
+#: the columns of `<collection>-photos.csv`
+PHOTO_COLUMNS = ("method", "image", "structure", "iou", "cycle_iou", "area_ratio", "on_truth")
+
+
+def write_photo_rows(path: Path, scores: dict) -> None:
+    """Write the per-photo rows of each method's `Scores` (method name -> Scores) to the
+    CSV `path` (PHOTO_COLUMNS; written whole or not at all)."""
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, PHOTO_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for method, score in scores.items():
+            for row in score.rows:
+                writer.writerow({**row, "method": method})
 
 
 def _palindrome(args, model_args, config, coll: Path, out: Path, name: str, settings) -> dict:

@@ -240,3 +240,33 @@ def test_tiles_follow_each_piece_from_its_base_and_match_the_targets_pieces():
         t_centre = (t_crop.left + t_crop.side / 2, t_crop.top + t_crop.side / 2)
         g_centre = (g_crop.left + g_crop.side / 2, g_crop.top + g_crop.side / 2)
         assert abs(g_centre[0] - 2 * t_centre[0]) <= 4 and abs(g_centre[1] - 2 * t_centre[1]) <= 4
+
+
+def test_quality_writes_each_photos_scores_beside_the_collection(tmp_path, monkeypatch):
+    """`quality.py --no-finetune`: `<collection>-photos.csv` in `--out` holds one row per
+    photo and structure for the zero-shot and the several-template rows, whose means are
+    the record's table."""
+    import csv
+    import json
+
+    monkeypatch.setenv("SAM2PAL_BENCHMARK_RESULTS", str(tmp_path / "results"))
+    out = tmp_path / "out"
+    argv = ["--no-finetune", "--collections", "bronze_aligned", "--n-images", "4"]
+    argv += ["--n-templates", "2", "--threads", "1", "--out", str(out), "--record", "q"]
+    assert quality.main(argv) == 0
+    with open(out / "bronze_aligned-photos.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == quality.PHOTO_COLUMNS
+    methods = {"zero-shot (1 template)", "2 templates"}
+    assert {r["method"] for r in rows} == methods
+    assert {r["image"] for r in rows} == {"specimen_002.jpg", "specimen_003.jpg"}
+    table = json.loads((out / "results.json").read_text())["collections"]["bronze_aligned"]
+    for method in methods:
+        heads = [
+            float(r["iou"]) for r in rows if r["method"] == method and r["structure"] == "head"
+        ]
+        assert round(sum(heads) / len(heads), 3) == table["methods"][method]["head"]
+    zero = [r for r in rows if r["method"] == "zero-shot (1 template)" and r["structure"] != "body"]
+    assert all(r["cycle_iou"] != "" and 0 <= float(r["on_truth"]) <= 1 for r in zero)
+    on_legs = [float(r["on_truth"]) for r in zero if r["structure"] == "legs"]
+    assert table["zero_shot_shape"]["legs"]["on_truth"] == round(sum(on_legs) / len(on_legs), 3)
