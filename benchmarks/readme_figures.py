@@ -838,6 +838,64 @@ def quality_size(records: dict = QUALITY_SIZE_RECORDS) -> str:
     return "\n".join(lines) + "\n\n" + source(*records.values())
 
 
+#: the palindrome through the zoom pass (`quality.py --zoom best`, v11), one record per
+#: collection measured so far, in collection order
+PALINDROME_ZOOM_RECORDS = (
+    "quality-palindrome-zoom-blue_slate",
+    "quality-palindrome-zoom-bronze_aligned",
+    "quality-palindrome-zoom-small_mixed",
+    "quality-palindrome-zoom-pale_on_dark",
+)
+
+
+def palindrome_zoom(records=PALINDROME_ZOOM_RECORDS, without=QUALITY_RECORDS) -> str:
+    """The quality table's fine-tuned rows without the zoom pass and with `zoom: best`,
+    per collection: the means of the parts, the gains over the same pass's zero-shot and
+    the thin parts of the judged row."""
+    off = _quality_results(without)["collections"]
+    best = _quality_results(records)["collections"]
+    heads = ["zero-shot", "3 templates", "palindrome, 1 template", "palindrome, 3 templates"]
+    lines = [
+        "| collection | zoom | " + " | ".join(heads) + " | oracle | gain, 1 template "
+        "| gain, 3 templates | share of the oracle's gain, 1 / 3 templates "
+        "| legs, palindrome from 3 templates | antennae, the same |",
+        "|---|---|" + "---|" * (len(heads) + 6),
+    ]
+    for name, entry in best.items():
+        for i, (mode, e) in enumerate((("off", off[name]), ("best", entry))):
+            methods = e["methods"]
+            judged = _judged(methods)
+            rows = (
+                methods["zero-shot (1 template)"],
+                next(t for m, t in methods.items() if m.endswith("templates")),
+                methods.get("palindrome LoRA (1 template)"),
+                judged,
+                methods.get("oracle: supervised LoRA (1 template)"),
+            )
+            shares = [e.get(k) for k in ("gap_closed", "judged_gap_closed")]
+            cells = [
+                name if i == 0 else "",
+                f"`{mode}`",
+                *(f"{t['mean']:.3f}" if t else "-" for t in rows),
+                *(
+                    f"{100 * e[k]:+.1f}" if k in e else "-"
+                    for k in ("palindrome_gain", "palindrome_judged_gain")
+                ),
+                " / ".join(f"{100 * v:.0f}%" if v is not None else "-" for v in shares),
+                _iou(judged.get("legs")) if judged else "-",
+                _iou(judged.get("antenna")) if judged else "-",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return (
+        "Mean IoU of the parts per method, without the zoom pass (the quality table's rows) "
+        "and with `zoom: best` (the fine-tuning trains on the zoom windows too); the gains "
+        "are over the same pass's zero-shot, in points:\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + source(*records)
+    )
+
+
 MASK_GRID_RECORD = "mask-grid"
 
 
@@ -1453,6 +1511,7 @@ BLOCKS = {
     "zoom": zoom,
     "zoom-v2": lambda: zoom(ZOOM_RECORD_V2),
     "quality-size": quality_size,
+    "palindrome-zoom": palindrome_zoom,
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
     "qc-rank-other-photos": lambda: qc_rank("qc-rank-other-photos"),
