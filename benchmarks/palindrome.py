@@ -152,12 +152,21 @@ def model_arguments(args, device: str | None = None) -> dict:
 
 
 def finetune_and_score(
-    args, model_args, coll: Path, out: Path, settings: dict, objective: str, templates: int = 1
+    args,
+    model_args,
+    coll: Path,
+    out: Path,
+    settings: dict,
+    objective: str,
+    templates: int = 1,
+    all_templates: bool = False,
 ) -> dict:
     """`templates`: the first this many of the collection's templates go to the
     trainer (with two or more, the last, or the last `holdout_templates`, are held
     out to pick the epoch); the targets
-    are segmented from the first alone either way."""
+    are segmented from the first alone either way, and with `all_templates` also from
+    all `templates` in memory with the kept adapter (`table_all_templates`: how the
+    workflow segments after such a fine-tuning)."""
     import numpy as np
 
     templates = load_coco_templates(coll / "templates.json", coll / "images").select(
@@ -234,8 +243,13 @@ def finetune_and_score(
     for which in ("adapter", "adapter_last"):
         tuned, _, _ = _run_model(**model_args, adapter=out / which)
         scored[which] = score_collection(tuned, coll, 1, args.n_templates, **engine_options(args))
+        if which == "adapter" and all_templates:
+            scored["all_templates"] = score_collection(
+                tuned, coll, len(templates.images), args.n_templates, **engine_options(args)
+            )
     later = history[1:]
     return {
+        **({"table_all_templates": scored["all_templates"].table()} if all_templates else {}),
         "table": scored["adapter"].table(),
         "last_epoch_table": scored["adapter_last"].table(),
         # per structure, the masks' area over the true area and their share on the truth

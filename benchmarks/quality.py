@@ -10,13 +10,16 @@ For each held-out collection (generator settings that `sam2pal pretrain` never s
   (c') the same with the templates of (b) given to the fine-tuning, as the workflow
       does by default with three: one trains, the other two are held out and pick the
       epoch and, per structure, adapter or untouched model; then (a),
+  (c'') the adapter of (c') with all the templates of (b) in memory: how the workflow
+      segments a collection after fine-tuning with several templates,
   (d) an oracle upper bound: supervised LoRA on the same photos with their true masks,
       as many optimizer steps as (c) trained, then (a); the plain supervised
       objective, without the template views and the anchor term (as
       `benchmarks/palindrome.py`'s oracle: with them, on bronze_aligned, no epoch beat the
       untouched model on the held-out photos),
 
-the gains of (c) and (c') over (a) and the shares of the gap to (d) they close, and the Spearman
+the gains of (c) and (c') over (a) and the shares of the gap to (d) they close, the gain of
+(c'') over (b) (what the fine-tuning adds to several templates), and the Spearman
 rank correlation of the label-free cycle IoU with the true IoU of the zero-shot
 predictions. Checks the goals (zero-shot): body >= 0.85, head and pronotum >= 0.60,
 eyes >= 0.40, antennae and legs >= 0.35, rank correlation >= 0.5; palindrome gain
@@ -36,7 +39,8 @@ users' size (README, *Small and thin structures*):
 from earlier records with the same `--out` (whose training logs give the oracle its steps)
 and measures the others again: (a) and (b) always (a minute or two), the oracle unless
 kept and its steps are still (c)'s. After a change to the one-template fine-tuning alone:
-`--reuse R --keep judged oracle`.
+`--reuse R --keep judged oracle`; to measure (c') and (c'') again, even with `--out` gone:
+`--reuse R --keep palindrome oracle`.
 
 Writes benchmarks/results/quality-<checkpoint>.json (`--record`; the collections and
 adapters go to benchmarks/out/quality/, and each collection's zero-shot predictions from
@@ -83,6 +87,8 @@ KEEPABLE = ("palindrome", "judged", "oracle")
 ORACLE = "oracle: supervised LoRA (1 template)"
 #: the name of row (c')
 JUDGED = "palindrome LoRA ({n} templates: one trains, {held} pick the epoch and structures)"
+#: the name of row (c'')
+JUDGED_ALL = "palindrome LoRA as (c'), all {n} templates in memory"
 #: the zero-shot goals: structure -> lowest mean IoU (skipped where a collection lacks it)
 GOALS = {"body": 0.85, "head": 0.60, "pronotum": 0.60, "eye": 0.40, "antenna": 0.35, "legs": 0.35}
 
@@ -237,7 +243,7 @@ def main(argv=None) -> int:
                 ap.error(f"--reuse {record}: measured on other photos (another --seed-offset)")
         for name in set(reused) & set(args.collections):
             log = Path(args.out) / f"{name}-adapter" / "training_log.csv"
-            if "palindrome" in args.keep and not log.is_file():
+            if "palindrome" in args.keep and "oracle" not in args.keep and not log.is_file():
                 ap.error(f"--reuse: {log} is missing: the oracle takes its steps from it")
     recorder = Recorder(args.record or f"quality-{Path(args.checkpoint).stem}", args, args.device)
 
@@ -291,8 +297,11 @@ def main(argv=None) -> int:
             if args.n_templates >= 2:  # the workflow's default with several templates
                 held = min(2, args.n_templates - 1)
                 row = JUDGED.format(n=args.n_templates, held=held)
+                row_all = JUDGED_ALL.format(n=args.n_templates)
                 if "judged" in keep:
                     rows[row] = previous["methods"][row]
+                    if row_all in previous["methods"]:  # records from before (c'') lack it
+                        rows[row_all] = previous["methods"][row_all]
                     for k in ("judged_epoch", "judged_untouched_structures"):
                         entry[k] = previous[k]
                 else:
@@ -304,11 +313,18 @@ def main(argv=None) -> int:
                         {**settings, "holdout_templates": held},
                         "palindrome",
                         args.n_templates,
+                        all_templates=True,
                     )
                     rows[row] = judged["table"]
+                    rows[row_all] = judged["table_all_templates"]
                     entry["judged_epoch"] = judged["best_epoch"]
                     entry["judged_untouched_structures"] = judged["untouched_structures"]
                 entry["palindrome_judged_gain"] = round(rows[row]["mean"] - zero.mean_parts(), 3)
+                if row_all in rows:
+                    # what the fine-tuning adds where the workflow segments from all templates
+                    entry["judged_all_gain_over_templates"] = round(
+                        rows[row_all]["mean"] - multi.mean_parts(), 3
+                    )
         entry["methods"] = rows
         if not args.no_finetune and not args.no_oracle:
             entry = _oracle(
@@ -379,9 +395,14 @@ def _oracle(
     rows reach: supervised LoRA on the true masks, as many optimizer steps as the
     one-template palindrome trained (its training log in `out`; all its epochs, not
     only up to the one it kept). `kept`: an earlier record's entry whose oracle is
-    taken if it trained that many steps."""
-    with open(out / f"{name}-adapter" / "training_log.csv", newline="") as f:
-        n_steps = int(list(csv.DictReader(f))[-1]["optimizer_steps"])
+    taken if it trained that many steps; without the training log (the palindrome row
+    kept from the same record, its adapter gone), its steps are the record's."""
+    log = out / f"{name}-adapter" / "training_log.csv"
+    if kept is not None and not log.is_file():
+        n_steps = kept.get("oracle_steps")
+    else:
+        with open(log, newline="") as f:
+            n_steps = int(list(csv.DictReader(f))[-1]["optimizer_steps"])
     if kept is not None and kept.get("oracle_steps") == n_steps:
         table, steps = kept["methods"][ORACLE], n_steps
     else:
@@ -422,6 +443,11 @@ def _print_collection(name: str, entry: dict) -> None:
             extra += f"; palindrome gain ({which}): {100 * entry[gain]:+.1f} IoU points"
         if entry.get(closed) is not None:
             extra += f", {100 * entry[closed]:.0f}% of the gap to the oracle"
+    if "judged_all_gain_over_templates" in entry:
+        extra += (
+            "; palindrome (judged) with all templates in memory over the templates alone: "
+            f"{100 * entry['judged_all_gain_over_templates']:+.1f} IoU points"
+        )
     print("\n" + extra)
 
 

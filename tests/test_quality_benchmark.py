@@ -270,3 +270,43 @@ def test_quality_writes_each_photos_scores_beside_the_collection(tmp_path, monke
     assert all(r["cycle_iou"] != "" and 0 <= float(r["on_truth"]) <= 1 for r in zero)
     on_legs = [float(r["on_truth"]) for r in zero if r["structure"] == "legs"]
     assert table["zero_shot_shape"]["legs"]["on_truth"] == round(sum(on_legs) / len(on_legs), 3)
+
+
+def test_the_judged_adapter_is_also_scored_from_all_templates(tmp_path):
+    """quality.py's row (c''): palindrome.py's `finetune_and_score` with several templates
+    and `all_templates` segments the targets with the kept adapter from all of them in
+    memory as well as from the first alone: two tables over the same structures."""
+    from palindrome import finetune_and_score, model_arguments
+
+    from sam2pal.synth.quality import HELD_OUT, make_held_out
+
+    coll = tmp_path / "c"
+    make_held_out(coll, HELD_OUT[1], n_images=4, n_templates=3)
+    args = argparse.Namespace(
+        checkpoint="sam2pal-micro", config=None, image_size=None, device="cpu", threads=0,
+        n_templates=3,
+    )  # fmt: skip
+    settings = {
+        "num_epochs": 1, "min_steps": 1, "accumulation_steps": 1, "holdout_templates": 2,
+        "lora_rank": 4,
+    }  # fmt: skip
+    got = finetune_and_score(
+        args, model_arguments(args), coll, tmp_path / "ft", settings, "palindrome", 3,
+        all_templates=True,
+    )  # fmt: skip
+    one, every = got["table"], got["table_all_templates"]
+    assert set(one) == set(every) and "mean" in every
+    assert all(0.0 <= v <= 1.0 for v in every.values() if v == v)
+
+
+def test_a_kept_oracle_needs_no_training_log_when_kept_with_the_palindrome(tmp_path):
+    """`--keep palindrome oracle` with the earlier `--out` gone: the oracle's steps are
+    the record's (the palindrome row comes from the same record), nothing trains."""
+    entry = {
+        "methods": {"zero-shot (1 template)": {"mean": 0.2}, quality.PALINDROME: {"mean": 0.3}},
+        "palindrome_gain": 0.1,
+    }
+    kept = {"methods": {quality.ORACLE: {"mean": 0.4}}, "oracle_steps": 60}
+    args = argparse.Namespace(lora_rank=8, lr=None)
+    out = quality._oracle(args, None, tmp_path / "c", tmp_path, "c", entry, kept)
+    assert out["oracle_steps"] == 60 and out["gap_closed"] == 0.5
