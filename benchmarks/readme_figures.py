@@ -840,11 +840,15 @@ def quality_size(records: dict = QUALITY_SIZE_RECORDS) -> str:
 
 #: the palindrome through the zoom pass (`quality.py --zoom best`, v11), one record per
 #: collection measured so far, in collection order
+#: (the "-all-" records: the fine-tuned rows from three templates trained again for the
+#: row with all three in memory, the one-template row and the oracle kept from the first
+#: record)
 PALINDROME_ZOOM_RECORDS = (
-    "quality-palindrome-zoom-blue_slate",
-    "quality-palindrome-zoom-bronze_aligned",
+    "quality-palindrome-zoom-all-blue_slate",
+    "quality-palindrome-zoom-all-bronze_aligned",
     "quality-palindrome-zoom-small_mixed",
-    "quality-palindrome-zoom-pale_on_dark",
+    "quality-palindrome-zoom-all-pale_on_dark",
+    "quality-palindrome-zoom-procedural_eyes",
 )
 
 
