@@ -243,7 +243,9 @@ def main(argv=None) -> int:
                 ap.error(f"--reuse {record}: measured on other photos (another --seed-offset)")
         for name in set(reused) & set(args.collections):
             log = Path(args.out) / f"{name}-adapter" / "training_log.csv"
-            if "palindrome" in args.keep and "oracle" not in args.keep and not log.is_file():
+            if log.is_file() or "palindrome" not in args.keep:
+                continue
+            if "oracle" not in args.keep or "oracle_steps" not in reused[name]:
                 ap.error(f"--reuse: {log} is missing: the oracle takes its steps from it")
     recorder = Recorder(args.record or f"quality-{Path(args.checkpoint).stem}", args, args.device)
 

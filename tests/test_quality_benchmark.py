@@ -310,3 +310,18 @@ def test_a_kept_oracle_needs_no_training_log_when_kept_with_the_palindrome(tmp_p
     args = argparse.Namespace(lora_rank=8, lr=None)
     out = quality._oracle(args, None, tmp_path / "c", tmp_path, "c", entry, kept)
     assert out["oracle_steps"] == 60 and out["gap_closed"] == 0.5
+
+
+def test_keeping_a_palindrome_without_its_log_needs_the_records_oracle(tmp_path, capsys):
+    """`--reuse R --keep palindrome oracle` with `--out` gone is refused before anything
+    trains when R has no oracle (measured with `--no-oracle`): the oracle's steps would
+    come from nowhere."""
+    import pytest
+
+    argv = [
+        "--collections", "small_mixed", "--reuse", "quality-palindrome-zoom-small_mixed",
+        "--keep", "palindrome", "oracle", "--out", str(tmp_path / "gone"),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        quality.main(argv)
+    assert "training_log.csv is missing" in capsys.readouterr().err
