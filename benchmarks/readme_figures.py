@@ -91,6 +91,13 @@ def _judged(methods: dict) -> dict | None:
     return next((t for m, t in methods.items() if m.startswith(JUDGED_ROW)), None)
 
 
+def _row_ending(methods: dict, suffix: str) -> dict | None:
+    """The first of quality.py's rows whose name ends with `suffix` ("templates": the
+    several templates without fine-tuning; "in memory": the judged adapter with all of
+    them), or None."""
+    return next((t for m, t in methods.items() if m.endswith(suffix)), None)
+
+
 def _iou(value) -> str:
     return "-" if value is None or value != value else f"{value:.3f}"
 
@@ -633,7 +640,7 @@ def quality_card(records=QUALITY_RECORDS) -> str:
     for cname, entry in res["collections"].items():
         methods = entry["methods"]
         zero = methods["zero-shot (1 template)"]
-        multi = next((t for m, t in methods.items() if m.endswith("templates")), None)
+        multi = _row_ending(methods, "templates")
         pal = methods.get("palindrome LoRA (1 template)")
         oracle = methods.get("oracle: supervised LoRA (1 template)")
         means = (multi, pal, _judged(methods), oracle) if judged else (multi, pal, oracle)
@@ -877,10 +884,10 @@ def palindrome_zoom(records=PALINDROME_ZOOM_RECORDS, without=QUALITY_RECORDS) ->
             judged = _judged(methods)
             rows = (
                 methods["zero-shot (1 template)"],
-                next(t for m, t in methods.items() if m.endswith("templates")),
+                _row_ending(methods, "templates"),
                 methods.get("palindrome LoRA (1 template)"),
                 judged,
-                next((t for m, t in methods.items() if m.endswith("in memory")), None),
+                _row_ending(methods, "in memory"),
                 methods.get("oracle: supervised LoRA (1 template)"),
             )
             shares = [e.get(k) for k in ("gap_closed", "judged_gap_closed")]
