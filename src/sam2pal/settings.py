@@ -175,6 +175,9 @@ PHOTO_ONLY_SETTINGS = (
     "zoom_margin",
 )
 ZOOMS = ("off", "auto", "on", "best")
+#: finetune.judge_memory: a held-out template is segmented from every other template, or
+#: from the training templates alone
+JUDGE_MEMORIES = ("others", "training")
 
 
 @dataclass(frozen=True)
@@ -519,6 +522,18 @@ class Training:
         "order whose structures the training templates still show; one always trains)",
         "training",
         flag=Flag("--holdout_templates", type=positive_int),
+    )
+    # after the fine-tuning the workflow segments with every template in memory, the
+    # held-out ones too: a held-out template judged from the training templates alone
+    # reads structures that several templates segment well (bronze_aligned's antennae)
+    # as lost, and the per-structure choice then keeps the adapter where it does worse
+    judge_memory: str = setting(
+        "others",
+        "the templates each held-out template is segmented from when it judges an epoch: "
+        "others (every other template, training and held out, closer to the segmentation "
+        "with all templates in memory) or training (the training templates alone)",
+        "training",
+        flag=Flag("--judge_memory", choices=JUDGE_MEMORIES),
     )
     # the held-out template scores each structure: where the adapter does worse on one
     # than the untouched model, the segmentation keeps the untouched model for it

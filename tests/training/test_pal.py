@@ -781,6 +781,45 @@ def test_several_templates_are_held_out_and_judge_together(pool, tmp_path):
     assert [t.key for t in solo.templates] == [f"template:{names[2]}"]
 
 
+def test_each_held_out_template_is_judged_from_every_other_template(pool, tmp_path):
+    """`judge_memory: others` (the default): a held-out template and its views are
+    segmented from the training template and the other held-out one, as the
+    segmentation after the fine-tuning has all three in memory; the held-out photos
+    from the training template. Its template IoU is the IoU of a `Propagator` with those
+    two templates in memory. `training`: every judge from the training template alone,
+    which scores the held-out templates otherwise."""
+    three = three_templates(tmp_path)
+    first, second, third = sorted(t.file_name for t in three.images)
+    model = fresh_model()
+    twin = copy.deepcopy(model)
+    trainer = make_trainer(three, pool, model=model, holdout_templates=2)
+    assert trainer.judge_memory(f"validation-template:{second}") == (first, third)
+    assert trainer.judge_memory(f"validation-template:{third}#view2") == (first, second)
+    assert trainer.judge_memory(trainer.holdout[0]) == (first,)
+    others = trainer.validate()
+    key = f"validation-template:{third}"
+    engine = Propagator(
+        trainer.sam.eval(),
+        three.select([first, second]),
+        fill_hole_area=0,
+        cycle_consistency=True,
+        tone="none",
+    )
+    path = next(t.path for t in three.images if t.file_name == third)
+    preds = engine.predict(read_image(path))
+    expected = trainer._truth_ious(preds, trainer.validation_truths[key])
+    names = list(trainer.validation_truths[key])
+    # the third template is the second judge: its IoU follows the first's and its views'
+    at = 1 + Trainer.VALIDATION_VIEWS
+    got = [others["val_template_view_ious"][n][at] for n in names]
+    assert got == pytest.approx(expected, abs=1e-6)
+    alone = make_trainer(three, pool, model=twin, holdout_templates=2, judge_memory="training")
+    assert {alone.judge_memory(k) for k in alone.validation_truths} == {(first,)}
+    assert alone.validate()["val_template_view_ious"] != others["val_template_view_ious"]
+    with pytest.raises(InputError, match="judge_memory must be one of others, training"):
+        FinetuneSettings(judge_memory="all")
+
+
 def test_the_held_out_template_is_judged_with_its_views(pool):
     """The held-out template comes with `VALIDATION_VIEWS` augmented views, the same
     every run (a fixed seed), their true masks warped with them; the template IoU is

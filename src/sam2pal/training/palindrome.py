@@ -88,7 +88,7 @@ from sam2pal.models.adapters import (
     save_merged_checkpoint,
 )
 from sam2pal.models.build import autocast
-from sam2pal.settings import Training
+from sam2pal.settings import JUDGE_MEMORIES, Training
 
 LOG_COLUMNS = [
     "epoch",
@@ -113,6 +113,10 @@ class FinetuneSettings(Training):
             problems.append(f"mode must be lora or full, not {self.mode!r}")
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be cosine or constant, not {self.schedule!r}")
+        if self.judge_memory not in JUDGE_MEMORIES:
+            problems.append(
+                f"judge_memory must be one of {', '.join(JUDGE_MEMORIES)}, not {self.judge_memory!r}"
+            )
         for name in (
             "lora_rank",
             "num_epochs",
@@ -466,6 +470,7 @@ class Trainer:
             settings = self.settings = replace(settings, stay_weight=stay)
         self.categories = dict(templates.categories)
         self.template_set = templates
+        self.all_template_set = all_templates  # the held-out templates too
         self.ground_truth = ground_truth or {}
         torch.manual_seed(settings.seed)
         random.seed(settings.seed)
@@ -969,32 +974,16 @@ class Trainer:
                 "val_ious": {},
             }
         self.sam.eval()
-        # the templates' features come from the cache too: every image of the training
-        # (templates, training and held-out photos) goes through the image encoder once
-        # (with the zoom pass, whose windows are cut from the photos, the photos are read)
         zoom = self.zoom["zoom"] != "off"
-        backbones = (
-            [self._backbone(t.key) for t in self.templates]
-            if self.cache.enabled and not zoom
-            else None
-        )
-        engine = Propagator(
-            self.sam,
-            self.template_set,
-            read_image=self.read_image,
-            tone=Tone(),  # its photos come toned from here
-            fill_hole_area=0,
-            cycle_consistency=True,
-            backbones=backbones,
-            framing=self.framing,
-            framing_fill=self.framing_fill,
-            **self.zoom,
-        )
+        engines: dict[tuple[str, ...], Propagator] = {}
         cycles = []
         template_ious: dict[str, list[float]] = {}  # per structure name
         truth_ious: dict[str, list[float]] = {}  # held-out photos', per structure name
         validation = self.validation_truths
         for key in self.holdout + list(validation):
+            memory = self.judge_memory(key)
+            if memory not in engines:
+                engines[memory] = self._judge(memory, zoom)
             backbone = self._backbone(key) if self.cache.enabled else None
             if backbone is not None and not zoom:
                 image = self.cache.sizes[key]
@@ -1002,7 +991,7 @@ class Trainer:
                 image = self.validation_pixels[key]
             else:
                 image = self.read_image(self.paths[key])
-            preds = engine.predict(image, backbone=backbone)
+            preds = engines[memory].predict(image, backbone=backbone)
             if key in validation:
                 names = list(validation[key])
                 for name, iou in zip(names, self._truth_ious(preds, validation[key])):
@@ -1012,7 +1001,7 @@ class Trainer:
             truth = self.ground_truth.get(key) or {}
             for name, iou in zip(truth, self._truth_ious(preds, truth)):
                 truth_ious.setdefault(name, []).append(iou)
-        del engine
+        del engines
         release_inference_tensors(self.sam)
         self.sam.train()
         ious = [v for per in truth_ious.values() for v in per]
@@ -1029,6 +1018,50 @@ class Trainer:
             "val_iou": float(np.mean(ious)) if ious else None,
             "val_ious": {name: float(np.mean(v)) for name, v in truth_ious.items()},
         }
+
+    def judge_memory(self, key: str) -> tuple[str, ...]:
+        """The file names of the templates that `validate` segments image `key` from: for
+        a held-out template (or a view of it) with `judge_memory: others`, every other
+        template, the other held-out ones too (after the fine-tuning the segmentation
+        has them all in memory); otherwise, and for the held-out photos, the training
+        templates."""
+        training = tuple(t.file_name for t in self.template_set.images)
+        if not key.startswith("validation-template:") or self.settings.judge_memory != "others":
+            return training
+        held = key.split(":", 1)[1].split("#", 1)[0]
+        others = [t.file_name for t in self.validation_templates if t.file_name != held]
+        return training + tuple(others)
+
+    def _judge(self, memory: tuple[str, ...], zoom: bool) -> Propagator:
+        """The engine of `validate` with the templates `memory` (file names) in memory.
+        Their features come from the cache too: every image of the training (templates,
+        training and held-out photos) goes through the image encoder once (with the
+        zoom pass, whose windows are cut from the photos, the photos are read)."""
+        templates = self.all_template_set.select(list(memory))
+        training = {t.file_name for t in self.template_set.images}
+        backbones = (
+            [
+                self._backbone(
+                    f"{'template' if t.file_name in training else 'validation-template'}:"
+                    f"{t.file_name}"
+                )
+                for t in templates.images
+            ]
+            if self.cache.enabled and not zoom
+            else None
+        )
+        return Propagator(
+            self.sam,
+            templates,
+            read_image=self.read_image,
+            tone=Tone(),  # its photos come toned from here
+            fill_hole_area=0,
+            cycle_consistency=True,
+            backbones=backbones,
+            framing=self.framing,
+            framing_fill=self.framing_fill,
+            **self.zoom,
+        )
 
     def _truth_ious(self, preds, truth: dict) -> list[float]:
         """Per structure name of `truth`, the IoU of the predictions of that name."""
