@@ -40,7 +40,9 @@ from earlier records with the same `--out` (whose training logs give the oracle 
 and measures the others again: (a) and (b) always (a minute or two), the oracle unless
 kept and its steps are still (c)'s. After a change to the one-template fine-tuning alone:
 `--reuse R --keep judged oracle`; to measure (c') and (c'') again, even with `--out` gone:
-`--reuse R --keep palindrome oracle`.
+`--reuse R --keep palindrome oracle`. `--judge-memory training` judges (c')'s epochs as
+sam2pal did before `finetune.judge_memory`: each held-out template segmented from the
+training template alone, not from every other template.
 
 Writes benchmarks/results/quality-<checkpoint>.json (`--record`; the collections and
 adapters go to benchmarks/out/quality/, and each collection's zero-shot predictions from
@@ -63,7 +65,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sam2pal.inference.pipeline import _run_model, finetune, prepare_templates  # noqa: E402
 from sam2pal.io.atomic import atomic_write  # noqa: E402
-from sam2pal.settings import TONES, ZOOMS, Segmentation  # noqa: E402
+from sam2pal.settings import JUDGE_MEMORIES, TONES, ZOOMS, Segmentation, Training  # noqa: E402
 from sam2pal.synth.quality import (  # noqa: E402
     HELD_OUT,
     SIZE,
@@ -208,6 +210,13 @@ def main(argv=None) -> int:
         help="segment small structures again on crops at the model's full input "
         "(propagate.zoom; the fine-tuning trains on the zoom windows too, as the workflow's)",
     )
+    ap.add_argument(
+        "--judge-memory",
+        default=Training.judge_memory,
+        choices=JUDGE_MEMORIES,
+        help="the templates each held-out template is segmented from when it judges an "
+        "epoch of (c') (finetune.judge_memory)",
+    )
     ap.add_argument("--no-oracle", action="store_true", help="skip the supervised upper bound")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0)
@@ -312,7 +321,7 @@ def main(argv=None) -> int:
                         model_args,
                         coll,
                         out / f"{name}-judged",
-                        {**settings, "holdout_templates": held},
+                        {**settings, "holdout_templates": held, "judge_memory": args.judge_memory},
                         "palindrome",
                         args.n_templates,
                         all_templates=True,
