@@ -120,10 +120,10 @@ def _quality_table(collections: dict, structures=QUALITY_STRUCTURES) -> list[str
     return lines
 
 
-def _tried_records(version: int) -> tuple[str, ...]:
-    """The four quality records of a candidate model (v6 on), named as they were
-    measured: blue_slate and bronze_aligned in one run, the other collections each in
-    its own."""
+def _tried_records(version: int | str) -> tuple[str, ...]:
+    """The four quality records of a candidate model (v6 on; `version` as its file
+    names it: 11, "12b"), named as they were measured: blue_slate and bronze_aligned in
+    one run, the other collections each in its own."""
     parts = ("full", "small_mixed", "pale_on_dark", "procedural_eyes")
     return tuple(f"quality-sam2pal-micro-v{version}-tried-{part}" for part in parts)
 

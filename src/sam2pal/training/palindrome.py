@@ -954,7 +954,9 @@ class Trainer:
     # -- validation -------------------------------------------------------------------
 
     def validate(self) -> dict:
-        """Score the model on the held-out images.
+        """Score the model on the held-out images (the held-out photos segmented from
+        the training templates, each held-out template and its views from the templates
+        `judge_memory` gives).
 
         Returns:
             {"val_cycle_iou": mean cycle IoU, "val_template_iou": mean IoU of the
