@@ -916,6 +916,59 @@ def palindrome_zoom(records=PALINDROME_ZOOM_RECORDS, without=QUALITY_RECORDS) ->
     )
 
 
+#: the fine-tuned rows of `quality.py --zoom best` from three templates, per collection:
+#: (judged from the training template alone, judged from every other template:
+#: `finetune.judge_memory` training, others); the same photos, templates and training
+JUDGE_MEMORY_RECORDS = tuple(
+    (before, f"quality-palindrome-zoom-others-{name}")
+    for name, before in (
+        ("blue_slate", "quality-palindrome-zoom-all-blue_slate"),
+        ("bronze_aligned", "quality-palindrome-zoom-all-bronze_aligned"),
+        ("pale_on_dark", "quality-palindrome-zoom-all-pale_on_dark"),
+        ("procedural_eyes", "quality-palindrome-zoom-procedural_eyes"),
+    )
+)
+
+
+def judge_memory(pairs=JUDGE_MEMORY_RECORDS) -> str:
+    """Per collection, the judged adapter segmenting with all three templates in memory
+    when its held-out templates were segmented from the training template alone and
+    when from every other template: the mean of the parts, the epoch and the structures
+    left to the untouched model, the antennae; beside the three templates alone."""
+    lines = [
+        "| collection | 3 templates, no fine-tuning | judged from the training template "
+        "| epoch, structures left untouched | judged from the other templates "
+        "| epoch, structures left untouched | change | antennae: 3 templates / first judge "
+        "/ second judge |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for before, after in pairs:
+        (name, old), = _quality_results([before])["collections"].items()
+        new = _quality_results([after])["collections"][name]
+        three = _row_ending(old["methods"], "templates")
+        rows = [_row_ending(e["methods"], "in memory") for e in (old, new)]
+        chosen = [
+            f"{e['judged_epoch']}, {', '.join(e['judged_untouched_structures']) or 'none'}"
+            for e in (old, new)
+        ]
+        lines.append(
+            f"| {name} | {three['mean']:.3f} | {rows[0]['mean']:.3f} | {chosen[0]} "
+            f"| {rows[1]['mean']:.3f} | {chosen[1]} "
+            f"| {100 * (rows[1]['mean'] - rows[0]['mean']):+.1f} "
+            f"| {' / '.join(_iou(t.get('antenna')) for t in (three, *rows))} |"
+        )
+    return (
+        "Mean IoU of the parts on the 20 targets of each collection, segmented with the "
+        "three templates in memory as the workflow segments after the fine-tuning "
+        "(`zoom: best`; one template trains, two judge the epochs and choose, per "
+        "structure, between the adapter and the untouched model); the same training, "
+        "judged two ways; change in points:\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + source(*(name for pair in pairs for name in pair))
+    )
+
+
 MASK_GRID_RECORD = "mask-grid"
 
 
@@ -1532,6 +1585,7 @@ BLOCKS = {
     "zoom-v2": lambda: zoom(ZOOM_RECORD_V2),
     "quality-size": quality_size,
     "palindrome-zoom": palindrome_zoom,
+    "judge-memory": judge_memory,
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
     "qc-rank-other-photos": lambda: qc_rank("qc-rank-other-photos"),
