@@ -943,7 +943,7 @@ def judge_memory(pairs=JUDGE_MEMORY_RECORDS) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for before, after in pairs:
-        (name, old), = _quality_results([before])["collections"].items()
+        ((name, old),) = _quality_results([before])["collections"].items()
         new = _quality_results([after])["collections"][name]
         three = _row_ending(old["methods"], "templates")
         rows = [_row_ending(e["methods"], "in memory") for e in (old, new)]

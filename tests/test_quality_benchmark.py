@@ -4,6 +4,7 @@ cycle_reward.py's grown masks, mask_grid.py's fitted grids, tiles.py's tiles."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from conftest import REPO
@@ -288,7 +289,7 @@ def test_the_judged_adapter_is_also_scored_from_all_templates(tmp_path):
     )  # fmt: skip
     settings = {
         "num_epochs": 1, "min_steps": 1, "accumulation_steps": 1, "holdout_templates": 2,
-        "lora_rank": 4,
+        "lora_rank": 4, "judge_memory": "training",
     }  # fmt: skip
     got = finetune_and_score(
         args, model_arguments(args), coll, tmp_path / "ft", settings, "palindrome", 3,
@@ -297,6 +298,10 @@ def test_the_judged_adapter_is_also_scored_from_all_templates(tmp_path):
     one, every = got["table"], got["table_all_templates"]
     assert set(one) == set(every) and "mean" in every
     assert all(0.0 <= v <= 1.0 for v in every.values() if v == v)
+    # quality.py --judge-memory reaches the training (the adapter's record names it)
+    records = list((tmp_path / "ft").rglob("sam2pal_adapter.json"))  # the best, the last
+    assert records
+    assert {json.loads(r.read_text())["settings"]["judge_memory"] for r in records} == {"training"}
 
 
 def test_a_kept_oracle_needs_no_training_log_when_kept_with_the_palindrome(tmp_path):
