@@ -132,6 +132,8 @@ def _tried_records(version: int | str) -> tuple[str, ...]:
 #: their names), in collection order, with the workflow's defaults: photos toned
 #: (`tone: auto`): blue_slate's lifted, the others' unchanged; every row measured
 QUALITY_RECORDS = _tried_records(11)
+#: the v12 candidate's (resources/models/next/sam2pal-micro-v12b.pt)
+QUALITY_RECORDS_V12B = _tried_records("12b")
 #: v10's, the model shipped before, then v9's to v6's, the same way
 QUALITY_RECORDS_V10 = _tried_records(10)
 QUALITY_RECORDS_V9 = _tried_records(9)
@@ -630,12 +632,15 @@ def quality_card(records=QUALITY_RECORDS) -> str:
     """The model card's summary of the same records: zero-shot per structure."""
     res = _quality_results(records)
     judged = any(_judged(e["methods"]) for e in res["collections"].values())
+    # (c''), the judged adapter with all the templates in memory, where measured
+    every = any(_row_ending(e["methods"], "in memory") for e in res["collections"].values())
     extra = " palindrome LoRA, 3 templates |" if judged else ""
+    extra += " the same, all 3 in memory |" if every else ""
     lines = [
         "| collection | "
         + " | ".join(QUALITY_STRUCTURES)
         + f" | several templates | palindrome LoRA |{extra} oracle | cycle-IoU rank corr. |",
-        "|---|" + "---|" * (len(QUALITY_STRUCTURES) + 4 + judged),
+        "|---|" + "---|" * (len(QUALITY_STRUCTURES) + 4 + judged + every),
     ]
     for cname, entry in res["collections"].items():
         methods = entry["methods"]
@@ -643,7 +648,9 @@ def quality_card(records=QUALITY_RECORDS) -> str:
         multi = _row_ending(methods, "templates")
         pal = methods.get("palindrome LoRA (1 template)")
         oracle = methods.get("oracle: supervised LoRA (1 template)")
-        means = (multi, pal, _judged(methods), oracle) if judged else (multi, pal, oracle)
+        means = (multi, pal, *([_judged(methods)] if judged else []))
+        means += (_row_ending(methods, "in memory"),) if every else ()
+        means += (oracle,)
         cells = [
             cname,
             *(_iou(zero.get(s)) for s in QUALITY_STRUCTURES),
@@ -1565,6 +1572,7 @@ BLOCKS = {
     "review-templates": review_templates,
     "quality": quality,
     "quality-card": quality_card,
+    "quality-card-v12b": lambda: quality_card(QUALITY_RECORDS_V12B),
     "quality-card-v10": lambda: quality_card(QUALITY_RECORDS_V10),
     "quality-card-v9": lambda: quality_card(QUALITY_RECORDS_V9),
     "quality-card-v8": lambda: quality_card(QUALITY_RECORDS_V8),
