@@ -524,9 +524,11 @@ class Training:
         flag=Flag("--holdout_templates", type=positive_int),
     )
     # after the fine-tuning the workflow segments with every template in memory, the
-    # held-out ones too: a held-out template judged from the training templates alone
-    # reads structures that several templates segment well (bronze_aligned's antennae)
-    # as lost, and the per-structure choice then keeps the adapter where it does worse
+    # held-out ones too: judged from the training templates alone, a structure that
+    # several templates read well and the adapter loses (v11's bronze_aligned antennae)
+    # looks no worse with the adapter, and the per-structure choice keeps the adapter.
+    # Judged from the others, v11 kept the untouched model there; v12b's held-out
+    # templates read those antennae no better from two templates, and the loss stays
     judge_memory: str = setting(
         "others",
         "the templates each held-out template is segmented from when it judges an epoch: "
