@@ -488,6 +488,10 @@ class Trainer:
             self.framing_fill,
         )
         self.templates: list[_TrainingTemplate] = []
+        # every template's feature-cache key by file name (training and held out), and
+        # the file name of each held-out template's photo and views by their keys
+        self.template_keys: dict[str, str] = {}
+        self.validation_sources: dict[str, str] = {}
         self.views: dict[str, list[_TrainingTemplate]] = {}
         self._zoom_wanted = zoom not in ("off", False) and settings.zoom_crops
         self._view_sources: dict[str, tuple] = {}
@@ -593,6 +597,8 @@ class Trainer:
         (the validation reads the photos when the features are not cached or with the
         zoom pass)."""
         key = f"validation-template:{image.file_name}"
+        self.template_keys[image.file_name] = key
+        self.validation_sources[key] = image.file_name
         self.paths[key] = Path(image.path)
         photo = self.read_image(image.path)
         self.cache.add(key, photo)
@@ -603,6 +609,7 @@ class Trainer:
         for v in range(self.VALIDATION_VIEWS):
             view, view_masks = template_view(photo, masks, objects, self.categories, rng)
             view_key = f"{key}#view{v}"
+            self.validation_sources[view_key] = image.file_name
             self.cache.add(view_key, view)
             if keep_pixels:
                 self.validation_pixels[view_key] = view
@@ -656,6 +663,7 @@ class Trainer:
         `ANCHOR_VIEWS` for the anchor term alone) to the training templates and the
         feature cache."""
         key = f"template:{t.file_name}"
+        self.template_keys[t.file_name] = key
         self.paths[key] = Path(t.path)
         image = self.read_image(t.path)
         self.cache.add(key, image)
@@ -1028,9 +1036,9 @@ class Trainer:
         has them all in memory); otherwise, and for the held-out photos, the training
         templates."""
         training = tuple(t.file_name for t in self.template_set.images)
-        if not key.startswith("validation-template:") or self.settings.judge_memory != "others":
+        held = self.validation_sources.get(key)
+        if held is None or self.settings.judge_memory != "others":
             return training
-        held = key.split(":", 1)[1].split("#", 1)[0]
         others = [t.file_name for t in self.validation_templates if t.file_name != held]
         return training + tuple(others)
 
@@ -1040,15 +1048,8 @@ class Trainer:
         training and held-out photos) goes through the image encoder once (with the
         zoom pass, whose windows are cut from the photos, the photos are read)."""
         templates = self.all_template_set.select(list(memory))
-        training = {t.file_name for t in self.template_set.images}
         backbones = (
-            [
-                self._backbone(
-                    f"{'template' if t.file_name in training else 'validation-template'}:"
-                    f"{t.file_name}"
-                )
-                for t in templates.images
-            ]
+            [self._backbone(self.template_keys[t.file_name]) for t in templates.images]
             if self.cache.enabled and not zoom
             else None
         )
