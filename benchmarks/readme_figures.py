@@ -128,13 +128,13 @@ def _tried_records(version: int | str) -> tuple[str, ...]:
     return tuple(f"quality-sam2pal-micro-v{version}-tried-{part}" for part in parts)
 
 
-#: the quality records of the shipped model (v11, measured before it was shipped, hence
-#: their names), in collection order, with the workflow's defaults: photos toned
-#: (`tone: auto`): blue_slate's lifted, the others' unchanged; every row measured
-QUALITY_RECORDS = _tried_records(11)
-#: the v12 candidate's (resources/models/next/sam2pal-micro-v12b.pt)
-QUALITY_RECORDS_V12B = _tried_records("12b")
-#: v10's, the model shipped before, then v9's to v6's, the same way
+#: the quality records of the shipped model (v12, measured before it was shipped as the
+#: run v12b, hence their names), in collection order, with the workflow's defaults:
+#: photos toned (`tone: auto`): blue_slate's lifted, the others' unchanged; every row
+#: measured
+QUALITY_RECORDS = _tried_records("12b")
+#: v11's, the model shipped before, then v10's to v6's, the same way
+QUALITY_RECORDS_V11 = _tried_records(11)
 QUALITY_RECORDS_V10 = _tried_records(10)
 QUALITY_RECORDS_V9 = _tried_records(9)
 QUALITY_RECORDS_V8 = _tried_records(8)
@@ -197,10 +197,17 @@ PALINDROME_RECORD_V1 = "palindrome-sam2pal-micro-v1"
 ROTATION_RECORD = "rotation-sam2pal-micro-v2"
 
 
+#: runs shipped under another name than their records give (the run v12b is v12)
+SHIPPED_AS = {"v12b": "v12"}
+
+
 def micro(record: str) -> str:
-    """The model a record of sam2pal-micro was measured with, from its name: "sam2pal-micro v2"."""
-    version = re.search(r"-(v\d+)(-|$)", record)
-    return f"sam2pal-micro {version.group(1)}" if version else "sam2pal-micro"
+    """The model a record of sam2pal-micro was measured with, from its name: "sam2pal-micro v2"
+    (a run's records name the run: "v12b", shipped as v12)."""
+    version = re.search(r"-(v\d+[a-z]?)(-|$)", record)
+    if not version:
+        return "sam2pal-micro"
+    return f"sam2pal-micro {SHIPPED_AS.get(version.group(1), version.group(1))}"
 
 
 def _quality_results(records=QUALITY_RECORDS) -> dict:
@@ -852,8 +859,8 @@ def quality_size(records: dict = QUALITY_SIZE_RECORDS) -> str:
     return "\n".join(lines) + "\n\n" + source(*records.values())
 
 
-#: the palindrome through the zoom pass (`quality.py --zoom best`, v11), one record per
-#: collection measured so far, in collection order
+#: the palindrome through the zoom pass (`quality.py --zoom best`, v11, beside v11's
+#: quality rows), one record per collection measured so far, in collection order
 #: (the "-all-" records: the fine-tuned rows from three templates trained again for the
 #: row with all three in memory, the one-template row and the oracle kept from the first
 #: record)
@@ -866,7 +873,7 @@ PALINDROME_ZOOM_RECORDS = (
 )
 
 
-def palindrome_zoom(records=PALINDROME_ZOOM_RECORDS, without=QUALITY_RECORDS) -> str:
+def palindrome_zoom(records=PALINDROME_ZOOM_RECORDS, without=QUALITY_RECORDS_V11) -> str:
     """The quality table's fine-tuned rows without the zoom pass and with `zoom: best`,
     per collection: the means of the parts, the gains over the same pass's zero-shot and
     the thin parts of the judged row."""
@@ -912,8 +919,8 @@ def palindrome_zoom(records=PALINDROME_ZOOM_RECORDS, without=QUALITY_RECORDS) ->
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return (
-        "Mean IoU of the parts per method, without the zoom pass (the quality table's rows) "
-        "and with `zoom: best` (the fine-tuning trains on the zoom windows too); the gains "
+        f"Mean IoU of the parts per method ({micro(without[0])}), without the zoom pass (its "
+        "quality table's rows) and with `zoom: best` (the fine-tuning trains on the zoom windows too); the gains "
         "are over the same pass's zero-shot, in points; *palindrome, 3 templates* segments "
         "from the first template with its adapter, *the same, all 3 in memory* from the "
         "three, as the workflow does (measured where the record has it):\n\n"
@@ -1051,6 +1058,7 @@ QC_RANK_80_RECORDS = (
     "qc-rank-80-v9",
     "qc-rank-80-v10",
     "qc-rank-80-v11",
+    "qc-rank-80-v12",
 )
 
 
@@ -1572,7 +1580,7 @@ BLOCKS = {
     "review-templates": review_templates,
     "quality": quality,
     "quality-card": quality_card,
-    "quality-card-v12b": lambda: quality_card(QUALITY_RECORDS_V12B),
+    "quality-card-v11": lambda: quality_card(QUALITY_RECORDS_V11),
     "quality-card-v10": lambda: quality_card(QUALITY_RECORDS_V10),
     "quality-card-v9": lambda: quality_card(QUALITY_RECORDS_V9),
     "quality-card-v8": lambda: quality_card(QUALITY_RECORDS_V8),
@@ -1605,6 +1613,7 @@ BLOCKS = {
     "qc-rank-v9": lambda: qc_rank("qc-rank-sam2pal-micro-v9"),
     "qc-rank-v10": lambda: qc_rank("qc-rank-sam2pal-micro-v10"),
     "qc-rank-v11": lambda: qc_rank("qc-rank-sam2pal-micro-v11"),
+    "qc-rank-v12": lambda: qc_rank("qc-rank-sam2pal-micro-v12"),
     "qc-rank-80": qc_rank_per_photo,
     "train-fit": train_fit,
     "propagate": propagate,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the next sam2pal-micro (v12, from the shipped v11) on a CUDA machine for a fixed
+# Train the next sam2pal-micro (v13, from the shipped v12) on a CUDA machine for a fixed
 # number of minutes, from a bare Python with PyTorch (no venv, nothing fetched): the
 # packages the project needs beyond PyTorch, NumPy, OpenCV and Pillow come as wheels
 # from `make gpu-kit` (in .whl/).
@@ -10,10 +10,10 @@
 #
 # Writes to OUT_DIR the model's record, its loss and held-out curves, its config, the
 # log, and the checkpoint in two parts of at most 15 MiB (some machines return files
-# of at most 16 MiB): `cat sam2pal-micro-v12.pt.part-* > sam2pal-micro-v12.pt`, then
+# of at most 16 MiB): `cat sam2pal-micro-v13.pt.part-* > sam2pal-micro-v13.pt`, then
 # check it against the record's checkpoint_sha256.
 #
-# The episodes are those v11 was trained on (v6's to v10's, which are v5's with 40%
+# The episodes are those v11 and v12 were trained on (v6's to v10's, which are v5's with 40%
 # zoomed crops instead of 30%, with half of the specimens' appendages moved between
 # template and target; resources/models/README.md); on a GPU a step takes 16 of them, rendered by
 # WORKERS processes (default: all cores but two), and the learning rate and resolution
@@ -31,7 +31,7 @@ python=${PYTHON:-python3}
 device=${DEVICE:-cuda}  # DEVICE=cpu: a dry run of this script on a machine without one
 site=${SITE:-/tmp/sam2pal-site}
 kit=${KIT:-.whl}
-name=sam2pal-micro-v12
+name=sam2pal-micro-v13
 recipe=(--init sam2pal-micro --appearance mixed --low_contrast_fraction 0.4
     --zoom_fraction 0.4 --body_plan v2 --procedural_fraction 0.5 --repose_fraction 0.5)
 

@@ -1124,7 +1124,7 @@ def _pretrain_parser(sub):
         description="Train a SAM2 (the real SAM2Base; by default the reduced sam2pal-micro config) from "
         "random weights on synthetic specimen episodes: annotated template(s) in memory, the target's part "
         "masks as supervision (or, with --init, from given weights). The defaults reproduce sam2pal-micro "
-        "v1 (about an hour on 2 CPU cores); v2 went on from v1, v3 from v2, v4 from v3, v5 from v4, v6 from v5, v7 from v6, v8 from v7, v9 from v8, v10 from v9 and the shipped v11 from v10 with the options given in "
+        "v1 (about an hour on 2 CPU cores); v2 went on from v1, v3 from v2, v4 from v3, v5 from v4, v6 from v5, v7 from v6, v8 from v7, v9 from v8, v10 from v9, v11 from v10 and the shipped v12 from v11 with the options given in "
         "resources/models/README.md. Writes NAME.pt, NAME.yaml, NAME.training.json, "
         "NAME.training.csv (the loss curve) and NAME.heldout.csv (the held-out curve) to --out_dir; an "
         "interrupted run resumes from NAME.state.pt.",

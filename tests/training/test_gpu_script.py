@@ -44,15 +44,15 @@ def test_gpu_script_trains_from_the_kit_for_its_budget(tmp_path):
         env=env,
         check=True,
     )
-    record = json.loads((out / "sam2pal-micro-v12.training.json").read_text())
+    record = json.loads((out / "sam2pal-micro-v13.training.json").read_text())
     assert record["stopped_by"] == "time budget" and record["steps_done"] >= 1
     assert record["settings"]["appearance"] == "mixed" and record["settings"]["minutes"] == 0.2
-    assert record["settings"]["low_contrast_fraction"] == 0.4  # v6's to v11's episodes
-    assert record["settings"]["repose_fraction"] == 0.5  # v11's
+    assert record["settings"]["low_contrast_fraction"] == 0.4  # v6's to v12's episodes
+    assert record["settings"]["repose_fraction"] == 0.5  # v11's and v12's
     assert record["settings"]["zoom_fraction"] == 0.4
     assert record["settings"]["learning_rate"] == 1e-4  # the flags after WORKERS override
-    parts = sorted(out.glob("sam2pal-micro-v12.pt.part-*"))
+    parts = sorted(out.glob("sam2pal-micro-v13.pt.part-*"))
     assert parts and all(p.stat().st_size <= 15 * 1024 * 1024 for p in parts)
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
     assert digest == record["checkpoint_sha256"]
-    assert (out / "sam2pal-micro-v12.heldout.csv").read_text().startswith("step,size,seconds")
+    assert (out / "sam2pal-micro-v13.heldout.csv").read_text().startswith("step,size,seconds")

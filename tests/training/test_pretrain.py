@@ -85,20 +85,22 @@ def test_quick_quality_floor_well_above_random_weights_and_v4_on_parts(held_out_
     and beetle masks never trained on): a floor far above what random weights reach,
     and on the parts above what v4 and the versions before it reached.
     On these 6 targets, mean IoU of the parts / body / elytra / pronotum / head / legs:
-    sam2pal-micro v11 0.412 / 0.806 / 0.838 / 0.539 / 0.565 / 0.000, v10 0.412 / 0.836 /
+    sam2pal-micro v12 0.392 / 0.828 / 0.841 / 0.555 / 0.555 / 0.000, v11 0.412 / 0.806 /
+    0.838 / 0.539 / 0.565 / 0.000, v10 0.412 / 0.836 /
     0.854 / 0.575 / 0.545 / 0.000, v9 0.411 / 0.831 /
     0.843 / 0.559 / 0.551 / 0.000, v8 0.377 / 0.821 / 0.848 / 0.518 / 0.402 / 0.001, v7
     0.368 / 0.786 / 0.779 / 0.452 / 0.568 / 0.000, v6 0.372 / 0.828 / 0.836 / 0.442 / 0.550
     / 0.000, v5 0.371 / 0.829 / 0.836 / 0.392 / 0.515 / 0.070, v4 0.322 / 0.783 / 0.807 /
     0.234 / 0.413 / 0.102, v3 0.311 / 0.819 / 0.765 / 0.402 / 0.211 / 0.117, v2 0.286 /
     0.817 / 0.743 / 0.369 / 0.144 / 0.128, v1 0.158 / 0.785 / 0.619 / 0.134 / - / 0.009,
-    random weights 0.034 / 0.147 / 0.117 / 0.025 / - / 0.012; cycle-IoU rank correlation v11
-    0.918, v10 0.937, v9 0.921, v8 0.911, v7 0.930, v6 0.867, v5 0.790, v4 0.639, v3 0.607, v2 0.562.
-    v9 to v11 read the heads of these six small specimens as v6 and v7 did (0.55-0.57; v8
-    0.402), v10 the pronota better than any version before or after it (v11 0.539); the
-    small specimens' legs from one template at this size are lost since v6 (from three
-    templates 0.1-0.2, and the zoom pass finds them on large photos), so they have no
-    floor here."""
+    random weights 0.034 / 0.147 / 0.117 / 0.025 / - / 0.012; cycle-IoU rank correlation v12
+    0.942, v11 0.918, v10 0.937, v9 0.921, v8 0.911, v7 0.930, v6 0.867, v5 0.790, v4 0.639, v3 0.607, v2 0.562.
+    v9 to v12 read the heads of these six small specimens as v6 and v7 did (0.55-0.57; v8
+    0.402), v10 the pronota better than any version before or after it (v11 0.539, v12
+    0.555); v12 reads fewer of their antennae (0.118 -> 0.009, the parts 0.412 ->
+    0.392); the small specimens' legs from one template at this size are lost since v6
+    (from three templates 0.1-0.2, and the zoom pass finds them on large photos), so they
+    have no floor here."""
     model = build_model(str(CONFIG), CHECKPOINT)
     scores = score_collection(model, held_out_collection, n_templates=1, targets_from=1, cycle=True)
     assert len({r["image"] for r in scores.rows}) == 6
@@ -109,10 +111,10 @@ def test_quick_quality_floor_well_above_random_weights_and_v4_on_parts(held_out_
         scores.mean_iou("body") >= 0.8 and scores.mean_iou("body") >= floor.mean_iou("body") + 0.4
     )
     assert scores.mean_iou("elytra") >= 0.82  # v1 0.619
-    assert scores.mean_iou("pronotum") >= 0.53  # v5 0.392, v9 0.559, v11 0.539
+    assert scores.mean_iou("pronotum") >= 0.53  # v5 0.392, v9 0.559, v11 0.539, v12 0.555
     assert scores.mean_iou("head") >= 0.5  # v3 0.211, v8 0.402
-    # above v4's 0.322
-    assert scores.mean_parts() >= 0.39 and scores.mean_parts() >= floor.mean_parts() + 0.2
+    # above v4's 0.322 (v11 0.412, v12 0.392)
+    assert scores.mean_parts() >= 0.38 and scores.mean_parts() >= floor.mean_parts() + 0.2
     assert rank_correlation(scores) > 0.85  # cycle IoU ranks the predictions (v5 0.790)
     # the shape of the misses: area ratio r and share on the truth o give back the IoU,
     # o r / (r + 1 - o r), and the shape table summarises them per structure

@@ -84,7 +84,7 @@ RANDOM_CHECKPOINT = "random"
 # The small model trained in this project (`sam2pal pretrain`), shipped in the source tree.
 MICRO_MODEL = "sam2pal-micro"
 # SHA-256 of resources/models/sam2pal-micro.pt as shipped (see resources/models/README.md)
-MICRO_SHA256 = "947da8468425c57b6f7383457a903528ba4388663d7077d69b9cb5b6ab7074b7"
+MICRO_SHA256 = "d519df5f3f6dc670e364df01b64bd82da02e69c184cdea16c1789c454ada871a"
 
 
 def micro_model_files() -> tuple[Path, Path]:
