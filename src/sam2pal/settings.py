@@ -527,8 +527,8 @@ class Training:
     # held-out ones too: judged from the training templates alone, a structure that
     # several templates read well and the adapter loses (v11's bronze_aligned antennae)
     # looks no worse with the adapter, and the per-structure choice keeps the adapter.
-    # Judged from the others, v11 kept the untouched model there; v12b's held-out
-    # templates read those antennae no better from two templates, and the loss stays
+    # Judged from the others, v11 kept the untouched model there; v12's held-out
+    # templates read those antennae no better from two templates, and the loss stays.
     judge_memory: str = setting(
         "others",
         "the templates each held-out template is segmented from when it judges an epoch: "
