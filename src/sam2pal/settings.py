@@ -178,6 +178,9 @@ ZOOMS = ("off", "auto", "on", "best")
 #: finetune.judge_memory: a held-out template is segmented from every other template, or
 #: from the training templates alone
 JUDGE_MEMORIES = ("others", "training")
+#: finetune.cycle_memory: the first half of each palindrome cycle segments the photo from
+#: the cycle's template alone, or from every training template
+CYCLE_MEMORIES = ("template", "training")
 
 
 @dataclass(frozen=True)
@@ -536,6 +539,18 @@ class Training:
         "with all templates in memory) or training (the training templates alone)",
         "training",
         flag=Flag("--judge_memory", choices=JUDGE_MEMORIES),
+    )
+    # the first half of each cycle reads the photo from every training template that shows
+    # the cycle's structures (the cycle's template first; the others, or one of their
+    # views, beside it), as the segmentation reads it with several templates in memory;
+    # the return half and the loss stay on the cycle's template alone
+    cycle_memory: str = setting(
+        "template",
+        "what the first half of each palindrome cycle segments the photo from: template (the "
+        "cycle's template alone) or training (every training template that shows its "
+        "structures, as the segmentation with several templates in memory)",
+        "training",
+        flag=Flag("--cycle_memory", choices=CYCLE_MEMORIES),
     )
     # the held-out template scores each structure: where the adapter does worse on one
     # than the untouched model, the segmentation keeps the untouched model for it

@@ -1001,3 +1001,53 @@ def test_stay_term_is_on_by_default_only_where_no_template_judges(templates, poo
     assert weight(templates, objective="supervised") == 0.0
     assert weight(templates, stay_weight=0.0) == 0.0
     assert weight(demo, stay_weight=0.5) == 0.5
+
+
+def test_cycle_memory_training_reads_each_photo_from_every_training_template(pool, tmp_path):
+    """`cycle_memory: training`: the first half of each cycle segments the photo with
+    every training template in memory (the cycle's own first, each other one's masks in
+    its order of structures), as the segmentation does with those templates; the
+    return half and the loss stay on the cycle's template. `template` (the default):
+    the cycle's template alone."""
+    three = three_templates(tmp_path)
+    first, second, _ = sorted(t.file_name for t in three.images)
+    trainer = make_trainer(three, pool, holdout_templates=1, cycle_memory="training")
+    one, two = trainer.templates
+    cycle = trainer.with_companions(one)
+    assert [key for key, _ in cycle.companions] == [two.key]
+    order = [two.objects.index(o) for o in one.objects]
+    assert torch.equal(cycle.companions[0][1], two.mask_input[order])
+    assert [key for key, _ in trainer.with_companions(two).companions] == [one.key]
+    assert make_trainer(three, pool, holdout_templates=1).with_companions(one) is one
+
+    trainer.sam.eval()
+    key = trainer.train_keys[0]
+    backbones = [trainer._backbone(t.key) for t in (one, two)]
+    with torch.no_grad():
+        both = trainer.phase1(cycle, backbones[0], trainer._backbone(key))[0]
+        alone = trainer.phase1(one, backbones[0], trainer._backbone(key))[0]
+        engine = Propagator(
+            trainer.sam,
+            three.select([first, second]),
+            fill_hole_area=0,
+            backbones=backbones,
+            tone="none",
+        )
+        (group,) = engine.groups
+        feats = engine._features(trainer._backbone(key), len(group.objects))
+        expected = engine._track(group, feats, 2, 3, engine._memory(group, 1))[0]
+    expected = expected[[engine.objects.index(o) for o in one.objects]]
+    # the engine keeps its memory in bfloat16, the training in float32
+    assert (both > 0).eq(expected > 0).float().mean() > 0.99
+    assert (both - expected).abs().max() < 0.01 * expected.abs().max()
+    assert (alone - expected).abs().max() > 10 * (both - expected).abs().max()
+
+    # a training step runs and the stay term's untouched logits are kept per companions
+    lone = make_trainer(
+        three, pool, holdout_template=False, cycle_memory="training", stay_weight=1.0
+    )
+    assert len(lone.templates) == 3
+    lone.train(tmp_path / "ft", {"base_id": BASE})
+    assert all(len(k) == 4 for k in lone._untouched_logits)  # template, two others, photo
+    with pytest.raises(InputError, match="cycle_memory must be one of template, training"):
+        FinetuneSettings(cycle_memory="all")

@@ -88,7 +88,7 @@ from sam2pal.models.adapters import (
     save_merged_checkpoint,
 )
 from sam2pal.models.build import autocast
-from sam2pal.settings import JUDGE_MEMORIES, Training
+from sam2pal.settings import CYCLE_MEMORIES, JUDGE_MEMORIES, Training
 
 LOG_COLUMNS = [
     "epoch",
@@ -113,6 +113,10 @@ class FinetuneSettings(Training):
             problems.append(f"mode must be lora or full, not {self.mode!r}")
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be cosine or constant, not {self.schedule!r}")
+        if self.cycle_memory not in CYCLE_MEMORIES:
+            problems.append(
+                f"cycle_memory must be one of {', '.join(CYCLE_MEMORIES)}, not {self.cycle_memory!r}"
+            )
         if self.judge_memory not in JUDGE_MEMORIES:
             problems.append(
                 f"judge_memory must be one of {', '.join(JUDGE_MEMORIES)}, not {self.judge_memory!r}"
@@ -249,6 +253,9 @@ class _TrainingTemplate:
     key: str
     objects: list[tuple[int, int]]
     mask_input: torch.Tensor  # (B, 1, S, S) binary
+    # other training templates (or views of them) in the first half's memory beside this
+    # one (`cycle_memory: training`), as (feature-cache key, their masks of `objects`)
+    companions: tuple[tuple[str, torch.Tensor], ...] = ()
 
 
 def _checkpointed(forward, *args, **kwargs):
@@ -499,6 +506,11 @@ class Trainer:
         self.crop_images: dict[str, np.ndarray] = {}
         for t in templates.images:
             self._add_template(t)
+        if settings.cycle_memory == "training":
+            self.log(
+                f"each cycle's first half reads its photo from the {len(self.templates)} "
+                "training template(s) that show the cycle's structures (cycle_memory: training)"
+            )
         for key in self.train_keys + self.holdout:
             self.cache.add(key, self.read_image(self.paths[key]))
         self.validation_truths: dict[str, dict[str, np.ndarray]] = {}
@@ -526,8 +538,9 @@ class Trainer:
         self.step_losses: list[float] = []
         self.step_target_ious: list[float | None] = []  # phase-1 IoU where the truth is known
         self._truth_inputs: dict[tuple[str, str], torch.Tensor | None] = {}
-        # (template, photo) -> the untouched model's phase-1 logits (stay_weight)
-        self._untouched_logits: dict[tuple[str, str], torch.Tensor] = {}
+        # (template, its companions, photo) -> the untouched model's phase-1 logits
+        # (stay_weight)
+        self._untouched_logits: dict[tuple[str, ...], torch.Tensor] = {}
         self._apart: dict[str, torch.Tensor] = {}  # template key -> apart_structures
 
     def _prepare_model(self, model) -> None:
@@ -775,19 +788,55 @@ class Trainer:
         )
 
     def phase1(self, template: _TrainingTemplate, template_backbone: dict, target_backbone: dict):
-        """Template (with its true masks) in memory -> logits on the target.
+        """Template (with its true masks) in memory, and its `companions` after it as
+        the segmentation orders several templates -> logits on the target.
 
         Returns (low-res logits on x1, object logits on x1, the phase-1 memory, the
         target's features)."""
         batch = len(template.objects)
-        template_feats = expand_features(self.sam, template_backbone, batch)
-        cond = conditioning_frame(
-            self.sam, template_feats, 0, 2, template.mask_input, memory_dtype=None
+        frames = [(template_backbone, template.mask_input)] + [
+            (self._backbone(key), masks) for key, masks in template.companions
+        ]
+        num_frames = len(frames) + 1
+        memory = new_memory(
+            {
+                index: conditioning_frame(
+                    self.sam,
+                    expand_features(self.sam, backbone, batch),
+                    index,
+                    num_frames,
+                    masks,
+                    memory_dtype=None,
+                )
+                for index, (backbone, masks) in enumerate(frames)
+            }
         )
-        memory = new_memory({0: cond})
         target_feats = expand_features(self.sam, target_backbone, batch)
-        logits, _, object_logits = track_frame(self.sam, target_feats, 1, 2, memory)
+        logits, _, object_logits = track_frame(
+            self.sam, target_feats, len(frames), num_frames, memory
+        )
         return logits, object_logits, memory, target_feats
+
+    def with_companions(self, template: _TrainingTemplate) -> _TrainingTemplate:
+        """`template` (a training template or one of its views) with the other training
+        templates that show all its structures as its companions (`cycle_memory:
+        training`): each the template itself or, with `template_views`, one of its views
+        drawn at random, its masks in `template`'s order of structures."""
+        if self.settings.cycle_memory != "training":
+            return template
+        companions = []
+        for other in self.templates:
+            views = self.views.get(other.key) if self.settings.template_views else None
+            if template.key in {other.key, *(v.key for v in self.views.get(other.key, []))}:
+                continue  # the cycle's own template
+            if not set(template.objects) <= set(other.objects):
+                continue
+            if views:
+                family = [*views, other]
+                other = family[int(self.rng.integers(len(family)))]
+            order = [other.objects.index(o) for o in template.objects]
+            companions.append((other.key, other.mask_input[order]))
+        return replace(template, companions=tuple(companions))
 
     def soft_mask(
         self, low_res_logits: torch.Tensor, template: _TrainingTemplate | None = None
@@ -904,7 +953,7 @@ class Trainer:
         """Dice and cross-entropy of the phase-1 `logits1` against the untouched model's
         probabilities on the same photo from the same template (`stay_weight`): the
         adapter switched off, no gradient, computed once per (template, photo) and kept."""
-        cached = (template.key, target_key)
+        cached = (template.key, *(key for key, _ in template.companions), target_key)
         if cached not in self._untouched_logits:
             with torch.no_grad(), self.peft_model.disable_adapter():
                 ref = self.phase1(
@@ -1227,7 +1276,7 @@ class Trainer:
                     others = [v for j, v in enumerate(family) if j != pick]
                     anchor = others[int(self.rng.integers(len(others)))]
                 template = family[pick]
-            cycles.append((template, key, anchor))
+            cycles.append((self.with_companions(template), key, anchor))
             for k, crop_key in self.crop_targets.get(key, []):
                 crops = self.crop_templates[k]
                 cycles.append((crops[int(self.rng.integers(len(crops)))], crop_key, None))
