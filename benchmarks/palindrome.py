@@ -34,6 +34,13 @@ saw), the same 20 targets are segmented from one template by
       tied to one specimen than (g)'s. The same training as (g) but for the third
       template's photo, which (g) trains on or holds out as an unlabelled photo.
       What the workflow does with three templates.
+  (j) as (h), with both training templates in the memory of each cycle's first half
+      (`cycle_memory: training`): the photo is segmented as the workflow segments it
+      with several templates, the return half and the loss on the cycle's template.
+      The same training as (h) but for that memory.
+
+The rows given three templates are also scored with all three in memory and the kept
+adapter (`all_templates`), as the workflow segments after such a fine-tuning.
 
 The palindrome rows with one template pick their epoch on the label-free held-out
 cycle IoU, those with two or more on the held-out template, as the workflow does
@@ -89,6 +96,7 @@ METHODS = (
     "palindrome (defaults, second template picks the epoch and each structure's model)",
     "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)",
     "palindrome (defaults, one template trains, the other two pick the epoch and each structure's model)",
+    "palindrome (defaults, two templates train, both in each cycle's memory, the third picks the epoch and each structure's model)",
 )
 #: no template views and no anchor term (the oracle: supervised on the targets' truth alone)
 PLAIN = {"template_views": 0, "anchor_weight": 0}
@@ -361,6 +369,11 @@ def main(argv=None) -> int:
                 "palindrome",
                 3,
             ),
+            "palindrome (defaults, two templates train, both in each cycle's memory, the third picks the epoch and each structure's model)": (
+                {**tuned, "holdout_templates": 1, "cycle_memory": "training"},
+                "palindrome",
+                3,
+            ),
         }
         for method, (settings, objective, templates) in runs.items():
             if method in args.methods:
@@ -372,6 +385,7 @@ def main(argv=None) -> int:
                     settings,
                     objective,
                     templates=templates,
+                    all_templates=templates > 2,
                 )
                 _print_method(name, method, entry["methods"][method])
         results["collections"][name] = entry
@@ -408,6 +422,13 @@ def _print_table(name: str, entry: dict) -> None:
             + " | ".join(f"{table[s]:.3f}" for s in STRUCTURES)
             + f" | {table['mean']:.3f} | {'' if last is None else f'{last:.3f}'} |"
         )
+        if "table_all_templates" in run:
+            table = run["table_all_templates"]
+            print(
+                "| the same, all templates in memory | "
+                + " | ".join(f"{table[s]:.3f}" for s in STRUCTURES)
+                + f" | {table['mean']:.3f} | |"
+            )
 
 
 if __name__ == "__main__":

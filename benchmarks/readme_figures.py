@@ -983,6 +983,67 @@ def judge_memory(pairs=JUDGE_MEMORY_RECORDS) -> str:
     )
 
 
+#: palindrome.py's runs of (j) (`cycle_memory: training`) and, where measured, (h), per
+#: collection, on the photos and templates of the shipped model's quality records
+CYCLE_MEMORY_RECORDS = (
+    ("palindrome-cycle-memory-blue_slate", "palindrome-two-train-blue_slate"),
+    ("palindrome-cycle-memory-bronze_aligned",),
+    ("palindrome-cycle-memory-small_mixed",),
+    ("palindrome-cycle-memory-pale_on_dark",),
+    ("palindrome-cycle-memory-procedural_eyes",),
+)
+#: palindrome.py's methods (h) and (j)
+TWO_TRAIN = "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)"
+BOTH_IN_MEMORY = (
+    "palindrome (defaults, two templates train, both in each cycle's memory, the third picks "
+    "the epoch and each structure's model)"
+)
+
+
+def cycle_memory(records=CYCLE_MEMORY_RECORDS, quality_records=QUALITY_RECORDS) -> str:
+    """Per collection, the adapters of three-template fine-tunings segmenting with all
+    three templates in memory: the default (one template trains, two judge; quality.py's
+    row), two training templates one per cycle (h) and both in each cycle's memory (j);
+    beside the three templates without fine-tuning. The palindrome records' zero-shot
+    row must equal the quality record's: the same photos and templates."""
+    quality_rows = _quality_results(quality_records)["collections"]
+    lines = [
+        "| collection | 3 templates, no fine-tuning | one trains, two judge (default) "
+        "| two train, one judges | two train, both in each cycle's memory "
+        "| change against the default | epoch, structures left untouched "
+        "| antennae: 3 templates / default / two train / both in memory |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for group in records:
+        methods = {}
+        for record in group:
+            ((name, entry),) = load(record)["results"]["collections"].items()
+            old = quality_rows[name]["methods"]
+            zero = entry["methods"]["zero-shot"]["table"]["mean"]
+            if abs(zero - old["zero-shot (1 template)"]["mean"]) > 1e-9:
+                raise SystemExit(f"{record}: its zero-shot row is not {name}'s quality record's")
+            methods.update(entry["methods"])
+        three, default = _row_ending(old, "templates"), _row_ending(old, "in memory")
+        runs = [methods.get(m) for m in (TWO_TRAIN, BOTH_IN_MEMORY)]
+        tables = [None if r is None else r["table_all_templates"] for r in runs]
+        both = runs[1]
+        lines.append(
+            f"| {name} | {three['mean']:.3f} | {default['mean']:.3f} | "
+            + " | ".join("-" if t is None else f"{t['mean']:.3f}" for t in tables)
+            + f" | {100 * (tables[1]['mean'] - default['mean']):+.1f} "
+            f"| {both['best_epoch']}, {', '.join(both['untouched_structures']) or 'none'} "
+            f"| {' / '.join(_iou(None if t is None else t.get('antenna')) for t in (three, default, *tables))} |"
+        )
+    return (
+        "Mean IoU of the parts on the 20 targets of each collection (sam2pal-micro v12), "
+        "segmented with the three templates in memory, as the workflow segments after "
+        "the fine-tuning; change in points:\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + source(*quality_records, *(name for group in records for name in group))
+    )
+
+
 MASK_GRID_RECORD = "mask-grid"
 
 
@@ -1602,6 +1663,7 @@ BLOCKS = {
     "quality-size": quality_size,
     "palindrome-zoom": palindrome_zoom,
     "judge-memory": judge_memory,
+    "cycle-memory": cycle_memory,
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
     "qc-rank-other-photos": lambda: qc_rank("qc-rank-other-photos"),
