@@ -39,7 +39,10 @@ saw), the same 20 targets are segmented from one template by
       with several templates, the return half and the loss on the cycle's template.
       The same training as (h) but for that memory.
 
-The rows given three templates are also scored with all three in memory and the kept
+"zero-shot (all templates)" segments the targets with the `--n-templates` templates in
+memory and no fine-tuning. `--seed-offset N` renders other photos from the same
+generator settings (each collection's seed plus N), as quality.py's. The rows given
+three templates are also scored with all three in memory and the kept
 adapter (`all_templates`), as the workflow segments after such a fine-tuning.
 
 The palindrome rows with one template pick their epoch on the label-free held-out
@@ -66,6 +69,7 @@ benchmarks/out/palindrome/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -97,6 +101,7 @@ METHODS = (
     "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)",
     "palindrome (defaults, one template trains, the other two pick the epoch and each structure's model)",
     "palindrome (defaults, two templates train, both in each cycle's memory, the third picks the epoch and each structure's model)",
+    "zero-shot (all templates)",
 )
 #: no template views and no anchor term (the oracle: supervised on the targets' truth alone)
 PLAIN = {"template_views": 0, "anchor_weight": 0}
@@ -302,6 +307,13 @@ def main(argv=None) -> int:
         default="{}",
         help="settings of (d) and, with the same steps, (c), as JSON (default: the workflow's)",
     )
+    ap.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        help="render other photos from the same generator settings (each collection's seed "
+        "plus this)",
+    )
     ap.add_argument("--views", type=int, default=8, help="template views of the last method")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument(
@@ -326,18 +338,20 @@ def main(argv=None) -> int:
     specs = {h.name: h for h in HELD_OUT}
     for name in args.collections:
         coll = out / name
-        make_held_out(coll, specs[name], args.n_images, args.n_templates)
+        spec = dataclasses.replace(specs[name], seed=specs[name].seed + args.seed_offset)
+        make_held_out(coll, spec, args.n_images, args.n_templates)
         entry = {
             "description": specs[name].description,
             "targets": args.n_images - args.n_templates,
             "methods": {},
         }
-        if "zero-shot" in args.methods:
-            scores = score_collection(base, coll, 1, args.n_templates)
-            entry["methods"]["zero-shot"] = {
-                "table": scores.table(),
-                "shape": scores.shape_table(),
-            }
+        for method, templates in (
+            ("zero-shot", 1),
+            ("zero-shot (all templates)", args.n_templates),
+        ):
+            if method in args.methods:
+                scores = score_collection(base, coll, templates, args.n_templates)
+                entry["methods"][method] = {"table": scores.table(), "shape": scores.shape_table()}
         # method: (settings, objective, templates given to the trainer: with two or
         # more, the last is held out to pick the epoch)
         runs = {

@@ -988,7 +988,7 @@ def judge_memory(pairs=JUDGE_MEMORY_RECORDS) -> str:
 CYCLE_MEMORY_RECORDS = (
     ("palindrome-cycle-memory-blue_slate", "palindrome-two-train-blue_slate"),
     ("palindrome-cycle-memory-bronze_aligned",),
-    ("palindrome-cycle-memory-small_mixed",),
+    ("palindrome-cycle-memory-small_mixed", "palindrome-two-train-small_mixed"),
     ("palindrome-cycle-memory-pale_on_dark",),
     ("palindrome-cycle-memory-procedural_eyes",),
 )
@@ -1000,13 +1000,30 @@ BOTH_IN_MEMORY = (
 )
 
 
-def cycle_memory(records=CYCLE_MEMORY_RECORDS, quality_records=QUALITY_RECORDS) -> str:
+#: palindrome.py's method (i), what the workflow does with three templates
+ONE_TRAINS = (
+    "palindrome (defaults, one template trains, the other two pick the epoch and each "
+    "structure's model)"
+)
+#: the same, on other photos (`--seed-offset 1000`): where palindrome.py ran the default
+#: (i) too, its record alone; else beside quality.py's record of those photos
+CYCLE_MEMORY_RECORDS_1000 = (
+    ("palindrome-cycle-memory-s1000-blue_slate",),
+    ("palindrome-cycle-memory-s1000-bronze_aligned",),
+)
+CYCLE_MEMORY_QUALITY_1000 = ("quality-v12-seed1000-bronze_aligned",)
+
+
+def cycle_memory(
+    records=CYCLE_MEMORY_RECORDS, quality_records=QUALITY_RECORDS, photos: str = ""
+) -> str:
     """Per collection, the adapters of three-template fine-tunings segmenting with all
-    three templates in memory: the default (one template trains, two judge; quality.py's
-    row), two training templates one per cycle (h) and both in each cycle's memory (j);
-    beside the three templates without fine-tuning. The palindrome records' zero-shot
-    row must equal the quality record's: the same photos and templates."""
-    quality_rows = _quality_results(quality_records)["collections"]
+    three templates in memory: the default (one template trains, two judge), two
+    training templates one per cycle (h) and both in each cycle's memory (j); beside the
+    three templates without fine-tuning. The default and the three templates come from
+    palindrome.py's records where they ran them, else from the quality record of the
+    same photos and templates (their zero-shot rows must agree)."""
+    quality_rows = _quality_results(quality_records)["collections"] if quality_records else {}
     lines = [
         "| collection | 3 templates, no fine-tuning | one trains, two judge (default) "
         "| two train, one judges | two train, both in each cycle's memory "
@@ -1018,12 +1035,22 @@ def cycle_memory(records=CYCLE_MEMORY_RECORDS, quality_records=QUALITY_RECORDS) 
         methods = {}
         for record in group:
             ((name, entry),) = load(record)["results"]["collections"].items()
-            old = quality_rows[name]["methods"]
-            zero = entry["methods"]["zero-shot"]["table"]["mean"]
-            if abs(zero - old["zero-shot (1 template)"]["mean"]) > 1e-9:
-                raise SystemExit(f"{record}: its zero-shot row is not {name}'s quality record's")
             methods.update(entry["methods"])
-        three, default = _row_ending(old, "templates"), _row_ending(old, "in memory")
+        old = quality_rows.get(name, {}).get("methods", {})
+        if old:
+            zero = methods["zero-shot"]["table"]["mean"]
+            if abs(zero - old["zero-shot (1 template)"]["mean"]) > 1e-9:
+                raise SystemExit(f"{group[0]}: its zero-shot row is not {name}'s quality record's")
+        three = (
+            methods["zero-shot (all templates)"]["table"]
+            if "zero-shot (all templates)" in methods
+            else _row_ending(old, "templates")
+        )
+        default = (
+            methods[ONE_TRAINS]["table_all_templates"]
+            if ONE_TRAINS in methods
+            else _row_ending(old, "in memory")
+        )
         runs = [methods.get(m) for m in (TWO_TRAIN, BOTH_IN_MEMORY)]
         tables = [None if r is None else r["table_all_templates"] for r in runs]
         both = runs[1]
@@ -1035,9 +1062,9 @@ def cycle_memory(records=CYCLE_MEMORY_RECORDS, quality_records=QUALITY_RECORDS) 
             f"| {' / '.join(_iou(None if t is None else t.get('antenna')) for t in (three, default, *tables))} |"
         )
     return (
-        "Mean IoU of the parts on the 20 targets of each collection (sam2pal-micro v12), "
-        "segmented with the three templates in memory, as the workflow segments after "
-        "the fine-tuning; change in points:\n\n"
+        f"Mean IoU of the parts on the 20 targets of each collection{photos} (sam2pal-micro "
+        "v12), segmented with the three templates in memory, as the workflow segments "
+        "after the fine-tuning; change in points:\n\n"
         + "\n".join(lines)
         + "\n\n"
         + source(*quality_records, *(name for group in records for name in group))
@@ -1664,6 +1691,11 @@ BLOCKS = {
     "palindrome-zoom": palindrome_zoom,
     "judge-memory": judge_memory,
     "cycle-memory": cycle_memory,
+    "cycle-memory-1000": lambda: cycle_memory(
+        CYCLE_MEMORY_RECORDS_1000,
+        CYCLE_MEMORY_QUALITY_1000,
+        ", other photos (`--seed-offset 1000`)",
+    ),
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
     "qc-rank-other-photos": lambda: qc_rank("qc-rank-other-photos"),
