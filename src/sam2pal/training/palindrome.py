@@ -788,8 +788,10 @@ class Trainer:
         )
 
     def phase1(self, template: _TrainingTemplate, template_backbone: dict, target_backbone: dict):
-        """Template (with its true masks) in memory, and its `companions` after it as
-        the segmentation orders several templates -> logits on the target.
+        """Template (with its true masks) in memory, and its `companions` after it, the
+        photo last -> logits on the target. The segmentation orders its templates by
+        file name: the same memory when the cycle's template is the first (the object
+        pointers' temporal positions differ otherwise, the masks' memories do not).
 
         Returns (low-res logits on x1, object logits on x1, the phase-1 memory, the
         target's features)."""
