@@ -992,19 +992,13 @@ CYCLE_MEMORY_RECORDS = (
     ("palindrome-cycle-memory-pale_on_dark",),
     ("palindrome-cycle-memory-procedural_eyes",),
 )
-#: palindrome.py's methods (h) and (j)
-TWO_TRAIN = "palindrome (defaults, two templates train, the third picks the epoch and each structure's model)"
+#: palindrome.py's method (j); (h) and (i) are THREE_TEMPLATE_METHOD and TWO_JUDGES_METHOD
 BOTH_IN_MEMORY = (
     "palindrome (defaults, two templates train, both in each cycle's memory, the third picks "
     "the epoch and each structure's model)"
 )
 
 
-#: palindrome.py's method (i), what the workflow does with three templates
-ONE_TRAINS = (
-    "palindrome (defaults, one template trains, the other two pick the epoch and each "
-    "structure's model)"
-)
 #: the same, on other photos (`--seed-offset 1000`): where palindrome.py ran the default
 #: (i) too, its record alone; else beside quality.py's record of those photos
 CYCLE_MEMORY_RECORDS_1000 = (
@@ -1047,11 +1041,11 @@ def cycle_memory(
             else _row_ending(old, "templates")
         )
         default = (
-            methods[ONE_TRAINS]["table_all_templates"]
-            if ONE_TRAINS in methods
+            methods[TWO_JUDGES_METHOD]["table_all_templates"]
+            if TWO_JUDGES_METHOD in methods
             else _row_ending(old, "in memory")
         )
-        runs = [methods.get(m) for m in (TWO_TRAIN, BOTH_IN_MEMORY)]
+        runs = [methods.get(m) for m in (THREE_TEMPLATE_METHOD, BOTH_IN_MEMORY)]
         tables = [None if r is None else r["table_all_templates"] for r in runs]
         both = runs[1]
         lines.append(

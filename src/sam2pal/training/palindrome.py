@@ -828,12 +828,12 @@ class Trainer:
             return template
         companions = []
         for other in self.templates:
-            views = self.views.get(other.key) if self.settings.template_views else None
-            if template.key in {other.key, *(v.key for v in self.views.get(other.key, []))}:
+            views = self.views.get(other.key, [])
+            if template.key in {other.key, *(v.key for v in views)}:
                 continue  # the cycle's own template
             if not set(template.objects) <= set(other.objects):
                 continue
-            if views:
+            if views and self.settings.template_views:
                 family = [*views, other]
                 other = family[int(self.rng.integers(len(family)))]
             order = [other.objects.index(o) for o in template.objects]
