@@ -38,6 +38,12 @@ saw), the same 20 targets are segmented from one template by
       (`cycle_memory: training`): the photo is segmented as the workflow segments it
       with several templates, the return half and the loss on the cycle's template.
       The same training as (h) but for that memory.
+  (k) given four templates (`--n-templates 4`): the first two train, one per cycle,
+      the other two are held out and judge together (`holdout_templates: 2`, the
+      default): what the workflow does with four templates.
+  (l) as (k), with both training templates in each cycle's memory (`cycle_memory:
+      training`). The same training as (k) but for that memory: with two judges, the
+      steadier choice of epoch of (i), and (j)'s memory.
 
 "zero-shot (all templates)" segments the targets with the `--n-templates` templates in
 memory and no fine-tuning. `--seed-offset N` renders other photos from the same
@@ -102,7 +108,11 @@ METHODS = (
     "palindrome (defaults, one template trains, the other two pick the epoch and each structure's model)",
     "palindrome (defaults, two templates train, both in each cycle's memory, the third picks the epoch and each structure's model)",
     "zero-shot (all templates)",
+    "palindrome (defaults, two templates train, the other two pick the epoch and each structure's model)",
+    "palindrome (defaults, two templates train, both in each cycle's memory, the other two pick the epoch and each structure's model)",
 )
+#: the methods (k) and (l), given four templates (`--n-templates 4`)
+FOUR_TEMPLATE_METHODS = METHODS[-2:]
 #: no template views and no anchor term (the oracle: supervised on the targets' truth alone)
 PLAIN = {"template_views": 0, "anchor_weight": 0}
 PREVIOUS_DEFAULTS = {**PLAIN, "learning_rate": 1e-4, "min_steps": 0}
@@ -327,6 +337,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "palindrome"))
     ap.add_argument("--record", default=None, help="result name (default palindrome-<checkpoint>)")
     args = ap.parse_args(argv)
+    too_few = [m for m in args.methods if m in FOUR_TEMPLATE_METHODS and args.n_templates < 4]
+    if too_few:
+        ap.error(f"--n-templates {args.n_templates}: {too_few[0]!r} needs 4 templates")
     recorder = Recorder(
         args.record or f"palindrome-{Path(args.checkpoint).stem}", args, args.device
     )
@@ -387,6 +400,16 @@ def main(argv=None) -> int:
                 {**tuned, "holdout_templates": 1, "cycle_memory": "training"},
                 "palindrome",
                 3,
+            ),
+            "palindrome (defaults, two templates train, the other two pick the epoch and each structure's model)": (
+                {**tuned, "holdout_templates": 2},
+                "palindrome",
+                4,
+            ),
+            "palindrome (defaults, two templates train, both in each cycle's memory, the other two pick the epoch and each structure's model)": (
+                {**tuned, "holdout_templates": 2, "cycle_memory": "training"},
+                "palindrome",
+                4,
             ),
         }
         for method, (settings, objective, templates) in runs.items():

@@ -330,3 +330,15 @@ def test_keeping_a_palindrome_without_its_log_needs_the_records_oracle(tmp_path,
     with pytest.raises(SystemExit):
         quality.main(argv)
     assert "training_log.csv is missing" in capsys.readouterr().err
+
+
+def test_four_template_methods_need_four_templates(capsys):
+    """palindrome.py's (k) and (l) train two templates and judge with two: with
+    `--n-templates 3` they are refused before anything renders or trains."""
+    import pytest
+    from palindrome import FOUR_TEMPLATE_METHODS
+    from palindrome import main as palindrome_main
+
+    with pytest.raises(SystemExit):
+        palindrome_main(["--collections", "small_mixed", "--methods", FOUR_TEMPLATE_METHODS[1]])
+    assert "needs 4 templates" in capsys.readouterr().err
