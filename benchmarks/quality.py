@@ -28,8 +28,9 @@ eyes >= 0.40, antennae and legs >= 0.35, rank correlation >= 0.5; palindrome gai
     .venv/bin/python -u benchmarks/quality.py              # sam2pal-micro, ~40 min on 2 cores
     .venv/bin/python benchmarks/quality.py --checkpoint random --no-finetune   # the floor
 
-`--size W H` renders the same scenes at another size (480 x 360 by default; users'
-photos are 4000 x 3000) and `--zoom MODE` segments with the zoom pass (`propagate.zoom`),
+`--size W H` renders the same specimens in about the same poses at another size (480 x
+360 by default; users' photos are 4000 x 3000; the clutter and lighting are drawn anew,
+so compare sizes with care) and `--zoom MODE` segments with the zoom pass (`propagate.zoom`),
 every photo read as the workflow reads it; with `--no-finetune`, the zero-shot rows at
 users' size (README, *Small and thin structures*):
 
@@ -134,7 +135,8 @@ def held_out_arguments(ap: argparse.ArgumentParser, out: str = "", record: str =
         default=SIZE,
         metavar=("WIDTH", "HEIGHT"),
         help="the photos' size in pixels (default 480 x 360; users' photos are 4000 x 3000: "
-        "the same scenes rendered larger, the structures as many more pixels wide)",
+        "the same specimens in about the same poses, rendered larger, their clutter and "
+        "lighting drawn anew)",
     )
     ap.add_argument(
         "--seed-offset",

@@ -820,6 +820,12 @@ QUALITY_SIZE_RECORDS = {
 }
 
 
+#: the same with the shipped model (v12), `off` and `best`
+QUALITY_SIZE_RECORDS_V12 = {
+    mode: f"quality-sam2pal-micro-v12-12mp-zoom-{mode}" for mode in ("off", "best")
+}
+
+
 def quality_size(records: dict = QUALITY_SIZE_RECORDS) -> str:
     """Zero-shot IoU per structure on the held-out collections at users' photo size,
     with each zoom mode side by side (and the goals met per mode)."""
@@ -834,7 +840,8 @@ def quality_size(records: dict = QUALITY_SIZE_RECORDS) -> str:
     lines = [
         f"Zero-shot from one template ({micro(first_name)}), the held-out "
         f"collections of *Segmentation quality* rendered at {width} x {height} pixels (the "
-        f"same scenes; {targets} targets each), segmented as the workflow does with each "
+        f"same specimens in about the same poses, their clutter and lighting drawn anew; "
+        f"{targets} targets each), segmented as the workflow does with each "
         "`zoom` mode:",
         "",
         "| collection | zoom | " + " | ".join(parts) + " | mean of parts |",
@@ -1062,6 +1069,54 @@ def cycle_memory(
         + "\n".join(lines)
         + "\n\n"
         + source(*quality_records, *(name for group in records for name in group))
+    )
+
+
+#: palindrome.py's runs of (k) and (l) (`--n-templates 4 --n-images 24`), one record per
+#: collection
+FOUR_TEMPLATE_RECORDS = (
+    "palindrome-four-templates-blue_slate",
+    "palindrome-four-templates-small_mixed",
+)
+#: palindrome.py's methods (k) and (l): two templates train (one per cycle / both in each
+#: cycle's memory), the other two judge
+FOUR_TEMPLATE_METHODS = (
+    "palindrome (defaults, two templates train, the other two pick the epoch and each "
+    "structure's model)",
+    "palindrome (defaults, two templates train, both in each cycle's memory, the other two "
+    "pick the epoch and each structure's model)",
+)
+
+
+def four_templates(records=FOUR_TEMPLATE_RECORDS) -> str:
+    """Per collection, four templates: two train, two judge (the workflow's default
+    with four), each training template alone in its cycles' memory (`cycle_memory:
+    template`) or both (`training`); every row segments with all four in memory, beside
+    the four without fine-tuning and one template zero-shot."""
+    lines = [
+        "| collection | 1 template, no fine-tuning | 4 templates, no fine-tuning "
+        "| two train, one per cycle (default) | two train, both in each cycle's memory "
+        "| change | epochs kept (default / both) | antennae: 4 templates / default / both |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        ((name, entry),) = load(record)["results"]["collections"].items()
+        methods = entry["methods"]
+        one = methods["zero-shot"]["table"]
+        four = methods["zero-shot (all templates)"]["table"]
+        runs = [methods[m] for m in FOUR_TEMPLATE_METHODS]
+        tables = [r["table_all_templates"] for r in runs]
+        lines.append(
+            f"| {name} | {one['mean']:.3f} | {four['mean']:.3f} | "
+            + " | ".join(f"{t['mean']:.3f}" for t in tables)
+            + f" | {100 * (tables[1]['mean'] - tables[0]['mean']):+.1f} "
+            f"| {' / '.join(str(r['best_epoch']) for r in runs)} "
+            f"| {' / '.join(_iou(t.get('antenna')) for t in (four, *tables))} |"
+        )
+    return (
+        "Mean IoU of the parts on the 20 targets of each collection (sam2pal-micro v12), "
+        "four templates, segmented with all four in memory, as the workflow segments after "
+        "the fine-tuning; change in points:\n\n" + "\n".join(lines) + "\n\n" + source(*records)
     )
 
 
@@ -1682,6 +1737,7 @@ BLOCKS = {
     "zoom": zoom,
     "zoom-v2": lambda: zoom(ZOOM_RECORD_V2),
     "quality-size": quality_size,
+    "quality-size-v12": lambda: quality_size(QUALITY_SIZE_RECORDS_V12),
     "palindrome-zoom": palindrome_zoom,
     "judge-memory": judge_memory,
     "cycle-memory": cycle_memory,
