@@ -1074,9 +1074,14 @@ def cycle_memory(
 
 #: palindrome.py's runs of (k) and (l) (`--n-templates 4 --n-images 24`), one record per
 #: collection
-FOUR_TEMPLATE_RECORDS = (
-    "palindrome-four-templates-blue_slate",
-    "palindrome-four-templates-small_mixed",
+FOUR_TEMPLATE_RECORDS = tuple(
+    f"palindrome-four-templates-{c}"
+    for c in ("blue_slate", "bronze_aligned", "small_mixed", "pale_on_dark", "procedural_eyes")
+)
+#: the default (k) alone on other photos (`--seed-offset 1000`)
+FOUR_TEMPLATE_RECORDS_1000 = (
+    "palindrome-four-templates-s1000-bronze_aligned",
+    "palindrome-four-templates-s1000-blue_slate",
 )
 #: palindrome.py's methods (k) and (l): two templates train (one per cycle / both in each
 #: cycle's memory), the other two judge
@@ -1088,35 +1093,41 @@ FOUR_TEMPLATE_METHODS = (
 )
 
 
-def four_templates(records=FOUR_TEMPLATE_RECORDS) -> str:
+def four_templates(records=FOUR_TEMPLATE_RECORDS, photos: str = "") -> str:
     """Per collection, four templates: two train, two judge (the workflow's default
     with four), each training template alone in its cycles' memory (`cycle_memory:
-    template`) or both (`training`); every row segments with all four in memory, beside
-    the four without fine-tuning and one template zero-shot."""
+    template`) or, where measured, both (`training`); every row segments with all four
+    in memory, beside the four without fine-tuning and one template zero-shot."""
     lines = [
         "| collection | 1 template, no fine-tuning | 4 templates, no fine-tuning "
         "| two train, one per cycle (default) | two train, both in each cycle's memory "
-        "| change | epochs kept (default / both) | antennae: 4 templates / default / both |",
-        "|---|---|---|---|---|---|---|---|",
+        "| default against the 4 alone | both against the default "
+        "| epochs kept (default / both) | antennae: 4 templates / default / both |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
         ((name, entry),) = load(record)["results"]["collections"].items()
         methods = entry["methods"]
         one = methods["zero-shot"]["table"]
         four = methods["zero-shot (all templates)"]["table"]
-        runs = [methods[m] for m in FOUR_TEMPLATE_METHODS]
-        tables = [r["table_all_templates"] for r in runs]
+        runs = [methods.get(m) for m in FOUR_TEMPLATE_METHODS]
+        tables = [None if r is None else r["table_all_templates"] for r in runs]
+        default, both = tables
+        change = "-" if both is None else f"{100 * (both['mean'] - default['mean']):+.1f}"
         lines.append(
             f"| {name} | {one['mean']:.3f} | {four['mean']:.3f} | "
-            + " | ".join(f"{t['mean']:.3f}" for t in tables)
-            + f" | {100 * (tables[1]['mean'] - tables[0]['mean']):+.1f} "
-            f"| {' / '.join(str(r['best_epoch']) for r in runs)} "
-            f"| {' / '.join(_iou(t.get('antenna')) for t in (four, *tables))} |"
+            + " | ".join("-" if t is None else f"{t['mean']:.3f}" for t in tables)
+            + f" | {100 * (default['mean'] - four['mean']):+.1f} | {change} "
+            f"| {' / '.join('-' if r is None else str(r['best_epoch']) for r in runs)} "
+            f"| {' / '.join(_iou(None if t is None else t.get('antenna')) for t in (four, *tables))} |"
         )
     return (
-        "Mean IoU of the parts on the 20 targets of each collection (sam2pal-micro v12), "
-        "four templates, segmented with all four in memory, as the workflow segments after "
-        "the fine-tuning; change in points:\n\n" + "\n".join(lines) + "\n\n" + source(*records)
+        f"Mean IoU of the parts on the 20 targets of each collection{photos} (sam2pal-micro "
+        "v12), four templates, segmented with all four in memory, as the workflow segments "
+        "after the fine-tuning; change in points:\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + source(*records)
     )
 
 
@@ -1745,6 +1756,10 @@ BLOCKS = {
         CYCLE_MEMORY_RECORDS_1000,
         CYCLE_MEMORY_QUALITY_1000,
         ", other photos (`--seed-offset 1000`)",
+    ),
+    "four-templates": four_templates,
+    "four-templates-1000": lambda: four_templates(
+        FOUR_TEMPLATE_RECORDS_1000, ", other photos (`--seed-offset 1000`)"
     ),
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
