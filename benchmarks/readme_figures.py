@@ -1079,9 +1079,9 @@ FOUR_TEMPLATE_RECORDS = tuple(
     for c in ("blue_slate", "bronze_aligned", "small_mixed", "pale_on_dark", "procedural_eyes")
 )
 #: the default (k) alone on other photos (`--seed-offset 1000`)
-FOUR_TEMPLATE_RECORDS_1000 = (
-    "palindrome-four-templates-s1000-bronze_aligned",
-    "palindrome-four-templates-s1000-blue_slate",
+FOUR_TEMPLATE_RECORDS_1000 = tuple(
+    f"palindrome-four-templates-s1000-{c}"
+    for c in ("blue_slate", "bronze_aligned", "small_mixed", "pale_on_dark")
 )
 #: palindrome.py's methods (k) and (l): two templates train (one per cycle / both in each
 #: cycle's memory), the other two judge
