@@ -1015,6 +1015,18 @@ CYCLE_MEMORY_RECORDS_1000 = (
 CYCLE_MEMORY_QUALITY_1000 = ("quality-v12-seed1000-bronze_aligned",)
 
 
+def _kept_with_all_templates(methods: dict, names) -> tuple[list, list]:
+    """palindrome.py's runs of the methods `names` (None where not measured) and their
+    kept adapters' tables with all the templates in memory."""
+    runs = [methods.get(m) for m in names]
+    return runs, [None if r is None else r["table_all_templates"] for r in runs]
+
+
+def _means(tables) -> str:
+    """The tables' means of the parts as table cells ("-" where not measured)."""
+    return " | ".join("-" if t is None else f"{t['mean']:.3f}" for t in tables)
+
+
 def cycle_memory(
     records=CYCLE_MEMORY_RECORDS, quality_records=QUALITY_RECORDS, photos: str = ""
 ) -> str:
@@ -1052,12 +1064,10 @@ def cycle_memory(
             if TWO_JUDGES_METHOD in methods
             else _row_ending(old, "in memory")
         )
-        runs = [methods.get(m) for m in (THREE_TEMPLATE_METHOD, BOTH_IN_MEMORY)]
-        tables = [None if r is None else r["table_all_templates"] for r in runs]
+        runs, tables = _kept_with_all_templates(methods, (THREE_TEMPLATE_METHOD, BOTH_IN_MEMORY))
         both = runs[1]
         lines.append(
-            f"| {name} | {three['mean']:.3f} | {default['mean']:.3f} | "
-            + " | ".join("-" if t is None else f"{t['mean']:.3f}" for t in tables)
+            f"| {name} | {three['mean']:.3f} | {default['mean']:.3f} | {_means(tables)}"
             + f" | {100 * (tables[1]['mean'] - default['mean']):+.1f} "
             f"| {both['best_epoch']}, {', '.join(both['untouched_structures']) or 'none'} "
             f"| {' / '.join(_iou(None if t is None else t.get('antenna')) for t in (three, default, *tables))} |"
@@ -1110,13 +1120,11 @@ def four_templates(records=FOUR_TEMPLATE_RECORDS, photos: str = "") -> str:
         methods = entry["methods"]
         one = methods["zero-shot"]["table"]
         four = methods["zero-shot (all templates)"]["table"]
-        runs = [methods.get(m) for m in FOUR_TEMPLATE_METHODS]
-        tables = [None if r is None else r["table_all_templates"] for r in runs]
+        runs, tables = _kept_with_all_templates(methods, FOUR_TEMPLATE_METHODS)
         default, both = tables
         change = "-" if both is None else f"{100 * (both['mean'] - default['mean']):+.1f}"
         lines.append(
-            f"| {name} | {one['mean']:.3f} | {four['mean']:.3f} | "
-            + " | ".join("-" if t is None else f"{t['mean']:.3f}" for t in tables)
+            f"| {name} | {one['mean']:.3f} | {four['mean']:.3f} | {_means(tables)}"
             + f" | {100 * (default['mean'] - four['mean']):+.1f} | {change} "
             f"| {' / '.join('-' if r is None else str(r['best_epoch']) for r in runs)} "
             f"| {' / '.join(_iou(None if t is None else t.get('antenna')) for t in (four, *tables))} |"
