@@ -1082,16 +1082,17 @@ def cycle_memory(
     )
 
 
+#: the held-out collections of `sam2pal.synth.quality`, in its order
+HELD_OUT_NAMES = ("blue_slate", "bronze_aligned", "small_mixed", "pale_on_dark", "procedural_eyes")
+#: how a block on the second draw of photos names them
+OTHER_PHOTOS = ", other photos (`--seed-offset 1000`)"
 #: palindrome.py's runs of (k) and (l) (`--n-templates 4 --n-images 24`), one record per
 #: collection
-FOUR_TEMPLATE_RECORDS = tuple(
-    f"palindrome-four-templates-{c}"
-    for c in ("blue_slate", "bronze_aligned", "small_mixed", "pale_on_dark", "procedural_eyes")
-)
+FOUR_TEMPLATE_RECORDS = tuple(f"palindrome-four-templates-{c}" for c in HELD_OUT_NAMES)
 #: the default (k) alone on other photos (`--seed-offset 1000`)
 FOUR_TEMPLATE_RECORDS_1000 = tuple(
     f"palindrome-four-templates-s1000-{c}"
-    for c in ("blue_slate", "bronze_aligned", "small_mixed", "pale_on_dark")
+    for c in HELD_OUT_NAMES[:4]  # the beetles
 )
 #: palindrome.py's methods (k) and (l): two templates train (one per cycle / both in each
 #: cycle's memory), the other two judge
@@ -1523,8 +1524,7 @@ def anchor_term() -> str:
 
 #: palindrome with the stay term (`stay_weight: 1`): from one template, and from three
 STAY_ONE_RECORDS = tuple(
-    f"palindrome-sam2pal-micro-v2-stay-one-template-{c}"
-    for c in ("blue_slate", "bronze_aligned", "small_mixed", "pale_on_dark", "procedural_eyes")
+    f"palindrome-sam2pal-micro-v2-stay-one-template-{c}" for c in HELD_OUT_NAMES
 )
 STAY_JUDGES_RECORDS = (
     "palindrome-sam2pal-micro-v2-stay-blue_slate",
@@ -1763,12 +1763,10 @@ BLOCKS = {
     "cycle-memory-1000": lambda: cycle_memory(
         CYCLE_MEMORY_RECORDS_1000,
         CYCLE_MEMORY_QUALITY_1000,
-        ", other photos (`--seed-offset 1000`)",
+        OTHER_PHOTOS,
     ),
     "four-templates": four_templates,
-    "four-templates-1000": lambda: four_templates(
-        FOUR_TEMPLATE_RECORDS_1000, ", other photos (`--seed-offset 1000`)"
-    ),
+    "four-templates-1000": lambda: four_templates(FOUR_TEMPLATE_RECORDS_1000, OTHER_PHOTOS),
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
     "qc-rank-other-photos": lambda: qc_rank("qc-rank-other-photos"),
