@@ -150,12 +150,15 @@ class _EpochScoringTrainer(Trainer):
 
 
 def engine_options(args) -> dict:
-    """How the photos go into the model (framing, tone) and whether small structures are
-    zoomed (zoom), as the benchmark was asked."""
+    """How the photos go into the model (framing, tone), whether small structures are
+    zoomed (zoom) and which mask each structure gets (mask_choice, absent), as the
+    benchmark was asked (the workflow's defaults where it has no such flag)."""
     return {
         "framing": getattr(args, "framing", Segmentation.framing),
         "tone": getattr(args, "tone", Segmentation.tone),
         "zoom": getattr(args, "zoom", Segmentation.zoom),
+        "mask_choice": getattr(args, "mask_choice", Segmentation.mask_choice),
+        "absent": getattr(args, "absent", Segmentation.absent),
     }
 
 

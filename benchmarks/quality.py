@@ -66,7 +66,15 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sam2pal.inference.pipeline import _run_model, finetune, prepare_templates  # noqa: E402
 from sam2pal.io.atomic import atomic_write  # noqa: E402
-from sam2pal.settings import JUDGE_MEMORIES, TONES, ZOOMS, Segmentation, Training  # noqa: E402
+from sam2pal.settings import (  # noqa: E402
+    ABSENTS,
+    JUDGE_MEMORIES,
+    MASK_CHOICES,
+    TONES,
+    ZOOMS,
+    Segmentation,
+    Training,
+)
 from sam2pal.synth.quality import (  # noqa: E402
     HELD_OUT,
     SIZE,
@@ -211,6 +219,19 @@ def main(argv=None) -> int:
         choices=ZOOMS,
         help="segment small structures again on crops at the model's full input "
         "(propagate.zoom; the fine-tuning trains on the zoom windows too, as the workflow's)",
+    )
+    ap.add_argument(
+        "--mask-choice",
+        default=Segmentation.mask_choice,
+        choices=MASK_CHOICES,
+        help="which of SAM2's candidate masks each structure gets (propagate.mask_choice; "
+        "sam2 with --absent blank: SAM2's own rule, as every record before 2026-12-08)",
+    )
+    ap.add_argument(
+        "--absent",
+        default=Segmentation.absent,
+        choices=ABSENTS,
+        help="the mask of a structure SAM2 judges absent: keep or blank (propagate.absent)",
     )
     ap.add_argument(
         "--judge-memory",

@@ -820,10 +820,19 @@ QUALITY_SIZE_RECORDS = {
 }
 
 
-#: the same with the shipped model (v12), `off` and `best`
+#: the same with the shipped model (v12), `off` and `best` (SAM2's choice of mask, as
+#: measured then), and `best` with the workflow's choice of mask since 2026-12-08
 QUALITY_SIZE_RECORDS_V12 = {
-    mode: f"quality-sam2pal-micro-v12-12mp-zoom-{mode}" for mode in ("off", "best")
+    **{mode: f"quality-sam2pal-micro-v12-12mp-zoom-{mode}" for mode in ("off", "best")},
+    "`best`, `mask_choice: templates`, `absent: keep`": (
+        "quality-sam2pal-micro-v12-12mp-zoom-best-templates-keep"
+    ),
 }
+
+
+def _mode_label(mode: str) -> str:
+    """A zoom mode as code ("`best`"); a longer label as it is written."""
+    return mode if "`" in mode else f"`{mode}`"
 
 
 def quality_size(records: dict = QUALITY_SIZE_RECORDS) -> str:
@@ -851,7 +860,7 @@ def quality_size(records: dict = QUALITY_SIZE_RECORDS) -> str:
         for i, (mode, colls) in enumerate(entries.items()):
             table = colls[name]["methods"][zero]
             lines.append(
-                f"| {name if i == 0 else ''} | `{mode}` | "
+                f"| {name if i == 0 else ''} | {_mode_label(mode)} | "
                 + " | ".join(_iou(table.get(s)) for s in parts)
                 + f" | {table['mean']:.3f} |"
             )
@@ -861,7 +870,8 @@ def quality_size(records: dict = QUALITY_SIZE_RECORDS) -> str:
         met = loaded[mode]["results"]["goals"]["met"]
         goals = {k: v for k, v in met.items() if "palindrome" not in k and "rank" not in k}
         lines.append(
-            f"| `{mode}` | {sum(means) / len(means):.3f} | {sum(goals.values())} of {len(goals)} |"
+            f"| {_mode_label(mode)} | {sum(means) / len(means):.3f} "
+            f"| {sum(goals.values())} of {len(goals)} |"
         )
     return "\n".join(lines) + "\n\n" + source(*records.values())
 
@@ -1137,6 +1147,85 @@ def four_templates(records=FOUR_TEMPLATE_RECORDS, photos: str = "") -> str:
         + "\n".join(lines)
         + "\n\n"
         + source(*records)
+    )
+
+
+#: the mask rules side by side (`benchmarks/readout.py`): the quality table's photos, and
+#: others drawn from the same settings
+READOUT_RECORDS = {"": "readout-sam2pal-micro", "other photos": "readout-sam2pal-micro-s1000"}
+READOUT_SAM2, READOUT_DEFAULT = "sam2 / blank", "templates / keep"
+
+
+def readout(records: dict = READOUT_RECORDS) -> str:
+    """Zero-shot, per held-out collection: the mean of the parts under each of the
+    engine's mask rules (`mask_choice` / `absent`), from one template and from three,
+    the cycle IoU's rank correlation, and per structure SAM2's rule against the default."""
+    loaded = {photos: load(name) for photos, name in records.items()}
+    first = next(iter(loaded.values()))["results"]
+    rules = first["rules"]
+    model = model_version(first["model"]["checkpoint_sha256"])
+    head = " | ".join(f"`{r}`" for r in rules)
+    lines = [
+        f"| collection | photos | 1 template: {head} | 3 templates: `{READOUT_SAM2}` "
+        f"| `{READOUT_DEFAULT}` | cycle-IoU rank corr. (1 template) |",
+        "|---|---|" + "---|" * (len(rules) + 3),
+    ]
+    per_structure = [
+        "| collection | photos | " + " | ".join(QUALITY_STRUCTURES[1:]) + " |",
+        "|---|---|" + "---|" * (len(QUALITY_STRUCTURES) - 1),
+    ]
+    switched = []
+    for photos, record in loaded.items():
+        label = photos or "the quality table's"  # the records' keys: "" or "other photos"
+        collections = record["results"]["collections"]
+        for name, entry in collections.items():
+            one, three = entry["1 template"], entry["3 templates"]
+            lines.append(
+                f"| {name} | {label} | "
+                + " | ".join(f"{one[r]['iou']['mean']:.3f}" for r in rules)
+                + f" | {three[READOUT_SAM2]['iou']['mean']:.3f} "
+                f"| {three[READOUT_DEFAULT]['iou']['mean']:.3f} "
+                f"| {one[READOUT_SAM2]['rank_correlation']:.2f} / "
+                f"{one[READOUT_DEFAULT]['rank_correlation']:.2f} |"
+            )
+            sam2, ours = one[READOUT_SAM2]["iou"], one[READOUT_DEFAULT]["iou"]
+            per_structure.append(
+                f"| {name} | {label} | "
+                + " | ".join(
+                    "-"
+                    if sam2.get(s) != sam2.get(s) or s not in sam2
+                    else f"{sam2[s]:.3f} / {ours[s]:.3f}"
+                    for s in QUALITY_STRUCTURES[1:]
+                )
+                + " |"
+            )
+            for n, rows in (("1", one), ("3", three)):
+                chosen = [
+                    f"{s} {slot + 1}"
+                    for s, slot in rows[READOUT_DEFAULT]["slots"].items()
+                    if slot >= 0
+                ]
+                if chosen:
+                    switched.append(
+                        f"{name} ({photos or label + ' photos'}, "
+                        f"{n} template{'s' if n != '1' else ''}): {', '.join(chosen)}"
+                    )
+        summary = record["results"]["summary"]
+        lines.append(
+            f"| **mean** | {label} | "
+            + " | ".join(f"**{summary['1 template'][r]:.3f}**" for r in rules)
+            + f" | **{summary['3 templates'][READOUT_SAM2]:.3f}** "
+            f"| **{summary['3 templates'][READOUT_DEFAULT]:.3f}** | |"
+        )
+    return (
+        f"Mean IoU of the parts on the 20 targets of each held-out collection ({model}, "
+        "zero-shot), under each rule `mask_choice / absent` (`sam2 / blank`: SAM2's own):\n\n"
+        + "\n".join(lines)
+        + "\n\nPer structure from one template, SAM2's rule / the default "
+        f"(`{READOUT_DEFAULT}`):\n\n"
+        + "\n".join(per_structure)
+        + "\n\nThe candidates `templates` chose (of SAM2's three; every other structure kept "
+        "SAM2's pick): " + ("; ".join(switched) or "none") + ".\n\n" + source(*records.values())
     )
 
 
@@ -1767,6 +1856,7 @@ BLOCKS = {
     ),
     "four-templates": four_templates,
     "four-templates-1000": lambda: four_templates(FOUR_TEMPLATE_RECORDS_1000, OTHER_PHOTOS),
+    "readout": readout,
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
     "qc-rank-other-photos": lambda: qc_rank("qc-rank-other-photos"),

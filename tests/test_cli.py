@@ -436,12 +436,14 @@ def test_orientation_and_framing_flags_reach_the_engine_settings():
         "framing_fill": "border",
         "tone": "auto",
         **zoom_defaults,
+        "mask_choice": "templates",
+        "absent": "keep",
     }
     assert cli._framing(
         _parsed(
             *finetune,
             *("--framing", "letterbox", "--framing-fill", "0,0,0", "--zoom", "auto"),
-            *("--tone", "none"),
+            *("--tone", "none", "--mask_choice", "sam2", "--absent", "blank"),
         )
     ) == {
         "framing": "letterbox",
@@ -449,6 +451,8 @@ def test_orientation_and_framing_flags_reach_the_engine_settings():
         "tone": "none",
         **zoom_defaults,
         "zoom": "auto",
+        "mask_choice": "sam2",
+        "absent": "blank",
     }
 
 

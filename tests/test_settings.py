@@ -61,17 +61,21 @@ ORIENTATION_SETTINGS = {
 TONE_SETTINGS = {"tone": "auto"}
 # the zoom pass for small structures (issue 17)
 ZOOM_SETTINGS = {"zoom": "off", "zoom_below": 0.1, "zoom_margin": 0.5}
+# which of SAM2's candidate masks, and absent structures kept (benchmarks/readout.py)
+MASK_RULE_SETTINGS = {"mask_choice": "templates", "absent": "keep"}
 DEFAULT_ENGINE_SETTINGS = {
     **OLD_DEFAULT_ENGINE_SETTINGS,
     **ORIENTATION_SETTINGS,
     **TONE_SETTINGS,
     **ZOOM_SETTINGS,
+    **MASK_RULE_SETTINGS,
 }
 MASK_SETTINGS = (
     *OLD_MASK_SETTINGS[:-1],
     *ORIENTATION_SETTINGS,
     *TONE_SETTINGS,
     *ZOOM_SETTINGS,
+    *MASK_RULE_SETTINGS,
     "on_bad_image",
 )
 
@@ -202,6 +206,8 @@ def test_the_rerun_sets_are_the_workflows():
         "zoom",
         "zoom_below",
         "zoom_margin",
+        "mask_choice",
+        "absent",
     )
     assert settings.workflow_keys() == OLD_FINETUNE_WORKFLOW_KEYS
     # the trainer's settings are the rest of the section

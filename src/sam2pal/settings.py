@@ -173,8 +173,16 @@ PHOTO_ONLY_SETTINGS = (
     "zoom",
     "zoom_below",
     "zoom_margin",
+    "mask_choice",
+    "absent",
 )
 ZOOMS = ("off", "auto", "on", "best")
+#: propagate.mask_choice: which of SAM2's candidate masks a structure gets: the one the
+#: templates' own reading picks (`engine.template_slots`) or SAM2's (its predicted IoU)
+MASK_CHOICES = ("templates", "sam2")
+#: propagate.absent: the mask of a structure SAM2 judges absent (object score below 0):
+#: kept, or blanked as SAM2 blanks it
+ABSENTS = ("keep", "blank")
 #: finetune.judge_memory: a held-out template is segmented from every other template, or
 #: from the training templates alone
 JUDGE_MEMORIES = ("others", "training")
@@ -340,6 +348,24 @@ class Segmentation:
         "training",
         engine=True,
         flag=Flag("--zoom_margin", type=non_negative_float),
+    )
+    # the fine-tuning's judges segment alike: a change retrains too
+    mask_choice: str = setting(
+        "templates",
+        "which of SAM2's three candidate masks each structure gets: templates (the one "
+        "that segments the templates from their own memory best, where it does so by "
+        "0.1 IoU more than SAM2's pick) or sam2 (the one SAM2 predicts the highest IoU for)",
+        "training",
+        engine=True,
+        flag=Flag("--mask_choice", choices=MASK_CHOICES),
+    )
+    absent: str = setting(
+        "keep",
+        "a structure SAM2 judges absent (object score under 0.5): keep its mask (the "
+        "templates show it; qc.csv's min_object_score flags the photo) or blank it (SAM2's rule)",
+        "training",
+        engine=True,
+        flag=Flag("--absent", choices=ABSENTS),
     )
     batch_size: int = setting(
         0,

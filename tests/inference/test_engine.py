@@ -84,8 +84,16 @@ def test_engine_equals_official_video_predictor(tmp_path, config):
         )
         templates = template_set([(video / "00000.jpg", masks)], {1: "body", 2: "spot"})
         # the official predictor's own input: the photos as they are (no tone)
+        # SAM2's own choice of mask (mask_choice, absent)
         engine = Propagator(
-            model, templates, fill_hole_area=0, cycle_consistency=False, exact=True, tone="none"
+            model,
+            templates,
+            fill_hole_area=0,
+            cycle_consistency=False,
+            exact=True,
+            tone="none",
+            mask_choice="sam2",
+            absent="blank",
         )
         ours = engine.predict(target)
 
@@ -127,7 +135,8 @@ def test_engine_equals_official_video_predictor_with_defaults(
     tmp_path, n_templates, sam2_hole_filling
 ):
     """The default path: the engine and the official predictor, each with its default
-    settings, both filling holes up to 8 low-res pixels (on the templates' masks before
+    settings but the engine's choice of mask (SAM2's rule: `mask_choice: sam2`, `absent:
+    blank`), both filling holes up to 8 low-res pixels (on the templates' masks before
     their memory is encoded, and on the target's prediction). With two templates the
     official video is [T1, T2, target] with masks on frames 0 and 1, the engine holds
     both templates in its memory. Same low-res logits, same masks."""
@@ -165,6 +174,8 @@ def test_engine_equals_official_video_predictor_with_defaults(
         cycle_consistency=False,
         exact=True,
         tone="none",
+        mask_choice="sam2",
+        absent="blank",
     )
     assert (
         engine.fill_hole_area

@@ -65,6 +65,19 @@ follow the specimen: the silhouette then tells which way the template is turned.
 winner's masks, already on the target's own pixel grid, are kept. With `mirror_swap`, a mirrored match reports each
 paired structure (left/right) under its partner's name.
 
+Which mask (`mask_choice`, `absent`): for a structure tracked from memory SAM2's mask
+decoder gives three candidate masks and keeps the one whose IoU it predicts highest,
+and it blanks the mask when its object score says the structure is absent. Both
+choices are SAM2's guesses about a photo it knows nothing of; the templates say more.
+With `mask_choice` "templates" each template is segmented from the templates' memory as
+if it were a target (`template_slots`), and a structure whose masks of one candidate
+fit the templates' own masks better, by `CHOICE_MARGIN` IoU, than the candidates SAM2
+picks there gets that candidate on every target; the others keep SAM2's pick. (With
+sam2pal-micro the legs are read best by the second candidate while SAM2 keeps the
+third; `benchmarks/readout.py`.) With `absent` "keep" a structure the templates show
+keeps its mask where SAM2 judges it absent (its object score stays in the prediction).
+`mask_choice: sam2` with `absent: blank` is SAM2's own rule (the equivalence tests).
+
 Framing (`framing`): SAM2 stretches every image to its square input; "letterbox" keeps
 the aspect (`sam2pal.inference.framing`): the image is scaled to fit, padded with a
 fill colour, and the prediction is mapped back from the image's rectangle in one
@@ -73,6 +86,7 @@ bilinear resampling. Templates and targets are framed alike.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import cv2
@@ -107,7 +121,7 @@ from sam2pal.inference.zoom_pass import ZOOMS, ZoomPass, low_res_box
 from sam2pal.io.masks import BoxMask, box_iou, mask_iou
 from sam2pal.models.adapters import untouched_model, untouched_structures
 from sam2pal.models.build import autocast
-from sam2pal.settings import Segmentation, engine_defaults
+from sam2pal.settings import ABSENTS, MASK_CHOICES, Segmentation, engine_defaults
 
 #: the defaults of the engine settings (`sam2pal.settings.Segmentation`)
 ENGINE_DEFAULTS = engine_defaults(Segmentation)
@@ -178,6 +192,9 @@ class _Group:
     # segmented with the untouched model (structures the adapter left to it,
     # `adapters.untouched_structures` and `adapters.untouched_model`)
     untouched: bool = False
+    # per object, the candidate mask it gets (`template_slots`), -1: SAM2's pick; None:
+    # SAM2's pick for all
+    slots: torch.Tensor | None = None
 
 
 def preprocess(
@@ -401,8 +418,38 @@ def track_step(model, feats, frame_idx: int, num_frames: int, memory: dict, reve
     return current_out, sam_outputs
 
 
+#: `mask_choice: templates`: a candidate replaces SAM2's pick when it reads the templates
+#: better by this much IoU (measured: `benchmarks/readout.py`)
+CHOICE_MARGIN = 0.1
+#: SAM2's logit of a blanked (absent) mask
+NO_OBJ_SCORE = -1024.0
+
+
+@contextmanager
+def decoder_outputs(model):
+    """Collect the SAM mask decoder's outputs (masks (B, K, h, w), predicted IoUs (B, K),
+    output tokens, object-score logits (B, 1)) of the calls made inside the block: the K
+    candidate masks as the decoder gives them, before SAM2 blanks those of an absent
+    object and keeps the one of highest predicted IoU."""
+    calls: list = []
+    handle = model.sam_mask_decoder.register_forward_hook(
+        lambda module, inputs, outputs: calls.append(outputs)
+    )
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
 def track_frame(
-    model, feats, frame_idx: int, num_frames: int, memory: dict, fill_hole_area: int = 0
+    model,
+    feats,
+    frame_idx: int,
+    num_frames: int,
+    memory: dict,
+    fill_hole_area: int = 0,
+    slots: torch.Tensor | None = None,
+    keep_absent: bool = False,
 ):
     """Track a non-conditioning frame from `memory`.
 
@@ -412,15 +459,95 @@ def track_frame(
         frame_idx, num_frames: the frame's index and the frame count.
         memory: the SAM2 output dict to track from.
         fill_hole_area: as in `fill_holes`, on the predicted logits.
+        slots: per object (the batch is that list repeated), the candidate mask to
+            keep, -1 for SAM2's pick (`template_slots`); None: SAM2's pick for all.
+        keep_absent: keep the mask where SAM2 judges the object absent (SAM2 blanks it).
 
     Returns:
-        The low-resolution mask logits (B, 1, S/4, S/4), SAM2's predicted IoU (B,)
-        and its object-score logits (B,).
+        The low-resolution mask logits (B, 1, S/4, S/4), the predicted IoU of the mask
+        kept (B,) and the object-score logits (B,). Without `slots` and `keep_absent`,
+        exactly SAM2's.
     """
-    _, sam_outputs = track_step(model, feats, frame_idx, num_frames, memory)
-    _, _, ious, low_res_masks, _, _, object_score_logits = sam_outputs
-    low_res = fill_holes(low_res_masks.float(), fill_hole_area)
-    return low_res, ious.float().max(dim=1).values, object_score_logits.float()[:, 0]
+    if slots is None and not keep_absent:
+        _, sam_outputs = track_step(model, feats, frame_idx, num_frames, memory)
+        _, _, ious, low_res_masks, _, _, object_score_logits = sam_outputs
+        low_res = fill_holes(low_res_masks.float(), fill_hole_area)
+        return low_res, ious.float().max(dim=1).values, object_score_logits.float()[:, 0]
+    with decoder_outputs(model) as calls:
+        track_step(model, feats, frame_idx, num_frames, memory)
+    masks, ious, _, object_score_logits = calls[-1]
+    masks, ious, objects = masks.float(), ious.float(), object_score_logits.float()[:, 0]
+    pick = ious.argmax(dim=1)
+    if slots is not None and masks.shape[1] > 1:
+        slots = slots.to(pick.device).repeat(len(pick) // len(slots))
+        pick = torch.where(slots >= 0, slots, pick)
+    rows = torch.arange(len(pick), device=pick.device)
+    low_res = masks[rows, pick].unsqueeze(1)
+    if not keep_absent:
+        low_res = torch.where(objects[:, None, None, None] > 0, low_res, NO_OBJ_SCORE)
+    return fill_holes(low_res, fill_hole_area), ious[rows, pick], objects
+
+
+def template_slots(
+    model,
+    memory: dict,
+    references: list,
+    num_frames: int,
+    threshold: float = 0.0,
+    frames: list | None = None,
+    margin: float = CHOICE_MARGIN,
+) -> torch.Tensor:
+    """Per object, the candidate mask that reads the templates best, where it reads them
+    better than SAM2's pick by `margin` IoU (else -1: SAM2's pick).
+
+    Each reference (a template in `memory`) is tracked from `memory` as the target
+    frame, and each of the decoder's candidate masks is compared with the reference's
+    own mask; the IoUs are averaged over the references, SAM2's pick (highest predicted
+    IoU) on each reference likewise.
+
+    Args:
+        model: the SAM2Base.
+        memory: the templates' memory (conditioning frames 0..num_frames-2).
+        references: [(backbone of a template, [its mask of each object, bool array or
+            `BoxMask`])].
+        num_frames: the memory's frame count plus one (the target's index plus one).
+        threshold: logits above it are the mask.
+        frames: per reference its `framing.Frame`, when letterboxed.
+        margin: the IoU a candidate must gain over SAM2's pick.
+
+    Returns:
+        A long tensor (objects,): the candidate index, or -1.
+    """
+    objects = len(references[0][1])
+    feats = stacked_features(model, [backbone for backbone, _ in references], objects)
+    with decoder_outputs(model) as calls:
+        track_step(model, feats, num_frames - 1, num_frames, repeat_memory(memory, len(references)))
+    masks, ious = calls[-1][0].float().cpu(), calls[-1][1].float().cpu()
+    count = masks.shape[1]
+    read = np.zeros((objects, count))
+    picked = np.zeros(objects)
+    for r, (_, truths) in enumerate(references):
+        frame = None if frames is None else frames[r]
+        for i, truth in enumerate(truths):
+            row = r * objects + i
+            fits = [reference_iou(masks[row, k], truth, frame, threshold) for k in range(count)]
+            read[i] += fits
+            picked[i] += fits[int(ious[row].argmax())]
+    read /= len(references)
+    picked /= len(references)
+    best = read.argmax(axis=1)
+    better = read[np.arange(objects), best] - picked > margin
+    return torch.as_tensor(np.where(better, best, -1), dtype=torch.long)
+
+
+def reference_iou(logits: torch.Tensor, truth, frame=None, threshold: float = 0.0) -> float:
+    """IoU of low-resolution logits (h, w) of a reference image with its known mask
+    (bool array or `BoxMask`), inside the boxes; through `frame` when letterboxed."""
+    if not isinstance(truth, BoxMask):
+        truth = BoxMask.from_full(truth)
+    if frame is not None and not frame.stretched:
+        return box_iou(unframe_to_box(logits, frame, threshold), truth)
+    return box_iou(upsample_to_box(logits, truth.size, threshold), truth)
 
 
 def new_memory(cond_frames: dict) -> dict:
@@ -539,6 +666,8 @@ def cycle_ious(
     threshold: float = 0.0,
     repeat: int = 1,
     frames: list | None = None,
+    slots: torch.Tensor | None = None,
+    keep_absent: bool = False,
 ) -> list[float]:
     """Label-free quality of predicted masks: the target, with its predicted masks
     (`low_res`, B objects), becomes the conditioning frame of a fresh memory, and each
@@ -553,6 +682,7 @@ def cycle_ious(
     (the references' masks are B per reference), so B = len(low_res) / repeat.
     `frames`: per reference its `framing.Frame` when the references are letterboxed
     (their predictions are mapped back to their own pixel grids through it).
+    `slots`, `keep_absent`: which mask the references get, as in `track_frame`.
 
     Args:
         model: the SAM2Base.
@@ -576,23 +706,23 @@ def cycle_ious(
     memory = new_memory({0: conditioning_frame(model, feats, 0, 2, mask_in, fill_hole_area)})
     back_feats = stacked_features(model, [backbone for backbone, _ in references], batch)
     back, _, _ = track_frame(
-        model, back_feats, 1, 2, repeat_memory(memory, len(references)), fill_hole_area
+        model,
+        back_feats,
+        1,
+        2,
+        repeat_memory(memory, len(references)),
+        fill_hole_area,
+        slots,
+        keep_absent,
     )
     back = back.float().cpu()
     totals = np.zeros(batch)
     for r, (_, masks) in enumerate(references):
         logits = back[r * batch : (r + 1) * batch]
         frame = None if frames is None else frames[r]
-        if frame is not None and not frame.stretched:
+        if (frame is not None and not frame.stretched) or isinstance(masks[0], BoxMask):
             for i in range(batch):
-                truth = masks[i % len(masks)]
-                if not isinstance(truth, BoxMask):
-                    truth = BoxMask.from_full(truth)
-                totals[i] += box_iou(unframe_to_box(logits[i, 0], frame, threshold), truth)
-        elif isinstance(masks[0], BoxMask):
-            for i in range(batch):
-                truth = masks[i % len(masks)]
-                totals[i] += box_iou(upsample_to_box(logits[i, 0], truth.size, threshold), truth)
+                totals[i] += reference_iou(logits[i, 0], masks[i % len(masks)], frame, threshold)
         else:
             for i, pred in enumerate(logits_to_masks(logits, masks[0].shape, threshold)):
                 totals[i] += mask_iou(pred, masks[i % len(masks)])
@@ -636,6 +766,11 @@ class Propagator:
         `sam2pal.inference.framing`.
     framing_fill: the letterbox's fill: "border" (each image's border colour), a grey
         level or an RGB colour.
+    mask_choice: "templates" (per structure the candidate mask that reads the templates
+        best, where it beats SAM2's pick there by `CHOICE_MARGIN`; `template_slots`) or
+        "sam2" (SAM2's pick: the highest predicted IoU); see the module docstring.
+    absent: "keep" (a structure SAM2 judges absent keeps its mask) or "blank" (SAM2's
+        rule: an empty mask).
     zoom, zoom_below, zoom_margin: the zoom pass for small structures ("off", "auto",
         "on" or "best"; see `sam2pal.inference.zoom_pass`; "best" needs
         `cycle_consistency`).
@@ -668,6 +803,8 @@ class Propagator:
         zoom_below: float = ENGINE_DEFAULTS["zoom_below"],
         zoom_margin: float = ENGINE_DEFAULTS["zoom_margin"],
         tone=ENGINE_DEFAULTS["tone"],
+        mask_choice: str = ENGINE_DEFAULTS["mask_choice"],
+        absent: str = ENGINE_DEFAULTS["absent"],
     ):
         if read_image is None:
             from sam2pal.io.images import read_image
@@ -675,6 +812,14 @@ class Propagator:
             raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
         if framing not in FRAMINGS:
             raise InputError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
+        if mask_choice not in MASK_CHOICES:
+            raise InputError(
+                f"mask_choice must be one of {', '.join(MASK_CHOICES)}, not {mask_choice!r}"
+            )
+        if absent not in ABSENTS:
+            raise InputError(f"absent must be one of {', '.join(ABSENTS)}, not {absent!r}")
+        self.mask_choice = mask_choice
+        self.keep_absent = absent == "keep"
         self.model = model
         self.exact = bool(exact)
         self.batch_size = int(batch_size)
@@ -836,9 +981,21 @@ class Propagator:
         self.references = self._references[0]
         with torch.inference_mode(), autocast(self.device):
             for group in self.groups:
-                group.memory = concat_memories(
-                    [self._template_memory(group, view) for view in self._views]
-                )
+                memories = [self._template_memory(group, view) for view in self._views]
+                group.memory = concat_memories(memories)
+                if self.mask_choice == "templates":
+                    view = self._views[0]  # the choice holds for every orientation
+                    group.slots = template_slots(
+                        self.model_of(group),
+                        memories[0],
+                        [
+                            (view[t].backbone, [view[t].masks[key] for key in group.objects])
+                            for t in group.templates
+                        ],
+                        len(group.templates) + 1,
+                        self.mask_threshold,
+                        frames=[view[t].frame for t in group.templates],
+                    )
                 if self.cycle_consistency:
                     group.boxes = [
                         {
@@ -893,7 +1050,14 @@ class Propagator:
 
     def _track(self, group: _Group, feats, frame_idx: int, num_frames: int, memory: dict):
         return track_frame(
-            self.model_of(group), feats, frame_idx, num_frames, memory, self.fill_hole_area
+            self.model_of(group),
+            feats,
+            frame_idx,
+            num_frames,
+            memory,
+            self.fill_hole_area,
+            group.slots,
+            self.keep_absent,
         )
 
     def _memory(self, group: _Group, targets: int) -> dict:
@@ -918,6 +1082,8 @@ class Propagator:
             self.mask_threshold,
             repeat=targets,
             frames=[view[t].frame for t in group.templates],
+            slots=group.slots,
+            keep_absent=self.keep_absent,
         )
 
     # -- public -----------------------------------------------------------------------

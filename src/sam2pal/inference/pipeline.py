@@ -960,6 +960,8 @@ def finetune(
     zoom_below: float = Segmentation.zoom_below,
     zoom_margin: float = Segmentation.zoom_margin,
     tone: str = Segmentation.tone,
+    mask_choice: str = Segmentation.mask_choice,
+    absent: str = Segmentation.absent,
     log=print,
 ) -> dict:
     """Palindrome fine-tuning on a collection; writes the adapter folder `out_dir`.
@@ -980,6 +982,8 @@ def finetune(
             its windows are trained on too (with `zoom_crops`), and the held-out photos
             are scored with it.
         tone: the segmentation's tone (propagate.tone): the photos are toned alike.
+        mask_choice, absent: the segmentation's choice of mask (propagate.mask_choice,
+            absent): the epochs are judged on masks chosen alike.
         log: where messages go.
 
     Returns:
@@ -1016,11 +1020,14 @@ def finetune(
         zoom_below=zoom_below,
         zoom_margin=zoom_margin,
         tone=tone,
+        mask_choice=mask_choice,
+        absent=absent,
     )
     metadata = _adapter_metadata(started, model_info, seed, templates, pool_dir, trainer)
     metadata["device"] = str(torch_device)
     metadata["framing"] = {"framing": framing, "framing_fill": framing_fill}
     metadata["tone"] = trainer.tone.record()
+    metadata["mask_rule"] = dict(trainer.mask_rule)
     metadata["zoom"] = {
         **trainer.zoom,
         "crops": len(trainer.crop_templates) > 0,

@@ -67,6 +67,9 @@ class _Cluster:
     backbones: list[list[dict]] = field(default_factory=list)  # the windows' encodings
     truths: list[list[list]] = field(default_factory=list)  # masks in the windows (boxes)
     untouched: bool = False  # its group's (`engine._Group.untouched`)
+    # per object the candidate mask it gets (`engine.template_slots`, chosen on the
+    # template windows), -1: SAM2's pick; None: SAM2's pick for all
+    slots: object = None
     # the structures whose boxes frame the window: `objects` and those of the same
     # window segmented with the other weights (adapter or untouched model)
     framed_by: list = field(default_factory=list)
@@ -182,6 +185,7 @@ class ZoomPass:
             encode_image,
             expand_features,
             new_memory,
+            template_slots,
         )
 
         engine = self.engine
@@ -212,6 +216,15 @@ class ZoomPass:
         cluster.backbones.append(backbones)
         cluster.truths.append(truths)
         cluster.memories.append(new_memory(cond))
+        if engine.mask_choice == "templates" and len(cluster.memories) == 1:
+            # chosen on the first orientation's windows; it holds for every orientation
+            cluster.slots = template_slots(
+                engine.model_of(cluster),
+                cluster.memories[0],
+                list(zip(backbones, truths)),
+                num_frames,
+                engine.mask_threshold,
+            )
 
     # -- per target ------------------------------------------------------------------
 
@@ -307,7 +320,14 @@ class ZoomPass:
             memory = repeat_memory(cluster.memories[c], len(items))
             tracker = engine.model_of(cluster)
             low_res, ious, obj_logits = track_frame(
-                tracker, feats, num_frames - 1, num_frames, memory, engine.fill_hole_area
+                tracker,
+                feats,
+                num_frames - 1,
+                num_frames,
+                memory,
+                engine.fill_hole_area,
+                cluster.slots,
+                engine.keep_absent,
             )
             cycle = None
             if engine.cycle_consistency:
@@ -320,6 +340,8 @@ class ZoomPass:
                     engine.fill_hole_area,
                     engine.mask_threshold,
                     repeat=len(items),
+                    slots=cluster.slots,
+                    keep_absent=engine.keep_absent,
                 )
             probs = torch.sigmoid(obj_logits).cpu().tolist()
             ious = ious.cpu().tolist()

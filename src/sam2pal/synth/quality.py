@@ -30,6 +30,7 @@ import numpy as np
 
 from sam2pal.io.coco import category_masks, load_coco
 from sam2pal.io.masks import mask_iou
+from sam2pal.settings import Segmentation
 from sam2pal.synth.specimens import ALL_PARTS, make_collection
 
 BODY_PARTS = ("head", "pronotum", "elytra")
@@ -178,6 +179,8 @@ class Scores:
     true structure)."""
 
     rows: list[dict] = field(default_factory=list)
+    # per structure, the candidate mask `mask_choice: templates` gave it (-1: SAM2's pick)
+    slots: dict[str, int] = field(default_factory=dict)
 
     def mean_iou(self, structure: str | None = None) -> float:
         values = [r["iou"] for r in self.rows if structure is None or r["structure"] == structure]
@@ -216,11 +219,14 @@ def score_collection(
     framing: str = "stretch",
     tone="auto",
     zoom: str = "off",
+    mask_choice: str = Segmentation.mask_choice,
+    absent: str = Segmentation.absent,
 ) -> Scores:
     """Segment the targets (images from index `targets_from` on) of a collection made by
     `make_held_out` from its first `n_templates` templates (photos framed into the model's
     input by `framing`, toned by `tone`: a mode or a resolved `tone.Tone`, small
-    structures zoomed by `zoom`: `zoom_pass.ZOOMS`), each photo read as the workflow
+    structures zoomed by `zoom`: `zoom_pass.ZOOMS`, the mask of each structure chosen by
+    `mask_choice` and `absent` as the engine's), each photo read as the workflow
     reads it (`Propagator.read_target`); IoU against the truth."""
     from sam2pal.inference.engine import Propagator
     from sam2pal.io.templates import load_coco_templates
@@ -237,9 +243,15 @@ def score_collection(
         framing=framing,
         tone=tone,
         zoom=zoom,
+        mask_choice=mask_choice,
+        absent=absent,
     )
     names = {cid: name for cid, name in templates.categories.items()}
     scores = Scores()
+    for group in engine.groups:
+        if group.slots is not None:
+            for key, slot in zip(group.objects, group.slots.tolist()):
+                scores.slots[names[key[0]]] = int(slot)
     files = sorted(truth)[targets_from:]
     for file_name in files:
         image, size = engine.read_target(coll_dir / "images" / file_name)

@@ -428,6 +428,8 @@ class Trainer:
         zoom_below: float = ENGINE_DEFAULTS["zoom_below"],
         zoom_margin: float = ENGINE_DEFAULTS["zoom_margin"],
         tone: str = ENGINE_DEFAULTS["tone"],
+        mask_choice: str = ENGINE_DEFAULTS["mask_choice"],
+        absent: str = ENGINE_DEFAULTS["absent"],
     ):
         """`objective` "supervised" (an upper bound for benchmarks, not a workflow
         mode) trains phase 1 alone against the targets' true masks: every training
@@ -443,7 +445,9 @@ class Trainer:
         pass's windows are trained on as well (`_add_zoom_crops`), and the held-out
         images are scored with the zoom pass. `tone`: the segmentation's tone
         (`sam2pal.inference.tone`), decided on all the templates: every photo read here
-        is toned as the segmentation will tone it."""
+        is toned as the segmentation will tone it. `mask_choice`, `absent`: the
+        segmentation's choice of mask (`engine.Propagator`): the held-out templates and
+        photos that judge the epochs are segmented as the collection will be."""
         if objective not in self.OBJECTIVES:
             raise InputError(
                 f"finetune: objective must be one of {', '.join(self.OBJECTIVES)}, got {objective!r}"
@@ -528,6 +532,7 @@ class Trainer:
         if isinstance(zoom, bool):  # YAML's unquoted off / on
             zoom = "on" if zoom else "off"
         self.zoom = {"zoom": zoom, "zoom_below": zoom_below, "zoom_margin": zoom_margin}
+        self.mask_rule = {"mask_choice": mask_choice, "absent": absent}
         # per zoom cluster, its training templates (template windows, and windows of
         # the template views); per training image, its (cluster, window key) pairs
         self.crop_templates: dict[int, list[_TrainingTemplate]] = {}
@@ -735,6 +740,7 @@ class Trainer:
             cycle_consistency=False,
             framing=self.framing,
             framing_fill=self.framing_fill,
+            **self.mask_rule,
             # `best` cuts `on`'s windows (it chooses between the passes afterwards)
             **{**self.zoom, "zoom": "on" if self.zoom["zoom"] == "best" else self.zoom["zoom"]},
         )
@@ -1115,6 +1121,7 @@ class Trainer:
             framing=self.framing,
             framing_fill=self.framing_fill,
             **self.zoom,
+            **self.mask_rule,
         )
 
     def _truth_ious(self, preds, truth: dict) -> list[float]:
