@@ -197,12 +197,16 @@ def test_segment_with_pal_finetuning_then_reuse_the_adapter(tmp_path, specimens)
         "2",
         "--tone",
         "auto",
+        "--absent",
+        "blank",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = out / "finetune" / "adapter"
     meta = json.loads((adapter / "sam2pal_adapter.json").read_text())
     # the demo's dark beetles on light card: a lift is asked for, a light photo keeps its pixels
     assert meta["tone"] == {"tone": "auto", "lifts_dark_tones": True}
+    # the epochs were judged with the segmentation's choice of mask
+    assert meta["mask_rule"] == {"mask_choice": "templates", "absent": "blank"}
     assert (
         meta["kind"] == "lora"
         and meta["settings"]["lora_rank"] == 4
