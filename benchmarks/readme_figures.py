@@ -1229,6 +1229,55 @@ def readout(records: dict = READOUT_RECORDS) -> str:
     )
 
 
+#: quality.py's rows under the workflow's choice of mask since 2026-12-08 (`mask_choice:
+#: templates`, `absent: keep`), v12, on the collections where it changes the zero-shot
+#: rows; beside them the quality table's, measured with SAM2's choice
+QUALITY_RULE_RECORDS = {
+    name: f"quality-sam2pal-micro-v12-templates-keep-{name}"
+    for name in ("small_mixed", "pale_on_dark", "procedural_eyes")
+}
+QUALITY_RULE_COLUMNS = (
+    ("zero-shot", lambda m: m["zero-shot (1 template)"]),
+    ("3 templates", lambda m: _row_ending(m, "templates")),
+    ("palindrome LoRA", lambda m: m["palindrome LoRA (1 template)"]),
+    ("palindrome LoRA, 3 templates", _judged),
+    ("the same, all 3 in memory", lambda m: _row_ending(m, "in memory")),
+    ("oracle", lambda m: m["oracle: supervised LoRA (1 template)"]),
+)
+
+
+def quality_rule(records: dict = QUALITY_RULE_RECORDS, before=QUALITY_RECORDS) -> str:
+    """Per collection, quality.py's rows (mean of the parts) with SAM2's choice of mask
+    (the quality table) and with the workflow's, and the palindrome's gains."""
+    earlier = _quality_results(before)["collections"]
+    lines = [
+        "| collection | mask rule | "
+        + " | ".join(label for label, _ in QUALITY_RULE_COLUMNS)
+        + " | palindrome's gain, 1 / 3 templates | share of the oracle's gain |",
+        "|---|---|" + "---|" * (len(QUALITY_RULE_COLUMNS) + 2),
+    ]
+    for name, record in records.items():
+        entries = {
+            "SAM2's (`sam2 / blank`)": earlier[name],
+            "the workflow's (`templates / keep`)": load(record)["results"]["collections"][name],
+        }
+        for i, (rule, entry) in enumerate(entries.items()):
+            methods = entry["methods"]
+            cells = [pick(methods) for _, pick in QUALITY_RULE_COLUMNS]
+            lines.append(
+                f"| {name if i == 0 else ''} | {rule} | "
+                + " | ".join("-" if t is None else f"{t['mean']:.3f}" for t in cells)
+                + f" | {100 * entry['palindrome_gain']:+.1f} / "
+                f"{100 * entry['palindrome_judged_gain']:+.1f} "
+                f"| {100 * entry['gap_closed']:.0f}% / {100 * entry['judged_gap_closed']:.0f}% |"
+            )
+    return (
+        "Mean IoU of the parts on the 20 targets of each collection (sam2pal-micro v12; "
+        "quality.py's rows, the workflow's other defaults; gains in points over zero-shot "
+        "under the same rule):\n\n" + "\n".join(lines) + "\n\n" + source(*records.values())
+    )
+
+
 MASK_GRID_RECORD = "mask-grid"
 
 
@@ -1857,6 +1906,7 @@ BLOCKS = {
     "four-templates": four_templates,
     "four-templates-1000": lambda: four_templates(FOUR_TEMPLATE_RECORDS_1000, OTHER_PHOTOS),
     "readout": readout,
+    "quality-rule": quality_rule,
     "mask-grid": mask_grid,
     "qc-rank": qc_rank,
     "qc-rank-other-photos": lambda: qc_rank("qc-rank-other-photos"),
