@@ -49,6 +49,11 @@ def rule_name(mask_choice: str, absent: str) -> str:
     return f"{mask_choice} / {absent}"
 
 
+def templates_label(n: int) -> str:
+    """The record's key of the rows segmented from the first `n` templates."""
+    return f"{n} template" + ("s" if n > 1 else "")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="sam2pal-micro")
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
     for spec, coll in rendered_held_out(args):
         entry = results["collections"].setdefault(spec.name, {})
         for n in args.templates:
-            rows = entry.setdefault(f"{n} template" + ("s" if n > 1 else ""), {})
+            rows = entry.setdefault(templates_label(n), {})
             for mask_choice, absent in RULES:
                 scores = score_collection(
                     model,
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
             print(f"  slots {rows[rule_name('templates', 'keep')]['slots']}", flush=True)
     summary = {}
     for n in args.templates:
-        label = f"{n} template" + ("s" if n > 1 else "")
+        label = templates_label(n)
         summary[label] = {
             rule_name(*r): round(
                 float(

@@ -69,7 +69,7 @@ class _Cluster:
     untouched: bool = False  # its group's (`engine._Group.untouched`)
     # per object the candidate mask it gets (`engine.template_slots`, chosen on the
     # template windows), -1: SAM2's pick; None: SAM2's pick for all
-    slots: object = None
+    slots: torch.Tensor | None = None
     # the structures whose boxes frame the window: `objects` and those of the same
     # window segmented with the other weights (adapter or untouched model)
     framed_by: list = field(default_factory=list)
