@@ -164,3 +164,21 @@ def test_bad_values_are_one_line_errors(model, tmp_path, kw, message):
     with pytest.raises(InputError) as err:
         _engine(model, tmp_path, **kw)
     assert str(err.value) == message
+
+
+def test_concurrent_predictions_keep_their_own_masks(model, tmp_path):
+    """`run_propagation` calls `predict` from several threads at once for a propagator
+    without `start_batch`: each call collects its own decoder outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine, _, _ = _engine(model, tmp_path, mask_choice="templates", absent="keep")
+    rng = np.random.default_rng(11)
+    targets = [
+        blob_image(rng, H, W, [(10 + 6 * i, 15, 80 + 5 * i, 70, (190, 70, 50))]) for i in range(6)
+    ]
+    alone = [[p.mask for p in engine.predict(t)] for t in targets]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda t: [p.mask for p in engine.predict(t)], targets * 8))
+    for i, masks in enumerate(together):
+        for ours, expected in zip(masks, alone[i % len(targets)]):
+            assert np.array_equal(ours, expected)

@@ -86,6 +86,7 @@ bilinear resampling. Templates and targets are framed alike.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -425,20 +426,45 @@ CHOICE_MARGIN = 0.1
 NO_OBJ_SCORE = -1024.0
 
 
+# per thread, the lists of decoder calls its open `decoder_outputs` blocks collect
+_CAPTURE = threading.local()
+_HOOK_LOCK = threading.Lock()
+
+
+def _collect(module, inputs, outputs) -> None:
+    for calls in getattr(_CAPTURE, "open", ()):
+        calls.append(outputs)
+
+
+def hook_decoder(model) -> None:
+    """Give the model's SAM mask decoder the hook that `decoder_outputs` collects from,
+    once (it does nothing outside a `decoder_outputs` block). Registered before any
+    tracking (`Propagator.__init__`), so that no thread adds it while another runs the
+    decoder."""
+    decoder = model.sam_mask_decoder
+    with _HOOK_LOCK:
+        if not getattr(decoder, "_sam2pal_collects", False):
+            decoder.register_forward_hook(_collect)
+            decoder._sam2pal_collects = True
+
+
 @contextmanager
 def decoder_outputs(model):
     """Collect the SAM mask decoder's outputs (masks (B, K, h, w), predicted IoUs (B, K),
-    output tokens, object-score logits (B, 1)) of the calls made inside the block: the K
-    candidate masks as the decoder gives them, before SAM2 blanks those of an absent
-    object and keeps the one of highest predicted IoU."""
+    output tokens, object-score logits (B, 1)) of the calls this thread makes inside the
+    block: the K candidate masks as the decoder gives them, before SAM2 blanks those of
+    an absent object and keeps the one of highest predicted IoU. Other threads tracking
+    with the same model at the same time (`run_propagation` runs `predict` in threads)
+    collect their own calls; blocks of one thread inside each other each collect them."""
+    hook_decoder(model)
+    if not hasattr(_CAPTURE, "open"):
+        _CAPTURE.open = []
     calls: list = []
-    handle = model.sam_mask_decoder.register_forward_hook(
-        lambda module, inputs, outputs: calls.append(outputs)
-    )
+    _CAPTURE.open.append(calls)
     try:
         yield calls
     finally:
-        handle.remove()
+        _CAPTURE.open.pop()  # blocks of one thread close in the reverse order they open
 
 
 def track_frame(
@@ -820,6 +846,10 @@ class Propagator:
             raise InputError(f"absent must be one of {', '.join(ABSENTS)}, not {absent!r}")
         self.mask_choice = mask_choice
         self.keep_absent = absent == "keep"
+        if mask_choice != "sam2" or self.keep_absent:
+            for tracker in (model, untouched_model(model)):
+                if tracker is not None:
+                    hook_decoder(tracker)
         self.model = model
         self.exact = bool(exact)
         self.batch_size = int(batch_size)
